@@ -1,0 +1,1 @@
+"""Channel connectors: transport, verification and handshakes, one subpackage per channel."""

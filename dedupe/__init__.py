@@ -1,0 +1,1 @@
+"""Idempotency, customer identity linking, thread assignment and duplicate merging."""

@@ -1,0 +1,3 @@
+"""ticketgate: omnichannel ingestion gateway for customer service."""
+
+__version__ = "0.1.0"

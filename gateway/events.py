@@ -1,0 +1,278 @@
+"""The event contract (v1): building ``ticketgate.event/1`` bodies and their AMQP envelope.
+
+Pure functions. The JSON Schemas in ``docs/schema/`` describe exactly what is built here, and the
+integration tests validate every consumed event against them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.model import CanonicalMessage, Identity, Placement
+
+SCHEMA = "ticketgate.event/1"
+
+MESSAGE_RECEIVED = "message.received"
+MESSAGE_QUARANTINED = "message.quarantined"
+THREAD_MERGED = "thread.merged"
+CUSTOMER_MERGED = "customer.merged"
+CUSTOMER_UNMERGED = "customer.unmerged"
+EVENT_TYPES = (MESSAGE_RECEIVED, MESSAGE_QUARANTINED, THREAD_MERGED, CUSTOMER_MERGED, CUSTOMER_UNMERGED)
+
+_uuid7_lock = threading.Lock()
+_uuid7_state = [0, 0]  # last millisecond, counter
+
+
+def new_event_id(now_ns: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so ids sort by creation, and unique across processes.
+
+    The 74 bits after the timestamp start random each millisecond and count up within it
+    (RFC 9562 method 2), so ids of one process are strictly increasing even on a still clock.
+    """
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    with _uuid7_lock:
+        last_ms, counter = _uuid7_state
+        if ms > last_ms:
+            # Top bit clear leaves room for 2**73 increments before the counter could overflow.
+            last_ms, counter = ms, int.from_bytes(os.urandom(10)) >> 7
+        else:
+            counter += 1
+        _uuid7_state[:] = [last_ms, counter]
+    value = (last_ms << 80) | (0x7 << 76) | ((counter >> 62) << 64) | (0b10 << 62) | (counter & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+def isoformat(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def routing_key(tenant: str, channel: str, event_type: str) -> str:
+    """``{tenant}.{channel}.{type}``; dots inside the parts would break bindings, so they become '-'."""
+    return ".".join((tenant.replace(".", "-"), channel.replace(".", "-"), event_type))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """One event ready for the outbox: body bytes plus what the AMQP envelope needs."""
+
+    event_id: str
+    type: str
+    tenant: str
+    channel: str
+    routing_key: str
+    body: bytes = field(repr=False)
+    thread_id: str | None = None
+    sequence: int | None = None
+    occurred_at: datetime
+
+    def amqp_headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = {"schema": SCHEMA, "tenant": self.tenant, "channel": self.channel}
+        if self.sequence is not None:
+            headers["sequence"] = self.sequence
+        return headers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CustomerView:
+    """The customer as the event shows it (after identity resolution)."""
+
+    id: str
+    identities: tuple[Identity, ...]
+    display_name: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredAttachment:
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+    inline: bool = False
+
+
+def _event(
+    *,
+    event_type: str,
+    tenant: str,
+    channel: str,
+    payload: Mapping[str, Any],
+    occurred_at: datetime,
+    thread_id: str | None = None,
+    sequence: int | None = None,
+    event_id: str | None = None,
+) -> Event:
+    event_id = event_id or new_event_id()
+    body = {
+        "schema": SCHEMA,
+        "event_id": event_id,
+        "type": event_type,
+        "occurred_at": isoformat(occurred_at),
+        "tenant": tenant,
+        **payload,
+    }
+    return Event(
+        event_id=event_id,
+        type=event_type,
+        tenant=tenant,
+        channel=channel,
+        routing_key=routing_key(tenant, channel, event_type),
+        body=orjson.dumps(body),
+        thread_id=thread_id,
+        sequence=sequence,
+        occurred_at=occurred_at,
+    )
+
+
+def attachment_url(public_url: str | None, sha256: str) -> str | None:
+    return f"{public_url.rstrip('/')}/blobs/{sha256}" if public_url else None
+
+
+def message_received(
+    message: CanonicalMessage,
+    *,
+    placement: Placement,
+    customer: CustomerView,
+    thread_subject: str | None,
+    raw_ref: str | None,
+    signature_verified: bool,
+    retry: int,
+    public_url: str | None,
+    occurred_at: datetime,
+    duplicate_of: str | None = None,
+) -> Event:
+    """Build the ``message.received`` event for a message the store has just placed."""
+    payload = {
+        "thread": {
+            "id": placement.thread_id,
+            "is_new": placement.is_new_thread,
+            "sequence": placement.sequence,
+            "subject": thread_subject,
+        },
+        "customer": {
+            "id": customer.id,
+            "identities": [
+                {"kind": i.kind, "value": i.value, "verified": i.verified} for i in customer.identities
+            ],
+            "display_name": customer.display_name,
+        },
+        "message": {
+            "id": placement.message_id,
+            "kind": message.kind,
+            "channel": message.channel,
+            "inbox": message.inbox,
+            "external_id": message.external_id,
+            "sent_at": isoformat(message.sent_at),
+            "received_at": isoformat(message.received_at),
+            "subject": message.subject,
+            "text": message.text,
+            "html": message.html,
+            "reply_text": message.reply_text,
+            "language": message.language,
+            "attachments": [
+                {
+                    "name": a.name,
+                    "content_type": a.content_type,
+                    "size": a.size,
+                    "sha256": a.sha256,
+                    "inline": a.inline,
+                    "url": attachment_url(public_url, a.sha256),
+                }
+                for a in message.attachments
+            ],
+            "media": [
+                {"kind": m.kind, "ref": m.ref, "name": m.name, "content_type": m.content_type}
+                for m in message.media
+            ],
+            "entities": [{"kind": e.kind, "value": e.value} for e in message.entities],
+            "in_reply_to": message.in_reply_to,
+            "references": list(message.references),
+            "auto_generated": message.auto_generated,
+            "duplicate_of": duplicate_of,
+            "extra": dict(message.extra),
+        },
+        "routing": {
+            "priority": message.routing.priority,
+            "tags": list(message.routing.tags),
+            "queue": message.routing.queue,
+        },
+        "provenance": {
+            "signature_verified": signature_verified,
+            "retry": retry,
+            "raw_ref": raw_ref,
+        },
+    }
+    return _event(
+        event_type=MESSAGE_RECEIVED,
+        tenant=message.tenant,
+        channel=message.channel,
+        payload=payload,
+        occurred_at=occurred_at,
+        thread_id=placement.thread_id,
+        sequence=placement.sequence,
+    )
+
+
+def message_quarantined(
+    *,
+    quarantine_id: str,
+    tenant: str,
+    channel: str,
+    inbox: str,
+    reason: str,
+    raw_ref: str,
+    size: int,
+    received_at: datetime,
+    occurred_at: datetime,
+) -> Event:
+    payload = {
+        "quarantine": {
+            "id": quarantine_id,
+            "channel": channel,
+            "inbox": inbox,
+            "reason": reason,
+            "raw_ref": raw_ref,
+            "size": size,
+            "received_at": isoformat(received_at),
+        }
+    }
+    return _event(
+        event_type=MESSAGE_QUARANTINED, tenant=tenant, channel=channel, payload=payload, occurred_at=occurred_at
+    )
+
+
+def thread_merged(
+    *, tenant: str, channel: str, surviving_thread: str, merged_threads: Sequence[str], reason: str,
+    occurred_at: datetime,
+) -> Event:
+    payload = {"thread": {"id": surviving_thread, "merged": list(merged_threads), "reason": reason}}
+    return _event(
+        event_type=THREAD_MERGED, tenant=tenant, channel=channel, payload=payload, occurred_at=occurred_at,
+        thread_id=surviving_thread,
+    )
+
+
+def customer_merged(
+    *, tenant: str, surviving_customer: str, merged_customers: Sequence[str], evidence: Mapping[str, Any],
+    merge_id: str, occurred_at: datetime, unmerge: bool = False,
+) -> Event:
+    payload = {
+        "customer": {"id": surviving_customer, "merged": list(merged_customers)},
+        "merge": {"id": merge_id, "evidence": dict(evidence)},
+    }
+    return _event(
+        event_type=CUSTOMER_UNMERGED if unmerge else CUSTOMER_MERGED, tenant=tenant, channel="identity",
+        payload=payload, occurred_at=occurred_at,
+    )

@@ -1,0 +1,206 @@
+"""Canonical types: the one shape every channel is normalized into.
+
+Everything here is frozen and slotted; normalizers build these, the pipeline enriches them with
+``dataclasses.replace`` and the store turns them into events.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Namespace for deterministic message ids: uuid5(NAMESPACE, idempotency key).
+MESSAGE_NAMESPACE = uuid.UUID("6f1f4a5e-3c1b-4b7e-9a57-2f1d0c7d9b10")
+
+
+class IdentityKind(enum.StrEnum):
+    """Kinds of customer identity; the value format of each is documented in docs/events.md."""
+
+    EMAIL = "email"
+    PHONE = "phone"  # E.164
+    WECHAT_OPENID = "wechat_openid"  # value: "{appid}:{openid}" (openids are per account)
+    WECHAT_UNIONID = "wechat_unionid"
+    WECOM_EXTERNAL_USERID = "wecom_external_userid"
+    WECOM_USERID = "wecom_userid"  # value: "{corpid}:{userid}"
+    WHATSAPP = "whatsapp"  # wa_id
+    MESSENGER_PSID = "messenger_psid"
+    INSTAGRAM_IGSID = "instagram_igsid"
+    TELEGRAM = "telegram"
+    LINE = "line"
+    X = "x"
+    SLACK = "slack"  # value: "{team}:{user}"
+    WEBCHAT_VISITOR = "webchat_visitor"
+    EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Identity:
+    """One way of reaching a customer. ``verified`` means the channel proved it (signature, DKIM, ...)."""
+
+    kind: str
+    value: str
+    verified: bool = False
+
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attachment:
+    """An attachment. ``data`` travels only to the blob store, never on the bus."""
+
+    name: str
+    content_type: str
+    data: bytes = field(repr=False)
+    inline: bool = False
+    content_id: str | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MediaRef:
+    """Media the provider keeps (WeChat media_id, a WhatsApp media id, a URL); fetched after commit."""
+
+    kind: str  # image, voice, video, file, ...
+    ref: str
+    name: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entity:
+    """Something an extractor found in the text: an order number, a tracking number, a phone number."""
+
+    kind: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Routing:
+    """Hints for the desk, from configurable rules."""
+
+    priority: str = "normal"
+    tags: tuple[str, ...] = ()
+    queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawEnvelope:
+    """What a connector hands to the pipeline: the bytes as received, plus what the transport knows."""
+
+    channel: str
+    tenant: str
+    inbox: str
+    body: bytes = field(repr=False)
+    received_at: datetime
+    content_type: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    signature_verified: bool = False
+    retry: int = 0
+    remote: str | None = None
+    # Transport facts the normalizer may use (SMTP envelope, the form's Accept-Language, ...).
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CanonicalMessage:
+    """One customer message in the channel-independent shape.
+
+    ``external_id`` is the provider's own id; when a channel gives none the normalizer leaves it
+    ``None`` and the idempotency key falls back to a content hash (see :func:`idempotency_key`).
+    """
+
+    channel: str
+    tenant: str
+    inbox: str
+    external_id: str | None
+    received_at: datetime
+    sent_at: datetime | None = None
+    kind: str = "message"  # message, call_record, voicemail, event, ...
+    identities: tuple[Identity, ...] = ()
+    display_name: str | None = None
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    reply_text: str | None = None
+    language: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    media: tuple[MediaRef, ...] = ()
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    thread_ref: str | None = None  # an explicit thread key from the channel: Slack thread_ts, chat session
+    auto_generated: str | None = None  # reason: auto-reply, bounce, list, bot; None for a person
+    entities: tuple[Entity, ...] = ()
+    routing: Routing = field(default_factory=Routing)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    # Overrides the derived idempotency key (the API's Idempotency-Key header, WeChat's event keys).
+    dedupe_key: str | None = None
+
+    def idempotency_key(self) -> str:
+        """The key claimed atomically in the store; the same provider message always maps to it."""
+        if self.dedupe_key is not None:
+            basis = f"key:{self.dedupe_key}"
+        elif self.external_id is not None:
+            basis = f"id:{self.external_id}"
+        else:
+            digest = hashlib.sha256()
+            for part in (self.subject, self.text, self.html, *(i.value for i in self.identities)):
+                digest.update((part or "").encode("utf-8", "surrogatepass"))
+                digest.update(b"\x00")
+            for attachment in self.attachments:
+                digest.update(attachment.sha256.encode())
+            basis = f"sha256:{digest.hexdigest()}"
+        return f"{self.tenant}/{self.channel}/{self.inbox}/{basis}"
+
+    def message_id(self) -> str:
+        """Deterministic message id: the same provider message always gets the same id."""
+        return str(uuid.uuid5(MESSAGE_NAMESPACE, self.idempotency_key()))
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    REJECTED = "rejected"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Placement:
+    """Where the store put one message (or where its first delivery went, for a duplicate)."""
+
+    message_id: str
+    thread_id: str
+    customer_id: str
+    sequence: int
+    is_new_thread: bool
+    duplicate: bool = False  # True when the idempotency key had already been claimed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IngestResult:
+    """What the pipeline tells a connector; the connector maps it to the channel's own answer."""
+
+    outcome: Outcome
+    placements: tuple[Placement, ...] = ()
+    reason: str | None = None
+    status: int | None = None  # HTTP-style status hint for REJECTED
+    retry_after: float | None = None
+    quarantine_id: str | None = None
+
+    @property
+    def stored(self) -> bool:
+        """True when the message is durably committed (acknowledging it is safe)."""
+        return self.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE, Outcome.QUARANTINED)

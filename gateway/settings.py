@@ -1,0 +1,297 @@
+"""Settings: one TOML file, overridable per key from the environment, validated at start-up.
+
+``TICKETGATE__<SECTION>__<KEY>=value`` overrides ``[section] key`` (deeper tables add more
+``__<NAME>`` parts; names are case-insensitive). The value is read as a TOML value when it parses as
+one (``8080``, ``true``, ``["a", "b"]``) and as a plain string otherwise.
+
+Secrets (API keys, passwords, tokens) are written either literally or as ``{ env = "NAME" }`` or
+``{ file = "/run/secrets/name" }``; they are held in :class:`pydantic.SecretStr` and never printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "TICKETGATE__"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def _duration(value: Any) -> Any:
+    """Accept seconds as a number or a string such as ``"250ms"``, ``"90s"``, ``"72h"``, ``"8d"``."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (use a number of seconds or e.g. '30s', '72h')")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    return value
+
+
+def _secret(value: Any) -> Any:
+    """Resolve ``{env = NAME}`` and ``{file = PATH}`` secret references."""
+    if isinstance(value, Mapping):
+        if set(value) == {"env"}:
+            name = str(value["env"])
+            if name not in os.environ:
+                raise ValueError(f"environment variable {name} is not set")
+            return os.environ[name]
+        if set(value) == {"file"}:
+            path = Path(str(value["file"]))
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+        raise ValueError("a secret is a string, { env = \"NAME\" } or { file = \"PATH\" }")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+Secret = Annotated[SecretStr, BeforeValidator(_secret)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Base URL the desks use to fetch attachments (``{public_url}/blobs/{sha256}``).
+    public_url: str | None = None
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_connections: int = Field(1024, gt=0)
+    shutdown_timeout: Duration = 10.0
+    # Proxies whose X-Forwarded-For is believed (for rate limits and logs).
+    trusted_proxies: tuple[str, ...] = ()
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class StoreSettings(_Section):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    path: Path = Path("var/ticketgate.db")
+    blob_dir: Path = Path("var/blobs")
+    dsn: Secret | None = None  # postgresql only
+    # Raw bodies up to this size live in the database (covered by the same fsync); larger ones are files.
+    inline_raw_max: int = Field(256 * 1024, ge=0)
+    idempotency_retention: Duration = 8 * 86400.0
+    commit_max_batch: int = Field(512, gt=0)
+    min_free_disk_mb: int = Field(256, ge=0)
+
+    @field_validator("idempotency_retention")
+    @classmethod
+    def _at_least_eight_days(cls, value: float) -> float:
+        if value < 8 * 86400:
+            raise ValueError("must be at least 8 days: WhatsApp retries for up to 7")
+        return value
+
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> StoreSettings:
+        if self.backend == "postgresql" and self.dsn is None:
+            raise ValueError("backend 'postgresql' needs store.dsn")
+        return self
+
+
+class QueueSettings(_Section):
+    name: str
+    bindings: tuple[str, ...] = ("#",)
+    quorum: bool = False
+
+
+class BrokerSettings(_Section):
+    url: Secret = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    exchange: str = "ticketgate"
+    publish_timeout: Duration = 5.0
+    max_in_flight: int = Field(256, gt=0)
+    reconnect_interval: Duration = 2.0
+    queues: tuple[QueueSettings, ...] = ()
+
+
+class OutboxSettings(_Section):
+    # Unpublished events kept before channels get temporary errors (HTTP 503, SMTP 451).
+    max_backlog: int = Field(100_000, gt=0)
+    batch_size: int = Field(256, gt=0)
+    drain_timeout: Duration = 10.0
+    retry_after: Duration = 5.0
+    poll_interval: Duration = 1.0
+
+
+class ThreadingSettings(_Section):
+    window: Duration = 72 * 3600.0
+    # Per-channel windows, e.g. { email = "7d", wechat = "24h" }.
+    windows: dict[str, Duration] = Field(default_factory=dict)
+    # A ticket reference in a subject or text joins that thread: "[#TG-1234]".
+    ticket_ref_pattern: str = r"\[#TG-(?P<number>\d+)\]"
+    ticket_ref_format: str = "[#TG-{number}]"
+
+    @field_validator("ticket_ref_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        re.compile(value)
+        return value
+
+    def window_for(self, channel: str, inbox_window: float | None = None) -> float:
+        if inbox_window is not None:
+            return inbox_window
+        return self.windows.get(channel, self.window)
+
+
+class TenantSettings(_Section):
+    name: str | None = None
+
+
+class InboxSettings(_Section):
+    tenant: str
+    name: str | None = None
+    thread_window: Duration | None = None
+
+
+class ExtractorSettings(_Section):
+    kind: str
+    pattern: str
+    # Which named group holds the value; the whole match when absent.
+    group: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        re.compile(value)
+        return value
+
+
+class RoutingRule(_Section):
+    name: str
+    channels: tuple[str, ...] = ()
+    inboxes: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    # Identity values (email addresses, E.164 phones, ...) of customers this rule covers, e.g. VIPs.
+    customers: tuple[str, ...] = ()
+    priority: Literal["low", "normal", "high", "urgent"] | None = None
+    tags: tuple[str, ...] = ()
+    queue: str | None = None
+
+
+class RoutingSettings(_Section):
+    rules: tuple[RoutingRule, ...] = ()
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
+    threading: ThreadingSettings = Field(default_factory=ThreadingSettings)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    inboxes: dict[str, InboxSettings] = Field(default_factory=dict)
+    # ``None`` means: use the built-in default extractors (gateway.extract.DEFAULT_EXTRACTORS).
+    extractors: tuple[ExtractorSettings, ...] | None = None
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    # Each channel validates its own table (see :meth:`channel`).
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Where the settings were read from, for error messages; not a setting.
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _inboxes_name_tenants(self) -> Settings:
+        for inbox_id, inbox in self.inboxes.items():
+            if inbox.tenant not in self.tenants:
+                raise ValueError(f"inbox {inbox_id!r} names tenant {inbox.tenant!r}, which is not in [tenants]")
+        return self
+
+    def channel(self, name: str, model: type[_M]) -> _M | None:
+        """Validate ``[channels.<name>]`` with the channel's own model; ``None`` when absent or disabled."""
+        raw = self.channels.get(name)
+        if raw is None or raw.get("enabled", True) is False:
+            return None
+        try:
+            return model.model_validate({k: v for k, v in raw.items() if k != "enabled"})
+        except ValidationError as exc:
+            raise _config_error(exc, self.source, prefix=("channels", name)) from None
+
+    def inbox(self, inbox_id: str, *, key: str) -> InboxSettings:
+        """The inbox a channel refers to; ``key`` names the referring setting for the error."""
+        try:
+            return self.inboxes[inbox_id]
+        except KeyError:
+            raise ConfigError(f"names inbox {inbox_id!r}, which is not in [inboxes]", file=self.source, key=key) from None
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class ChannelSettings(_Section):
+    """Base for channel tables: strict, frozen, unknown keys rejected."""
+
+
+def _config_error(exc: ValidationError, source: str | None, prefix: tuple[str, ...] = ()) -> ConfigError:
+    first = exc.errors()[0]
+    loc = ".".join(str(part) for part in (*prefix, *first["loc"]))
+    more = len(exc.errors()) - 1
+    message = first["msg"] + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+    return ConfigError(message, file=source, key=loc or None)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``TICKETGATE__SECTION__KEY`` variables onto the raw TOML table (in place, returned)."""
+    for name, raw in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name} descends into a value that is not a table", key=".".join(path))
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+    return data
+
+
+def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, overlay the environment, validate. Raises :class:`ConfigError` naming file and key."""
+    environ = os.environ if environ is None else environ
+    source = str(path) if path is not None else None
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("file not found", file=source) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", file=source) from None
+    apply_env(data, environ)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, source) from None
+    return settings.model_copy(update={"source": source})

@@ -1,0 +1,127 @@
+"""The store protocol every backend satisfies, and the plain records it returns.
+
+Every write method is one durable transaction: when it returns, the data is committed with fsync
+(that is what lets a connector acknowledge). Backends group concurrent writers into one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from gateway.events import CustomerView, Event
+from gateway.model import CanonicalMessage, Placement, RawEnvelope
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlacementPolicy:
+    """What thread assignment needs from the settings, resolved per message by the pipeline."""
+
+    window: float  # seconds since the thread's last activity within which a message joins it
+    ticket_ref_pattern: str | None = None
+
+
+# Builds the message.received event once the store knows customer, thread and sequence.
+# Called inside the transaction (so it must be pure and fast).
+EventBuilder = Callable[[CanonicalMessage, Placement, CustomerView, "str | None", "str | None"], Event]
+"""(message, placement, customer, thread_subject, raw_ref) -> Event"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxRow:
+    """An event waiting in the outbox. ``position`` orders the outbox (and so each thread)."""
+
+    position: int
+    event_id: str
+    type: str
+    routing_key: str
+    tenant: str
+    channel: str
+    thread_id: str | None
+    sequence: int | None
+    body: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboxStatus:
+    backlog: int
+    oldest_created_at: datetime | None
+    published_total: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuarantineRecord:
+    id: str
+    tenant: str
+    channel: str
+    inbox: str
+    reason: str
+    raw_ref: str
+    size: int
+    received_at: datetime
+    replayed_at: datetime | None = None
+    replay_result: str | None = None
+
+
+class Store(Protocol):
+    """Durable state of the gateway. Implementations: ``SQLiteStore``, ``PostgresStore``."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def accept(
+        self,
+        envelope: RawEnvelope,
+        messages: Sequence[CanonicalMessage],
+        *,
+        policies: Sequence[PlacementPolicy],
+        build_event: EventBuilder,
+    ) -> list[Placement]:
+        """In ONE transaction: archive the raw bytes and attachments, and for each message claim its
+        idempotency key (a claimed key yields the first placement with ``duplicate=True`` and no
+        event), resolve the customer, assign the thread, and enqueue its event in the outbox.
+
+        Raises :class:`gateway.errors.BacklogFull` when the outbox is at its bound and
+        :class:`gateway.errors.StoreError` when the commit fails; nothing is kept then.
+        """
+        ...
+
+    async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
+        """Keep the raw bytes and the reason, and enqueue a ``message.quarantined`` event."""
+        ...
+
+    async def enqueue(self, events: Sequence[Event]) -> None:
+        """Durably enqueue events that are not tied to an inbound message (merges, control)."""
+        ...
+
+    async def outbox_fetch(self, limit: int, after: int = 0) -> list[OutboxRow]:
+        """Unpublished events in outbox order, after position ``after``."""
+        ...
+
+    async def outbox_mark_published(self, positions: Sequence[int]) -> None: ...
+
+    async def outbox_status(self) -> OutboxStatus: ...
+
+    async def quarantine_list(self, limit: int = 100) -> list[QuarantineRecord]: ...
+
+    async def quarantine_get(self, quarantine_id: str) -> tuple[QuarantineRecord, RawEnvelope] | None:
+        """The record and the envelope rebuilt from the archived raw bytes (for replay)."""
+        ...
+
+    async def quarantine_mark_replayed(self, quarantine_id: str, result: str) -> None: ...
+
+    async def read_blob(self, sha256: str) -> bytes | None:
+        """An archived raw body or attachment by content hash."""
+        ...
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Drop idempotency keys older than the retention; returns how many."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot write right now (readiness)."""
+        ...
