@@ -81,6 +81,8 @@ class ServerSettings(_Section):
     shutdown_timeout: Duration = 10.0
     # Proxies whose X-Forwarded-For is believed (for rate limits and logs).
     trusted_proxies: tuple[str, ...] = ()
+    # Desks fetch attachments at {public_url}/blobs/{sha256} with this bearer token; unset = no token.
+    blob_token: Secret | None = None
 
 
 class LogSettings(_Section):

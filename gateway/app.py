@@ -1,0 +1,99 @@
+"""Application assembly: the one place where the gateway is wired together.
+
+Every long-lived resource is one ``cleanup_ctx`` entry, registered outermost first, so on shutdown
+the listeners stop before the relay flushes and the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from gateway.enrich import Enricher
+from gateway.health import setup_health
+from gateway.keys import METRICS, PIPELINE, RELAY, SETTINGS, STORE
+from gateway.metrics import Metrics
+from gateway.pipeline import Pipeline
+from gateway.publisher import AmqpPublisher, Publisher
+from gateway.registry import load_connectors
+from gateway.relay import OutboxRelay
+from gateway.settings import Settings
+from gateway.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Overrides:
+    """Parts a test or benchmark may swap (an in-memory publisher, a store on a tmp path)."""
+
+    store: Store | None = None
+    publisher: Publisher | None = None
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.store.backend == "postgresql":
+        from gateway.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+
+        return PostgresStore(settings.store, settings.outbox)  # type: ignore[no-any-return,unused-ignore]
+    from gateway.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.store, settings.outbox)
+
+
+def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Application:
+    """Wire the gateway. Connectors are built here, so a misconfigured channel fails before listening."""
+    overrides = overrides or Overrides()
+    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    metrics = Metrics()
+    store = overrides.store or build_store(settings)
+    publisher = overrides.publisher or AmqpPublisher(settings.broker)
+    relay = OutboxRelay(store, publisher, settings.outbox, metrics)
+    pipeline = Pipeline(settings, store, metrics, enrich=Enricher.from_settings(settings).enrich, on_commit=relay.wake)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[STORE] = store
+    app[RELAY] = relay
+    app[PIPELINE] = pipeline
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        purge = asyncio.create_task(_purge_loop(store), name="ticketgate-purge")
+        yield
+        purge.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purge
+        await store.close()
+
+    async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
+        await relay.start()
+        yield
+        await relay.drain(settings.outbox.drain_timeout)
+
+    app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(relay_ctx)
+    setup_health(app)
+    for connector in load_connectors(settings):
+        connector.setup(app, pipeline.ingest)
+        logger.info("channel %s enabled", connector.name)
+    return app
+
+
+async def _purge_loop(store: Store, interval: float = 3600.0) -> None:
+    """Drop expired idempotency keys once an hour; a failure is logged and tried again later."""
+    from datetime import UTC, datetime
+
+    while True:
+        try:
+            removed = await store.purge_expired(datetime.now(UTC))
+            if removed:
+                logger.info("purged %d expired idempotency keys", removed)
+        except Exception:
+            logger.exception("purging expired idempotency keys failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,191 @@
+"""The ``ticketgate`` command: run the daemon, check a config, watch the bus, inspect the store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+import orjson
+
+from gateway.errors import ConfigError
+from gateway.settings import Settings, load_settings
+
+DEFAULT_CONFIG = "config/ticketgate.dev.toml"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log)
+    app = create_app(settings)
+    # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
+    # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
+    web.run_app(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_timeout,
+        access_log=None,
+        print=None,
+        backlog=settings.server.max_connections,
+    )
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from gateway.registry import load_connectors
+
+    settings = _settings(args)
+    connectors = load_connectors(settings)  # channel tables are validated when connectors are built
+    names = ", ".join(c.name for c in connectors) or "none"
+    print(f"{args.config}: OK (inboxes: {len(settings.inboxes)}, channels: {names})", file=out)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from gateway.tail import tail
+
+    settings = _settings(args)
+    try:
+        asyncio.run(tail(settings.broker, args.binding, json_lines=args.json, out=sys.stdout))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _outbox_status(settings: Settings, out: TextIO) -> int:
+    from gateway.app import build_store
+
+    store = build_store(settings)
+    await store.open()
+    try:
+        status = await store.outbox_status()
+    finally:
+        await store.close()
+    oldest = status.oldest_created_at
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest else None
+    print(f"backlog:          {status.backlog} (bound {settings.outbox.max_backlog})", file=out)
+    print(f"oldest unpublished: {f'{age:.1f} s ago' if age is not None else '-'}", file=out)
+    print(f"published total:  {status.published_total}", file=out)
+    return 0
+
+
+async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    from gateway.app import build_store
+    from gateway.events import isoformat
+    from gateway.metrics import Metrics
+    from gateway.pipeline import Pipeline
+    from gateway.registry import normalizer_for
+
+    store = build_store(settings)
+    await store.open()
+    try:
+        if args.action == "list":
+            records = await store.quarantine_list(limit=args.limit)
+            for r in records:
+                state = f"replayed {isoformat(r.replayed_at)}: {r.replay_result}" if r.replayed_at else "held"
+                print(f"{r.id}  {isoformat(r.received_at)}  {r.channel}/{r.inbox}  {r.size} B  {state}", file=out)
+                print(f"    {r.reason}", file=out)
+            if not records:
+                print("quarantine is empty", file=out)
+            return 0
+        found = await store.quarantine_get(args.id)
+        if found is None:
+            print(f"no quarantined message {args.id!r}", file=sys.stderr)
+            return 1
+        record, envelope = found
+        if args.action == "show":
+            info = {
+                "id": record.id,
+                "channel": record.channel,
+                "inbox": record.inbox,
+                "tenant": record.tenant,
+                "reason": record.reason,
+                "raw_ref": record.raw_ref,
+                "size": record.size,
+                "received_at": isoformat(record.received_at),
+                "replayed_at": isoformat(record.replayed_at),
+                "replay_result": record.replay_result,
+                "content_type": envelope.content_type,
+            }
+            print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode(), file=out)
+            if args.raw:
+                sys.stdout.flush()
+                os.write(sys.stdout.fileno(), envelope.body)
+            return 0
+        # replay: the events land in the outbox; the running gateway's relay publishes them.
+        from gateway.enrich import Enricher
+
+        pipeline = Pipeline(settings, store, Metrics(), enrich=Enricher.from_settings(settings).enrich)
+        result = await pipeline.replay(envelope, normalizer_for(envelope.channel))
+        summary = result.outcome.value + (f": {result.reason}" if result.reason else "")
+        if result.stored:
+            await store.quarantine_mark_replayed(record.id, summary)
+        print(f"{record.id}: {summary}", file=out)
+        return 0 if result.stored else 1
+    finally:
+        await store.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ticketgate", description=__doc__)
+    parser.add_argument(
+        "--config", "-c", default=os.environ.get("TICKETGATE_CONFIG", DEFAULT_CONFIG),
+        help=f"TOML settings file (default: $TICKETGATE_CONFIG or {DEFAULT_CONFIG})",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the gateway daemon")
+    sub.add_parser("check-config", help="validate the settings and every configured channel")
+    tail = sub.add_parser("tail", help="print events from the bus as they arrive")
+    tail.add_argument("--binding", default="#", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
+    tail.add_argument("--json", action="store_true", help="one raw JSON event per line")
+    outbox = sub.add_parser("outbox", help="inspect the outbox")
+    outbox.add_argument("action", choices=["status"])
+    quarantine = sub.add_parser("quarantine", help="inspect and replay quarantined messages")
+    qsub = quarantine.add_subparsers(dest="action", required=True)
+    qlist = qsub.add_parser("list")
+    qlist.add_argument("--limit", type=int, default=100)
+    qshow = qsub.add_parser("show")
+    qshow.add_argument("id")
+    qshow.add_argument("--raw", action="store_true", help="also write the raw bytes to stdout")
+    qreplay = qsub.add_parser("replay")
+    qreplay.add_argument("id")
+    # --config is accepted after the subcommand too: `ticketgate run --config PATH`.
+    for p in (*sub.choices.values(), qlist, qshow, qreplay):
+        p.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "tail":
+            return cmd_tail(args)
+        settings = _settings(args)
+        if args.command == "outbox":
+            return asyncio.run(_outbox_status(settings, sys.stdout))
+        return asyncio.run(_quarantine(settings, args, sys.stdout))
+    except ConfigError as exc:
+        print(f"ticketgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Operations endpoints: liveness, readiness, Prometheus metrics, and attachment fetch for desks."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway.keys import METRICS, RELAY, SETTINGS, STORE
+
+logger = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store can write, and the broker is connected or the backlog is under its bound."""
+    app = request.app
+    problems: list[str] = []
+    try:
+        await app[STORE].ping()
+    except Exception as exc:
+        problems.append(f"store: {exc}")
+    status = await app[STORE].outbox_status()
+    relay = app[RELAY]
+    limit = app[SETTINGS].outbox.max_backlog
+    if not relay.connected and status.backlog >= limit:
+        problems.append(f"broker disconnected and outbox backlog {status.backlog} at its bound {limit}")
+    body = {
+        "status": "ready" if not problems else "unavailable",
+        "problems": problems,
+        "broker_connected": relay.connected,
+        "outbox_backlog": status.backlog,
+    }
+    return web.json_response(body, status=200 if not problems else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    status = await app[STORE].outbox_status()
+    oldest = status.oldest_created_at
+    age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
+    registry = app[METRICS]
+    registry.outbox_status(status.backlog, age)
+    registry.broker_connected.set(1 if app[RELAY].connected else 0)
+    return web.Response(body=registry.exposition(), content_type="text/plain", charset="utf-8")
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    """Attachments by content hash, for desks (``Authorization: Bearer <server.blob_token>``)."""
+    settings = request.app[SETTINGS]
+    token = settings.server.blob_token
+    if token is not None:
+        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
+    digest = request.match_info["sha256"]
+    if not _SHA256.match(digest):
+        raise web.HTTPBadRequest(text="not a sha256")
+    data = await request.app[STORE].read_blob(digest)
+    if data is None:
+        raise web.HTTPNotFound()
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+def setup_health(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/blobs/{sha256}", blob)

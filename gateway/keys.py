@@ -1,0 +1,21 @@
+"""Typed application keys: app state is only ever read through these."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.pipeline import Pipeline
+    from gateway.relay import OutboxRelay
+    from gateway.store.base import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STORE: web.AppKey[Store] = web.AppKey("store")
+PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
+RELAY: web.AppKey[OutboxRelay] = web.AppKey("relay")

@@ -1,0 +1,57 @@
+"""Prometheus metrics, one registry per application (so tests can build several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Ack latency: durable acks sit in the low milliseconds; anything past a second is an incident.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Counters per channel and outcome, ack latency, outbox backlog and publish results."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "ticketgate_messages_received", "Inbound requests handed to the pipeline", ["channel"], registry=r
+        )
+        self.outcomes = Counter(
+            "ticketgate_messages",
+            "Pipeline outcomes per channel (accepted, duplicate, rejected, quarantined, retry)",
+            ["channel", "outcome"],
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "ticketgate_ack_latency_seconds",
+            "From arrival to the durable commit that allows the channel's success answer",
+            ["channel"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.outbox_backlog = Gauge("ticketgate_outbox_backlog", "Events not yet confirmed by the broker", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "ticketgate_outbox_oldest_age_seconds", "Age of the oldest unpublished event", registry=r
+        )
+        self.publish_confirms = Counter(
+            "ticketgate_publish_confirms", "Events confirmed by the broker", registry=r
+        )
+        self.publish_failures = Counter(
+            "ticketgate_publish_failures", "Publish attempts not confirmed", ["reason"], registry=r
+        )
+        self.broker_connected = Gauge("ticketgate_broker_connected", "1 while the publisher is connected", registry=r)
+
+    # The relay reports through these three methods (see gateway.relay).
+    def publish_confirmed(self, n: int) -> None:
+        self.publish_confirms.inc(n)
+
+    def publish_failed(self, reason: str) -> None:
+        self.publish_failures.labels(reason).inc()
+
+    def outbox_status(self, backlog: int, oldest_age: float | None) -> None:
+        self.outbox_backlog.set(backlog)
+        self.outbox_oldest_age.set(oldest_age or 0.0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,149 @@
+"""The path of one inbound message: normalize -> enrich -> one store transaction -> the answer.
+
+The pipeline never answers "stored" for something that is not committed, and never turns a
+transient fault into a permanent rejection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from gateway import events
+from gateway.errors import InvalidInput, NormalizationError, RetryableError
+from gateway.events import CustomerView, Event
+from gateway.metrics import Metrics
+from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
+from gateway.settings import Settings
+from gateway.store.base import PlacementPolicy, Store
+from normalizers.base import Normalizer
+
+logger = logging.getLogger(__name__)
+
+Enrich = Callable[[CanonicalMessage], CanonicalMessage]
+
+
+class Pipeline:
+    """Turns raw envelopes into committed messages and events; one per application."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics,
+        *,
+        enrich: Enrich | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._metrics = metrics
+        self._enrich = enrich
+        self._on_commit = on_commit
+
+    async def ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
+        """Process one envelope; the result tells the connector what to answer."""
+        started = time.perf_counter()
+        channel = envelope.channel
+        self._metrics.received.labels(channel).inc()
+        result = await self._ingest(envelope, normalize)
+        self._metrics.outcomes.labels(channel, result.outcome.value).inc()
+        if result.stored:
+            self._metrics.ack_latency.labels(channel).observe(time.perf_counter() - started)
+            if self._on_commit is not None:
+                self._on_commit()
+        return result
+
+    async def replay(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
+        """Re-run a quarantined envelope; a second failure is reported, not quarantined again."""
+        try:
+            messages = self._normalize(envelope, normalize)
+        except (InvalidInput, NormalizationError) as exc:
+            return IngestResult(outcome=Outcome.REJECTED, reason=str(exc))
+        result = await self._accept(envelope, messages)
+        if result.stored and self._on_commit is not None:
+            self._on_commit()
+        return result
+
+    async def _ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
+        try:
+            messages = self._normalize(envelope, normalize)
+        except InvalidInput as exc:
+            logger.info("rejected %s message for inbox %s: %s", envelope.channel, envelope.inbox, exc.reason)
+            return IngestResult(outcome=Outcome.REJECTED, reason=exc.reason, status=exc.status)
+        except NormalizationError as exc:
+            return await self._quarantine(envelope, str(exc))
+        except Exception as exc:
+            # A normalizer bug must not lose a verified message: keep it for replay after the fix.
+            logger.exception("normalizer for %s failed", envelope.channel)
+            return await self._quarantine(envelope, f"normalizer error: {type(exc).__name__}: {exc}")
+        return await self._accept(envelope, messages)
+
+    def _normalize(self, envelope: RawEnvelope, normalize: Normalizer) -> list[CanonicalMessage]:
+        messages = list(normalize(envelope))
+        if self._enrich is not None:
+            messages = [self._enrich(message) for message in messages]
+        return messages
+
+    async def _accept(self, envelope: RawEnvelope, messages: Sequence[CanonicalMessage]) -> IngestResult:
+        if not messages:
+            # e.g. a delivery receipt: verified, understood, nothing to ticket.
+            return IngestResult(outcome=Outcome.ACCEPTED)
+        try:
+            placements = await self._store.accept(
+                envelope, messages, policies=[self._policy(m) for m in messages], build_event=self._build_event(envelope)
+            )
+        except RetryableError as exc:
+            logger.warning("cannot store %s message now: %s", envelope.channel, exc.reason)
+            return IngestResult(outcome=Outcome.RETRY, reason=exc.reason, retry_after=exc.retry_after)
+        except Exception:
+            logger.exception("store failed for a %s message", envelope.channel)
+            return IngestResult(
+                outcome=Outcome.RETRY, reason="store unavailable", retry_after=self._settings.outbox.retry_after
+            )
+        duplicate = all(p.duplicate for p in placements)
+        return IngestResult(outcome=Outcome.DUPLICATE if duplicate else Outcome.ACCEPTED, placements=tuple(placements))
+
+    async def _quarantine(self, envelope: RawEnvelope, reason: str) -> IngestResult:
+        logger.warning("quarantining %s message for inbox %s: %s", envelope.channel, envelope.inbox, reason)
+        try:
+            record = await self._store.quarantine(envelope, reason)
+        except RetryableError as exc:
+            return IngestResult(outcome=Outcome.RETRY, reason=exc.reason, retry_after=exc.retry_after)
+        except Exception:
+            logger.exception("store failed while quarantining a %s message", envelope.channel)
+            return IngestResult(
+                outcome=Outcome.RETRY, reason="store unavailable", retry_after=self._settings.outbox.retry_after
+            )
+        return IngestResult(outcome=Outcome.QUARANTINED, reason=reason, quarantine_id=record.id)
+
+    def _policy(self, message: CanonicalMessage) -> PlacementPolicy:
+        inbox = self._settings.inboxes.get(message.inbox)
+        window = self._settings.threading.window_for(message.channel, inbox.thread_window if inbox else None)
+        return PlacementPolicy(window=window, ticket_ref_pattern=self._settings.threading.ticket_ref_pattern)
+
+    def _build_event(self, envelope: RawEnvelope) -> Callable[..., Event]:
+        public_url = self._settings.server.public_url
+
+        def build(
+            message: CanonicalMessage,
+            placement: Placement,
+            customer: CustomerView,
+            thread_subject: str | None,
+            raw_ref: str | None,
+        ) -> Event:
+            return events.message_received(
+                message,
+                placement=placement,
+                customer=customer,
+                thread_subject=thread_subject,
+                raw_ref=raw_ref,
+                signature_verified=envelope.signature_verified,
+                retry=envelope.retry,
+                public_url=public_url,
+                occurred_at=datetime.now(UTC),
+            )
+
+        return build

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Make sure the local services ticketgate needs are reachable; start them, or install them from
+# Debian's packages when they are missing. Usage: ensure-services.sh rabbitmq [postgresql] [chromium] ...
+set -euo pipefail
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 120); do port_open "$1" && return 0; sleep 0.5; done
+  echo "ensure-services: nothing listens on 127.0.0.1:$1 after 60 s" >&2; return 1
+}
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_rabbitmq() {
+  port_open 5672 && return 0
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  echo "ensure-services: starting RabbitMQ" >&2
+  as_root rabbitmq-server -detached || true
+  wait_port 5672
+}
+
+ensure_postgresql() {
+  port_open 5432 && return 0
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; fi
+  echo "ensure-services: starting PostgreSQL" >&2
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  wait_port 5432
+}
+
+ensure_package() {  # ensure_package <command> <debian package>...
+  command -v "$1" >/dev/null && return 0
+  shift; apt_install "$@"
+}
+
+for service in "$@"; do
+  case "$service" in
+    rabbitmq) ensure_rabbitmq ;;
+    postgresql) ensure_postgresql ;;
+    chromium) ensure_package chromium chromium ;;
+    swaks) ensure_package swaks swaks ;;
+    dovecot) ensure_package /usr/sbin/dovecot dovecot-imapd ;;
+    *) echo "ensure-services: unknown service $service" >&2; exit 2 ;;
+  esac
+done
