@@ -1,0 +1,194 @@
+"""HTTP helpers shared by the web connectors: client address, rate limits, bounded bodies, answers.
+
+Everything here is transport plumbing with no channel knowledge; connectors decide what to say.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import TooLarge
+from gateway.model import IngestResult, Outcome
+
+logger = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Request headers that carry credentials: never copied into an envelope (it is stored and replayable).
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+_READ_CHUNK = 64 * 1024
+
+
+class ClientAddress:
+    """The client's IP: the peer address, or X-Forwarded-For's rightmost hop not in ``trusted_proxies``.
+
+    Only hops appended by a trusted proxy are believed; anything further left was written by the
+    client and could be forged to dodge a rate limit.
+    """
+
+    def __init__(self, trusted_proxies: Iterable[str]) -> None:
+        self._trusted: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies
+        )
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in network for network in self._trusted)
+
+    def __call__(self, request: web.BaseRequest) -> str | None:
+        peer = request.remote
+        if peer is None or not self._trusted or not self._is_trusted(peer):
+            return peer
+        forwarded = request.headers.getall("X-Forwarded-For", ())
+        hops = [hop.strip() for value in forwarded for hop in value.split(",")]
+        for hop in reversed(hops):
+            if not hop:
+                continue
+            if not self._is_trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer  # a garbled hop: fall back to what we know for sure
+        return peer
+
+
+class RateLimiter:
+    """A token bucket per key (client IP, API inbox) with bounded memory.
+
+    At most ``max_keys`` buckets are kept; the least recently seen is dropped first. A dropped bucket
+    comes back full, which only matters for a key idle long enough to be the oldest of ``max_keys``.
+    """
+
+    def __init__(
+        self, *, per_minute: float, burst: int, max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if per_minute <= 0 or burst < 1 or max_keys < 1:
+            raise ValueError("rate limits need per_minute > 0, burst >= 1 and max_keys >= 1")
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, stamp)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def acquire(self, key: str) -> float:
+        """Take one token for ``key``: 0.0 when allowed, else the seconds until one is available."""
+        now = self._clock()
+        tokens, stamp = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - stamp) * self._rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self._rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def retry_after_value(seconds: float) -> str:
+    """Retry-After takes whole seconds; round up so a client never comes back too early."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def json_response(
+    payload: Mapping[str, Any], *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(payload), status=status, content_type="application/json", headers=headers
+    )
+
+
+def json_error(
+    status: int, code: str, reason: str, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """``{"error": code, "reason": text}``: a stable machine code plus a sentence a person can act on."""
+    return json_response({"error": code, "reason": reason}, status=status, headers=headers)
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The request body exactly as received, refusing (``TooLarge``) past ``limit`` bytes.
+
+    Checks Content-Length first so an honest oversized upload is refused before it is read, then
+    counts while reading because Content-Length may be absent (chunked) or false.
+    """
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise TooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(_READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def envelope_headers(request: web.BaseRequest) -> dict[str, str]:
+    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined."""
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower in SECRET_HEADERS:
+            continue
+        headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
+    return headers
+
+
+def accepts_json(request: web.BaseRequest) -> bool:
+    """True when the client prefers JSON over HTML (fetch/XHR callers; a browser navigation asks for HTML)."""
+    accept = request.headers.get("Accept", "")
+    return "application/json" in accept and "text/html" not in accept
+
+
+def result_status(result: IngestResult) -> int:
+    """The HTTP status for a pipeline result: stored -> 2xx, rejected -> its hint or 400, retry -> 503."""
+    if result.outcome is Outcome.ACCEPTED or result.outcome is Outcome.QUARANTINED:
+        return 202
+    if result.outcome is Outcome.DUPLICATE:
+        return 200
+    if result.outcome is Outcome.REJECTED:
+        status = result.status or 400
+        return status if 400 <= status < 500 else 400
+    return 503
+
+
+def result_payload(result: IngestResult) -> dict[str, Any]:
+    """``{"message_id", "thread_id", "status"}`` for a stored result (ids of the first message of a batch)."""
+    first = result.placements[0] if result.placements else None
+    return {
+        "message_id": first.message_id if first else None,
+        "thread_id": first.thread_id if first else None,
+        "status": result.outcome.value,
+    }
+
+
+def result_response(result: IngestResult, *, headers: Mapping[str, str] | None = None) -> web.Response:
+    """Map a pipeline result to a JSON answer; never 2xx unless ``result.stored``."""
+    status = result_status(result)
+    extra = dict(headers or {})
+    if result.stored:
+        return json_response(result_payload(result), status=status, headers=extra)
+    if result.outcome is Outcome.REJECTED:
+        return json_error(status, "rejected", result.reason or "the message was rejected", headers=extra)
+    extra["Retry-After"] = retry_after_value(result.retry_after or 5.0)
+    return json_error(
+        503, "unavailable", result.reason or "the message could not be stored now; retry later", headers=extra
+    )

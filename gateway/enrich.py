@@ -1,0 +1,205 @@
+"""Extraction and routing enrichment: entities found in the text, routing hints from rules.
+
+Everything is compiled once in :meth:`Enricher.from_settings`; :meth:`Enricher.enrich` only runs
+precompiled regexes and set look-ups, and scans a bounded prefix of the text so a huge message
+costs no more than a large one.
+
+Extractors (``[[extractors]]``, or :data:`DEFAULT_EXTRACTORS` when the key is absent) are regexes
+with an optional named group holding the value. Kind ``phone`` is special: every match is parsed
+with ``phonenumbers`` (default region ``CN``) and kept, as E.164, only when it is a valid number.
+
+Routing rules (``[[routing.rules]]``): a rule matches when every criterion it names matches (any
+channel of ``channels`` AND any inbox of ``inboxes`` AND any keyword AND any customer); a rule that
+names none matches every message. Use several rules for "either". Of the matching rules the highest
+priority wins, tags are their union in rule order, the queue comes from the first one that names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Self
+
+import phonenumbers
+
+from gateway.model import CanonicalMessage, Entity, Routing
+from gateway.settings import ExtractorSettings, RoutingRule, Settings
+
+MAX_ENTITIES = 32
+# Only this much of subject + text is scanned: order and tracking numbers sit near the top.
+MAX_SCAN_CHARS = 32_768
+DEFAULT_PHONE_REGION = "CN"
+PRIORITIES = ("low", "normal", "high", "urgent")
+
+# `\b` is Unicode-aware, and Chinese characters count as word characters, so "订单号123" has no
+# boundary before the digits. These look-arounds bound values by ASCII letters and digits only.
+_L = r"(?<![A-Za-z0-9])"
+_R = r"(?![A-Za-z0-9])"
+_SEP = r"\s*(?:是|为|:|：|#|no\.?|number|num)?\s*[:：#]?\s*"
+
+DEFAULT_EXTRACTORS: tuple[ExtractorSettings, ...] = (
+    # Taobao / Tmall / JD / Pinduoduo order numbers: long digit runs, only next to an order keyword
+    # (a bare 18-digit number could as well be an ID card number).
+    ExtractorSettings(
+        kind="order_number",
+        pattern=rf"(?i)(?:订单编号|订单号码|订单号|订单|order){_SEP}{_L}(?P<value>\d{{10,20}}){_R}",
+        group="value",
+    ),
+    # International shops: "#12345", "Order 12345", "order no. AB-12345".
+    ExtractorSettings(
+        kind="order_number",
+        pattern=rf"(?i)(?:(?<![\w\[])#|{_L}order{_SEP}){_L}(?P<value>[A-Z]{{0,4}}-?\d{{4,12}}){_R}",
+        group="value",
+    ),
+    # UPS.
+    ExtractorSettings(kind="tracking_number", pattern=rf"{_L}1Z[0-9A-Z]{{16}}{_R}"),
+    # SF Express.
+    ExtractorSettings(kind="tracking_number", pattern=rf"{_L}SF\d{{12}}{_R}"),
+    # UPU S10 (China Post, EMS and other posts): two letters, nine digits, country code.
+    ExtractorSettings(kind="tracking_number", pattern=rf"{_L}[A-Z]{{2}}\d{{9}}[A-Z]{{2}}{_R}"),
+    # JD Logistics waybills (JDVA..., JDVC..., JDX...).
+    ExtractorSettings(kind="tracking_number", pattern=rf"{_L}JD[VX][A-Z]?\d{{11,13}}{_R}"),
+    # YTO.
+    ExtractorSettings(kind="tracking_number", pattern=rf"{_L}YT\d{{13}}{_R}"),
+    # ZTO, YTO, Yunda, STO and others use bare digit runs: only next to a carrier or waybill keyword.
+    ExtractorSettings(
+        kind="tracking_number",
+        pattern=(
+            rf"(?i)(?:快递单号|运单号|物流单号|快递号|单号|中通|圆通|韵达|申通|百世|极兔|tracking(?:\s*(?:no\.?|number|#))?)"
+            rf"\s*(?:快递)?{_SEP}{_L}(?P<value>[A-Z]{{0,4}}\d{{10,15}}){_R}"
+        ),
+        group="value",
+    ),
+    # Phone candidates; each is validated with phonenumbers and stored as E.164.
+    ExtractorSettings(kind="phone", pattern=r"(?<![\w+])\+?\d[\d \-().]{5,20}\d(?!\w)"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Extractor:
+    kind: str
+    regex: re.Pattern[str]
+    group: str | int
+
+    @classmethod
+    def compile(cls, spec: ExtractorSettings) -> Self:
+        regex = re.compile(spec.pattern)
+        if spec.group is not None and spec.group not in regex.groupindex:
+            raise ValueError(f"extractor {spec.kind!r}: pattern has no group named {spec.group!r}")
+        return cls(spec.kind, regex, spec.group if spec.group is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    channels: frozenset[str]
+    inboxes: frozenset[str]
+    keywords: re.Pattern[str] | None
+    customers: frozenset[str]
+    priority: int | None
+    tags: tuple[str, ...]
+    queue: str | None
+
+    @classmethod
+    def compile(cls, rule: RoutingRule) -> Self:
+        keywords = None
+        if rule.keywords:
+            # Longest first so one alternative never shadows a longer one; IGNORECASE covers "URGENT".
+            alternatives = sorted({k for k in rule.keywords if k}, key=len, reverse=True)
+            keywords = re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
+        return cls(
+            channels=frozenset(rule.channels),
+            inboxes=frozenset(rule.inboxes),
+            keywords=keywords,
+            customers=frozenset(c.strip().lower() for c in rule.customers),
+            priority=PRIORITIES.index(rule.priority) if rule.priority else None,
+            tags=rule.tags,
+            queue=rule.queue,
+        )
+
+    def matches(self, message: CanonicalMessage, text: str, customers: frozenset[str]) -> bool:
+        if self.channels and message.channel not in self.channels:
+            return False
+        if self.inboxes and message.inbox not in self.inboxes:
+            return False
+        if self.customers and self.customers.isdisjoint(customers):
+            return False
+        return self.keywords is None or self.keywords.search(text) is not None
+
+
+class Enricher:
+    """Fills ``entities`` and ``routing`` of a canonical message; built once, used for every message."""
+
+    def __init__(
+        self, extractors: Iterable[ExtractorSettings], rules: Iterable[RoutingRule], *,
+        phone_region: str = DEFAULT_PHONE_REGION,
+    ) -> None:
+        self._extractors = tuple(_Extractor.compile(spec) for spec in extractors)
+        self._rules = tuple(_Rule.compile(rule) for rule in rules)
+        self._phone_region = phone_region
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, phone_region: str = DEFAULT_PHONE_REGION) -> Self:
+        extractors = DEFAULT_EXTRACTORS if settings.extractors is None else settings.extractors
+        return cls(extractors, settings.routing.rules, phone_region=phone_region)
+
+    def enrich(self, message: CanonicalMessage) -> CanonicalMessage:
+        text = "\n".join(part for part in (message.subject, message.text) if part)[:MAX_SCAN_CHARS]
+        entities = self._entities(message.entities, text)
+        routing = self._routing(message, text)
+        if entities == message.entities and routing == message.routing:
+            return message
+        return dataclasses.replace(message, entities=entities, routing=routing)
+
+    def _entities(self, existing: tuple[Entity, ...], text: str) -> tuple[Entity, ...]:
+        found = list(existing)
+        seen = {(e.kind, e.value) for e in existing}
+        claimed: list[tuple[int, int]] = []  # spans already taken, so an order number is not also a phone
+        for extractor in self._extractors:
+            for match in extractor.regex.finditer(text):
+                start, end = match.span(extractor.group)
+                if start < 0 or any(start < e and s < end for s, e in claimed):
+                    continue
+                value: str | None = match.group(extractor.group)
+                if extractor.kind == "phone":
+                    value = self._phone(value)
+                if not value or (extractor.kind, value) in seen:
+                    continue
+                seen.add((extractor.kind, value))
+                claimed.append((start, end))
+                found.append(Entity(kind=extractor.kind, value=value))
+                if len(found) >= MAX_ENTITIES:
+                    return tuple(found)
+        return tuple(found)
+
+    def _phone(self, candidate: str | None) -> str | None:
+        if candidate is None:
+            return None
+        try:
+            number = phonenumbers.parse(candidate, self._phone_region)
+        except phonenumbers.NumberParseException:
+            return None
+        if not phonenumbers.is_valid_number(number):
+            return None
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    def _routing(self, message: CanonicalMessage, text: str) -> Routing:
+        if not self._rules:
+            return message.routing
+        customers = frozenset(i.value.lower() for i in message.identities)
+        current = message.routing
+        priority: int | None = None
+        tags = list(current.tags)
+        queue = current.queue
+        for rule in self._rules:
+            if not rule.matches(message, text, customers):
+                continue
+            if rule.priority is not None and (priority is None or rule.priority > priority):
+                priority = rule.priority
+            tags.extend(tag for tag in rule.tags if tag not in tags)
+            if queue is None:
+                queue = rule.queue
+        # No matching rule names a priority: keep what the connector set.
+        level = current.priority if priority is None else PRIORITIES[priority]
+        return Routing(priority=level, tags=tuple(tags), queue=queue)
