@@ -1,0 +1,402 @@
+"""The WeChat Official Account (``/wechat/{account}``) and WeCom (``/wecom/{app}``) callback sub-apps.
+
+Each handler verifies first (signature in constant time over the documented fields, then the
+replay window), parses only afterwards and only with defusedxml, and answers success only when
+``ingest`` reports the message stored. The store gets slightly less than WeChat's 5 s deadline; a
+slower commit is not cancelled (WeChat's retry then finds it as a duplicate) but answered 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Self
+
+from aiohttp import web
+
+from connectors.base import Ingest
+from connectors.wechat.security import (
+    BadSignature,
+    CallbackSecurity,
+    Clock,
+    Flavor,
+    extract_encrypt,
+)
+from connectors.wechat.settings import WeChatSettings, WeComSettings
+from gateway.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
+from gateway.model import IngestResult, Outcome, RawEnvelope
+from gateway.settings import Settings
+from normalizers.wechat import normalize, parse_callback_xml
+
+logger = logging.getLogger(__name__)
+
+
+class PlaintextRefused(VerificationError):
+    """A plaintext delivery to an account that does not allow it (HTTP 403)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Endpoint:
+    """One configured Official Account or WeCom app, resolved from the settings."""
+
+    name: str
+    tenant: str
+    inbox: str
+    security: CallbackSecurity
+    mode: str = "safe"
+    allow_plaintext: bool = False
+    agent_id: int | None = None  # WeCom only
+
+
+@dataclass(slots=True, kw_only=True)
+class _Runtime:
+    channel: str
+    endpoints: Mapping[str, Endpoint]
+    ingest: Ingest
+    max_body_bytes: int
+    ingest_timeout: float
+    clock: Clock
+    # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
+    pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
+
+
+RUNTIME = web.AppKey("wechat_callback_runtime", _Runtime)
+
+
+class _CallbackConnector:
+    name: ClassVar[str]
+    flavor: ClassVar[Flavor]
+
+    def __init__(
+        self, endpoints: Mapping[str, Endpoint], *, max_body_bytes: int, ingest_timeout: float, clock: Clock
+    ) -> None:
+        self.endpoints = dict(endpoints)
+        self.max_body_bytes = max_body_bytes
+        self.ingest_timeout = ingest_timeout
+        self.clock = clock
+
+    def setup(self, app: web.Application, ingest: Ingest) -> None:
+        """Mount the sub-app under ``/{name}``."""
+        app.add_subapp(f"/{self.name}", self.build_subapp(ingest))
+
+    def build_subapp(self, ingest: Ingest) -> web.Application:
+        sub = web.Application()
+        sub[RUNTIME] = _Runtime(
+            channel=self.name,
+            endpoints=self.endpoints,
+            ingest=ingest,
+            max_body_bytes=self.max_body_bytes,
+            ingest_timeout=self.ingest_timeout,
+            clock=self.clock,
+        )
+        handshake, callback = (
+            (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
+        )
+        sub.router.add_get("/{name}", handshake, allow_head=False)
+        sub.router.add_post("/{name}", callback)
+        sub.on_cleanup.append(_drain)
+        return sub
+
+
+class WeChatConnector(_CallbackConnector):
+    """Official Account callbacks, one route per ``[channels.wechat.accounts.<name>]``."""
+
+    name = "wechat"
+    flavor = "official_account"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Clock = time.time) -> Self | None:
+        table = settings.channel("wechat", WeChatSettings)
+        if table is None or not table.accounts:
+            return None
+        endpoints: dict[str, Endpoint] = {}
+        for name, account in table.accounts.items():
+            base = f"channels.wechat.accounts.{name}"
+            token = _required(settings, account.token, f"{base}.token")
+            aes_keys = _secrets(account.encoding_aes_key, account.previous_encoding_aes_key)
+            if account.mode != "plaintext":
+                _required(settings, account.encoding_aes_key, f"{base}.encoding_aes_key")
+            endpoints[name] = Endpoint(
+                name=name,
+                tenant=settings.inbox(account.inbox, key=f"{base}.inbox").tenant,
+                inbox=account.inbox,
+                mode=account.mode,
+                allow_plaintext=account.allow_plaintext,
+                security=CallbackSecurity(
+                    flavor=cls.flavor,
+                    receive_id=account.app_id,
+                    tokens=(token, *_secrets(account.previous_token)),
+                    aes_keys=aes_keys,
+                    replay_window=account.replay_window,
+                    clock=clock,
+                ),
+            )
+        return cls(
+            endpoints, max_body_bytes=table.max_body_bytes, ingest_timeout=table.ingest_timeout, clock=clock
+        )
+
+
+class WeComConnector(_CallbackConnector):
+    """WeCom self-built application callbacks, one route per ``[channels.wecom.apps.<name>]``."""
+
+    name = "wecom"
+    flavor = "wecom"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Clock = time.time) -> Self | None:
+        table = settings.channel("wecom", WeComSettings)
+        if table is None or not table.apps:
+            return None
+        endpoints: dict[str, Endpoint] = {}
+        for name, app in table.apps.items():
+            base = f"channels.wecom.apps.{name}"
+            token = _required(settings, app.token, f"{base}.token")
+            _required(settings, app.encoding_aes_key, f"{base}.encoding_aes_key")
+            endpoints[name] = Endpoint(
+                name=name,
+                tenant=settings.inbox(app.inbox, key=f"{base}.inbox").tenant,
+                inbox=app.inbox,
+                agent_id=app.agent_id,
+                security=CallbackSecurity(
+                    flavor=cls.flavor,
+                    receive_id=app.corp_id,
+                    tokens=(token, *_secrets(app.previous_token)),
+                    aes_keys=_secrets(app.encoding_aes_key, app.previous_encoding_aes_key),
+                    replay_window=app.replay_window,
+                    clock=clock,
+                ),
+            )
+        return cls(
+            endpoints, max_body_bytes=table.max_body_bytes, ingest_timeout=table.ingest_timeout, clock=clock
+        )
+
+
+def _required(settings: Settings, secret: Any, key: str) -> str:
+    """Fail closed: a configured account without its secret refuses to start."""
+    if secret is None or not secret.get_secret_value():
+        raise ConfigError(
+            "is required (the callback cannot be verified without it)", file=settings.source, key=key
+        )
+    return str(secret.get_secret_value())
+
+
+def _secrets(*secrets: Any) -> tuple[str, ...]:
+    return tuple(str(s.get_secret_value()) for s in secrets if s is not None and s.get_secret_value())
+
+
+# --- request handling -------------------------------------------------------------------------
+
+
+def _endpoint(request: web.Request) -> tuple[_Runtime, Endpoint]:
+    runtime = request.app[RUNTIME]
+    endpoint = runtime.endpoints.get(request.match_info["name"])
+    if endpoint is None:
+        raise web.HTTPNotFound(text="unknown account")
+    return runtime, endpoint
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; more is refused (413) without buffering it."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"body of {request.content_length} bytes exceeds {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: Exception) -> web.Response:
+    """Map a verification or input failure to its 4xx; logged without body or secrets."""
+    if isinstance(exc, BadSignature):
+        status = 401
+    elif isinstance(exc, VerificationError):
+        status = 403  # stale timestamp, plaintext refused
+    elif isinstance(exc, InvalidInput):
+        status = exc.status
+    else:  # pragma: no cover - callers pass only the kinds above
+        raise exc
+    logger.warning(
+        "%s/%s: refused %s %s from %s: %s", runtime.channel, endpoint.name, request.method, status,
+        request.remote, exc,
+    )
+    return web.Response(status=status, text=type(exc).__name__)
+
+
+def _echostr(request: web.Request) -> str:
+    # A '+' that reached us unencoded was decoded as a space; base64 has no spaces, so undo it.
+    return request.query.get("echostr", "").replace(" ", "+")
+
+
+async def _oa_handshake(request: web.Request) -> web.Response:
+    """Official Account URL verification: echo ``echostr`` when ``signature`` verifies."""
+    runtime, endpoint = _endpoint(request)
+    query = request.query
+    try:
+        endpoint.security.verify(
+            query.get("signature", ""), query.get("timestamp", ""), query.get("nonce", "")
+        )
+        echostr = _echostr(request)
+        if not echostr:
+            raise InvalidInput("echostr missing")
+    except (VerificationError, InvalidInput) as exc:
+        return _refusal(runtime, endpoint, request, exc)
+    return web.Response(text=echostr)
+
+
+async def _wecom_handshake(request: web.Request) -> web.Response:
+    """WeCom URL verification: ``msg_signature`` covers ``echostr``; answer its decryption."""
+    runtime, endpoint = _endpoint(request)
+    query = request.query
+    echostr = _echostr(request)
+    try:
+        endpoint.security.verify_msg(
+            query.get("msg_signature", ""), query.get("timestamp", ""), query.get("nonce", ""), echostr
+        )
+        plain = endpoint.security.decrypt(echostr)
+    except (VerificationError, InvalidInput) as exc:
+        return _refusal(runtime, endpoint, request, exc)
+    return web.Response(text=plain)
+
+
+def _open_encrypted(endpoint: Endpoint, body: bytes, query: Mapping[str, str], max_bytes: int) -> str:
+    """Verify ``msg_signature`` over the Encrypt value, then parse, decrypt and check the plaintext."""
+    encrypt = extract_encrypt(body)  # a regular expression, not an XML parser
+    endpoint.security.verify_msg(
+        query.get("msg_signature", ""), query.get("timestamp", ""), query.get("nonce", ""), encrypt
+    )
+    outer = parse_callback_xml(body, max_bytes=max_bytes)
+    if outer.get("Encrypt") != encrypt:
+        raise InvalidInput("the parsed Encrypt element is not the one that was verified")
+    plaintext = endpoint.security.decrypt(encrypt)
+    fields = parse_callback_xml(plaintext, max_bytes=max_bytes)
+    agent = fields.get("AgentID")
+    ours = ("", str(endpoint.agent_id))
+    if endpoint.agent_id is not None and isinstance(agent, str) and agent.strip() not in ours:
+        raise InvalidInput("callback is for another WeCom application")
+    return plaintext
+
+
+def _open_plaintext(endpoint: Endpoint, body: bytes, query: Mapping[str, str], max_bytes: int) -> str:
+    """Plaintext mode: the signature covers only timestamp and nonce, so it must be allowed."""
+    if not endpoint.allow_plaintext:
+        raise PlaintextRefused("plaintext delivery, but this account does not allow plaintext")
+    endpoint.security.verify(query.get("signature", ""), query.get("timestamp", ""), query.get("nonce", ""))
+    parse_callback_xml(body, max_bytes=max_bytes)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("body is not UTF-8") from None
+
+
+async def _oa_callback(request: web.Request) -> web.StreamResponse:
+    runtime, endpoint = _endpoint(request)
+    query = request.query
+    encrypted = "msg_signature" in query or query.get("encrypt_type", "").lower() == "aes"
+    try:
+        body = await _read_body(request, runtime.max_body_bytes)
+        if encrypted:
+            plaintext = _open_encrypted(endpoint, body, query, runtime.max_body_bytes)
+        else:
+            plaintext = _open_plaintext(endpoint, body, query, runtime.max_body_bytes)
+    except (VerificationError, InvalidInput) as exc:
+        return _refusal(runtime, endpoint, request, exc)
+    meta = {
+        "app_id": endpoint.security.receive_id,
+        "mode": endpoint.mode if encrypted else "plaintext",
+    }
+    envelope = _envelope(runtime, endpoint, request, body, plaintext, meta, verified=encrypted)
+    return await _deliver(runtime, endpoint, envelope, ok_body="success")
+
+
+async def _wecom_callback(request: web.Request) -> web.StreamResponse:
+    runtime, endpoint = _endpoint(request)
+    try:
+        body = await _read_body(request, runtime.max_body_bytes)
+        plaintext = _open_encrypted(endpoint, body, request.query, runtime.max_body_bytes)
+    except (VerificationError, InvalidInput) as exc:
+        return _refusal(runtime, endpoint, request, exc)
+    meta = {"corp_id": endpoint.security.receive_id, "agent_id": endpoint.agent_id, "mode": "safe"}
+    envelope = _envelope(runtime, endpoint, request, body, plaintext, meta, verified=True)
+    # WeCom documents an empty 200 as "received, no passive reply".
+    return await _deliver(runtime, endpoint, envelope, ok_body="")
+
+
+def _envelope(
+    runtime: _Runtime,
+    endpoint: Endpoint,
+    request: web.Request,
+    body: bytes,
+    plaintext: str,
+    meta: Mapping[str, Any],
+    *,
+    verified: bool,
+) -> RawEnvelope:
+    return RawEnvelope(
+        channel=runtime.channel,
+        tenant=endpoint.tenant,
+        inbox=endpoint.inbox,
+        body=body,
+        received_at=datetime.fromtimestamp(runtime.clock(), UTC),
+        content_type=request.content_type,
+        headers=dict(request.headers),
+        signature_verified=verified,
+        remote=request.remote,
+        meta={
+            "plaintext": plaintext,
+            "account": endpoint.name,
+            "encrypted": verified,
+            "max_xml_bytes": runtime.max_body_bytes,
+            **meta,
+        },
+    )
+
+
+async def _deliver(
+    runtime: _Runtime, endpoint: Endpoint, envelope: RawEnvelope, *, ok_body: str
+) -> web.Response:
+    """Await the pipeline within the deadline and map its result to WeChat's answer."""
+    task: asyncio.Future[IngestResult] = asyncio.ensure_future(runtime.ingest(envelope, normalize))
+    runtime.pending.add(task)
+    task.add_done_callback(runtime.pending.discard)
+    try:
+        # Shielded: cancelling a commit half-way helps nobody; WeChat's retry will find it stored.
+        result = await asyncio.wait_for(asyncio.shield(task), runtime.ingest_timeout)
+    except TimeoutError:
+        logger.warning("%s/%s: store did not answer within %.1f s; answering 503",
+                       runtime.channel, endpoint.name, runtime.ingest_timeout)
+        return _unavailable(5.0)
+    except RetryableError as exc:
+        logger.warning("%s/%s: temporary failure: %s", runtime.channel, endpoint.name, exc.reason)
+        return _unavailable(exc.retry_after)
+    except InvalidInput as exc:
+        return web.Response(status=exc.status, text=exc.reason)
+    return _answer(result, ok_body)
+
+
+def _answer(result: IngestResult, ok_body: str) -> web.Response:
+    if result.stored:
+        return web.Response(text=ok_body, content_type="text/plain")
+    if result.outcome is Outcome.REJECTED:
+        status = result.status if result.status is not None and 400 <= result.status < 500 else 400
+        return web.Response(status=status, text=result.reason or "rejected")
+    # RETRY, or anything not known to be stored: WeChat retries a non-success answer.
+    return _unavailable(result.retry_after or 5.0)
+
+
+def _unavailable(retry_after: float) -> web.Response:
+    return web.Response(status=503, text="retry", headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+async def _drain(app: web.Application) -> None:
+    """Let ingests that outlived their answer finish before the store closes."""
+    pending = list(app[RUNTIME].pending)
+    if pending:
+        await asyncio.wait(pending, timeout=10.0)

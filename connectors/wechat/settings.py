@@ -1,0 +1,116 @@
+"""Settings of the WeChat Official Account (``[channels.wechat]``) and WeCom (``[channels.wecom]``) tables."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from gateway.settings import ChannelSettings, Duration, Secret
+
+# Names appear in the callback URL path (``/wechat/{name}``), so they stay URL-safe.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# WeChat gives up after 5 s; the ingest timeout must leave room to write the answer.
+WECHAT_DEADLINE = 5.0
+
+Mode = Literal["safe", "compatible", "plaintext"]
+
+
+def _check_aes_key(value: SecretStr | None) -> SecretStr | None:
+    """An EncodingAESKey is 43 base64 characters naming a 32-byte AES key."""
+    if value is None:
+        return None
+    raw = value.get_secret_value()
+    try:
+        key = base64.b64decode(raw + "=", validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("an EncodingAESKey is 43 characters of base64") from None
+    if len(raw) != 43 or len(key) != 32:
+        raise ValueError("an EncodingAESKey is 43 characters of base64")
+    return value
+
+
+class _Credentials(ChannelSettings):
+    inbox: str
+    # Secrets are optional here only so that a missing one is reported by name (fail closed)
+    # in :func:`connectors.wechat.app` rather than as a generic validation error.
+    token: Secret | None = None
+    encoding_aes_key: Secret | None = None
+    # Accepted alongside the current ones while a rotation is under way.
+    previous_token: Secret | None = None
+    previous_encoding_aes_key: Secret | None = None
+    replay_window: Duration = 300.0
+
+    @field_validator("encoding_aes_key", "previous_encoding_aes_key")
+    @classmethod
+    def _aes_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_aes_key(value)
+
+
+class WeChatAccountSettings(_Credentials):
+    """``[channels.wechat.accounts.<name>]``: one Official Account."""
+
+    app_id: str = Field(min_length=1)
+    mode: Mode = "safe"
+    # Plaintext deliveries carry a signature that does not cover the body: opt in explicitly.
+    allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _plaintext_needs_opt_in(self) -> WeChatAccountSettings:
+        if self.mode == "plaintext" and not self.allow_plaintext:
+            raise ValueError(
+                "mode 'plaintext' needs allow_plaintext = true (its signature does not cover the body)"
+            )
+        return self
+
+
+class WeComAppSettings(_Credentials):
+    """``[channels.wecom.apps.<name>]``: one WeCom self-built application."""
+
+    corp_id: str = Field(min_length=1)
+    agent_id: int
+
+
+class _ChannelTable(ChannelSettings):
+    # Bounds the raw POST body; the decrypted XML is always smaller than the body.
+    max_body_bytes: int = Field(256 * 1024, gt=0)
+    # Time given to the store before answering 503; WeChat's own deadline is 5 s.
+    ingest_timeout: Duration = 4.5
+
+    @field_validator("ingest_timeout")
+    @classmethod
+    def _under_deadline(cls, value: float) -> float:
+        if not 0 < value < WECHAT_DEADLINE:
+            raise ValueError(f"must be more than 0 and less than WeChat's {WECHAT_DEADLINE:g} s deadline")
+        return value
+
+
+def _check_names(names: list[str]) -> None:
+    for name in names:
+        if not _NAME.match(name):
+            raise ValueError(f"name {name!r} must match {_NAME.pattern} (it is part of the URL)")
+
+
+class WeChatSettings(_ChannelTable):
+    """``[channels.wechat]``."""
+
+    accounts: dict[str, WeChatAccountSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> WeChatSettings:
+        _check_names(list(self.accounts))
+        return self
+
+
+class WeComSettings(_ChannelTable):
+    """``[channels.wecom]``."""
+
+    apps: dict[str, WeComAppSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> WeComSettings:
+        _check_names(list(self.apps))
+        return self
