@@ -1,0 +1,1016 @@
+"""The embedded store: one SQLite database (WAL, ``synchronous=FULL``) plus a blob directory.
+
+The event loop never touches the disk. One writer thread owns the write connection and runs
+queued jobs; the jobs that queued up while the previous commit was syncing are committed together
+(one transaction, one fsync), each inside its own SAVEPOINT so one failing job does not take its
+batch siblings down. Results travel back to the awaiting coroutines through
+``loop.call_soon_threadsafe``. Reads run on a separate connection in one reader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import orjson
+
+from dedupe.engine import new_id, place
+from dedupe.tx import CustomerRecord, MessageRecord, StoredIdentity, ThreadRecord
+from gateway.errors import BacklogFull, StoreError
+from gateway.events import Event, message_quarantined
+from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from gateway.settings import OutboxSettings, StoreSettings
+from gateway.store.base import (
+    EventBuilder,
+    OutboxRow,
+    OutboxStatus,
+    PlacementPolicy,
+    QuarantineRecord,
+)
+from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+# A write job runs on the writer thread inside its own savepoint and returns its value plus the
+# change it makes to the number of unpublished outbox rows.
+WriteJob = Callable[[sqlite3.Connection], tuple[T, int]]
+
+_DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
+_GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
+
+# Ordered migrations; ``PRAGMA user_version`` is the number applied. Append, never edit.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        message_id TEXT NOT NULL,
+        thread_id TEXT,
+        customer_id TEXT,
+        sequence INTEGER,
+        is_new_thread INTEGER,
+        created_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+
+    CREATE TABLE customers (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        display_name TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE identities (
+        tenant TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        customer_id TEXT NOT NULL REFERENCES customers (id),
+        verified INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, kind, value)
+    );
+    CREATE INDEX identities_customer ON identities (customer_id);
+
+    CREATE TABLE tenant_counters (
+        tenant TEXT PRIMARY KEY,
+        next_thread_number INTEGER NOT NULL
+    );
+    CREATE TABLE threads (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        inbox TEXT NOT NULL,
+        customer_id TEXT NOT NULL REFERENCES customers (id),
+        subject TEXT,
+        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed')),
+        number INTEGER NOT NULL,
+        last_activity INTEGER NOT NULL,
+        next_sequence INTEGER NOT NULL DEFAULT 1,
+        created_at INTEGER NOT NULL,
+        UNIQUE (tenant, number)
+    );
+    CREATE INDEX threads_open_by_customer ON threads (customer_id, tenant, inbox, last_activity)
+        WHERE status = 'open';
+
+    CREATE TABLE messages (
+        message_id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        customer_id TEXT NOT NULL REFERENCES customers (id),
+        sequence INTEGER NOT NULL,
+        channel TEXT NOT NULL,
+        external_id TEXT,
+        rfc822_message_id TEXT,
+        received_at INTEGER NOT NULL,
+        UNIQUE (thread_id, sequence)
+    );
+    CREATE INDEX messages_rfc822 ON messages (rfc822_message_id) WHERE rfc822_message_id IS NOT NULL;
+
+    CREATE TABLE outbox (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        thread_id TEXT,
+        sequence INTEGER,
+        body BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        published_at INTEGER
+    );
+    CREATE INDEX outbox_unpublished ON outbox (position) WHERE published_at IS NULL;
+
+    CREATE TABLE raw_archive (
+        sha256 TEXT PRIMARY KEY,
+        data BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE blob_files (
+        sha256 TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+
+    CREATE TABLE quarantine (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        inbox TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        raw_ref TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        content_type TEXT,
+        headers TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        signature_verified INTEGER NOT NULL,
+        retry INTEGER NOT NULL,
+        remote TEXT,
+        created_at INTEGER NOT NULL,
+        replayed_at INTEGER,
+        replay_result TEXT
+    );
+    CREATE INDEX quarantine_created ON quarantine (created_at);
+
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    """,
+)
+
+
+def _us(moment: datetime) -> int:
+    """Microseconds since the epoch; naive datetimes are taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _dt(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters of the writer thread, for metrics and to show group commit at work."""
+
+    commits: int = 0
+    jobs: int = 0
+    failed_jobs: int = 0
+    failed_commits: int = 0
+    largest_batch: int = 0
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: WriteJob[Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    reserved: int
+
+
+class SQLiteTx:
+    """:class:`dedupe.tx.Tx` over the writer connection, inside the current savepoint."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:
+        cur = self._conn.execute(
+            "INSERT INTO idempotency_keys (key, message_id, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING",
+            (key, message_id, _us(now)),
+        )
+        if cur.rowcount == 1:
+            return None
+        row = self._conn.execute(
+            "SELECT message_id, thread_id, customer_id, sequence, is_new_thread"
+            " FROM idempotency_keys WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is None or row[1] is None:
+            # Claimed but never completed: only possible if a caller broke the engine's order.
+            raise StoreError(f"idempotency key claimed without a placement: {key!r}")
+        return Placement(
+            message_id=row[0],
+            thread_id=row[1],
+            customer_id=row[2],
+            sequence=row[3],
+            is_new_thread=bool(row[4]),
+            duplicate=True,
+        )
+
+    def complete_claim(self, key: str, placement: Placement) -> None:
+        self._conn.execute(
+            "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?"
+            " WHERE key = ?",
+            (placement.thread_id, placement.customer_id, placement.sequence, placement.is_new_thread, key),
+        )
+
+    def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
+        found: list[StoredIdentity] = []
+        for identity in identities:
+            row = self._conn.execute(
+                "SELECT customer_id, verified FROM identities WHERE tenant = ? AND kind = ? AND value = ?",
+                (tenant, identity.kind, identity.value),
+            ).fetchone()
+            if row is not None:
+                found.append(
+                    StoredIdentity(
+                        kind=identity.kind, value=identity.value, customer_id=row[0], verified=bool(row[1])
+                    )
+                )
+        return found
+
+    def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
+        self._conn.execute(
+            "INSERT INTO customers (id, tenant, display_name, created_at) VALUES (?, ?, ?, ?)",
+            (customer.id, customer.tenant, customer.display_name, _us(now)),
+        )
+
+    def get_customer(self, customer_id: str) -> CustomerRecord:
+        row = self._conn.execute(
+            "SELECT tenant, display_name FROM customers WHERE id = ?", (customer_id,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown customer {customer_id!r}")
+        return CustomerRecord(id=customer_id, tenant=row[0], display_name=row[1])
+
+    def set_display_name(self, customer_id: str, display_name: str) -> None:
+        self._conn.execute("UPDATE customers SET display_name = ? WHERE id = ?", (display_name, customer_id))
+
+    def add_identity(self, tenant: str, customer_id: str, identity: Identity, now: datetime) -> None:
+        self._conn.execute(
+            "INSERT INTO identities (tenant, kind, value, customer_id, verified, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (tenant, identity.kind, identity.value, customer_id, identity.verified, _us(now)),
+        )
+
+    def mark_verified(self, tenant: str, identity: Identity) -> None:
+        self._conn.execute(
+            "UPDATE identities SET verified = 1 WHERE tenant = ? AND kind = ? AND value = ?",
+            (tenant, identity.kind, identity.value),
+        )
+
+    def customer_identities(self, customer_id: str) -> tuple[Identity, ...]:
+        rows = self._conn.execute(
+            "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
+            " ORDER BY created_at, kind, value",
+            (customer_id,),
+        ).fetchall()
+        return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
+
+    def find_open_thread(
+        self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
+    ) -> ThreadRecord | None:
+        row = self._conn.execute(
+            "SELECT id, subject, number, last_activity FROM threads"
+            " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
+            " ORDER BY last_activity DESC LIMIT 1",
+            (customer_id, tenant, inbox, _us(active_since)),
+        ).fetchone()
+        if row is None:
+            return None
+        return ThreadRecord(
+            id=row[0],
+            tenant=tenant,
+            inbox=inbox,
+            customer_id=customer_id,
+            subject=row[1],
+            number=row[2],
+            last_activity=_dt(row[3]),
+        )
+
+    def next_thread_number(self, tenant: str) -> int:
+        row = self._conn.execute(
+            "INSERT INTO tenant_counters (tenant, next_thread_number) VALUES (?, 2)"
+            " ON CONFLICT (tenant) DO UPDATE SET next_thread_number = next_thread_number + 1"
+            " RETURNING next_thread_number - 1",
+            (tenant,),
+        ).fetchone()
+        return int(row[0])
+
+    def create_thread(self, thread: ThreadRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+            " next_sequence, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            (
+                thread.id,
+                thread.tenant,
+                thread.inbox,
+                thread.customer_id,
+                thread.subject,
+                "open" if thread.open else "closed",
+                thread.number,
+                _us(thread.last_activity),
+                _us(thread.last_activity),
+            ),
+        )
+
+    def advance_thread(self, thread_id: str, now: datetime) -> int:
+        row = self._conn.execute(
+            "UPDATE threads SET next_sequence = next_sequence + 1, last_activity = max(last_activity, ?)"
+            " WHERE id = ? RETURNING next_sequence - 1",
+            (_us(now), thread_id),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown thread {thread_id!r}")
+        return int(row[0])
+
+    def add_message(self, message: MessageRecord) -> None:
+        self._conn.execute(
+            "INSERT INTO messages (message_id, thread_id, customer_id, sequence, channel, external_id,"
+            " rfc822_message_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.message_id,
+                message.thread_id,
+                message.customer_id,
+                message.sequence,
+                message.channel,
+                message.external_id,
+                message.rfc822_message_id,
+                _us(message.received_at),
+            ),
+        )
+
+
+def _insert_event(conn: sqlite3.Connection, event: Event, now: datetime) -> None:
+    conn.execute(
+        "INSERT INTO outbox (event_id, type, routing_key, tenant, channel, thread_id, sequence, body,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.event_id,
+            event.type,
+            event.routing_key,
+            event.tenant,
+            event.channel,
+            event.thread_id,
+            event.sequence,
+            event.body,
+            _us(now),
+        ),
+    )
+
+
+def _quarantine_record(row: Sequence[Any]) -> QuarantineRecord:
+    return QuarantineRecord(
+        id=row[0],
+        tenant=row[1],
+        channel=row[2],
+        inbox=row[3],
+        reason=row[4],
+        raw_ref=row[5],
+        size=row[6],
+        received_at=_dt(row[7]),
+        replayed_at=_dt(row[8]) if row[8] is not None else None,
+        replay_result=row[9],
+    )
+
+
+_QUARANTINE_COLUMNS = (
+    "id, tenant, channel, inbox, reason, raw_ref, size, received_at, replayed_at, replay_result"
+)
+
+
+class SQLiteStore:
+    """:class:`gateway.store.base.Store` on one SQLite file and a content-addressed blob directory."""
+
+    def __init__(
+        self, settings: StoreSettings, outbox: OutboxSettings, *, clock: Clock = _utcnow
+    ) -> None:
+        self._settings = settings
+        self._outbox = outbox
+        self._clock = clock
+        self._blobs = BlobDir(settings.blob_dir)
+        self.stats = StoreStats()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._reader_local = threading.local()
+        self._open = False
+        # Unpublished outbox rows (committed) and rows promised to queued jobs; guarded by _lock
+        # because the writer thread settles them after each commit.
+        self._lock = threading.Lock()
+        self._backlog = 0
+        self._reserved = 0
+        self._group_target = 0
+        self._disk_checked_at = -_DISK_CHECK_INTERVAL
+        self._disk_low = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._open:
+            return
+        await asyncio.to_thread(self._prepare_dirs)
+        ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._writer = threading.Thread(
+            target=self._run_writer, args=(ready,), name="tg-store-writer", daemon=True
+        )
+        self._writer.start()
+        try:
+            backlog = await asyncio.wrap_future(ready)
+        except sqlite3.Error as exc:
+            await asyncio.to_thread(self._writer.join)
+            raise StoreError(f"cannot open {self._settings.path}: {exc}") from exc
+        with self._lock:
+            self._backlog = backlog
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tg-store-read"
+        )
+        self._open = True
+        logger.info("store open at %s (outbox backlog %d)", self._settings.path, backlog)
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        writer, reader = self._writer, self._reader
+        self._queue.put(None)  # jobs queued before this still run
+        if writer is not None:
+            await asyncio.to_thread(writer.join)
+        if reader is not None:
+            await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
+            reader.shutdown(wait=False)
+        self._writer = self._reader = None
+
+    def _prepare_dirs(self) -> None:
+        self._settings.path.parent.mkdir(parents=True, exist_ok=True)
+        self._blobs.ensure()
+
+    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._settings.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if readonly:
+            conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if current > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"database schema version {current} is newer than this ticketgate ({len(MIGRATIONS)})"
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            # executescript runs the whole migration and its version bump as one transaction.
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\nPRAGMA user_version = {version};\nCOMMIT;"
+            )
+            logger.info("store schema migrated to version %d", version)
+
+    # -- writer thread -------------------------------------------------------------------------
+
+    def _run_writer(self, ready: concurrent.futures.Future[int]) -> None:
+        try:
+            conn = self._connect(readonly=False)
+            self._migrate(conn)
+            row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+            backlog = int(row[0])
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(backlog)
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch, stopping = self._collect(first)
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job plus everything queued meanwhile, up to ``commit_max_batch``."""
+        batch = [first]
+        limit = self._settings.commit_max_batch
+        target = min(self._group_target, limit)
+        self._group_target = 0
+        deadline = time.monotonic() + _GROUP_WAIT_LIMIT
+        while len(batch) < limit:
+            try:
+                if len(batch) < target:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return batch, True
+            batch.append(job)
+        return batch, False
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        try:
+            self._commit_batch(conn, batch)
+        except Exception as exc:
+            # Savepoint bookkeeping itself failed: keep nothing and keep the writer alive.
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            self._fail_batch(batch, StoreError(f"store write failed: {exc}"))
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        outcomes: list[tuple[bool, Any, int]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail_batch(batch, StoreError(f"cannot begin a transaction: {exc}"))
+            return
+        for index, job in enumerate(batch):
+            conn.execute("SAVEPOINT job")
+            try:
+                value, delta = job.fn(conn)
+            except Exception as exc:
+                if not self._rollback_to_savepoint(conn):
+                    # The error ended the whole transaction (disk full, I/O error): nothing of
+                    # this batch was kept, and later jobs must not run outside a transaction.
+                    self._fail_batch(batch, StoreError(f"transaction aborted: {exc}"))
+                    return
+                outcomes.append((False, _as_store_error(exc), 0))
+                logger.debug("store job %d of %d failed: %r", index + 1, len(batch), exc)
+            else:
+                conn.execute("RELEASE job")
+                outcomes.append((True, value, delta))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._fail_batch(batch, StoreError(f"commit failed: {exc}"))
+            return
+        with self._lock:
+            self._backlog += sum(delta for ok, _, delta in outcomes if ok)
+            self._reserved -= sum(job.reserved for job in batch)
+        self.stats.commits += 1
+        self.stats.jobs += len(batch)
+        self.stats.failed_jobs += sum(1 for ok, _, _ in outcomes if not ok)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for job, (ok, value, _) in zip(batch, outcomes, strict=True):
+            _settle(job, ok, value)
+
+    @staticmethod
+    def _rollback_to_savepoint(conn: sqlite3.Connection) -> bool:
+        if not conn.in_transaction:
+            return False
+        try:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False
+        return True
+
+    def _fail_batch(self, batch: list[_Job], error: StoreError) -> None:
+        logger.error("store commit of %d jobs failed: %s", len(batch), error.reason)
+        with self._lock:
+            self._reserved -= sum(job.reserved for job in batch)
+        self.stats.failed_commits += 1
+        self.stats.failed_jobs += len(batch)
+        for job in batch:
+            _settle(job, False, error)
+
+    # -- submitting ----------------------------------------------------------------------------
+
+    def gather_next_batch(self, jobs: int) -> None:
+        """Make the writer wait (up to 10 s) until ``jobs`` jobs are queued and commit them together.
+
+        A hook for tests and benchmarks that need a batch of known membership; production never
+        calls it.
+        """
+        self._group_target = jobs
+
+    @property
+    def backlog(self) -> int:
+        """Committed, unpublished outbox rows."""
+        with self._lock:
+            return self._backlog
+
+    def _reserve(self, rows: int) -> None:
+        if self._disk_is_low():
+            raise BacklogFull(
+                f"less than {self._settings.min_free_disk_mb} MB free under {self._settings.blob_dir}",
+                retry_after=self._outbox.retry_after,
+            )
+        with self._lock:
+            if self._backlog + self._reserved + rows > self._outbox.max_backlog:
+                raise BacklogFull(
+                    f"outbox holds {self._backlog} unpublished events"
+                    f" (max_backlog {self._outbox.max_backlog})",
+                    retry_after=self._outbox.retry_after,
+                )
+            self._reserved += rows
+
+    def _release(self, rows: int) -> None:
+        with self._lock:
+            self._reserved -= rows
+
+    def _disk_is_low(self) -> bool:
+        now = time.monotonic()
+        if now - self._disk_checked_at >= _DISK_CHECK_INTERVAL:
+            # statvfs reads file-system metadata the kernel keeps in memory; it does not wait on I/O.
+            free = self._blobs.free_bytes()
+            self._disk_low = free < self._settings.min_free_disk_mb * 1024 * 1024
+            self._disk_checked_at = now
+        return self._disk_low
+
+    async def _submit(self, fn: WriteJob[T], *, reserved: int = 0) -> T:
+        """Queue ``fn`` for the writer and wait for its commit. The writer settles ``reserved``."""
+        if not self._open:
+            self._release(reserved)
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn=fn, future=future, loop=loop, reserved=reserved))
+        return await future
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open or self._reader is None:
+            raise StoreError("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._with_reader, fn)
+
+    def _with_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            self._reader_local.conn = conn
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    def _close_reader(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._reader_local.conn = None
+
+    # -- archiving -----------------------------------------------------------------------------
+
+    def _archive_inline(self, conn: sqlite3.Connection, data: bytes, now: datetime) -> str:
+        digest = sha256_hex(data)
+        conn.execute(
+            "INSERT INTO raw_archive (sha256, data, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (sha256) DO NOTHING",
+            (digest, data, _us(now)),
+        )
+        return digest
+
+    @staticmethod
+    def _index_files(conn: sqlite3.Connection, files: Sequence[tuple[str, int]], now: datetime) -> None:
+        conn.executemany(
+            "INSERT INTO blob_files (sha256, size, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (sha256) DO NOTHING",
+            [(digest, size, _us(now)) for digest, size in files],
+        )
+
+    def _write_files(self, raw: bytes | None, attachments: Sequence[bytes]) -> list[tuple[str, int]]:
+        """Durably write blobs (before the commit that references them); ``[(sha256, size)]``."""
+        written = []
+        for data in ([raw] if raw is not None else []) + list(attachments):
+            written.append((self._blobs.put(data), len(data)))
+        return written
+
+    async def _prepare_blobs(
+        self, body: bytes, attachments: Sequence[bytes]
+    ) -> tuple[str, list[tuple[str, int]]]:
+        """The raw body's sha256 and the files written; no await when nothing goes to a file."""
+        inline = len(body) <= self._settings.inline_raw_max
+        if inline and not attachments:
+            return sha256_hex(body), []
+        files = await asyncio.to_thread(self._write_files, None if inline else body, attachments)
+        return sha256_hex(body), files
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        envelope: RawEnvelope,
+        messages: Sequence[CanonicalMessage],
+        *,
+        policies: Sequence[PlacementPolicy],
+        build_event: EventBuilder,
+    ) -> list[Placement]:
+        if len(policies) != len(messages):
+            raise ValueError("accept needs one placement policy per message")
+        self._reserve(len(messages))
+        submitted = False
+        try:
+            attachments = [a.data for m in messages for a in m.attachments]
+            digest, files = await self._prepare_blobs(envelope.body, attachments)
+            body_inline = len(envelope.body) <= self._settings.inline_raw_max
+            ref = raw_ref(digest)
+
+            def job(conn: sqlite3.Connection) -> tuple[list[Placement], int]:
+                now = self._clock()
+                if body_inline:
+                    self._archive_inline(conn, envelope.body, now)
+                self._index_files(conn, files, now)
+                tx = SQLiteTx(conn)
+                placements: list[Placement] = []
+                enqueued = 0
+                for message, policy in zip(messages, policies, strict=True):
+                    placed = place(tx, message, policy, now=now)
+                    if placed.customer is not None:
+                        event = build_event(
+                            message, placed.placement, placed.customer, placed.thread_subject, ref
+                        )
+                        _insert_event(conn, event, now)
+                        enqueued += 1
+                    placements.append(placed.placement)
+                return placements, enqueued
+
+            submitted = True
+            return await self._submit(job, reserved=len(messages))
+        finally:
+            if not submitted:
+                self._release(len(messages))
+
+    async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
+        self._reserve(1)
+        submitted = False
+        try:
+            digest, files = await self._prepare_blobs(envelope.body, ())
+            body_inline = len(envelope.body) <= self._settings.inline_raw_max
+            record = QuarantineRecord(
+                id=new_id("qua"),
+                tenant=envelope.tenant,
+                channel=envelope.channel,
+                inbox=envelope.inbox,
+                reason=reason,
+                raw_ref=raw_ref(digest),
+                size=len(envelope.body),
+                received_at=_dt(_us(envelope.received_at)),
+            )
+            headers = orjson.dumps(dict(envelope.headers)).decode()
+            # Meta is transport facts; anything orjson cannot encode natively is kept as its str().
+            meta = orjson.dumps(dict(envelope.meta), default=str).decode()
+
+            def job(conn: sqlite3.Connection) -> tuple[QuarantineRecord, int]:
+                now = self._clock()
+                if body_inline:
+                    self._archive_inline(conn, envelope.body, now)
+                self._index_files(conn, files, now)
+                conn.execute(
+                    "INSERT INTO quarantine (id, tenant, channel, inbox, reason, raw_ref, size, received_at,"
+                    " content_type, headers, meta, signature_verified, retry, remote, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.tenant,
+                        record.channel,
+                        record.inbox,
+                        record.reason,
+                        record.raw_ref,
+                        record.size,
+                        _us(record.received_at),
+                        envelope.content_type,
+                        headers,
+                        meta,
+                        envelope.signature_verified,
+                        envelope.retry,
+                        envelope.remote,
+                        _us(now),
+                    ),
+                )
+                event = message_quarantined(
+                    quarantine_id=record.id,
+                    tenant=record.tenant,
+                    channel=record.channel,
+                    inbox=record.inbox,
+                    reason=reason,
+                    raw_ref=record.raw_ref,
+                    size=record.size,
+                    received_at=record.received_at,
+                    occurred_at=now,
+                )
+                _insert_event(conn, event, now)
+                return record, 1
+
+            submitted = True
+            return await self._submit(job, reserved=1)
+        finally:
+            if not submitted:
+                self._release(1)
+
+    async def enqueue(self, events: Sequence[Event]) -> None:
+        # Not bounded by max_backlog: these record state changes already made (merges, control).
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            now = self._clock()
+            for event in events:
+                _insert_event(conn, event, now)
+            return None, len(events)
+
+        await self._submit(job)
+
+    async def outbox_mark_published(self, positions: Sequence[int]) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            cur = conn.executemany(
+                "UPDATE outbox SET published_at = ? WHERE position = ? AND published_at IS NULL",
+                [(_us(self._clock()), position) for position in positions],
+            )
+            published = max(cur.rowcount, 0)
+            conn.execute(
+                "INSERT INTO counters (name, value) VALUES ('published_total', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                (published,),
+            )
+            return None, -published
+
+        if positions:
+            await self._submit(job)
+
+    async def quarantine_mark_replayed(self, quarantine_id: str, result: str) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.execute(
+                "UPDATE quarantine SET replayed_at = ?, replay_result = ? WHERE id = ?",
+                (_us(self._clock()), result, quarantine_id),
+            )
+            return None, 0
+
+        await self._submit(job)
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Drop idempotency keys past the retention, and published outbox rows just as old."""
+        cutoff = _us(now) - int(self._settings.idempotency_retention * 1_000_000)
+
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            purged = conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
+            conn.execute("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < ?", (cutoff,))
+            return purged, 0
+
+        return await self._submit(job)
+
+    async def ping(self) -> None:
+        if self._disk_is_low():
+            raise BacklogFull("free disk below store.min_free_disk_mb", retry_after=self._outbox.retry_after)
+
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.execute("SELECT 1 FROM counters LIMIT 1").fetchall()
+            return None, 0
+
+        await self._submit(job)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def outbox_fetch(self, limit: int, after: int = 0) -> list[OutboxRow]:
+        def read(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT position, event_id, type, routing_key, tenant, channel, thread_id, sequence, body,"
+                " created_at FROM outbox WHERE published_at IS NULL AND position > ?"
+                " ORDER BY position LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            return [
+                OutboxRow(
+                    position=r[0],
+                    event_id=r[1],
+                    type=r[2],
+                    routing_key=r[3],
+                    tenant=r[4],
+                    channel=r[5],
+                    thread_id=r[6],
+                    sequence=r[7],
+                    body=bytes(r[8]),
+                    created_at=_dt(r[9]),
+                )
+                for r in rows
+            ]
+
+        return await self._read(read)
+
+    async def outbox_status(self) -> OutboxStatus:
+        def read(conn: sqlite3.Connection) -> OutboxStatus:
+            backlog, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
+            ).fetchone()
+            total = conn.execute("SELECT value FROM counters WHERE name = 'published_total'").fetchone()
+            return OutboxStatus(
+                backlog=backlog,
+                oldest_created_at=_dt(oldest) if oldest is not None else None,
+                published_total=total[0] if total else 0,
+            )
+
+        return await self._read(read)
+
+    async def quarantine_list(self, limit: int = 100) -> list[QuarantineRecord]:
+        def read(conn: sqlite3.Connection) -> list[QuarantineRecord]:
+            rows = conn.execute(
+                f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine ORDER BY created_at DESC, id DESC LIMIT ?",  # noqa: S608
+                (limit,),
+            ).fetchall()
+            return [_quarantine_record(r) for r in rows]
+
+        return await self._read(read)
+
+    async def quarantine_get(self, quarantine_id: str) -> tuple[QuarantineRecord, RawEnvelope] | None:
+        def read(conn: sqlite3.Connection) -> tuple[QuarantineRecord, RawEnvelope] | None:
+            row = conn.execute(
+                f"SELECT {_QUARANTINE_COLUMNS}, content_type, headers, meta, signature_verified, retry,"  # noqa: S608
+                " remote FROM quarantine WHERE id = ?",
+                (quarantine_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            record = _quarantine_record(row)
+            digest = parse_raw_ref(record.raw_ref)
+            body = self._read_blob(conn, digest) if digest is not None else None
+            if body is None:
+                raise StoreError(f"raw bytes of quarantined {quarantine_id} are missing ({record.raw_ref})")
+            headers: Mapping[str, str] = orjson.loads(row[11])
+            meta: Mapping[str, Any] = orjson.loads(row[12])
+            envelope = RawEnvelope(
+                channel=record.channel,
+                tenant=record.tenant,
+                inbox=record.inbox,
+                body=body,
+                received_at=record.received_at,
+                content_type=row[10],
+                headers=headers,
+                signature_verified=bool(row[13]),
+                retry=row[14],
+                remote=row[15],
+                meta=meta,
+            )
+            return record, envelope
+
+        return await self._read(read)
+
+    async def read_blob(self, sha256: str) -> bytes | None:
+        if not is_sha256(sha256):
+            return None
+        return await self._read(lambda conn: self._read_blob(conn, sha256))
+
+    def _read_blob(self, conn: sqlite3.Connection, sha256: str) -> bytes | None:
+        row = conn.execute("SELECT data FROM raw_archive WHERE sha256 = ?", (sha256,)).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        return self._blobs.get(sha256)
+
+
+def _as_store_error(exc: Exception) -> Exception:
+    """Database errors become :class:`StoreError`; anything else (a bug in a callback) stays itself."""
+    if isinstance(exc, sqlite3.Error):
+        store_error = StoreError(f"store write failed: {exc}")
+        store_error.__cause__ = exc
+        return store_error
+    return exc
+
+
+def _settle(job: _Job, ok: bool, value: Any) -> None:
+    """Hand a result to the awaiting coroutine on its own loop (the loop may be gone at shutdown)."""
+
+    def resolve() -> None:
+        if job.future.done():  # the awaiting task was cancelled; its write is committed anyway
+            return
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+
+    try:
+        job.loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        logger.debug("event loop closed before a store result could be delivered")
