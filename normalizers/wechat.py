@@ -153,6 +153,10 @@ def message_from_fields(envelope: RawEnvelope, fields: Mapping[str, Any], raw_xm
             extra["xml"] = raw_xml
         # Events carry no id: WeChat documents FromUserName + CreateTime as the dedupe key.
         dedupe_key = f"event:{sender}:{create_time}:{event}:{event_key or ''}"
+        # WeCom system events all come from "sys": the contact they concern tells them apart.
+        subject = [_text(fields, name) or "" for name in ("ChangeType", "UserID", "ExternalUserID")]
+        if any(subject):
+            dedupe_key += ":" + ":".join(subject)
         external_id = None
     else:
         text = _message_fields(extra, fields, msg_type, media)
@@ -275,6 +279,10 @@ def _event_fields(
         extra["menu_id"] = _text(fields, "MenuId") or _text(fields, "MenuID")
     elif event in ("kf_create_session", "kf_close_session"):
         extra["kf_account"] = _text(fields, "KfAccount")
+    elif event == "change_external_contact":
+        extra["change_type"] = _text(fields, "ChangeType")
+        extra["staff_userid"] = _text(fields, "UserID")
+        extra["external_userid"] = _text(fields, "ExternalUserID")
     elif event == "kf_switch_session":
         extra["from_kf_account"] = _text(fields, "FromKfAccount")
         extra["to_kf_account"] = _text(fields, "ToKfAccount")
