@@ -153,7 +153,7 @@ class OutboxRelay:
             # Cleared before reading, so a commit during the round triggers another round.
             self._wake.clear()
             try:
-                fetched, confirmed = await self._round()
+                fetched = await self._round()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a relay that dies silently loses no data but stalls the bus
@@ -175,11 +175,11 @@ class OutboxRelay:
                 self._idle.set()
             await self._wait_for_work()
 
-    async def _round(self) -> tuple[int, int]:
-        """Publish one batch; returns (fetched, confirmed). Raises after marking what was confirmed."""
+    async def _round(self) -> int:
+        """Publish one batch; returns how many rows it held. Raises after marking what was confirmed."""
         rows = await self._store.outbox_fetch(self._settings.batch_size)
         if not rows:
-            return 0, 0
+            return 0
         try:
             await self._publisher.publish(rows)
         except BatchPublishError as exc:
@@ -187,7 +187,7 @@ class OutboxRelay:
                 await self._mark([row.position for row in rows if row.position in exc.confirmed])
             raise
         await self._mark([row.position for row in rows])
-        return len(rows), len(rows)
+        return len(rows)
 
     async def _mark(self, positions: list[int]) -> None:
         await self._store.outbox_mark_published(positions)

@@ -1,0 +1,1 @@
+"""Shared test helpers: RabbitMQ access, a cuttable TCP proxy, a consumer, the event schema."""
