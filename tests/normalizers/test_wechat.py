@@ -70,7 +70,8 @@ def test_every_fixture_has_a_golden() -> None:
 
 
 def one(channel: str, name: str, *, verified: bool = True) -> CanonicalMessage:
-    text = (FIXTURES / ("wecom" if channel == "wecom" else "official_account") / f"{name}.xml").read_text("utf-8")
+    folder = "wecom" if channel == "wecom" else "official_account"
+    text = (FIXTURES / folder / f"{name}.xml").read_text("utf-8")
     return normalize(envelope(channel, text, verified=verified))[0]
 
 
@@ -187,3 +188,12 @@ def test_every_corpus_sample_normalizes(path: Path) -> None:
     # Every message is idempotent: a provider id or a documented event key.
     assert (message.external_id is None) != (message.dedupe_key is None) or message.dedupe_key is not None
     assert message.identities
+
+
+def test_a_doctype_is_refused_even_on_an_otherwise_valid_callback() -> None:
+    doc = (
+        '<?xml version="1.0"?><!DOCTYPE xml [<!ELEMENT xml ANY>]>'
+        "<xml><FromUserName>a</FromUserName><CreateTime>1</CreateTime><MsgType>text</MsgType></xml>"
+    )
+    with pytest.raises(InvalidInput, match="DTDForbidden"):
+        parse_callback_xml(doc)
