@@ -32,7 +32,7 @@ def parse_raw_ref(ref: str) -> str | None:
     """The sha256 a ``blob:sha256:<hex>`` reference names, or ``None`` when it is not one."""
     if not ref.startswith(RAW_REF_PREFIX):
         return None
-    digest = ref[len(RAW_REF_PREFIX):]
+    digest = ref[len(RAW_REF_PREFIX) :]
     return digest if is_sha256(digest) else None
 
 

@@ -201,7 +201,6 @@ class _Job:
     fn: WriteJob[Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
-    reserved: int
 
 
 class SQLiteTx:
@@ -355,7 +354,9 @@ class SQLiteTx:
     def add_message(self, message: MessageRecord) -> None:
         self._conn.execute(
             "INSERT INTO messages (message_id, thread_id, customer_id, sequence, channel, external_id,"
-            " rfc822_message_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " rfc822_message_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            # A provider resending after its key expired is placed again; the first record stays.
+            " ON CONFLICT (message_id) DO NOTHING",
             (
                 message.message_id,
                 message.thread_id,
@@ -410,9 +411,7 @@ _QUARANTINE_COLUMNS = (
 class SQLiteStore:
     """:class:`gateway.store.base.Store` on one SQLite file and a content-addressed blob directory."""
 
-    def __init__(
-        self, settings: StoreSettings, outbox: OutboxSettings, *, clock: Clock = _utcnow
-    ) -> None:
+    def __init__(self, settings: StoreSettings, outbox: OutboxSettings, *, clock: Clock = _utcnow) -> None:
         self._settings = settings
         self._outbox = outbox
         self._clock = clock
@@ -423,11 +422,11 @@ class SQLiteStore:
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._open = False
-        # Unpublished outbox rows (committed) and rows promised to queued jobs; guarded by _lock
-        # because the writer thread settles them after each commit.
+        # Committed unpublished outbox rows. Only the writer thread changes it (the lock lets
+        # other threads read it); _batch_delta is what the open batch's finished jobs add to it.
         self._lock = threading.Lock()
         self._backlog = 0
-        self._reserved = 0
+        self._batch_delta = 0
         self._group_target = 0
         self._disk_checked_at = -_DISK_CHECK_INTERVAL
         self._disk_low = False
@@ -552,7 +551,8 @@ class SQLiteStore:
             self._fail_batch(batch, StoreError(f"store write failed: {exc}"))
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes: list[tuple[bool, Any, int]] = []
+        outcomes: list[tuple[bool, Any]] = []
+        self._batch_delta = 0
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -568,11 +568,12 @@ class SQLiteStore:
                     # this batch was kept, and later jobs must not run outside a transaction.
                     self._fail_batch(batch, StoreError(f"transaction aborted: {exc}"))
                     return
-                outcomes.append((False, _as_store_error(exc), 0))
+                outcomes.append((False, _as_store_error(exc)))
                 logger.debug("store job %d of %d failed: %r", index + 1, len(batch), exc)
             else:
                 conn.execute("RELEASE job")
-                outcomes.append((True, value, delta))
+                self._batch_delta += delta
+                outcomes.append((True, value))
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -581,13 +582,12 @@ class SQLiteStore:
             self._fail_batch(batch, StoreError(f"commit failed: {exc}"))
             return
         with self._lock:
-            self._backlog += sum(delta for ok, _, delta in outcomes if ok)
-            self._reserved -= sum(job.reserved for job in batch)
+            self._backlog += self._batch_delta
         self.stats.commits += 1
         self.stats.jobs += len(batch)
-        self.stats.failed_jobs += sum(1 for ok, _, _ in outcomes if not ok)
+        self.stats.failed_jobs += sum(1 for ok, _ in outcomes if not ok)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        for job, (ok, value, _) in zip(batch, outcomes, strict=True):
+        for job, (ok, value) in zip(batch, outcomes, strict=True):
             _settle(job, ok, value)
 
     @staticmethod
@@ -605,8 +605,6 @@ class SQLiteStore:
 
     def _fail_batch(self, batch: list[_Job], error: StoreError) -> None:
         logger.error("store commit of %d jobs failed: %s", len(batch), error.reason)
-        with self._lock:
-            self._reserved -= sum(job.reserved for job in batch)
         self.stats.failed_commits += 1
         self.stats.failed_jobs += len(batch)
         for job in batch:
@@ -628,24 +626,26 @@ class SQLiteStore:
         with self._lock:
             return self._backlog
 
-    def _reserve(self, rows: int) -> None:
+    def _check_disk(self) -> None:
+        """Refuse new work early when the disk under the blob directory is nearly full."""
         if self._disk_is_low():
             raise BacklogFull(
                 f"less than {self._settings.min_free_disk_mb} MB free under {self._settings.blob_dir}",
                 retry_after=self._outbox.retry_after,
             )
-        with self._lock:
-            if self._backlog + self._reserved + rows > self._outbox.max_backlog:
-                raise BacklogFull(
-                    f"outbox holds {self._backlog} unpublished events"
-                    f" (max_backlog {self._outbox.max_backlog})",
-                    retry_after=self._outbox.retry_after,
-                )
-            self._reserved += rows
 
-    def _release(self, rows: int) -> None:
-        with self._lock:
-            self._reserved -= rows
+    def _check_room(self, rows: int) -> None:
+        """On the writer thread, inside a job: refuse when ``rows`` more events exceed the bound.
+
+        Checked where the rows are known, so duplicates (which enqueue nothing) still get their
+        answer when the outbox is full.
+        """
+        if rows and self._backlog + self._batch_delta + rows > self._outbox.max_backlog:
+            raise BacklogFull(
+                f"outbox holds {self._backlog + self._batch_delta} unpublished events"
+                f" (max_backlog {self._outbox.max_backlog})",
+                retry_after=self._outbox.retry_after,
+            )
 
     def _disk_is_low(self) -> bool:
         now = time.monotonic()
@@ -656,14 +656,13 @@ class SQLiteStore:
             self._disk_checked_at = now
         return self._disk_low
 
-    async def _submit(self, fn: WriteJob[T], *, reserved: int = 0) -> T:
-        """Queue ``fn`` for the writer and wait for its commit. The writer settles ``reserved``."""
+    async def _submit(self, fn: WriteJob[T]) -> T:
+        """Queue ``fn`` for the writer and wait for its commit."""
         if not self._open:
-            self._release(reserved)
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(fn=fn, future=future, loop=loop, reserved=reserved))
+        self._queue.put(_Job(fn=fn, future=future, loop=loop))
         return await future
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -735,105 +734,95 @@ class SQLiteStore:
     ) -> list[Placement]:
         if len(policies) != len(messages):
             raise ValueError("accept needs one placement policy per message")
-        self._reserve(len(messages))
-        submitted = False
-        try:
-            attachments = [a.data for m in messages for a in m.attachments]
-            digest, files = await self._prepare_blobs(envelope.body, attachments)
-            body_inline = len(envelope.body) <= self._settings.inline_raw_max
-            ref = raw_ref(digest)
+        self._check_disk()
+        attachments = [a.data for m in messages for a in m.attachments]
+        digest, files = await self._prepare_blobs(envelope.body, attachments)
+        body_inline = len(envelope.body) <= self._settings.inline_raw_max
+        ref = raw_ref(digest)
 
-            def job(conn: sqlite3.Connection) -> tuple[list[Placement], int]:
-                now = self._clock()
-                if body_inline:
-                    self._archive_inline(conn, envelope.body, now)
-                self._index_files(conn, files, now)
-                tx = SQLiteTx(conn)
-                placements: list[Placement] = []
-                enqueued = 0
-                for message, policy in zip(messages, policies, strict=True):
-                    placed = place(tx, message, policy, now=now)
-                    if placed.customer is not None:
-                        event = build_event(
-                            message, placed.placement, placed.customer, placed.thread_subject, ref
-                        )
-                        _insert_event(conn, event, now)
-                        enqueued += 1
-                    placements.append(placed.placement)
-                return placements, enqueued
+        def job(conn: sqlite3.Connection) -> tuple[list[Placement], int]:
+            now = self._clock()
+            if body_inline:
+                self._archive_inline(conn, envelope.body, now)
+            self._index_files(conn, files, now)
+            tx = SQLiteTx(conn)
+            placements: list[Placement] = []
+            enqueued = 0
+            for message, policy in zip(messages, policies, strict=True):
+                placed = place(tx, message, policy, now=now)
+                if placed.customer is not None:
+                    event = build_event(
+                        message, placed.placement, placed.customer, placed.thread_subject, ref
+                    )
+                    _insert_event(conn, event, now)
+                    enqueued += 1
+                placements.append(placed.placement)
+            self._check_room(enqueued)
+            return placements, enqueued
 
-            submitted = True
-            return await self._submit(job, reserved=len(messages))
-        finally:
-            if not submitted:
-                self._release(len(messages))
+        return await self._submit(job)
 
     async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
-        self._reserve(1)
-        submitted = False
-        try:
-            digest, files = await self._prepare_blobs(envelope.body, ())
-            body_inline = len(envelope.body) <= self._settings.inline_raw_max
-            record = QuarantineRecord(
-                id=new_id("qua"),
-                tenant=envelope.tenant,
-                channel=envelope.channel,
-                inbox=envelope.inbox,
-                reason=reason,
-                raw_ref=raw_ref(digest),
-                size=len(envelope.body),
-                received_at=_dt(_us(envelope.received_at)),
+        self._check_disk()
+        digest, files = await self._prepare_blobs(envelope.body, ())
+        body_inline = len(envelope.body) <= self._settings.inline_raw_max
+        record = QuarantineRecord(
+            id=new_id("qua"),
+            tenant=envelope.tenant,
+            channel=envelope.channel,
+            inbox=envelope.inbox,
+            reason=reason,
+            raw_ref=raw_ref(digest),
+            size=len(envelope.body),
+            received_at=_dt(_us(envelope.received_at)),
+        )
+        headers = orjson.dumps(dict(envelope.headers)).decode()
+        # Meta is transport facts; anything orjson cannot encode natively is kept as its str().
+        meta = orjson.dumps(dict(envelope.meta), default=str).decode()
+
+        def job(conn: sqlite3.Connection) -> tuple[QuarantineRecord, int]:
+            now = self._clock()
+            if body_inline:
+                self._archive_inline(conn, envelope.body, now)
+            self._index_files(conn, files, now)
+            conn.execute(
+                "INSERT INTO quarantine (id, tenant, channel, inbox, reason, raw_ref, size, received_at,"
+                " content_type, headers, meta, signature_verified, retry, remote, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.tenant,
+                    record.channel,
+                    record.inbox,
+                    record.reason,
+                    record.raw_ref,
+                    record.size,
+                    _us(record.received_at),
+                    envelope.content_type,
+                    headers,
+                    meta,
+                    envelope.signature_verified,
+                    envelope.retry,
+                    envelope.remote,
+                    _us(now),
+                ),
             )
-            headers = orjson.dumps(dict(envelope.headers)).decode()
-            # Meta is transport facts; anything orjson cannot encode natively is kept as its str().
-            meta = orjson.dumps(dict(envelope.meta), default=str).decode()
+            event = message_quarantined(
+                quarantine_id=record.id,
+                tenant=record.tenant,
+                channel=record.channel,
+                inbox=record.inbox,
+                reason=reason,
+                raw_ref=record.raw_ref,
+                size=record.size,
+                received_at=record.received_at,
+                occurred_at=now,
+            )
+            _insert_event(conn, event, now)
+            self._check_room(1)
+            return record, 1
 
-            def job(conn: sqlite3.Connection) -> tuple[QuarantineRecord, int]:
-                now = self._clock()
-                if body_inline:
-                    self._archive_inline(conn, envelope.body, now)
-                self._index_files(conn, files, now)
-                conn.execute(
-                    "INSERT INTO quarantine (id, tenant, channel, inbox, reason, raw_ref, size, received_at,"
-                    " content_type, headers, meta, signature_verified, retry, remote, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.id,
-                        record.tenant,
-                        record.channel,
-                        record.inbox,
-                        record.reason,
-                        record.raw_ref,
-                        record.size,
-                        _us(record.received_at),
-                        envelope.content_type,
-                        headers,
-                        meta,
-                        envelope.signature_verified,
-                        envelope.retry,
-                        envelope.remote,
-                        _us(now),
-                    ),
-                )
-                event = message_quarantined(
-                    quarantine_id=record.id,
-                    tenant=record.tenant,
-                    channel=record.channel,
-                    inbox=record.inbox,
-                    reason=reason,
-                    raw_ref=record.raw_ref,
-                    size=record.size,
-                    received_at=record.received_at,
-                    occurred_at=now,
-                )
-                _insert_event(conn, event, now)
-                return record, 1
-
-            submitted = True
-            return await self._submit(job, reserved=1)
-        finally:
-            if not submitted:
-                self._release(1)
+        return await self._submit(job)
 
     async def enqueue(self, events: Sequence[Event]) -> None:
         # Not bounded by max_backlog: these record state changes already made (merges, control).

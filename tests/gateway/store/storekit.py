@@ -39,7 +39,9 @@ def outbox_settings(**overrides: object) -> OutboxSettings:
     return OutboxSettings.model_validate(overrides)
 
 
-def envelope(body: bytes = b'{"text": "hello"}', *, tenant: str = "acme", inbox: str = "support") -> RawEnvelope:
+def envelope(
+    body: bytes = b'{"text": "hello"}', *, tenant: str = "acme", inbox: str = "support"
+) -> RawEnvelope:
     return RawEnvelope(
         channel="form",
         tenant=tenant,

@@ -1,0 +1,299 @@
+"""The Store contract. Every backend runs these through the ``make_store`` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import pytest
+from storekit import (
+    POLICY,
+    WINDOW,
+    Clock,
+    build_event,
+    envelope,
+    message,
+    outbox_settings,
+    store_settings,
+)
+
+from gateway.errors import BacklogFull
+from gateway.events import thread_merged
+from gateway.model import CanonicalMessage, Placement, RawEnvelope
+from gateway.store.base import Store
+from gateway.store.blobs import sha256_hex
+from gateway.store.sqlite import SQLiteStore
+
+
+class MakeStore(Protocol):
+    def __call__(self, *, outbox: dict[str, Any] | None = None, **store: Any) -> Store: ...
+
+
+BACKENDS: dict[str, Callable[..., Store]] = {
+    "sqlite": lambda settings, outbox, clock: SQLiteStore(settings, outbox, clock=clock),
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+) -> AsyncIterator[MakeStore]:
+    """Builds (unopened) stores over the same files; every store it made is closed afterwards."""
+    made: list[Store] = []
+
+    def make(*, outbox: dict[str, Any] | None = None, **store: Any) -> Store:
+        instance = BACKENDS[request.param](
+            store_settings(tmp_path, **store), outbox_settings(**(outbox or {})), clock
+        )
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        await instance.close()
+
+
+@pytest.fixture
+async def store(make_store: MakeStore) -> Store:
+    instance = make_store()
+    await instance.open()
+    return instance
+
+
+async def accept(
+    store: Store, *messages: CanonicalMessage, env: RawEnvelope | None = None
+) -> list[Placement]:
+    return await store.accept(
+        env or envelope(), messages, policies=[POLICY] * len(messages), build_event=build_event
+    )
+
+
+async def test_concurrent_accepts_of_one_key_make_one_event(store: Store) -> None:
+    results = await asyncio.gather(*(accept(store, message("wamid.1")) for _ in range(100)))
+
+    placements = [p for (p,) in results]
+    first = [p for p in placements if not p.duplicate]
+    assert len(first) == 1
+    assert sum(p.duplicate for p in placements) == 99
+    same = {(p.message_id, p.thread_id, p.customer_id, p.sequence, p.is_new_thread) for p in placements}
+    assert len(same) == 1
+    rows = await store.outbox_fetch(1000)
+    assert len(rows) == 1
+    assert orjson.loads(rows[0].body)["message"]["id"] == first[0].message_id
+
+
+async def test_batched_envelope_places_every_message_and_repeats_within_it(store: Store) -> None:
+    placements = await accept(store, message("a"), message("b"), message("a"))
+
+    assert [p.duplicate for p in placements] == [False, False, True]
+    assert [p.sequence for p in placements] == [1, 2, 1]
+    assert len(await store.outbox_fetch(10)) == 2
+
+
+async def test_message_inside_window_joins_the_thread_outside_opens_a_new_one(
+    store: Store, clock: Clock
+) -> None:
+    (first,) = await accept(store, message("m1"))
+    clock.advance(WINDOW - 1)
+    (second,) = await accept(store, message("m2", subject="Re: Order 1234 is late"))
+    clock.advance(WINDOW + 1)
+    (third,) = await accept(store, message("m3", subject="New question"))
+
+    assert (first.is_new_thread, first.sequence) == (True, 1)
+    assert (second.thread_id, second.is_new_thread, second.sequence) == (first.thread_id, False, 2)
+    assert third.thread_id != first.thread_id
+    assert (third.is_new_thread, third.sequence) == (True, 1)
+    assert {first.customer_id, second.customer_id, third.customer_id} == {first.customer_id}
+    bodies = [orjson.loads(r.body) for r in await store.outbox_fetch(10)]
+    # The thread keeps the subject of its first message.
+    assert [b["thread"]["subject"] for b in bodies] == [
+        "Order 1234 is late",
+        "Order 1234 is late",
+        "New question",
+    ]
+
+
+async def test_other_inbox_or_tenant_gets_its_own_thread(store: Store) -> None:
+    (first,) = await accept(store, message("m1"))
+    (other_inbox,) = await accept(store, message("m2", inbox="billing"))
+    (other_tenant,) = await accept(store, message("m3", tenant="globex"))
+
+    assert other_inbox.thread_id != first.thread_id
+    assert other_inbox.customer_id == first.customer_id
+    assert other_tenant.customer_id != first.customer_id
+
+
+async def test_identities_link_across_messages_and_display_name_is_kept(store: Store) -> None:
+    (first,) = await accept(store, message("m1", email="ada@example.com", phone="+41790000001", name="Ada"))
+    only_phone = message("m2", email="ada@example.com", phone="+41790000001", name="A. Lovelace")
+    (second,) = await accept(store, only_phone)
+
+    assert second.customer_id == first.customer_id
+    body = orjson.loads((await store.outbox_fetch(10))[-1].body)
+    assert body["customer"]["display_name"] == "Ada"
+    assert {(i["kind"], i["value"]) for i in body["customer"]["identities"]} == {
+        ("email", "ada@example.com"),
+        ("phone", "+41790000001"),
+    }
+
+
+async def test_backlog_bound_refuses_then_accepts_after_publishing(make_store: MakeStore) -> None:
+    store = make_store(outbox={"max_backlog": 3, "retry_after": 7})
+    await store.open()
+    for n in range(3):
+        await accept(store, message(f"m{n}"))
+
+    with pytest.raises(BacklogFull) as refused:
+        await accept(store, message("m3"))
+    assert refused.value.retry_after == 7
+
+    rows = await store.outbox_fetch(1)
+    await store.outbox_mark_published([rows[0].position])
+    (placement,) = await accept(store, message("m3"))
+    assert not placement.duplicate
+
+
+async def test_low_disk_refuses_with_backlog_full(make_store: MakeStore) -> None:
+    store = make_store(min_free_disk_mb=10**12)
+    await store.open()
+
+    with pytest.raises(BacklogFull):
+        await accept(store, message("m1"))
+
+
+async def test_outbox_keeps_accept_order_and_marks_published(store: Store) -> None:
+    placements = []
+    for n in range(5):
+        placements += await accept(store, message(f"m{n}", email=f"c{n % 2}@example.com"))
+
+    rows = await store.outbox_fetch(10)
+    assert [r.position for r in rows] == sorted(r.position for r in rows)
+    assert [orjson.loads(r.body)["message"]["id"] for r in rows] == [p.message_id for p in placements]
+    assert [(r.thread_id, r.sequence) for r in rows] == [(p.thread_id, p.sequence) for p in placements]
+    assert [r.routing_key for r in rows] == ["acme.form.message.received"] * 5
+    assert [r.position for r in await store.outbox_fetch(10, after=rows[1].position)] == [
+        r.position for r in rows[2:]
+    ]
+
+    await store.outbox_mark_published([rows[0].position, rows[2].position])
+    await store.outbox_mark_published([rows[0].position])  # repeated marks count once
+
+    assert [r.position for r in await store.outbox_fetch(10)] == [
+        rows[1].position,
+        *(r.position for r in rows[3:]),
+    ]
+    status = await store.outbox_status()
+    assert (status.backlog, status.published_total) == (3, 2)
+    assert status.oldest_created_at is not None
+
+
+async def test_enqueue_adds_events_after_accepted_ones(store: Store) -> None:
+    await accept(store, message("m1"))
+    (row,) = await store.outbox_fetch(1)
+    event = thread_merged(
+        tenant="acme",
+        channel="form",
+        surviving_thread="thr_a",
+        merged_threads=["thr_b"],
+        reason="test",
+        occurred_at=row.created_at,
+    )
+    await store.enqueue([event])
+
+    rows = await store.outbox_fetch(10)
+    assert [r.type for r in rows] == ["message.received", "thread.merged"]
+    assert (rows[1].event_id, rows[1].body, rows[1].thread_id) == (event.event_id, event.body, "thr_a")
+
+
+async def test_quarantine_round_trip(store: Store) -> None:
+    raw = envelope(b"\x00not json\xff")
+    record = await store.quarantine(raw, "normalizer: unexpected token")
+
+    assert (record.tenant, record.channel, record.inbox, record.size) == (
+        "acme",
+        "form",
+        "support",
+        len(raw.body),
+    )
+    assert record.raw_ref == f"blob:sha256:{sha256_hex(raw.body)}"
+    assert [r.id for r in await store.quarantine_list()] == [record.id]
+
+    got = await store.quarantine_get(record.id)
+    assert got is not None
+    stored, rebuilt = got
+    assert stored == record
+    assert rebuilt == raw
+    assert rebuilt.body == raw.body
+    assert dict(rebuilt.headers) == dict(raw.headers)
+    assert dict(rebuilt.meta) == dict(raw.meta)
+
+    (row,) = await store.outbox_fetch(10)
+    body = orjson.loads(row.body)
+    assert (row.type, row.routing_key) == ("message.quarantined", "acme.form.message.quarantined")
+    assert body["quarantine"]["id"] == record.id
+    assert body["quarantine"]["reason"] == "normalizer: unexpected token"
+
+    await store.quarantine_mark_replayed(record.id, "accepted")
+    (listed,) = await store.quarantine_list()
+    assert listed.replay_result == "accepted"
+    assert listed.replayed_at is not None
+    assert await store.quarantine_get("qua_missing") is None
+
+
+async def test_read_blob_serves_archived_bytes_and_refuses_paths(store: Store) -> None:
+    raw = envelope(b"raw bytes of a message")
+    await accept(store, message("m1"), env=raw)
+
+    assert await store.read_blob(sha256_hex(raw.body)) == raw.body
+    assert await store.read_blob("0" * 64) is None
+    assert await store.read_blob("../../etc/passwd") is None
+
+
+async def test_committed_state_survives_close_and_reopen(make_store: MakeStore) -> None:
+    store = make_store(outbox={"max_backlog": 2})
+    await store.open()
+    (first,) = await accept(store, message("m1"))
+    await accept(store, message("m2"))
+    await store.close()
+
+    reopened = make_store(outbox={"max_backlog": 2})
+    await reopened.open()
+    (again,) = await accept(reopened, message("m1"))
+    assert again == Placement(
+        message_id=first.message_id,
+        thread_id=first.thread_id,
+        customer_id=first.customer_id,
+        sequence=first.sequence,
+        is_new_thread=first.is_new_thread,
+        duplicate=True,
+    )
+    assert len(await reopened.outbox_fetch(10)) == 2
+    # The backlog bound counts rows committed before the reopen.
+    with pytest.raises(BacklogFull):
+        await accept(reopened, message("m3"))
+
+
+async def test_purge_drops_expired_keys_only(store: Store, clock: Clock) -> None:
+    await accept(store, message("old"))
+    clock.advance(9 * 86400)
+    await accept(store, message("new"))
+
+    purged = await store.purge_expired(clock())
+
+    assert purged == 1
+    (old_again,) = await accept(store, message("old"))
+    (new_again,) = await accept(store, message("new"))
+    assert not old_again.duplicate
+    assert new_again.duplicate
+
+
+async def test_ping_succeeds_on_an_open_store(store: Store) -> None:
+    await store.ping()
