@@ -73,6 +73,12 @@ class ApiAttachment(_Strict):
     def decoded(self) -> bytes:
         return base64.b64decode(self.data_base64, validate=True)
 
+    @property
+    def size(self) -> int:
+        """Decoded size without decoding (the data is validated, unpadded-safe base64)."""
+        data = self.data_base64
+        return len(data) * 3 // 4 - (len(data) - len(data.rstrip("=")))
+
     @field_validator("data_base64")
     @classmethod
     def _base64(cls, value: str) -> str:
@@ -135,7 +141,7 @@ def parse_api_message(body: bytes) -> ApiMessage:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise InvalidInput("invalid_json: the body is not valid JSON") from None
+        raise InvalidInput("the body is not valid JSON") from None
     try:
         return ApiMessage.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,229 @@
+"""The authenticated API channel: ``POST /api/v1/messages`` for apps and call-center systems.
+
+``Authorization: Bearer <key>``; the key decides the inbox (several keys per inbox, so a key can be
+rotated without downtime). ``Idempotency-Key`` makes a retried request return the first answer.
+The body is validated with :class:`normalizers.api.ApiMessage` before anything is stored. The
+OpenAPI description is served at ``GET /api/v1/openapi.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Self
+
+from aiohttp import web
+from pydantic import Field, field_validator
+
+from connectors.base import Ingest
+from connectors.http_util import (
+    ClientAddress,
+    RateLimiter,
+    envelope_headers,
+    json_error,
+    read_body,
+    result_response,
+    retry_after_value,
+)
+from gateway.errors import ConfigError, InvalidInput
+from gateway.model import Outcome, RawEnvelope
+from gateway.settings import ChannelSettings, Secret, Settings
+from normalizers.api import ApiMessage, normalize_api, parse_api_message
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "api"
+PREFIX = "/api/v1"
+MiB = 1024 * 1024
+MIN_KEY_LENGTH = 16
+OPENAPI = files("connectors.api").joinpath("openapi.yaml").read_bytes()
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+_CHALLENGE = 'Bearer realm="ticketgate"'
+
+
+class ApiInboxSettings(ChannelSettings):
+    """``[channels.api.inboxes.<inbox id>]``."""
+
+    keys: tuple[Secret, ...] = Field(min_length=1)
+    trust_identities: bool = False
+
+    @field_validator("keys")
+    @classmethod
+    def _long_enough(cls, value: tuple[Secret, ...]) -> tuple[Secret, ...]:
+        if any(len(key.get_secret_value()) < MIN_KEY_LENGTH for key in value):
+            raise ValueError(f"every API key needs at least {MIN_KEY_LENGTH} characters")
+        return value
+
+
+class ApiChannelSettings(ChannelSettings):
+    """``[channels.api]``."""
+
+    max_body_bytes: int = Field(20 * MiB, gt=0)
+    max_attachments: int = Field(10, ge=0, le=20)
+    max_attachment_bytes: int = Field(10 * MiB, gt=0)
+    max_total_attachment_bytes: int = Field(15 * MiB, gt=0)
+    rate_limit_per_minute: float = Field(600.0, gt=0)
+    rate_limit_burst: int = Field(60, ge=1)
+    auth_failures_per_minute: float = Field(10.0, gt=0)
+    auth_failures_burst: int = Field(20, ge=1)
+    rate_limit_max_clients: int = Field(100_000, ge=1)
+    inboxes: dict[str, ApiInboxSettings] = Field(min_length=1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Inbox:
+    id: str
+    tenant: str
+    trust_identities: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Config:
+    channel: ApiChannelSettings
+    # (sha256 of a key, its inbox): comparing digests keeps every comparison the same length.
+    keys: tuple[tuple[bytes, _Inbox], ...]
+    body_limit: int
+    client_ip: ClientAddress
+
+
+class ApiConnector:
+    """Mounts ``/api/v1``; configuration only, no per-request state."""
+
+    name = CHANNEL
+
+    def __init__(self, config: _Config) -> None:
+        self._config = config
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self | None:
+        channel = settings.channel(CHANNEL, ApiChannelSettings)
+        if channel is None:
+            return None
+        keys: list[tuple[bytes, _Inbox]] = []
+        for inbox_id, config in channel.inboxes.items():
+            where = f"channels.api.inboxes.{inbox_id}"
+            inbox = _Inbox(
+                id=inbox_id, tenant=settings.inbox(inbox_id, key=where).tenant,
+                trust_identities=config.trust_identities,
+            )
+            for key in config.keys:
+                digest = hashlib.sha256(key.get_secret_value().encode()).digest()
+                if any(digest == known for known, _ in keys):
+                    # A key must name exactly one inbox; never print it.
+                    raise ConfigError("an API key is used twice", file=settings.source, key=f"{where}.keys")
+                keys.append((digest, inbox))
+        return cls(_Config(
+            channel=channel, keys=tuple(keys),
+            body_limit=min(channel.max_body_bytes, settings.server.max_body_bytes),
+            client_ip=ClientAddress(settings.server.trusted_proxies),
+        ))
+
+    def setup(self, app: web.Application, ingest: Ingest) -> None:
+        handlers = _Handlers(self._config, ingest)
+        sub = web.Application()
+        sub.router.add_post("/messages", handlers.messages)
+        sub.router.add_get("/openapi.yaml", handlers.openapi)
+        app.add_subapp(PREFIX, sub)
+
+
+class _Handlers:
+    def __init__(self, config: _Config, ingest: Ingest) -> None:
+        self._c = config
+        self._ingest = ingest
+        channel = config.channel
+        self._per_inbox = RateLimiter(
+            per_minute=channel.rate_limit_per_minute, burst=channel.rate_limit_burst,
+            max_keys=max(1, len(channel.inboxes)),
+        )
+        self._failures = RateLimiter(
+            per_minute=channel.auth_failures_per_minute, burst=channel.auth_failures_burst,
+            max_keys=channel.rate_limit_max_clients,
+        )
+
+    def _authenticate(self, request: web.Request) -> _Inbox | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        # Compare with every key, without stopping at a match, so timing tells nothing about which.
+        for known, inbox in self._c.keys:
+            if hmac.compare_digest(digest, known):
+                found = inbox
+        return found
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI, content_type="application/yaml", charset="utf-8")
+
+    async def messages(self, request: web.Request) -> web.Response:
+        remote = self._c.client_ip(request)
+        inbox = self._authenticate(request)
+        if inbox is None:
+            wait = self._failures.acquire(remote or "unknown")
+            present = "Authorization" in request.headers
+            logger.warning("api: %s API key from %s", "wrong" if present else "missing", remote)
+            if wait > 0:
+                return json_error(429, "rate_limited", "too many failed authentications; retry later",
+                                  headers={"Retry-After": retry_after_value(wait)})
+            challenge = f'{_CHALLENGE}, error="invalid_token"' if present else _CHALLENGE
+            return json_error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                              headers={"WWW-Authenticate": challenge})
+        wait = self._per_inbox.acquire(inbox.id)
+        if wait > 0:
+            logger.warning("api %s: rate limit exceeded", inbox.id)
+            return json_error(429, "rate_limited", "too many requests for this inbox; retry later",
+                              headers={"Retry-After": retry_after_value(wait)})
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+            logger.info("api %s: invalid Idempotency-Key from %s", inbox.id, remote)
+            return json_error(400, "invalid_idempotency_key",
+                              "Idempotency-Key must be 1 to 255 printable ASCII characters")
+        if request.content_type != "application/json":
+            logger.info("api %s: unsupported content type %s", inbox.id, request.content_type)
+            return json_error(415, "unsupported_media_type", "the body must be application/json")
+        try:
+            body = await read_body(request, self._c.body_limit)
+            payload = parse_api_message(body)
+            self._check_attachments(payload)
+        except InvalidInput as exc:
+            code = {400: "invalid_json", 413: "too_large", 422: "invalid_request"}.get(exc.status, "invalid")
+            logger.info("api %s: refused a request from %s: %s", inbox.id, remote, exc.reason)
+            return json_error(exc.status, code, exc.reason)
+        envelope = RawEnvelope(
+            channel=CHANNEL,
+            tenant=inbox.tenant,
+            inbox=inbox.id,
+            body=body,
+            content_type=request.headers.get("Content-Type"),
+            headers=envelope_headers(request),
+            received_at=datetime.now(UTC),
+            signature_verified=True,  # the API key authenticated the caller
+            remote=remote,
+            meta={"trust_identities": inbox.trust_identities},
+        )
+        result = await self._ingest(envelope, normalize_api)
+        if result.outcome is Outcome.RETRY:
+            logger.warning("api %s: could not store a message now: %s", inbox.id, result.reason)
+        elif not result.stored:
+            logger.info("api %s: message rejected: %s", inbox.id, result.reason)
+        return result_response(result)
+
+    def _check_attachments(self, payload: ApiMessage) -> None:
+        channel = self._c.channel
+        if len(payload.attachments) > channel.max_attachments:
+            raise InvalidInput(f"attachments: at most {channel.max_attachments} allowed", status=413)
+        sizes = [a.size for a in payload.attachments]
+        if any(size > channel.max_attachment_bytes for size in sizes):
+            raise InvalidInput(
+                f"attachments: each may be at most {channel.max_attachment_bytes} bytes", status=413
+            )
+        if sum(sizes) > channel.max_total_attachment_bytes:
+            raise InvalidInput(
+                f"attachments: at most {channel.max_total_attachment_bytes} bytes in total", status=413
+            )
+
