@@ -1,0 +1,159 @@
+"""Addresses and sender trust.
+
+The sender identity is only ever the real addr-spec, parsed from the *raw* header before any
+RFC 2047 decoding: an encoded word can then never smuggle an address into the structure, and a
+display name that looks like an address stays a display name (and is flagged).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import getaddresses
+from typing import Any
+
+import idna
+
+from normalizers.email.headers import decode_text, unfold
+
+_ADDR_SPEC = re.compile(r"[^@\s<>()\[\]\\,;:\"]+@[^@\s<>()\[\]\\,;:\"]+")
+_ADDRESS_IN_TEXT = re.compile(r"[^@\s<>()\"']+@[^@\s<>()\"']+\.[^@\s<>()\"']+")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """One parsed address: the normalized addr-spec and the decoded display name."""
+
+    address: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    """The From of a mail, with the tricks that were found in it."""
+
+    address: str | None
+    name: str | None
+    flags: tuple[str, ...] = field(default=())
+
+
+def normalize_address(addr_spec: str) -> str | None:
+    """``local@domain`` with the domain lowercased and IDNA-decoded; None when not an addr-spec."""
+    addr_spec = addr_spec.strip()
+    if "=?" in addr_spec or not _ADDR_SPEC.fullmatch(addr_spec):
+        return None
+    local, _, domain = addr_spec.rpartition("@")
+    domain = unicodedata.normalize("NFC", domain.rstrip(".").lower())
+    if not domain:
+        return None
+    # Punycode and Unicode spellings of one domain must give one identity; a domain that is not a
+    # valid IDN keeps its lowercased text, which is still what the sender wrote.
+    with contextlib.suppress(idna.IDNAError, UnicodeError, ValueError):
+        domain = idna.decode(idna.encode(domain, uts46=True))
+    return f"{unicodedata.normalize('NFC', local)}@{domain}"
+
+
+def parse_addresses(raw_values: Sequence[str], *, hint: str | None = None) -> list[Address]:
+    """Every valid address in the given raw header values (To, Cc, Reply-To ...), in order."""
+    result: list[Address] = []
+    for raw_name, raw_addr in getaddresses([unfold(value) for value in raw_values]):
+        address = normalize_address(_decode_addr(raw_addr))
+        if address is not None:
+            result.append(Address(address, decode_text(raw_name, hint=hint).strip()))
+    return result
+
+
+def _decode_addr(raw_addr: str) -> str:
+    # RFC 6532 allows UTF-8 in addresses; compat32 hands raw 8-bit bytes over as surrogate escapes.
+    if raw_addr.isascii():
+        return raw_addr
+    try:
+        return raw_addr.encode("latin-1", errors="surrogateescape").decode("utf-8")
+    except UnicodeError:
+        return raw_addr
+
+
+def parse_sender(raw_from: Sequence[str], *, hint: str | None = None) -> Sender:
+    """The sender from all From headers; several From headers give no address worth verifying."""
+    flags: list[str] = []
+    if not raw_from:
+        return Sender(None, None, ("no_from",))
+    if len(raw_from) > 1:
+        flags.append("multiple_from")
+    pairs = getaddresses([unfold(raw_from[0])])
+    chosen: tuple[str, str] | None = None
+    for raw_name, raw_addr in pairs:
+        address = normalize_address(_decode_addr(raw_addr))
+        if address is None:
+            if "=?" in raw_addr:
+                flags.append("encoded_word_in_address")
+            continue
+        if chosen is None:
+            chosen = (raw_name, address)
+    if len([p for p in pairs if p[1]]) > 1:
+        flags.append("multiple_addresses")
+    if chosen is None:
+        return Sender(None, _first_name(pairs, hint), (*flags, "no_valid_address"))
+    name = decode_text(chosen[0], hint=hint).strip()
+    for found in _ADDRESS_IN_TEXT.findall(name):
+        if normalize_address(found.strip(".")) != chosen[1]:
+            flags.append("display_name_contains_address")
+            break
+    return Sender(chosen[1], name or None, tuple(flags))
+
+
+def _first_name(pairs: Sequence[tuple[str, str]], hint: str | None) -> str | None:
+    for raw_name, _ in pairs:
+        name = decode_text(raw_name, hint=hint).strip()
+        if name:
+            return name
+    return None
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def _aligned(domain: str, authenticated: str) -> bool:
+    """Relaxed DMARC alignment, approximated: same domain or one is a subdomain of the other."""
+    domain, authenticated = domain.lower().rstrip("."), authenticated.lower().rstrip(".")
+    if not domain or not authenticated:
+        return False
+    return (
+        domain == authenticated
+        or domain.endswith("." + authenticated)
+        or authenticated.endswith("." + domain)
+    )
+
+
+def sender_verified(sender: Sender, authentication: Mapping[str, Any] | None) -> bool:
+    """True only when the trusted upstream verdict authenticates exactly this From domain.
+
+    ``authentication`` (``envelope.meta["authentication"]``) holds ``dmarc`` ("pass", ...) with
+    ``header_from`` (the From domain the verdict is for) and/or ``dkim``: a list of
+    ``{"result": "pass", "domain": "<d=>"}``. Anything else, or a suspicious From, is not verified.
+    """
+    if not authentication or sender.address is None:
+        return False
+    if {"multiple_from", "multiple_addresses", "encoded_word_in_address"} & set(sender.flags):
+        return False
+    from_domain = _domain(sender.address)
+    header_from = str(authentication.get("header_from") or "")
+    if str(authentication.get("dmarc", "")).lower() == "pass" and header_from:
+        return _ascii_domain(header_from) == _ascii_domain(from_domain)
+    for result in authentication.get("dkim") or ():
+        if not isinstance(result, Mapping) or str(result.get("result", "")).lower() != "pass":
+            continue
+        if _aligned(_ascii_domain(from_domain), _ascii_domain(str(result.get("domain", "")))):
+            return True
+    return False
+
+
+def _ascii_domain(domain: str) -> str:
+    try:
+        return idna.encode(domain.strip().rstrip("."), uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return domain.strip().rstrip(".").lower()

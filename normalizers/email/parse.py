@@ -1,0 +1,475 @@
+"""The email normalizer: one RFC 5322 mail (bytes) -> one :class:`CanonicalMessage`.
+
+``envelope.meta`` keys read here (all optional):
+
+- ``mail_from``: the SMTP envelope sender (``""`` for a null reverse path ``<>``);
+- ``rcpt_to``: the SMTP envelope recipients (list of str), copied to ``extra``;
+- ``authentication``: the trusted upstream verdict for this mail, see
+  :func:`normalizers.email.addresses.sender_verified` (``{"dmarc": "pass", "header_from": "x.com"}``
+  and/or ``{"dkim": [{"result": "pass", "domain": "x.com"}]}``); without it the sender is *claimed*;
+- ``ticket_ref_pattern``: regex finding a ticket reference in the subject (default
+  ``\\[#TG-(?P<number>\\d+)\\]``); ``thread_ref`` becomes ``ticket:<number>``;
+- ``loop_marker``: our ``X-Loop`` marker (default ``ticketgate``).
+
+Parsing uses ``compat32``, not ``policy.default``: measured on the three corpora (215 mails) the
+modern policy costs 2.4 ms per parse against 0.87 ms, 3.9 ms against 0.94 ms with the headers read,
+2.4 s against 0.2 s for 10,000 parts, and its header parser takes ~46 s on a 1 MB header of short
+words. Everything the modern policy adds (RFC 2047/2231, address parsing) is done in ``headers.py``
+and ``addresses.py`` more tolerantly, on raw values, after the bounds are checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from gateway.errors import ConfigError, NormalizationError
+from gateway.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from normalizers.base import Normalizer
+from normalizers.email import autoreply, headers, htmltext
+from normalizers.email.addresses import parse_addresses, parse_sender, sender_verified
+from normalizers.email.charsets import decode
+from normalizers.email.reply import extract_reply
+
+DEFAULT_TICKET_REF = r"\[#TG-(?P<number>\d+)\]"
+DEFAULT_LOOP_MARKER = "ticketgate"
+
+_BOUNDARY_OR_DELIMITER = re.compile(
+    rb"""boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))|^--([^\r\n]{1,202})""",
+    re.IGNORECASE | re.MULTILINE,
+)
+_EXTENSIONS = {
+    "message/rfc822": ".eml",
+    "message/delivery-status": ".txt",
+    "text/plain": ".txt",
+    "text/html": ".html",
+    "text/rfc822-headers": ".txt",
+    "text/calendar": ".ics",
+    "application/pdf": ".pdf",
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmailLimits:
+    """Bounds on one mail; crossing one is a NormalizationError (the mail is quarantined)."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_depth: int = 32
+    max_parts: int = 1000
+    max_headers: int = 1000  # per part
+    max_header_length: int = 64 * 1024  # one header field, folded lines included
+    max_decoded_bytes: int = 128 * 1024 * 1024  # every decoded part together
+    max_text_chars: int = 4 * 1024 * 1024  # text and html fields each
+
+
+@dataclass(slots=True)
+class _Body:
+    """What the walk over the MIME tree collects."""
+
+    plain: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    attachments: list[Attachment] = field(default_factory=list)
+    lossy: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    charsets: list[str] = field(default_factory=list)
+    decoded_bytes: int = 0
+    parts: int = 0
+
+
+def make_email_normalizer(limits: EmailLimits) -> Normalizer:
+    """A normalizer with the given bounds (settings pass theirs; ``normalize_email`` uses defaults)."""
+
+    def normalize(envelope: RawEnvelope) -> list[CanonicalMessage]:
+        try:
+            return [_normalize(envelope, limits)]
+        except (NormalizationError, ConfigError):
+            raise
+        except RecursionError as exc:
+            raise NormalizationError("MIME structure nested too deeply to parse") from exc
+        except Exception as exc:
+            # Guarantee 7: a mail we cannot understand is quarantined with a reason, never lost.
+            raise NormalizationError(f"unexpected {type(exc).__name__} while normalizing: {exc}") from exc
+
+    return normalize
+
+
+def _prescan(raw: bytes, limits: EmailLimits) -> None:
+    """Bound depth and part count on the raw bytes, before the parser spends time on them.
+
+    One linear pass over boundary declarations and delimiter lines. The parser checks every line
+    against every open boundary, so depth must be refused before parsing, not after.
+    """
+    open_boundaries: list[bytes] = []
+    declared: set[bytes] = set()
+    delimiters = 0
+    for match in _BOUNDARY_OR_DELIMITER.finditer(raw):
+        if match.group(3) is None:
+            boundary = (match.group(1) or match.group(2) or b"").rstrip()
+            if boundary and boundary not in open_boundaries:
+                declared.add(boundary)
+                if len(declared) > limits.max_parts:
+                    raise NormalizationError(f"more than {limits.max_parts} MIME boundaries declared")
+                open_boundaries.append(boundary)
+                if len(open_boundaries) > limits.max_depth:
+                    raise NormalizationError(f"MIME nesting deeper than {limits.max_depth} levels")
+            continue
+        line = match.group(3).rstrip()
+        closing = line.endswith(b"--") and line[:-2] in open_boundaries
+        boundary = line[:-2] if closing else line
+        if boundary not in open_boundaries:
+            continue
+        del open_boundaries[open_boundaries.index(boundary) + (0 if closing else 1) :]
+        if not closing:
+            delimiters += 1
+            if delimiters > limits.max_parts:
+                raise NormalizationError(f"more than {limits.max_parts} MIME parts")
+
+
+def _check_headers(part: Message, limits: EmailLimits) -> None:
+    for count, (name, value) in enumerate(part.raw_items(), start=1):
+        if count > limits.max_headers:
+            raise NormalizationError(f"more than {limits.max_headers} header fields in one part")
+        if len(value) > limits.max_header_length:
+            raise NormalizationError(
+                f"header {name[:40]!r} is {len(value)} characters, limit {limits.max_header_length}"
+            )
+
+
+def _content_type(part: Message) -> str:
+    ctype = part.get_content_type()
+    return ctype if ctype.count("/") == 1 and " " not in ctype else "application/octet-stream"
+
+
+def _is_attachment(part: Message, name: str | None) -> bool:
+    disposition = str(part.get("Content-Disposition", "")).split(";")[0].strip().lower()
+    return disposition == "attachment" or name is not None
+
+
+def _payload_bytes(part: Message, body: _Body, limits: EmailLimits) -> bytes:
+    # Unknown or identity encodings ("7-bit", "8bit;", "spam") come back as the bytes that were sent;
+    # broken base64 is decoded as far as it goes (the defect is recorded below).
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        data = b""
+    for defect in getattr(part, "defects", ()):
+        body.defects.append(type(defect).__name__)
+    body.decoded_bytes += len(data)
+    if body.decoded_bytes > limits.max_decoded_bytes:
+        raise NormalizationError(f"decoded parts exceed {limits.max_decoded_bytes} bytes")
+    return data
+
+
+def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | None, index: int) -> str:
+    if name:
+        return name
+    descriptions = headers.raw_values(part, "Content-Description")
+    description = headers.decode_text(descriptions[0], hint=hint).strip() if descriptions else ""
+    if ctype in {"message/rfc822", "message/global"}:
+        inner = part.get_payload()
+        if not description and isinstance(inner, list) and inner and isinstance(inner[0], Message):
+            subjects = headers.raw_values(inner[0], "Subject")
+            description = headers.decode_text(subjects[0], hint=hint).strip() if subjects else ""
+        return f"{description or 'forwarded-message'}.eml"
+    if ctype == "message/delivery-status":
+        return f"{description or 'delivery-status'}.txt"
+    extension = _EXTENSIONS.get(ctype, "")
+    if description and "/" not in description and len(description) <= 100:
+        return description if description.endswith(extension) else description + extension
+    return f"part-{index}{extension}"
+
+
+def _serialize(message: Message, linesep: str) -> bytes:
+    # max_line_length=0: write the headers as they came, never refolded.
+    return message.as_bytes(policy=compat32.clone(max_line_length=0, linesep=linesep))
+
+
+def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
+    """Collect text, HTML and attachments with an explicit stack (no recursion, bounded)."""
+    body = _Body()
+    hint = root.get_content_charset() or None
+    stack: list[tuple[Message, int, bool]] = [(root, 0, True)]
+    while stack:
+        part, depth, content = stack.pop()
+        body.parts += 1
+        if body.parts > limits.max_parts:
+            raise NormalizationError(f"more than {limits.max_parts} MIME parts")
+        if depth > limits.max_depth:
+            raise NormalizationError(f"MIME nesting deeper than {limits.max_depth} levels")
+        _check_headers(part, limits)
+        ctype = _content_type(part)
+        payload = part.get_payload()
+        if part.is_multipart() and isinstance(payload, list):
+            children = [p for p in payload if isinstance(p, Message)]
+            if ctype in {"message/rfc822", "message/global"}:
+                if content:
+                    name = headers.filename(part, hint=hint)
+                    inline = str(part.get("Content-Disposition", "")).lower().startswith("inline")
+                    body.attachments.append(
+                        Attachment(
+                            name=_attachment_name(part, ctype, name, hint, len(body.attachments) + 1),
+                            content_type=ctype,
+                            data=_serialize(children[0], linesep) if children else b"",
+                            inline=inline and name is None,
+                        )
+                    )
+                # The forwarded mail is bounded and checked, but its content is not ours to read.
+                stack.extend((child, depth + 1, False) for child in reversed(children))
+                continue
+            if ctype == "message/delivery-status":
+                children = []
+            stack.extend((child, depth + 1, content) for child in reversed(children))
+            if ctype != "message/delivery-status":
+                continue
+        if not content:
+            continue
+        name = headers.filename(part, hint=hint)
+        charset = part.get_param("charset")
+        declared = charset if isinstance(charset, str) else None
+        if ctype == "message/delivery-status" and isinstance(payload, list):
+            data = b"\n".join(_serialize(block, linesep) for block in payload if isinstance(block, Message))
+        else:
+            data = _payload_bytes(part, body, limits)
+        if ctype in {"text/plain", "text/html"} and not _is_attachment(part, name):
+            decoded = decode(data, declared, hint=hint)
+            if decoded.lossy:
+                body.lossy.append(f"{ctype} as {decoded.charset}")
+            body.charsets.append(decoded.charset)
+            (body.plain if ctype == "text/plain" else body.html).append(decoded.text)
+            if hint is None and declared:
+                hint = declared
+            continue
+        content_id = part.get("Content-ID")
+        cid = autoreply.message_id([str(content_id)]) if content_id is not None else None
+        if cid is None and content_id is not None:
+            cid = headers.unfold(str(content_id)).strip().strip("<>") or None
+        disposition = str(part.get("Content-Disposition", "")).split(";")[0].strip().lower()
+        body.attachments.append(
+            Attachment(
+                name=_attachment_name(part, ctype, name, hint, len(body.attachments) + 1),
+                content_type=ctype,
+                data=data,
+                inline=disposition == "inline" or (disposition != "attachment" and cid is not None),
+                content_id=cid,
+            )
+        )
+    return body
+
+
+@functools.lru_cache(maxsize=32)
+def _ticket_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"invalid ticket reference pattern: {exc}", key="ticket_ref_pattern") from exc
+
+
+def _thread_ref(subject: str | None, meta: Mapping[str, Any]) -> str | None:
+    if not subject:
+        return None
+    match = _ticket_pattern(str(meta.get("ticket_ref_pattern") or DEFAULT_TICKET_REF)).search(subject)
+    if match is None:
+        return None
+    number = match.groupdict().get("number") or (match.group(1) if match.re.groups else match.group(0))
+    return f"ticket:{number}"
+
+
+def _sent_at(values: list[str]) -> datetime | None:
+    if not values:
+        return None
+    try:
+        moment = parsedate_to_datetime(headers.unfold(values[0]).strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _language(text: str) -> str | None:
+    """A cheap guess from the script of the first few thousand characters."""
+    sample = text[:2000]
+    kana = hangul = han = latin = 0
+    for char in sample:
+        code = ord(char)
+        if 0x3040 <= code <= 0x30FF:
+            kana += 1
+        elif 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF:
+            hangul += 1
+        elif 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
+            han += 1
+        elif char.isascii() and char.isalpha():
+            latin += 1
+    if kana and kana * 10 >= han:
+        return "ja"
+    if hangul and hangul >= han:
+        return "ko"
+    if han and han * 4 >= latin:
+        return "zh"
+    if latin >= 20:
+        words = re.findall(r"[a-z']+", sample.lower())
+        common = sum(1 for w in words if w in _ENGLISH)
+        if words and common * 100 >= len(words) * 15:
+            return "en"
+    return None
+
+
+_ENGLISH = frozenset(
+    (
+        "the", "a", "an", "and", "or", "to", "of", "in", "on", "for", "is", "are", "was", "be",
+        "it", "i", "you", "we", "my", "your", "this", "that", "with", "have", "has", "not", "please", "thanks",
+        "thank", "hi", "hello", "can", "could", "would", "will", "from", "at", "as", "if", "but", "me", "our",
+        "do",
+    )
+)
+
+
+def _synthetic_id(raw: bytes, date: list[str], sender: list[str], subject: list[str]) -> str:
+    """A stable id for a mail without Message-ID: the same mail delivered twice gets the same id.
+
+    Relays prepend Received headers and may rewrite line endings, so only Date, From, Subject and
+    the body (with CRLF normalized) go into it.
+    """
+    split = raw.find(b"\r\n\r\n")
+    split = raw.find(b"\n\n") if split < 0 else split
+    raw_body = raw[split:] if split >= 0 else b""
+    digest = hashlib.sha256()
+    for value in (*date[:1], *sender[:1], *subject[:1]):
+        digest.update(headers.unfold(value).strip().encode("utf-8", "surrogateescape"))
+        digest.update(b"\x00")
+    digest.update(raw_body.replace(b"\r\n", b"\n").rstrip())
+    return f"synthetic-{digest.hexdigest()[:40]}@ticketgate.invalid"
+
+
+def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
+    raw = envelope.body
+    meta = envelope.meta
+    if len(raw) > limits.max_bytes:
+        raise NormalizationError(f"mail is {len(raw)} bytes, limit {limits.max_bytes}")
+    _prescan(raw, limits)
+    message = BytesParser(policy=compat32).parsebytes(raw)
+    _check_headers(message, limits)
+    linesep = "\r\n" if b"\r\n" in raw[:4096] else "\n"
+    body = _walk(message, limits, linesep)
+
+    def raw_values(name: str) -> list[str]:
+        return headers.raw_values(message, name)
+
+    hint = next((c for c in body.charsets if c not in {"ascii", "utf-8"}), None)
+    subject_values = raw_values("Subject")
+    subject = headers.decode_text(subject_values[0], hint=hint) if subject_values else None
+    if subject is not None:
+        subject = subject.replace("\t", " ").strip("\r\n")
+    sender = parse_sender(raw_values("From"), hint=hint)
+    flags = list(sender.flags)
+    address, name = sender.address, sender.name
+    if address is None:
+        # No usable From: fall back to Sender, then the envelope sender, always as claimed only.
+        fallback = parse_addresses(raw_values("Sender"), hint=hint) or parse_addresses(
+            [str(meta.get("mail_from") or ""), *raw_values("Return-Path")], hint=hint
+        )
+        if fallback:
+            address, name = fallback[0].address, name or fallback[0].name or None
+            flags.append("from_fallback")
+    verified = (
+        address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
+    )
+
+    text = "\n".join(body.plain) if body.plain else None
+    html_source = "\n".join(body.html) if body.html else None
+    html = htmltext.sanitize(html_source[: limits.max_text_chars]) if html_source else None
+    if text is None and html_source is not None:
+        text = htmltext.to_text(html_source[: limits.max_text_chars])
+    if text is not None:
+        text = text[: limits.max_text_chars]
+    reply_text = extract_reply(text) if text else None
+
+    is_dsn = autoreply.is_delivery_report(message)
+    dsn: dict[str, object] = {}
+    bounced_id: str | None = None
+    if is_dsn:
+        dsn, bounced_id = autoreply.parse_dsn(message)
+    mail_from = meta.get("mail_from")
+    return_path = raw_values("Return-Path")
+    return_path_empty = mail_from == "" or (
+        bool(return_path) and headers.unfold(return_path[-1]).strip() in {"<>", ""}
+    )
+    auto = autoreply.auto_generated(
+        raw_values,
+        subject=subject,
+        sender=address,
+        return_path_empty=return_path_empty,
+        loop_marker=str(meta.get("loop_marker") or DEFAULT_LOOP_MARKER),
+        is_dsn=is_dsn,
+    )
+    if auto is not None and auto[0] == "bounce" and bounced_id is None:
+        # A non-standard bounce that still carries the original mail.
+        for attachment in body.attachments:
+            if attachment.content_type == "message/rfc822":
+                inner = BytesParser(policy=compat32).parsebytes(attachment.data, headersonly=True)
+                bounced_id = autoreply.message_id(headers.raw_values(inner, "Message-ID"))
+                break
+
+    message_id = autoreply.message_id(raw_values("Message-ID"))
+    in_reply_to = bounced_id or autoreply.message_id(raw_values("In-Reply-To"))
+    extra: dict[str, Any] = {
+        "to": [a.address for a in parse_addresses(raw_values("To"), hint=hint)],
+        "cc": [a.address for a in parse_addresses(raw_values("Cc"), hint=hint)],
+    }
+    reply_to = parse_addresses(raw_values("Reply-To"), hint=hint)
+    if reply_to:
+        extra["reply_to"] = [a.address for a in reply_to]
+    if flags:
+        extra["sender_flags"] = flags
+    if message_id is None:
+        extra["synthetic_message_id"] = True
+    if mail_from is not None:
+        extra["mail_from"] = str(mail_from)
+    if meta.get("rcpt_to"):
+        extra["rcpt_to"] = [str(r) for r in meta["rcpt_to"]]
+    if body.lossy:
+        extra["lossy_decoding"] = body.lossy
+    if body.defects:
+        extra["mime_defects"] = sorted(set(body.defects))
+    if auto is not None:
+        extra["auto_generated_by"] = auto[1]
+    if dsn:
+        extra["dsn"] = dsn
+    return CanonicalMessage(
+        channel=envelope.channel,
+        tenant=envelope.tenant,
+        inbox=envelope.inbox,
+        external_id=message_id
+        or _synthetic_id(raw, raw_values("Date"), raw_values("From"), subject_values),
+        received_at=envelope.received_at,
+        sent_at=_sent_at(raw_values("Date")),
+        identities=(Identity(kind=IdentityKind.EMAIL, value=address, verified=verified),) if address else (),
+        display_name=name,
+        subject=subject,
+        text=text,
+        html=html,
+        reply_text=reply_text,
+        language=_language(reply_text or text or subject or ""),
+        attachments=tuple(body.attachments),
+        in_reply_to=in_reply_to,
+        references=autoreply.message_ids(raw_values("References")),
+        thread_ref=_thread_ref(subject, meta),
+        auto_generated=auto[0] if auto else None,
+        extra=extra,
+    )
+
+
+def _mapping(value: object) -> Mapping[str, Any] | None:
+    return value if isinstance(value, Mapping) else None
+
+
+normalize_email: Normalizer = make_email_normalizer(EmailLimits())

@@ -1,0 +1,74 @@
+"""The new part of a reply: the text before the quoted history and the signature.
+
+Works on plain text (HTML bodies are turned into text with ``> `` for blockquotes first). Markers
+cover Gmail, Outlook (English and Chinese), Apple Mail, QQ Mail, NetEase 163 and Foxmail.
+"""
+
+from __future__ import annotations
+
+import re
+
+# A line that starts the quoted history; everything from it on is dropped.
+_HISTORY = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"^-{2,}\s*(original message|forwarded message|urspr[üu]ngliche nachricht|message d'origine)"
+        r"\s*-{2,}$",
+        r"^-{3,}\s*(原始邮件|原始郵件|原邮件|转发邮件|轉寄郵件|original)\s*-{3,}$",  # QQ Mail, Foxmail, 163
+        r"^_{10,}$",  # Outlook (web, mobile) rule above the header block
+        # QQ, Foxmail, 163: 在 2024年1月1日 ..., "x" <x@qq.com> 写道：
+        r"^在\s*.{0,200}(写道|寫道)\s*[:：]?$",
+        r"^on\s.{0,300}\swrote\s*:$",  # Gmail, Apple Mail, Thunderbird
+        r"^am\s.{0,300}\sschrieb\s.{0,100}:$",
+        r"^le\s.{0,300}\sa\s[ée]crit\s*:$",
+        r"^el\s.{0,300}\sescribi[óo]\s*:$",
+        # Gmail in Chinese: 2024年1月1日周一 10:00，x <x@gmail.com> 写道：
+        r"^\d{4}[-/年]\d{1,2}[-/月]\d{1,2}.{0,200}(写道|寫道|wrote)\s*[:：]?$",
+    )
+]
+# Header blocks of quoted mail (Outlook "From: / Sent:", Chinese clients "发件人: / 发送时间:").
+_BLOCK_FROM = re.compile(r"^\*?(from|von|de|发件人|寄件者|發件人)\s*\*?\s*[:：]", re.IGNORECASE)
+_BLOCK_FIELD = re.compile(
+    r"^\*?(sent|date|to|subject|gesendet|an|betreff|envoy[ée]|发送时间|发送日期|时间|日期|收件人|主题|寄件日期|主旨)"
+    r"\s*\*?\s*[:：]",
+    re.IGNORECASE,
+)
+_SIGNATURE = re.compile(
+    r"^(-- ?|--|sent from my .{1,40}|get outlook for .{1,20}|发自我的.{1,20}|從我的.{1,20}傳送|"
+    r"sent from (mail|outlook) for windows.{0,10}|发自\s?(网易|QQ|iPhone|iPad).{0,20})$",
+    re.IGNORECASE,
+)
+_MAX_LINES = 20_000  # reply extraction is a hint; never spend more than a linear pass on a bounded prefix
+
+
+def extract_reply(text: str) -> str | None:
+    """The text above the quoted history and the signature, without ``>`` quoted lines."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:_MAX_LINES]
+    cut = len(lines)
+    for index, line in enumerate(lines):
+        stripped = line.strip().replace("\u00a0", " ")
+        if not stripped:
+            continue
+        joined = f"{stripped} {lines[index + 1].strip()}" if index + 1 < len(lines) else stripped
+        if _SIGNATURE.match(stripped):
+            cut = index
+            break
+        # Gmail wraps a long "On ... wrote:" onto two lines: try the line joined with the next one.
+        if any(p.match(stripped) or p.match(joined) for p in _HISTORY):
+            cut = index
+            break
+        if _BLOCK_FROM.match(stripped) and _is_header_block(lines, index):
+            cut = index
+            break
+    kept = [line for line in lines[:cut] if not line.lstrip().startswith(">")]
+    result = "\n".join(line.rstrip() for line in kept).strip()
+    return result or None
+
+
+def _is_header_block(lines: list[str], index: int) -> bool:
+    """A From: line counts as quoted history when header fields follow within a few lines."""
+    fields = 0
+    for line in lines[index + 1 : index + 6]:
+        if _BLOCK_FIELD.match(line.strip()):
+            fields += 1
+    return fields >= 1
