@@ -1,0 +1,369 @@
+"""The SMTP listener: aiosmtpd inside the gateway's event loop.
+
+Answers, per the connector contract: ``250`` only after every recipient inbox's copy is stored;
+``451 4.3.0`` for anything transient (the sender retries, idempotency dedupes what was stored);
+``554 5.6.0`` when the pipeline rejects the mail; ``550 5.1.1`` at RCPT for an address we do not
+serve, so the listener is never an open relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from connectors.base import Ingest
+from connectors.email.envelope import EnvelopeFactory, Router
+from connectors.email.settings import EmailSettings, SmtpSettings
+from gateway.model import IngestResult, Outcome
+from normalizers.base import Normalizer
+
+logger = logging.getLogger(__name__)
+
+# RFC 5321 2.3.8: CR and LF only ever travel together. A lone one is how SMTP smuggling hides a
+# second "end of data" that another MTA would honour; we refuse the whole mail.
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+# aiosmtpd's fixed texts lack enhanced status codes (RFC 3463); the codes themselves are right.
+_REWRITES = {
+    b"552 Error: Too much mail data": b"552 5.3.4 Message too big for system",
+    b"552 Error: message size exceeds fixed maximum message size": b"552 5.3.4 Message too big for system",
+    b"500 Line too long (see RFC5321 4.5.3.1.6)": b"500 5.5.6 Line too long (see RFC 5321 4.5.3.1.6)",
+}
+
+TEMPFAIL = "451 4.3.0 Temporary failure storing the message, try again later"
+
+
+def _reason(text: str | None, default: str) -> str:
+    """A reason safe to put on one SMTP reply line."""
+    return _UNPRINTABLE.sub(" ", text or default).strip()[:200] or default
+
+
+def _peer_ip(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
+
+
+class ConnectionLimits:
+    """Counts open sessions, overall and per client IP."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self._total = total
+        self._per_ip = per_ip
+        self._open: Counter[str] = Counter()
+        self._count = 0
+
+    def acquire(self, ip: str) -> bool:
+        if self._count >= self._total or self._open[ip] >= self._per_ip:
+            return False
+        self._open[ip] += 1
+        self._count += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self._count -= 1
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with connection limits and enhanced status codes on its fixed replies."""
+
+    def __init__(self, handler: SmtpHandler, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._limited_ip: str | None = None
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called a second time after STARTTLS, with the TLS transport: count only the first.
+        if self.transport is None and not self._refused:
+            ip = _peer_ip(transport.get_extra_info("peername"))
+            if not self._limits.acquire(ip):
+                self._refused = True
+                logger.info("refusing SMTP connection from %s: connection limit", ip)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._limited_ip = ip
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        if self._limited_ip is not None:
+            self._limits.release(self._limited_ip)
+            self._limited_ip = None
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            return None
+        result: bool | None = super().eof_received()
+        return result
+
+    async def push(self, status: bytes | str) -> None:
+        raw = (
+            status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
+        )
+        await super().push(_REWRITES.get(raw, raw))
+
+
+class SmtpHandler:
+    """aiosmtpd handler hooks: recipient routing at RCPT, the ingest at DATA."""
+
+    def __init__(
+        self,
+        smtp: SmtpSettings,
+        email: EmailSettings,
+        factory: EnvelopeFactory,
+        ingest: Ingest,
+        normalize: Normalizer,
+    ) -> None:
+        self._smtp = smtp
+        self._email = email
+        self._router = Router(email)
+        self._factory = factory
+        self._ingest = ingest
+        self._normalize = normalize
+        self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in smtp.trusted_relays)
+        self._users = {name: secret.get_secret_value().encode() for name, secret in smtp.users.items()}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no mail is being ingested (for shutdown, before the store closes)."""
+        await self._idle.wait()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        if self._router.inbox_for(address) is None:
+            return "550 5.1.1 Recipient address rejected: no such mailbox here"
+        if len(envelope.rcpt_tos) >= self._smtp.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content
+        assert isinstance(raw, bytes)
+        if _BARE_NEWLINE.search(raw):
+            logger.info("refused mail from %s: bare CR or LF in DATA", _peer_ip(session.peer))
+            return "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8), not accepted"
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._deliver(raw, session, envelope)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _deliver(self, raw: bytes, session: Session, envelope: Envelope) -> str:
+        by_inbox: dict[str, list[str]] = {}
+        for address in envelope.rcpt_tos:
+            inbox = self._router.inbox_for(address)
+            if inbox is not None:  # always, RCPT checked it; routing is recomputed, not trusted
+                by_inbox.setdefault(inbox, []).append(address)
+        ip = _peer_ip(session.peer)
+        trusted_peer = bool(session.authenticated) or self._is_trusted(ip)
+        ssl_info = session.ssl
+        login = session.login_data if session.authenticated else None
+        auth_user = login.decode("utf-8", "replace") if isinstance(login, bytes) else None
+        envelopes = [
+            self._factory.build(
+                raw,
+                inbox=inbox,
+                remote=ip,
+                authserv_id=self._email.authserv_id_for(inbox) if trusted_peer else None,
+                transport={
+                    "transport": "smtp",
+                    "mail_from": envelope.mail_from,
+                    "rcpt_to": addresses,
+                    "peer": ip,
+                    "helo": session.host_name,
+                    "tls": ssl_info is not None,
+                    "tls_version": _tls_version(ssl_info),
+                    "auth_user": auth_user,
+                },
+            )
+            for inbox, addresses in by_inbox.items()
+        ]
+        try:
+            async with asyncio.timeout(self._smtp.ingest_timeout):
+                outcomes = await asyncio.gather(
+                    *(self._ingest(e, self._normalize) for e in envelopes), return_exceptions=True
+                )
+        except TimeoutError:
+            logger.warning("ingest of a mail from %s timed out; answering 451", ip)
+            return TEMPFAIL
+        return _answer(outcomes)
+
+    def _is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """aiosmtpd authenticator: LOGIN/PLAIN against the configured users, compared in constant time."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        expected = self._users.get(auth_data.login.decode("utf-8", "replace"))
+        # Compare even for an unknown user, so timing does not tell which users exist.
+        ok = hmac.compare_digest(expected or b"\x00" * 32, auth_data.password) and expected is not None
+        # Keep only the login on the session: the password has no business outliving the check.
+        return AuthResult(
+            success=ok, handled=False, auth_data=LoginPassword(auth_data.login, b"") if ok else None
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        logger.error("SMTP session error: %s", type(error).__name__, exc_info=error)
+        return "451 4.3.0 Temporary server error, try again later"
+
+
+def _tls_version(ssl_info: dict[str, Any] | None) -> str | None:
+    if not ssl_info:
+        return None
+    obj = ssl_info.get("ssl_object")
+    return obj.version() if isinstance(obj, ssl.SSLObject) else None
+
+
+def _answer(outcomes: list[IngestResult | BaseException]) -> str:
+    """One SMTP reply for all the inboxes' results: any transient fault wins, then a rejection."""
+    rejected: IngestResult | None = None
+    stored: list[IngestResult] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            logger.error("ingest raised %s; answering 451", type(outcome).__name__, exc_info=outcome)
+            return TEMPFAIL
+        if outcome.outcome == Outcome.RETRY or (not outcome.stored and outcome.outcome != Outcome.REJECTED):
+            return TEMPFAIL
+        if outcome.outcome == Outcome.REJECTED:
+            rejected = rejected or outcome
+        else:
+            stored.append(outcome)
+    if rejected is not None:
+        return f"554 5.6.0 {_reason(rejected.reason, 'Message rejected')}"
+    ids = [p.message_id for r in stored for p in r.placements]
+    return f"250 2.0.0 OK {ids[0]}" if ids else "250 2.0.0 OK"
+
+
+def tls_context(smtp: SmtpSettings) -> ssl.SSLContext | None:
+    if smtp.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(smtp.tls.cert_file, smtp.tls.key_file)
+    return context
+
+
+class SmtpListener:
+    """The listening server; ``start`` inside the running loop, ``stop`` on shutdown."""
+
+    def __init__(self, smtp: SmtpSettings, handler: SmtpHandler) -> None:
+        self._smtp = smtp
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        # Weak: a session leaves the set when its connection is gone.
+        self._sessions: weakref.WeakSet[GatewaySMTP] = weakref.WeakSet()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # aiosmtpd calls socket.getfqdn() per connection when no hostname is given: a DNS lookup
+        # on the loop for every session. Resolve once, off the loop.
+        hostname = self._smtp.hostname or await loop.run_in_executor(None, socket.getfqdn)
+        context = tls_context(self._smtp)
+        limits = ConnectionLimits(self._smtp.max_connections, self._smtp.max_connections_per_ip)
+        factory: Callable[[], GatewaySMTP] = partial(
+            self._session,
+            partial(
+                GatewaySMTP,
+                self._handler,
+                limits=limits,
+                loop=loop,
+                hostname=hostname,
+                ident="ticketgate",
+                data_size_limit=self._smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                tls_context=context,
+                require_starttls=bool(self._smtp.tls and self._smtp.tls.require_starttls),
+                timeout=self._smtp.timeout,
+                auth_required=self._smtp.auth_required,
+                auth_require_tls=True,
+                authenticator=self._handler.authenticate if self._smtp.users else None,
+                # Without users, offer no AUTH at all (aiosmtpd would otherwise advertise and fail it).
+                auth_exclude_mechanism=None if self._smtp.users else ["LOGIN", "PLAIN"],
+            ),
+        )
+        self._server = await loop.create_server(factory, self._smtp.host, self._smtp.port)
+        logger.info("SMTP listening on %s:%d", self._smtp.host, self.port)
+
+    def _session(self, make: Callable[[], GatewaySMTP]) -> GatewaySMTP:
+        session = make()
+        self._sessions.add(session)
+        return session
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let mails being stored finish (bounded), then close every session."""
+        if self._server is None:
+            return
+        self._server.close()
+        try:
+            async with asyncio.timeout(grace):
+                await self._handler.wait_idle()
+        except TimeoutError:
+            logger.warning("SMTP shutdown: mails still being stored after %.1fs; closing anyway", grace)
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await self._server.wait_closed()
+        self._server = None
+
+
+def setup_smtp(
+    app: web.Application,
+    smtp: SmtpSettings,
+    email: EmailSettings,
+    factory: EnvelopeFactory,
+    ingest: Ingest,
+    normalize: Normalizer,
+    shutdown_timeout: float,
+) -> SmtpListener:
+    listener = SmtpListener(smtp, SmtpHandler(smtp, email, factory, ingest, normalize))
+
+    async def smtp_ctx(app: web.Application) -> AsyncIterator[None]:
+        await listener.start()
+        yield
+        await listener.stop(shutdown_timeout)
+
+    app.cleanup_ctx.append(smtp_ctx)
+    return listener
