@@ -18,6 +18,7 @@ Usage: ``python bench/conformance_wechat.py [CORPORA_DIR]`` (default ``/work/sha
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -244,7 +245,7 @@ def run_vectors(corpus: Path) -> tuple[int, int, list[str]]:
         security = CallbackSecurity(
             flavor="wecom" if vector["kind"].startswith("wecom") else "official_account",
             receive_id=vector["receive_id"], tokens=[vector["token"]], aes_keys=[vector["encoding_aes_key"]],
-            clock=lambda ts=float(timestamp): ts,
+            clock=functools.partial(float, timestamp),
         )
         try:
             _vector(security, vector)
