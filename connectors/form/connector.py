@@ -332,7 +332,7 @@ class _Handlers:
             )
         try:
             body = await read_body(request, self._c.body_limit)
-            submission = parse_form(body, request.content_type)
+            submission = parse_form(body, request.headers.get("Content-Type"))
         except InvalidInput as exc:
             logger.info("form %s: unreadable submission from %s: %s", inbox.id, remote, exc.reason)
             key = {413: "too_large", 415: "unsupported"}.get(exc.status, "rejected")
