@@ -56,10 +56,23 @@ def normalize_address(addr_spec: str) -> str | None:
     return f"{unicodedata.normalize('NFC', local)}@{domain}"
 
 
+# An unquoted display name holding an "@" before an angle-addr ("support@bank.com <evil@x.org>"):
+# getaddresses would read the display name as a second address; quoting it keeps it a name.
+_BARE_PHRASE = re.compile(r'(^|,)(\s*)([^,"<>()]*@[^,"<>()]*?)(\s*<[^<>]*>)')
+
+
+def _quote_phrases(value: str) -> str:
+    def quote(match: re.Match[str]) -> str:
+        phrase = match.group(3).strip().replace("\\", "\\\\").replace('"', '\\"')
+        return f'{match.group(1)}{match.group(2)}"{phrase}"{match.group(4)}'
+
+    return _BARE_PHRASE.sub(quote, value) if "@" in value and "<" in value else value
+
+
 def parse_addresses(raw_values: Sequence[str], *, hint: str | None = None) -> list[Address]:
     """Every valid address in the given raw header values (To, Cc, Reply-To ...), in order."""
     result: list[Address] = []
-    for raw_name, raw_addr in getaddresses([unfold(value) for value in raw_values]):
+    for raw_name, raw_addr in getaddresses([_quote_phrases(unfold(value)) for value in raw_values]):
         address = normalize_address(_decode_addr(raw_addr))
         if address is not None:
             result.append(Address(address, decode_text(raw_name, hint=hint).strip()))
@@ -83,7 +96,8 @@ def parse_sender(raw_from: Sequence[str], *, hint: str | None = None) -> Sender:
         return Sender(None, None, ("no_from",))
     if len(raw_from) > 1:
         flags.append("multiple_from")
-    pairs = getaddresses([unfold(raw_from[0])])
+    # Several From headers: the first valid address is kept as a claim, never as verified.
+    pairs = getaddresses([_quote_phrases(unfold(value)) for value in raw_from])
     chosen: tuple[str, str] | None = None
     for raw_name, raw_addr in pairs:
         address = normalize_address(_decode_addr(raw_addr))
@@ -93,7 +107,7 @@ def parse_sender(raw_from: Sequence[str], *, hint: str | None = None) -> Sender:
             continue
         if chosen is None:
             chosen = (raw_name, address)
-    if len([p for p in pairs if p[1]]) > 1:
+    if len(raw_from) == 1 and len([p for p in pairs if p[1]]) > 1:
         flags.append("multiple_addresses")
     if chosen is None:
         return Sender(None, _first_name(pairs, hint), (*flags, "no_valid_address"))

@@ -15,7 +15,8 @@ from email.message import Message
 
 from normalizers.email.charsets import codec_for, decode
 
-_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+# Payloads may contain spaces: broken clients put them inside Q words ("=?UTF-8?Q? Personal=C3=A4?=").
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?]*?)\?=")
 _BETWEEN_WORDS = re.compile(r"[ \t\r\n]*")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 

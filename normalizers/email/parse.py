@@ -47,18 +47,6 @@ _BOUNDARY_OR_DELIMITER = re.compile(
     rb"""boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))|^--([^\r\n]{1,202})""",
     re.IGNORECASE | re.MULTILINE,
 )
-_EXTENSIONS = {
-    "message/rfc822": ".eml",
-    "message/delivery-status": ".txt",
-    "text/plain": ".txt",
-    "text/html": ".html",
-    "text/rfc822-headers": ".txt",
-    "text/calendar": ".ics",
-    "application/pdf": ".pdf",
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/gif": ".gif",
-}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,6 +125,40 @@ def _prescan(raw: bytes, limits: EmailLimits) -> None:
                 raise NormalizationError(f"more than {limits.max_parts} MIME parts")
 
 
+_HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:")
+
+
+def _repair_header_block(raw: bytes) -> tuple[bytes, int]:
+    """Keep garbage lines inside the header block from ending it early.
+
+    The parser ends the headers at the first line that is neither a field nor a continuation, so a
+    broken fold (a base64 tracker header without indentation) or a stray line ("---- Original email
+    message ----", "quite Delivered-To: x") would push every later header into the body. Such a
+    line, when real fields still follow it before the blank line, becomes a continuation of the
+    field above (or is dropped before the first field). Returns the bytes and the number of repairs.
+    """
+    end = raw.find(b"\n\r\n")
+    end2 = raw.find(b"\n\n")
+    end = min(e for e in (end, end2, len(raw)) if e >= 0)
+    head = raw[: end + 1]
+    lines = head.splitlines(keepends=True)
+    if all(_HEADER_LINE.match(line) or line[:1] in b" \t" for line in lines[1:]):
+        return raw, 0  # the common case: nothing to repair (line 0 may be an mbox "From " line)
+    last_field = max(i for i, line in enumerate(lines) if _HEADER_LINE.match(line)) if lines else -1
+    repaired: list[bytes] = []
+    repairs = 0
+    for index, line in enumerate(lines):
+        is_field = _HEADER_LINE.match(line) is not None
+        if is_field or line[:1] in b" \t" or index > last_field or (index == 0 and line.startswith(b"From ")):
+            repaired.append(line)
+        elif repaired and any(_HEADER_LINE.match(r) for r in repaired):
+            repaired.append(b" " + line)
+            repairs += 1
+        else:
+            repairs += 1  # garbage before the first field
+    return b"".join(repaired) + raw[end + 1 :], repairs
+
+
 def _check_headers(part: Message, limits: EmailLimits) -> None:
     for count, (name, value) in enumerate(part.raw_items(), start=1):
         if count > limits.max_headers:
@@ -171,23 +193,52 @@ def _payload_bytes(part: Message, body: _Body, limits: EmailLimits) -> bytes:
     return data
 
 
-def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | None, index: int) -> str:
+_GENERATED_NAMES = {
+    "message/delivery-status": ("delivery-status", ".txt"),
+    "text/plain": ("document", ".txt"),
+    "text/html": ("document", ".html"),
+    "text/calendar": ("invite", ".ics"),
+    "video/quicktime": ("video", ".mov"),
+    "image/jpeg": ("image", ".jpg"),
+    "image/jpg": ("image", ".jpg"),
+    "image/png": ("image", ".png"),
+    "image/gif": ("image", ".gif"),
+}
+_CID_NAME = re.compile(r"^([^@<>\s/\\]+\.[A-Za-z0-9]{1,10})@")
+
+
+def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | None, taken: set[str]) -> str:
+    """The sender's file name; else a name made from what the part says about itself.
+
+    Made-up names (never the sender's own) get a counter when taken: document.html, document1.html.
+    """
     if name:
         return name
     descriptions = headers.raw_values(part, "Content-Description")
     description = headers.decode_text(descriptions[0], hint=hint).strip() if descriptions else ""
+    description = description if "/" not in description and len(description) <= 100 else ""
+    stem, extension = "file", ""
     if ctype in {"message/rfc822", "message/global"}:
         inner = part.get_payload()
-        if not description and isinstance(inner, list) and inner and isinstance(inner[0], Message):
+        subject = ""
+        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
             subjects = headers.raw_values(inner[0], "Subject")
-            description = headers.decode_text(subjects[0], hint=hint).strip() if subjects else ""
-        return f"{description or 'forwarded-message'}.eml"
-    if ctype == "message/delivery-status":
-        return f"{description or 'delivery-status'}.txt"
-    extension = _EXTENSIONS.get(ctype, "")
-    if description and "/" not in description and len(description) <= 100:
-        return description if description.endswith(extension) else description + extension
-    return f"part-{index}{extension}"
+            subject = headers.decode_text(subjects[0], hint=hint).strip() if subjects else ""
+        stem, extension = (subject.replace("/", "_") or description or "forwarded-message"), ".eml"
+    else:
+        content_ids = headers.raw_values(part, "Content-ID")
+        by_cid = _CID_NAME.match(headers.unfold(content_ids[0]).strip().strip("<>")) if content_ids else None
+        if by_cid:
+            return by_cid.group(1)
+        if ctype == "message/delivery-status" and description:
+            stem, extension = description, ".txt"
+        elif ctype in _GENERATED_NAMES:
+            stem, extension = _GENERATED_NAMES[ctype]
+    candidate, counter = stem + extension, 0
+    while candidate in taken:
+        counter += 1
+        candidate = f"{stem}{counter}{extension}"
+    return candidate
 
 
 def _serialize(message: Message, linesep: str) -> bytes:
@@ -218,7 +269,7 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
                     inline = str(part.get("Content-Disposition", "")).lower().startswith("inline")
                     body.attachments.append(
                         Attachment(
-                            name=_attachment_name(part, ctype, name, hint, len(body.attachments) + 1),
+                            name=_attachment_name(part, ctype, name, hint, {a.name for a in body.attachments}),
                             content_type=ctype,
                             data=_serialize(children[0], linesep) if children else b"",
                             inline=inline and name is None,
@@ -241,6 +292,8 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
             data = b"\n".join(_serialize(block, linesep) for block in payload if isinstance(block, Message))
         else:
             data = _payload_bytes(part, body, limits)
+        if ctype.startswith("multipart/"):
+            ctype = "text/plain"  # a multipart without any part: its text is the body (mail071, mail105)
         if ctype in {"text/plain", "text/html"} and not _is_attachment(part, name):
             decoded = decode(data, declared, hint=hint)
             if decoded.lossy:
@@ -257,7 +310,7 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
         disposition = str(part.get("Content-Disposition", "")).split(";")[0].strip().lower()
         body.attachments.append(
             Attachment(
-                name=_attachment_name(part, ctype, name, hint, len(body.attachments) + 1),
+                name=_attachment_name(part, ctype, name, hint, {a.name for a in body.attachments}),
                 content_type=ctype,
                 data=data,
                 inline=disposition == "inline" or (disposition != "attachment" and cid is not None),
@@ -356,7 +409,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     if len(raw) > limits.max_bytes:
         raise NormalizationError(f"mail is {len(raw)} bytes, limit {limits.max_bytes}")
     _prescan(raw, limits)
-    message = BytesParser(policy=compat32).parsebytes(raw)
+    repaired, repairs = _repair_header_block(raw)
+    message = BytesParser(policy=compat32).parsebytes(repaired)
     _check_headers(message, limits)
     linesep = "\r\n" if b"\r\n" in raw[:4096] else "\n"
     body = _walk(message, limits, linesep)
@@ -374,8 +428,10 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     address, name = sender.address, sender.name
     if address is None:
         # No usable From: fall back to Sender, then the envelope sender, always as claimed only.
-        fallback = parse_addresses(raw_values("Sender"), hint=hint) or parse_addresses(
-            [str(meta.get("mail_from") or ""), *raw_values("Return-Path")], hint=hint
+        fallback = (
+            parse_addresses(raw_values("Sender"), hint=hint)
+            or parse_addresses(raw_values("Reply-To"), hint=hint)
+            or parse_addresses([str(meta.get("mail_from") or ""), *raw_values("Return-Path")], hint=hint)
         )
         if fallback:
             address, name = fallback[0].address, name or fallback[0].name or None
@@ -436,6 +492,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         extra["mail_from"] = str(mail_from)
     if meta.get("rcpt_to"):
         extra["rcpt_to"] = [str(r) for r in meta["rcpt_to"]]
+    if repairs:
+        extra["header_lines_repaired"] = repairs
     if body.lossy:
         extra["lossy_decoding"] = body.lossy
     if body.defects:
