@@ -48,6 +48,8 @@ Clock = Callable[[], datetime]
 WriteJob = Callable[[sqlite3.Connection], tuple[T, int]]
 
 _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
+_CHECKPOINT_INTERVAL = 1.0  # seconds between passive WAL checkpoints
+_WAL_AUTOCHECKPOINT_PAGES = 16_384
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
 # Ordered migrations; ``PRAGMA user_version`` is the number applied. Append, never edit.
@@ -419,6 +421,8 @@ class SQLiteStore:
         self.stats = StoreStats()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._open = False
@@ -449,6 +453,11 @@ class SQLiteStore:
             raise StoreError(f"cannot open {self._settings.path}: {exc}") from exc
         with self._lock:
             self._backlog = backlog
+        self._stopping.clear()
+        self._checkpointer = threading.Thread(
+            target=self._run_checkpointer, name="tg-store-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="tg-store-read"
         )
@@ -459,14 +468,17 @@ class SQLiteStore:
         if not self._open:
             return
         self._open = False
-        writer, reader = self._writer, self._reader
+        writer, reader, checkpointer = self._writer, self._reader, self._checkpointer
         self._queue.put(None)  # jobs queued before this still run
         if writer is not None:
             await asyncio.to_thread(writer.join)
+        self._stopping.set()
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.join)
         if reader is not None:
             await asyncio.get_running_loop().run_in_executor(reader, self._close_reader)
             reader.shutdown(wait=False)
-        self._writer = self._reader = None
+        self._writer = self._reader = self._checkpointer = None
 
     def _prepare_dirs(self) -> None:
         self._settings.path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +489,9 @@ class SQLiteStore:
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
+            # The checkpointer thread copies the WAL back so commits do not stall on it; this
+            # larger automatic threshold only bounds the WAL should that thread fall behind.
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
@@ -496,6 +511,22 @@ class SQLiteStore:
                 f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\nPRAGMA user_version = {version};\nCOMMIT;"
             )
             logger.info("store schema migrated to version %d", version)
+
+    def _run_checkpointer(self) -> None:
+        """Copy the WAL into the database now and then, off the writer's path (PASSIVE never blocks it)."""
+        try:
+            conn = self._connect(readonly=False)
+        except sqlite3.Error:
+            logger.exception("store checkpointer cannot connect; the writer checkpoints instead")
+            return
+        try:
+            while not self._stopping.wait(_CHECKPOINT_INTERVAL):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    logger.warning("store checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
     # -- writer thread -------------------------------------------------------------------------
 
@@ -699,6 +730,8 @@ class SQLiteStore:
 
     @staticmethod
     def _index_files(conn: sqlite3.Connection, files: Sequence[tuple[str, int]], now: datetime) -> None:
+        if not files:
+            return
         conn.executemany(
             "INSERT INTO blob_files (sha256, size, created_at) VALUES (?, ?, ?)"
             " ON CONFLICT (sha256) DO NOTHING",
