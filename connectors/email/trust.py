@@ -28,15 +28,19 @@ _FOLD = re.compile(r"\r?\n[ \t]+")
 _METHODS = ("dkim", "spf", "dmarc")
 
 
+class DkimResult(TypedDict):
+    result: str  # pass, fail, neutral, ...
+    domain: str | None  # header.d (or the domain of header.i)
+
+
 class Authentication(TypedDict):
-    """``meta["authentication"]``: the verdict of the trusted authserv-id."""
+    """``meta["authentication"]``, in the shape ``normalizers.email.addresses.sender_verified`` reads."""
 
     authserv_id: str
     dmarc: str  # pass, fail, none, temperror, permerror, bestguesspass, ...
-    dkim: str  # "pass" when any signature passed
+    header_from: str | None  # header.from of the dmarc result: the From domain DMARC evaluated
+    dkim: list[DkimResult]  # every signature's result
     spf: str
-    from_domain: str | None  # header.from of the dmarc result: the domain DMARC evaluated
-    dkim_domains: list[str]  # header.d of every passing signature
 
 
 def header_block(raw: bytes) -> bytes:
@@ -91,8 +95,6 @@ def _summarize(authserv_id: str, results: list[Any]) -> Authentication:
                 return str(p.value).lower()
         return None
 
-    from_domain = next((d for r in found["dmarc"] if (d := prop(r, "header", "from"))), None)
-
     def signing_domain(result: Any) -> str | None:
         # header.d names the domain; some MTAs (Gmail) give only header.i = "[local]@domain".
         domain = prop(result, "header", "d")
@@ -100,12 +102,10 @@ def _summarize(authserv_id: str, results: list[Any]) -> Authentication:
             domain = identity.rpartition("@")[2] or None
         return domain
 
-    dkim_domains = [d for r in found["dkim"] if str(r.result).lower() == "pass" and (d := signing_domain(r))]
     return Authentication(
         authserv_id=authserv_id,
         dmarc=outcome("dmarc"),
-        dkim=outcome("dkim"),
+        header_from=next((d for r in found["dmarc"] if (d := prop(r, "header", "from"))), None),
+        dkim=[DkimResult(result=str(r.result).lower(), domain=signing_domain(r)) for r in found["dkim"]],
         spf=outcome("spf"),
-        from_domain=from_domain,
-        dkim_domains=dkim_domains,
     )
