@@ -97,6 +97,8 @@ def _add_field(fields: dict[str, str], name: str, value: str) -> None:
 
 
 def _safe_filename(name: str) -> str:
+    # Browsers escape '"' as %22 and line breaks as %0D/%0A (WHATWG multipart/form-data); drop the breaks.
+    name = name.replace("%22", '"').replace("%0D", "").replace("%0A", "")
     # Old browsers send a full client path (C:\fakepath\x.png); keep the last component only.
     base = re.split(r"[\\/]", name)[-1].strip().replace("\x00", "")
     return base[:255] or "attachment"

@@ -1,0 +1,126 @@
+"""Extraction and routing enrichment: default extractors on real-looking text, rules as configured."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from gateway.enrich import MAX_ENTITIES, Enricher
+from gateway.model import CanonicalMessage, Entity, Identity, Routing
+from gateway.settings import Settings
+
+
+def message(text: str, *, subject: str | None = None, **fields: Any) -> CanonicalMessage:
+    base: dict[str, Any] = {
+        "channel": "form", "tenant": "acme", "inbox": "support", "external_id": None,
+        "received_at": datetime(2026, 11, 22, tzinfo=UTC), "subject": subject, "text": text,
+    }
+    return CanonicalMessage(**{**base, **fields})
+
+
+def entities(text: str, **settings: Any) -> list[tuple[str, str]]:
+    enricher = Enricher.from_settings(Settings.model_validate(settings))
+    return [(e.kind, e.value) for e in enricher.enrich(message(text)).entities]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("我的订单号：123456789012345678 还没发货", [("order_number", "123456789012345678")]),
+    ("订单编号 1234567890123456789", [("order_number", "1234567890123456789")]),
+    ("Order no. 123456789012345678 please", [("order_number", "123456789012345678")]),
+    ("where is #12345?", [("order_number", "12345")]),
+    ("Order 98765 arrived broken", [("order_number", "98765")]),
+    ("UPS 1Z999AA10123456784 stuck", [("tracking_number", "1Z999AA10123456784")]),
+    ("顺丰单号SF123456789012", [("tracking_number", "SF123456789012")]),
+    ("EMS EA123456789CN 未到", [("tracking_number", "EA123456789CN")]),
+    ("京东物流 JDVA12345678901", [("tracking_number", "JDVA12345678901")]),
+    ("圆通 YT1234567890123", [("tracking_number", "YT1234567890123")]),
+    ("中通快递单号：73100012345678", [("tracking_number", "73100012345678")]),
+    ("请回电 138 0013 8000", [("phone", "+8613800138000")]),
+    ("call me at +1 415-555-2671", [("phone", "+14155552671")]),
+])
+def test_default_extractors(text: str, expected: list[tuple[str, str]]) -> None:
+    assert entities(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "身份证 110101199003074578",  # an 18-digit number without an order keyword
+    "ticket [#TG-1234] again",  # a ticket reference, not an order
+    "price 12345 yuan",
+    "",
+])
+def test_no_false_positives(text: str) -> None:
+    assert entities(text) == []
+
+
+def test_an_order_number_is_not_also_a_phone() -> None:
+    assert entities("订单号 13800138000123") == [("order_number", "13800138000123")]
+
+
+def test_entities_are_deduped_bounded_and_keep_existing() -> None:
+    enricher = Enricher.from_settings(Settings())
+    text = " ".join(f"SF{n:012d}" for n in range(100)) + " SF000000000001"
+    existing = (Entity(kind="order_number", value="given"),)
+    result = enricher.enrich(message(text, entities=existing)).entities
+    assert len(result) == MAX_ENTITIES
+    assert result[0] == existing[0]
+    assert len(set(result)) == len(result)
+
+
+def test_configured_extractors_replace_the_defaults() -> None:
+    settings = {"extractors": [{"kind": "ticket", "pattern": r"CASE-(?P<n>\d+)", "group": "n"}]}
+    assert entities("CASE-77 and SF123456789012", **settings) == [("ticket", "77")]
+    assert entities("SF123456789012", extractors=[]) == []
+
+
+RULES = [
+    {"name": "complaints", "keywords": ["投诉", "退款", "urgent"], "priority": "high",
+     "tags": ["complaint"], "queue": "escalations"},
+    {"name": "vip", "customers": ["boss@example.com", "+8613800138000"], "priority": "urgent",
+     "tags": ["vip"]},
+    {"name": "api-apps", "channels": ["api"], "tags": ["app"], "queue": "apps"},
+    {"name": "kiosk-refunds", "inboxes": ["kiosk"], "keywords": ["refund"], "tags": ["kiosk-refund"]},
+    {"name": "low", "keywords": ["newsletter"], "priority": "low", "tags": ["bulk"]},
+]
+
+
+def routing(text: str, **fields: Any) -> Routing:
+    enricher = Enricher.from_settings(Settings.model_validate({"routing": {"rules": RULES}}))
+    return enricher.enrich(message(text, **fields)).routing
+
+
+def test_keyword_rules_are_case_insensitive_and_speak_chinese() -> None:
+    assert routing("我要投诉") == Routing(priority="high", tags=("complaint",), queue="escalations")
+    assert routing("URGENT: help") == Routing(priority="high", tags=("complaint",), queue="escalations")
+    assert routing("", subject="申请退款").queue == "escalations"
+
+
+def test_highest_priority_wins_tags_union_first_queue() -> None:
+    vip = (Identity(kind="email", value="Boss@Example.com"),)
+    result = routing("退款 please", channel="api", identities=vip)
+    assert result == Routing(priority="urgent", tags=("complaint", "vip", "app"), queue="escalations")
+
+
+def test_criteria_of_one_rule_must_all_match() -> None:
+    assert routing("refund", inbox="kiosk").tags == ("kiosk-refund",)
+    assert routing("refund", inbox="support").tags == ()
+    assert routing("hello", inbox="kiosk").tags == ()
+
+
+def test_a_low_rule_can_lower_and_no_rule_keeps_the_default() -> None:
+    assert routing("our newsletter").priority == "low"
+    assert routing("hello") == Routing()
+    preset = Routing(priority="high", tags=("x",))
+    assert routing("hello", routing=preset) == preset
+
+
+def test_unchanged_message_is_returned_as_is() -> None:
+    original = message("hello")
+    assert Enricher.from_settings(Settings()).enrich(original) is original
+
+
+def test_bad_group_fails_at_start() -> None:
+    settings = Settings.model_validate({"extractors": [{"kind": "x", "pattern": "a", "group": "missing"}]})
+    with pytest.raises(ValueError, match="missing"):
+        Enricher.from_settings(settings)
