@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
 
 from gateway.errors import StoreError
 from gateway.publisher import AmqpPublisher, MemoryPublisher, PublishedMessage
 from gateway.relay import OutboxRelay
-from gateway.settings import BrokerSettings, OutboxSettings, QueueSettings
+from gateway.settings import BrokerSettings, OutboxSettings, QueueSettings, StoreSettings
 from tests.support.consumer import Consumer
 from tests.support.outbox import FakeOutbox, thread_event
 from tests.support.rabbitmq import Janitor
@@ -277,3 +278,47 @@ async def test_outage_through_a_cut_proxy_loses_nothing(
         await relay.stop()
         await consumer.close()
         await publisher.close()
+
+
+@pytest.mark.integration
+async def test_relay_over_the_sqlite_store_through_an_outage(
+    tmp_path: Path, amqp_url: str, amqp_names: Janitor, broker_proxy: TcpProxy
+) -> None:
+    from gateway.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(StoreSettings(path=tmp_path / "tg.db", blob_dir=tmp_path / "blobs"), SETTINGS)
+    await store.open()
+    queue = amqp_names.queue("sqlite")
+    broker = BrokerSettings(
+        url=broker_proxy.url(), exchange=amqp_names.exchange(), publish_timeout=1.0, reconnect_interval=0.1,
+        queues=(QueueSettings(name=queue),),
+    )
+    publisher = AmqpPublisher(broker)
+    await publisher.start()
+    consumer = await Consumer(amqp_url, broker.exchange, queue=queue).start()
+    metrics = Recorder()
+    relay = OutboxRelay(store, publisher, SETTINGS, metrics, backoff_initial=0.05, backoff_max=0.3)
+    await relay.start()
+    try:
+        broker_proxy.cut()
+        evs = [thread_event(f"t{t}", s) for s in range(1, 11) for t in range(3)]
+        await store.enqueue(evs)
+        relay.wake()
+        await metrics.wait_failures(1)
+        assert (await store.outbox_status()).backlog == 30
+        broker_proxy.restore()
+        received = await consumer.wait_for_ids({e.event_id for e in evs}, within=30.0)
+        assert await relay.drain(5.0)
+        assert (await store.outbox_status()).backlog == 0
+        per_thread: dict[str | None, list[int]] = defaultdict(list)
+        seen: set[str | None] = set()
+        for r in received:
+            if r.message_id not in seen:
+                seen.add(r.message_id)
+                per_thread[r.correlation_id].append(int(r.headers["sequence"]))
+        assert all(seqs == list(range(1, 11)) for seqs in per_thread.values())
+    finally:
+        await relay.stop()
+        await consumer.close()
+        await publisher.close()
+        await store.close()
