@@ -20,6 +20,8 @@ and ``addresses.py`` more tolerantly, on raw values, after the bounds are checke
 
 from __future__ import annotations
 
+import binascii
+import contextlib
 import functools
 import hashlib
 import re
@@ -185,6 +187,9 @@ def _payload_bytes(part: Message, body: _Body, limits: EmailLimits) -> bytes:
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):
         data = b""
+    cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if cte in {"x-uuencode", "uuencode", "uue", "x-uue"} and not data.lstrip().startswith(b"begin"):
+        data = _uudecode(data)
     for defect in getattr(part, "defects", ()):
         body.defects.append(type(defect).__name__)
     body.decoded_bytes += len(data)
@@ -205,6 +210,23 @@ _GENERATED_NAMES = {
     "image/gif": ("image", ".gif"),
 }
 _CID_NAME = re.compile(r"^([^@<>\s/\\]+\.[A-Za-z0-9]{1,10})@")
+
+
+def _uudecode(raw: bytes) -> bytes:
+    """uuencode without the "begin" line (the stdlib then returns it undecoded); line by line."""
+    out = bytearray()
+    for line in raw.splitlines():
+        line = line.strip()
+        if not line or line in {b"`", b"end"} or line.startswith(b"begin "):
+            continue
+        try:
+            out += binascii.a2b_uu(line)
+        except binascii.Error:
+            # Some encoders pad lines with garbage: keep the length the line declares.
+            length = (((line[0] - 32) & 63) * 4 + 5) // 3
+            with contextlib.suppress(binascii.Error):
+                out += binascii.a2b_uu(line[:length])
+    return bytes(out)
 
 
 def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | None, taken: set[str]) -> str:
@@ -289,7 +311,9 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
         charset = part.get_param("charset")
         declared = charset if isinstance(charset, str) else None
         if ctype == "message/delivery-status" and isinstance(payload, list):
-            data = b"\n".join(_serialize(block, linesep) for block in payload if isinstance(block, Message))
+            # The parser split the report into header blocks; the part's own body is what was sent.
+            serialized = _serialize(part, linesep)
+            data = serialized.split((linesep * 2).encode(), 1)[-1]
         else:
             data = _payload_bytes(part, body, limits)
         if ctype.startswith("multipart/"):
