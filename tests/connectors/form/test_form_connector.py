@@ -400,3 +400,19 @@ def test_placements_ids_are_what_the_json_answer_shows() -> None:
     assert ACCEPTED.placements[0] == Placement(
         message_id="m-1", thread_id="t-1", customer_id="c-1", sequence=1, is_new_thread=True
     )
+
+
+async def test_browser_helper_names_what_the_page_has(client: Client) -> None:
+    from connectors.form import browser
+
+    base = f"http://{client.server.host}:{client.server.port}"
+    url = browser.form_url(base, "support", lang="zh")
+    assert url == f"{base}/forms/support?lang=zh"
+    page = await (await client.get("/forms/support?lang=zh")).text()
+    for selector in (*browser.sample_input(), browser.SUBMIT, browser.HONEYPOT):
+        assert f'id="{selector[1:]}"' in page
+    # What a browser without JavaScript sends: the inputs as multipart, to the page's own URL.
+    fields = {selector.removeprefix("#tg-"): value for selector, value in browser.sample_input().items()}
+    data = multipart(**fields)
+    response = await client.post("/forms/support", data=data, headers={"Origin": base})
+    assert f'id="{browser.THANKS[1:]}"' in await response.text()

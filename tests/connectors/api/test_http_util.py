@@ -1,0 +1,71 @@
+"""Shared HTTP helpers: the token bucket (with an injected clock) and the client address."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
+from connectors.http_util import ClientAddress, RateLimiter, result_status
+from gateway.model import IngestResult, Outcome
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_allows_a_burst_then_refills_at_the_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(per_minute=60, burst=3, clock=clock)
+    assert [limiter.acquire("ip") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("ip") == pytest.approx(1.0)
+    clock.now += 0.5
+    assert limiter.acquire("ip") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert limiter.acquire("ip") == 0.0
+    assert limiter.acquire("other") == 0.0  # buckets are per key
+
+
+def test_memory_is_bounded_dropping_the_least_recently_seen() -> None:
+    clock = Clock()
+    limiter = RateLimiter(per_minute=1, burst=1, max_keys=2, clock=clock)
+    limiter.acquire("a")
+    limiter.acquire("b")
+    limiter.acquire("a")  # "a" is now the most recently seen
+    limiter.acquire("c")  # evicts "b"
+    assert len(limiter) == 2
+    assert limiter.acquire("a") > 0  # still remembered, still empty
+    assert limiter.acquire("b") == 0.0  # forgotten, so full again
+
+
+def peer(remote: str, forwarded: str | None = None) -> str | None:
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = make_mocked_request("POST", "/", headers=headers)
+    request = request.clone(remote=remote)
+    return ClientAddress(["10.0.0.0/8", "::1"])(request)
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    assert peer("203.0.113.9", "198.51.100.1") == "203.0.113.9"  # not a proxy of ours: ignore the header
+    assert peer("10.0.0.2", "198.51.100.1") == "198.51.100.1"
+    # The client wrote the leftmost hop itself; the rightmost untrusted hop is the real client.
+    assert peer("10.0.0.2", "1.2.3.4, 198.51.100.1, 10.0.0.7") == "198.51.100.1"
+    assert peer("10.0.0.2", "10.0.0.9") == "10.0.0.2"
+    assert peer("10.0.0.2", "garbage") == "10.0.0.2"
+    assert peer("10.0.0.2") == "10.0.0.2"
+
+
+@pytest.mark.parametrize(("result", "status"), [
+    (IngestResult(outcome=Outcome.ACCEPTED), 202),
+    (IngestResult(outcome=Outcome.QUARANTINED), 202),
+    (IngestResult(outcome=Outcome.DUPLICATE), 200),
+    (IngestResult(outcome=Outcome.REJECTED), 400),
+    (IngestResult(outcome=Outcome.REJECTED, status=403), 403),
+    (IngestResult(outcome=Outcome.REJECTED, status=500), 400),  # a rejection is never a server error
+    (IngestResult(outcome=Outcome.RETRY), 503),
+])
+def test_result_status(result: IngestResult, status: int) -> None:
+    assert result_status(result) == status
