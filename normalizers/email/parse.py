@@ -464,7 +464,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
     )
 
-    text = "\n".join(body.plain) if body.plain else None
+    # One line-ending convention for consumers; the raw bytes keep the original.
+    text = "\n".join(t.replace("\r\n", "\n") for t in body.plain) if body.plain else None
     html_source = "\n".join(body.html) if body.html else None
     html = htmltext.sanitize(html_source[: limits.max_text_chars]) if html_source else None
     if text is None and html_source is not None:

@@ -38,6 +38,7 @@ _SIGNATURE = re.compile(
     r"sent from (mail|outlook) for windows.{0,10}|发自\s?(网易|QQ|iPhone|iPad).{0,20})$",
     re.IGNORECASE,
 )
+_BLANK_RUNS = re.compile(r"\n{3,}")
 _MAX_LINES = 20_000  # reply extraction is a hint; never spend more than a linear pass on a bounded prefix
 
 
@@ -61,7 +62,7 @@ def extract_reply(text: str) -> str | None:
             cut = index
             break
     kept = [line for line in lines[:cut] if not line.lstrip().startswith(">")]
-    result = "\n".join(line.rstrip() for line in kept).strip()
+    result = _BLANK_RUNS.sub("\n\n", "\n".join(line.rstrip() for line in kept)).strip()
     return result or None
 
 

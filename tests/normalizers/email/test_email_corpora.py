@@ -1,0 +1,37 @@
+"""Every mail of the public corpora yields a message or a NormalizationError, never anything else."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import NormalizationError
+from gateway.model import RawEnvelope
+from normalizers.email import normalize_email
+
+CORPORA = Path(__file__).resolve().parents[4] / "shared" / "corpora"
+PATTERNS = {"zammad": "mail/*.box", "mikel_mail": "emails/**/*.eml", "django_helpdesk": "test_files/*.eml"}
+
+
+@pytest.mark.parametrize("corpus", sorted(PATTERNS))
+def test_corpus_never_crashes(corpus: str) -> None:
+    root = CORPORA / corpus
+    if not root.is_dir():
+        pytest.skip(f"corpus {root} not present")
+    mails = sorted(root.glob(PATTERNS[corpus]))
+    assert mails
+    unexpected: list[str] = []
+    for path in mails:
+        envelope = RawEnvelope(channel="email", tenant="t", inbox="support@demo.localhost",
+                               body=path.read_bytes(), received_at=datetime(2024, 1, 1, tzinfo=UTC))
+        try:
+            messages = normalize_email(envelope)
+        except NormalizationError as exc:
+            # A quarantine is allowed, but not for a bug of ours hidden behind the safety net.
+            if "unexpected" in str(exc):
+                unexpected.append(f"{path.name}: {exc}")
+            continue
+        assert len(messages) == 1, path
+    assert not unexpected
