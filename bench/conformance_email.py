@@ -28,10 +28,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.errors import NormalizationError  # noqa: E402
-from gateway.model import CanonicalMessage, RawEnvelope  # noqa: E402
-from normalizers.email import normalize_email  # noqa: E402
-from normalizers.email.addresses import normalize_address  # noqa: E402
+from gateway.errors import NormalizationError
+from gateway.model import CanonicalMessage, RawEnvelope
+from normalizers.email import normalize_email
+from normalizers.email.addresses import normalize_address
 
 RULES = """\
 - addresses: compared after our normalization on both sides (domain lowercased and IDNA-decoded,
@@ -138,8 +138,9 @@ def zammad(root: Path, report: Report) -> None:
         got_data = [a.data.replace(b"\r\n", b"\n") if as_text else a.data for a in message.attachments]
         want_sizes = sorted(a["size"] for a in attachments)
         fields["attachment sizes"].check(name, want_sizes, _match_sizes(attachments, message))
-        got_md5 = {hashlib.md5(d).hexdigest() for d in got_data} | {  # noqa: S324 (their hash)
-            hashlib.md5(a.data).hexdigest() for a in message.attachments  # noqa: S324
+        got_md5 = {hashlib.md5(d).hexdigest() for d in got_data} | {
+            hashlib.md5(a.data).hexdigest()
+            for a in message.attachments
         }
         want_md5 = {a["md5"] for a in attachments}
         fields["attachment hashes"].check(name, sorted(want_md5 - got_md5), [], want_md5 <= got_md5)
@@ -208,7 +209,9 @@ def mikel(root: Path, report: Report) -> None:
         _mikel_dsn(name, expected, message, fields)
 
 
-def _mikel_dsn(name: str, expected: dict[str, Any], message: CanonicalMessage, fields: dict[str, Tally]) -> None:
+def _mikel_dsn(
+    name: str, expected: dict[str, Any], message: CanonicalMessage, fields: dict[str, Tally]
+) -> None:
     dsn = message.extra.get("dsn") or {}
     if "bounced" in expected:
         bounced = message.auto_generated == "bounce" and dsn.get("action") == "failed"
@@ -245,7 +248,9 @@ def django(root: Path, report: Report) -> None:
         if "description_stripped" in expected:
             fields["text"].check(name, expected["description_stripped"], text)
         if "description_contains" in expected:
-            fields["text"].check(name, expected["description_contains"], text, expected["description_contains"] in text)
+            fields["text"].check(
+                name, expected["description_contains"], text, expected["description_contains"] in text
+            )
         if "attachment_filename" in expected:
             # django-helpdesk prefixes stored names with "part-<n>_"; the sender's name is the rest.
             want_name = re.sub(r"^part-\d+_", "", expected["attachment_filename"])

@@ -20,7 +20,6 @@ _DAEMON = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon)@", r
 _MSGID = re.compile(r"<([^<>\s]+)>")
 
 
-
 def auto_generated(
     headers: Callable[[str], list[str]],
     *,

@@ -48,14 +48,20 @@ _SUPERSETS = {
     "ascii": "ascii",
     "ansi_x3.4-1968": "ascii",
     "iso-8859-9": "cp1254",
+    "latin-9": "iso8859-15",
+    "latin9": "iso8859-15",
+    "latin-2": "iso8859-2",
+    "latin-0": "iso8859-15",
     "utf8": "utf-8",
     "unicode-1-1-utf-7": "utf-7",
     "x-unicode20utf8": "utf-8",
 }
 # Single-byte charsets accept any byte sequence, so a strict decode never tells us they lie.
-_SINGLE_BYTE = {"cp1252", "latin-1", "iso8859-1"} | {f"cp125{i}" for i in range(9)} | {
-    f"iso8859-{i}" for i in range(2, 17)
-}
+_SINGLE_BYTE = (
+    {"cp1252", "latin-1", "iso8859-1"}
+    | {f"cp125{i}" for i in range(9)}
+    | {f"iso8859-{i}" for i in range(2, 17)}
+)
 DETECT_SAMPLE = 64 * 1024  # detection cost grows with input; a sample is enough to pick a charset
 
 

@@ -291,7 +291,9 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
                     inline = str(part.get("Content-Disposition", "")).lower().startswith("inline")
                     body.attachments.append(
                         Attachment(
-                            name=_attachment_name(part, ctype, name, hint, {a.name for a in body.attachments}),
+                            name=_attachment_name(
+                                part, ctype, name, hint, {a.name for a in body.attachments}
+                            ),
                             content_type=ctype,
                             data=_serialize(children[0], linesep) if children else b"",
                             inline=inline and name is None,
@@ -400,14 +402,16 @@ def _language(text: str) -> str | None:
     return None
 
 
+# fmt: off
 _ENGLISH = frozenset(
     (
         "the", "a", "an", "and", "or", "to", "of", "in", "on", "for", "is", "are", "was", "be",
-        "it", "i", "you", "we", "my", "your", "this", "that", "with", "have", "has", "not", "please", "thanks",
-        "thank", "hi", "hello", "can", "could", "would", "will", "from", "at", "as", "if", "but", "me", "our",
-        "do",
+        "it", "i", "you", "we", "my", "your", "this", "that", "with", "have", "has", "not", "please",
+        "thanks", "thank", "hi", "hello", "can", "could", "would", "will", "from", "at", "as", "if",
+        "but", "me", "our", "do",
     )
 )
+# fmt: on
 
 
 def _synthetic_id(raw: bytes, date: list[str], sender: list[str], subject: list[str]) -> str:
@@ -460,9 +464,7 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         if fallback:
             address, name = fallback[0].address, name or fallback[0].name or None
             flags.append("from_fallback")
-    verified = (
-        address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
-    )
+    verified = address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
 
     # One line-ending convention for consumers; the raw bytes keep the original.
     text = "\n".join(t.replace("\r\n", "\n") for t in body.plain) if body.plain else None
@@ -531,8 +533,7 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         channel=envelope.channel,
         tenant=envelope.tenant,
         inbox=envelope.inbox,
-        external_id=message_id
-        or _synthetic_id(raw, raw_values("Date"), raw_values("From"), subject_values),
+        external_id=message_id or _synthetic_id(raw, raw_values("Date"), raw_values("From"), subject_values),
         received_at=envelope.received_at,
         sent_at=_sent_at(raw_values("Date")),
         identities=(Identity(kind=IdentityKind.EMAIL, value=address, verified=verified),) if address else (),

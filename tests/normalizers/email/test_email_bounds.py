@@ -9,14 +9,20 @@ import pytest
 
 from gateway.errors import NormalizationError
 from gateway.model import RawEnvelope
+from normalizers.base import Normalizer
 from normalizers.email import EmailLimits, make_email_normalizer, normalize_email
 
 SECONDS = 2.0  # generous for a noisy 2-core machine; an unbounded parser takes minutes on these
 
 
 def envelope(body: bytes) -> RawEnvelope:
-    return RawEnvelope(channel="email", tenant="t", inbox="support@demo.localhost", body=body,
-                       received_at=datetime(2024, 1, 1, tzinfo=UTC))
+    return RawEnvelope(
+        channel="email",
+        tenant="t",
+        inbox="support@demo.localhost",
+        body=body,
+        received_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
 
 
 def nested(depth: int) -> bytes:
@@ -31,7 +37,7 @@ def many_parts(count: int) -> bytes:
     return b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n" + parts + b"--B--\r\n"
 
 
-def refused(body: bytes, match: str, normalizer=normalize_email) -> None:
+def refused(body: bytes, match: str, normalizer: Normalizer = normalize_email) -> None:
     started = time.perf_counter()
     with pytest.raises(NormalizationError, match=match):
         normalizer(envelope(body))
@@ -65,8 +71,10 @@ def test_one_megabyte_header_line_is_refused() -> None:
 
 
 def test_one_megabyte_header_line_in_a_nested_part_is_refused() -> None:
-    body = (b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
-            b"Content-Type: text/plain; name=\"" + b"x" * 1_000_000 + b"\"\r\n\r\nhi\r\n--B--\r\n")
+    body = (
+        b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        b'Content-Type: text/plain; name="' + b"x" * 1_000_000 + b'"\r\n\r\nhi\r\n--B--\r\n'
+    )
     refused(body, "limit 65536")
 
 
@@ -83,9 +91,12 @@ def test_total_size_is_bounded() -> None:
 def test_decoded_size_is_bounded() -> None:
     limited = make_email_normalizer(EmailLimits(max_decoded_bytes=1000))
     attachment = b"QUFB" * 1000  # 3000 decoded bytes
-    body = (b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
-            b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-            + attachment + b"\r\n--B--\r\n")
+    body = (
+        b"From: a@example.com\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + attachment
+        + b"\r\n--B--\r\n"
+    )
     refused(body, "decoded parts exceed 1000 bytes", limited)
 
 

@@ -24,8 +24,13 @@ def test_corpus_never_crashes(corpus: str) -> None:
     assert mails
     unexpected: list[str] = []
     for path in mails:
-        envelope = RawEnvelope(channel="email", tenant="t", inbox="support@demo.localhost",
-                               body=path.read_bytes(), received_at=datetime(2024, 1, 1, tzinfo=UTC))
+        envelope = RawEnvelope(
+            channel="email",
+            tenant="t",
+            inbox="support@demo.localhost",
+            body=path.read_bytes(),
+            received_at=datetime(2024, 1, 1, tzinfo=UTC),
+        )
         try:
             messages = normalize_email(envelope)
         except NormalizationError as exc:
