@@ -86,10 +86,20 @@ def _check(response: aioimaplib.Response, what: str) -> aioimaplib.Response:
     return response
 
 
+def _cafile(account: ImapAccountSettings) -> str | None:
+    return str(account.ca_file) if account.ca_file else None
+
+
 def _search_uids(response: aioimaplib.Response) -> list[int]:
-    for line in response.lines:
-        if isinstance(line, bytes) and line.upper().startswith(b"SEARCH"):
-            return sorted(int(n) for n in line.split()[1:] if n.isdigit())
+    """UIDs of a ``UID SEARCH`` answer; aioimaplib hands the untagged line with or without "SEARCH"."""
+    for line in response.lines[:-1]:  # the last line is the tagged status text
+        if not isinstance(line, bytes):
+            continue
+        words = line.split()
+        if words and words[0].upper() == b"SEARCH":
+            words = words[1:]
+        if all(word.isdigit() for word in words):
+            return sorted(int(word) for word in words)
     return []
 
 
@@ -176,25 +186,41 @@ class FolderPoller:
                 elif await self._wait(self._account.poll_interval):
                     break
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await client.logout()
+            await self._close(client)
+
+    @staticmethod
+    async def _close(client: aioimaplib.IMAP4) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await client.logout()
+        # aioimaplib leaves the socket to the server's close; a dead or slow server never closes it.
+        transport = client.protocol.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
     async def _connect(self) -> aioimaplib.IMAP4:
         account = self._account
-        context = None
-        if account.tls or account.starttls:
-            context = ssl.create_default_context(cafile=str(account.ca_file) if account.ca_file else None)
         if account.tls:
             client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(
-                account.host, account.effective_port, timeout=account.timeout, ssl_context=context
+                account.host,
+                account.effective_port,
+                timeout=account.timeout,
+                ssl_context=ssl.create_default_context(cafile=_cafile(account)),
             )
         else:
             client = aioimaplib.IMAP4(account.host, account.effective_port, timeout=account.timeout)
+        try:
+            await self._open(client)
+        except BaseException:
+            await self._close(client)
+            raise
+        return client
+
+    async def _open(self, client: aioimaplib.IMAP4) -> None:
+        account = self._account
         await client.wait_hello_from_server()
         if account.starttls:
-            assert context is not None
-            await self._starttls(client, context)
+            await self._starttls(client, ssl.create_default_context(cafile=_cafile(account)))
         if account.oauth2_token is not None:
             response = await client.xoauth2(account.username, account.oauth2_token.get_secret_value())
         else:
@@ -202,7 +228,8 @@ class FolderPoller:
             response = await client.login(account.username, account.password.get_secret_value())
         # The server's own text may echo the user name; never the password.
         _check(response, f"login as {account.username}")
-        return client
+        # Servers announce more after login (MOVE, UIDPLUS); the pre-login list would hide them.
+        await asyncio.wait_for(client.protocol.capability(), account.timeout)
 
     async def _starttls(self, client: aioimaplib.IMAP4, context: ssl.SSLContext) -> None:
         """aioimaplib has no STARTTLS; the upgrade is asyncio's own ``loop.start_tls``."""

@@ -1,0 +1,233 @@
+"""IMAP pollers against a real Dovecot that each test configures and starts in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.model import IngestResult, Outcome, RawEnvelope
+from tests.connectors.email.dovecot_kit import PASSWORD, USER, Dovecot, dovecot
+from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, running
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def server() -> Iterator[Dovecot]:
+    with dovecot() as running_server:
+        yield running_server
+
+
+def config(server: Dovecot, **account: Any) -> dict[str, Any]:
+    return {
+        "inboxes": {"support": {}},
+        "imap": {
+            "helpdesk": {
+                "host": "127.0.0.1",
+                "port": server.port,
+                "tls": False,
+                "username": USER,
+                "password": PASSWORD,
+                "inbox": "support",
+                "reconnect_min": 0.05,
+                "reconnect_max": 0.5,
+                "poll_interval": 0.1,
+                **account,
+            }
+        },
+    }
+
+
+class Progress:
+    """The pollers' observer: tests wait on it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[str, int, Outcome]] = []
+        self._changed = asyncio.Condition()
+        self._pending: list[asyncio.Task[None]] = []
+
+    def __call__(self, account: str, folder: str, uid: int, result: IngestResult) -> None:
+        self.done.append((folder, uid, result.outcome))
+        self._pending.append(asyncio.get_running_loop().create_task(self._notify()))
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def until(
+        self, predicate: Callable[[list[tuple[str, int, Outcome]]], bool], within: float = 20
+    ) -> None:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.done))
+
+
+class FlagRecordingIngest(FakeIngest):
+    """Also records the message's flags on the server at the moment ingest is called."""
+
+    def __init__(self, server: Dovecot, folder: str = "INBOX") -> None:
+        super().__init__()
+        self.server = server
+        self.folder = folder
+        self.flags_at_call: list[tuple[int, str]] = []
+
+    async def __call__(self, envelope: RawEnvelope, normalize: Any) -> IngestResult:
+        uid = int(envelope.meta["uid"])
+        flags = await asyncio.to_thread(self.server.flags, self.folder)
+        self.flags_at_call.append((uid, flags.get(uid, "")))
+        return await super().__call__(envelope, normalize)
+
+
+async def test_every_message_is_fetched_and_flagged_seen_only_after_it_was_stored(
+    server: Dovecot, tmp_path: Path
+) -> None:
+    for n in range(3):
+        server.append(mail(message_id=f"<early-{n}@customer.example>"))
+    ingest = FlagRecordingIngest(server)
+    progress = Progress()
+    async with running(config(server), tmp_path, ingest=ingest, observer=progress) as gw:
+        await progress.until(lambda done: len(done) == 3)
+        # Mail arriving while the poller runs arrives through IDLE.
+        await asyncio.to_thread(server.append, mail(message_id="<live@customer.example>"))
+        await progress.until(lambda done: len(done) == 4)
+        assert gw.connector.imap is not None
+    assert ingest.flags_at_call == [(1, ""), (2, ""), (3, ""), (4, "")]  # not seen while being stored
+    assert all("\\Seen" in flags for flags in server.flags().values())
+    assert sorted(ingest.keys) == sorted(
+        [f"support/<early-{n}@customer.example>" for n in range(3)] + ["support/<live@customer.example>"]
+    )
+    envelope = ingest.envelopes[0]
+    assert envelope.body == mail(message_id="<early-0@customer.example>")
+    assert envelope.meta["transport"] == "imap"
+    assert envelope.meta["folder"] == "INBOX"
+    assert envelope.meta["uidvalidity"] == server.uidvalidity("INBOX")
+
+
+async def test_a_retry_leaves_the_message_unseen_and_it_is_fetched_again(
+    server: Dovecot, tmp_path: Path
+) -> None:
+    server.append(mail(message_id="<one@customer.example>"))
+    server.append(mail(message_id="<two@customer.example>"))
+    ingest = FlagRecordingIngest(server)
+    failures = {"<two@customer.example>": 2}
+
+    def script(envelope: RawEnvelope) -> IngestResult | None:
+        key = "<two@customer.example>"
+        if key.encode() in envelope.body and failures[key]:
+            failures[key] -= 1
+            return RETRY
+        return None
+
+    ingest.script = script
+    progress = Progress()
+    async with running(config(server, use_idle=False), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 2)
+    assert [uid for uid, _ in ingest.flags_at_call] == [1, 2, 2, 2]
+    # At the 2nd and 3rd attempt the message was still unseen: RETRY flagged nothing.
+    assert [flags for uid, flags in ingest.flags_at_call if uid == 2] == ["", "", ""]
+    assert [r.outcome for r in ingest.results] == [
+        Outcome.ACCEPTED,
+        Outcome.RETRY,
+        Outcome.RETRY,
+        Outcome.ACCEPTED,
+    ]
+    assert all("\\Seen" in flags for flags in server.flags().values())
+
+
+async def test_the_watermark_survives_a_restart_and_mail_sent_meanwhile_is_fetched_once(
+    server: Dovecot, tmp_path: Path
+) -> None:
+    server.append(mail(message_id="<before-1@customer.example>"))
+    server.append(mail(message_id="<before-2@customer.example>"))
+    ingest = FakeIngest()
+    progress = Progress()
+    async with running(config(server), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 2)
+    # The gateway is down: mail keeps arriving, one of it even read by a person in a mail client.
+    server.append(mail(message_id="<during-1@customer.example>"))
+    server.append(mail(message_id="<during-2@customer.example>"), flags="(\\Seen)")
+    state = json.loads((tmp_path / "data" / "email-state.json").read_text())
+    assert state["imap/helpdesk/INBOX"] == {"uidvalidity": server.uidvalidity("INBOX"), "uid": 2}
+    progress = Progress()
+    async with running(config(server), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 2)
+    assert [message for message in ingest.keys] == [
+        "support/<before-1@customer.example>",
+        "support/<before-2@customer.example>",
+        "support/<during-1@customer.example>",
+        "support/<during-2@customer.example>",
+    ]
+    assert len(ingest.envelopes) == 4  # nothing fetched twice
+    assert [r.outcome for r in ingest.results] == [Outcome.ACCEPTED] * 4
+
+
+async def test_a_uidvalidity_change_rescans_without_duplicates(server: Dovecot, tmp_path: Path) -> None:
+    from normalizers.email import normalize_email
+
+    server.create("Support")
+    originals = [mail(message_id=f"<kept-{n}@customer.example>") for n in range(2)]
+    for raw in originals:
+        server.append(raw, folder="Support")
+    ingest = FakeIngest()
+    account = {"folders": ["Support"], "rescan": "all"}
+    progress = Progress()
+    async with running(
+        config(server, **account), tmp_path, ingest=ingest, observer=progress, normalize=normalize_email
+    ):
+        await progress.until(lambda done: len(done) == 2)
+    before = server.uidvalidity("Support")
+    # The folder is rebuilt (a restore, a server migration): same mails, new UIDs, new UIDVALIDITY.
+    server.delete("Support")
+    server.create("Support")
+    for raw in originals:
+        server.append(raw, folder="Support")
+    server.append(mail(message_id="<new@customer.example>"), folder="Support")
+    after = server.uidvalidity("Support")
+    assert after != before
+    progress = Progress()
+    async with running(
+        config(server, **account), tmp_path, ingest=ingest, observer=progress, normalize=normalize_email
+    ):
+        await progress.until(lambda done: len(done) == 3)
+    assert [r.outcome for r in ingest.results] == [
+        Outcome.ACCEPTED,
+        Outcome.ACCEPTED,
+        Outcome.DUPLICATE,
+        Outcome.DUPLICATE,
+        Outcome.ACCEPTED,
+    ]
+    # The real normalizer derives the same idempotency key for the refetched copies: the store's
+    # unique constraint would make them duplicates too.
+    keys = [messages[0].idempotency_key() for messages in ingest.messages]
+    assert keys[2:4] == keys[0:2]
+    assert len(set(keys)) == 3
+    state = json.loads((tmp_path / "data" / "email-state.json").read_text())
+    assert state["imap/helpdesk/Support"]["uidvalidity"] == after
+
+
+async def test_processed_mail_is_moved_after_it_was_stored(server: Dovecot, tmp_path: Path) -> None:
+    server.create("Processed")
+    server.append(mail(message_id="<move-me@customer.example>"))
+    ingest = FlagRecordingIngest(server)
+    progress = Progress()
+    account = {"processed_action": "move", "processed_folder": "Processed"}
+    async with running(config(server, **account), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 1)
+    assert ingest.flags_at_call == [(1, "")]  # still in INBOX when it was being stored
+    assert server.flags("INBOX") == {}
+    assert len(server.flags("Processed")) == 1
+
+
+async def test_a_wrong_password_is_retried_with_backoff_and_stops_cleanly(
+    server: Dovecot, tmp_path: Path
+) -> None:
+    server.append(mail())
+    ingest = FakeIngest()
+    async with running(config(server, password="wrong"), tmp_path, ingest=ingest) as gw:
+        assert gw.connector.imap is not None
+    # Stopped cleanly (the context manager returned) without ever storing anything.
+    assert ingest.envelopes == []
