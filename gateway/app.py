@@ -71,12 +71,19 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             await purge
         await store.close()
 
+    async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Returns even when the broker is down: ingest continues into the outbox meanwhile.
+        await publisher.start()
+        yield
+        await publisher.close()
+
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         await relay.start()
         yield
         await relay.drain(settings.outbox.drain_timeout)
 
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
     setup_health(app)
     for connector in load_connectors(settings):

@@ -30,14 +30,14 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         problems.append(f"store: {exc}")
     status = await app[STORE].outbox_status()
-    relay = app[RELAY]
+    connected = app[RELAY].status.connected
     limit = app[SETTINGS].outbox.max_backlog
-    if not relay.connected and status.backlog >= limit:
+    if not connected and status.backlog >= limit:
         problems.append(f"broker disconnected and outbox backlog {status.backlog} at its bound {limit}")
     body = {
         "status": "ready" if not problems else "unavailable",
         "problems": problems,
-        "broker_connected": relay.connected,
+        "broker_connected": connected,
         "outbox_backlog": status.backlog,
     }
     return web.json_response(body, status=200 if not problems else 503)
@@ -50,7 +50,7 @@ async def metrics(request: web.Request) -> web.Response:
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
     registry = app[METRICS]
     registry.outbox_status(status.backlog, age)
-    registry.broker_connected.set(1 if app[RELAY].connected else 0)
+    registry.broker_connected.set(1 if app[RELAY].status.connected else 0)
     return web.Response(body=registry.exposition(), content_type="text/plain", charset="utf-8")
 
 

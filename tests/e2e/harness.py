@@ -66,7 +66,7 @@ tenant = "demo"
 allowed_origins = ["http://127.0.0.1:{port}"]
 
 [channels.api.inboxes.demo]
-api_keys = ["test-key"]
+keys = ["e2e-test-key-0001"]
 
 [[routing.rules]]
 name = "complaints"
