@@ -207,11 +207,11 @@ class Settings(_Section):
     threading: ThreadingSettings = Field(default_factory=ThreadingSettings)
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     inboxes: dict[str, InboxSettings] = Field(default_factory=dict)
-    # ``None`` means: use the built-in default extractors (gateway.extract.DEFAULT_EXTRACTORS).
+    # ``None`` means: use the built-in default extractors (gateway.enrich.DEFAULT_EXTRACTORS).
     extractors: tuple[ExtractorSettings, ...] | None = None
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     # Each channel validates its own table (see :meth:`channel`).
-    channels: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    channels: dict[str, dict[str, Any]] = Field(default_factory=dict, repr=False)  # raw: holds secrets
     # Where the settings were read from, for error messages; not a setting.
     source: str | None = Field(default=None, exclude=True)
 

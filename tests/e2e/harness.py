@@ -65,6 +65,11 @@ tenant = "demo"
 [channels.form.inboxes.demo]
 allowed_origins = ["http://127.0.0.1:{port}"]
 
+[channels.api]
+# Load tests come from one address: the per-client limit is not under test here.
+rate_limit_per_minute = 600000
+rate_limit_burst = 10000
+
 [channels.api.inboxes.demo]
 keys = ["e2e-test-key-0001"]
 
@@ -85,6 +90,7 @@ class GatewayProcess:
     config: Path
     port: int
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -98,7 +104,7 @@ class GatewayProcess:
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,6 +93,14 @@ class Consumer:
             got = len(self.received)
             raise AssertionError(f"expected {count} messages within {within}s, got {got}") from None
         return list(self.received)
+
+    async def wait_until(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds over what was received; AssertionError after ``within``."""
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(predicate)
+        except TimeoutError:
+            raise AssertionError(f"condition not met within {within}s ({len(self.received)} received)") from None
 
     async def wait_for_ids(self, ids: set[str], within: float = 10.0) -> list[Received]:
         """Wait until every message id in ``ids`` arrived at least once."""

@@ -1,0 +1,70 @@
+"""The shipped configuration files stay valid as the code moves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import cmd_check_config, main
+from gateway.settings import load_settings
+
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+# Every secret the example reads from the environment.
+EXAMPLE_ENV = {
+    "TICKETGATE_BLOB_TOKEN": "blob-token-for-tests",
+    "TICKETGATE_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
+    "TICKETGATE_API_KEY_ACME": "an-api-key-long-enough",
+    "WECHAT_ACME_TOKEN": "token",
+    "WECHAT_ACME_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "WECOM_HELPDESK_TOKEN": "token",
+    "WECOM_HELPDESK_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "SMTP_RELAY_PASSWORD": "relay-password",
+    "IMAP_SUPPORT_PASSWORD": "imap-password",
+}
+
+
+@pytest.mark.parametrize("name", ["ticketgate.dev.toml", "ticketgate.example.toml"])
+def test_shipped_configs_pass_check_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in EXAMPLE_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = io.StringIO()
+
+    class Args:
+        config = str(CONFIG / name)
+
+    assert cmd_check_config(Args(), out=out) == 0  # type: ignore[arg-type]
+    assert "OK" in out.getvalue()
+
+
+def test_check_config_names_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nport = "eighty"\n')
+    assert main(["check-config", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "server.port" in err
+
+
+def test_a_missing_secret_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE_TOKEN", raising=False)
+    path = tmp_path / "t.toml"
+    path.write_text(
+        '[tenants.t]\n[inboxes.i]\ntenant = "t"\n[channels.api.inboxes.i]\nkeys = [{ env = "NOPE_TOKEN" }]\n'
+    )
+    assert main(["check-config", "--config", str(path)]) == 2
+
+
+def test_environment_overrides_any_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TICKETGATE__SERVER__PORT", "9123")
+    monkeypatch.setenv("TICKETGATE__BROKER__QUEUES", '[{ name = "q", bindings = ["a.#"] }]')
+    settings = load_settings(CONFIG / "ticketgate.dev.toml")
+    assert settings.server.port == 9123
+    assert settings.broker.queues[0].bindings == ("a.#",)
+
+
+def test_secrets_never_appear_in_repr() -> None:
+    settings = load_settings(CONFIG / "ticketgate.dev.toml")
+    text = repr(settings)
+    assert "dev-api-key" not in text and "devtoken" not in text and "guest:guest" not in text
