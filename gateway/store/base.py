@@ -125,3 +125,9 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise if the store cannot write right now (readiness)."""
         ...
+
+    async def state_put(self, key: str, value: bytes) -> None:
+        """Durably keep a small piece of connector state (an IMAP watermark, a pull cursor)."""
+        ...
+
+    async def state_get(self, key: str) -> bytes | None: ...

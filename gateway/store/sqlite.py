@@ -168,6 +168,14 @@ MIGRATIONS: tuple[str, ...] = (
         value INTEGER NOT NULL
     );
     """,
+    # 2: small durable connector state (IMAP watermarks, pull cursors).
+    """
+    CREATE TABLE state (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -904,6 +912,24 @@ class SQLiteStore:
             return purged, 0
 
         return await self._submit(job)
+
+    async def state_put(self, key: str, value: bytes) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.execute(
+                "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, value, _us(self._clock())),
+            )
+            return None, 0
+
+        await self._submit(job)
+
+    async def state_get(self, key: str) -> bytes | None:
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._read(read)
 
     async def ping(self) -> None:
         if self._disk_is_low():

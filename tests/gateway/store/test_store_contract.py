@@ -297,3 +297,18 @@ async def test_purge_drops_expired_keys_only(store: Store, clock: Clock) -> None
 
 async def test_ping_succeeds_on_an_open_store(store: Store) -> None:
     await store.ping()
+
+
+async def test_state_is_durable_and_overwritten(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    assert await store.state_get("imap/support/INBOX") is None
+    await store.state_put("imap/support/INBOX", b'{"uidvalidity": 7, "uid": 41}')
+    await store.state_put("imap/support/INBOX", b'{"uidvalidity": 7, "uid": 42}')
+    await store.close()
+    reopened = make_store()
+    await reopened.open()
+    try:
+        assert await reopened.state_get("imap/support/INBOX") == b'{"uidvalidity": 7, "uid": 42}'
+    finally:
+        await reopened.close()
