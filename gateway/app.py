@@ -28,7 +28,6 @@ from gateway.store.base import Store
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Overrides:
     """Parts a test or benchmark may swap (an in-memory publisher, a store on a tmp path)."""
@@ -55,7 +54,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     store = overrides.store or build_store(settings)
     publisher = overrides.publisher or AmqpPublisher(settings.broker)
     relay = OutboxRelay(store, publisher, settings.outbox, metrics)
-    pipeline = Pipeline(settings, store, metrics, enrich=Enricher.from_settings(settings).enrich, on_commit=relay.wake)
+    pipeline = Pipeline(
+        settings, store, metrics, enrich=Enricher.from_settings(settings).enrich, on_commit=relay.wake
+    )
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[STORE] = store

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -59,10 +60,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from gateway.tail import tail
 
     settings = _settings(args)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(tail(settings.broker, args.binding, json_lines=args.json, out=sys.stdout))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 
@@ -97,7 +96,10 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
             records = await store.quarantine_list(limit=args.limit)
             for r in records:
                 state = f"replayed {isoformat(r.replayed_at)}: {r.replay_result}" if r.replayed_at else "held"
-                print(f"{r.id}  {isoformat(r.received_at)}  {r.channel}/{r.inbox}  {r.size} B  {state}", file=out)
+                print(
+                    f"{r.id}  {isoformat(r.received_at)}  {r.channel}/{r.inbox}  {r.size} B  {state}",
+                    file=out,
+                )
                 print(f"    {r.reason}", file=out)
             if not records:
                 print("quarantine is empty", file=out)
@@ -143,7 +145,9 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketgate", description=__doc__)
     parser.add_argument(
-        "--config", "-c", default=os.environ.get("TICKETGATE_CONFIG", DEFAULT_CONFIG),
+        "--config",
+        "-c",
+        default=os.environ.get("TICKETGATE_CONFIG", DEFAULT_CONFIG),
         help=f"TOML settings file (default: $TICKETGATE_CONFIG or {DEFAULT_CONFIG})",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -47,7 +47,9 @@ def new_event_id(now_ns: int | None = None) -> str:
         else:
             counter += 1
         _uuid7_state[:] = [last_ms, counter]
-    value = (last_ms << 80) | (0x7 << 76) | ((counter >> 62) << 64) | (0b10 << 62) | (counter & ((1 << 62) - 1))
+    value = (
+        (last_ms << 80) | (0x7 << 76) | ((counter >> 62) << 64) | (0b10 << 62) | (counter & ((1 << 62) - 1))
+    )
     return str(uuid.UUID(int=value))
 
 
@@ -249,30 +251,52 @@ def message_quarantined(
         }
     }
     return _event(
-        event_type=MESSAGE_QUARANTINED, tenant=tenant, channel=channel, payload=payload, occurred_at=occurred_at
+        event_type=MESSAGE_QUARANTINED,
+        tenant=tenant,
+        channel=channel,
+        payload=payload,
+        occurred_at=occurred_at,
     )
 
 
 def thread_merged(
-    *, tenant: str, channel: str, surviving_thread: str, merged_threads: Sequence[str], reason: str,
+    *,
+    tenant: str,
+    channel: str,
+    surviving_thread: str,
+    merged_threads: Sequence[str],
+    reason: str,
     occurred_at: datetime,
 ) -> Event:
     payload = {"thread": {"id": surviving_thread, "merged": list(merged_threads), "reason": reason}}
     return _event(
-        event_type=THREAD_MERGED, tenant=tenant, channel=channel, payload=payload, occurred_at=occurred_at,
+        event_type=THREAD_MERGED,
+        tenant=tenant,
+        channel=channel,
+        payload=payload,
+        occurred_at=occurred_at,
         thread_id=surviving_thread,
     )
 
 
 def customer_merged(
-    *, tenant: str, surviving_customer: str, merged_customers: Sequence[str], evidence: Mapping[str, Any],
-    merge_id: str, occurred_at: datetime, unmerge: bool = False,
+    *,
+    tenant: str,
+    surviving_customer: str,
+    merged_customers: Sequence[str],
+    evidence: Mapping[str, Any],
+    merge_id: str,
+    occurred_at: datetime,
+    unmerge: bool = False,
 ) -> Event:
     payload = {
         "customer": {"id": surviving_customer, "merged": list(merged_customers)},
         "merge": {"id": merge_id, "evidence": dict(evidence)},
     }
     return _event(
-        event_type=CUSTOMER_UNMERGED if unmerge else CUSTOMER_MERGED, tenant=tenant, channel="identity",
-        payload=payload, occurred_at=occurred_at,
+        event_type=CUSTOMER_UNMERGED if unmerge else CUSTOMER_MERGED,
+        tenant=tenant,
+        channel="identity",
+        payload=payload,
+        occurred_at=occurred_at,
     )

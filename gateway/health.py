@@ -71,7 +71,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     return web.Response(
         body=data,
         content_type="application/octet-stream",
-        headers={"Cache-Control": "private, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"},
+        headers={
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff",
+        },
     )
 
 

@@ -36,7 +36,9 @@ def configure_logging(settings: LogSettings, stream: Any = None) -> None:
     use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
-        JsonFormatter() if use_json else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        JsonFormatter()
+        if use_json
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

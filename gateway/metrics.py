@@ -30,7 +30,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.outbox_backlog = Gauge("ticketgate_outbox_backlog", "Events not yet confirmed by the broker", registry=r)
+        self.outbox_backlog = Gauge(
+            "ticketgate_outbox_backlog", "Events not yet confirmed by the broker", registry=r
+        )
         self.outbox_oldest_age = Gauge(
             "ticketgate_outbox_oldest_age_seconds", "Age of the oldest unpublished event", registry=r
         )
@@ -40,7 +42,9 @@ class Metrics:
         self.publish_failures = Counter(
             "ticketgate_publish_failures", "Publish attempts not confirmed", ["reason"], registry=r
         )
-        self.broker_connected = Gauge("ticketgate_broker_connected", "1 while the publisher is connected", registry=r)
+        self.broker_connected = Gauge(
+            "ticketgate_broker_connected", "1 while the publisher is connected", registry=r
+        )
 
     # The relay reports through these three methods (see gateway.relay).
     def publish_confirmed(self, n: int) -> None:

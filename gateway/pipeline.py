@@ -93,7 +93,10 @@ class Pipeline:
             return IngestResult(outcome=Outcome.ACCEPTED)
         try:
             placements = await self._store.accept(
-                envelope, messages, policies=[self._policy(m) for m in messages], build_event=self._build_event(envelope)
+                envelope,
+                messages,
+                policies=[self._policy(m) for m in messages],
+                build_event=self._build_event(envelope),
             )
         except RetryableError as exc:
             logger.warning("cannot store %s message now: %s", envelope.channel, exc.reason)
@@ -101,10 +104,14 @@ class Pipeline:
         except Exception:
             logger.exception("store failed for a %s message", envelope.channel)
             return IngestResult(
-                outcome=Outcome.RETRY, reason="store unavailable", retry_after=self._settings.outbox.retry_after
+                outcome=Outcome.RETRY,
+                reason="store unavailable",
+                retry_after=self._settings.outbox.retry_after,
             )
         duplicate = all(p.duplicate for p in placements)
-        return IngestResult(outcome=Outcome.DUPLICATE if duplicate else Outcome.ACCEPTED, placements=tuple(placements))
+        return IngestResult(
+            outcome=Outcome.DUPLICATE if duplicate else Outcome.ACCEPTED, placements=tuple(placements)
+        )
 
     async def _quarantine(self, envelope: RawEnvelope, reason: str) -> IngestResult:
         logger.warning("quarantining %s message for inbox %s: %s", envelope.channel, envelope.inbox, reason)
@@ -115,7 +122,9 @@ class Pipeline:
         except Exception:
             logger.exception("store failed while quarantining a %s message", envelope.channel)
             return IngestResult(
-                outcome=Outcome.RETRY, reason="store unavailable", retry_after=self._settings.outbox.retry_after
+                outcome=Outcome.RETRY,
+                reason="store unavailable",
+                retry_after=self._settings.outbox.retry_after,
             )
         return IngestResult(outcome=Outcome.QUARANTINED, reason=reason, quarantine_id=record.id)
 

@@ -6,8 +6,8 @@ import importlib
 from typing import cast
 
 from connectors.base import Connector
-from normalizers.base import Normalizer
 from gateway.settings import Settings
+from normalizers.base import Normalizer
 
 # channel table name -> "module:ClassName"
 CONNECTORS: dict[str, str] = {
@@ -31,7 +31,9 @@ def load_connectors(settings: Settings) -> list[Connector]:
             from gateway.errors import ConfigError
 
             raise ConfigError(
-                f"unknown channel (known: {', '.join(sorted(CONNECTORS))})", file=settings.source, key=f"channels.{name}"
+                f"unknown channel (known: {', '.join(sorted(CONNECTORS))})",
+                file=settings.source,
+                key=f"channels.{name}",
             )
         if target in seen:
             continue

@@ -59,7 +59,7 @@ def _secret(value: Any) -> Any:
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-        raise ValueError("a secret is a string, { env = \"NAME\" } or { file = \"PATH\" }")
+        raise ValueError('a secret is a string, { env = "NAME" } or { file = "PATH" }')
     return value
 
 
@@ -219,7 +219,9 @@ class Settings(_Section):
     def _inboxes_name_tenants(self) -> Settings:
         for inbox_id, inbox in self.inboxes.items():
             if inbox.tenant not in self.tenants:
-                raise ValueError(f"inbox {inbox_id!r} names tenant {inbox.tenant!r}, which is not in [tenants]")
+                raise ValueError(
+                    f"inbox {inbox_id!r} names tenant {inbox.tenant!r}, which is not in [tenants]"
+                )
         return self
 
     def channel(self, name: str, model: type[_M]) -> _M | None:
@@ -237,7 +239,9 @@ class Settings(_Section):
         try:
             return self.inboxes[inbox_id]
         except KeyError:
-            raise ConfigError(f"names inbox {inbox_id!r}, which is not in [inboxes]", file=self.source, key=key) from None
+            raise ConfigError(
+                f"names inbox {inbox_id!r}, which is not in [inboxes]", file=self.source, key=key
+            ) from None
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -267,7 +271,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     for name, raw in sorted(environ.items()):
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX:
             continue
-        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})

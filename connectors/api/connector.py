@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 CHANNEL = "api"
 PREFIX = "/api/v1"
 MiB = 1024 * 1024
-# Refused below this; warned below RECOMMENDED_KEY_LENGTH (the dev config's "dev-api-key" is short on purpose).
+# Refused below this, warned below RECOMMENDED_KEY_LENGTH (the dev key "dev-api-key" is short on purpose).
 MIN_KEY_LENGTH = 8
 RECOMMENDED_KEY_LENGTH = 16
 OPENAPI = files("connectors.api").joinpath("openapi.yaml").read_bytes()
@@ -112,23 +112,30 @@ class ApiConnector:
         for inbox_id, config in channel.inboxes.items():
             where = f"channels.api.inboxes.{inbox_id}"
             inbox = _Inbox(
-                id=inbox_id, tenant=settings.inbox(inbox_id, key=where).tenant,
+                id=inbox_id,
+                tenant=settings.inbox(inbox_id, key=where).tenant,
                 trust_identities=config.trust_identities,
             )
             if any(len(key.get_secret_value()) < RECOMMENDED_KEY_LENGTH for key in config.keys):
-                logger.warning("%s.keys: a key is shorter than %d characters; use long random keys outside development",
-                               where, RECOMMENDED_KEY_LENGTH)
+                logger.warning(
+                    "%s.keys: a key is shorter than %d characters; use long random keys outside development",
+                    where,
+                    RECOMMENDED_KEY_LENGTH,
+                )
             for key in config.keys:
                 digest = hashlib.sha256(key.get_secret_value().encode()).digest()
                 if any(digest == known for known, _ in keys):
                     # A key must name exactly one inbox; never print it.
                     raise ConfigError("an API key is used twice", file=settings.source, key=f"{where}.keys")
                 keys.append((digest, inbox))
-        return cls(_Config(
-            channel=channel, keys=tuple(keys),
-            body_limit=min(channel.max_body_bytes, settings.server.max_body_bytes),
-            client_ip=ClientAddress(settings.server.trusted_proxies),
-        ))
+        return cls(
+            _Config(
+                channel=channel,
+                keys=tuple(keys),
+                body_limit=min(channel.max_body_bytes, settings.server.max_body_bytes),
+                client_ip=ClientAddress(settings.server.trusted_proxies),
+            )
+        )
 
     def setup(self, app: web.Application, ingest: Ingest) -> None:
         handlers = _Handlers(self._config, ingest)
@@ -144,11 +151,13 @@ class _Handlers:
         self._ingest = ingest
         channel = config.channel
         self._per_inbox = RateLimiter(
-            per_minute=channel.rate_limit_per_minute, burst=channel.rate_limit_burst,
+            per_minute=channel.rate_limit_per_minute,
+            burst=channel.rate_limit_burst,
             max_keys=max(1, len(channel.inboxes)),
         )
         self._failures = RateLimiter(
-            per_minute=channel.auth_failures_per_minute, burst=channel.auth_failures_burst,
+            per_minute=channel.auth_failures_per_minute,
+            burst=channel.auth_failures_burst,
             max_keys=channel.rate_limit_max_clients,
         )
 
@@ -175,21 +184,34 @@ class _Handlers:
             present = "Authorization" in request.headers
             logger.warning("api: %s API key from %s", "wrong" if present else "missing", remote)
             if wait > 0:
-                return json_error(429, "rate_limited", "too many failed authentications; retry later",
-                                  headers={"Retry-After": retry_after_value(wait)})
+                return json_error(
+                    429,
+                    "rate_limited",
+                    "too many failed authentications; retry later",
+                    headers={"Retry-After": retry_after_value(wait)},
+                )
             challenge = f'{_CHALLENGE}, error="invalid_token"' if present else _CHALLENGE
-            return json_error(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
-                              headers={"WWW-Authenticate": challenge})
+            return json_error(
+                401,
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": challenge},
+            )
         wait = self._per_inbox.acquire(inbox.id)
         if wait > 0:
             logger.warning("api %s: rate limit exceeded", inbox.id)
-            return json_error(429, "rate_limited", "too many requests for this inbox; retry later",
-                              headers={"Retry-After": retry_after_value(wait)})
+            return json_error(
+                429,
+                "rate_limited",
+                "too many requests for this inbox; retry later",
+                headers={"Retry-After": retry_after_value(wait)},
+            )
         idempotency_key = request.headers.get("Idempotency-Key")
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             logger.info("api %s: invalid Idempotency-Key from %s", inbox.id, remote)
-            return json_error(400, "invalid_idempotency_key",
-                              "Idempotency-Key must be 1 to 255 printable ASCII characters")
+            return json_error(
+                400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
+            )
         if request.content_type != "application/json":
             logger.info("api %s: unsupported content type %s", inbox.id, request.content_type)
             return json_error(415, "unsupported_media_type", "the body must be application/json")
@@ -233,4 +255,3 @@ class _Handlers:
             raise InvalidInput(
                 f"attachments: at most {channel.max_total_attachment_bytes} bytes in total", status=413
             )
-

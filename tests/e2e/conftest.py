@@ -27,9 +27,7 @@ MakeDeployment = Callable[..., Awaitable[Deployment]]
 
 
 @pytest.fixture
-async def deploy(
-    tmp_path: Path, amqp_url: str, amqp_names: Janitor
-) -> AsyncIterator[MakeDeployment]:
+async def deploy(tmp_path: Path, amqp_url: str, amqp_names: Janitor) -> AsyncIterator[MakeDeployment]:
     """Build and start a deployment; ``broker_url`` lets a test put a proxy in front of the broker."""
     made: list[Deployment] = []
 

@@ -39,8 +39,8 @@ level = "INFO"
 format = "json"
 
 [store]
-path = "{tmp / 'data' / 'ticketgate.db'}"
-blob_dir = "{tmp / 'data' / 'blobs'}"
+path = "{tmp / "data" / "ticketgate.db"}"
+blob_dir = "{tmp / "data" / "blobs"}"
 
 [broker]
 url = "{amqp_url}"

@@ -48,7 +48,9 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
     d = await deploy()
     key = f"call-{uuid.uuid4()}"
     async with aiohttp.ClientSession() as session:
-        status, first = await post_api(session, d.gateway.url, api_body("订单号 123456789012345678 还没有退款，我要投诉"), key=key)
+        status, first = await post_api(
+            session, d.gateway.url, api_body("订单号 123456789012345678 还没有退款，我要投诉"), key=key
+        )
         assert status == 202, first
         [delivery] = await d.consumer.wait_for(1)
         event = validate_event(delivery.body)
@@ -60,9 +62,14 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
         assert delivery.headers["sequence"] == event["thread"]["sequence"] == 1
         assert event["message"]["id"] == first["message_id"]
         assert event["thread"]["is_new"] is True
-        assert {"kind": "email", "value": "li.lei@example.com", "verified": False} in event["customer"]["identities"]
-        assert {"kind": "phone", "value": "+8613800138000", "verified": False} in event["customer"]["identities"]
-        assert event["routing"]["priority"] == "high" and "complaint" in event["routing"]["tags"]
+        assert {"kind": "email", "value": "li.lei@example.com", "verified": False} in event["customer"][
+            "identities"
+        ]
+        assert {"kind": "phone", "value": "+8613800138000", "verified": False} in event["customer"][
+            "identities"
+        ]
+        assert event["routing"]["priority"] == "high"
+        assert "complaint" in event["routing"]["tags"]
         assert {"kind": "order_number", "value": "123456789012345678"} in event["message"]["entities"]
         assert event["provenance"]["signature_verified"] is True
 
@@ -70,7 +77,9 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
         status, again = await post_api(session, d.gateway.url, api_body("different text, same key"), key=key)
         assert status == 200
         assert (again["message_id"], again["thread_id"], again["status"]) == (
-            first["message_id"], first["thread_id"], "duplicate"
+            first["message_id"],
+            first["thread_id"],
+            "duplicate",
         )
         # A later, different message is the next thing on the bus: the repeat made no event.
         status, sentinel = await post_api(session, d.gateway.url, api_body("second question"), key=f"{key}-2")
@@ -78,7 +87,8 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
         received = await d.consumer.wait_for(2)
         second = validate_event(received[1].body)
         assert second["message"]["id"] == sentinel["message_id"]
-        assert second["thread"]["id"] == first["thread_id"] and second["thread"]["sequence"] == 2
+        assert second["thread"]["id"] == first["thread_id"]
+        assert second["thread"]["sequence"] == 2
         assert len(received) == 2
 
 
@@ -117,11 +127,22 @@ async def test_web_form_posted_by_a_real_browser_becomes_one_event(deploy: MakeD
 @pytest.mark.parametrize(
     ("description", "request_kwargs", "expected_status"),
     [
-        ("malformed JSON", {"data": b"{not json", "headers": {**AUTH, "Content-Type": "application/json"}}, 400),
-        ("wrong API key", {"json": api_body("x"), "headers": {"Authorization": "Bearer wrong-key-123456"}}, 401),
+        (
+            "malformed JSON",
+            {"data": b"{not json", "headers": {**AUTH, "Content-Type": "application/json"}},
+            400,
+        ),
+        (
+            "wrong API key",
+            {"json": api_body("x"), "headers": {"Authorization": "Bearer wrong-key-123456"}},
+            401,
+        ),
         (
             "oversized body",
-            {"data": io.BytesIO(b"x" * (11 * 1024 * 1024)), "headers": {**AUTH, "Content-Type": "application/json"}},
+            {
+                "data": io.BytesIO(b"x" * (11 * 1024 * 1024)),
+                "headers": {**AUTH, "Content-Type": "application/json"},
+            },
             413,
         ),
     ],
@@ -146,7 +167,9 @@ async def test_form_from_a_foreign_origin_and_over_the_rate_limit_is_refused(dep
     form = {"name": "Eve", "email": "eve@example.com", "subject": "hi", "message": "hello"}
     async with aiohttp.ClientSession() as session:
         async with session.post(
-            f"{d.gateway.url}/forms/demo", data=form, headers={"Origin": "https://evil.example", "Accept": "application/json"}
+            f"{d.gateway.url}/forms/demo",
+            data=form,
+            headers={"Origin": "https://evil.example", "Accept": "application/json"},
         ) as resp:
             assert resp.status == 403
             assert "origin" in (await resp.json())["reason"].lower()

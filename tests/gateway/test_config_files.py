@@ -44,7 +44,8 @@ def test_check_config_names_file_and_key(tmp_path: Path, capsys: pytest.CaptureF
     bad.write_text('[server]\nport = "eighty"\n')
     assert main(["check-config", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert str(bad) in err and "server.port" in err
+    assert str(bad) in err
+    assert "server.port" in err
 
 
 def test_a_missing_secret_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,4 +68,6 @@ def test_environment_overrides_any_key(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_secrets_never_appear_in_repr() -> None:
     settings = load_settings(CONFIG / "ticketgate.dev.toml")
     text = repr(settings)
-    assert "dev-api-key" not in text and "devtoken" not in text and "guest:guest" not in text
+    assert "dev-api-key" not in text
+    assert "devtoken" not in text
+    assert "guest:guest" not in text

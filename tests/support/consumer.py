@@ -100,10 +100,13 @@ class Consumer:
             async with asyncio.timeout(within), self._changed:
                 await self._changed.wait_for(predicate)
         except TimeoutError:
-            raise AssertionError(f"condition not met within {within}s ({len(self.received)} received)") from None
+            raise AssertionError(
+                f"condition not met within {within}s ({len(self.received)} received)"
+            ) from None
 
     async def wait_for_ids(self, ids: set[str], within: float = 10.0) -> list[Received]:
         """Wait until every message id in ``ids`` arrived at least once."""
+
         def done() -> bool:
             return ids <= {r.message_id for r in self.received}
 

@@ -262,7 +262,7 @@ async def test_openapi_is_served(client: Client) -> None:
 
 def test_configuration_fails_closed() -> None:
     assert ApiConnector.from_settings(Settings()) is None
-    with pytest.raises(ConfigError, match="at least 16"):
+    with pytest.raises(ConfigError, match="at least 8"):
         ApiConnector.from_settings(make_settings(inboxes={"app": {"keys": ["short"]}}))
     with pytest.raises(ConfigError, match="used twice"):
         ApiConnector.from_settings(
