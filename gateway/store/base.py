@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from gateway.events import CustomerView, Event
 from gateway.model import CanonicalMessage, Placement, RawEnvelope
+
+if TYPE_CHECKING:
+    from dedupe.tx import TxWork
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +71,36 @@ class QuarantineRecord:
     replay_result: str | None = None
 
 
+MediaState = Literal["pending", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MediaFetch:
+    """One provider-held media file (a WeChat ``media_id``) the gateway fetches after the commit.
+
+    ``key`` is the media's stable name, ``{channel}/{inbox}/{ref}``, under which desks fetch it
+    (``{public_url}/media/{key}``); it is unique. ``account`` names the connector's credentials
+    (the Official Account or WeCom app that received it). Pending rows are due at
+    ``next_attempt_at``; a done row names its blob (``sha256``, readable with ``read_blob``).
+    """
+
+    key: str
+    channel: str
+    inbox: str
+    account: str
+    ref: str
+    kind: str
+    created_at: datetime
+    state: MediaState = "pending"
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    sha256: str | None = None
+    size: int | None = None
+    content_type: str | None = None
+    name: str | None = None
+    error: str | None = None
+
+
 class Store(Protocol):
     """Durable state of the gateway. Implementations: ``SQLiteStore``, ``PostgresStore``."""
 
@@ -92,6 +127,16 @@ class Store(Protocol):
 
     async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
         """Keep the raw bytes and the reason, and enqueue a ``message.quarantined`` event."""
+        ...
+
+    async def transact(self, work: TxWork[T]) -> T:
+        """Run ``work(tx, now)`` in ONE durable transaction and return its value.
+
+        ``work`` gets the store's :class:`dedupe.tx.Tx` and the store's clock reading; the events it
+        returns are enqueued in the outbox in the same commit (not bounded by ``max_backlog``: they
+        record decisions already made). Desk and control operations (link, unmerge, thread status)
+        run through this. An exception from ``work`` rolls everything back and propagates.
+        """
         ...
 
     async def enqueue(self, events: Sequence[Event]) -> None:
@@ -131,3 +176,36 @@ class Store(Protocol):
         ...
 
     async def state_get(self, key: str) -> bytes | None: ...
+
+    # -- media fetch queue: media announced by a committed message, fetched after the answer ------
+
+    async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:
+        """Durably add pending fetches, due at ``next_attempt_at`` (``created_at`` when unset), with
+        their ``name`` and ``content_type`` if known. A key already present (pending, done or failed)
+        is left as it is (insert-if-absent): a provider's retry or a re-pulled page adds nothing."""
+        ...
+
+    async def media_claim(
+        self, now: datetime, limit: int, lease: float, *, channel: str
+    ) -> list[MediaFetch]:
+        """Up to ``limit`` pending fetches of ``channel`` due at ``now`` (oldest ``next_attempt_at``
+        first; each channel's connector fetches its own), claimed in one transaction: each one's
+        ``attempts`` goes up by one and its ``next_attempt_at`` moves to ``now + lease`` seconds, so
+        a fetcher that dies mid-fetch leaves it due again after the lease and another instance does
+        not take it meanwhile (PostgreSQL: ``FOR UPDATE SKIP LOCKED``). The returned records show
+        the incremented ``attempts``."""
+        ...
+
+    async def media_done(self, key: str, data: bytes, *, content_type: str, name: str | None) -> str:
+        """Keep ``data`` in the blob store (durably, before the commit that names it) and mark the fetch
+        done with its sha256, size, content type and file name; returns the sha256."""
+        ...
+
+    async def media_failed(self, key: str, error: str, *, retry_at: datetime | None) -> None:
+        """Record a failed attempt: pending again, due at ``retry_at``; or, when ``retry_at`` is
+        ``None``, failed for good (the provider no longer has it, or it is too large)."""
+        ...
+
+    async def media_get(self, key: str) -> MediaFetch | None:
+        """The fetch record by key (for the media endpoint), or ``None``."""
+        ...

@@ -32,6 +32,7 @@ from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from gateway.settings import OutboxSettings, StoreSettings
 from gateway.store.base import (
     EventBuilder,
+    MediaFetch,
     OutboxRow,
     OutboxStatus,
     PlacementPolicy,
@@ -175,6 +176,27 @@ MIGRATIONS: tuple[str, ...] = (
         value BLOB NOT NULL,
         updated_at INTEGER NOT NULL
     );
+    """,
+    # 3: media announced by committed messages (WeChat media_id), fetched after the answer.
+    """
+    CREATE TABLE media (
+        key TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        inbox TEXT NOT NULL,
+        account TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at INTEGER,
+        sha256 TEXT,
+        size INTEGER,
+        content_type TEXT,
+        name TEXT,
+        error TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX media_due ON media (channel, next_attempt_at) WHERE state = 'pending';
     """,
 )
 
@@ -416,6 +438,41 @@ def _quarantine_record(row: Sequence[Any]) -> QuarantineRecord:
 _QUARANTINE_COLUMNS = (
     "id, tenant, channel, inbox, reason, raw_ref, size, received_at, replayed_at, replay_result"
 )
+
+
+_MEDIA_COLUMNS = (
+    "key, channel, inbox, account, ref, kind, state, attempts, next_attempt_at, sha256, size, content_type,"
+    " name, error, created_at"
+)
+
+
+_MEDIA_CLAIM = (
+    "UPDATE media SET attempts = attempts + 1, next_attempt_at = ? WHERE key IN"
+    " (SELECT key FROM media WHERE state = 'pending' AND channel = ? AND next_attempt_at <= ?"
+    " ORDER BY next_attempt_at LIMIT ?)"
+    " RETURNING key, channel, inbox, account, ref, kind, state, attempts, next_attempt_at, sha256, size,"
+    " content_type, name, error, created_at"
+)
+
+
+def _media_record(row: Sequence[Any]) -> MediaFetch:
+    return MediaFetch(
+        key=row[0],
+        channel=row[1],
+        inbox=row[2],
+        account=row[3],
+        ref=row[4],
+        kind=row[5],
+        state=row[6],
+        attempts=row[7],
+        next_attempt_at=_dt(row[8]) if row[8] is not None else None,
+        sha256=row[9],
+        size=row[10],
+        content_type=row[11],
+        name=row[12],
+        error=row[13],
+        created_at=_dt(row[14]),
+    )
 
 
 class SQLiteStore:
@@ -928,6 +985,74 @@ class SQLiteStore:
         def read(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
             return bytes(row[0]) if row is not None else None
+
+        return await self._read(read)
+
+    # -- media fetch queue (see Store.media_*) ----------------------------------------------------
+
+    async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:
+        rows = [
+            (f.key, f.channel, f.inbox, f.account, f.ref, f.kind, f.name, f.content_type,
+             _us(f.next_attempt_at or f.created_at), _us(f.created_at))
+            for f in fetches
+        ]
+
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.executemany(
+                "INSERT INTO media (key, channel, inbox, account, ref, kind, name, content_type,"
+                " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (key) DO NOTHING",
+                rows,
+            )
+            return None, 0
+
+        if rows:
+            await self._submit(job)
+
+    async def media_claim(
+        self, now: datetime, limit: int, lease: float, *, channel: str
+    ) -> list[MediaFetch]:
+        def job(conn: sqlite3.Connection) -> tuple[list[MediaFetch], int]:
+            rows = conn.execute(
+                _MEDIA_CLAIM,
+                (_us(now) + int(lease * 1_000_000), channel, _us(now), limit),
+            ).fetchall()
+            claimed = sorted((_media_record(r) for r in rows), key=lambda f: (f.created_at, f.key))
+            return claimed, 0
+
+        return await self._submit(job)
+
+    async def media_done(self, key: str, data: bytes, *, content_type: str, name: str | None) -> str:
+        digest = await asyncio.to_thread(self._blobs.put, data)
+
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            now = self._clock()
+            self._index_files(conn, [(digest, len(data))], now)
+            conn.execute(
+                "UPDATE media SET state = 'done', sha256 = ?, size = ?, content_type = ?, name = ?,"
+                " error = NULL, next_attempt_at = NULL WHERE key = ?",
+                (digest, len(data), content_type, name, key),
+            )
+            return None, 0
+
+        await self._submit(job)
+        return digest
+
+    async def media_failed(self, key: str, error: str, *, retry_at: datetime | None) -> None:
+        def job(conn: sqlite3.Connection) -> tuple[None, int]:
+            conn.execute(
+                "UPDATE media SET state = ?, error = ?, next_attempt_at = ?"
+                " WHERE key = ? AND state = 'pending'",
+                ("pending" if retry_at else "failed", error[:500], _us(retry_at) if retry_at else None, key),
+            )
+            return None, 0
+
+        await self._submit(job)
+
+    async def media_get(self, key: str) -> MediaFetch | None:
+        def read(conn: sqlite3.Connection) -> MediaFetch | None:
+            row = conn.execute(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE key = ?", (key,)).fetchone()  # noqa: S608
+            return _media_record(row) if row is not None else None
 
         return await self._read(read)
 
