@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,7 +25,9 @@ from gateway.events import thread_merged
 from gateway.model import CanonicalMessage, Placement, RawEnvelope
 from gateway.store.base import Store
 from gateway.store.blobs import sha256_hex
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
+from tests.support.postgres import admin_dsn, fresh_database, require_postgres
 
 
 class MakeStore(Protocol):
@@ -34,7 +36,25 @@ class MakeStore(Protocol):
 
 BACKENDS: dict[str, Callable[..., Store]] = {
     "sqlite": lambda settings, outbox, clock: SQLiteStore(settings, outbox, clock=clock),
+    "postgresql": lambda settings, outbox, clock: PostgresStore(settings, outbox, clock=clock),
 }
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_settings(backend: str) -> Iterator[dict[str, Any]]:
+    """Settings a backend needs besides the tmp paths: PostgreSQL gets a fresh database per test."""
+    if backend != "postgresql":
+        yield {}
+        return
+    dsn = admin_dsn()
+    require_postgres(dsn)
+    with fresh_database(dsn) as database:
+        yield {"backend": "postgresql", "dsn": database}
 
 
 @pytest.fixture
@@ -42,16 +62,16 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture
 async def make_store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+    backend: str, backend_settings: dict[str, Any], tmp_path: Path, clock: Clock
 ) -> AsyncIterator[MakeStore]:
-    """Builds (unopened) stores over the same files; every store it made is closed afterwards."""
+    """Builds (unopened) stores over the same files (and database); all are closed afterwards."""
     made: list[Store] = []
 
     def make(*, outbox: dict[str, Any] | None = None, **store: Any) -> Store:
-        instance = BACKENDS[request.param](
-            store_settings(tmp_path, **store), outbox_settings(**(outbox or {})), clock
+        instance = BACKENDS[backend](
+            store_settings(tmp_path, **backend_settings, **store), outbox_settings(**(outbox or {})), clock
         )
         made.append(instance)
         return instance
