@@ -1,0 +1,264 @@
+"""End-to-end ingest benchmark: API requests in, events confirmed on a RabbitMQ queue out.
+
+Runs the real gateway (``ticketgate run``: SQLite store with group commit, outbox relay, AMQP
+publisher with confirms) as a child process, drives ``POST /api/v1/messages`` from a separate load
+process over keep-alive connections, and counts the events a consumer receives on a queue.
+
+Prints, from one run (the machine is shared and noisy, so compare the ratios):
+- closed loop at fixed concurrency: sustained events/s confirmed on the queue, ack latency p50/p99;
+- open loop at a fixed offered rate (default 1,000 req/s): ack latency p50/p99 measured from each
+  request's scheduled send time, so a stall is not hidden (no coordinated omission);
+- the gateway's peak RSS;
+- a bare aio-pika publisher (windowed confirms, no gateway) on the same broker, and the ratio.
+
+Usage: .venv/bin/python bench/ingest.py [--concurrency 64] [--seconds 10] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.publish_baseline import bare_publish_rate  # noqa: E402
+from tests.e2e.harness import GatewayProcess, free_port, gateway_config  # noqa: E402
+
+API_KEY = "e2e-test-key-0001"  # the harness config's key
+
+
+# --- load generator (runs in its own process) -------------------------------------------------
+
+
+def _request(port: int, n: int) -> bytes:
+    body = orjson.dumps(
+        {
+            "customer": {"email": f"bench{n % 5000}@example.com", "name": "Bench Customer"},
+            "subject": "Where is my parcel?",
+            "text": f"Order #{100000 + n} has not arrived yet; tracking SF1234567890{n % 10}.",
+            "external_id": f"bench-{uuid.uuid4().hex}",
+        }
+    )
+    head = (
+        f"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
+
+
+async def _closed_loop(port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.perf_counter() < deadline:
+                request = _request(port, next(counter))
+                started = time.perf_counter()
+                status = await _roundtrip(reader, writer, request)
+                latencies.append(time.perf_counter() - started)
+                statuses[status] = statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "statuses": statuses, "elapsed": time.perf_counter() - started}
+
+
+async def _open_loop(port: int, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.1
+
+    async def one(i: int) -> None:
+        scheduled = start + i / rate
+        request = _request(port, 10**8 + i)
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        reader, writer = await pool.get()
+        try:
+            status = await _roundtrip(reader, writer, request)
+        finally:
+            pool.put_nowait((reader, writer))
+        latencies.append(time.perf_counter() - scheduled)
+        statuses[status] = statuses.get(status, 0) + 1
+
+    await asyncio.gather(*(one(i) for i in range(total)))
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return {"latencies": latencies, "statuses": statuses, "elapsed": seconds}
+
+
+def loadgen(mode: str, port: int, concurrency: int, seconds: float, rate: float) -> dict[str, Any]:
+    """Entry point of the load process."""
+    if mode == "closed":
+        return asyncio.run(_closed_loop(port, concurrency, seconds))
+    return asyncio.run(_open_loop(port, rate, seconds, connections=concurrency))
+
+
+# --- measurement ------------------------------------------------------------------------------
+
+
+class QueueCounter:
+    """Counts distinct events delivered on a queue, and when the last one arrived."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.changed = asyncio.Event()
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        now = time.perf_counter()
+        self.first_at = self.first_at or now
+        self.last_at = now
+        if message.message_id:
+            self.ids.add(message.message_id)
+        self.changed.set()
+
+    async def wait_for(self, count: int, within: float) -> None:
+        deadline = time.perf_counter() + within
+        while len(self.ids) < count and time.perf_counter() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                break
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run(args: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="tg-bench-", dir=args.dir))
+    exchange, queue = f"bench.{uuid.uuid4().hex[:8]}", f"bench.desk.{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    config = gateway_config(tmp, port=port, amqp_url=args.url, exchange=exchange, queue=queue)
+    text = config.read_text().replace('level = "INFO"', 'level = "WARNING"')
+    config.write_text(text)
+    gateway = GatewayProcess(config=config, port=port, log_path=tmp / "gateway.log")
+    await gateway.start()
+    assert gateway.proc is not None
+
+    connection = await aio_pika.connect(args.url)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=2000)
+    amqp_queue = await channel.get_queue(queue)
+    counter = QueueCounter()
+    await amqp_queue.consume(counter.on_message, no_ack=True)
+
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        # Warm-up: imports, JIT-free but caches, connections, SQLite pages.
+        await loop.run_in_executor(pool, loadgen, "closed", port, args.concurrency, 1.0, 0.0)
+        await counter.wait_for(1, within=30)
+
+        before = len(counter.ids)
+        t0 = time.perf_counter()
+        closed = await loop.run_in_executor(
+            pool, loadgen, "closed", port, args.concurrency, args.seconds, 0.0
+        )
+        acked = closed["statuses"].get(202, 0)
+        await counter.wait_for(before + acked, within=120)
+        events = len(counter.ids) - before
+        e2e_rate = events / (counter.last_at - t0)
+        ack_rate = acked / closed["elapsed"]
+
+        before = len(counter.ids)
+        opened = await loop.run_in_executor(pool, loadgen, "open", port, 256, args.seconds, args.rate)
+        await counter.wait_for(before + opened["statuses"].get(202, 0), within=120)
+        rss = peak_rss_mb(gateway.proc.pid)
+    finally:
+        pool.shutdown()
+        await connection.close()
+        await gateway.stop()
+
+    bare = await bare_publish_rate(args.url, args.bare_n, args.window)
+
+    lat_closed = closed["latencies"]
+    lat_open = opened["latencies"]
+    print(
+        f"gateway: API -> SQLite group commit -> outbox relay -> RabbitMQ (confirms), pid {gateway.proc.pid}"
+    )
+    print(f"closed loop, {args.concurrency} connections, {args.seconds:.0f} s:")
+    print(f"  acked            {acked} requests ({ack_rate:,.0f}/s), statuses {closed['statuses']}")
+    print(f"  on the queue     {events} events, {e2e_rate:,.0f} events/s end to end")
+    print(
+        f"  ack latency      p50 {percentile(lat_closed, 50) * 1000:.1f} ms, p99 {percentile(lat_closed, 99) * 1000:.1f} ms"
+    )
+    print(f"open loop, {args.rate:,.0f} req/s offered for {args.seconds:.0f} s:")
+    print(f"  statuses         {opened['statuses']}")
+    print(
+        f"  ack latency      p50 {percentile(lat_open, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(lat_open, 99) * 1000:.1f} ms, max {max(lat_open) * 1000:.1f} ms"
+    )
+    print(f"gateway peak RSS   {rss:.0f} MB")
+    print(f"bare aio-pika      {bare:,.0f} msg/s ({args.bare_n} x 1 KB persistent, window {args.window})")
+    print(f"ratio              gateway end to end / bare publisher = {e2e_rate / bare:.2f}")
+    print(
+        f"(mean closed-loop latency {statistics.fmean(lat_closed) * 1000:.1f} ms; cpu count {os.cpu_count()})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--bare-n", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--dir", default=None, help="where the gateway's data goes (default: a temp dir)")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
