@@ -231,9 +231,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"closed loop, {args.concurrency} connections, {args.seconds:.0f} s:")
     print(f"  acked            {acked} requests ({ack_rate:,.0f}/s), statuses {closed['statuses']}")
     print(f"  on the queue     {events} events, {e2e_rate:,.0f} events/s end to end")
-    print(
-        f"  ack latency      p50 {percentile(lat_closed, 50) * 1000:.1f} ms, p99 {percentile(lat_closed, 99) * 1000:.1f} ms"
-    )
+    p50, p99 = percentile(lat_closed, 50) * 1000, percentile(lat_closed, 99) * 1000
+    print(f"  ack latency      p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"open loop, {args.rate:,.0f} req/s offered for {args.seconds:.0f} s:")
     print(f"  statuses         {opened['statuses']}")
     print(
