@@ -47,9 +47,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from gateway.logs import configure_logging
     from gateway.registry import load_connectors
 
     settings = _settings(args)
+    configure_logging(settings.log)
     connectors = load_connectors(settings)  # channel tables are validated when connectors are built
     names = ", ".join(c.name for c in connectors) or "none"
     print(f"{args.config}: OK (inboxes: {len(settings.inboxes)}, channels: {names})", file=out)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -142,6 +143,16 @@ def attachment_url(public_url: str | None, sha256: str) -> str | None:
     return f"{public_url.rstrip('/')}/blobs/{sha256}" if public_url else None
 
 
+def media_path(channel: str, inbox: str, ref: str) -> str:
+    """The stable name of provider-held media (a WeChat media_id): ``{channel}/{inbox}/{ref}``, escaped."""
+    return f"{channel}/{quote(inbox, safe='')}/{quote(ref, safe='')}"
+
+
+def media_url(public_url: str | None, channel: str, inbox: str, ref: str) -> str | None:
+    """Where the gateway serves a message's media once fetched (the connector fetches after commit)."""
+    return f"{public_url.rstrip('/')}/media/{media_path(channel, inbox, ref)}" if public_url else None
+
+
 def message_received(
     message: CanonicalMessage,
     *,
@@ -162,6 +173,7 @@ def message_received(
             "is_new": placement.is_new_thread,
             "sequence": placement.sequence,
             "subject": thread_subject,
+            "previous_id": placement.previous_thread_id,
         },
         "customer": {
             "id": customer.id,
@@ -195,14 +207,21 @@ def message_received(
                 for a in message.attachments
             ],
             "media": [
-                {"kind": m.kind, "ref": m.ref, "name": m.name, "content_type": m.content_type}
+                {
+                    "kind": m.kind,
+                    "ref": m.ref,
+                    "name": m.name,
+                    "content_type": m.content_type,
+                    "url": media_url(public_url, message.channel, message.inbox, m.ref),
+                }
                 for m in message.media
             ],
             "entities": [{"kind": e.kind, "value": e.value} for e in message.entities],
             "in_reply_to": message.in_reply_to,
             "references": list(message.references),
             "auto_generated": message.auto_generated,
-            "duplicate_of": duplicate_of,
+            # The engine puts it on the placement; an explicit argument overrides.
+            "duplicate_of": duplicate_of if duplicate_of is not None else placement.duplicate_of,
             "extra": dict(message.extra),
         },
         "routing": {

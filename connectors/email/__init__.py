@@ -15,11 +15,10 @@ from connectors.email.envelope import EnvelopeFactory
 from connectors.email.imap import ImapPollers, Observer, pollers_for, setup_imap
 from connectors.email.settings import EmailSettings
 from connectors.email.smtp import SmtpListener, setup_smtp
-from connectors.email.state import JsonState
+from connectors.email.state import StoreState
+from gateway.keys import STORE
 from gateway.settings import Settings
 from normalizers.base import Normalizer
-
-STATE_FILE = "email-state.json"
 
 
 class EmailConnector:
@@ -53,11 +52,6 @@ class EmailConnector:
             settings.inbox(account.inbox, key=f"channels.email.imap.{name}.inbox")
         return cls(settings, email)
 
-    @property
-    def state_path(self) -> str:
-        path = self.email.state_file or self.settings.store.path.parent / STATE_FILE
-        return str(path)
-
     def setup(self, app: web.Application, ingest: Ingest) -> None:
         normalize = self._normalize
         if normalize is None:
@@ -69,10 +63,8 @@ class EmailConnector:
         if self.email.smtp is not None:
             self.smtp = setup_smtp(app, self.email.smtp, self.email, factory, ingest, normalize, timeout)
         if self.email.imap:
-            from pathlib import Path
-
-            state = JsonState(Path(self.state_path))
+            state = StoreState(app[STORE], prefix="email/")
             self.imap = ImapPollers(
-                pollers_for(self.email, factory, state, ingest, normalize, self._observer), state
+                pollers_for(self.email, factory, state, ingest, normalize, self._observer)
             )
             setup_imap(app, self.imap, timeout)

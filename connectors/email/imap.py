@@ -28,7 +28,7 @@ from aioimaplib import aioimaplib  # type: ignore[import-untyped]
 from connectors.base import Ingest
 from connectors.email.envelope import EnvelopeFactory
 from connectors.email.settings import EmailSettings, ImapAccountSettings
-from connectors.email.state import JsonState
+from connectors.email.state import StoreState
 from gateway.model import IngestResult, Outcome
 from normalizers.base import Normalizer
 
@@ -114,7 +114,7 @@ class FolderPoller:
         *,
         email: EmailSettings,
         factory: EnvelopeFactory,
-        state: JsonState,
+        state: StoreState,
         ingest: Ingest,
         normalize: Normalizer,
         observer: Observer | None = None,
@@ -267,7 +267,7 @@ class FolderPoller:
     # -- fetching ----------------------------------------------------------------------------
 
     async def _catch_up(self, client: aioimaplib.IMAP4, uidvalidity: int) -> None:
-        mark = Watermark.from_json(self._state.get(self._key))
+        mark = Watermark.from_json(await self._state.get(self._key))
         if mark is None or mark.uidvalidity != uidvalidity:
             await self._rescan(client, uidvalidity, previous=mark)
             return
@@ -421,7 +421,7 @@ class FolderPoller:
 def pollers_for(
     email: EmailSettings,
     factory: EnvelopeFactory,
-    state: JsonState,
+    state: StoreState,
     ingest: Ingest,
     normalize: Normalizer,
     observer: Observer | None = None,
@@ -446,13 +446,11 @@ def pollers_for(
 class ImapPollers:
     """Runs every poller as a task; ``stop`` lets the current message finish, then ends them."""
 
-    def __init__(self, pollers: list[FolderPoller], state: JsonState) -> None:
+    def __init__(self, pollers: list[FolderPoller]) -> None:
         self.pollers = pollers
-        self._state = state
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self._state.load()
         self._tasks = [
             asyncio.create_task(p.run(), name=f"ticketgate-imap-{p.name}-{p.folder}") for p in self.pollers
         ]

@@ -151,8 +151,6 @@ class EmailSettings(ChannelSettings):
     trusted_authserv_id: str | None = None
     # Our own X-Loop marker; mail carrying it is our own mail coming back.
     loop_marker: str | None = None
-    # Where the IMAP watermarks live; default: "email-state.json" beside the store's database.
-    state_file: Path | None = None
 
     @field_validator("imap", "inboxes")
     @classmethod

@@ -4,6 +4,10 @@ Each handler verifies first (signature in constant time over the documented fiel
 replay window), parses only afterwards and only with defusedxml, and answers success only when
 ``ingest`` reports the message stored. The store gets slightly less than WeChat's 5 s deadline; a
 slower commit is not cancelled (WeChat's retry then finds it as a duplicate) but answered 503.
+
+When an account has its API secret configured, the media a message announces are queued in the
+store before the answer and fetched afterwards (:mod:`connectors.wechat.media`); they are served
+under ``/media/{channel}/...``.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
+import aiohttp
 from aiohttp import web
 
 from connectors.base import Ingest
+from connectors.wechat.api import Credentials, WeChatApi
+from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
 from connectors.wechat.security import (
     BadSignature,
     CallbackSecurity,
@@ -26,10 +33,12 @@ from connectors.wechat.security import (
     Flavor,
     extract_encrypt,
 )
-from connectors.wechat.settings import WeChatSettings, WeComSettings
+from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from gateway.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
-from gateway.model import IngestResult, Outcome, RawEnvelope
+from gateway.keys import STORE
+from gateway.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from gateway.settings import Settings
+from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
 
 logger = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ class Endpoint:
     mode: str = "safe"
     allow_plaintext: bool = False
     agent_id: int | None = None  # WeCom only
+    # API credentials (AppSecret / corp secret): media are fetched only when they are set.
+    credentials: Credentials | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -60,6 +71,7 @@ class _Runtime:
     max_body_bytes: int
     ingest_timeout: float
     clock: Clock
+    media: MediaFetcher | None = None
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -72,18 +84,52 @@ class _CallbackConnector:
     flavor: ClassVar[Flavor]
 
     def __init__(
-        self, endpoints: Mapping[str, Endpoint], *, max_body_bytes: int, ingest_timeout: float, clock: Clock
+        self,
+        endpoints: Mapping[str, Endpoint],
+        *,
+        max_body_bytes: int,
+        ingest_timeout: float,
+        clock: Clock,
+        media_policy: MediaPolicy | None = None,
+        api_timeout: float = 15.0,
     ) -> None:
         self.endpoints = dict(endpoints)
         self.max_body_bytes = max_body_bytes
         self.ingest_timeout = ingest_timeout
         self.clock = clock
+        self.media_policy = media_policy or MediaPolicy()
+        self.api_timeout = api_timeout
 
     def setup(self, app: web.Application, ingest: Ingest) -> None:
-        """Mount the sub-app under ``/{name}``."""
-        app.add_subapp(f"/{self.name}", self.build_subapp(ingest))
+        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and
+        ``/media/{name}`` (the application's store must be set under ``gateway.keys.STORE``)."""
+        fetcher = self.media_fetcher()
+        app.add_subapp(f"/{self.name}", self.build_subapp(ingest, media=fetcher))
+        if fetcher is not None:
+            fetcher.bind(app[STORE])
+            app.cleanup_ctx.append(self._media_ctx(fetcher))
+            app.add_subapp(f"/media/{self.name}", media_subapp(self.name))
 
-    def build_subapp(self, ingest: Ingest) -> web.Application:
+    def media_fetcher(self) -> MediaFetcher | None:
+        """A fetcher for the accounts that have API credentials; ``None`` when none has."""
+        accounts = frozenset(name for name, e in self.endpoints.items() if e.credentials is not None)
+        return MediaFetcher(self.name, accounts, self.media_policy) if accounts else None
+
+    def apis(self, session: aiohttp.ClientSession) -> dict[str, WeChatApi]:
+        return {
+            name: WeChatApi(session, e.credentials, timeout=self.api_timeout)
+            for name, e in self.endpoints.items()
+            if e.credentials is not None
+        }
+
+    def _media_ctx(self, fetcher: MediaFetcher) -> Any:
+        async def media_ctx(app: web.Application) -> AsyncIterator[None]:
+            async with aiohttp.ClientSession() as session, fetcher.running(self.apis(session)):
+                yield
+
+        return media_ctx
+
+    def build_subapp(self, ingest: Ingest, *, media: MediaFetcher | None = None) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
             channel=self.name,
@@ -92,6 +138,7 @@ class _CallbackConnector:
             max_body_bytes=self.max_body_bytes,
             ingest_timeout=self.ingest_timeout,
             clock=self.clock,
+            media=media,
         )
         handshake, callback = (
             (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
@@ -126,6 +173,9 @@ class WeChatConnector(_CallbackConnector):
                 inbox=account.inbox,
                 mode=account.mode,
                 allow_plaintext=account.allow_plaintext,
+                credentials=_credentials(
+                    "official_account", account.api_base, account.app_id, account.app_secret
+                ),
                 security=CallbackSecurity(
                     flavor=cls.flavor,
                     receive_id=account.app_id,
@@ -135,9 +185,7 @@ class WeChatConnector(_CallbackConnector):
                     clock=clock,
                 ),
             )
-        return cls(
-            endpoints, max_body_bytes=table.max_body_bytes, ingest_timeout=table.ingest_timeout, clock=clock
-        )
+        return cls(endpoints, clock=clock, **_table_options(table))
 
 
 class WeComConnector(_CallbackConnector):
@@ -161,6 +209,7 @@ class WeComConnector(_CallbackConnector):
                 tenant=settings.inbox(app.inbox, key=f"{base}.inbox").tenant,
                 inbox=app.inbox,
                 agent_id=app.agent_id,
+                credentials=_credentials("wecom", app.api_base, app.corp_id, app.corp_secret),
                 security=CallbackSecurity(
                     flavor=cls.flavor,
                     receive_id=app.corp_id,
@@ -170,9 +219,26 @@ class WeComConnector(_CallbackConnector):
                     clock=clock,
                 ),
             )
-        return cls(
-            endpoints, max_body_bytes=table.max_body_bytes, ingest_timeout=table.ingest_timeout, clock=clock
-        )
+        return cls(endpoints, clock=clock, **_table_options(table))
+
+
+def _table_options(table: _ChannelTable) -> dict[str, Any]:
+    return {
+        "max_body_bytes": table.max_body_bytes,
+        "ingest_timeout": table.ingest_timeout,
+        "api_timeout": table.api_timeout,
+        "media_policy": MediaPolicy(
+            concurrency=table.media_concurrency,
+            max_bytes=table.media_max_bytes,
+            retry_for=table.media_retry_for,
+            lease=max(120.0, table.api_timeout * 6),
+        ),
+    }
+
+
+def _credentials(flavor: Flavor, api_base: str, app_id: str, secret: Any) -> Credentials | None:
+    values = _secrets(secret)
+    return Credentials(flavor=flavor, api_base=api_base, app_id=app_id, secret=values[0]) if values else None
 
 
 def _required(settings: Settings, secret: Any, key: str) -> str:
@@ -362,8 +428,10 @@ def _envelope(
 async def _deliver(
     runtime: _Runtime, endpoint: Endpoint, envelope: RawEnvelope, *, ok_body: str
 ) -> web.Response:
-    """Await the pipeline within the deadline and map its result to WeChat's answer."""
-    task: asyncio.Future[IngestResult] = asyncio.ensure_future(runtime.ingest(envelope, normalize))
+    """Await the pipeline (and the media queue) within the deadline; map the result to WeChat's answer."""
+    task: asyncio.Future[IngestResult] = asyncio.ensure_future(
+        commit(runtime.ingest, envelope, normalize, runtime.media, endpoint.name)
+    )
     runtime.pending.add(task)
     task.add_done_callback(runtime.pending.discard)
     try:
@@ -379,6 +447,28 @@ async def _deliver(
     except InvalidInput as exc:
         return web.Response(status=exc.status, text=exc.reason)
     return _answer(result, ok_body)
+
+
+async def commit(
+    ingest: Ingest,
+    envelope: RawEnvelope,
+    normalizer: Normalizer,
+    media: MediaFetcher | None,
+    account: str,
+) -> IngestResult:
+    """Ingest, then durably queue the media of what was stored (also for a duplicate: the first
+    delivery may have been committed by a process that died before queueing its media)."""
+    produced: list[CanonicalMessage] = []
+
+    def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
+        messages = normalizer(raw)
+        produced.extend(messages)
+        return messages
+
+    result = await ingest(envelope, capturing)
+    if media is not None and result.stored and produced:
+        await media.enqueue(produced, account)
+    return result
 
 
 def _answer(result: IngestResult, ok_body: str) -> web.Response:

@@ -1,4 +1,5 @@
-"""Settings of the WeChat Official Account (``[channels.wechat]``) and WeCom (``[channels.wecom]``) tables."""
+"""Settings of the WeChat Official Account (``[channels.wechat]``), WeCom (``[channels.wecom]``) and
+WeChat Customer Service (``[channels.wechat_kf]``) tables."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from gateway.settings import ChannelSettings, Duration, Secret
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # WeChat gives up after 5 s; the ingest timeout must leave room to write the answer.
 WECHAT_DEADLINE = 5.0
+OFFICIAL_ACCOUNT_API = "https://api.weixin.qq.com"
+WECOM_API = "https://qyapi.weixin.qq.com"
 
 Mode = Literal["safe", "compatible", "plaintext"]
 
@@ -50,10 +53,24 @@ class _Credentials(ChannelSettings):
         return _check_aes_key(value)
 
 
+def _check_api_base(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError("must be an http(s) URL")
+    return value.rstrip("/")
+
+
 class WeChatAccountSettings(_Credentials):
     """``[channels.wechat.accounts.<name>]``: one Official Account."""
 
     app_id: str = Field(min_length=1)
+    # The AppSecret: with it, images, voice, video and files are fetched into the blob store.
+    app_secret: Secret | None = None
+    api_base: str = OFFICIAL_ACCOUNT_API
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        return _check_api_base(value)
     mode: Mode = "safe"
     # Plaintext deliveries carry a signature that does not cover the body: opt in explicitly.
     allow_plaintext: bool = False
@@ -72,6 +89,34 @@ class WeComAppSettings(_Credentials):
 
     corp_id: str = Field(min_length=1)
     agent_id: int
+    # The application's Secret: with it, media are fetched into the blob store.
+    corp_secret: Secret | None = None
+    api_base: str = WECOM_API
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        return _check_api_base(value)
+
+
+class WeChatKfAppSettings(_Credentials):
+    """``[channels.wechat_kf.apps.<name>]``: WeChat Customer Service (微信客服) of one corp.
+
+    The callback (``/wechat_kf/{name}``) is WeCom-style (``msg_signature``, AES with the corp id);
+    it only announces messages, which are pulled with ``sync_msg`` using ``secret``.
+    """
+
+    corp_id: str = Field(min_length=1)
+    # The 微信客服 Secret (or that of a self-built app allowed to use the KF API): required.
+    secret: Secret | None = None
+    api_base: str = WECOM_API
+    # Customer service accounts synced at start-up even before a callback names them.
+    open_kfids: tuple[str, ...] = ()
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        return _check_api_base(value)
 
 
 class _ChannelTable(ChannelSettings):
@@ -79,6 +124,12 @@ class _ChannelTable(ChannelSettings):
     max_body_bytes: int = Field(256 * 1024, gt=0)
     # Time given to the store before answering 503; WeChat's own deadline is 5 s.
     ingest_timeout: Duration = 4.5
+    # Media fetching (only for accounts with a secret): parallel downloads, size bound, how long
+    # to keep retrying (WeChat keeps temporary media for 3 days), and the timeout of one API call.
+    media_concurrency: int = Field(4, gt=0, le=64)
+    media_max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    media_retry_for: Duration = 3 * 86400.0
+    api_timeout: Duration = 15.0
 
     @field_validator("ingest_timeout")
     @classmethod
@@ -112,5 +163,20 @@ class WeComSettings(_ChannelTable):
 
     @model_validator(mode="after")
     def _names(self) -> WeComSettings:
+        _check_names(list(self.apps))
+        return self
+
+
+class WeChatKfSettings(_ChannelTable):
+    """``[channels.wechat_kf]``."""
+
+    apps: dict[str, WeChatKfAppSettings] = Field(default_factory=dict)
+    # A sync of every known customer service account this often, in case a callback was lost.
+    poll_interval: Duration = 300.0
+    # Messages asked for per sync_msg page (WeChat allows 1..1000).
+    sync_limit: int = Field(1000, gt=0, le=1000)
+
+    @model_validator(mode="after")
+    def _names(self) -> WeChatKfSettings:
         _check_names(list(self.apps))
         return self

@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import email.parser
 import email.policy
+import json
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -23,8 +24,10 @@ from cryptography.x509.oid import NameOID
 
 from connectors.email import EmailConnector
 from connectors.email.imap import Observer
+from gateway.keys import STORE
 from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
 from gateway.settings import Settings
+from gateway.store.sqlite import SQLiteStore
 
 ALLOW_SKIP_ENV = "TICKETGATE_TEST_ALLOW_SKIP"
 
@@ -176,6 +179,16 @@ async def running(
     connector = EmailConnector(settings, built.email, normalize=normalize, observer=observer)
     ingest = ingest or FakeIngest()
     app = web.Application()
+    # A real store: the IMAP watermarks live in it.
+    store = SQLiteStore(settings.store, settings.outbox)
+    app[STORE] = store
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        await store.open()
+        yield
+        await store.close()
+
+    app.cleanup_ctx.append(store_ctx)
     connector.setup(app, ingest)
     runner = web.AppRunner(app)
     await runner.setup()  # runs the cleanup_ctx entries up to their yield: SMTP listens, pollers run
@@ -183,6 +196,18 @@ async def running(
         yield Running(connector=connector, ingest=ingest, runner=runner, tmp_path=tmp_path)
     finally:
         await runner.cleanup()
+
+
+async def read_state(tmp_path: Path, key: str) -> Any:
+    """A value the email connector keeps in the store, read after the gateway stopped."""
+    settings = settings_for({}, tmp_path)
+    store = SQLiteStore(settings.store, settings.outbox)
+    await store.open()
+    try:
+        raw = await store.state_get(f"email/{key}")
+    finally:
+        await store.close()
+    return json.loads(raw) if raw is not None else None
 
 
 def self_signed(tmp_path: Path, hostname: str = "localhost") -> tuple[Path, Path]:

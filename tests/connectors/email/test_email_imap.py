@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import pytest
 
 from gateway.model import IngestResult, Outcome, RawEnvelope
 from tests.connectors.email.dovecot_kit import PASSWORD, USER, Dovecot, dovecot
-from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, running
+from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, read_state, running
 
 pytestmark = pytest.mark.integration
 
@@ -150,8 +149,8 @@ async def test_the_watermark_survives_a_restart_and_mail_sent_meanwhile_is_fetch
     # The gateway is down: mail keeps arriving, one of it even read by a person in a mail client.
     server.append(mail(message_id="<during-1@customer.example>"))
     server.append(mail(message_id="<during-2@customer.example>"), flags="(\\Seen)")
-    state = json.loads((tmp_path / "data" / "email-state.json").read_text())
-    assert state["imap/helpdesk/INBOX"] == {"uidvalidity": server.uidvalidity("INBOX"), "uid": 2}
+    state = await read_state(tmp_path, "imap/helpdesk/INBOX")
+    assert state == {"uidvalidity": server.uidvalidity("INBOX"), "uid": 2}
     progress = Progress()
     async with running(config(server), tmp_path, ingest=ingest, observer=progress):
         await progress.until(lambda done: len(done) == 2)
@@ -205,8 +204,8 @@ async def test_a_uidvalidity_change_rescans_without_duplicates(server: Dovecot, 
     keys = [messages[0].idempotency_key() for messages in ingest.messages]
     assert keys[2:4] == keys[0:2]
     assert len(set(keys)) == 3
-    state = json.loads((tmp_path / "data" / "email-state.json").read_text())
-    assert state["imap/helpdesk/Support"]["uidvalidity"] == after
+    state = await read_state(tmp_path, "imap/helpdesk/Support")
+    assert state["uidvalidity"] == after
 
 
 async def test_processed_mail_is_moved_after_it_was_stored(server: Dovecot, tmp_path: Path) -> None:

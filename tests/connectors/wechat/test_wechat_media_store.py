@@ -31,7 +31,12 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 def fetch(ref: str, at: datetime = T0) -> MediaFetch:
     return MediaFetch(
-        key=f"wechat/demo/{ref}", channel="wechat", inbox="demo", account="demo", ref=ref, kind="image",
+        key=f"wechat/demo/{ref}",
+        channel="wechat",
+        inbox="demo",
+        account="demo",
+        ref=ref,
+        kind="image",
         created_at=at,
     )
 

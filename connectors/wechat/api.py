@@ -1,0 +1,310 @@
+"""A small client for the WeChat and WeCom server APIs the gateway needs: tokens, media, ``sync_msg``.
+
+One :class:`WeChatApi` per Official Account / WeCom app. Its access token is cached and shared by
+every call, fetched by one caller at a time, and refreshed ``REFRESH_MARGIN`` seconds before it
+expires. A call answered with a token error (40001, 40014, 42001: another process took a new token,
+or it expired early) invalidates the token and is tried once more with a fresh one; a call answered
+"busy" (-1, 45009, 45011, 45033) or failing in transport is retried after a growing pause, and
+then raised as :class:`ApiUnavailable` (the caller schedules a later attempt). Other error codes
+are :class:`ApiError`. Neither the secret nor the token is ever logged (URLs carry the token, so
+transport errors are reported by type, not by URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote
+
+import aiohttp
+import orjson
+
+from gateway.errors import RetryableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Flavor = Literal["official_account", "wecom"]
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+
+TOKEN_ERRORS = frozenset({40001, 40014, 42001})
+BUSY_ERRORS = frozenset({-1, 45009, 45011, 45033})
+REFRESH_MARGIN = 300.0  # seconds before expiry a token is replaced
+_FILENAME_STAR = re.compile(r"filename\*\s*=\s*(?:UTF-8|utf-8)''([^;]+)")
+_FILENAME = re.compile(r'filename\s*=\s*"?([^";]+)"?')
+
+
+class ApiError(Exception):
+    """The API answered an error code (``errcode``) that a retry will not fix."""
+
+    def __init__(self, errcode: int, errmsg: str) -> None:
+        super().__init__(f"errcode {errcode}: {errmsg}")
+        self.errcode = errcode
+        self.errmsg = errmsg
+
+
+class ApiUnavailable(RetryableError, ConnectionError):
+    """Busy, rate-limited or unreachable after the in-call retries: try again later."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credentials:
+    flavor: Flavor
+    api_base: str
+    app_id: str  # AppID (Official Account) or CorpID (WeCom, WeChat Customer Service)
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Media:
+    data: bytes = field(repr=False)
+    content_type: str
+    filename: str | None
+
+
+class TooLargeMedia(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(0, f"media larger than {limit} bytes")
+
+
+class WeChatApi:
+    """Calls one account's API with its cached access token."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        credentials: Credentials,
+        *,
+        timeout: float = 15.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._session = session
+        self.credentials = credentials
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._retries = retries
+        self._backoff = backoff
+        self._clock = clock
+        self._sleep = sleep
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+
+    # -- the access token ---------------------------------------------------------------------
+
+    async def token(self) -> str:
+        """The cached token, fetched (by one caller at a time) when absent or about to expire."""
+        if self._token is not None and self._clock() < self._expires_at:
+            return self._token
+        async with self._lock:
+            if self._token is not None and self._clock() < self._expires_at:
+                return self._token
+            creds = self.credentials
+            if creds.flavor == "wecom":
+                path, params = "/cgi-bin/gettoken", {"corpid": creds.app_id, "corpsecret": creds.secret}
+            else:
+                path = "/cgi-bin/token"
+                params = {"grant_type": "client_credential", "appid": creds.app_id, "secret": creds.secret}
+            answer = await self._retrying(lambda: self._get_json(path, params))
+            token = answer.get("access_token")
+            if not isinstance(token, str) or not token:
+                raise ApiError(-2, "token answer without access_token")
+            lifetime = float(answer.get("expires_in") or 7200)
+            self._token = token
+            self._expires_at = self._clock() + max(lifetime - REFRESH_MARGIN, lifetime / 2)
+            logger.info("wechat api %s: new access token, valid %.0f s", creds.app_id, lifetime)
+            return token
+
+    def invalidate(self, token: str) -> None:
+        """Forget ``token`` (when it is still the cached one; a newer one is kept)."""
+        if self._token == token:
+            self._token = None
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> dict[str, Any]:
+        async def call(token: str) -> dict[str, Any]:
+            return await self._get_json(path, {**(params or {}), "access_token": token})
+
+        return await self._with_token(call)
+
+    async def post_json(
+        self, path: str, body: Mapping[str, Any], params: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        async def call(token: str) -> dict[str, Any]:
+            url = self.credentials.api_base + path
+            query = {**(params or {}), "access_token": token}
+            try:
+                async with self._session.post(
+                    url,
+                    params=query,
+                    data=orjson.dumps(body),
+                    timeout=self._timeout,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise ApiUnavailable(f"POST {path}: {type(exc).__name__}") from None
+            return _checked(_parse_json(raw, status, path))
+
+        return await self._with_token(call)
+
+    async def sync_msg(
+        self, *, cursor: str | None, token: str | None, limit: int, open_kfid: str | None
+    ) -> dict[str, Any]:
+        """One page of WeChat Customer Service messages (``POST /cgi-bin/kf/sync_msg``)."""
+        body: dict[str, Any] = {"limit": limit, "voice_format": 0}
+        if cursor:
+            body["cursor"] = cursor
+        if token:
+            body["token"] = token
+        if open_kfid:
+            body["open_kfid"] = open_kfid
+        return await self.post_json("/cgi-bin/kf/sync_msg", body)
+
+    async def media(self, media_id: str, *, max_bytes: int) -> Media:
+        """Download a temporary media file (``GET /cgi-bin/media/get``).
+
+        The API answers the bytes with their Content-Type and a Content-Disposition file name, or a
+        JSON error; an Official Account's video answers ``{"video_url": ...}``, which is followed.
+        """
+
+        async def call(token: str) -> Media:
+            params = {"access_token": token, "media_id": media_id}
+            media = await self._download(self.credentials.api_base + "/cgi-bin/media/get", params, max_bytes)
+            if isinstance(media, Media):
+                return media
+            video_url = media.get("video_url")
+            if isinstance(video_url, str) and video_url.startswith(("https://", "http://")):
+                followed = await self._download(video_url, None, max_bytes)
+                if isinstance(followed, Media):
+                    return Media(
+                        data=followed.data,
+                        content_type=followed.content_type or "video/mp4",
+                        filename=followed.filename,
+                    )
+                _checked(followed)
+                raise ApiError(-2, "video_url answered JSON instead of the video")
+            _checked(media)
+            raise ApiError(-2, "media answer is JSON without errcode")
+
+        return await self._with_token(call)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _with_token(self, call: Callable[[str], Awaitable[T]]) -> T:
+        async def attempt() -> T:
+            token = await self.token()
+            try:
+                return await call(token)
+            except ApiError as exc:
+                if exc.errcode not in TOKEN_ERRORS:
+                    raise
+                logger.info(
+                    "wechat api %s: token refused (%d), refreshing once", self.credentials.app_id, exc.errcode
+                )
+                self.invalidate(token)
+            return await call(await self.token())
+
+        return await self._retrying(attempt)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt``; on busy answers and transport errors pause (backoff, doubling) and retry."""
+        for n in range(self._retries + 1):
+            try:
+                return await attempt()
+            except ApiError as exc:
+                if exc.errcode not in BUSY_ERRORS:
+                    raise
+                reason = f"busy (errcode {exc.errcode})"
+            except ApiUnavailable as exc:
+                reason = exc.reason
+            if n == self._retries:
+                raise ApiUnavailable(reason, retry_after=self._backoff * 2 ** (n + 1))
+            pause = self._backoff * 2**n
+            logger.warning("wechat api %s: %s; retrying in %.1f s", self.credentials.app_id, reason, pause)
+            await self._sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_json(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        try:
+            async with self._session.get(
+                self.credentials.api_base + path, params=params, timeout=self._timeout
+            ) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiUnavailable(f"GET {path}: {type(exc).__name__}") from None
+        return _checked(_parse_json(raw, status, path))
+
+    async def _download(
+        self, url: str, params: Mapping[str, str] | None, max_bytes: int
+    ) -> Media | dict[str, Any]:
+        try:
+            async with self._session.get(url, params=params, timeout=self._timeout) as resp:
+                if resp.status >= 500:
+                    raise ApiUnavailable(f"media answered HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > max_bytes:
+                    raise TooLargeMedia(max_bytes)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in resp.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise TooLargeMedia(max_bytes)
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+                content_type = resp.headers.get("Content-Type", "application/octet-stream")
+                disposition = resp.headers.get("Content-Disposition", "")
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiUnavailable(f"media download: {type(exc).__name__}") from None
+        mime = content_type.split(";")[0].strip().lower()
+        # Errors come as JSON (served as application/json or text/plain), never as a file.
+        if mime in ("application/json", "text/plain", "text/json") and data.lstrip()[:1] == b"{":
+            return _parse_json(data, status, "media")
+        if status >= 400:
+            raise ApiError(-status, f"media answered HTTP {status}")
+        mime = mime or "application/octet-stream"
+        return Media(data=data, content_type=mime, filename=_filename(disposition))
+
+
+def _parse_json(raw: bytes, status: int, what: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        if status >= 500:
+            raise ApiUnavailable(f"{what}: HTTP {status}") from None
+        raise ApiError(-2, f"{what}: HTTP {status}, not JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(-2, f"{what}: JSON is not an object")
+    return value
+
+
+def _checked(answer: dict[str, Any]) -> dict[str, Any]:
+    code = answer.get("errcode", 0)
+    if isinstance(code, int) and code != 0:
+        raise ApiError(code, str(answer.get("errmsg", "")))
+    return answer
+
+
+def _filename(disposition: str) -> str | None:
+    """The file name of a Content-Disposition header (RFC 6266 ``filename*`` first), path-free."""
+    match = _FILENAME_STAR.search(disposition)
+    name = unquote(match.group(1)) if match else None
+    if name is None:
+        plain = _FILENAME.search(disposition)
+        name = plain.group(1).strip() if plain else None
+    if not name:
+        return None
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name[:255] or None
