@@ -252,12 +252,21 @@ class FolderPoller:
         raise ImapError(f"SELECT {self.folder} gave no UIDVALIDITY")
 
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
-        """Wait in IDLE until the server pushes something, the IDLE interval ends or we stop."""
-        idle = await client.idle_start(timeout=self._account.idle_interval)
-        push = asyncio.ensure_future(client.wait_server_push(timeout=self._account.idle_interval + 60))
+        """Wait in IDLE until the server pushes something, ``poll_interval`` passes, or we stop.
+
+        An EXISTS the server sends between our last fetch and the start of IDLE is dropped by
+        aioimaplib (it only reports pushes during IDLE), so IDLE never waits longer than
+        ``poll_interval``: such a mail is then picked up by the next catch-up.
+        """
+        account = self._account
+        idle = await client.idle_start(timeout=account.idle_interval)
+        push = asyncio.ensure_future(client.wait_server_push(timeout=account.idle_interval + 60))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({push, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {push, stop}, timeout=min(account.poll_interval, account.idle_interval),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             push.cancel()
             stop.cancel()

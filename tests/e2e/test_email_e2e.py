@@ -1,0 +1,176 @@
+"""Email on the running gateway: real SMTP clients, a real Dovecot, events consumed from RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.connectors.email.dovecot_kit import PASSWORD, USER, Dovecot, dovecot
+from tests.e2e.conftest import MakeDeployment
+from tests.e2e.harness import free_port
+from tests.support.schema import validate_event
+
+pytestmark = pytest.mark.integration
+
+
+def smtp_config(port: int) -> str:
+    return f"""
+[channels.email.smtp]
+host = "127.0.0.1"
+port = {port}
+hostname = "localhost"
+
+[channels.email.inboxes.demo]
+addresses = ["support@demo.localhost"]
+"""
+
+
+def gbk_mail(message_id: str) -> bytes:
+    body = "你好，我的订单号 123456789012345678 还没有发货。\n\n-- \n李雷".encode("gbk")
+    return (
+        b"From: =?GBK?B?wO7A1w==?= <li.lei@example.com>\r\n"
+        b"To: support@demo.localhost\r\n"
+        b"Subject: =?GBK?B?tN+02beiu/U=?=\r\n"
+        b"Message-ID: <" + message_id.encode() + b">\r\n"
+        b"Date: Sun, 22 Nov 2026 10:00:00 +0800\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=GBK\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body.replace(b"\n", b"\r\n") + b"\r\n"
+    )
+
+
+def send(port: int, raw: bytes, to: str = "support@demo.localhost") -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail("li.lei@example.com", [to], raw)
+
+
+async def test_mail_over_smtp_becomes_one_event_and_a_redelivery_none(deploy: MakeDeployment) -> None:
+    port = free_port()
+    d = await deploy(extra=smtp_config(port))
+    await asyncio.to_thread(send, port, gbk_mail("order-1@example.com"))
+    [delivery] = await d.consumer.wait_for(1)
+    event = validate_event(delivery.body)
+    assert delivery.routing_key == "demo.email.message.received"
+    assert event["message"]["subject"] == "催促发货"
+    assert "123456789012345678" in event["message"]["text"]
+    assert event["message"]["reply_text"].strip() == "你好，我的订单号 123456789012345678 还没有发货。"
+    assert event["message"]["external_id"] == "order-1@example.com"
+    assert event["customer"]["display_name"] == "李雷"
+    assert {"kind": "email", "value": "li.lei@example.com", "verified": False} in event["customer"][
+        "identities"
+    ]
+
+    # An MTA retry of the same mail: 250 again, and no second event (the next event is the sentinel).
+    await asyncio.to_thread(send, port, gbk_mail("order-1@example.com"))
+    await asyncio.to_thread(send, port, gbk_mail("order-2@example.com"))
+    received = await d.consumer.wait_for(2)
+    assert validate_event(received[1].body)["message"]["external_id"] == "order-2@example.com"
+    assert len(received) == 2
+
+
+async def test_relay_attempts_are_refused_and_nothing_is_published(deploy: MakeDeployment) -> None:
+    port = free_port()
+    d = await deploy(extra=smtp_config(port))
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await asyncio.to_thread(send, port, gbk_mail("relay@example.com"), "victim@elsewhere.example")
+    code, reason = refused.value.recipients["victim@elsewhere.example"]
+    assert code == 550
+    assert reason.startswith(b"5.1.1")
+    await asyncio.to_thread(send, port, gbk_mail("sentinel@example.com"))
+    [only] = await d.consumer.wait_for(1)
+    assert validate_event(only.body)["message"]["external_id"] == "sentinel@example.com"
+
+
+async def test_mail_sent_with_swaks_arrives(deploy: MakeDeployment) -> None:
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        pytest.fail("swaks is not installed (scripts/ensure-services.sh swaks)")
+    port = free_port()
+    d = await deploy(extra=smtp_config(port))
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            swaks,
+            "--server",
+            f"127.0.0.1:{port}",
+            "--from",
+            "ada@example.com",
+            "--to",
+            "support@demo.localhost",
+            "--header",
+            "Subject: Invoice question [#TG-77]",
+            "--body",
+            "Where is my invoice?",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    [delivery] = await d.consumer.wait_for(1)
+    event = validate_event(delivery.body)
+    assert event["message"]["subject"] == "Invoice question [#TG-77]"
+    assert event["message"]["text"].strip() == "Where is my invoice?"
+
+
+@pytest.fixture
+def imap_server() -> Iterator[Dovecot]:
+    with dovecot() as server:
+        yield server
+
+
+def imap_config(server: Dovecot) -> str:
+    return f"""
+[channels.email.inboxes.demo]
+addresses = ["support@demo.localhost"]
+
+[channels.email.imap.box]
+host = "127.0.0.1"
+port = {server.port}
+tls = false
+username = "{USER}"
+password = "{PASSWORD}"
+inbox = "demo"
+folders = ["INBOX"]
+poll_interval = "200ms"
+rescan = "all"
+reconnect_min = "100ms"
+"""
+
+
+async def test_mail_arriving_while_the_gateway_is_down_is_fetched_once_after_restart(
+    deploy: MakeDeployment, imap_server: Dovecot
+) -> None:
+    d = await deploy(extra=imap_config(imap_server))
+    for n in range(2):
+        imap_server.append(gbk_mail(f"before-{n}@example.com"))
+    await d.consumer.wait_for(2, within=20)
+
+    d.gateway.signal(signal.SIGTERM)
+    assert await d.gateway.wait() == 0
+    for n in range(2):
+        imap_server.append(gbk_mail(f"during-{n}@example.com"))
+    await d.gateway.start()
+    received = await d.consumer.wait_for(4, within=20)
+    imap_server.append(gbk_mail("sentinel@example.com"))
+    received = await d.consumer.wait_for(5, within=20)
+
+    ids = [validate_event(r.body)["message"]["external_id"] for r in received]
+    assert sorted(ids) == sorted(
+        [
+            "before-0@example.com",
+            "before-1@example.com",
+            "during-0@example.com",
+            "during-1@example.com",
+            "sentinel@example.com",
+        ]
+    )
+    assert ids[-1] == "sentinel@example.com"  # nothing else (no refetch) came after the restart's catch-up
+    assert all("\\Seen" in flags for flags in imap_server.flags().values())
