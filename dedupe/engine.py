@@ -1,29 +1,63 @@
 """Placement: idempotency claim, customer resolution and thread assignment for one message.
 
 Written against :class:`dedupe.tx.Tx` so every store runs the same logic inside its own
-transaction. This first engine threads by the customer's recent open thread only; explicit
-references, identity merging and duplicate touchpoints come later.
+transaction. The rules (docs/threading.md):
+
+- Customer: the message's identities are normalised (:mod:`dedupe.identities`); unknown ones join
+  the customer of the known ones. When they belong to two or more customers, the customers are
+  merged only if every connecting identity is verified both by this message and in the store;
+  otherwise a claimed link is recorded and the message goes to the customer of the first verified
+  (else first) known identity.
+- Thread, in order: an explicit reference (In-Reply-To / References, a ticket number, a channel
+  thread key); a duplicate touchpoint (same text, other channel, within the duplicate window); the
+  customer's open thread in tenant+inbox within the window; a new thread. A reference to a closed
+  thread opens a new thread whose ``previous_id`` is the closed one (an auto-generated message joins
+  the closed thread instead: an out-of-office never opens a ticket on its own). Two open threads
+  shown to be one (referenced together, or a customer merge) are merged into the lower number.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from dedupe.tx import CustomerRecord, MessageRecord, ThreadRecord, Tx
-from gateway.events import CustomerView, new_event_id
+from dedupe import similarity
+from dedupe.identities import normalize_all
+from dedupe.tx import ClaimedLink, CustomerRecord, MergeRecord, MessageRecord, RecentText, ThreadRecord, Tx
+from gateway.events import CustomerView, Event, customer_merged, new_event_id, thread_merged
 from gateway.model import CanonicalMessage, Identity, Placement
 from gateway.store.base import PlacementPolicy
+
+TICKET_PREFIX = "ticket:"
+_MAX_RFC822_LOOKUPS = 10  # In-Reply-To plus the newest References
+_MAX_FOLLOW = 16  # merged_into / successor hops; a longer chain is a loop or a bug
+_TEXT_SCAN = 4000  # characters of text searched for a ticket reference
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Placed:
-    """The engine's answer. ``customer`` and ``thread_subject`` are ``None`` for a duplicate."""
+    """The engine's answer. ``customer`` and ``thread_subject`` are ``None`` for a duplicate.
+
+    ``events`` (thread and customer merges) go into the outbox in the same transaction, before
+    the message's own event.
+    """
 
     placement: Placement
     customer: CustomerView | None = None
     thread_subject: str | None = None
+    events: tuple[Event, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Choice:
+    thread: ThreadRecord
+    is_new: bool
+    duplicate_of: str | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -39,8 +73,20 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
     if first is not None:
         return Placed(placement=first)
 
-    customer = resolve_customer(tx, message, now=now)
-    thread, is_new = assign_thread(tx, message, customer.id, policy, now=now)
+    events: list[Event] = []
+    identities = normalize_all(message.identities)
+    customer = resolve_customer(
+        tx,
+        message.tenant,
+        identities,
+        message.display_name,
+        now=now,
+        message_id=message_id,
+        events=events,
+        merge_scope=(message.inbox, policy.window, message.channel),
+    )
+    choice = assign_thread(tx, message, customer.id, policy, now=now, events=events)
+    thread = choice.thread
     sequence = tx.advance_thread(thread.id, now)
     tx.add_message(
         MessageRecord(
@@ -54,55 +100,252 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
             received_at=message.received_at,
         )
     )
+    if message.thread_ref and not message.thread_ref.startswith(TICKET_PREFIX):
+        tx.add_thread_key(message.tenant, message.channel, message.inbox, message.thread_ref, thread.id, now)
+    _remember_text(tx, message, customer.id, message_id, thread.id, policy, now=now)
     placement = Placement(
         message_id=message_id,
         thread_id=thread.id,
         customer_id=customer.id,
         sequence=sequence,
-        is_new_thread=is_new,
+        is_new_thread=choice.is_new,
+        duplicate_of=choice.duplicate_of,
+        previous_thread_id=thread.previous_id,
     )
     tx.complete_claim(key, placement)
     view = CustomerView(
         id=customer.id, identities=tx.customer_identities(customer.id), display_name=customer.display_name
     )
-    return Placed(placement=placement, customer=view, thread_subject=thread.subject)
+    return Placed(placement=placement, customer=view, thread_subject=thread.subject, events=tuple(events))
 
 
-def resolve_customer(tx: Tx, message: CanonicalMessage, *, now: datetime) -> CustomerRecord:
-    """The customer owning the first known identity of the message, else a new one.
+# -- customers -------------------------------------------------------------------------------------
 
-    The message's unknown identities are attached to that customer. Identities already owned by
-    another customer stay where they are: merging customers needs verified evidence and emits
-    events, which is the identity graph's job, not this one's.
+
+def resolve_customer(
+    tx: Tx,
+    tenant: str,
+    identities: Sequence[Identity],
+    display_name: str | None,
+    *,
+    now: datetime,
+    events: list[Event],
+    message_id: str | None = None,
+    merge_scope: tuple[str, float, str] | None = None,
+) -> CustomerRecord:
+    """The customer of already-normalised ``identities``: found, merged, or created.
+
+    ``merge_scope`` (inbox, window, channel) lets a customer merge also merge the open threads of
+    that inbox active within the window.
     """
-    identities = _unique(message.identities)
-    known = tx.find_identities(message.tenant, identities)
-    if known:
-        customer = tx.get_customer(known[0].customer_id)
-        if customer.display_name is None and message.display_name:
-            tx.set_display_name(customer.id, message.display_name)
-            customer = CustomerRecord(
-                id=customer.id, tenant=customer.tenant, display_name=message.display_name
-            )
-    else:
-        customer = CustomerRecord(id=new_id("cus"), tenant=message.tenant, display_name=message.display_name)
-        tx.create_customer(customer, now)
+    keys = sorted(i.key() for i in identities)
+    tx.lock_identities(tenant, keys)
+    known = tx.find_identities(tenant, identities)
+    for _ in range(3):
+        owners = list(dict.fromkeys(s.customer_id for s in known))
+        tx.lock_customers(sorted(owners))
+        # A concurrent merge may have moved an identity between the read and the lock: read again.
+        again = tx.find_identities(tenant, identities)
+        if again == known:
+            break
+        known = again
+    owners = list(dict.fromkeys(s.customer_id for s in known))
 
+    if not owners:
+        customer = CustomerRecord(id=new_id("cus"), tenant=tenant, display_name=display_name)
+        tx.create_customer(customer, now)
+        for identity in identities:
+            tx.add_identity(tenant, customer.id, identity, now)
+        return customer
+
+    given = {i.key(): i for i in identities}
     stored = {(s.kind, s.value): s for s in known}
+    if len(owners) == 1:
+        chosen = owners[0]
+    else:
+        connecting = [given[(s.kind, s.value)] for s in known]
+        proven = all(i.verified and stored[i.key()].verified for i in connecting)
+        if proven:
+            chosen = min(owners)  # the oldest survives (ids are time-ordered)
+            merge_customers(
+                tx,
+                tenant,
+                chosen,
+                [o for o in owners if o != chosen],
+                evidence={
+                    "source": "message",
+                    "message_id": message_id,
+                    "identities": [_identity_json(i) for i in connecting],
+                },
+                now=now,
+                events=events,
+                thread_scope=merge_scope,
+            )
+        else:
+            strongest = next(
+                (s for s in known if s.verified and given[(s.kind, s.value)].verified),
+                next((s for s in known if s.verified), known[0]),
+            )
+            chosen = strongest.customer_id
+            for other in owners:
+                if other == chosen:
+                    continue
+                tx.add_claimed_link(
+                    ClaimedLink(
+                        id=new_id("lnk"),
+                        tenant=tenant,
+                        customer_id=chosen,
+                        other_customer_id=other,
+                        identities=tuple(
+                            i for i in connecting if stored[i.key()].customer_id in (chosen, other)
+                        ),
+                        message_id=message_id,
+                        created_at=now,
+                    )
+                )
+
+    customer = tx.get_customer(chosen)
+    if customer.display_name is None and display_name:
+        tx.set_display_name(customer.id, display_name)
+        customer = CustomerRecord(id=customer.id, tenant=customer.tenant, display_name=display_name)
+    after_merge = (
+        {(s.kind, s.value): s for s in tx.find_identities(tenant, identities)} if len(owners) > 1 else stored
+    )
     for identity in identities:
-        found = stored.get(identity.key())
+        found = after_merge.get(identity.key())
         if found is None:
-            tx.add_identity(message.tenant, customer.id, identity, now)
-        elif identity.verified and not found.verified:
+            tx.add_identity(tenant, chosen, identity, now)
+        elif found.customer_id == chosen and identity.verified and not found.verified:
             # The channel proved an identity that was only claimed before.
-            tx.mark_verified(message.tenant, identity)
+            tx.mark_verified(tenant, identity)
     return customer
 
 
+def merge_customers(
+    tx: Tx,
+    tenant: str,
+    survivor: str,
+    merged: Sequence[str],
+    *,
+    evidence: Mapping[str, Any],
+    now: datetime,
+    events: list[Event],
+    thread_scope: tuple[str, float, str] | None = None,
+) -> MergeRecord:
+    """Move every identity and thread of ``merged`` to ``survivor``; record the merge; emit its event."""
+    tx.lock_customers(sorted({survivor, *merged}))
+    moved: list[tuple[str, Identity]] = []
+    threads: list[tuple[str, str]] = []
+    for customer_id in merged:
+        keys = [i.key() for i in tx.customer_identities(customer_id)]
+        moved.extend((customer_id, i) for i in tx.move_identities(tenant, keys, customer_id, survivor))
+        thread_ids = tx.customer_thread_ids(customer_id)
+        tx.move_threads(thread_ids, survivor)
+        threads.extend((customer_id, t) for t in thread_ids)
+        tx.set_merged_into(customer_id, survivor)
+    record = MergeRecord(
+        id=new_id("mrg"),
+        tenant=tenant,
+        surviving_customer=survivor,
+        merged_customers=tuple(merged),
+        identities=tuple(moved),
+        threads=tuple(threads),
+        evidence=dict(evidence),
+        created_at=now,
+    )
+    tx.add_merge(record)
+    events.append(
+        customer_merged(
+            tenant=tenant,
+            surviving_customer=survivor,
+            merged_customers=list(merged),
+            evidence={**evidence, "identities_moved": [_identity_json(i) for _, i in moved]},
+            merge_id=record.id,
+            occurred_at=now,
+        )
+    )
+    if thread_scope is not None:
+        inbox, window, channel = thread_scope
+        open_now = tx.open_threads(
+            customer_id=survivor, tenant=tenant, inbox=inbox, active_since=now - timedelta(seconds=window)
+        )
+        if len(open_now) > 1:
+            _merge_threads(tx, open_now, reason="customer.merged", channel=channel, now=now, events=events)
+    return record
+
+
+def undo_merge(tx: Tx, merge_id: str, *, now: datetime, events: list[Event]) -> MergeRecord | None:
+    """Give every merged-away customer back its identities and threads; ``None`` if unknown or undone.
+
+    Threads that were merged into another thread meanwhile stay merged (the desk has seen that).
+    """
+    record = tx.get_merge(merge_id)
+    if record is None or record.undone_at is not None:
+        return None
+    holder = current_customer(tx, record.surviving_customer)
+    tx.lock_customers(sorted({holder, *record.merged_customers}))
+    for customer_id in record.merged_customers:
+        keys = [i.key() for origin, i in record.identities if origin == customer_id]
+        tx.move_identities(record.tenant, keys, holder, customer_id)
+        tx.move_threads([t for origin, t in record.threads if origin == customer_id], customer_id)
+        tx.set_merged_into(customer_id, None)
+    tx.mark_merge_undone(merge_id, now)
+    events.append(
+        customer_merged(
+            tenant=record.tenant,
+            surviving_customer=record.surviving_customer,
+            merged_customers=list(record.merged_customers),
+            evidence=dict(record.evidence),
+            merge_id=record.id,
+            occurred_at=now,
+            unmerge=True,
+        )
+    )
+    return record
+
+
+def current_customer(tx: Tx, customer_id: str) -> str:
+    """Follow ``merged_into`` to the customer that holds the identities now."""
+    for _ in range(_MAX_FOLLOW):
+        customer = tx.get_customer(customer_id)
+        if customer.merged_into is None:
+            return customer_id
+        customer_id = customer.merged_into
+    return customer_id
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+
 def assign_thread(
-    tx: Tx, message: CanonicalMessage, customer_id: str, policy: PlacementPolicy, *, now: datetime
-) -> tuple[ThreadRecord, bool]:
-    """The customer's open thread active within the window, else a new thread; ``(thread, is_new)``."""
+    tx: Tx,
+    message: CanonicalMessage,
+    customer_id: str,
+    policy: PlacementPolicy,
+    *,
+    now: datetime,
+    events: list[Event] | None = None,
+) -> _Choice:
+    """Reference, duplicate touchpoint, open thread within the window, or a new thread."""
+    events = events if events is not None else []
+    referenced = referenced_threads(tx, message, policy)
+    if referenced:
+        open_refs = [t for t in referenced if t.open]
+        if open_refs:
+            target = open_refs[0]
+            if len(open_refs) > 1:
+                target = _merge_threads(
+                    tx, open_refs, reason="reference", channel=message.channel, now=now, events=events
+                )
+            return _Choice(thread=target, is_new=False)
+        closed = referenced[0]
+        if message.auto_generated:
+            return _Choice(thread=closed, is_new=False)
+        return _Choice(thread=_new_thread(tx, message, customer_id, now, previous=closed.id), is_new=True)
+
+    duplicate = _find_duplicate(tx, message, customer_id, policy, now=now)
+    if duplicate is not None:
+        return duplicate
     current = tx.find_open_thread(
         customer_id=customer_id,
         tenant=message.tenant,
@@ -110,7 +353,100 @@ def assign_thread(
         active_since=now - timedelta(seconds=policy.window),
     )
     if current is not None:
-        return current, False
+        return _Choice(thread=current, is_new=False)
+    return _Choice(thread=_new_thread(tx, message, customer_id, now), is_new=True)
+
+
+def referenced_threads(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy) -> list[ThreadRecord]:
+    """Threads the message explicitly refers to, strongest first, each followed to where it lives now."""
+    found: list[ThreadRecord] = []
+    tenant = message.tenant
+    rfc822 = [message.in_reply_to] if message.in_reply_to else []
+    rfc822 += [r for r in reversed(message.references) if r != message.in_reply_to]
+    for ref in rfc822[:_MAX_RFC822_LOOKUPS]:
+        thread = tx.find_thread_by_rfc822(tenant, ref)
+        if thread is not None:
+            found.append(thread)
+            break
+    number = ticket_number(message, policy.ticket_ref_pattern)
+    if number is not None:
+        thread = tx.find_thread_by_number(tenant, number)
+        if thread is not None:
+            found.append(thread)
+    if message.thread_ref and not message.thread_ref.startswith(TICKET_PREFIX):
+        thread = tx.find_thread_by_key(tenant, message.channel, message.inbox, message.thread_ref)
+        if thread is not None:
+            found.append(thread)
+    resolved: dict[str, ThreadRecord] = {}
+    for thread in found:
+        current = follow(tx, thread)
+        resolved.setdefault(current.id, current)
+    return list(resolved.values())
+
+
+def follow(tx: Tx, thread: ThreadRecord) -> ThreadRecord:
+    """Where a thread lives now: through ``merged_into``, and from a closed thread to its open successor."""
+    for _ in range(_MAX_FOLLOW):
+        if thread.merged_into is not None:
+            nxt = tx.get_thread(thread.merged_into)
+        elif not thread.open:
+            nxt = tx.find_successor(thread.id)
+        else:
+            return thread
+        if nxt is None:
+            return thread
+        thread = nxt
+    return thread
+
+
+def ticket_number(message: CanonicalMessage, pattern: str | None) -> int | None:
+    """The ticket number from ``thread_ref`` (``ticket:<n>``), else from the subject or text."""
+    if message.thread_ref and message.thread_ref.startswith(TICKET_PREFIX):
+        digits = message.thread_ref[len(TICKET_PREFIX) :]
+        return int(digits) if digits.isdigit() else None
+    if not pattern:
+        return None
+    compiled = _compiled(pattern)
+    for text in (message.subject, (message.text or "")[:_TEXT_SCAN]):
+        if not text:
+            continue
+        match = compiled.search(text)
+        if match is not None:
+            value = match.groupdict().get("number") or (match.group(1) if compiled.groups else match.group(0))
+            if value and value.isdigit():
+                return int(value)
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _merge_threads(
+    tx: Tx, threads: Sequence[ThreadRecord], *, reason: str, channel: str, now: datetime, events: list[Event]
+) -> ThreadRecord:
+    """Merge open threads into the one with the lowest number; returns the survivor."""
+    survivor = min(threads, key=lambda t: t.number)
+    merged = [t.id for t in threads if t.id != survivor.id]
+    for thread_id in merged:
+        tx.merge_thread(thread_id, survivor.id, now)
+    events.append(
+        thread_merged(
+            tenant=survivor.tenant,
+            channel=channel,
+            surviving_thread=survivor.id,
+            merged_threads=merged,
+            reason=reason,
+            occurred_at=now,
+        )
+    )
+    return survivor
+
+
+def _new_thread(
+    tx: Tx, message: CanonicalMessage, customer_id: str, now: datetime, *, previous: str | None = None
+) -> ThreadRecord:
     thread = ThreadRecord(
         id=new_id("thr"),
         tenant=message.tenant,
@@ -119,16 +455,70 @@ def assign_thread(
         subject=message.subject,
         number=tx.next_thread_number(message.tenant),
         last_activity=now,
+        previous_id=previous,
     )
     tx.create_thread(thread)
-    return thread, True
+    return thread
 
 
-def _unique(identities: tuple[Identity, ...]) -> list[Identity]:
-    """Identities in order, one per (kind, value); a verified copy wins over a claimed one."""
-    seen: dict[tuple[str, str], Identity] = {}
-    for identity in identities:
-        prior = seen.get(identity.key())
-        if prior is None or (identity.verified and not prior.verified):
-            seen[identity.key()] = identity
-    return list(seen.values())
+# -- duplicate touchpoints -------------------------------------------------------------------------
+
+
+def _comparable_text(message: CanonicalMessage, policy: PlacementPolicy) -> str | None:
+    if message.auto_generated or policy.duplicate_window <= 0:
+        return None
+    text = similarity.normalize_text(message.reply_text or message.text)
+    return text if len(text) >= policy.duplicate_min_chars else None
+
+
+def _find_duplicate(
+    tx: Tx, message: CanonicalMessage, customer_id: str, policy: PlacementPolicy, *, now: datetime
+) -> _Choice | None:
+    text = _comparable_text(message, policy)
+    if text is None:
+        return None
+    since = now - timedelta(seconds=policy.duplicate_window)
+    for recent in tx.recent_texts(customer_id, since):
+        if recent.channel == message.channel:
+            continue  # a repeat on one channel is a conversation ("hello?"), or idempotency's job
+        if not similarity.is_duplicate(
+            text, recent.text, policy.duplicate_threshold, policy.duplicate_min_chars
+        ):
+            continue
+        thread = tx.get_thread(recent.thread_id)
+        if thread is None:
+            continue
+        thread = follow(tx, thread)
+        if thread.open:
+            return _Choice(thread=thread, is_new=False, duplicate_of=recent.message_id)
+    return None
+
+
+def _remember_text(
+    tx: Tx,
+    message: CanonicalMessage,
+    customer_id: str,
+    message_id: str,
+    thread_id: str,
+    policy: PlacementPolicy,
+    *,
+    now: datetime,
+) -> None:
+    text = _comparable_text(message, policy)
+    if text is None:
+        return
+    tx.add_recent_text(
+        RecentText(
+            customer_id=customer_id,
+            message_id=message_id,
+            thread_id=thread_id,
+            channel=message.channel,
+            text=text,
+            at=now,
+        ),
+        keep_since=now - timedelta(seconds=policy.duplicate_window),
+    )
+
+
+def _identity_json(identity: Identity) -> dict[str, Any]:
+    return {"kind": identity.kind, "value": identity.value, "verified": identity.verified}

@@ -187,6 +187,10 @@ class Placement:
     sequence: int
     is_new_thread: bool
     duplicate: bool = False  # True when the idempotency key had already been claimed
+    # The first message of a duplicate touchpoint (same text, same customer, another channel).
+    duplicate_of: str | None = None
+    # The closed thread this message's thread continues (it referred to that thread after closing).
+    previous_thread_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

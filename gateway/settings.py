@@ -194,6 +194,27 @@ class RoutingRule(_Section):
     queue: str | None = None
 
 
+class DedupeSettings(_Section):
+    """``[dedupe]``: duplicate touchpoints (the same text from one customer through two channels)."""
+
+    duplicate_window: Duration = 15 * 60.0  # 0 turns detection off
+    duplicate_threshold: float = Field(90.0, ge=0, le=100)  # rapidfuzz ratio on normalised text
+    duplicate_min_chars: int = Field(12, ge=1)  # shorter normalised texts are never duplicates
+
+
+class ControlSettings(_Section):
+    """``[control]``: the queue on which desks report threads closed or reopened."""
+
+    enabled: bool = True
+    queue: str = "ticketgate.control"
+    # Bound to [broker] exchange; desks publish e.g. ``control.acme.thread.closed``.
+    bindings: tuple[str, ...] = ("control.#",)
+    quorum: bool = False
+    prefetch: int = Field(32, gt=0)
+    # A message that cannot be applied because the store is down is requeued after this pause.
+    retry_delay: Duration = 1.0
+
+
 class RoutingSettings(_Section):
     rules: tuple[RoutingRule, ...] = ()
 
@@ -214,6 +235,8 @@ class Settings(_Section):
     channels: dict[str, dict[str, Any]] = Field(default_factory=dict, repr=False)  # raw: holds secrets
     # Where the settings were read from, for error messages; not a setting.
     source: str | None = Field(default=None, exclude=True)
+    dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
 
     @model_validator(mode="after")
     def _inboxes_name_tenants(self) -> Settings:

@@ -26,6 +26,10 @@ class PlacementPolicy:
 
     window: float  # seconds since the thread's last activity within which a message joins it
     ticket_ref_pattern: str | None = None
+    # Duplicate touchpoints: the same text from the same customer through another channel.
+    duplicate_window: float = 900.0  # seconds; 0 turns detection off
+    duplicate_threshold: float = 90.0  # rapidfuzz ratio (0..100) on normalised text
+    duplicate_min_chars: int = 12  # shorter normalised texts are never duplicates
 
 
 # Builds the message.received event once the store knows customer, thread and sequence.

@@ -25,7 +25,16 @@ from typing import Any, TypeVar
 import orjson
 
 from dedupe.engine import new_id, place
-from dedupe.tx import CustomerRecord, MessageRecord, StoredIdentity, ThreadRecord
+from dedupe.tx import (
+    ClaimedLink,
+    CustomerRecord,
+    MergeRecord,
+    MessageRecord,
+    RecentText,
+    StoredIdentity,
+    ThreadRecord,
+    TxWork,
+)
 from gateway.errors import BacklogFull, StoreError
 from gateway.events import Event, message_quarantined
 from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
@@ -198,6 +207,64 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX media_due ON media (channel, next_attempt_at) WHERE state = 'pending';
     """,
+    # 4: identity graph (merges, claimed links), thread references and merges, duplicate touchpoints.
+    """
+    ALTER TABLE customers ADD COLUMN merged_into TEXT;
+    ALTER TABLE threads ADD COLUMN merged_into TEXT;
+    ALTER TABLE threads ADD COLUMN previous_id TEXT;
+    CREATE INDEX threads_customer ON threads (customer_id);
+    CREATE INDEX threads_previous ON threads (previous_id) WHERE previous_id IS NOT NULL;
+
+    CREATE TABLE thread_keys (
+        tenant TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        inbox TEXT NOT NULL,
+        key TEXT NOT NULL,
+        thread_id TEXT NOT NULL REFERENCES threads (id),
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, channel, inbox, key)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE merges (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        surviving_customer TEXT NOT NULL,
+        merged_customers TEXT NOT NULL,
+        identities TEXT NOT NULL,
+        threads TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        undone_at INTEGER
+    );
+    CREATE TABLE merge_members (
+        customer_id TEXT NOT NULL,
+        merge_id TEXT NOT NULL REFERENCES merges (id),
+        PRIMARY KEY (customer_id, merge_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE claimed_links (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        customer_id TEXT NOT NULL,
+        other_customer_id TEXT NOT NULL,
+        identities TEXT NOT NULL,
+        message_id TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX claimed_links_customer ON claimed_links (customer_id);
+    CREATE INDEX claimed_links_other ON claimed_links (other_customer_id);
+
+    -- Normalised texts of each customer's last messages, only as far back as the duplicate window.
+    CREATE TABLE recent_texts (
+        customer_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (customer_id, at, message_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -235,8 +302,57 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
+_THREAD_COLUMNS = (
+    "id, tenant, inbox, customer_id, subject, number, last_activity, status, merged_into, previous_id"
+)
+
+
+def _thread(row: Sequence[Any]) -> ThreadRecord:
+    return ThreadRecord(
+        id=row[0],
+        tenant=row[1],
+        inbox=row[2],
+        customer_id=row[3],
+        subject=row[4],
+        number=row[5],
+        last_activity=_dt(row[6]),
+        open=row[7] == "open",
+        merged_into=row[8],
+        previous_id=row[9],
+    )
+
+
+def _identities_json(identities: Sequence[tuple[str, Identity]]) -> str:
+    return orjson.dumps([[origin, i.kind, i.value, i.verified] for origin, i in identities]).decode()
+
+
+def _merge(row: Sequence[Any]) -> MergeRecord:
+    return MergeRecord(
+        id=row[0],
+        tenant=row[1],
+        surviving_customer=row[2],
+        merged_customers=tuple(orjson.loads(row[3])),
+        identities=tuple(
+            (origin, Identity(kind=kind, value=value, verified=bool(verified)))
+            for origin, kind, value, verified in orjson.loads(row[4])
+        ),
+        threads=tuple((origin, thread) for origin, thread in orjson.loads(row[5])),
+        evidence=orjson.loads(row[6]),
+        created_at=_dt(row[7]),
+        undone_at=_dt(row[8]) if row[8] is not None else None,
+    )
+
+
+_MERGE_COLUMNS = (
+    "id, tenant, surviving_customer, merged_customers, identities, threads, evidence, created_at, undone_at"
+)
+
+
 class SQLiteTx:
-    """:class:`dedupe.tx.Tx` over the writer connection, inside the current savepoint."""
+    """:class:`dedupe.tx.Tx` over the writer connection, inside the current savepoint.
+
+    The one writer thread serializes every transaction, so the lock methods have nothing to do.
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -273,6 +389,12 @@ class SQLiteTx:
             (placement.thread_id, placement.customer_id, placement.sequence, placement.is_new_thread, key),
         )
 
+    def lock_identities(self, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
+        """Nothing to do: the writer thread runs one transaction at a time."""
+
+    def lock_customers(self, customer_ids: Sequence[str]) -> None:
+        """Nothing to do: the writer thread runs one transaction at a time."""
+
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         found: list[StoredIdentity] = []
         for identity in identities:
@@ -294,13 +416,19 @@ class SQLiteTx:
             (customer.id, customer.tenant, customer.display_name, _us(now)),
         )
 
-    def get_customer(self, customer_id: str) -> CustomerRecord:
+    def find_customer(self, customer_id: str) -> CustomerRecord | None:
         row = self._conn.execute(
-            "SELECT tenant, display_name FROM customers WHERE id = ?", (customer_id,)
+            "SELECT tenant, display_name, merged_into FROM customers WHERE id = ?", (customer_id,)
         ).fetchone()
         if row is None:
+            return None
+        return CustomerRecord(id=customer_id, tenant=row[0], display_name=row[1], merged_into=row[2])
+
+    def get_customer(self, customer_id: str) -> CustomerRecord:
+        customer = self.find_customer(customer_id)
+        if customer is None:
             raise StoreError(f"unknown customer {customer_id!r}")
-        return CustomerRecord(id=customer_id, tenant=row[0], display_name=row[1])
+        return customer
 
     def set_display_name(self, customer_id: str, display_name: str) -> None:
         self._conn.execute("UPDATE customers SET display_name = ? WHERE id = ?", (display_name, customer_id))
@@ -326,25 +454,177 @@ class SQLiteTx:
         ).fetchall()
         return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
 
+    def move_identities(
+        self, tenant: str, keys: Sequence[tuple[str, str]], from_customer: str, to_customer: str
+    ) -> list[Identity]:
+        moved: list[Identity] = []
+        for kind, value in keys:
+            row = self._conn.execute(
+                "UPDATE identities SET customer_id = ? WHERE tenant = ? AND kind = ? AND value = ?"
+                " AND customer_id = ? RETURNING verified",
+                (to_customer, tenant, kind, value, from_customer),
+            ).fetchone()
+            if row is not None:
+                moved.append(Identity(kind=kind, value=value, verified=bool(row[0])))
+        return moved
+
+    def set_merged_into(self, customer_id: str, into: str | None) -> None:
+        self._conn.execute("UPDATE customers SET merged_into = ? WHERE id = ?", (into, customer_id))
+
+    def add_merge(self, merge: MergeRecord) -> None:
+        self._conn.execute(
+            f"INSERT INTO merges ({_MERGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            (
+                merge.id,
+                merge.tenant,
+                merge.surviving_customer,
+                orjson.dumps(list(merge.merged_customers)).decode(),
+                _identities_json(merge.identities),
+                orjson.dumps([list(t) for t in merge.threads]).decode(),
+                orjson.dumps(dict(merge.evidence)).decode(),
+                _us(merge.created_at),
+                _us(merge.undone_at) if merge.undone_at is not None else None,
+            ),
+        )
+        self._conn.executemany(
+            "INSERT INTO merge_members (customer_id, merge_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+            [(c, merge.id) for c in (merge.surviving_customer, *merge.merged_customers)],
+        )
+
+    def get_merge(self, merge_id: str) -> MergeRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_MERGE_COLUMNS} FROM merges WHERE id = ?", (merge_id,)  # noqa: S608
+        ).fetchone()
+        return _merge(row) if row is not None else None
+
+    def mark_merge_undone(self, merge_id: str, at: datetime) -> None:
+        self._conn.execute("UPDATE merges SET undone_at = ? WHERE id = ?", (_us(at), merge_id))
+
+    def customer_merges(self, customer_id: str) -> list[MergeRecord]:
+        rows = self._conn.execute(
+            f"SELECT {', '.join('m.' + c.strip() for c in _MERGE_COLUMNS.split(','))}"  # noqa: S608
+            " FROM merge_members mm JOIN merges m ON m.id = mm.merge_id WHERE mm.customer_id = ?"
+            " ORDER BY m.created_at, m.id",
+            (customer_id,),
+        ).fetchall()
+        return [_merge(r) for r in rows]
+
+    def add_claimed_link(self, link: ClaimedLink) -> None:
+        self._conn.execute(
+            "INSERT INTO claimed_links (id, tenant, customer_id, other_customer_id, identities, message_id,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                link.id,
+                link.tenant,
+                link.customer_id,
+                link.other_customer_id,
+                orjson.dumps([[i.kind, i.value, i.verified] for i in link.identities]).decode(),
+                link.message_id,
+                _us(link.created_at),
+            ),
+        )
+
+    def claimed_links(self, customer_id: str) -> list[ClaimedLink]:
+        rows = self._conn.execute(
+            "SELECT id, tenant, customer_id, other_customer_id, identities, message_id, created_at"
+            " FROM claimed_links WHERE customer_id = ?"
+            " UNION SELECT id, tenant, customer_id, other_customer_id, identities, message_id, created_at"
+            " FROM claimed_links WHERE other_customer_id = ? ORDER BY 7, 1",
+            (customer_id, customer_id),
+        ).fetchall()
+        return [
+            ClaimedLink(
+                id=r[0],
+                tenant=r[1],
+                customer_id=r[2],
+                other_customer_id=r[3],
+                identities=tuple(
+                    Identity(kind=k, value=v, verified=bool(ok)) for k, v, ok in orjson.loads(r[4])
+                ),
+                message_id=r[5],
+                created_at=_dt(r[6]),
+            )
+            for r in rows
+        ]
+
     def find_open_thread(
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> ThreadRecord | None:
         row = self._conn.execute(
-            "SELECT id, subject, number, last_activity FROM threads"
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
             " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
             " ORDER BY last_activity DESC LIMIT 1",
             (customer_id, tenant, inbox, _us(active_since)),
         ).fetchone()
-        if row is None:
-            return None
-        return ThreadRecord(
-            id=row[0],
-            tenant=tenant,
-            inbox=inbox,
-            customer_id=customer_id,
-            subject=row[1],
-            number=row[2],
-            last_activity=_dt(row[3]),
+        return _thread(row) if row is not None else None
+
+    def open_threads(
+        self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
+    ) -> list[ThreadRecord]:
+        rows = self._conn.execute(
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
+            " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?",
+            (customer_id, tenant, inbox, _us(active_since)),
+        ).fetchall()
+        return sorted((_thread(r) for r in rows), key=lambda t: t.number)
+
+    def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,)  # noqa: S608
+        ).fetchone()
+        return _thread(row) if row is not None else None
+
+    def find_successor(self, thread_id: str) -> ThreadRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE previous_id = ?"  # noqa: S608
+            " ORDER BY created_at DESC LIMIT 1",
+            (thread_id,),
+        ).fetchone()
+        return _thread(row) if row is not None else None
+
+    def find_thread_by_number(self, tenant: str, number: int) -> ThreadRecord | None:
+        row = self._conn.execute(
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
+            (tenant, number),
+        ).fetchone()
+        return _thread(row) if row is not None else None
+
+    def find_thread_by_rfc822(self, tenant: str, rfc822_message_id: str) -> ThreadRecord | None:
+        row = self._conn.execute(
+            f"SELECT {', '.join('t.' + c.strip() for c in _THREAD_COLUMNS.split(','))}"  # noqa: S608
+            " FROM messages m JOIN threads t ON t.id = m.thread_id"
+            " WHERE m.rfc822_message_id = ? AND t.tenant = ? ORDER BY m.received_at DESC LIMIT 1",
+            (rfc822_message_id, tenant),
+        ).fetchone()
+        return _thread(row) if row is not None else None
+
+    def find_thread_by_key(self, tenant: str, channel: str, inbox: str, key: str) -> ThreadRecord | None:
+        row = self._conn.execute(
+            f"SELECT {', '.join('t.' + c.strip() for c in _THREAD_COLUMNS.split(','))}"  # noqa: S608
+            " FROM thread_keys k JOIN threads t ON t.id = k.thread_id"
+            " WHERE k.tenant = ? AND k.channel = ? AND k.inbox = ? AND k.key = ?",
+            (tenant, channel, inbox, key),
+        ).fetchone()
+        return _thread(row) if row is not None else None
+
+    def add_thread_key(
+        self, tenant: str, channel: str, inbox: str, key: str, thread_id: str, now: datetime
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO thread_keys (tenant, channel, inbox, key, thread_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (tenant, channel, inbox, key, thread_id, _us(now)),
+        )
+
+    def customer_thread_ids(self, customer_id: str) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT id FROM threads WHERE customer_id = ? ORDER BY number", (customer_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def move_threads(self, thread_ids: Sequence[str], to_customer: str) -> None:
+        self._conn.executemany(
+            "UPDATE threads SET customer_id = ? WHERE id = ?", [(to_customer, t) for t in thread_ids]
         )
 
     def next_thread_number(self, tenant: str) -> int:
@@ -359,7 +639,8 @@ class SQLiteTx:
     def create_thread(self, thread: ThreadRecord) -> None:
         self._conn.execute(
             "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
-            " next_sequence, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?)",
+            " next_sequence, created_at, merged_into, previous_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
             (
                 thread.id,
                 thread.tenant,
@@ -370,6 +651,8 @@ class SQLiteTx:
                 thread.number,
                 _us(thread.last_activity),
                 _us(thread.last_activity),
+                thread.merged_into,
+                thread.previous_id,
             ),
         )
 
@@ -382,6 +665,24 @@ class SQLiteTx:
         if row is None:
             raise StoreError(f"unknown thread {thread_id!r}")
         return int(row[0])
+
+    def set_thread_status(self, thread_id: str, open: bool, at: datetime) -> bool:
+        if open:
+            cur = self._conn.execute(
+                "UPDATE threads SET status = 'open', last_activity = max(last_activity, ?)"
+                " WHERE id = ? AND merged_into IS NULL",
+                (_us(at), thread_id),
+            )
+        else:
+            cur = self._conn.execute("UPDATE threads SET status = 'closed' WHERE id = ?", (thread_id,))
+        if cur.rowcount:
+            return True
+        return self._conn.execute("SELECT 1 FROM threads WHERE id = ?", (thread_id,)).fetchone() is not None
+
+    def merge_thread(self, thread_id: str, into: str, now: datetime) -> None:
+        self._conn.execute(
+            "UPDATE threads SET status = 'closed', merged_into = ? WHERE id = ?", (into, thread_id)
+        )
 
     def add_message(self, message: MessageRecord) -> None:
         self._conn.execute(
@@ -399,6 +700,34 @@ class SQLiteTx:
                 message.rfc822_message_id,
                 _us(message.received_at),
             ),
+        )
+
+    def recent_texts(self, customer_id: str, since: datetime) -> list[RecentText]:
+        rows = self._conn.execute(
+            "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
+            " WHERE customer_id = ? AND at >= ? ORDER BY at DESC LIMIT 50",
+            (customer_id, _us(since)),
+        ).fetchall()
+        return [
+            RecentText(
+                customer_id=customer_id,
+                message_id=r[0],
+                thread_id=r[1],
+                channel=r[2],
+                text=r[3],
+                at=_dt(r[4]),
+            )
+            for r in rows
+        ]
+
+    def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
+        self._conn.execute(
+            "DELETE FROM recent_texts WHERE customer_id = ? AND at < ?", (text.customer_id, _us(keep_since))
+        )
+        self._conn.execute(
+            "INSERT INTO recent_texts (customer_id, at, message_id, thread_id, channel, text)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (text.customer_id, _us(text.at), text.message_id, text.thread_id, text.channel, text.text),
         )
 
 
@@ -848,6 +1177,9 @@ class SQLiteStore:
             enqueued = 0
             for message, policy in zip(messages, policies, strict=True):
                 placed = place(tx, message, policy, now=now)
+                for merge_event in placed.events:
+                    _insert_event(conn, merge_event, now)
+                    enqueued += 1
                 if placed.customer is not None:
                     event = build_event(
                         message, placed.placement, placed.customer, placed.thread_subject, ref
@@ -919,6 +1251,17 @@ class SQLiteStore:
             _insert_event(conn, event, now)
             self._check_room(1)
             return record, 1
+
+        return await self._submit(job)
+
+    async def transact(self, work: TxWork[T]) -> T:
+        # Not bounded by max_backlog: desk and control operations record decisions already made.
+        def job(conn: sqlite3.Connection) -> tuple[T, int]:
+            now = self._clock()
+            value, events = work(SQLiteTx(conn), now)
+            for event in events:
+                _insert_event(conn, event, now)
+            return value, len(events)
 
         return await self._submit(job)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,9 +22,11 @@ from storekit import (
     store_settings,
 )
 
+from dedupe import graph
+from dedupe.tx import Tx
 from gateway.errors import BacklogFull
-from gateway.events import thread_merged
-from gateway.model import CanonicalMessage, Placement, RawEnvelope
+from gateway.events import Event, thread_merged
+from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from gateway.store.base import Store
 from gateway.store.blobs import sha256_hex
 from gateway.store.postgres import PostgresStore
@@ -332,3 +336,91 @@ async def test_state_is_durable_and_overwritten(make_store: MakeStore) -> None:
         assert await reopened.state_get("imap/support/INBOX") == b'{"uidvalidity": 7, "uid": 42}'
     finally:
         await reopened.close()
+
+
+# -- identity graph and threading through the store (dedupe rules, backend-neutral) -----------------
+
+
+def _msg(external_id: str, *identities: Identity, channel: str = "form", **fields: Any) -> CanonicalMessage:
+    return dataclasses.replace(message(external_id, channel=channel), identities=identities, **fields)
+
+
+async def test_verified_merge_enqueues_customer_merged_before_the_message(store: Store) -> None:
+    openid = Identity(kind="wechat_openid", value="wx1:o", verified=True)
+    unionid = Identity(kind="wechat_unionid", value="u", verified=True)
+    (a,) = await accept(store, _msg("w1", openid, channel="wechat"))
+    (b,) = await accept(store, _msg("w2", unionid, channel="wechat", inbox="other"))
+
+    (c,) = await accept(store, _msg("w3", openid, unionid, channel="wechat"))
+
+    rows = await store.outbox_fetch(10)
+    assert [r.type for r in rows] == ["message.received"] * 2 + ["customer.merged", "message.received"]
+    merged = orjson.loads(rows[2].body)
+    assert merged["customer"] == {"id": a.customer_id, "merged": [b.customer_id]}
+    assert c.customer_id == a.customer_id
+    last = orjson.loads(rows[3].body)
+    assert {i["value"] for i in last["customer"]["identities"]} == {"wx1:o", "u"}
+
+    # Undo through the store's transaction: identities go back, and the event goes out.
+    summary = await store.transact(graph.customer_summary(a.customer_id))
+    assert summary is not None
+    (merge,) = summary.merges
+    await store.transact(graph.undo(merge.id))
+    rows = await store.outbox_fetch(10)
+    assert rows[-1].type == "customer.unmerged"
+    (d,) = await accept(store, _msg("w4", unionid, channel="wechat", inbox="other"))
+    assert d.customer_id == b.customer_id
+
+
+async def test_duplicate_touchpoint_joins_the_first_thread_with_duplicate_of(
+    store: Store, clock: Clock
+) -> None:
+    text = "My parcel 1234 arrived damaged and the box was open. Please help."
+    mail = Identity(kind="email", value="ada@example.com", verified=True)
+    (first,) = await accept(store, _msg("f1", mail, channel="form", inbox="web", text=text))
+    clock.advance(300)
+    (second,) = await accept(store, _msg("e1", mail, channel="email", text=text.lower()))
+
+    assert (second.thread_id, second.duplicate_of) == (first.thread_id, first.message_id)
+    bodies = [orjson.loads(r.body) for r in await store.outbox_fetch(10)]
+    assert [b["message"]["duplicate_of"] for b in bodies] == [None, first.message_id]
+
+
+async def test_closed_thread_then_reference_opens_a_new_thread_with_previous_id(
+    store: Store, clock: Clock
+) -> None:
+    mail = Identity(kind="email", value="ada@example.com", verified=True)
+    (first,) = await accept(store, _msg("q1@ada", mail, channel="email"))
+
+    assert await store.transact(graph.set_thread_status(first.thread_id, open=False, at=clock()))
+    assert not await store.transact(graph.set_thread_status("thr_unknown", open=False, at=clock()))
+    (reply,) = await accept(store, _msg("r1@ada", mail, channel="email", in_reply_to="q1@ada"))
+
+    assert reply.is_new_thread
+    assert reply.previous_thread_id == first.thread_id
+    body = orjson.loads((await store.outbox_fetch(10))[-1].body)
+    assert body["thread"]["previous_id"] == first.thread_id
+
+
+async def test_in_reply_to_joins_after_the_window(store: Store, clock: Clock) -> None:
+    mail = Identity(kind="email", value="ada@example.com", verified=True)
+    (first,) = await accept(store, _msg("q1@ada", mail, channel="email"))
+    clock.advance(WINDOW * 3)
+    (fresh,) = await accept(store, _msg("n1@ada", mail, channel="email"))
+    (reply,) = await accept(store, _msg("r1@ada", mail, channel="email", references=("q1@ada",)))
+
+    assert fresh.thread_id != first.thread_id
+    assert (reply.thread_id, reply.sequence) == (first.thread_id, 2)
+
+
+async def test_transact_rolls_back_on_error(store: Store) -> None:
+    (first,) = await accept(store, message("m1"))
+
+    def work(tx: Tx, now: datetime) -> tuple[None, list[Event]]:
+        tx.set_thread_status(first.thread_id, False, now)
+        raise graph.GraphError("nope", "refused")
+
+    with pytest.raises(graph.GraphError):
+        await store.transact(work)
+    (second,) = await accept(store, message("m2"))
+    assert second.thread_id == first.thread_id

@@ -1,0 +1,155 @@
+"""The control queue: desks report threads closed or reopened; the gateway applies it to the store.
+
+A message is ``{"type": "thread.closed" | "thread.reopened", "thread_id", "tenant", "at"}`` (JSON) on
+the durable queue ``[control] queue`` (default ``ticketgate.control``), bound to the exchange with
+``control.#``. It is acknowledged only after the store committed the change; an unknown thread is
+logged and acknowledged (nothing to do); a malformed message is rejected without requeue (dead
+letter it with a queue policy if you want to keep it); a store fault requeues it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+import aio_pika
+import aio_pika.abc
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from dedupe import graph
+from gateway.settings import BrokerSettings, ControlSettings
+from gateway.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+
+class ControlMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    type: Literal["thread.closed", "thread.reopened"]
+    thread_id: str = Field(min_length=1, max_length=200)
+    tenant: str = Field(min_length=1, max_length=200)
+    at: AwareDatetime
+
+
+class Applied(enum.StrEnum):
+    APPLIED = "applied"  # ack
+    UNKNOWN_THREAD = "unknown_thread"  # ack, logged
+    MALFORMED = "malformed"  # reject, no requeue
+    RETRY = "retry"  # nack, requeue
+
+
+async def apply_control(store: Store, body: bytes) -> Applied:
+    """Parse and apply one control message; what to answer the broker follows from the result."""
+    try:
+        command = ControlMessage.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        logger.warning("control: malformed message rejected (%s: %s)", where, first["msg"])
+        return Applied.MALFORMED
+    work = graph.set_thread_status(
+        command.thread_id, open=command.type == "thread.reopened", at=command.at, tenant=command.tenant
+    )
+    try:
+        known = await store.transact(work)
+    except Exception:
+        logger.exception("control: cannot apply %s for thread %s now", command.type, command.thread_id)
+        return Applied.RETRY
+    if not known:
+        logger.info(
+            "control: %s for unknown thread %s (tenant %s) ignored",
+            command.type,
+            command.thread_id,
+            command.tenant,
+        )
+        return Applied.UNKNOWN_THREAD
+    logger.info("control: thread %s %s", command.thread_id, command.type.removeprefix("thread."))
+    return Applied.APPLIED
+
+
+class ControlConsumer:
+    """Consumes the control queue with manual acks; reconnects through aio-pika's robust connection."""
+
+    def __init__(self, settings: ControlSettings, broker: BrokerSettings, store: Store) -> None:
+        self._settings = settings
+        self._broker = broker
+        self._store = store
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.handled: dict[Applied, int] = dict.fromkeys(Applied, 0)
+
+    async def start(self) -> None:
+        """Start consuming; a broker that is down is retried in the background (ingest does not wait)."""
+        self._task = asyncio.create_task(self._run(), name="ticketgate-control")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._consume()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("control: cannot reach the broker (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(self._broker.reconnect_interval)
+
+    async def _consume(self) -> None:
+        connection = await aio_pika.connect_robust(
+            self._broker.url.get_secret_value(),
+            reconnect_interval=self._broker.reconnect_interval,
+            client_properties={"connection_name": "ticketgate-control"},
+        )
+        self._connection = connection
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self._settings.prefetch)
+        exchange = await channel.declare_exchange(
+            self._broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self._settings.quorum else {}
+        queue = await channel.declare_queue(self._settings.queue, durable=True, arguments=arguments)
+        for pattern in self._settings.bindings:
+            await queue.bind(exchange, routing_key=pattern)
+        await queue.consume(self._on_message, no_ack=False)
+        logger.info("control: consuming %r", self._settings.queue)
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        result = await apply_control(self._store, message.body)
+        self.handled[result] += 1
+        if result is Applied.MALFORMED:
+            await message.reject(requeue=False)
+        elif result is Applied.RETRY:
+            await asyncio.sleep(self._settings.retry_delay)  # do not spin on a store that is down
+            await message.nack(requeue=True)
+        else:
+            await message.ack()
+
+
+def control_ctx(
+    settings: ControlSettings, broker: BrokerSettings, store: Store
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A ``cleanup_ctx`` entry running the control consumer (register it after the store's)."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        consumer = ControlConsumer(settings, broker, store)
+        if settings.enabled:
+            await consumer.start()
+        yield
+        await consumer.close()
+
+    return ctx

@@ -1,0 +1,219 @@
+"""Thread assignment: references, closed threads, thread merges, window, duplicate touchpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import orjson
+from dedupekit import POLICY, T0, msg, types
+
+from dedupe import graph
+from dedupe.engine import place
+from gateway.model import Identity
+from gateway.store.sqlite import SQLiteTx
+
+MAIL = Identity(kind="email", value="ada@example.com", verified=True)
+PHONE = Identity(kind="phone", value="+41790000001", verified=True)
+BOB = Identity(kind="email", value="bob@example.com", verified=True)
+DAY = timedelta(days=1)
+COMPLAINT = "My order 1234 arrived broken, the screen is cracked. Please send a replacement."
+
+
+def test_window_decides_between_same_and_new_thread(tx: SQLiteTx) -> None:
+    first = place(tx, msg("1", MAIL), POLICY, now=T0).placement
+    inside = place(tx, msg("2", MAIL), POLICY, now=T0 + timedelta(seconds=3600)).placement
+    still = place(tx, msg("3", MAIL), POLICY, now=T0 + timedelta(seconds=7000)).placement
+    outside = place(tx, msg("4", MAIL), POLICY, now=T0 + timedelta(seconds=7000 + 3601)).placement
+
+    assert (inside.thread_id, inside.sequence, inside.is_new_thread) == (first.thread_id, 2, False)
+    assert (still.thread_id, still.sequence) == (first.thread_id, 3)
+    assert (outside.sequence, outside.is_new_thread) == (1, True)
+    assert outside.thread_id != first.thread_id
+
+
+def test_in_reply_to_after_the_window_joins_the_original_thread(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    other = place(tx, msg("q2@ada", MAIL), POLICY, now=T0 + DAY).placement  # a new thread, later
+    reply = place(tx, msg("r1@ada", MAIL, in_reply_to="q1@ada"), POLICY, now=T0 + 2 * DAY).placement
+    by_refs = place(
+        tx, msg("r2@ada", MAIL, references=("q1@ada", "zz@x")), POLICY, now=T0 + 2 * DAY
+    ).placement
+
+    assert other.thread_id != first.thread_id
+    assert (reply.thread_id, reply.is_new_thread, reply.sequence) == (first.thread_id, False, 2)
+    assert by_refs.thread_id == first.thread_id
+
+
+def test_reply_from_another_address_still_joins_by_reference(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    reply = place(tx, msg("r1@bob", BOB, in_reply_to="q1@ada"), POLICY, now=T0 + 3 * DAY).placement
+
+    assert reply.thread_id == first.thread_id
+    assert reply.customer_id != first.customer_id
+
+
+def test_ticket_reference_in_text_of_another_channel(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    number = tx.get_thread(first.thread_id).number  # type: ignore[union-attr]
+    chat = msg("c1", PHONE, channel="whatsapp", inbox="wa", text=f"About [#TG-{number}] again", subject=None)
+
+    placed = place(tx, chat, POLICY, now=T0 + 5 * DAY).placement
+
+    assert placed.thread_id == first.thread_id
+    email_ref = place(tx, msg("q9@ada", MAIL, thread_ref=f"ticket:{number}"), POLICY, now=T0 + 9 * DAY)
+    assert email_ref.placement.thread_id == first.thread_id
+
+
+def test_channel_thread_key_is_scoped_to_channel_and_inbox(tx: SQLiteTx) -> None:
+    slack = Identity(kind="slack", value="t1:u1", verified=True)
+    first = place(
+        tx, msg("s1", slack, channel="slack", thread_ref="1700000000.0001"), POLICY, now=T0
+    ).placement
+    same = place(tx, msg("s2", slack, channel="slack", thread_ref="1700000000.0001"), POLICY, now=T0 + DAY)
+    elsewhere = place(
+        tx,
+        msg("s3", slack, channel="slack", inbox="other", thread_ref="1700000000.0001"),
+        POLICY,
+        now=T0 + DAY,
+    )
+
+    assert same.placement.thread_id == first.thread_id
+    assert elsewhere.placement.thread_id != first.thread_id
+
+
+def test_reference_to_a_closed_thread_opens_a_new_one_that_refers_to_it(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)
+
+    again = place(
+        tx, msg("r1@ada", MAIL, in_reply_to="q1@ada"), POLICY, now=T0 + timedelta(minutes=1)
+    ).placement
+    later = place(
+        tx, msg("r2@ada", MAIL, in_reply_to="q1@ada"), POLICY, now=T0 + timedelta(minutes=2)
+    ).placement
+    window = place(tx, msg("n1@ada", MAIL), POLICY, now=T0 + timedelta(minutes=3)).placement
+
+    assert (again.is_new_thread, again.previous_thread_id) == (True, first.thread_id)
+    # A second reply to the old mail goes to the thread that continues it, not to a third one.
+    assert (later.thread_id, later.is_new_thread) == (again.thread_id, False)
+    assert window.thread_id == again.thread_id
+
+
+def test_message_after_close_opens_a_new_thread_and_reopen_joins_again(tx: SQLiteTx) -> None:
+    first = place(tx, msg("1", MAIL), POLICY, now=T0).placement
+    graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)
+    after = place(tx, msg("2", MAIL), POLICY, now=T0 + timedelta(minutes=1)).placement
+    assert after.thread_id != first.thread_id
+
+    graph.set_thread_status(after.thread_id, open=False, at=T0)(tx, T0)
+    graph.set_thread_status(first.thread_id, open=True, at=T0 + timedelta(minutes=2))(tx, T0)
+    reopened = place(tx, msg("3", MAIL), POLICY, now=T0 + timedelta(minutes=3)).placement
+    assert reopened.thread_id == first.thread_id
+
+
+def test_auto_reply_to_a_closed_thread_does_not_open_one(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)
+
+    ooo = place(
+        tx, msg("o1@ada", MAIL, in_reply_to="q1@ada", auto_generated="auto-reply"), POLICY, now=T0
+    ).placement
+    unreferenced = place(tx, msg("o2@ada", MAIL, auto_generated="bounce"), POLICY, now=T0).placement
+
+    assert (ooo.thread_id, ooo.is_new_thread) == (first.thread_id, False)
+    # Without a reference an auto-generated message is placed like any other (a desk must see a bounce).
+    assert unreferenced.is_new_thread
+
+
+def test_reference_to_two_open_threads_merges_them_into_the_lower_number(tx: SQLiteTx) -> None:
+    a = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    b = place(tx, msg("q2@ada", MAIL, inbox="billing"), POLICY, now=T0).placement
+    number_b = tx.get_thread(b.thread_id).number  # type: ignore[union-attr]
+
+    both = place(
+        tx, msg("r@ada", MAIL, in_reply_to="q1@ada", thread_ref=f"ticket:{number_b}"), POLICY, now=T0
+    )
+
+    assert both.placement.thread_id == a.thread_id
+    assert types(both.events) == ["thread.merged"]
+    body = orjson.loads(both.events[0].body)
+    assert body["thread"] == {"id": a.thread_id, "merged": [b.thread_id], "reason": "reference"}
+    later = place(tx, msg("x@ada", MAIL, in_reply_to="q2@ada"), POLICY, now=T0 + DAY).placement
+    assert later.thread_id == a.thread_id
+
+
+def test_customer_merge_merges_their_open_threads_in_the_inbox(tx: SQLiteTx) -> None:
+    openid = Identity(kind="wechat_openid", value="wx1:o", verified=True)
+    unionid = Identity(kind="wechat_unionid", value="u", verified=True)
+    a = place(tx, msg("1", openid, channel="wechat"), POLICY, now=T0).placement
+    b = place(tx, msg("2", unionid, channel="wechat"), POLICY, now=T0).placement
+
+    both = place(tx, msg("3", openid, unionid, channel="wechat"), POLICY, now=T0 + timedelta(minutes=1))
+
+    assert types(both.events) == ["customer.merged", "thread.merged"]
+    assert both.placement.thread_id == a.thread_id
+    assert orjson.loads(both.events[1].body)["thread"]["merged"] == [b.thread_id]
+
+
+def test_same_text_through_another_channel_is_a_duplicate_touchpoint(tx: SQLiteTx) -> None:
+    form = msg("f1", MAIL, PHONE, channel="form", inbox="web", text=COMPLAINT)
+    first = place(tx, form, POLICY, now=T0).placement
+    mail = msg(
+        "m1@ada",
+        MAIL,
+        channel="email",
+        text="my order 1234 arrived broken - the screen is cracked!! please send a replacement",
+    )
+
+    second = place(tx, mail, POLICY, now=T0 + timedelta(minutes=5)).placement
+
+    assert (second.thread_id, second.duplicate_of, second.is_new_thread) == (
+        first.thread_id,
+        first.message_id,
+        False,
+    )
+
+
+def test_different_problem_or_outside_window_or_same_channel_is_not_a_duplicate(tx: SQLiteTx) -> None:
+    first = place(tx, msg("f1", MAIL, channel="form", inbox="web", text=COMPLAINT), POLICY, now=T0).placement
+    other = place(
+        tx,
+        msg("m1", MAIL, text="Also, how do I change the delivery address of order 5678?"),
+        POLICY,
+        now=T0 + timedelta(minutes=1),
+    ).placement
+    again = place(
+        tx,
+        msg("f2", MAIL, channel="form", inbox="web2", text=COMPLAINT),
+        POLICY,
+        now=T0 + timedelta(minutes=2),
+    ).placement
+    late = place(
+        tx, msg("m2", MAIL, inbox="late", text=COMPLAINT), POLICY, now=T0 + timedelta(minutes=18)
+    ).placement
+
+    assert other.duplicate_of is None
+    assert other.thread_id != first.thread_id
+    assert late.duplicate_of is None
+    assert again.duplicate_of is None
+
+
+def test_duplicate_threshold_and_window_come_from_the_policy(tx: SQLiteTx) -> None:
+    strict = dataclasses.replace(POLICY, duplicate_threshold=100.0)
+    place(tx, msg("f1", MAIL, channel="form", text=COMPLAINT), strict, now=T0)
+    near = place(tx, msg("m1", MAIL, inbox="x", text=COMPLAINT + " Thanks"), strict, now=T0).placement
+    assert near.duplicate_of is None
+
+    off = dataclasses.replace(POLICY, duplicate_window=0)
+    place(tx, msg("f2", BOB, channel="form", text=COMPLAINT), off, now=T0)
+    same = place(tx, msg("m2", BOB, inbox="x", text=COMPLAINT), off, now=T0).placement
+    assert same.duplicate_of is None
+
+
+def test_recent_texts_stay_bounded_to_the_window(tx: SQLiteTx) -> None:
+    for n in range(5):
+        place(tx, msg(f"m{n}", MAIL, text=f"{COMPLAINT} {n}"), POLICY, now=T0 + timedelta(minutes=20 * n))
+    customer = tx.find_identities("acme", [MAIL])[0].customer_id
+
+    assert len(tx.recent_texts(customer, T0 - DAY)) == 1
