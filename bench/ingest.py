@@ -169,6 +169,17 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) of a process from /proc: the event loop's thread and all the others."""
+    tick = os.sysconf("SC_CLK_TCK")
+    result: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        name = "event loop" if task.name == str(pid) else "other threads"
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        result[name] = result.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return result
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -202,12 +213,14 @@ async def run(args: argparse.Namespace) -> None:
         await counter.wait_for(1, within=30)
 
         before = len(counter.ids)
+        cpu_before = cpu_seconds(gateway.proc.pid)
         t0 = time.perf_counter()
         closed = await loop.run_in_executor(
             pool, loadgen, "closed", port, args.concurrency, args.seconds, 0.0
         )
         acked = closed["statuses"].get(202, 0)
         await counter.wait_for(before + acked, within=120)
+        cpu_after = cpu_seconds(gateway.proc.pid)
         events = len(counter.ids) - before
         e2e_rate = events / (counter.last_at - t0)
         ack_rate = acked / closed["elapsed"]
@@ -239,6 +252,10 @@ async def run(args: argparse.Namespace) -> None:
         f"  ack latency      p50 {percentile(lat_open, 50) * 1000:.1f} ms, "
         f"p99 {percentile(lat_open, 99) * 1000:.1f} ms, max {max(lat_open) * 1000:.1f} ms"
     )
+    cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    per_event = sum(cpu.values()) / max(events, 1) * 1e6
+    threads = ", ".join(f"{name} {seconds / max(events, 1) * 1e6:.0f}" for name, seconds in sorted(cpu.items()))
+    print(f"  gateway CPU      {per_event:.0f} us per event (by thread: {threads})")
     print(f"gateway peak RSS   {rss:.0f} MB")
     print(f"bare aio-pika      {bare:,.0f} msg/s ({args.bare_n} x 1 KB persistent, window {args.window})")
     print(f"ratio              gateway end to end / bare publisher = {e2e_rate / bare:.2f}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.control import control_ctx
 from gateway.enrich import Enricher
 from gateway.health import setup_health
 from gateway.keys import METRICS, PIPELINE, RELAY, SETTINGS, STORE
@@ -86,6 +87,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
+    # Desks report threads closed / reopened; applied to the store, so it stops before the store.
+    app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))
     setup_health(app)
     for connector in load_connectors(settings):
         connector.setup(app, pipeline.ingest)

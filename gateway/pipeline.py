@@ -131,7 +131,14 @@ class Pipeline:
     def _policy(self, message: CanonicalMessage) -> PlacementPolicy:
         inbox = self._settings.inboxes.get(message.inbox)
         window = self._settings.threading.window_for(message.channel, inbox.thread_window if inbox else None)
-        return PlacementPolicy(window=window, ticket_ref_pattern=self._settings.threading.ticket_ref_pattern)
+        dedupe = self._settings.dedupe
+        return PlacementPolicy(
+            window=window,
+            ticket_ref_pattern=self._settings.threading.ticket_ref_pattern,
+            duplicate_window=dedupe.duplicate_window,
+            duplicate_threshold=dedupe.duplicate_threshold,
+            duplicate_min_chars=dedupe.duplicate_min_chars,
+        )
 
     def _build_event(self, envelope: RawEnvelope) -> Callable[..., Event]:
         public_url = self._settings.server.public_url

@@ -207,8 +207,9 @@ class ControlSettings(_Section):
 
     enabled: bool = True
     queue: str = "ticketgate.control"
-    # Bound to [broker] exchange; desks publish e.g. ``control.acme.thread.closed``.
-    bindings: tuple[str, ...] = ("control.#",)
+    # Desks publish to the default exchange with routing key = ``queue``. Bindings to the events
+    # exchange are possible but off by default: a desk queue bound to "#" would receive them too.
+    bindings: tuple[str, ...] = ()
     quorum: bool = False
     prefetch: int = Field(32, gt=0)
     # A message that cannot be applied because the store is down is requeued after this pause.
