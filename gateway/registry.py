@@ -16,6 +16,7 @@ CONNECTORS: dict[str, str] = {
     "email": "connectors.email:EmailConnector",
     "wechat": "connectors.wechat:WeChatConnector",
     "wecom": "connectors.wechat:WeComConnector",
+    "wechat_kf": "connectors.wechat:WeChatKfConnector",
 }
 
 
@@ -53,6 +54,7 @@ NORMALIZERS: dict[str, str] = {
     "email": "normalizers.email:normalize_email",
     "wechat": "normalizers.wechat:normalize_wechat",
     "wecom": "normalizers.wechat:normalize_wecom",
+    "wechat_kf": "normalizers.wechat_kf:normalize_kf",
 }
 
 

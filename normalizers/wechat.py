@@ -286,3 +286,8 @@ def _event_fields(
     elif event == "kf_switch_session":
         extra["from_kf_account"] = _text(fields, "FromKfAccount")
         extra["to_kf_account"] = _text(fields, "ToKfAccount")
+
+
+# The names gateway.registry.NORMALIZERS uses to replay quarantined messages.
+normalize_wechat = normalize
+normalize_wecom = normalize

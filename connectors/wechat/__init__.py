@@ -1,5 +1,7 @@
-"""WeChat Official Account and WeCom callback connectors (verification, decryption, sub-apps)."""
+"""WeChat Official Account, WeCom and WeChat Customer Service connectors (verification, decryption,
+sub-apps, media fetching, ``sync_msg``)."""
 
 from connectors.wechat.app import WeChatConnector, WeComConnector
+from connectors.wechat.kf import WeChatKfConnector
 
-__all__ = ["WeChatConnector", "WeComConnector"]
+__all__ = ["WeChatConnector", "WeChatKfConnector", "WeComConnector"]
