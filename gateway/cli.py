@@ -23,6 +23,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (it is a dependency on Linux): a cheaper loop for the same code."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop wheels
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -31,6 +40,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.log)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
     app = create_app(settings)
     # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
     # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
@@ -42,6 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         access_log=None,
         print=None,
         backlog=settings.server.max_connections,
+        loop=loop,
     )
     return 0
 
