@@ -85,6 +85,11 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
         status, sentinel = await post_api(session, d.gateway.url, api_body("second question"), key=f"{key}-2")
         assert status == 202
         received = await d.consumer.wait_for(2)
+        async with session.get(f"{d.gateway.url}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'ticketgate_messages_total{channel="api",outcome="accepted"} 2.0' in metrics
+        assert 'ticketgate_messages_total{channel="api",outcome="duplicate"} 1.0' in metrics
+        assert 'ticketgate_ack_latency_seconds_count{channel="api"} 3.0' in metrics
         second = validate_event(received[1].body)
         assert second["message"]["id"] == sentinel["message_id"]
         assert second["thread"]["id"] == first["thread_id"]

@@ -1,0 +1,107 @@
+"""The operator's commands against a real store: outbox status, quarantine list / show / replay."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.cli import main
+from gateway.model import RawEnvelope
+from gateway.settings import load_settings
+from gateway.store.sqlite import SQLiteStore
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "ticketgate.toml"
+    path.write_text(
+        f"""
+[store]
+path = "{tmp_path / "ticketgate.db"}"
+blob_dir = "{tmp_path / "blobs"}"
+
+[tenants.demo]
+
+[inboxes.demo]
+tenant = "demo"
+"""
+    )
+    return path
+
+
+async def quarantine_one(config: Path, body: bytes) -> str:
+    """What the pipeline does with a verified message its normalizer could not handle."""
+    settings = load_settings(config)
+    store = SQLiteStore(settings.store, settings.outbox)
+    await store.open()
+    try:
+        envelope = RawEnvelope(
+            channel="api",
+            tenant="demo",
+            inbox="demo",
+            body=body,
+            received_at=datetime.now(UTC),
+            content_type="application/json",
+            signature_verified=True,
+        )
+        record = await store.quarantine(envelope, "normalizer error: KeyError: 'customer'")
+        return record.id
+    finally:
+        await store.close()
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().out
+
+
+async def test_quarantine_list_show_and_replay(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    body = orjson.dumps({"customer": {"email": "ada@example.com"}, "text": "It broke.", "external_id": "m-1"})
+    qid = await quarantine_one(config, body)
+
+    code, out = await asyncio.to_thread(run, ["quarantine", "list", "--config", str(config)], capsys)
+    assert code == 0
+    assert qid in out
+    assert "KeyError" in out
+    assert "held" in out
+
+    code, out = await asyncio.to_thread(run, ["quarantine", "show", qid, "--config", str(config)], capsys)
+    assert code == 0
+    shown = orjson.loads(out)
+    assert shown["reason"] == "normalizer error: KeyError: 'customer'"
+    assert shown["size"] == len(body)
+
+    code, out = await asyncio.to_thread(run, ["outbox", "status", "--config", str(config)], capsys)
+    assert code == 0
+    assert "backlog:          1" in out  # the message.quarantined event
+
+    code, out = await asyncio.to_thread(run, ["quarantine", "replay", qid, "--config", str(config)], capsys)
+    assert code == 0, out
+    assert "accepted" in out
+
+    code, out = await asyncio.to_thread(run, ["quarantine", "list", "--config", str(config)], capsys)
+    assert "replayed" in out
+    code, out = await asyncio.to_thread(run, ["outbox", "status", "--config", str(config)], capsys)
+    assert "backlog:          2" in out  # ... and now the replayed message.received
+
+
+async def test_a_replay_that_fails_again_is_reported_not_hidden(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path)
+    qid = await quarantine_one(config, b"{not json")
+    code, out = await asyncio.to_thread(run, ["quarantine", "replay", qid, "--config", str(config)], capsys)
+    assert code == 1
+    assert "rejected" in out
+    code, out = await asyncio.to_thread(run, ["quarantine", "list", "--config", str(config)], capsys)
+    assert "held" in out  # still held for the next fix
+
+
+def test_unknown_quarantine_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert main(["quarantine", "show", "qua_nope", "--config", str(config)]) == 1
+    assert "no quarantined message" in capsys.readouterr().err
