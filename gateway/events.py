@@ -173,6 +173,7 @@ def message_received(
             "is_new": placement.is_new_thread,
             "sequence": placement.sequence,
             "subject": thread_subject,
+            "previous_id": placement.previous_thread_id,
         },
         "customer": {
             "id": customer.id,
@@ -219,7 +220,8 @@ def message_received(
             "in_reply_to": message.in_reply_to,
             "references": list(message.references),
             "auto_generated": message.auto_generated,
-            "duplicate_of": duplicate_of,
+            # The engine puts it on the placement; an explicit argument overrides.
+            "duplicate_of": duplicate_of if duplicate_of is not None else placement.duplicate_of,
             "extra": dict(message.extra),
         },
         "routing": {
