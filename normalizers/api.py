@@ -189,4 +189,9 @@ def to_message(envelope: RawEnvelope, payload: ApiMessage) -> CanonicalMessage:
 
 def normalize_api(envelope: RawEnvelope) -> Sequence[CanonicalMessage]:
     """The API normalizer: one message per request."""
-    return (to_message(envelope, parse_api_message(envelope.body)),)
+    return normalize_parsed(parse_api_message(envelope.body), envelope)
+
+
+def normalize_parsed(payload: ApiMessage, envelope: RawEnvelope) -> Sequence[CanonicalMessage]:
+    """The same, from a payload the connector already validated from ``envelope.body``."""
+    return (to_message(envelope, payload),)

@@ -14,6 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from importlib.resources import files
 from typing import Self
 
@@ -33,7 +34,7 @@ from connectors.http_util import (
 from gateway.errors import ConfigError, InvalidInput
 from gateway.model import Outcome, RawEnvelope
 from gateway.settings import ChannelSettings, Secret, Settings
-from normalizers.api import ApiMessage, normalize_api, parse_api_message
+from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,9 @@ class _Handlers:
             remote=remote,
             meta={"trust_identities": inbox.trust_identities},
         )
-        result = await self._ingest(envelope, normalize_api)
+        # The body was validated above; normalizing from that payload avoids parsing it twice.
+        # normalize_api (which parses envelope.body) stays the channel's normalizer for replays.
+        result = await self._ingest(envelope, partial(normalize_parsed, payload))
         if result.outcome is Outcome.RETRY:
             logger.warning("api %s: could not store a message now: %s", inbox.id, result.reason)
         elif not result.stored:
