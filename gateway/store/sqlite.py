@@ -1059,13 +1059,23 @@ class SQLiteStore:
                 retry_after=self._outbox.retry_after,
             )
 
-    def _check_room(self, rows: int) -> None:
-        """On the writer thread, inside a job: refuse when ``rows`` more events exceed the bound.
+    def _check_room(self, conn: sqlite3.Connection, rows: int) -> None:
+        """On the writer thread, inside a job that just inserted ``rows`` events: refuse when they
+        exceed the bound.
 
         Checked where the rows are known, so duplicates (which enqueue nothing) still get their
-        answer when the outbox is full.
+        answer when the outbox is full. The in-memory count only falls when this process marks
+        events published; when it says "full", recount: another process (the relay process, an
+        operator's replay) may have published meanwhile.
         """
-        if rows and self._backlog + self._batch_delta + rows > self._outbox.max_backlog:
+        if not rows:
+            return
+        if self._backlog + self._batch_delta + rows > self._outbox.max_backlog:
+            (unpublished,) = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+            with self._lock:
+                # The count sees this batch's uncommitted rows, this job's included.
+                self._backlog = unpublished - self._batch_delta - rows
+        if self._backlog + self._batch_delta + rows > self._outbox.max_backlog:
             raise BacklogFull(
                 f"outbox holds {self._backlog + self._batch_delta} unpublished events"
                 f" (max_backlog {self._outbox.max_backlog})",
@@ -1187,7 +1197,7 @@ class SQLiteStore:
                     _insert_event(conn, event, now)
                     enqueued += 1
                 placements.append(placed.placement)
-            self._check_room(enqueued)
+            self._check_room(conn, enqueued)
             return placements, enqueued
 
         return await self._submit(job)
@@ -1249,7 +1259,7 @@ class SQLiteStore:
                 occurred_at=now,
             )
             _insert_event(conn, event, now)
-            self._check_room(1)
+            self._check_room(conn, 1)
             return record, 1
 
         return await self._submit(job)

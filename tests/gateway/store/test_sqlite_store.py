@@ -15,7 +15,7 @@ import orjson
 import pytest
 from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
 
-from gateway.errors import StoreError
+from gateway.errors import BacklogFull, StoreError
 from gateway.events import CustomerView, Event
 from gateway.model import Attachment, CanonicalMessage, Placement, RawEnvelope
 from gateway.store.blobs import sha256_hex
@@ -214,3 +214,25 @@ async def test_acknowledged_accepts_survive_sigkill(tmp_path: Path) -> None:
         await store.close()
     with sqlite3.connect(tmp_path / "tg.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+async def test_events_published_by_another_process_free_room_in_the_backlog(tmp_path: Path) -> None:
+    """The relay may run in its own process with its own store handle; the bound must see its marks."""
+    accepting = SQLiteStore(store_settings(tmp_path), outbox_settings(max_backlog=3))
+    relaying = SQLiteStore(store_settings(tmp_path), outbox_settings(max_backlog=3))
+    await accepting.open()
+    await relaying.open()
+    try:
+        for n in range(3):
+            await accepting.accept(envelope(), [message(f"m{n}")], policies=[POLICY], build_event=build_event)
+        with pytest.raises(BacklogFull):
+            await accepting.accept(envelope(), [message("m3")], policies=[POLICY], build_event=build_event)
+        rows = await relaying.outbox_fetch(10)
+        await relaying.outbox_mark_published([row.position for row in rows[:2]])
+        await accepting.accept(envelope(), [message("m3")], policies=[POLICY], build_event=build_event)
+        await accepting.accept(envelope(), [message("m4")], policies=[POLICY], build_event=build_event)
+        with pytest.raises(BacklogFull):
+            await accepting.accept(envelope(), [message("m5")], policies=[POLICY], build_event=build_event)
+    finally:
+        await relaying.close()
+        await accepting.close()
