@@ -39,7 +39,9 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,7 +85,7 @@ T = TypeVar("T")
 Clock = Callable[[], datetime]
 Conn = psycopg.Connection[TupleRow]
 
-POOL_SIZE = 16  # connections (and worker threads) per instance
+POOL_SIZE = 8  # connections (and worker threads) per instance; mind max_connections
 BACKLOG_SLOTS = 64  # counter rows the unpublished-event count is spread over (created by migration 1)
 _OPEN_TIMEOUT = 10.0  # seconds open() waits for the first connections
 _CONNECT_TIMEOUT = 5  # seconds per connection attempt
@@ -901,7 +903,11 @@ class PostgresStore:
             self._dsn,
             min_size=2,
             max_size=POOL_SIZE,
-            kwargs={"autocommit": True, "connect_timeout": _CONNECT_TIMEOUT},
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": _CONNECT_TIMEOUT,
+                "application_name": "ticketgate",
+            },
             configure=_configure,
             open=False,
             name="ticketgate-store",
@@ -1370,7 +1376,8 @@ class PostgresStore:
                     self._dsn,
                     autocommit=True,
                     connect_timeout=_CONNECT_TIMEOUT,
-                    application_name="ticketgate-relay",
+                    # Names the instance holding the lease in pg_stat_activity (see docs/operations.md).
+                    application_name=f"ticketgate-relay {socket.gethostname()} pid={os.getpid()}"[:63],
                 )
                 _configure(self._lease_conn)
             row = self._lease_conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LEASE_LOCK,)).fetchone()
