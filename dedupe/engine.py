@@ -12,7 +12,8 @@ transaction. The rules (docs/threading.md):
   thread key); a duplicate touchpoint (same text, other channel, within the duplicate window); the
   customer's open thread in tenant+inbox within the window; a new thread. A reference to a closed
   thread opens a new thread whose ``previous_id`` is the closed one (an auto-generated message joins
-  the closed thread instead: an out-of-office never opens a ticket on its own). Two open threads
+  the closed thread instead: an out-of-office never opens a ticket on its own); so does a message
+  that the window would have put on a thread a desk closed. Two open threads
   shown to be one (referenced together, or a customer merge) are merged into the lower number.
 """
 
@@ -37,6 +38,7 @@ TICKET_PREFIX = "ticket:"
 _MAX_RFC822_LOOKUPS = 10  # In-Reply-To plus the newest References
 _MAX_FOLLOW = 16  # merged_into / successor hops; a longer chain is a loop or a bug
 _TEXT_SCAN = 4000  # characters of text searched for a ticket reference
+_CLOSED_LOOKBACK = 8  # newest threads of a customer searched for a closed predecessor
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -354,7 +356,30 @@ def assign_thread(
     )
     if current is not None:
         return _Choice(thread=current, is_new=False)
-    return _Choice(thread=_new_thread(tx, message, customer_id, now), is_new=True)
+    previous = _closed_in_window(tx, message, customer_id, since=now - timedelta(seconds=policy.window))
+    return _Choice(thread=_new_thread(tx, message, customer_id, now, previous=previous), is_new=True)
+
+
+def _closed_in_window(tx: Tx, message: CanonicalMessage, customer_id: str, *, since: datetime) -> str | None:
+    """The thread the window would have joined had a desk not closed it, so the new one can refer to it.
+
+    Only the customer's newest few threads are looked at: the one the window would have chosen is
+    recent, and this keeps the cost flat for a customer with a long history.
+    """
+    best: ThreadRecord | None = None
+    for thread_id in reversed(tx.customer_thread_ids(customer_id)[-_CLOSED_LOOKBACK:]):
+        thread = tx.get_thread(thread_id)
+        if (
+            thread is None
+            or thread.open
+            or thread.merged_into is not None
+            or (thread.tenant, thread.inbox) != (message.tenant, message.inbox)
+            or thread.last_activity < since
+        ):
+            continue
+        if best is None or thread.last_activity > best.last_activity:
+            best = thread
+    return best.id if best is not None else None
 
 
 def referenced_threads(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy) -> list[ThreadRecord]:

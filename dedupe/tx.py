@@ -258,7 +258,7 @@ class Tx(Protocol):
         ...
 
     def customer_thread_ids(self, customer_id: str) -> list[str]:
-        """Ids of every thread whose customer is ``customer_id``."""
+        """Ids of every thread whose customer is ``customer_id``, lowest number (oldest) first."""
         ...
 
     def move_threads(self, thread_ids: Sequence[str], to_customer: str) -> None:

@@ -265,6 +265,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (customer_id, at, message_id)
     ) WITHOUT ROWID;
     """,
+    # 5: a provider's exact retry answers the whole first placement (as the PostgreSQL store does).
+    """
+    ALTER TABLE idempotency_keys ADD COLUMN duplicate_of TEXT;
+    ALTER TABLE idempotency_keys ADD COLUMN previous_thread_id TEXT;
+    """,
 )
 
 
@@ -366,8 +371,8 @@ class SQLiteTx:
         if cur.rowcount == 1:
             return None
         row = self._conn.execute(
-            "SELECT message_id, thread_id, customer_id, sequence, is_new_thread"
-            " FROM idempotency_keys WHERE key = ?",
+            "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
+            " previous_thread_id FROM idempotency_keys WHERE key = ?",
             (key,),
         ).fetchone()
         if row is None or row[1] is None:
@@ -380,13 +385,23 @@ class SQLiteTx:
             sequence=row[3],
             is_new_thread=bool(row[4]),
             duplicate=True,
+            duplicate_of=row[5],
+            previous_thread_id=row[6],
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:
         self._conn.execute(
-            "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?"
-            " WHERE key = ?",
-            (placement.thread_id, placement.customer_id, placement.sequence, placement.is_new_thread, key),
+            "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?,"
+            " duplicate_of = ?, previous_thread_id = ? WHERE key = ?",
+            (
+                placement.thread_id,
+                placement.customer_id,
+                placement.sequence,
+                placement.is_new_thread,
+                placement.duplicate_of,
+                placement.previous_thread_id,
+                key,
+            ),
         )
 
     def lock_identities(self, tenant: str, keys: Sequence[tuple[str, str]]) -> None:

@@ -112,6 +112,21 @@ def test_message_after_close_opens_a_new_thread_and_reopen_joins_again(tx: SQLit
     assert reopened.thread_id == first.thread_id
 
 
+def test_message_after_close_refers_to_the_closed_thread_the_window_would_have_joined(tx: SQLiteTx) -> None:
+    first = place(tx, msg("1", MAIL), POLICY, now=T0).placement
+    elsewhere = place(tx, msg("e", MAIL, inbox="billing"), POLICY, now=T0).placement
+    graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)
+    graph.set_thread_status(elsewhere.thread_id, open=False, at=T0)(tx, T0)
+
+    after = place(tx, msg("2", MAIL), POLICY, now=T0 + timedelta(minutes=1)).placement
+    graph.set_thread_status(after.thread_id, open=False, at=T0)(tx, T0)
+    # Past the window of the closed thread: a plain new thread, no predecessor.
+    late = place(tx, msg("3", MAIL), POLICY, now=T0 + timedelta(minutes=1, seconds=3601)).placement
+
+    assert (after.is_new_thread, after.previous_thread_id) == (True, first.thread_id)
+    assert (late.is_new_thread, late.previous_thread_id) == (True, None)
+
+
 def test_auto_reply_to_a_closed_thread_does_not_open_one(tx: SQLiteTx) -> None:
     first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
     graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)

@@ -386,6 +386,25 @@ async def test_duplicate_touchpoint_joins_the_first_thread_with_duplicate_of(
     assert [b["message"]["duplicate_of"] for b in bodies] == [None, first.message_id]
 
 
+async def test_exact_retry_answers_the_whole_first_placement(store: Store, clock: Clock) -> None:
+    text = "My parcel 1234 arrived damaged and the box was open. Please help."
+    mail = Identity(kind="email", value="ada@example.com", verified=True)
+    (first,) = await accept(store, _msg("q1@ada", mail, channel="email"))
+    assert await store.transact(graph.set_thread_status(first.thread_id, open=False, at=clock()))
+    (form,) = await accept(store, _msg("f1", mail, channel="form", text=text))
+    clock.advance(60)
+    (mail_copy,) = await accept(store, _msg("e1", mail, channel="email", text=text))
+
+    (form_again,) = await accept(store, _msg("f1", mail, channel="form", text=text))
+    (mail_again,) = await accept(store, _msg("e1", mail, channel="email", text=text))
+
+    assert form.previous_thread_id == first.thread_id
+    assert mail_copy.duplicate_of == form.message_id
+    assert form_again == dataclasses.replace(form, duplicate=True)
+    assert mail_again == dataclasses.replace(mail_copy, duplicate=True)
+    assert len(await store.outbox_fetch(10)) == 3
+
+
 async def test_closed_thread_then_reference_opens_a_new_thread_with_previous_id(
     store: Store, clock: Clock
 ) -> None:
