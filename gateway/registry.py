@@ -17,6 +17,8 @@ CONNECTORS: dict[str, str] = {
     "wechat": "connectors.wechat:WeChatConnector",
     "wecom": "connectors.wechat:WeComConnector",
     "wechat_kf": "connectors.wechat:WeChatKfConnector",
+    # The desk API (customers, merges, thread status); not a message channel, so no normalizer.
+    "identity": "connectors.identity:IdentityConnector",
 }
 
 
