@@ -22,7 +22,8 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
 from gateway.registry import load_connectors
-from gateway.relay import OutboxRelay
+from gateway.relay import OutboxRelay, Relay
+from gateway.relay_process import RelayProcess
 from gateway.settings import Settings
 from gateway.store.base import Store
 
@@ -53,8 +54,13 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     app = web.Application(client_max_size=settings.server.max_body_bytes)
     metrics = Metrics()
     store = overrides.store or build_store(settings)
-    publisher = overrides.publisher or AmqpPublisher(settings.broker)
-    relay = OutboxRelay(store, publisher, settings.outbox, metrics)
+    relay: Relay
+    if overrides.publisher is not None or settings.outbox.relay == "inline":
+        publisher = overrides.publisher or AmqpPublisher(settings.broker)
+        relay = inline = OutboxRelay(store, publisher, settings.outbox, metrics)
+    else:
+        publisher, inline = None, None
+        relay = RelayProcess(settings, metrics, store)
     pipeline = Pipeline(
         settings, store, metrics, enrich=Enricher.from_settings(settings).enrich, on_commit=relay.wake
     )
@@ -75,6 +81,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
 
     async def publisher_ctx(app: web.Application) -> AsyncIterator[None]:
         # Returns even when the broker is down: ingest continues into the outbox meanwhile.
+        assert publisher is not None
         await publisher.start()
         yield
         await publisher.close()
@@ -85,7 +92,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         await relay.drain(settings.outbox.drain_timeout)
 
     app.cleanup_ctx.append(store_ctx)
-    app.cleanup_ctx.append(publisher_ctx)
+    if inline is not None:
+        app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
     # Desks report threads closed / reopened; applied to the store, so it stops before the store.
     app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))

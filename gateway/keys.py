@@ -11,11 +11,11 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline
-    from gateway.relay import OutboxRelay
+    from gateway.relay import Relay
     from gateway.store.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 STORE: web.AppKey[Store] = web.AppKey("store")
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
-RELAY: web.AppKey[OutboxRelay] = web.AppKey("relay")
+RELAY: web.AppKey[Relay] = web.AppKey("relay")

@@ -46,6 +46,19 @@ class RelayMetrics(Protocol):
     def outbox_status(self, backlog: int, oldest_age: float | None) -> None: ...
 
 
+class Relay(Protocol):
+    """What the application needs from a relay, in this process or in a child process."""
+
+    @property
+    def status(self) -> RelayStatus: ...
+
+    async def start(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    async def drain(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RelayStatus:
     """A snapshot for /readyz and metrics."""

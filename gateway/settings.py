@@ -131,6 +131,9 @@ class BrokerSettings(_Section):
 
 
 class OutboxSettings(_Section):
+    # "process": the relay publishes from a child process with its own interpreter (and core);
+    # "inline": inside the gateway's event loop (one process, e.g. for tiny deployments).
+    relay: Literal["process", "inline"] = "process"
     # Unpublished events kept before channels get temporary errors (HTTP 503, SMTP 451).
     max_backlog: int = Field(100_000, gt=0)
     batch_size: int = Field(256, gt=0)

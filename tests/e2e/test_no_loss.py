@@ -7,9 +7,11 @@ the broker directly, so it sees exactly what reached the bus.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -83,10 +85,15 @@ async def test_broker_outage_is_absorbed_and_drains_in_order(
             status, answer = await send(session, d.gateway.url, i, customer=i % 3)
             assert status == 202, answer  # accepted into the outbox although the broker is away
             acked.add(answer["message_id"])
-        async with session.get(f"{d.gateway.url}/readyz") as resp:
-            ready = await resp.json()
-            assert ready["broker_connected"] is False
-            assert ready["outbox_backlog"] >= 1
+        # The relay reports its connection twice a second: wait for /readyz to say it is down.
+        async with asyncio.timeout(10):
+            while True:
+                async with session.get(f"{d.gateway.url}/readyz") as resp:
+                    ready = await resp.json()
+                if ready["broker_connected"] is False:
+                    break
+                await asyncio.sleep(0.1)  # polling another process's view, not a task of ours
+        assert ready["outbox_backlog"] >= 1
 
         broker_proxy.restore()
     received = await wait_for_messages(d.consumer, acked, within=30)
@@ -182,3 +189,35 @@ async def test_sigterm_drains_and_exits_zero(deploy: MakeDeployment) -> None:
     assert await d.gateway.wait() == 0
     received = await d.consumer.wait_for(20)
     assert {validate_event(r.body)["message"]["id"] for r in received} == ids
+
+
+def relay_pids(pid: int) -> list[int]:
+    """The relay processes the gateway ``pid`` spawned (not multiprocessing's resource tracker)."""
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return sorted(c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+
+
+async def test_a_killed_relay_process_is_restarted_and_loses_nothing(deploy: MakeDeployment) -> None:
+    """The relay runs as the gateway's child process: SIGKILL it mid-stream; the gateway restarts it."""
+    d = await deploy()
+    assert d.gateway.proc is not None
+    relays = relay_pids(d.gateway.proc.pid)
+    assert len(relays) == 1, relays
+    acked: set[str] = set()
+    async with aiohttp.ClientSession() as session:
+        for i in range(60):
+            status, answer = await send(session, d.gateway.url, i, customer=i % 5)
+            assert status == 202
+            acked.add(answer["message_id"])
+            if i == 20:
+                os.kill(relays[0], signal.SIGKILL)
+    received = await wait_for_messages(d.consumer, acked, within=60)
+    assert_per_thread_order(received)
+    restarted = relay_pids(d.gateway.proc.pid)
+    assert len(restarted) == 1
+    assert restarted != relays
+    assert "relay process exited" in d.gateway.log()
