@@ -23,6 +23,11 @@ EXAMPLE_ENV = {
     "WECOM_HELPDESK_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
     "SMTP_RELAY_PASSWORD": "relay-password",
     "IMAP_SUPPORT_PASSWORD": "imap-password",
+    "WECHAT_ACME_APP_SECRET": "app-secret",
+    "WECOM_HELPDESK_SECRET": "corp-secret",
+    "WECHAT_KF_SECRET": "kf-secret",
+    "WECHAT_KF_TOKEN": "kf-token",
+    "WECHAT_KF_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
 }
 
 
