@@ -25,10 +25,20 @@ ensure_rabbitmq() {
 
 ensure_postgresql() {
   port_open 5432 && return 0
-  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; fi
-  echo "ensure-services: starting PostgreSQL" >&2
-  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  local installed=""
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; installed=1; fi
+  local version
+  version=$(ls /etc/postgresql | head -n1)
+  echo "ensure-services: starting PostgreSQL $version" >&2
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
   wait_port 5432
+  if [ -n "$installed" ]; then
+    # A server this script just installed is a throwaway test server: let the tests connect over
+    # loopback as the current user (tests/support/postgres.py). An existing server is left alone.
+    as_root sed -i '1i host all all 127.0.0.1/32 trust' "/etc/postgresql/$version/main/pg_hba.conf"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+    as_root su postgres -c "psql -qc 'CREATE ROLE \"$(id -un)\" SUPERUSER LOGIN'" || true
+  fi
 }
 
 ensure_package() {  # ensure_package <command> <debian package>...
