@@ -4,7 +4,7 @@ Runs every mail of ``../shared/corpora/{zammad,mikel_mail,django_helpdesk}`` (or
 through ``normalize_email``, compares what the other projects' test suites expect, prints per-field
 agreement and every disagreement, and the mean normalization time per mail. Figures, not pass/fail.
 
-    .venv/bin/python bench/conformance_email.py [--corpora /work/shared/corpora] [--quiet]
+    .venv/bin/python bench/conformance_email.py [--corpora ../shared/corpora] [--quiet]
 
 Comparison rules (the deliberate differences from the other products are documented in ``RULES``).
 """

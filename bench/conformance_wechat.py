@@ -13,7 +13,7 @@ key, scene, location, url, kf accounts, sender ...), otherwise the element kept 
 match). wechatpy's synthetic ``subscribe_scan`` event is our ``subscribe`` with a ``scene_id``.
 An empty XML element (our ``""``) is counted equal to wechatpy's ``None``.
 
-Usage: ``python bench/conformance_wechat.py [CORPORA_DIR]`` (default ``/work/shared/corpora``).
+Usage: ``python bench/conformance_wechat.py [CORPORA_DIR]`` (default ``shared/corpora`` beside the checkout).
 """
 
 from __future__ import annotations
@@ -288,7 +288,8 @@ def _vector(security: CallbackSecurity, v: Mapping[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    corpus = Path(argv[1] if len(argv) > 1 else "/work/shared/corpora") / "wechatpy"
+    default = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+    corpus = (Path(argv[1]) if len(argv) > 1 else default) / "wechatpy"
     if not corpus.is_dir():
         print(f"corpus not found: {corpus}")
         return 0

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -13,11 +11,12 @@ import pytest
 
 from bench.wechat_send import build_callback, text_xml
 from tests.e2e.conftest import Deployment, MakeDeployment
+from tests.support.corpora import CORPORA as CORPORA_DIR
 from tests.support.schema import validate_event
 
 pytestmark = pytest.mark.integration
 
-DEFUSED = Path(os.environ.get("TICKETGATE_CORPORA", "/work/shared/corpora")) / "defusedxml"
+DEFUSED = CORPORA_DIR / "defusedxml"
 APP_ID, TOKEN, AES_KEY = "wx0123456789abcdef", "devtoken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 WECHAT = f"""
 [inboxes.wechat-demo]

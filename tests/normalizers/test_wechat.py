@@ -13,10 +13,11 @@ import pytest
 from gateway.errors import InvalidInput, NormalizationError, TooLarge
 from gateway.model import CanonicalMessage, IdentityKind, RawEnvelope
 from normalizers.wechat import normalize, parse_callback_xml
+from tests.support.corpora import CORPORA as CORPORA_DIR
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "wechat"
-CORPUS = Path(os.environ.get("TICKETGATE_CORPORA", "/work/shared/corpora")) / "wechatpy"
-DEFUSED = Path(os.environ.get("TICKETGATE_CORPORA", "/work/shared/corpora")) / "defusedxml"
+CORPUS = CORPORA_DIR / "wechatpy"
+DEFUSED = CORPORA_DIR / "defusedxml"
 RECEIVED = datetime(2024, 6, 10, 8, 0, tzinfo=UTC)
 APP_ID = "wx0123456789abcdef"
 CORP_ID = "ww0123456789abcdef"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +21,9 @@ from gateway.errors import ConfigError, RetryableError
 from gateway.model import IngestResult, Outcome, Placement, RawEnvelope
 from gateway.settings import Settings
 from normalizers.base import Normalizer
+from tests.support.corpora import CORPORA as CORPORA_DIR
 
-DEFUSED = Path(os.environ.get("TICKETGATE_CORPORA", "/work/shared/corpora")) / "defusedxml"
+DEFUSED = CORPORA_DIR / "defusedxml"
 NOW = 1_718_000_000
 TOKEN, AES_KEY, APP_ID = "devtoken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "wx0123456789abcdef"
 OLD_TOKEN, OLD_AES_KEY = "oldtoken", "kWxPEV2UEDyxWpmPdKC3F4dgPDmOvfKX1HGnEUDS1aR"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +15,9 @@ from connectors.wechat.security import (
     signature,
 )
 from gateway.errors import InvalidInput
+from tests.support.corpora import CORPORA as CORPORA_DIR
 
-CORPORA = Path(os.environ.get("TICKETGATE_CORPORA", "/work/shared/corpora"))
+CORPORA = CORPORA_DIR
 VECTORS = CORPORA / "wechatpy" / "crypto_vectors.json"
 
 

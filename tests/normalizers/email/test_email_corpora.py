@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from gateway.errors import NormalizationError
 from gateway.model import RawEnvelope
 from normalizers.email import normalize_email
+from tests.support.corpora import CORPORA as CORPORA_DIR
 
-CORPORA = Path(__file__).resolve().parents[4] / "shared" / "corpora"
+CORPORA = CORPORA_DIR
 PATTERNS = {"zammad": "mail/*.box", "mikel_mail": "emails/**/*.eml", "django_helpdesk": "test_files/*.eml"}
 
 

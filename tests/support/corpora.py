@@ -1,0 +1,13 @@
+"""Where the shared test corpora are: ``$TICKETGATE_CORPORA``, else ``shared/corpora`` beside the checkout.
+
+The corpora are other projects' material (some AGPL): read in place, never copied into this repo.
+Tests that use them skip cleanly when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPORA = Path(os.environ.get("TICKETGATE_CORPORA", ROOT.parent / "shared" / "corpora"))
