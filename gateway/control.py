@@ -1,8 +1,9 @@
 """The control queue: desks report threads closed or reopened; the gateway applies it to the store.
 
 A message is ``{"type": "thread.closed" | "thread.reopened", "thread_id", "tenant", "at"}`` (JSON) on
-the durable queue ``[control] queue`` (default ``ticketgate.control``), bound to the exchange with
-``control.#``. It is acknowledged only after the store committed the change; an unknown thread is
+the durable queue ``[control] queue`` (default ``ticketgate.control``), which desks publish to through
+the default exchange (routing key = the queue's name); ``[control] bindings`` can also bind it to the
+events exchange. It is acknowledged only after the store committed the change; an unknown thread is
 logged and acknowledged (nothing to do); a malformed message is rejected without requeue (dead
 letter it with a queue policy if you want to keep it); a store fault requeues it.
 """

@@ -28,6 +28,8 @@ EXAMPLE_ENV = {
     "WECHAT_KF_SECRET": "kf-secret",
     "WECHAT_KF_TOKEN": "kf-token",
     "WECHAT_KF_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "TICKETGATE_DESK_KEY": "desk-key-for-tests",
+    "TICKETGATE_DESK_KEY_ACME": "acme-desk-key-for-tests",
 }
 
 
