@@ -5,18 +5,21 @@ Everything here is transport plumbing with no channel knowledge; connectors deci
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import SecretStr
 
-from gateway.errors import TooLarge
+from gateway.errors import ConfigError, TooLarge
 from gateway.model import IngestResult, Outcome
 
 logger = logging.getLogger(__name__)
@@ -192,3 +195,50 @@ def result_response(result: IngestResult, *, headers: Mapping[str, str] | None =
     return json_error(
         503, "unavailable", result.reason or "the message could not be stored now; retry later", headers=extra
     )
+
+
+# Bearer keys shorter than this are refused by the channels' settings models ...
+MIN_KEY_LENGTH = 8
+# ... and warned about below this (the dev config's "dev-api-key" is short on purpose).
+RECOMMENDED_KEY_LENGTH = 16
+
+G = TypeVar("G")
+
+
+class BearerKeys(Generic[G]):
+    """Bearer keys and what each one grants (an inbox, a tenant).
+
+    Keys are kept as SHA-256 digests, so every comparison has the same length, and a lookup
+    compares with every key without stopping at a match: timing tells nothing about which matched.
+    """
+
+    def __init__(self, *, what: str, source: str | None) -> None:
+        self._what = what  # "an API key", "a desk API key": for messages that never show the key
+        self._source = source
+        self._keys: list[tuple[bytes, G]] = []
+
+    def add(self, key: SecretStr, grant: G, *, where: str) -> None:
+        """Register ``key``; a key used twice is a configuration error (it must grant one thing)."""
+        value = key.get_secret_value()
+        if len(value) < RECOMMENDED_KEY_LENGTH:
+            logger.warning(
+                "%s: a key is shorter than %d characters; use long random keys outside development",
+                where,
+                RECOMMENDED_KEY_LENGTH,
+            )
+        digest = hashlib.sha256(value.encode()).digest()
+        if any(digest == known for known, _ in self._keys):
+            raise ConfigError(f"{self._what} is used twice", file=self._source, key=where)
+        self._keys.append((digest, grant))
+
+    def lookup(self, request: web.Request) -> G | None:
+        """What the request's ``Authorization: Bearer <key>`` grants, or ``None``."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        found = None
+        for known, grant in self._keys:
+            if hmac.compare_digest(digest, known):
+                found = grant
+        return found

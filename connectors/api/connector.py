@@ -8,8 +8,6 @@ OpenAPI description is served at ``GET /api/v1/openapi.yaml``.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from pydantic import Field, field_validator
 
 from connectors.base import Ingest
 from connectors.http_util import (
+    MIN_KEY_LENGTH,
+    BearerKeys,
     ClientAddress,
     RateLimiter,
     envelope_headers,
@@ -31,7 +31,7 @@ from connectors.http_util import (
     result_response,
     retry_after_value,
 )
-from gateway.errors import ConfigError, InvalidInput
+from gateway.errors import InvalidInput
 from gateway.model import Outcome, RawEnvelope
 from gateway.settings import ChannelSettings, Secret, Settings
 from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
@@ -41,9 +41,6 @@ logger = logging.getLogger(__name__)
 CHANNEL = "api"
 PREFIX = "/api/v1"
 MiB = 1024 * 1024
-# Refused below this, warned below RECOMMENDED_KEY_LENGTH (the dev key "dev-api-key" is short on purpose).
-MIN_KEY_LENGTH = 8
-RECOMMENDED_KEY_LENGTH = 16
 OPENAPI = files("connectors.api").joinpath("openapi.yaml").read_bytes()
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _CHALLENGE = 'Bearer realm="ticketgate"'
@@ -90,8 +87,7 @@ class _Inbox:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Config:
     channel: ApiChannelSettings
-    # (sha256 of a key, its inbox): comparing digests keeps every comparison the same length.
-    keys: tuple[tuple[bytes, _Inbox], ...]
+    keys: BearerKeys[_Inbox]
     body_limit: int
     client_ip: ClientAddress
 
@@ -109,7 +105,7 @@ class ApiConnector:
         channel = settings.channel(CHANNEL, ApiChannelSettings)
         if channel is None:
             return None
-        keys: list[tuple[bytes, _Inbox]] = []
+        keys: BearerKeys[_Inbox] = BearerKeys(what="an API key", source=settings.source)
         for inbox_id, config in channel.inboxes.items():
             where = f"channels.api.inboxes.{inbox_id}"
             inbox = _Inbox(
@@ -117,22 +113,12 @@ class ApiConnector:
                 tenant=settings.inbox(inbox_id, key=where).tenant,
                 trust_identities=config.trust_identities,
             )
-            if any(len(key.get_secret_value()) < RECOMMENDED_KEY_LENGTH for key in config.keys):
-                logger.warning(
-                    "%s.keys: a key is shorter than %d characters; use long random keys outside development",
-                    where,
-                    RECOMMENDED_KEY_LENGTH,
-                )
             for key in config.keys:
-                digest = hashlib.sha256(key.get_secret_value().encode()).digest()
-                if any(digest == known for known, _ in keys):
-                    # A key must name exactly one inbox; never print it.
-                    raise ConfigError("an API key is used twice", file=settings.source, key=f"{where}.keys")
-                keys.append((digest, inbox))
+                keys.add(key, inbox, where=f"{where}.keys")
         return cls(
             _Config(
                 channel=channel,
-                keys=tuple(keys),
+                keys=keys,
                 body_limit=min(channel.max_body_bytes, settings.server.max_body_bytes),
                 client_ip=ClientAddress(settings.server.trusted_proxies),
             )
@@ -163,16 +149,7 @@ class _Handlers:
         )
 
     def _authenticate(self, request: web.Request) -> _Inbox | None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        found = None
-        # Compare with every key, without stopping at a match, so timing tells nothing about which.
-        for known, inbox in self._c.keys:
-            if hmac.compare_digest(digest, known):
-                found = inbox
-        return found
+        return self._c.keys.lookup(request)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=OPENAPI, content_type="application/yaml", charset="utf-8")

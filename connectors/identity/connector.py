@@ -19,8 +19,6 @@ these routes are mounted as sub-apps on their own longer prefixes, which aiohttp
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from connectors.base import Ingest
 from connectors.http_util import (
+    MIN_KEY_LENGTH,
+    BearerKeys,
     ClientAddress,
     RateLimiter,
     json_error,
@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 CHANNEL = "identity"
 PREFIX = "/api/v1"
-MIN_KEY_LENGTH = 8
-RECOMMENDED_KEY_LENGTH = 16
 MAX_IDENTITIES = 20
 _MAX_ID_LENGTH = 200
 _CHALLENGE = 'Bearer realm="ticketgate-desk"'
@@ -112,8 +110,7 @@ class _Grant:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Config:
     channel: IdentityChannelSettings
-    # (sha256 of a key, what it grants): comparing digests keeps every comparison the same length.
-    keys: tuple[tuple[bytes, _Grant], ...]
+    keys: BearerKeys[_Grant]
     body_limit: int
     client_ip: ClientAddress
 
@@ -139,25 +136,14 @@ class IdentityConnector:
             if tenant not in settings.tenants:
                 raise ConfigError("names a tenant that is not in [tenants]", file=settings.source, key=where)
             grants.append((f"{where}.keys", scoped.keys, _Grant(tenant=tenant)))
-        keys: list[tuple[bytes, _Grant]] = []
+        keys: BearerKeys[_Grant] = BearerKeys(what="a desk API key", source=settings.source)
         for where, secrets, grant in grants:
             for key in secrets:
-                value = key.get_secret_value()
-                if len(value) < RECOMMENDED_KEY_LENGTH:
-                    logger.warning(
-                        "%s: a key is shorter than %d characters; use long random keys outside development",
-                        where,
-                        RECOMMENDED_KEY_LENGTH,
-                    )
-                digest = hashlib.sha256(value.encode()).digest()
-                if any(digest == known for known, _ in keys):
-                    # A key must grant exactly one thing; never print it.
-                    raise ConfigError("a desk API key is used twice", file=settings.source, key=where)
-                keys.append((digest, grant))
+                keys.add(key, grant, where=where)
         return cls(
             _Config(
                 channel=channel,
-                keys=tuple(keys),
+                keys=keys,
                 body_limit=min(channel.max_body_bytes, settings.server.max_body_bytes),
                 client_ip=ClientAddress(settings.server.trusted_proxies),
             )
@@ -374,16 +360,7 @@ class _Handlers:
         )
 
     def _authenticate(self, request: web.Request) -> _Grant | None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
-        found = None
-        # Compare with every key, without stopping at a match, so timing tells nothing about which.
-        for known, grant in self._c.keys:
-            if hmac.compare_digest(digest, known):
-                found = grant
-        return found
+        return self._c.keys.lookup(request)
 
     def authorized(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         """Verify the key first; then run ``handler`` and map store and graph errors to answers."""
