@@ -7,12 +7,14 @@ slower commit is not cancelled (WeChat's retry then finds it as a duplicate) but
 
 When an account has its API secret configured, the media a message announces are queued in the
 store before the answer and fetched afterwards (:mod:`connectors.wechat.media`); they are served
-under ``/media/{channel}/...``.
+under ``/media/{channel}/...``. An Official Account that also has ``fetch_unionid`` looks up the
+unionid of senders whose messages carry none after the answer (:mod:`connectors.wechat.unionid`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -34,6 +36,7 @@ from connectors.wechat.security import (
     extract_encrypt,
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
+from connectors.wechat.unionid import UnionIdResolver
 from gateway.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
 from gateway.keys import STORE
 from gateway.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -61,6 +64,8 @@ class Endpoint:
     agent_id: int | None = None  # WeCom only
     # API credentials (AppSecret / corp secret): media are fetched only when they are set.
     credentials: Credentials | None = None
+    # Official Accounts with credentials: look up missing unionids with the user-info API.
+    fetch_unionid: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -72,6 +77,7 @@ class _Runtime:
     ingest_timeout: float
     clock: Clock
     media: MediaFetcher | None = None
+    unionid: UnionIdResolver | None = None
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -101,19 +107,32 @@ class _CallbackConnector:
         self.api_timeout = api_timeout
 
     def setup(self, app: web.Application, ingest: Ingest) -> None:
-        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and
-        ``/media/{name}`` (the application's store must be set under ``gateway.keys.STORE``)."""
+        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher,
+        ``/media/{name}`` and the unionid lookups (the application's store must be set under
+        ``gateway.keys.STORE``)."""
         fetcher = self.media_fetcher()
-        app.add_subapp(f"/{self.name}", self.build_subapp(ingest, media=fetcher))
+        resolver = self.unionid_resolver()
+        app.add_subapp(f"/{self.name}", self.build_subapp(ingest, media=fetcher, unionid=resolver))
         if fetcher is not None:
             fetcher.bind(app[STORE])
-            app.cleanup_ctx.append(self._media_ctx(fetcher))
+            if resolver is not None:
+                resolver.bind(app[STORE])
+            app.cleanup_ctx.append(self._api_ctx(fetcher, resolver))
             app.add_subapp(f"/media/{self.name}", media_subapp(self.name))
 
     def media_fetcher(self) -> MediaFetcher | None:
         """A fetcher for the accounts that have API credentials; ``None`` when none has."""
         accounts = frozenset(name for name, e in self.endpoints.items() if e.credentials is not None)
         return MediaFetcher(self.name, accounts, self.media_policy) if accounts else None
+
+    def unionid_resolver(self) -> UnionIdResolver | None:
+        """A resolver for the accounts with credentials and ``fetch_unionid``; ``None`` when none has."""
+        accounts = {
+            name: e.security.receive_id
+            for name, e in self.endpoints.items()
+            if e.credentials is not None and e.fetch_unionid
+        }
+        return UnionIdResolver(accounts, clock=self.clock) if accounts else None
 
     def apis(self, session: aiohttp.ClientSession) -> dict[str, WeChatApi]:
         return {
@@ -122,14 +141,21 @@ class _CallbackConnector:
             if e.credentials is not None
         }
 
-    def _media_ctx(self, fetcher: MediaFetcher) -> Any:
-        async def media_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with aiohttp.ClientSession() as session, fetcher.running(self.apis(session)):
+    def _api_ctx(self, fetcher: MediaFetcher, resolver: UnionIdResolver | None) -> Any:
+        async def api_ctx(app: web.Application) -> AsyncIterator[None]:
+            # One client (so one access token) per account, shared by media and unionid lookups.
+            async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
+                apis = self.apis(session)
+                await stack.enter_async_context(fetcher.running(apis))
+                if resolver is not None:
+                    await stack.enter_async_context(resolver.running(apis))
                 yield
 
-        return media_ctx
+        return api_ctx
 
-    def build_subapp(self, ingest: Ingest, *, media: MediaFetcher | None = None) -> web.Application:
+    def build_subapp(
+        self, ingest: Ingest, *, media: MediaFetcher | None = None, unionid: UnionIdResolver | None = None
+    ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
             channel=self.name,
@@ -139,6 +165,7 @@ class _CallbackConnector:
             ingest_timeout=self.ingest_timeout,
             clock=self.clock,
             media=media,
+            unionid=unionid,
         )
         handshake, callback = (
             (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
@@ -176,6 +203,7 @@ class WeChatConnector(_CallbackConnector):
                 credentials=_credentials(
                     "official_account", account.api_base, account.app_id, account.app_secret
                 ),
+                fetch_unionid=account.fetch_unionid,
                 security=CallbackSecurity(
                     flavor=cls.flavor,
                     receive_id=account.app_id,
@@ -430,7 +458,7 @@ async def _deliver(
 ) -> web.Response:
     """Await the pipeline (and the media queue) within the deadline; map the result to WeChat's answer."""
     task: asyncio.Future[IngestResult] = asyncio.ensure_future(
-        commit(runtime.ingest, envelope, normalize, runtime.media, endpoint.name)
+        commit(runtime.ingest, envelope, normalize, runtime.media, endpoint.name, unionid=runtime.unionid)
     )
     runtime.pending.add(task)
     task.add_done_callback(runtime.pending.discard)
@@ -455,9 +483,12 @@ async def commit(
     normalizer: Normalizer,
     media: MediaFetcher | None,
     account: str,
+    *,
+    unionid: UnionIdResolver | None = None,
 ) -> IngestResult:
     """Ingest, then durably queue the media of what was stored (also for a duplicate: the first
-    delivery may have been committed by a process that died before queueing its media)."""
+    delivery may have been committed by a process that died before queueing its media), and start
+    the unionid lookups of its senders (in the background: they never delay the answer)."""
     produced: list[CanonicalMessage] = []
 
     def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
@@ -468,6 +499,8 @@ async def commit(
     result = await ingest(envelope, capturing)
     if media is not None and result.stored and produced:
         await media.enqueue(produced, account)
+    if unionid is not None and result.stored and produced:
+        unionid.schedule(produced, account)
     return result
 
 

@@ -66,6 +66,9 @@ class WeChatAccountSettings(_Credentials):
     # The AppSecret: with it, images, voice, video and files are fetched into the blob store.
     app_secret: Secret | None = None
     api_base: str = OFFICIAL_ACCOUNT_API
+    # With app_secret: ask the user-info API for the unionid of senders whose messages carry none,
+    # and link it to their customer (connectors.wechat.unionid).
+    fetch_unionid: bool = False
 
     @field_validator("api_base")
     @classmethod
