@@ -47,3 +47,5 @@ def configure_logging(settings: LogSettings, stream: Any = None) -> None:
     logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(max(logging.WARNING, root.level))
+    # aiosmtpd logs every SMTP command with the peer's addresses at INFO: noise, and personal data.
+    logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
