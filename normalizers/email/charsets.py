@@ -8,6 +8,7 @@ which the caller records in ``extra``. The raw bytes are archived by the store e
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 import charset_normalizer
@@ -57,7 +58,7 @@ _SUPERSETS = {
     "x-unicode20utf8": "utf-8",
 }
 # Single-byte charsets accept any byte sequence, so a strict decode never tells us they lie.
-_SINGLE_BYTE = (
+SINGLE_BYTE = (
     {"cp1252", "latin-1", "iso8859-1"}
     | {f"cp125{i}" for i in range(9)}
     | {f"iso8859-{i}" for i in range(2, 17)}
@@ -111,7 +112,7 @@ def decode(data: bytes, declared: str | None = None, *, hint: str | None = None)
         return Decoded(data.decode("ascii"), "ascii", "ascii")
     codec = codec_for(declared)
     if codec is not None and codec != "ascii":
-        if codec in _SINGLE_BYTE:
+        if codec in SINGLE_BYTE:
             # Latin text that is also valid multi-byte UTF-8 is practically non-existent, while UTF-8
             # mislabeled as Latin-1 is common; prefer UTF-8 then.
             try:
@@ -127,12 +128,21 @@ def decode(data: bytes, declared: str | None = None, *, hint: str | None = None)
             return Decoded(data.decode(codec), codec, "declared")
         except UnicodeDecodeError:
             pass  # the declaration lies (or the data is damaged): fall through to detection
+        if codec == "utf-8":
+            # Damaged UTF-8, not another charset: at least as many well-formed multi-byte characters
+            # as broken bytes (text in a legacy charset almost never forms valid UTF-8 sequences).
+            # Detection would turn every character into mojibake; a lossy decode loses only the
+            # broken bytes, and the caller records it.
+            text = data.decode("utf-8", errors="replace")
+            broken = text.count("\ufffd")
+            if sum(1 for char in text if not char.isascii()) - broken >= broken:
+                return Decoded(text, "utf-8", "lossy")
     try:
         return Decoded(data.decode("utf-8"), "utf-8", "utf-8")
     except UnicodeDecodeError:
         pass
     hinted = codec_for(hint)
-    if hinted is not None and hinted not in _SINGLE_BYTE and hinted not in {"ascii", "utf-8"}:
+    if hinted is not None and hinted not in SINGLE_BYTE and hinted not in {"ascii", "utf-8"}:
         try:
             return Decoded(data.decode(hinted), hinted, "detected")
         except UnicodeDecodeError:
@@ -145,3 +155,112 @@ def decode(data: bytes, declared: str | None = None, *, hint: str | None = None)
             pass
     fallback = codec or guessed or "utf-8"
     return Decoded(data.decode(fallback, errors="replace"), fallback, "lossy")
+
+
+# Raw 8-bit header text with no charset anywhere in the mail (a Chinese, Japanese or Korean client
+# that writes its legacy charset straight into From and Subject). A dozen bytes is too little for
+# statistics, so the legacy CJK charsets are tried in a fixed order, each with a strictness check:
+# the bytes must decode without error AND every non-ASCII character must be one that text in that
+# charset is made of. The order and the checks are chosen so that each charset's bytes fail the
+# checks of the charsets tried before it:
+#
+# 1. GB18030, restricted to the GB2312 repertoire (the 6,763 common simplified hanzi and CJK
+#    punctuation): Big5 text decodes as GBK, but its trail bytes 0x40-0x7E land outside GB2312 and
+#    its frequent lead bytes 0xA4-0xAF land on kana, Greek or private-use rows; Shift_JIS kana and
+#    most kanji have lead bytes 0x81-0x9F, outside GB2312.
+# 2. Big5 (strict, without the HKSCS extensions): Shift_JIS lead bytes 0x81-0x9F are invalid in it.
+# 3. Shift_JIS (cp932): hanzi, full-width kana and punctuation, but no half-width katakana (GB and
+#    Big5 text decoded as Shift_JIS turns into half-width katakana).
+# 4. EUC-KR (strict KS X 1001, not the cp949 extension whose rare Hangul GBK bytes decode to):
+#    Hangul syllables and hanja.
+#
+# If no charset passes, a second round takes the first one that decodes strictly to CJK text at
+# all (GBK text with a character outside GB2312 is still GBK). Known limit: EUC-KR Hangul bytes
+# (0xB0A1-0xC8FE) are all valid GB2312 hanzi, and about one Big5 string of three characters in
+# fifteen happens to be valid GB2312; without a charset in the mail such text comes out as GB18030
+# (encoded words, or a charset on any body part, avoid the guess altogether).
+def _in(code: int, *ranges: tuple[int, int]) -> bool:
+    return any(low <= code <= high for low, high in ranges)
+
+
+_HAN = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xF900, 0xFAFF))
+_PUNCTUATION = (
+    (0x3000, 0x303F),  # CJK symbols and punctuation
+    (0xFF01, 0xFF5E),  # full-width ASCII
+    (0xFFE0, 0xFFE6),  # full-width signs
+    (0x2010, 0x203B),  # dashes, quotes, ellipsis, per mille, reference mark
+    (0x00B7, 0x00B7),
+    (0x00D7, 0x00D7),
+    (0x00F7, 0x00F7),
+    (0x2460, 0x24FF),  # circled numbers
+    (0x25A0, 0x25FF),  # geometric shapes (■ ● ★ are in every CJK charset)
+    (0x2605, 0x2606),
+)
+_KANA = ((0x3040, 0x30FF),)
+_HANGUL = ((0xAC00, 0xD7A3),)
+_BOPOMOFO = ((0x3100, 0x312F),)
+
+
+def _gb2312(char: str) -> bool:
+    try:
+        char.encode("gb2312")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_CJK_CANDIDATES: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = (
+    ("gb18030", _HAN + _PUNCTUATION),
+    ("big5", _HAN + _PUNCTUATION + _BOPOMOFO),
+    ("cp932", _HAN + _PUNCTUATION + _KANA),
+    ("euc_kr", _HAN + _PUNCTUATION + _HANGUL),
+)
+
+
+_LATIN_LOOKALIKE = re.compile(r"(?<![^\x00-\x7f])[^\x00-\x7f](?![^\x00-\x7f])")
+
+
+def _latin_lookalike(text: str, codec: str) -> bool:
+    """A lone CJK character that swallowed an ASCII letter as its trail byte, next to a letter.
+
+    That is what Latin-1 text becomes ("Gérard": 0xE9 'r' is one Big5 hanzi between "G" and "ard");
+    CJK text rarely has a single character wedged into a Latin word.
+    """
+    for match in _LATIN_LOOKALIKE.finditer(text):
+        start, end = match.span()
+        trail = match.group().encode(codec)[-1:]
+        touches = (start > 0 and text[start - 1].isalpha()) or (end < len(text) and text[end].isalpha())
+        if trail.isalpha() and touches:
+            return True
+    return False
+
+
+def _plausible(text: str, codec: str, allowed: tuple[tuple[int, int], ...], *, strict: bool) -> bool:
+    wide = [c for c in text if not c.isascii()]
+    if not wide or any(not c.isprintable() for c in text if c not in "\t"):
+        return False
+    if not all(_in(ord(c), *allowed) for c in wide) or _latin_lookalike(text, codec):
+        return False
+    return not (strict and codec == "gb18030" and not all(_gb2312(c) for c in wide))
+
+
+def decode_unlabeled_cjk(data: bytes) -> Decoded | None:
+    """Raw 8-bit text with no charset known: UTF-8, else a legacy CJK charset that passes its checks.
+
+    None when nothing passes (the caller falls back to statistical detection).
+    """
+    try:
+        return Decoded(data.decode("utf-8"), "utf-8", "utf-8")
+    except UnicodeDecodeError:
+        pass
+    decoded: list[tuple[str, str, tuple[tuple[int, int], ...]]] = []
+    for codec, allowed in _CJK_CANDIDATES:
+        try:
+            decoded.append((codec, data.decode(codec), allowed))
+        except UnicodeDecodeError:
+            continue
+    for strict in (True, False):
+        for codec, text, allowed in decoded:
+            if _plausible(text, codec, allowed, strict=strict):
+                return Decoded(text, codec, "detected")
+    return None

@@ -13,7 +13,7 @@ import binascii
 import re
 from email.message import Message
 
-from normalizers.email.charsets import codec_for, decode
+from normalizers.email.charsets import SINGLE_BYTE, codec_for, decode, decode_unlabeled_cjk
 
 # Payloads may contain spaces: broken clients put them inside Q words ("=?UTF-8?Q? Personal=C3=A4?=").
 _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?]*?)\?=")
@@ -99,8 +99,20 @@ def decode_text(raw: str, *, hint: str | None = None) -> str:
 def _raw_text(segment: str, hint: str | None) -> str:
     if segment.isascii():
         return segment
-    # 8-bit bytes in a header (RFC 6532 UTF-8, or a Chinese client's raw GBK).
-    return decode(to_bytes(segment), None, hint=hint).text
+    # 8-bit bytes in a header: RFC 6532 UTF-8, a Chinese client's raw GBK, or Latin. A multi-byte
+    # charset the mail declares is used as it is. Otherwise (no charset in the mail, or a single-byte
+    # one, which says nothing about a CJK header) the legacy CJK charsets are tried in a fixed order
+    # with strictness checks (see charsets.py); when none passes, the text is Latin: the mail's
+    # single-byte charset, else windows-1252 (the WHATWG default for unlabeled legacy text).
+    # Statistical detection is not used here: on a dozen bytes it guesses UTF-16 for "José".
+    data = to_bytes(segment)
+    hinted = codec_for(hint)
+    if hinted is None or hinted in SINGLE_BYTE:
+        guessed = decode_unlabeled_cjk(data)
+        if guessed is not None:
+            return guessed.text
+        return decode(data, hinted or "cp1252").text
+    return decode(data, None, hint=hint).text
 
 
 def param(part: Message, name: str, header: str, *, hint: str | None = None) -> str | None:

@@ -16,6 +16,13 @@ modern policy costs 2.4 ms per parse against 0.87 ms, 3.9 ms against 0.94 ms wit
 2.4 s against 0.2 s for 10,000 parts, and its header parser takes ~46 s on a 1 MB header of short
 words. Everything the modern policy adds (RFC 2047/2231, address parsing) is done in ``headers.py``
 and ``addresses.py`` more tolerantly, on raw values, after the bounds are checked.
+
+``text`` is the plain alternative, the sender's own text; it comes from the HTML alternative only
+when the plain one is missing or blank, or was decoded lossily while the HTML decoded cleanly
+(``extra["text_source"] = "html"`` then; see :func:`_html_gives_text`). Only the root of a
+multipart/related is body text (RFC 2387); its other members are attachments. Nameless parts get
+made-up names that are unique within the mail (see :func:`_attachment_name`), and damaged base64 is
+decoded as RFC 2045 reads it (see :func:`_tolerant_b64decode`).
 """
 
 from __future__ import annotations
@@ -188,9 +195,12 @@ def _payload_bytes(part: Message, body: _Body, limits: EmailLimits) -> bytes:
     if not isinstance(data, bytes):
         data = b""
     cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    defects = getattr(part, "defects", ())
+    if cte == "base64" and any(type(d).__name__.startswith("InvalidBase64") for d in defects):
+        data = _tolerant_b64decode(part.get_payload())
     if cte in {"x-uuencode", "uuencode", "uue", "x-uue"} and not data.lstrip().startswith(b"begin"):
         data = _uudecode(data)
-    for defect in getattr(part, "defects", ()):
+    for defect in defects:
         body.defects.append(type(defect).__name__)
     body.decoded_bytes += len(data)
     if body.decoded_bytes > limits.max_decoded_bytes:
@@ -209,7 +219,30 @@ _GENERATED_NAMES = {
     "image/png": ("image", ".png"),
     "image/gif": ("image", ".gif"),
 }
-_CID_NAME = re.compile(r"^([^@<>\s/\\]+\.[A-Za-z0-9]{1,10})@")
+# A Content-ID that carries a file name ("image001.png@01D...") names its part; the extension needs
+# a letter, so a sequence number ("32497.1617621278.2@host") is not taken for one.
+_CID_NAME = re.compile(r"^([^@<>\s/\\]+\.(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{1,10})@")
+_CID_LOCAL = re.compile(r"^([^@<>\s/\\]{1,100})@")
+
+
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]+")
+
+
+def _tolerant_b64decode(payload: object) -> bytes:
+    """Damaged base64 decoded as far as it goes, as RFC 2045 section 6.8 reads it (and Ruby's mail
+    gem, and so Zammad, does).
+
+    Characters outside the alphabet are ignored, the first ``=`` ends the data (so a footer a list
+    server appended after the padding is not decoded into junk bytes), missing padding is supplied,
+    and a last group of one character (which cannot hold a byte) is dropped. The stdlib instead
+    hands back such a payload still *encoded* when its length is one more than a multiple of four.
+    Used only when the stdlib reported a base64 defect; valid base64 is the stdlib's.
+    """
+    if not isinstance(payload, str):
+        return b""
+    cleaned = _NOT_BASE64.sub(b"", payload.encode("ascii", errors="ignore")).split(b"=", 1)[0]
+    cleaned = cleaned[: len(cleaned) - (len(cleaned) % 4 == 1)]
+    return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
 
 
 def _uudecode(raw: bytes) -> bytes:
@@ -232,7 +265,11 @@ def _uudecode(raw: bytes) -> bytes:
 def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | None, taken: set[str]) -> str:
     """The sender's file name; else a name made from what the part says about itself.
 
-    Made-up names (never the sender's own) get a counter when taken: document.html, document1.html.
+    For a part without a name, in order: a file name in its Content-ID, a name for its content type
+    (image.jpg, document.html), the local part of its Content-ID, "file". Made-up names (never the
+    sender's own) are unique within the mail: a taken one gets a counter (document.html,
+    document1.html; two parts sharing one Content-ID get cid, cid1), so the names depend only on
+    the mail and the order of its parts.
     """
     if name:
         return name
@@ -249,13 +286,18 @@ def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | No
         stem, extension = (subject.replace("/", "_") or description or "forwarded-message"), ".eml"
     else:
         content_ids = headers.raw_values(part, "Content-ID")
-        by_cid = _CID_NAME.match(headers.unfold(content_ids[0]).strip().strip("<>")) if content_ids else None
+        cid = headers.unfold(content_ids[0]).strip().strip("<>") if content_ids else ""
+        by_cid = _CID_NAME.match(cid)
+        cid_local = _CID_LOCAL.match(cid)
         if by_cid:
-            return by_cid.group(1)
-        if ctype == "message/delivery-status" and description:
+            stem, dot, extension = by_cid.group(1).rpartition(".")
+            extension = dot + extension
+        elif ctype == "message/delivery-status" and description:
             stem, extension = description, ".txt"
         elif ctype in _GENERATED_NAMES:
             stem, extension = _GENERATED_NAMES[ctype]
+        elif cid_local:
+            stem = cid_local.group(1)
     candidate, counter = stem + extension, 0
     while candidate in taken:
         counter += 1
@@ -263,18 +305,34 @@ def _attachment_name(part: Message, ctype: str, name: str | None, hint: str | No
     return candidate
 
 
+def _related_root(related: Message, children: list[Message]) -> int:
+    """The index of the root of a multipart/related: the part its ``start`` names, else the first."""
+    start = related.get_param("start")
+    if isinstance(start, str) and start.strip():
+        wanted = start.strip().strip("<>")
+        for index, child in enumerate(children):
+            if str(child.get("Content-ID", "")).strip().strip("<>") == wanted:
+                return index
+    return 0
+
+
 def _serialize(message: Message, linesep: str) -> bytes:
-    # max_line_length=0: write the headers as they came, never refolded.
-    return message.as_bytes(policy=compat32.clone(max_line_length=0, linesep=linesep))
+    # max_line_length=0: write the headers as they came, never refolded. An embedded message with
+    # no headers and no body (a bounce whose original was left out) is empty: the line end before
+    # the next boundary belongs to the boundary (RFC 2046), not to the part.
+    data = message.as_bytes(policy=compat32.clone(max_line_length=0, linesep=linesep))
+    return b"" if not data.strip(b"\r\n") else data
 
 
 def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
     """Collect text, HTML and attachments with an explicit stack (no recursion, bounded)."""
     body = _Body()
     hint = root.get_content_charset() or None
-    stack: list[tuple[Message, int, bool]] = [(root, 0, True)]
+    # (part, depth, content: its text is ours to read, resource: a non-root member of a
+    # multipart/related, which RFC 2387 makes a resource of the root, not body text)
+    stack: list[tuple[Message, int, bool, bool]] = [(root, 0, True, False)]
     while stack:
-        part, depth, content = stack.pop()
+        part, depth, content, resource = stack.pop()
         body.parts += 1
         if body.parts > limits.max_parts:
             raise NormalizationError(f"more than {limits.max_parts} MIME parts")
@@ -300,11 +358,15 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
                         )
                     )
                 # The forwarded mail is bounded and checked, but its content is not ours to read.
-                stack.extend((child, depth + 1, False) for child in reversed(children))
+                stack.extend((child, depth + 1, False, False) for child in reversed(children))
                 continue
             if ctype == "message/delivery-status":
                 children = []
-            stack.extend((child, depth + 1, content) for child in reversed(children))
+            root_index = _related_root(part, children) if ctype == "multipart/related" else -1
+            stack.extend(
+                (child, depth + 1, content, root_index >= 0 and index != root_index)
+                for index, child in reversed(list(enumerate(children)))
+            )
             if ctype != "message/delivery-status":
                 continue
         if not content:
@@ -320,7 +382,7 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
             data = _payload_bytes(part, body, limits)
         if ctype.startswith("multipart/"):
             ctype = "text/plain"  # a multipart without any part: its text is the body (mail071, mail105)
-        if ctype in {"text/plain", "text/html"} and not _is_attachment(part, name):
+        if ctype in {"text/plain", "text/html"} and not resource and not _is_attachment(part, name):
             decoded = decode(data, declared, hint=hint)
             if decoded.lossy:
                 body.lossy.append(f"{ctype} as {decoded.charset}")
@@ -470,7 +532,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     text = "\n".join(t.replace("\r\n", "\n") for t in body.plain) if body.plain else None
     html_source = "\n".join(body.html) if body.html else None
     html = htmltext.sanitize(html_source[: limits.max_text_chars]) if html_source else None
-    if text is None and html_source is not None:
+    text_from_html = html_source is not None and _html_gives_text(text, body)
+    if html_source is not None and text_from_html:
         text = htmltext.to_text(html_source[: limits.max_text_chars])
     if text is not None:
         text = text[: limits.max_text_chars]
@@ -523,6 +586,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         extra["header_lines_repaired"] = repairs
     if body.lossy:
         extra["lossy_decoding"] = body.lossy
+    if text_from_html and body.plain:
+        extra["text_source"] = "html"  # the plain alternative was there but blank or lossy
     if body.defects:
         extra["mime_defects"] = sorted(set(body.defects))
     if auto is not None:
@@ -550,6 +615,22 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         auto_generated=auto[0] if auto else None,
         extra=extra,
     )
+
+
+def _html_gives_text(plain: str | None, body: _Body) -> bool:
+    """Whether ``text`` comes from the HTML alternative rather than the plain parts.
+
+    The plain alternative is the sender's own text and is preferred. The HTML one replaces it only
+    when the plain text is missing or blank, or when some plain part could only be decoded lossily
+    (U+FFFD in place of the sender's characters) while every HTML part decoded cleanly: then the
+    HTML is the only faithful copy of what was written. A plain part that merely says less than the
+    HTML (a forward, a shortened alternative) is still the sender's choice and stays.
+    """
+    if plain is None or not plain.strip():
+        return True
+    lossy_plain = any(entry.startswith("text/plain ") for entry in body.lossy)
+    lossy_html = any(entry.startswith("text/html ") for entry in body.lossy)
+    return lossy_plain and not lossy_html
 
 
 def _mapping(value: object) -> Mapping[str, Any] | None:

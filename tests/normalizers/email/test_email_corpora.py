@@ -40,3 +40,20 @@ def test_corpus_never_crashes(corpus: str) -> None:
             continue
         assert len(messages) == 1, path
     assert not unexpected
+
+
+def test_every_disagreement_of_the_conformance_runner_is_explained() -> None:
+    # A new disagreement (a regression, or a fix that moved one) must be looked at and either fixed
+    # or explained in bench/conformance_email.py; a stale explanation is listed too.
+    from bench.conformance_email import CORPORA as RUNNERS
+    from bench.conformance_email import EXPLAINED, Report, explanation
+
+    if not all((CORPORA / name).is_dir() for name in RUNNERS):
+        pytest.skip(f"corpora not present under {CORPORA}")
+    report = Report()
+    for name, runner in RUNNERS.items():
+        runner(CORPORA / name, report)
+    misses = {(file, field) for field, tally in report.fields.items() for file, _, _ in tally.misses}
+    assert not report.crashed
+    assert sorted(m for m in misses if explanation(*m) is None) == []
+    assert sorted(set(EXPLAINED) - {(file.split("#", 1)[0], field) for file, field in misses}) == []
