@@ -436,20 +436,21 @@ def _sent_at(values: list[str]) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")
+_HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
 def _language(text: str) -> str | None:
-    """A cheap guess from the script of the first few thousand characters."""
+    """A cheap guess from the script of the first few thousand characters.
+
+    Counting with compiled character classes keeps it cheap: a loop over the characters in
+    Python was half of the whole normalizer's time on a plain 5 KB mail.
+    """
     sample = text[:2000]
-    kana = hangul = han = latin = 0
-    for char in sample:
-        code = ord(char)
-        if 0x3040 <= code <= 0x30FF:
-            kana += 1
-        elif 0xAC00 <= code <= 0xD7AF or 0x1100 <= code <= 0x11FF:
-            hangul += 1
-        elif 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF:
-            han += 1
-        elif char.isascii() and char.isalpha():
-            latin += 1
+    kana, hangul = len(_KANA.findall(sample)), len(_HANGUL.findall(sample))
+    han, latin = len(_HAN.findall(sample)), len(_LATIN.findall(sample))
     if kana and kana * 10 >= han:
         return "ja"
     if hangul and hangul >= han:
