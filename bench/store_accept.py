@@ -12,17 +12,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway import events
-from gateway.events import CustomerView, Event
-from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
-from gateway.settings import OutboxSettings, StoreSettings
-from gateway.store.base import PlacementPolicy
-from gateway.store.sqlite import SQLiteStore
+# Run as a script, bench/ comes first on sys.path and bench/dedupe.py would shadow the dedupe package.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from gateway import events  # noqa: E402
+from gateway.events import CustomerView, Event  # noqa: E402
+from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope  # noqa: E402
+from gateway.settings import OutboxSettings, StoreSettings  # noqa: E402
+from gateway.store.base import PlacementPolicy  # noqa: E402
+from gateway.store.sqlite import SQLiteStore  # noqa: E402
 
 POLICY = PlacementPolicy(window=72 * 3600)
 CUSTOMERS = 2000
