@@ -118,18 +118,31 @@ async def desk(
 # -- what the desk consumed -----------------------------------------------------------------------
 
 
+def distinct_events(d: Deployment) -> list[dict[str, Any]]:
+    """Every schema-valid event once, in arrival order: delivery is at-least-once, and a desk drops a
+    repeat by its AMQP message_id (the event id), as docs/events.md tells it to."""
+    seen: set[str] = set()
+    events = []
+    for received in d.consumer.received:
+        event = validate_event(received.body)
+        if event["event_id"] not in seen:
+            seen.add(event["event_id"])
+            events.append(event)
+    return events
+
+
 async def consumed(d: Deployment, kind: str, count: int, within: float = 15.0) -> list[dict[str, Any]]:
-    """Wait for ``count`` events of ``kind`` on the desk's queue; every event is schema-valid."""
+    """Wait for ``count`` distinct events of ``kind`` on the desk's queue; every event is schema-valid."""
 
     def of_kind() -> list[dict[str, Any]]:
-        return [e for e in map(validate_event, (r.body for r in d.consumer.received)) if e["type"] == kind]
+        return [e for e in distinct_events(d) if e["type"] == kind]
 
     await d.consumer.wait_until(lambda: len(of_kind()) >= count, within=within)
     return of_kind()
 
 
 def every_type(d: Deployment) -> list[str]:
-    return [validate_event(r.body)["type"] for r in d.consumer.received]
+    return [event["type"] for event in distinct_events(d)]
 
 
 # -- the scenarios --------------------------------------------------------------------------------

@@ -84,15 +84,30 @@ class Consumer:
         async with self._changed:
             self._changed.notify_all()
 
+    def distinct(self) -> list[Received]:
+        """First deliveries only, in arrival order: what a desk that drops repeats by message_id sees.
+
+        Delivery is at-least-once (a confirm that times out under load is published again), so
+        tests that count events count these; ``received`` and ``repeats()`` keep the raw stream.
+        """
+        seen: set[str] = set()
+        first: list[Received] = []
+        for delivery in self.received:
+            key = delivery.message_id or f"no-id-{id(delivery)}"
+            if key not in seen:
+                seen.add(key)
+                first.append(delivery)
+        return first
+
     async def wait_for(self, count: int, within: float = 10.0) -> list[Received]:
-        """Wait until at least ``count`` messages arrived; fail with what did arrive otherwise."""
+        """Wait until at least ``count`` distinct messages arrived; return them (see ``distinct``)."""
         try:
             async with asyncio.timeout(within), self._changed:
-                await self._changed.wait_for(lambda: len(self.received) >= count)
+                await self._changed.wait_for(lambda: len(self.distinct()) >= count)
         except TimeoutError:
-            got = len(self.received)
+            got = len(self.distinct())
             raise AssertionError(f"expected {count} messages within {within}s, got {got}") from None
-        return list(self.received)
+        return self.distinct()
 
     async def wait_until(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Wait until ``predicate()`` holds over what was received; AssertionError after ``within``."""
