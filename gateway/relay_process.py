@@ -250,7 +250,7 @@ class _Counts:
         return taken
 
 
-class _MarkThroughParent:
+class MarkThroughParent:
     """The relay's view of the outbox in the child when the store is SQLite.
 
     Reads go to the child's own read connection. Confirmations are sent to the parent, whose
@@ -264,8 +264,12 @@ class _MarkThroughParent:
         self._pending: set[int] = set()
 
     async def outbox_fetch(self, limit: int, after: int = 0) -> list[OutboxRow]:
-        rows = await self._store.outbox_fetch(limit + len(self._pending), after)
-        return [row for row in rows if row.position not in self._pending][:limit]
+        # Hide what was pending when the read started, even if the parent's "marked" arrives while
+        # it runs: the read may predate the parent's commit and still show those rows unpublished.
+        hidden = set(self._pending)
+        rows = await self._store.outbox_fetch(limit + len(hidden), after)
+        hidden |= self._pending
+        return [row for row in rows if row.position not in hidden][:limit]
 
     async def outbox_mark_published(self, positions: Sequence[int]) -> None:
         self._pending.update(positions)
@@ -310,7 +314,7 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
     await store.open()
     publisher = AmqpPublisher(settings.broker, connection_name="ticketgate relay")
     counts = _Counts()
-    marker = _MarkThroughParent(store, send) if settings.store.backend == "sqlite" else None
+    marker = MarkThroughParent(store, send) if settings.store.backend == "sqlite" else None
     relay = OutboxRelay(marker or store, publisher, settings.outbox, counts)
     reporter: asyncio.Task[None] | None = None
     try:
