@@ -254,7 +254,9 @@ async def run(args: argparse.Namespace) -> None:
     )
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     per_event = sum(cpu.values()) / max(events, 1) * 1e6
-    threads = ", ".join(f"{name} {seconds / max(events, 1) * 1e6:.0f}" for name, seconds in sorted(cpu.items()))
+    threads = ", ".join(
+        f"{name} {seconds / max(events, 1) * 1e6:.0f}" for name, seconds in sorted(cpu.items())
+    )
     print(f"  gateway CPU      {per_event:.0f} us per event (by thread: {threads})")
     print(f"gateway peak RSS   {rss:.0f} MB")
     print(f"bare aio-pika      {bare:,.0f} msg/s ({args.bare_n} x 1 KB persistent, window {args.window})")
