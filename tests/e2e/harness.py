@@ -24,9 +24,28 @@ def free_port() -> int:
 
 
 def gateway_config(
-    tmp: Path, *, port: int, amqp_url: str, exchange: str, queue: str, extra: str = ""
+    tmp: Path,
+    *,
+    port: int,
+    amqp_url: str,
+    exchange: str,
+    queue: str,
+    extra: str = "",
+    store: str | None = None,
+    name: str = "ticketgate",
 ) -> Path:
-    """A config like the dev one, on its own port, data directory, exchange and desk queue."""
+    """A config like the dev one, on its own port, data directory, exchange and desk queue.
+
+    ``store`` replaces the ``[store]`` table (e.g. a shared PostgreSQL); ``name`` names the file,
+    so several instances can share ``tmp``.
+    """
+    store = (
+        store
+        or f"""[store]
+path = "{tmp / "data" / "ticketgate.db"}"
+blob_dir = "{tmp / "data" / "blobs"}"
+"""
+    )
     text = f"""
 [server]
 host = "127.0.0.1"
@@ -38,10 +57,7 @@ shutdown_timeout = 5
 level = "INFO"
 format = "json"
 
-[store]
-path = "{tmp / "data" / "ticketgate.db"}"
-blob_dir = "{tmp / "data" / "blobs"}"
-
+{store}
 [broker]
 url = "{amqp_url}"
 exchange = "{exchange}"
@@ -80,7 +96,7 @@ priority = "high"
 tags = ["complaint"]
 {extra}
 """
-    path = tmp / "ticketgate.toml"
+    path = tmp / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
     return path
 

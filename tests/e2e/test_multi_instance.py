@@ -25,7 +25,7 @@ import orjson
 import psycopg
 import pytest
 
-from tests.e2e.harness import GatewayProcess, free_port
+from tests.e2e.harness import GatewayProcess, free_port, gateway_config
 from tests.support.consumer import Consumer, Received
 from tests.support.postgres import admin_dsn, fresh_database, require_postgres
 from tests.support.rabbitmq import Janitor
@@ -42,62 +42,20 @@ RETRY_SHARE = 0.2
 IN_FLIGHT = 48
 
 
-def multi_instance_config(
-    tmp: Path, *, name: str, port: int, dsn: str, blob_dir: Path, amqp_url: str, exchange: str, queue: str
-) -> Path:
-    """One instance's config: its own port, the shared database, blob directory and exchange."""
-    text = f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-public_url = "http://127.0.0.1:{port}"
-shutdown_timeout = 5
-
-[log]
-level = "INFO"
-format = "json"
-
-[store]
+# The shared database (its DSN from the environment, as ops would pass a secret) and blob directory.
+SHARED_STORE = """[store]
 backend = "postgresql"
 dsn = {{ env = "TG_TEST_STORE_DSN" }}
 blob_dir = "{blob_dir}"
-
-[broker]
-url = "{amqp_url}"
-exchange = "{exchange}"
-publish_timeout = 2
-reconnect_interval = 0.2
-
-[[broker.queues]]
-name = "{queue}"
-bindings = ["#"]
-
-[outbox]
-poll_interval = 0.1
-drain_timeout = 3
-
-[tenants.demo]
-name = "Demo Inc."
-
-[inboxes.demo]
-tenant = "demo"
-
-[channels.api]
-rate_limit_per_minute = 600000
-rate_limit_burst = 10000
-
-[channels.api.inboxes.demo]
-keys = ["e2e-test-key-0001"]
-
+"""
+# A second inbox with its own key, for the customers' sign-ups.
+SIGNUP_INBOX = """
 [inboxes.signup]
 tenant = "demo"
 
 [channels.api.inboxes.signup]
 keys = ["e2e-signup-key-0001"]
 """
-    path = tmp / f"{name}.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @dataclass
@@ -123,22 +81,23 @@ async def cluster(
     gateways = []
     for n in range(INSTANCES):
         port = free_port()
-        config = multi_instance_config(
+        config = gateway_config(
             tmp_path,
             name=f"gw{n}",
             port=port,
-            dsn=store_dsn,
-            blob_dir=tmp_path / "shared-blobs",
             amqp_url=amqp_url,
             exchange=exchange,
             queue=queue,
+            store=SHARED_STORE.format(blob_dir=tmp_path / "shared-blobs"),
+            extra=SIGNUP_INBOX,
         )
         gateways.append(
             GatewayProcess(
                 config=config,
                 port=port,
                 log_path=tmp_path / f"gw{n}.log",
-                env={"TG_TEST_STORE_DSN": store_dsn},
+                # A standby learns of other instances' events at its next poll: poll often.
+                env={"TG_TEST_STORE_DSN": store_dsn, "TICKETGATE__OUTBOX__POLL_INTERVAL": "0.1"},
             )
         )
     try:
