@@ -88,9 +88,11 @@ async def run(root: Path, messages: int, concurrency: int) -> None:
             latencies.append(time.perf_counter() - started)
 
     commits_before = store.stats.commits
+    cpu_started = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     commits = store.stats.commits - commits_before
     await store.close()
 
@@ -99,6 +101,7 @@ async def run(root: Path, messages: int, concurrency: int) -> None:
         f"concurrency {concurrency:>4}: {messages / elapsed:8.0f} accepts/s   "
         f"p50 {cuts[49] * 1000:7.2f} ms   p99 {cuts[98] * 1000:7.2f} ms   "
         f"{commits / elapsed:7.0f} commits/s   {messages / commits:6.1f} accepts/commit   "
+        f"{cpu / messages * 1e6:5.0f} us CPU/accept   "
         f"(largest batch {store.stats.largest_batch}, {elapsed:.1f} s)"
     )
 
