@@ -9,6 +9,7 @@ merge two different problems.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -22,6 +23,8 @@ _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900
 _NOT_WORD = re.compile(r"[\W_]+")
 
 
+# Placement folds a message's text twice (to look for a duplicate, then to remember it).
+@functools.lru_cache(maxsize=64)
 def normalize_text(text: str | None) -> str:
     """Folded text for comparison; empty when there is nothing to compare."""
     if not text:

@@ -127,6 +127,10 @@ class ClaimedLink:
 class Tx(Protocol):
     """Reads and writes inside one open transaction."""
 
+    #: True when no other transaction can run meanwhile (SQLite's single writer): what was read
+    #: stays true until the transaction ends, so nothing needs reading again after a lock.
+    serialized: bool
+
     # -- idempotency ---------------------------------------------------------------------------
 
     def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:

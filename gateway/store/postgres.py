@@ -397,6 +397,8 @@ def _json(value: Any) -> str:
 class PostgresTx:
     """:class:`dedupe.tx.Tx` over one pooled connection inside an open transaction."""
 
+    serialized = False  # other instances write concurrently: re-read what a lock may have changed
+
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
 
