@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Ack latency: durable acks sit in the low milliseconds; anything past a second is an incident.
@@ -45,6 +47,26 @@ class Metrics:
         self.broker_connected = Gauge(
             "ticketgate_broker_connected", "1 while the publisher is connected", registry=r
         )
+
+        # Labelled children, looked up once: ``labels()`` takes a lock and rebuilds the key per call.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    # The pipeline reports through these two methods.
+    def message_received(self, channel: str) -> None:
+        self._child(self.received, channel).inc()
+
+    def message_done(self, channel: str, outcome: str, ack_seconds: float | None) -> None:
+        """One pipeline outcome; ``ack_seconds`` when the message was stored (a durable ack)."""
+        self._child(self.outcomes, channel, outcome).inc()
+        if ack_seconds is not None:
+            self._child(self.ack_latency, channel).observe(ack_seconds)
 
     # The relay reports through these three methods (see gateway.relay).
     def publish_confirmed(self, n: int) -> None:

@@ -47,13 +47,12 @@ class Pipeline:
         """Process one envelope; the result tells the connector what to answer."""
         started = time.perf_counter()
         channel = envelope.channel
-        self._metrics.received.labels(channel).inc()
+        self._metrics.message_received(channel)
         result = await self._ingest(envelope, normalize)
-        self._metrics.outcomes.labels(channel, result.outcome.value).inc()
-        if result.stored:
-            self._metrics.ack_latency.labels(channel).observe(time.perf_counter() - started)
-            if self._on_commit is not None:
-                self._on_commit()
+        ack_seconds = time.perf_counter() - started if result.stored else None
+        self._metrics.message_done(channel, result.outcome.value, ack_seconds)
+        if result.stored and self._on_commit is not None:
+            self._on_commit()
         return result
 
     async def replay(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:

@@ -60,9 +60,9 @@ WriteJob = Callable[[sqlite3.Connection], tuple[T, int]]
 _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
 _CHECKPOINT_INTERVAL = 1.0  # seconds between passive WAL checkpoints
 _WAL_AUTOCHECKPOINT_PAGES = 16_384
-# Page cache per connection: SQLite's default (2 MiB) makes every placement re-read the index pages
-# of idempotency keys, messages and the outbox once the database outgrows it.
-_CACHE_KIB = 64 * 1024
+# The writer's page cache: with SQLite's default (2 MiB) every placement re-reads index pages of
+# idempotency keys, messages and the outbox once the database outgrows it. Readers keep the default.
+_WRITER_CACHE_KIB = 32 * 1024
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
 # Ordered migrations; ``PRAGMA user_version`` is the number applied. Append, never edit.
@@ -907,7 +907,8 @@ class SQLiteStore:
             # larger automatic threshold only bounds the WAL should that thread fall behind.
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute("PRAGMA synchronous = FULL")
-        conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+        if not readonly:
+            conn.execute(f"PRAGMA cache_size = -{_WRITER_CACHE_KIB}")
         conn.execute("PRAGMA foreign_keys = ON")
         if readonly:
             conn.execute("PRAGMA query_only = ON")
