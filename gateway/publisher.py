@@ -24,8 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import aio_pika
 import aio_pika.abc
-import aio_pika.exceptions
 import aiormq.exceptions
+from pamqp import commands as spec
 
 from gateway.errors import ConfigError, PublishError
 from gateway.events import SCHEMA
@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/json"
 APP_ID = "ticketgate"
+PERSISTENT = 2  # AMQP delivery mode
 
 
 class BatchPublishError(PublishError):
@@ -288,19 +289,23 @@ class AmqpPublisher:
             if self.last_error:
                 reason += f" ({self.last_error})"
             raise BatchPublishError(reason, failed=len(rows))
+        channel = self._channel
+        assert channel is not None  # connected
+        name = exchange.name
         await publish_windowed(
-            rows, lambda row: self._send(exchange, row), max_in_flight=self._settings.max_in_flight
+            rows, lambda row: self._send(channel, name, row), max_in_flight=self._settings.max_in_flight
         )
 
-    async def _send(self, exchange: aio_pika.abc.AbstractExchange, row: OutboxRow) -> None:
+    async def _send(self, channel: aio_pika.abc.AbstractChannel, exchange: str, row: OutboxRow) -> None:
         created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-        message = aio_pika.Message(
-            row.body,
-            # aio-pika's default delivery mode is transient; a broker restart would lose the event.
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        # pamqp's properties straight to aiormq: aio-pika's Message wrapper cost 15-30 us of CPU per
+        # event, measured against aiormq alone at 256 in flight.
+        properties = spec.Basic.Properties(
+            # The AMQP default delivery mode is transient; a broker restart would lose the event.
+            delivery_mode=PERSISTENT,
             message_id=row.event_id,
             correlation_id=row.thread_id,
-            type=row.type,
+            message_type=row.type,
             content_type=CONTENT_TYPE,
             timestamp=created,
             headers=amqp_headers(row),
@@ -309,10 +314,17 @@ class AmqpPublisher:
         try:
             # Covers waiting for a reconnect too: a blocked or absent broker must not hang the relay.
             async with asyncio.timeout(self._settings.publish_timeout):
-                await exchange.publish(message, row.routing_key, mandatory=True)
-        except aio_pika.exceptions.PublishError as exc:
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    row.body,
+                    exchange=exchange,
+                    routing_key=row.routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except aiormq.exceptions.PublishError as exc:
             raise _RowFailed(f"returned by the broker (unroutable {row.routing_key!r})", fatal=False) from exc
-        except aio_pika.exceptions.DeliveryError as exc:
+        except aiormq.exceptions.DeliveryError as exc:
             raise _RowFailed(f"nacked by the broker ({exc})", fatal=False) from exc
         except TimeoutError as exc:
             why = "broker blocked the connection" if self.blocked else "no confirm"
