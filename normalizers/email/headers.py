@@ -41,6 +41,15 @@ def raw_values(part: Message, name: str) -> list[str]:
     return [latin(str(value)) for key, value in part.raw_items() if key.lower() == wanted]
 
 
+def index(part: Message) -> dict[str, list[str]]:
+    """Every raw header value of ``part`` by lowercased name, in order: one pass for many lookups
+    (``index(part).get(name.lower(), [])`` is ``raw_values(part, name)``)."""
+    found: dict[str, list[str]] = {}
+    for key, value in part.raw_items():
+        found.setdefault(key.lower(), []).append(latin(str(value)))
+    return found
+
+
 def unfold(raw: str) -> str:
     return _FOLD.sub("", raw).replace("\r", "").replace("\n", "")
 
@@ -118,8 +127,8 @@ def _raw_text(segment: str, hint: str | None) -> str:
 def param(part: Message, name: str, header: str, *, hint: str | None = None) -> str | None:
     """A decoded MIME parameter (RFC 2231 continuations and charsets, or RFC 2047 inside quotes)."""
     values = raw_values(part, header)
-    if not values:
-        return None
+    if not values or name.lower() not in values[0].lower():
+        return None  # the parameter is not there (the common case: no file name on a text part)
     holder = Message()
     holder[header] = values[0]
     try:

@@ -32,7 +32,7 @@ import contextlib
 import functools
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -111,7 +111,7 @@ def _prescan(raw: bytes, limits: EmailLimits) -> None:
     open_boundaries: list[bytes] = []
     declared: set[bytes] = set()
     delimiters = 0
-    for match in _BOUNDARY_OR_DELIMITER.finditer(raw):
+    for match in _boundaries_and_delimiters(raw):
         if match.group(3) is None:
             boundary = (match.group(1) or match.group(2) or b"").rstrip()
             if boundary and boundary not in open_boundaries:
@@ -132,6 +132,32 @@ def _prescan(raw: bytes, limits: EmailLimits) -> None:
             delimiters += 1
             if delimiters > limits.max_parts:
                 raise NormalizationError(f"more than {limits.max_parts} MIME parts")
+
+
+def _boundaries_and_delimiters(raw: bytes) -> Iterator[re.Match[bytes]]:
+    """What ``_BOUNDARY_OR_DELIMITER.finditer(raw)`` yields, found at C speed.
+
+    A match can only start where ``boundary`` is (in any case) or where a line starts with ``--``;
+    ``bytes.find`` locates those, and the pattern is tried there only. Scanning with the pattern
+    itself tried it at every byte: 58 us for a 5 KB plain mail, 2.3 ms for 200 KB.
+    """
+    lowered = raw.lower()  # bytes: ASCII case only, as the pattern's IGNORECASE on bytes
+    starts: list[int] = []
+    for needle, offset in ((b"boundary", 0), (b"\n--", 1)):
+        found = lowered.find(needle)
+        while found >= 0:
+            starts.append(found + offset)
+            found = lowered.find(needle, found + 1)
+    if raw.startswith(b"--"):
+        starts.append(0)
+    end = 0
+    for start in sorted(starts):
+        if start < end:
+            continue  # inside the previous match, which finditer would have consumed
+        match = _BOUNDARY_OR_DELIMITER.match(raw, start)
+        if match is not None:
+            end = match.end()
+            yield match
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:")
@@ -166,6 +192,27 @@ def _repair_header_block(raw: bytes) -> tuple[bytes, int]:
         else:
             repairs += 1  # garbage before the first field
     return b"".join(repaired) + raw[end + 1 :], repairs
+
+
+def _parse(raw: bytes) -> Message:
+    """``BytesParser(policy=compat32).parsebytes(raw)``, without the line-by-line walk over the body
+    of a single-part mail.
+
+    For a mail that is neither multipart nor message/*, the parser's payload is the rest of the
+    input after the blank line, verbatim. So the header block alone is parsed, and the body is
+    set as that payload; the result is the same object the full parse builds. Whenever the parser
+    would see the headers end anywhere but at that blank line (a stray line, an odd line end), or
+    the type needs the body parsed, the full parse runs.
+    """
+    crlf, lf = raw.find(b"\r\n\r\n"), raw.find(b"\n\n")
+    ends = [end for end in (crlf + 4 if crlf >= 0 else -1, lf + 2 if lf >= 0 else -1) if end >= 0]
+    if ends:
+        end = min(ends)
+        message = BytesParser(policy=compat32).parsebytes(raw[:end], headersonly=True)
+        if message.get_payload() == "" and message.get_content_maintype() not in {"multipart", "message"}:
+            message.set_payload(raw[end:].decode("ascii", "surrogateescape"))
+            return message
+    return BytesParser(policy=compat32).parsebytes(raw)
 
 
 def _check_headers(part: Message, limits: EmailLimits) -> None:
@@ -439,18 +486,27 @@ def _sent_at(values: list[str]) -> datetime | None:
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")
 _HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]")
-_LATIN = re.compile(r"[A-Za-z]")
+_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Bytes that are not part of a word (anything but a-z and '), for splitting lowercased text.
+_NOT_WORD = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz'" else 0x20 for c in range(256))
 
 
 def _language(text: str) -> str | None:
     """A cheap guess from the script of the first few thousand characters.
 
-    Counting with compiled character classes keeps it cheap: a loop over the characters in
-    Python was half of the whole normalizer's time on a plain 5 KB mail.
+    Counting stays in C: CJK characters with compiled character classes (only when the sample is
+    not ASCII), Latin letters and words with bytes methods. A loop over the characters in Python
+    was half of the whole normalizer's time on a plain 5 KB mail; four ``findall`` passes a quarter.
     """
     sample = text[:2000]
-    kana, hangul = len(_KANA.findall(sample)), len(_HANGUL.findall(sample))
-    han, latin = len(_HAN.findall(sample)), len(_LATIN.findall(sample))
+    if sample.isascii():
+        kana = hangul = han = 0
+    else:
+        kana, hangul = len(_KANA.findall(sample)), len(_HANGUL.findall(sample))
+        han = len(_HAN.findall(sample))
+    # [A-Za-z] are ASCII: drop everything else, then count what deleting the letters removes.
+    ascii_part = sample.encode("ascii", "ignore")
+    latin = len(ascii_part) - len(ascii_part.translate(None, _ASCII_LETTERS))
     if kana and kana * 10 >= han:
         return "ja"
     if hangul and hangul >= han:
@@ -458,8 +514,10 @@ def _language(text: str) -> str | None:
     if han and han * 4 >= latin:
         return "zh"
     if latin >= 20:
-        words = re.findall(r"[a-z']+", sample.lower())
-        common = sum(1 for w in words if w in _ENGLISH)
+        # The words of [a-z']+ in the lowercased sample: in UTF-8 every other character, multi-byte
+        # ones included, is made of bytes that become separators.
+        words = sample.lower().encode("utf-8", "surrogatepass").translate(_NOT_WORD).split()
+        common = sum(map(_ENGLISH_BYTES.__contains__, words))
         if words and common * 100 >= len(words) * 15:
             return "en"
     return None
@@ -474,6 +532,7 @@ _ENGLISH = frozenset(
         "but", "me", "our", "do",
     )
 )
+_ENGLISH_BYTES = frozenset(word.encode() for word in _ENGLISH)
 # fmt: on
 
 
@@ -501,13 +560,16 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         raise NormalizationError(f"mail is {len(raw)} bytes, limit {limits.max_bytes}")
     _prescan(raw, limits)
     repaired, repairs = _repair_header_block(raw)
-    message = BytesParser(policy=compat32).parsebytes(repaired)
+    message = _parse(repaired)
     _check_headers(message, limits)
     linesep = "\r\n" if b"\r\n" in raw[:4096] else "\n"
     body = _walk(message, limits, linesep)
 
+    # The top-level headers are read some twenty times: index them once.
+    index = headers.index(message)
+
     def raw_values(name: str) -> list[str]:
-        return headers.raw_values(message, name)
+        return list(index.get(name.lower(), ()))
 
     hint = next((c for c in body.charsets if c not in {"ascii", "utf-8"}), None)
     subject_values = raw_values("Subject")

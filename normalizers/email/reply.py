@@ -47,28 +47,53 @@ _BLANK_RUNS = re.compile(r"\n{3,}")
 _MAX_LINES = 20_000  # reply extraction is a hint; never spend more than a linear pass on a bounded prefix
 
 
+# Every line that can start the history or the signature begins (after its leading whitespace)
+# with one of these: the first characters of the alternatives above, compiled with the same
+# IGNORECASE so case folding is the same. Other lines are skipped without any regex, through a
+# memo of the first characters seen (a few dozen in practice).
+_CANDIDATE = re.compile(r"[-_*\d在发從寄發oalesgfvd]", re.IGNORECASE)
+_candidate_memo: dict[str, bool] = {}
+
+
+def _may_cut(first: str) -> bool:
+    known = _candidate_memo.get(first)
+    if known is None:
+        known = _candidate_memo[first] = _CANDIDATE.match(first) is not None
+        if len(_candidate_memo) > 4096:
+            _candidate_memo.clear()
+    return known
+
+
 def extract_reply(text: str) -> str | None:
     """The text above the quoted history and the signature, without ``>`` quoted lines."""
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:_MAX_LINES]
     cut = len(lines)
     for index, line in enumerate(lines):
-        stripped = line.strip().replace("\u00a0", " ")
-        if not stripped:
-            continue
-        joined = f"{stripped} {lines[index + 1].strip()}" if index + 1 < len(lines) else stripped
-        if _SIGNATURE.match(stripped):
+        stripped = line.strip()
+        if stripped and _may_cut(stripped[0]) and _cuts_at(lines, index):
             cut = index
             break
-        # Gmail wraps a long "On ... wrote:" onto two lines: try the line joined with the next one.
-        if _HISTORY.match(stripped) or _HISTORY.match(joined):
-            cut = index
-            break
-        if _BLOCK_FROM.match(stripped) and _is_header_block(lines, index):
-            cut = index
-            break
-    kept = [line for line in lines[:cut] if not line.lstrip().startswith(">")]
-    result = _BLANK_RUNS.sub("\n\n", "\n".join(line.rstrip() for line in kept)).strip()
-    return result or None
+    kept = lines[:cut]
+    if ">" in text:
+        kept = [line for line in kept if not line.lstrip().startswith(">")]
+    result = "\n".join(line.rstrip() for line in kept)
+    if "\n\n\n" in result:
+        result = _BLANK_RUNS.sub("\n\n", result)
+    return result.strip() or None
+
+
+def _cuts_at(lines: list[str], index: int) -> bool:
+    """Whether line ``index`` starts the signature or the quoted history."""
+    stripped = lines[index].strip().replace("\u00a0", " ")
+    if not stripped:
+        return False
+    if _SIGNATURE.match(stripped):
+        return True
+    # Gmail wraps a long "On ... wrote:" onto two lines: try the line joined with the next one.
+    joined = f"{stripped} {lines[index + 1].strip()}" if index + 1 < len(lines) else stripped
+    if _HISTORY.match(stripped) or _HISTORY.match(joined):
+        return True
+    return bool(_BLOCK_FROM.match(stripped)) and _is_header_block(lines, index)
 
 
 def _is_header_block(lines: list[str], index: int) -> bool:
