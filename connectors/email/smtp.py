@@ -32,9 +32,18 @@ from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
 
-# RFC 5321 2.3.8: CR and LF only ever travel together. A lone one is how SMTP smuggling hides a
-# second "end of data" that another MTA would honour; we refuse the whole mail.
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+def _has_bare_newline(raw: bytes) -> bool:
+    """RFC 5321 2.3.8: CR and LF only ever travel together. A lone one is how SMTP smuggling hides
+    a second "end of data" that another MTA would honour; we refuse the whole mail.
+
+    Every CRLF pair holds one CR and one LF, so there is a lone one exactly when the counts differ.
+    Three counts in C; the regex this replaces took a third of the listener's CPU at 200 KB.
+    """
+    pairs = raw.count(b"\r\n")
+    return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
+
+
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 # aiosmtpd's fixed texts lack enhanced status codes (RFC 3463); the codes themselves are right.
@@ -166,7 +175,7 @@ class SmtpHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content
         assert isinstance(raw, bytes)
-        if _BARE_NEWLINE.search(raw):
+        if _has_bare_newline(raw):
             logger.info("refused mail from %s: bare CR or LF in DATA", _peer_ip(session.peer))
             return "550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8), not accepted"
         self._in_flight += 1

@@ -52,7 +52,10 @@ def header_block(raw: bytes) -> bytes:
 
 def authentication_results(raw: bytes) -> list[str]:
     """Every ``Authentication-Results`` value, topmost first, unfolded."""
-    message = BytesHeaderParser(policy=compat32).parsebytes(header_block(raw) + b"\r\n\r\n")
+    head = header_block(raw)
+    if b"authentication-results" not in head.lower():
+        return []  # most mail: nothing to parse
+    message = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
     values = message.get_all("Authentication-Results") or []
     return [_FOLD.sub(" ", str(value)).strip() for value in values[:MAX_RESULTS_HEADERS]]
 

@@ -1,0 +1,49 @@
+"""The listener's per-mail checks that are written for speed give the answers of the plain ones."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from connectors.email.smtp import _has_bare_newline
+from connectors.email.trust import authentication_results, verdict
+
+_REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"no line ends",
+        b"a\r\nb\r\n",
+        b"a\nb",
+        b"a\rb",
+        b"\n\r",  # LF then CR: two lone ones, although the counts of each are equal
+        b"a\r\r\n",
+        b"a\r\n\n",
+        b"\r\n.\n",
+        b"\r.\r\n",
+        b"x\r\n" * 1000 + b"\r",
+    ],
+)
+def test_bare_newline_check_agrees_with_the_rfc_pattern(raw: bytes) -> None:
+    assert _has_bare_newline(raw) is (_REFERENCE.search(raw) is not None)
+
+
+def test_authentication_results_header_names_are_case_insensitive() -> None:
+    raw = (
+        b"AUTHENTICATION-RESULTS: mx.example; dmarc=pass header.from=customer.example\r\n"
+        b"From: a@customer.example\r\n\r\nbody mentioning Authentication-Results: x\r\n"
+    )
+    assert authentication_results(raw) == ["mx.example; dmarc=pass header.from=customer.example"]
+    found = verdict(raw, "mx.example")
+    assert found is not None
+    assert found["dmarc"] == "pass"
+
+
+def test_no_authentication_results_header_means_no_verdict() -> None:
+    raw = b"From: a@customer.example\r\n\r\nAuthentication-Results: mx.example; dmarc=pass\r\n"
+    assert authentication_results(raw) == []
+    assert verdict(raw, "mx.example") is None
