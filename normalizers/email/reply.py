@@ -50,18 +50,27 @@ _MAX_LINES = 20_000  # reply extraction is a hint; never spend more than a linea
 # Every line that can start the history or the signature begins (after its leading whitespace)
 # with one of these: the first characters of the alternatives above, compiled with the same
 # IGNORECASE so case folding is the same. Other lines are skipped without any regex, through a
-# memo of the first characters seen (a few dozen in practice).
+# memo of the first characters seen (a few dozen in practice). A line starting with a digit can
+# only be the dated "2024-01-08 ... wrote:" marker, which needs four digits first.
 _CANDIDATE = re.compile(r"[-_*\d在发從寄發oalesgfvd]", re.IGNORECASE)
-_candidate_memo: dict[str, bool] = {}
+_DIGIT = re.compile(r"\d")
+_FOUR_DIGITS = re.compile(r"\d{4}")
+_NO, _YES, _IF_FOUR_DIGITS = 0, 1, 2
+_candidate_memo: dict[str, int] = {}
 
 
-def _may_cut(first: str) -> bool:
-    known = _candidate_memo.get(first)
-    if known is None:
-        known = _candidate_memo[first] = _CANDIDATE.match(first) is not None
-        if len(_candidate_memo) > 4096:
+def _may_cut(stripped: str) -> bool:
+    """Whether the stripped, non-empty line could start the history or the signature at all."""
+    first = stripped[0]
+    kind = _candidate_memo.get(first)
+    if kind is None:
+        kind = _IF_FOUR_DIGITS if _DIGIT.match(first) else _YES if _CANDIDATE.match(first) else _NO
+        if len(_candidate_memo) >= 4096:
             _candidate_memo.clear()
-    return known
+        _candidate_memo[first] = kind
+    if kind == _IF_FOUR_DIGITS:
+        return _FOUR_DIGITS.match(stripped) is not None
+    return kind == _YES
 
 
 def extract_reply(text: str) -> str | None:
@@ -70,7 +79,7 @@ def extract_reply(text: str) -> str | None:
     cut = len(lines)
     for index, line in enumerate(lines):
         stripped = line.strip()
-        if stripped and _may_cut(stripped[0]) and _cuts_at(lines, index):
+        if stripped and _may_cut(stripped) and _cuts_at(lines, index):
             cut = index
             break
     kept = lines[:cut]

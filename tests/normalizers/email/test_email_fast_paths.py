@@ -107,6 +107,9 @@ def test_prescan_still_refuses_deep_nesting_with_upper_case_boundaries() -> None
         ("New.\n\u017fent from my phone", "New."),
         ("New.\n\t*From:* Bob\n*Sent:* Monday\nold", "New."),
         ("New.\n2024年1月8日 10:00，x <x@gmail.com> 写道：\nold", "New."),
+        # Lines starting with digits: only four of them can start the dated marker (any script).
+        ("New.\n\uff12\uff10\uff12\uff14年1月8日 10:00，x <x@gmail.com> 写道：\nold", "New."),
+        ("12 Main St\n123 wrote:\n1XXXX", "12 Main St\n123 wrote:\n1XXXX"),
         # Lines that look like nothing keep the text whole; trailing spaces go, blank runs shrink.
         ("Hello   \n\n\n\nthere\t\nBye", "Hello\n\nthere\nBye"),
         ("  > quoted\nkept\n>also quoted", "kept"),
