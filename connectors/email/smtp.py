@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from connectors.base import Ingest
 from connectors.email.envelope import EnvelopeFactory, Router
 from connectors.email.settings import EmailSettings, SmtpSettings
-from gateway.model import IngestResult, Outcome
+from gateway.model import IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class SmtpHandler:
         self._ingest = ingest
         self._normalize = normalize
         self._trusted = tuple(ipaddress.ip_network(n, strict=False) for n in smtp.trusted_relays)
+        self._trusted_ips: dict[str, bool] = {}
         self._users = {name: secret.get_secret_value().encode() for name, secret in smtp.users.items()}
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -219,15 +220,35 @@ class SmtpHandler:
         ]
         try:
             async with asyncio.timeout(self._smtp.ingest_timeout):
-                outcomes = await asyncio.gather(
-                    *(self._ingest(e, self._normalize) for e in envelopes), return_exceptions=True
-                )
+                if len(envelopes) == 1:
+                    # The usual mail, for one inbox: awaited in place, no task and no gather.
+                    outcomes: list[IngestResult | BaseException] = [await self._ingest_one(envelopes[0])]
+                else:
+                    outcomes = await asyncio.gather(
+                        *(self._ingest(e, self._normalize) for e in envelopes), return_exceptions=True
+                    )
         except TimeoutError:
             logger.warning("ingest of a mail from %s timed out; answering 451", ip)
             return TEMPFAIL
         return _answer(outcomes)
 
+    async def _ingest_one(self, envelope: RawEnvelope) -> IngestResult | BaseException:
+        """One ingest, its exception returned as ``gather(..., return_exceptions=True)`` would."""
+        try:
+            return await self._ingest(envelope, self._normalize)
+        except Exception as exc:
+            return exc
+
     def _is_trusted(self, ip: str) -> bool:
+        """Whether ``ip`` is a trusted relay; remembered per address (a relay sends many mails)."""
+        known = self._trusted_ips.get(ip)
+        if known is None:
+            if len(self._trusted_ips) >= 4096:
+                self._trusted_ips.clear()
+            known = self._trusted_ips[ip] = self._in_trusted_networks(ip)
+        return known
+
+    def _in_trusted_networks(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
