@@ -204,7 +204,9 @@ def _parse(raw: bytes) -> Message:
     would see the headers end anywhere but at that blank line (a stray line, an odd line end), or
     the type needs the body parsed, the full parse runs.
     """
-    crlf, lf = raw.find(b"\r\n\r\n"), raw.find(b"\n\n")
+    crlf = raw.find(b"\r\n\r\n")
+    # A bare-LF blank line matters only before the CRLF one: don't scan a 200 KB body for it.
+    lf = raw.find(b"\n\n", 0, crlf + 4) if crlf >= 0 else raw.find(b"\n\n")
     ends = [end for end in (crlf + 4 if crlf >= 0 else -1, lf + 2 if lf >= 0 else -1) if end >= 0]
     if ends:
         end = min(ends)
