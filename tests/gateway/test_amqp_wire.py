@@ -1,0 +1,122 @@
+"""The publishing AMQP connection: what the publisher contract tests do not reach on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from pamqp import commands as spec
+
+from gateway.amqp_wire import Endpoint, PublishConnection, WireError
+from gateway.publisher import AmqpPublisher
+from gateway.settings import BrokerSettings, QueueSettings
+from tests.support.consumer import Consumer
+from tests.support.outbox import row_from_event, thread_event
+from tests.support.rabbitmq import Janitor
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://guest:guest@127.0.0.1:5672/", Endpoint("127.0.0.1", 5672, "guest", "guest", "/", False)),
+        ("amqp://u%40x:p%2Fw@broker/", Endpoint("broker", 5672, "u@x", "p/w", "/", False)),
+        ("amqps://a:b@mq.example/desk%2Fprod", Endpoint("mq.example", 5671, "a", "b", "desk/prod", True)),
+        ("amqp://broker:5673", Endpoint("broker", 5673, "guest", "guest", "/", False)),
+    ],
+)
+def test_endpoint_parses_amqp_urls(url: str, expected: Endpoint) -> None:
+    assert Endpoint.parse(url) == expected
+
+
+def test_endpoint_refuses_other_schemes() -> None:
+    with pytest.raises(ValueError, match="not an AMQP URL"):
+        Endpoint.parse("http://guest:guest@127.0.0.1/")
+
+
+@pytest.mark.integration
+async def test_body_larger_than_a_frame_arrives_whole(amqp_url: str) -> None:
+    names = Janitor(amqp_url)
+    queue = names.queue()
+    settings = BrokerSettings(
+        url=amqp_url, exchange=names.exchange(), queues=(QueueSettings(name=queue, bindings=("#",)),)
+    )
+    publisher = AmqpPublisher(settings)
+    await publisher.start()
+    consumer = await Consumer(amqp_url, settings.exchange, queue=queue).start()
+    try:
+        row = row_from_event(thread_event("th-big", 1), 1)
+        big = dataclasses.replace(row, body=bytes(range(256)) * 1600)  # 400 KiB: four frames at least
+        await publisher.publish([big])
+        [got] = await consumer.wait_for(1)
+        assert got.body == big.body
+    finally:
+        await consumer.close()
+        await publisher.close()
+        await names.clean()
+
+
+@pytest.mark.integration
+async def test_many_publishes_of_one_iteration_are_each_confirmed(amqp_url: str) -> None:
+    names = Janitor(amqp_url)
+    exchange = names.exchange()
+    connection = await PublishConnection.open(amqp_url, connection_name="test wire")
+    try:
+        await connection.declare_exchange(exchange, "topic", durable=False)
+        queue = names.queue()
+        await connection.declare_queue(queue, durable=False, arguments={})
+        await connection.bind_queue(queue, exchange, "#")
+        confirms = [
+            connection.publish(exchange, "a.b", b"x" * 100, spec.Basic.Properties(message_id=f"m{i}"))
+            for i in range(500)
+        ]
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*confirms, return_exceptions=True)
+        assert results == [None] * 500
+    finally:
+        await connection.close()
+        await names.clean()
+    assert not connection.is_open
+    with pytest.raises(WireError):
+        connection.publish(exchange, "a.b", b"late", spec.Basic.Properties())
+
+
+@pytest.mark.integration
+async def test_publish_to_a_missing_exchange_fails_the_connection_not_the_caller(amqp_url: str) -> None:
+    lost: list[WireError] = []
+    connection = await PublishConnection.open(amqp_url, connection_name="test wire", on_lost=lost.append)
+    confirm = connection.publish("no-such-exchange-ticketgate", "a", b"x", spec.Basic.Properties())
+    with pytest.raises(WireError) as caught:
+        async with asyncio.timeout(10):
+            await confirm
+    assert caught.value.reply_code == 404
+    assert not connection.is_open
+    assert [error.reply_code for error in lost] == [404]
+    await connection.close()
+
+
+async def test_undecodable_frame_fails_every_unsettled_publish() -> None:
+    class Sink(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aborted = False
+
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return self.aborted
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    connection = PublishConnection()
+    sink = Sink()
+    connection.connection_made(sink)
+    confirm = connection.publish("x", "a", b"body", spec.Basic.Properties(message_id="m1"))
+    # A method frame of 4 bytes whose end octet is wrong.
+    connection.data_received(b"\x01\x00\x01\x00\x00\x00\x04\x00\x3c\x00\x50\x00")
+    with pytest.raises(WireError, match="undecodable"):
+        await confirm
+    assert sink.aborted
+    assert not connection.is_open
