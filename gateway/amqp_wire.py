@@ -351,29 +351,20 @@ class PublishConnection(asyncio.Protocol):
             self.blocked = False
             logger.info("broker unblocked the connection")
         elif isinstance(value, spec.Connection.Close):
-            self._send_now(pamqp_frame.marshal(spec.Connection.CloseOk(), 0))
-            self._fail(
-                WireError(
-                    f"broker closed the connection: {value.reply_code} {value.reply_text}",
-                    reply_code=value.reply_code,
-                )
-            )
-            if self._transport is not None:
-                self._transport.close()
+            self._closed_by_broker("connection", value, pamqp_frame.marshal(spec.Connection.CloseOk(), 0))
         elif isinstance(value, spec.Channel.Close):
             # The channel is gone (a refused declare, a publish to a missing exchange): so is the
             # point of this connection. The caller opens a new one.
-            self._send_now(pamqp_frame.marshal(spec.Channel.CloseOk(), channel))
-            self._fail(
-                WireError(
-                    f"broker closed the channel: {value.reply_code} {value.reply_text}",
-                    reply_code=value.reply_code,
-                )
-            )
-            if self._transport is not None:
-                self._transport.close()
+            self._closed_by_broker("channel", value, pamqp_frame.marshal(spec.Channel.CloseOk(), channel))
         else:
             self._replies.put_nowait((channel, value))
+
+    def _closed_by_broker(self, what: str, close: Any, close_ok: bytes) -> None:
+        self._send_now(close_ok)
+        reason = f"broker closed the {what}: {close.reply_code} {close.reply_text}"
+        self._fail(WireError(reason, reply_code=close.reply_code))
+        if self._transport is not None:
+            self._transport.close()
 
     def _settle(self, tag: int, multiple: bool, error: Exception | None) -> None:
         tags = [t for t in self._confirms if t <= tag] if multiple else [tag]
