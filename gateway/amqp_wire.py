@@ -227,9 +227,15 @@ class PublishConnection(asyncio.Protocol):
         *,
         mandatory: bool = True,
     ) -> asyncio.Future[None]:
-        """Queue one message; the future resolves on its ack, or raises Returned/Nacked/WireError."""
+        """Queue one message; the future resolves on its ack, or raises Returned/Nacked/WireError.
+
+        A ``mandatory`` message needs a unique ``message_id``: a Basic.Return names no delivery
+        tag, so that is how a return finds the publish it belongs to.
+        """
         if self._failure is not None:
             raise self._failure
+        if mandatory and not properties.message_id:
+            raise ValueError("a mandatory publish needs a message_id to match a return")
         self._delivery_tag += 1
         tag = self._delivery_tag
         confirm: asyncio.Future[None] = self._loop.create_future()

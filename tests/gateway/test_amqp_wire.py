@@ -78,14 +78,16 @@ async def test_many_publishes_of_one_iteration_are_each_confirmed(amqp_url: str)
         await names.clean()
     assert not connection.is_open
     with pytest.raises(WireError):
-        connection.publish(exchange, "a.b", b"late", spec.Basic.Properties())
+        connection.publish(exchange, "a.b", b"late", spec.Basic.Properties(message_id="late"))
 
 
 @pytest.mark.integration
 async def test_publish_to_a_missing_exchange_fails_the_connection_not_the_caller(amqp_url: str) -> None:
     lost: list[WireError] = []
     connection = await PublishConnection.open(amqp_url, connection_name="test wire", on_lost=lost.append)
-    confirm = connection.publish("no-such-exchange-ticketgate", "a", b"x", spec.Basic.Properties())
+    confirm = connection.publish(
+        "no-such-exchange-ticketgate", "a", b"x", spec.Basic.Properties(message_id="m1")
+    )
     with pytest.raises(WireError) as caught:
         async with asyncio.timeout(10):
             await confirm
@@ -93,6 +95,12 @@ async def test_publish_to_a_missing_exchange_fails_the_connection_not_the_caller
     assert not connection.is_open
     assert [error.reply_code for error in lost] == [404]
     await connection.close()
+
+
+async def test_mandatory_publish_without_message_id_is_refused() -> None:
+    connection = PublishConnection()
+    with pytest.raises(ValueError, match="message_id"):
+        connection.publish("x", "a", b"body", spec.Basic.Properties())
 
 
 async def test_undecodable_frame_fails_every_unsettled_publish() -> None:
