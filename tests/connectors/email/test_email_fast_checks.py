@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import smtplib
+from pathlib import Path
 
 import pytest
 
 from connectors.email.smtp import _has_bare_newline
 from connectors.email.trust import authentication_results, verdict
+from tests.connectors.email.email_kit import running
 
 _REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
 
@@ -47,3 +51,33 @@ def test_no_authentication_results_header_means_no_verdict() -> None:
     raw = b"From: a@customer.example\r\n\r\nAuthentication-Results: mx.example; dmarc=pass\r\n"
     assert authentication_results(raw) == []
     assert verdict(raw, "mx.example") is None
+
+
+@pytest.mark.integration
+async def test_envelope_addresses_read_the_same_every_time(tmp_path: Path) -> None:
+    """MAIL FROM / RCPT TO arguments are parsed once and remembered: repeats must answer alike."""
+    email = {
+        "smtp": {"host": "127.0.0.1", "port": 0, "hostname": "mx.test"},
+        "inboxes": {"support": {"addresses": ["support@demo.localhost"]}},
+    }
+    commands = [
+        "MAIL FROM:<a@customer.example> SIZE=100",
+        "RCPT TO:<support@demo.localhost>",
+        "RSET",
+        "MAIL FROM:<@>",
+        "MAIL FROM:<a@customer.example>",
+        "RCPT TO:<nobody@demo.localhost>",
+        "RCPT TO:<>",
+        "RSET",
+    ]
+
+    def session(port: int) -> list[int]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            client.ehlo()
+            return [client.docmd(command)[0] for _ in range(3) for command in commands]
+
+    async with running(email, tmp_path) as gw:
+        codes = await asyncio.to_thread(session, gw.smtp_port)
+    first = codes[: len(commands)]
+    assert first == [250, 250, 250, 553, 250, 550, 550, 250]
+    assert codes == first * 3
