@@ -1,8 +1,8 @@
 """Extraction and routing enrichment: entities found in the text, routing hints from rules.
 
 Everything is compiled once in :meth:`Enricher.from_settings`; :meth:`Enricher.enrich` only runs
-precompiled regexes and set look-ups, and scans a bounded prefix of the text so a huge message
-costs no more than a large one.
+precompiled regexes, substring and set look-ups, and scans a bounded prefix of the text so a huge
+message costs no more than a large one.
 
 Extractors (``[[extractors]]``, or :data:`DEFAULT_EXTRACTORS` when the key is absent) are regexes
 with an optional named group holding the value. Kind ``phone`` is special: every match is parsed
@@ -35,8 +35,9 @@ PRIORITIES = ("low", "normal", "high", "urgent")
 
 # `\b` is Unicode-aware, and Chinese characters count as word characters, so "订单号123" has no
 # boundary before the digits. These look-arounds bound values by ASCII letters and digits only.
-# Patterns start with their literal where they can (the look-behind after it): the regex engine then
-# skips ahead to the literal instead of trying every position, about 30 times faster on long text.
+# Patterns start with their literal, or a character class without IGNORECASE (case-insensitive parts
+# come after it in `(?i:...)`), with the look-behind after it: the regex engine then skips ahead to
+# a possible first character instead of trying every position, many times faster on long text.
 _L = r"(?<![A-Za-z0-9])"
 _R = r"(?![A-Za-z0-9])"
 _SEP = r"\s*(?:是|为|:|：|#|no\.?|number|num)?\s*[:：#]?\s*"
@@ -46,7 +47,10 @@ DEFAULT_EXTRACTORS: tuple[ExtractorSettings, ...] = (
     # (a bare 18-digit number could as well be an ID card number).
     ExtractorSettings(
         kind="order_number",
-        pattern=rf"(?i)(?:订单编号|订单号码|订单号|订单|order){_SEP}{_L}(?P<value>\d{{10,20}}){_R}",
+        pattern=(
+            rf"[订Oo](?:(?<=[Oo])[Rr](?i:der)|(?<=订)单(?:编号|号码|号)?)"
+            rf"(?i:{_SEP}{_L}(?P<value>\d{{10,20}}){_R})"
+        ),
         group="value",
     ),
     # International shops: "#12345", "Order 12345", "order no. AB-12345" ("[#TG-1" is a ticket ref).
@@ -55,7 +59,7 @@ DEFAULT_EXTRACTORS: tuple[ExtractorSettings, ...] = (
     ),
     ExtractorSettings(
         kind="order_number",
-        pattern=rf"(?i)order(?<![A-Za-z0-9]order){_SEP}{_L}(?P<value>[A-Z]{{0,4}}-?\d{{4,12}}){_R}",
+        pattern=rf"[Oo][Rr](?i:der(?<![A-Za-z0-9]order){_SEP}{_L}(?P<value>[A-Z]{{0,4}}-?\d{{4,12}}){_R})",
         group="value",
     ),
     # UPS.
@@ -74,13 +78,16 @@ DEFAULT_EXTRACTORS: tuple[ExtractorSettings, ...] = (
     ExtractorSettings(
         kind="tracking_number",
         pattern=(
-            rf"(?i)(?:快递单号|运单号|物流单号|快递号|单号|中通|圆通|韵达|申通|百世|极兔|tracking(?:\s*(?:no\.?|number|#))?)"
-            rf"\s*(?:快递)?{_SEP}{_L}(?P<value>[A-Z]{{0,4}}\d{{10,15}}){_R}"
+            r"[Tt快运物单中圆韵申百极](?:(?<=[Tt])[Rr](?i:acking(?>\s*(?:no\.?|number|#))?)|(?<=快)递单号|(?<=运)单号"
+            r"|(?<=物)流单号|(?<=快)递号|(?<=单)号|(?<=中)通|(?<=圆)通|(?<=韵)达|(?<=申)通|(?<=百)世|(?<=极)兔)"
+            rf"\s*(?:快递)?(?i:{_SEP}{_L}(?P<value>[A-Z]{{0,4}}\d{{10,15}}){_R})"
         ),
         group="value",
     ),
     # Phone candidates; each is validated with phonenumbers and stored as E.164.
-    ExtractorSettings(kind="phone", pattern=r"(?<![\w+])\+?\d[\d \-().]{5,20}\d(?!\w)"),
+    ExtractorSettings(
+        kind="phone", pattern=r"[+\d](?<![\w+][+\d])(?:(?<=\+)\d|(?<!\+))[\d \-().]{5,20}\d(?!\w)"
+    ),
 )
 
 
@@ -102,7 +109,7 @@ class _Extractor:
 class _Rule:
     channels: frozenset[str]
     inboxes: frozenset[str]
-    keywords: re.Pattern[str] | None
+    keywords: tuple[str, ...]  # case-folded
     customers: frozenset[str]
     priority: int | None
     tags: tuple[str, ...]
@@ -110,29 +117,27 @@ class _Rule:
 
     @classmethod
     def compile(cls, rule: RoutingRule) -> Self:
-        keywords = None
-        if rule.keywords:
-            # Longest first so one alternative never shadows a longer one; IGNORECASE covers "URGENT".
-            alternatives = sorted({k for k in rule.keywords if k}, key=len, reverse=True)
-            keywords = re.compile("|".join(map(re.escape, alternatives)), re.IGNORECASE)
+        # Substring tests on case-folded text ("URGENT", "Straße" ~ "strasse"): several times faster
+        # on a long mail than a case-insensitive regex alternation, which tries every position.
         return cls(
             channels=frozenset(rule.channels),
             inboxes=frozenset(rule.inboxes),
-            keywords=keywords,
+            keywords=tuple(dict.fromkeys(k.casefold() for k in rule.keywords if k)),
             customers=frozenset(c.strip().lower() for c in rule.customers),
             priority=PRIORITIES.index(rule.priority) if rule.priority else None,
             tags=rule.tags,
             queue=rule.queue,
         )
 
-    def matches(self, message: CanonicalMessage, text: str, customers: frozenset[str]) -> bool:
+    def matches(self, message: CanonicalMessage, folded: str, customers: frozenset[str]) -> bool:
+        """Whether the rule covers ``message``; ``folded`` is its scanned text, case-folded."""
         if self.channels and message.channel not in self.channels:
             return False
         if self.inboxes and message.inbox not in self.inboxes:
             return False
         if self.customers and self.customers.isdisjoint(customers):
             return False
-        return self.keywords is None or self.keywords.search(text) is not None
+        return not self.keywords or any(keyword in folded for keyword in self.keywords)
 
 
 class Enricher:
@@ -144,6 +149,7 @@ class Enricher:
     ) -> None:
         self._extractors = tuple(_Extractor.compile(spec) for spec in extractors)
         self._rules = tuple(_Rule.compile(rule) for rule in rules)
+        self._fold = any(rule.keywords for rule in self._rules)
         self._phone_region = phone_region
 
     @classmethod
@@ -195,12 +201,13 @@ class Enricher:
         if not self._rules:
             return message.routing
         customers = frozenset(i.value.lower() for i in message.identities)
+        folded = text.casefold() if self._fold else ""
         current = message.routing
         priority: int | None = None
         tags = list(current.tags)
         queue = current.queue
         for rule in self._rules:
-            if not rule.matches(message, text, customers):
+            if not rule.matches(message, folded, customers):
                 continue
             if rule.priority is not None and (priority is None or rule.priority > priority):
                 priority = rule.priority

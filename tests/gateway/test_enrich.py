@@ -39,6 +39,15 @@ def entities(text: str, **settings: Any) -> list[tuple[str, str]]:
     ("中通快递单号：73100012345678", [("tracking_number", "73100012345678")]),
     ("请回电 138 0013 8000", [("phone", "+8613800138000")]),
     ("call me at +1 415-555-2671", [("phone", "+14155552671")]),
+    # Keywords in any letter case; a keyword inside a longer word is no keyword.
+    ("ORDER NO. 123456789012345678", [("order_number", "123456789012345678")]),
+    ("oRdEr ab-12345 late", [("order_number", "ab-12345")]),
+    ("reorder 98765", []),
+    ("TRACKING NUMBER: ab1234567890", [("tracking_number", "ab1234567890")]),
+    ("Tracking no.1234567890 / tracking# 2234567890", [
+        ("tracking_number", "1234567890"), ("tracking_number", "2234567890"),
+    ]),
+    ("+8613800138000 or 12+13800138000", [("phone", "+8613800138000")]),
 ])
 def test_default_extractors(text: str, expected: list[tuple[str, str]]) -> None:
     assert entities(text) == expected
@@ -94,6 +103,8 @@ def test_keyword_rules_are_case_insensitive_and_speak_chinese() -> None:
     assert routing("我要投诉") == Routing(priority="high", tags=("complaint",), queue="escalations")
     assert routing("URGENT: help") == Routing(priority="high", tags=("complaint",), queue="escalations")
     assert routing("", subject="申请退款").queue == "escalations"
+    assert routing("it is uRgEnT").priority == "high"
+    assert routing("urgen t").priority == "normal"
 
 
 def test_highest_priority_wins_tags_union_first_queue() -> None:
