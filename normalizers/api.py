@@ -104,7 +104,7 @@ class ApiMessage(_Strict):
     subject: Annotated[str, Field(max_length=300)] | None = None
     text: Annotated[str, Field(max_length=100_000)] | None = None
     html: Annotated[str, Field(max_length=500_000)] | None = None
-    attachments: Annotated[list[ApiAttachment], Field(max_length=MAX_ATTACHMENTS)] = []
+    attachments: Annotated[tuple[ApiAttachment, ...], Field(max_length=MAX_ATTACHMENTS)] = ()
     sent_at: AwareDatetime | None = None
     external_id: Short | None = None
     kind: Literal["message", "call_record", "voicemail_transcript"] = "message"
