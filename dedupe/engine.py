@@ -503,9 +503,8 @@ def _find_duplicate(
     if text is None:
         return None
     since = now - timedelta(seconds=policy.duplicate_window)
-    for recent in tx.recent_texts(customer_id, since):
-        if recent.channel == message.channel:
-            continue  # a repeat on one channel is a conversation ("hello?"), or idempotency's job
+    # A repeat on one channel is a conversation ("hello?"), or idempotency's job.
+    for recent in tx.recent_texts(customer_id, since, not_channel=message.channel):
         if not similarity.is_duplicate(
             text, recent.text, policy.duplicate_threshold, policy.duplicate_min_chars
         ):

@@ -303,8 +303,11 @@ class Tx(Protocol):
         """Insert-if-absent by ``message_id`` (a resend after its key expired keeps the first record)."""
         ...
 
-    def recent_texts(self, customer_id: str, since: datetime) -> list[RecentText]:
-        """The customer's recent texts at or after ``since``, newest first (at most 50)."""
+    def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
+        """The customer's texts at or after ``since`` from channels other than ``not_channel``.
+
+        Newest first, at most 50.
+        """
         ...
 
     def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:

@@ -786,11 +786,12 @@ class PostgresTx:
             ),
         )
 
-    def recent_texts(self, customer_id: str, since: datetime) -> list[RecentText]:
+    def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
         rows = self._conn.execute(
             "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
-            " WHERE customer_id = %s AND at >= %s ORDER BY at DESC, message_id DESC LIMIT 50",
-            (customer_id, since),
+            " WHERE customer_id = %s AND at >= %s AND channel <> %s"
+            " ORDER BY at DESC, message_id DESC LIMIT 50",
+            (customer_id, since, not_channel),
         ).fetchall()
         return [
             RecentText(customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=_utc(at))

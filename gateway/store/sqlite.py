@@ -276,16 +276,19 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def _us(moment: datetime) -> int:
     """Microseconds since the epoch; naive datetimes are taken as UTC."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _dt(us: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    return _EPOCH + timedelta(microseconds=us)
 
 
 def _utcnow() -> datetime:
@@ -722,11 +725,11 @@ class SQLiteTx:
             ),
         )
 
-    def recent_texts(self, customer_id: str, since: datetime) -> list[RecentText]:
+    def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
         rows = self._conn.execute(
             "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
-            " WHERE customer_id = ? AND at >= ? ORDER BY at DESC LIMIT 50",
-            (customer_id, _us(since)),
+            " WHERE customer_id = ? AND at >= ? AND channel != ? ORDER BY at DESC LIMIT 50",
+            (customer_id, _us(since), not_channel),
         ).fetchall()
         return [
             RecentText(

@@ -231,4 +231,5 @@ def test_recent_texts_stay_bounded_to_the_window(tx: SQLiteTx) -> None:
         place(tx, msg(f"m{n}", MAIL, text=f"{COMPLAINT} {n}"), POLICY, now=T0 + timedelta(minutes=20 * n))
     customer = tx.find_identities("acme", [MAIL])[0].customer_id
 
-    assert len(tx.recent_texts(customer, T0 - DAY)) == 1
+    assert len(tx.recent_texts(customer, T0 - DAY, not_channel="form")) == 1
+    assert tx.recent_texts(customer, T0 - DAY, not_channel="email") == []
