@@ -21,6 +21,8 @@ MAX_CHARS = 2000  # compared prefix; enough to tell two messages apart, bounded 
 
 _CJK = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f])")
 _NOT_WORD = re.compile(r"[\W_]+")
+# For ASCII text: NFKC changes nothing, casefold is lower(), and [\W_] is every non-alphanumeric.
+_ASCII_NOT_WORD = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
 
 
 # Placement folds a message's text twice (to look for a duplicate, then to remember it).
@@ -29,7 +31,10 @@ def normalize_text(text: str | None) -> str:
     """Folded text for comparison; empty when there is nothing to compare."""
     if not text:
         return ""
-    folded = unicodedata.normalize("NFKC", text[: MAX_CHARS * 2]).casefold()
+    text = text[: MAX_CHARS * 2]
+    if text.isascii():
+        return " ".join(text.lower().translate(_ASCII_NOT_WORD).split())[:MAX_CHARS]
+    folded = unicodedata.normalize("NFKC", text).casefold()
     folded = _CJK.sub(r" \1 ", folded)
     return " ".join(_NOT_WORD.sub(" ", folded).split())[:MAX_CHARS]
 

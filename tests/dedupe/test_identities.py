@@ -63,6 +63,9 @@ def test_normalize_all_dedupes_and_prefers_verified() -> None:
 
 def test_text_folding_handles_punctuation_case_and_cjk() -> None:
     assert normalize_text("  Hello,   WORLD!!\n") == "hello world"
+    # The ASCII path folds as the general one does: underscores and controls are separators.
+    assert normalize_text("snake_case\tTAB\x00nul #42") == "snake case tab nul 42"
+    assert normalize_text("Straße_STRASSE") == "strasse strasse"
     assert normalize_text("我的订单没到！") == "我 的 订 单 没 到"
     assert normalize_text("ｆｕｌｌｗｉｄｔｈ") == "fullwidth"
 
