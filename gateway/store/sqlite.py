@@ -1146,14 +1146,14 @@ class SQLiteStore:
 
     # -- archiving -----------------------------------------------------------------------------
 
-    def _archive_inline(self, conn: sqlite3.Connection, data: bytes, now: datetime) -> str:
-        digest = sha256_hex(data)
+    @staticmethod
+    def _archive_inline(conn: sqlite3.Connection, digest: str, data: bytes, now: datetime) -> None:
+        """Keep the raw bytes (``digest`` is their sha256, computed before the job) in the database."""
         conn.execute(
             "INSERT INTO raw_archive (sha256, data, created_at) VALUES (?, ?, ?)"
             " ON CONFLICT (sha256) DO NOTHING",
             (digest, data, _us(now)),
         )
-        return digest
 
     @staticmethod
     def _index_files(conn: sqlite3.Connection, files: Sequence[tuple[str, int]], now: datetime) -> None:
@@ -1203,7 +1203,7 @@ class SQLiteStore:
         def job(conn: sqlite3.Connection) -> tuple[list[Placement], int]:
             now = self._clock()
             if body_inline:
-                self._archive_inline(conn, envelope.body, now)
+                self._archive_inline(conn, digest, envelope.body, now)
             self._index_files(conn, files, now)
             tx = SQLiteTx(conn)
             placements: list[Placement] = []
@@ -1246,7 +1246,7 @@ class SQLiteStore:
         def job(conn: sqlite3.Connection) -> tuple[QuarantineRecord, int]:
             now = self._clock()
             if body_inline:
-                self._archive_inline(conn, envelope.body, now)
+                self._archive_inline(conn, digest, envelope.body, now)
             self._index_files(conn, files, now)
             conn.execute(
                 "INSERT INTO quarantine (id, tenant, channel, inbox, reason, raw_ref, size, received_at,"
