@@ -173,7 +173,8 @@ def _repair_header_block(raw: bytes) -> tuple[bytes, int]:
     field above (or is dropped before the first field). Returns the bytes and the number of repairs.
     """
     end = raw.find(b"\n\r\n")
-    end2 = raw.find(b"\n\n")
+    # A bare-LF blank line matters only before the CRLF one: don't scan a 200 KB body for it.
+    end2 = raw.find(b"\n\n", 0, end + 2) if end >= 0 else raw.find(b"\n\n")
     end = min(e for e in (end, end2, len(raw)) if e >= 0)
     head = raw[: end + 1]
     lines = head.splitlines(keepends=True)
