@@ -6,13 +6,17 @@ reads up to each ``.\\r\\n`` instead (usually once, at the terminator) and gives
 
 - the data ends at the first ``CRLF . CRLF`` of the stream, where the first CRLF may be the DATA
   command's own line end (an empty mail is a lone ``.`` line). Lines are split on CRLF only, so a
-  bare LF or CR before the dot ends nothing: SMTP smuggling stays visible to the caller, which
-  refuses such mails, and whatever follows the terminator stays unread for the command loop;
+  bare LF or CR before the dot ends nothing, and whatever follows the terminator stays unread for
+  the command loop;
 - a line's leading dot is removed (RFC 5321 4.5.2);
 - more than ``size_limit`` bytes (counted before dot-removal, as aiosmtpd counts) give
   :attr:`DataState.TOO_MUCH`, a line longer than ``line_limit`` (with its CRLF) gives
   :attr:`DataState.TOO_LONG`; either way the rest is read and dropped, so memory stays bounded by
-  about twice ``size_limit`` plus one read.
+  about twice ``size_limit`` plus one read;
+- a mail within both limits but with a bare CR or LF anywhere gives
+  :attr:`DataState.BARE_LINE_END` (RFC 5321 2.3.8): that is how SMTP smuggling hides a second
+  "end of data" that another MTA would honour, so the listener refuses the whole mail. It is
+  decided here, from the same counts the line-length check needs.
 
 One nuance: aiosmtpd answers for whichever of "too much" and "too long" it notices first, line by
 line; here a too-long line counts as first when it lies wholly within the bytes read before the
@@ -36,14 +40,29 @@ class DataState(enum.Enum):
     NOMINAL = enum.auto()
     TOO_LONG = enum.auto()
     TOO_MUCH = enum.auto()
+    BARE_LINE_END = enum.auto()  # ours: a lone CR or LF, refused after the data is read
 
 
 _LONG_LINE_PATTERNS: dict[int, re.Pattern[bytes]] = {}
 
 
+def has_bare_line_end(raw: bytes) -> bool:
+    """RFC 5321 2.3.8: CR and LF only ever travel together; whether a lone one is in ``raw``.
+
+    Every CRLF pair holds one CR and one LF, so there is a lone one exactly when the counts differ.
+    Three counts in C; the regex this replaces took a third of the listener's CPU at 200 KB.
+    """
+    pairs = raw.count(_CRLF)
+    return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
+
+
 def has_long_line(raw: bytes, line_limit: int) -> bool:
     """Whether a CRLF-ended line of ``raw`` is longer than ``line_limit`` bytes with its CRLF."""
-    if raw.count(b"\n") != raw.count(_CRLF):
+    return _has_long_line(raw, line_limit, every_lf_in_crlf=raw.count(b"\n") == raw.count(_CRLF))
+
+
+def _has_long_line(raw: bytes, line_limit: int, *, every_lf_in_crlf: bool) -> bool:
+    if not every_lf_in_crlf:
         # A bare LF splits nothing for SMTP: measure the CRLF-delimited lines themselves (rare:
         # such a mail is refused anyway, but its reply must not change).
         return any(len(line) + 2 > line_limit for line in raw.split(_CRLF))
@@ -108,6 +127,11 @@ async def read_data(
     if state is not DataState.NOMINAL:
         return state, b""
     raw = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    if has_long_line(raw, line_limit):
+    # Each count is a pass over the mail (~60-170 us at 200 KB): both checks share them.
+    pairs = raw.count(_CRLF)
+    every_lf_in_crlf = raw.count(b"\n") == pairs
+    if _has_long_line(raw, line_limit, every_lf_in_crlf=every_lf_in_crlf):
         return DataState.TOO_LONG, b""
+    if not every_lf_in_crlf or raw.count(b"\r") != pairs:
+        return DataState.BARE_LINE_END, b""
     return state, unstuff(raw)

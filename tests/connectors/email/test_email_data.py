@@ -2,13 +2,15 @@
 
 Checked three ways: against a line-by-line model of aiosmtpd 1.4's DATA loop with every way of
 cutting the stream into reads; with seeded random streams; and through real sockets against a
-stock aiosmtpd server, whose replies and stored bytes must be the same.
+stock aiosmtpd server, whose replies and stored bytes must be the same, except that a mail with a
+bare CR or LF (SMTP smuggling) that aiosmtpd would take is refused with 550.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from connectors.email.data import DataState, has_long_line, read_data, unstuff
 from connectors.email.smtp import ConnectionLimits, GatewaySMTP
 
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, also its StreamReader limit
 AFTER = b"NOOP\r\n"  # what a client sends after the terminator: must stay for the command loop
 
@@ -39,6 +42,8 @@ def model(stream: bytes, size_limit: int | None) -> tuple[DataState, bytes, byte
             state = DataState.TOO_LONG
         lines.append(line[1:] if line.startswith(b".") else line)
     content = b"".join(lines) if state is DataState.NOMINAL else b""
+    if _BARE.search(content):
+        state, content = DataState.BARE_LINE_END, b""  # ours: refused after the data is read
     return state, content, stream[pos:]
 
 
@@ -238,4 +243,8 @@ async def test_the_listener_answers_and_stores_as_stock_aiosmtpd(stream: bytes) 
                 recorder = Recorder()
                 async with server(kind, recorder, size_limit) as port:
                     seen.append((await transcript(port, chunks), recorder.mails))
-            assert seen[0] == seen[1], (size_limit, [len(c) for c in chunks])
+            (codes, mails), ours = seen
+            if mails and _BARE.search(mails[0]):
+                # Stock aiosmtpd takes a smuggling attempt; ours refuses it, and nothing else differs.
+                codes, mails = [*codes[:5], "550", *codes[6:]], []
+            assert ours == (codes, mails), (size_limit, [len(c) for c in chunks])

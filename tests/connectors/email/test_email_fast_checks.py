@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.email.smtp import _has_bare_newline
+from connectors.email.data import has_bare_line_end
 from connectors.email.trust import authentication_results, verdict
 from tests.connectors.email.email_kit import running
 
@@ -33,7 +33,7 @@ _REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
     ],
 )
 def test_bare_newline_check_agrees_with_the_rfc_pattern(raw: bytes) -> None:
-    assert _has_bare_newline(raw) is (_REFERENCE.search(raw) is not None)
+    assert has_bare_line_end(raw) is (_REFERENCE.search(raw) is not None)
 
 
 def test_authentication_results_header_names_are_case_insensitive() -> None:
