@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +29,7 @@ from typing import Any
 from dedupe import similarity
 from dedupe.identities import normalize_all
 from dedupe.tx import ClaimedLink, CustomerRecord, MergeRecord, MessageRecord, RecentText, ThreadRecord, Tx
-from gateway.events import CustomerView, Event, customer_merged, new_event_id, thread_merged
+from gateway.events import CustomerView, Event, customer_merged, thread_merged, uuid7_int
 from gateway.model import CanonicalMessage, Identity, Placement
 from gateway.store.base import PlacementPolicy
 
@@ -64,7 +63,7 @@ class _Choice:
 
 def new_id(prefix: str) -> str:
     """A prefixed, time-ordered id such as ``cus_0190f3...`` (UUIDv7 hex)."""
-    return f"{prefix}_{uuid.UUID(new_event_id()).hex}"
+    return f"{prefix}_{uuid7_int():032x}"
 
 
 def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: datetime) -> Placed:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +33,13 @@ _uuid7_state = [0, 0]  # last millisecond, counter
 
 
 def new_event_id(now_ns: int | None = None) -> str:
-    """A UUIDv7 (RFC 9562): time-ordered, so ids sort by creation, and unique across processes.
+    """A UUIDv7 (RFC 9562) in its canonical text form: time-ordered, unique across processes."""
+    h = f"{uuid7_int(now_ns):032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def uuid7_int(now_ns: int | None = None) -> int:
+    """The 128 bits of a new UUIDv7.
 
     The 74 bits after the timestamp start random each millisecond and count up within it
     (RFC 9562 method 2), so ids of one process are strictly increasing even on a still clock.
@@ -48,10 +53,9 @@ def new_event_id(now_ns: int | None = None) -> str:
         else:
             counter += 1
         _uuid7_state[:] = [last_ms, counter]
-    value = (
+    return (
         (last_ms << 80) | (0x7 << 76) | ((counter >> 62) << 64) | (0b10 << 62) | (counter & ((1 << 62) - 1))
     )
-    return str(uuid.UUID(int=value))
 
 
 def isoformat(moment: datetime | None) -> str | None:
