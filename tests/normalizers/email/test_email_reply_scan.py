@@ -2,8 +2,7 @@
 
 The reference below is the loop it replaced (every line stripped and offered to ``_may_cut``). Both
 run on the text of every mail of the fixtures and corpora, and on edge cases for the scan: Unicode
-blanks before a marker, case folding, non-ASCII digits, CR line ends, the line cap. (This file sits
-with the email connector's tests because that is the path the scan was written for.)
+blanks before a marker, case folding, non-ASCII digits, CR line ends, the line cap.
 """
 
 from __future__ import annotations
