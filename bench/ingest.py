@@ -37,6 +37,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import QueueCounter, children, task_cpu  # noqa: E402
 from bench.publish_baseline import bare_publish_rate  # noqa: E402
 from tests.e2e.harness import GatewayProcess, free_port, gateway_config  # noqa: E402
 
@@ -141,51 +142,11 @@ def loadgen(mode: str, port: int, concurrency: int, seconds: float, rate: float)
 # --- measurement ------------------------------------------------------------------------------
 
 
-class QueueCounter:
-    """Counts distinct events delivered on a queue, and when the last one arrived."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.first_at: float | None = None
-        self.last_at = 0.0
-        self.changed = asyncio.Event()
-
-    async def on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
-        now = time.perf_counter()
-        self.first_at = self.first_at or now
-        self.last_at = now
-        if message.header.properties.message_id:
-            self.ids.add(message.header.properties.message_id)
-        self.changed.set()
-
-    async def wait_for(self, count: int, within: float) -> None:
-        deadline = time.perf_counter() + within
-        while len(self.ids) < count and time.perf_counter() < deadline:
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), timeout=max(0.0, deadline - time.perf_counter()))
-            except TimeoutError:
-                break
-
-
 def percentile(values: list[float], pct: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
-
-
-def _task_cpu(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            found += [int(child) for child in (task / "children").read_text().split()]
-    return found
 
 
 def _broker_pids() -> list[int]:
@@ -204,15 +165,15 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     result: dict[str, float] = {"event loop": 0.0, "store writer and other threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         name = "event loop" if task.name == str(pid) else "store writer and other threads"
-        result[name] += _task_cpu(task / "stat")
-    for child in _children(pid):
+        result[name] += task_cpu(task / "stat")
+    for child in children(pid):
         with contextlib.suppress(OSError):
-            result["relay process"] = result.get("relay process", 0.0) + _task_cpu(
+            result["relay process"] = result.get("relay process", 0.0) + task_cpu(
                 Path(f"/proc/{child}/stat")
             )
     for broker in _broker_pids():
         with contextlib.suppress(OSError):
-            result["broker"] = result.get("broker", 0.0) + _task_cpu(Path(f"/proc/{broker}/stat"))
+            result["broker"] = result.get("broker", 0.0) + task_cpu(Path(f"/proc/{broker}/stat"))
     return result
 
 
@@ -240,7 +201,11 @@ async def run(args: argparse.Namespace) -> None:
     channel = await connection.channel()
     await channel.basic_qos(prefetch_count=2000)
     counter = QueueCounter()
-    await channel.basic_consume(queue, counter.on_message, no_ack=True)
+
+    async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        counter.seen(message.header.properties.message_id)
+
+    await channel.basic_consume(queue, on_message, no_ack=True)
 
     loop = asyncio.get_running_loop()
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))

@@ -54,6 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.measure import QueueCounter, children, task_cpu  # noqa: E402
+
 RCPT = "support@bench.localhost"
 SMTP_SOURCE_PATHS = ("/usr/sbin/smtp-source", "/usr/bin/smtp-source")
 
@@ -176,35 +178,18 @@ def server_process(kind: str, data: Path) -> Iterator[tuple[int, int]]:
 # --- CPU accounting -----------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU (user + system) of a server: its event loop thread, its other threads, its children."""
-    tick = os.sysconf("SC_CLK_TCK")
     result = {"event loop": 0.0, "other threads": 0.0, "children": 0.0}
-    for proc in (pid, *_children(pid)):
+    for proc in (pid, *children(pid)):
         try:
             tasks = list(Path(f"/proc/{proc}/task").iterdir())
         except OSError:
             continue
         for task in tasks:
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
             name = "children" if proc != pid else "event loop" if task.name == str(pid) else "other threads"
-            result[name] += (int(fields[11]) + int(fields[12])) / tick
+            with suppress(OSError):
+                result[name] += task_cpu(task / "stat")
     return result
 
 
@@ -342,32 +327,8 @@ async def measure(load: Load, port: int, pid: int, mails: int, size: int) -> Mea
 # --- end to end ---------------------------------------------------------------------------------
 
 
-class Counter:
-    """Distinct events consumed (delivery is at-least-once), and when the last one arrived."""
-
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.last_at = 0.0
-        self.changed = asyncio.Event()
-
-    async def on_message(self, message: Any) -> None:
-        self.last_at = time.perf_counter()
-        if message.message_id:
-            self.ids.add(message.message_id)
-        self.changed.set()
-
-    async def wait_for(self, count: int, within: float) -> None:
-        deadline = time.perf_counter() + within
-        while len(self.ids) < count and time.perf_counter() < deadline:
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.perf_counter()))
-            except TimeoutError:
-                break
-
-
 @asynccontextmanager
-async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, Counter, Any]]:
+async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, QueueCounter, Any]]:
     """``ticketgate run`` on a config with the email channel; yields (smtp port, pid, counter, channel)."""
     import aio_pika
 
@@ -391,8 +352,12 @@ async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, Counter
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=2000)
         amqp_queue = await channel.get_queue(queue)
-        counter = Counter()
-        await amqp_queue.consume(counter.on_message, no_ack=True)
+        counter = QueueCounter()
+
+        async def on_message(message: Any) -> None:
+            counter.seen(message.message_id)
+
+        await amqp_queue.consume(on_message, no_ack=True)
         yield smtp_port, process.proc.pid, counter, channel
         await amqp_queue.delete(if_unused=False, if_empty=False)
         await (await channel.get_exchange(exchange)).delete()
