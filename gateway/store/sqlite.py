@@ -63,11 +63,6 @@ _WAL_AUTOCHECKPOINT_PAGES = 16_384
 # The writer's page cache: with SQLite's default (2 MiB) every placement re-reads index pages of
 # idempotency keys, messages and the outbox once the database outgrows it. Readers keep the default.
 _WRITER_CACHE_KIB = 32 * 1024
-# Page size of a new database (an existing one keeps its own). Placement changes a row or two in
-# each of several indexes keyed by ids and hashes, scattered over the file; every changed page is
-# written whole to the WAL at each commit and again by the checkpoint. Pages of 1 KiB instead of
-# SQLite's 4 KiB cut the writer's CPU per accept by about a fifth (bench/store_accept.py).
-_PAGE_SIZE = 1024
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
 # Ordered migrations; ``PRAGMA user_version`` is the number applied. Append, never edit.
@@ -910,8 +905,6 @@ class SQLiteStore:
         conn = sqlite3.connect(self._settings.path, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:
-            # Takes effect only while the file is empty, so before WAL mode writes its header.
-            conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode = WAL")
             # The checkpointer thread copies the WAL back so commits do not stall on it; this
             # larger automatic threshold only bounds the WAL should that thread fall behind.

@@ -147,25 +147,6 @@ async def test_schema_is_versioned_and_a_newer_schema_is_refused(tmp_path: Path)
         await SQLiteStore(settings, outbox_settings()).open()
 
 
-async def test_a_new_database_gets_small_pages_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
-    fresh = store_settings(tmp_path / "fresh")
-    older = store_settings(tmp_path / "older")
-    older.path.parent.mkdir(parents=True)
-    with sqlite3.connect(older.path) as conn:
-        conn.execute("PRAGMA page_size = 4096")
-        conn.execute("PRAGMA journal_mode = WAL")
-    for settings in (fresh, older):
-        store = SQLiteStore(settings, outbox_settings())
-        await store.open()
-        await accept(store, message("m1"))
-        await store.close()
-    with sqlite3.connect(fresh.path) as conn:
-        assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
-    with sqlite3.connect(older.path) as conn:
-        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
-        assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
-
-
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
     store = SQLiteStore(store_settings(tmp_path), outbox_settings())
     await store.open()
