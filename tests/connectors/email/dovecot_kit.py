@@ -29,8 +29,9 @@ def free_port() -> int:
 
 @dataclass
 class Dovecot:
-    port: int
+    port: int  # plain IMAP (STARTTLS offered when the server has a certificate)
     root: Path
+    tls_port: int | None = None  # IMAPS, when the server has a certificate
 
     @contextmanager
     def client(self) -> Iterator[imaplib.IMAP4]:
@@ -77,7 +78,15 @@ class Dovecot:
             imap.delete(folder)
 
 
-def _config(root: Path, port: int) -> str:
+def _ssl(tls: tuple[Path, Path] | None) -> str:
+    if tls is None:
+        return "ssl = no\n"
+    cert, key = tls
+    # ssl = yes offers TLS (IMAPS, STARTTLS) without requiring it: the other tests log in plainly.
+    return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n"
+
+
+def _config(root: Path, port: int, tls_port: int | None = None, tls: tuple[Path, Path] | None = None) -> str:
     if os.getuid() == 0:
         # Dovecot refuses mail access as UID 0; the mail belongs to "nobody".
         uid, gid, extra = 65534, 65534, ""
@@ -101,8 +110,7 @@ state_dir = {root}/state
 log_path = /dev/stderr
 protocols = imap
 listen = 127.0.0.1
-ssl = no
-disable_plaintext_auth = no
+{_ssl(tls)}disable_plaintext_auth = no
 auth_mechanisms = plain login
 {extra}
 passdb {{
@@ -120,21 +128,26 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port or 0}
   }}
 }}
 """
 
 
 @contextmanager
-def dovecot() -> Iterator[Dovecot]:
-    """Starts ``dovecot -F`` on a free port; stops it and removes its directory afterwards."""
+def dovecot(tls: tuple[Path, Path] | None = None) -> Iterator[Dovecot]:
+    """Starts ``dovecot -F`` on a free port; stops it and removes its directory afterwards.
+
+    With ``tls`` (certificate and key files) it also listens for IMAPS and offers STARTTLS.
+    """
     binary = require_tool(DOVECOT, "dovecot-imapd")
     # Not under pytest's 0700 tmp dir: the unprivileged mail user must traverse the path.
     root = Path(tempfile.mkdtemp(prefix="ticketgate-dovecot-"))
     root.chmod(0o755)
     port = free_port()
-    (root / "dovecot.conf").write_text(_config(root, port))
+    tls_port = free_port() if tls is not None else None
+    (root / "dovecot.conf").write_text(_config(root, port, tls_port, tls))
     process = subprocess.Popen(
         [binary, "-F", "-c", str(root / "dovecot.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -154,7 +167,7 @@ def dovecot() -> Iterator[Dovecot]:
     try:
         if not ready.wait(20) or process.poll() is not None:
             raise RuntimeError("dovecot did not start:\n" + "".join(log))
-        yield Dovecot(port=port, root=root)
+        yield Dovecot(port=port, root=root, tls_port=tls_port)
     finally:
         process.terminate()
         try:

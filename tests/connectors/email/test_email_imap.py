@@ -11,7 +11,7 @@ import pytest
 
 from gateway.model import IngestResult, Outcome, RawEnvelope
 from tests.connectors.email.dovecot_kit import PASSWORD, USER, Dovecot, dovecot
-from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, read_state, running
+from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, read_state, running, self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +230,50 @@ async def test_a_wrong_password_is_retried_with_backoff_and_stops_cleanly(
         assert gw.connector.imap is not None
     # Stopped cleanly (the context manager returned) without ever storing anything.
     assert ingest.envelopes == []
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[Dovecot, Path]]:
+    """A Dovecot with a self-signed certificate for "localhost"; yields it and the certificate."""
+    cert, key = self_signed(tmp_path)
+    with dovecot(tls=(cert, key)) as running_server:
+        yield running_server, cert
+
+
+def tls_config(server: Dovecot, mode: str, ca_file: Path) -> dict[str, Any]:
+    """The account over IMAPS (its own port) or over STARTTLS on the plain port, trusting ``ca_file``."""
+    assert server.tls_port is not None
+    if mode == "imaps":
+        return config(server, host="localhost", ca_file=str(ca_file), tls=True, port=server.tls_port)
+    return config(server, host="localhost", ca_file=str(ca_file), tls=False, starttls=True)
+
+
+@pytest.mark.parametrize("mode", ["imaps", "starttls"])
+async def test_mail_is_fetched_over_implicit_tls_and_over_starttls(
+    tls_server: tuple[Dovecot, Path], tmp_path: Path, mode: str
+) -> None:
+    server, cert = tls_server
+    server.append(mail(message_id="<over-tls@customer.example>"))
+    ingest = FakeIngest()
+    progress = Progress()
+    async with running(tls_config(server, mode, cert), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 1)
+    assert ingest.keys == {"support/<over-tls@customer.example>": 1}
+    assert all("\\Seen" in flags for flags in server.flags().values())
+
+
+@pytest.mark.parametrize("mode", ["imaps", "starttls"])
+async def test_a_certificate_the_account_does_not_trust_stops_before_the_password_is_sent(
+    tls_server: tuple[Dovecot, Path], tmp_path: Path, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _cert = tls_server
+    server.append(mail())
+    (tmp_path / "other").mkdir()
+    other_ca, _key = self_signed(tmp_path / "other")
+    ingest = FakeIngest()
+    async with running(tls_config(server, mode, other_ca), tmp_path, ingest=ingest):
+        await asyncio.sleep(0.5)  # several connection attempts at reconnect_min 0.05 s
+    assert ingest.envelopes == []
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+    assert PASSWORD not in caplog.text
+    assert all("\\Seen" not in flags for flags in server.flags().values())
