@@ -86,7 +86,27 @@ def _ssl(tls: tuple[Path, Path] | None) -> str:
     return f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}\n"
 
 
-def _config(root: Path, port: int, tls_port: int | None = None, tls: tuple[Path, Path] | None = None) -> str:
+def _oauth2(root: Path, introspection_url: str | None) -> tuple[str, str]:
+    """(extra SASL mechanisms, passdb block) that check OAuth2 bearer tokens at ``introspection_url``."""
+    if introspection_url is None:
+        return "", ""
+    (root / "oauth2.conf").write_text(
+        f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
+        "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+    )
+    passdb = (
+        f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {root}/oauth2.conf\n}}\n"
+    )
+    return " xoauth2 oauthbearer", passdb
+
+
+def _config(
+    root: Path,
+    port: int,
+    tls_port: int | None = None,
+    tls: tuple[Path, Path] | None = None,
+    oauth2_url: str | None = None,
+) -> str:
     if os.getuid() == 0:
         # Dovecot refuses mail access as UID 0; the mail belongs to "nobody".
         uid, gid, extra = 65534, 65534, ""
@@ -104,6 +124,7 @@ def _config(root: Path, port: int, tls_port: int | None = None, tls: tuple[Path,
         if os.getuid() == 0:
             os.chown(root / sub, uid, gid)
     (root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+    oauth2_mechanisms, oauth2_passdb = _oauth2(root, oauth2_url)
     return f"""
 base_dir = {root}/run
 state_dir = {root}/state
@@ -111,12 +132,14 @@ log_path = /dev/stderr
 protocols = imap
 listen = 127.0.0.1
 {_ssl(tls)}disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login{oauth2_mechanisms}
 {extra}
 passdb {{
   driver = passwd-file
+  mechanisms = plain login
   args = scheme=PLAIN username_format=%u {root}/passwd
 }}
+{oauth2_passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
@@ -136,10 +159,11 @@ service imap-login {{
 
 
 @contextmanager
-def dovecot(tls: tuple[Path, Path] | None = None) -> Iterator[Dovecot]:
+def dovecot(tls: tuple[Path, Path] | None = None, oauth2_url: str | None = None) -> Iterator[Dovecot]:
     """Starts ``dovecot -F`` on a free port; stops it and removes its directory afterwards.
 
-    With ``tls`` (certificate and key files) it also listens for IMAPS and offers STARTTLS.
+    With ``tls`` (certificate and key files) it also listens for IMAPS and offers STARTTLS. With
+    ``oauth2_url`` it also takes XOAUTH2 and OAUTHBEARER, asking that token-introspection endpoint.
     """
     binary = require_tool(DOVECOT, "dovecot-imapd")
     # Not under pytest's 0700 tmp dir: the unprivileged mail user must traverse the path.
@@ -147,7 +171,7 @@ def dovecot(tls: tuple[Path, Path] | None = None) -> Iterator[Dovecot]:
     root.chmod(0o755)
     port = free_port()
     tls_port = free_port() if tls is not None else None
-    (root / "dovecot.conf").write_text(_config(root, port, tls_port, tls))
+    (root / "dovecot.conf").write_text(_config(root, port, tls_port, tls, oauth2_url))
     process = subprocess.Popen(
         [binary, "-F", "-c", str(root / "dovecot.conf")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
+import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -276,4 +280,78 @@ async def test_a_certificate_the_account_does_not_trust_stops_before_the_passwor
     assert ingest.envelopes == []
     assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
     assert PASSWORD not in caplog.text
+    assert all("\\Seen" not in flags for flags in server.flags().values())
+
+
+class Introspection:
+    """An OAuth2 token-introspection endpoint (RFC 7662) for Dovecot: one valid token for USER."""
+
+    TOKEN = "ya29.test-access-token"
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        introspection = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                token = urllib.parse.parse_qs(self.rfile.read(length).decode()).get("token", [""])[0]
+                introspection.asked.append(token)
+                answer = {"active": "false"}
+                if token == Introspection.TOKEN:
+                    answer = {"active": "true", "username": USER}
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet: the test reads ``asked``, not the request log."""
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/introspect"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def oauth2_server() -> Iterator[tuple[Dovecot, Introspection]]:
+    introspection = Introspection()
+    try:
+        with dovecot(oauth2_url=introspection.url) as running_server:
+            yield running_server, introspection
+    finally:
+        introspection.close()
+
+
+async def test_an_account_with_an_oauth2_token_logs_in_with_xoauth2(
+    oauth2_server: tuple[Dovecot, Introspection], tmp_path: Path
+) -> None:
+    server, introspection = oauth2_server
+    server.append(mail(message_id="<oauth@customer.example>"))
+    account = {"password": None, "oauth2_token": Introspection.TOKEN}
+    ingest = FakeIngest()
+    progress = Progress()
+    async with running(config(server, **account), tmp_path, ingest=ingest, observer=progress):
+        await progress.until(lambda done: len(done) == 1)
+    assert ingest.keys == {"support/<oauth@customer.example>": 1}
+    assert Introspection.TOKEN in introspection.asked  # the server checked our token, not a password
+
+
+async def test_a_token_the_provider_rejects_fetches_nothing(
+    oauth2_server: tuple[Dovecot, Introspection], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, introspection = oauth2_server
+    server.append(mail())
+    ingest = FakeIngest()
+    async with running(config(server, password=None, oauth2_token="revoked"), tmp_path, ingest=ingest):
+        await asyncio.sleep(0.5)
+    assert ingest.envelopes == []
+    assert "revoked" in introspection.asked
+    assert "revoked" not in caplog.text  # a token is a secret: never logged
     assert all("\\Seen" not in flags for flags in server.flags().values())
