@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.email.data import has_bare_line_end
+from connectors.email.data import DataState, read_data
 from connectors.email.trust import authentication_results, verdict
 from tests.connectors.email.email_kit import running
 
@@ -32,8 +32,15 @@ _REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
         b"x\r\n" * 1000 + b"\r",
     ],
 )
-def test_bare_newline_check_agrees_with_the_rfc_pattern(raw: bytes) -> None:
-    assert has_bare_line_end(raw) is (_REFERENCE.search(raw) is not None)
+async def test_bare_newline_check_agrees_with_the_rfc_pattern(raw: bytes) -> None:
+    """read_data's counting check refuses exactly the mails the RFC's pattern finds a lone CR or LF in."""
+    reader = asyncio.StreamReader(limit=1001)
+    reader.feed_data(raw + b"\r\n.\r\n")
+    reader.feed_eof()
+    state, content = await read_data(reader, size_limit=None, line_limit=1001)
+    bare = _REFERENCE.search(raw) is not None
+    assert state is (DataState.BARE_LINE_END if bare else DataState.NOMINAL)
+    assert content == (b"" if bare else raw + b"\r\n")
 
 
 def test_authentication_results_header_names_are_case_insensitive() -> None:
