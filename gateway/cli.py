@@ -32,6 +32,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+async def _freeze_startup_heap(app: object) -> None:
+    """Move what start-up allocated out of the collector's reach (``gc.freeze``).
+
+    The modules, settings, compiled patterns and connections live as long as the process, yet every
+    full collection walked them all again: ~20-25 ms with the GIL held, about once a second under
+    load, which was the open-loop p99. Frozen, a full collection walks only what came later.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -43,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     app = create_app(settings)
+    app.on_startup.append(_freeze_startup_heap)
     # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
     # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
     web.run_app(
