@@ -160,21 +160,24 @@ def _broker_pids() -> list[int]:
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU time (user + system) from /proc: the gateway's event loop thread, its other threads (the
-    store writer), its child processes (the outbox relay), and the broker (when readable)."""
+    """CPU time (user + system) from /proc: the gateway's event loop thread, its other threads, its
+    child processes by name (the outbox relay), and the broker (when readable)."""
     result: dict[str, float] = {"event loop": 0.0, "store writer and other threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         name = "event loop" if task.name == str(pid) else "store writer and other threads"
         result[name] += task_cpu(task / "stat")
     for child in children(pid):
         with contextlib.suppress(OSError):
-            result["relay process"] = result.get("relay process", 0.0) + task_cpu(
-                Path(f"/proc/{child}/stat")
-            )
+            name = _CHILDREN.get(Path(f"/proc/{child}/comm").read_text().strip(), "other children")
+            result[name] = result.get(name, 0.0) + task_cpu(Path(f"/proc/{child}/stat"))
     for broker in _broker_pids():
         with contextlib.suppress(OSError):
             result["broker"] = result.get("broker", 0.0) + task_cpu(Path(f"/proc/{broker}/stat"))
     return result
+
+
+# The gateway's children name themselves (gateway.cli.name_process).
+_CHILDREN = {"tg-relay": "relay process"}
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -258,7 +261,7 @@ async def run(args: argparse.Namespace) -> None:
         f"p99 {percentile(lat_open, 99) * 1000:.1f} ms, max {max(lat_open) * 1000:.1f} ms"
     )
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
-    gateway_names = ("event loop", "store writer and other threads", "relay process")
+    gateway_names = ("event loop", "store writer and other threads", "relay process", "other children")
     gateway_cpu = sum(cpu.get(name, 0.0) for name in gateway_names)
     budget = (os.cpu_count() or 1) * 1e6 / max(e2e_rate, 1)
     print(f"CPU per event in the closed loop (us; the machine has {budget:.0f} us per event at this rate):")

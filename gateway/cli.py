@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 import orjson
@@ -30,6 +31,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - platforms without uvloop wheels
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def name_process(name: str) -> None:
+    """Show ``name`` for this process in ps, top and /proc (the spawned children all look alike)."""
+    with contextlib.suppress(OSError):  # Linux only; the name is a convenience
+        Path("/proc/self/comm").write_text(name[:15])
 
 
 async def _freeze_startup_heap(app: object) -> None:

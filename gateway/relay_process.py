@@ -285,9 +285,10 @@ class MarkThroughParent:
 
 def child_main(settings: Settings, sock: socket.socket) -> None:
     """Entry point of the relay process."""
-    from gateway.cli import new_event_loop
+    from gateway.cli import name_process, new_event_loop
     from gateway.logs import configure_logging
 
+    name_process("tg-relay")
     # A terminal's Ctrl-C (and systemd's SIGTERM to the whole group) reaches us too; the parent
     # decides when to stop and asks us to drain first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
