@@ -5,6 +5,9 @@ exactly the rows that were confirmed. A row that failed stays in the outbox and 
 the next round (at-least-once; desks drop repeats by ``message_id``). Per-thread order holds because
 the publisher never sends a row before the previous row of its thread was confirmed, and a row that
 failed keeps every later row of its thread unsent until it is confirmed itself.
+
+The relay publishes when woken (``wake()`` after a commit in this process, or by a store that hears
+of commits made elsewhere: :class:`CommitFeed`) and otherwise every ``poll_interval``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.errors import PublishError
 from gateway.publisher import BatchPublishError, Publisher
@@ -34,6 +37,15 @@ class OutboxSource(Protocol):
     async def outbox_mark_published(self, positions: Sequence[int]) -> None: ...
 
     async def outbox_status(self) -> OutboxStatus: ...
+
+
+@runtime_checkable
+class CommitFeed(Protocol):
+    """A store that hears of commits made by other processes (PostgreSQL: LISTEN/NOTIFY)."""
+
+    async def outbox_listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` after such commits until cancelled; survives lost connections on its own."""
+        ...
 
 
 class RelayMetrics(Protocol):
@@ -96,6 +108,7 @@ class OutboxRelay:
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set while the last round found nothing to publish
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._published_total = 0
         self._last_error: str | None = None
         self._last_error_at: datetime | None = None
@@ -110,6 +123,11 @@ class OutboxRelay:
         if self._task is None:
             self._stop.clear()
             self._task = asyncio.create_task(self._run(), name="outbox-relay")
+            if isinstance(self._store, CommitFeed):
+                # Commits on other instances wake this relay too; polling stays the fallback.
+                self._listener = asyncio.create_task(
+                    self._store.outbox_listen(self.wake), name="outbox-listen"
+                )
 
     def wake(self) -> None:
         """Something was committed: publish now rather than at the next poll."""
@@ -138,8 +156,9 @@ class OutboxRelay:
     async def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [task for task in (self._listener, self._task) if task is not None]
+        self._task = self._listener = None
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -24,6 +24,10 @@ Concurrency across instances:
   *relay lease*) on a dedicated connection. ``SKIP LOCKED`` alone would let two relays each take
   a batch and publish them concurrently, so event 5 of a thread could reach the bus after event 6.
   Others stand by and take the lease over when its connection ends (crash, shutdown).
+- Relays learn of events committed on other instances through LISTEN/NOTIFY on
+  ``OUTBOX_CHANNEL``: after such commits each instance sends a NOTIFY (one per burst, in a
+  transaction of its own: see ``_notify_commits``), and the relay listens on a dedicated connection
+  (``outbox_listen``). Polling stays the fallback, so a lost notification costs latency only.
 - The backlog bound is read from counter rows maintained in the accept transaction. The rows are
   spread over slots so concurrent commits do not queue on one hot row; the bound can therefore be
   overshot by at most the number of transactions committing at that moment (a few), never more.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import os
@@ -92,6 +97,10 @@ _CONNECT_TIMEOUT = 5  # seconds per connection attempt
 _LEASE_RETRY = 0.5  # seconds a standby waits between attempts to take the relay lease
 _TX_ATTEMPTS = 4  # a transaction chosen as a deadlock victim is run again, from the start
 _DISK_CHECK_INTERVAL = 1.0
+# LISTEN/NOTIFY channel on which committed outbox events are announced to every instance's relay.
+OUTBOX_CHANNEL = "ticketgate_outbox"
+_LISTEN_RETRY = 0.2  # seconds before the first reconnect of a lost LISTEN connection; doubles
+_LISTEN_RETRY_MAX = 10.0
 
 # Ordered migrations; ``schema_migrations`` records the versions applied. Append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -906,6 +915,9 @@ class PostgresStore:
         self._lease_conn: Conn | None = None
         self._lease_held = False
         self._lease_next_try = 0.0
+        # Set after commits that add events; one task turns each burst of them into one NOTIFY.
+        self._committed: asyncio.Event | None = None
+        self._notifier: asyncio.Task[None] | None = None
         self._open = False
         self._disk_lock = threading.Lock()
         self._disk_checked_at = -_DISK_CHECK_INTERVAL
@@ -944,6 +956,8 @@ class PostgresStore:
             max_workers=1, thread_name_prefix="tg-pg-lease"
         )
         self._lease_next_try = 0.0
+        self._committed = asyncio.Event()
+        self._notifier = asyncio.create_task(self._notify_commits(self._committed), name="tg-pg-notify")
         self._open = True
         logger.info("PostgreSQL store open (schema version %d)", len(MIGRATIONS))
 
@@ -951,6 +965,11 @@ class PostgresStore:
         if not self._open:
             return
         self._open = False
+        notifier, self._notifier, self._committed = self._notifier, None, None
+        if notifier is not None:
+            notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notifier
         pool, workers, lease = self._pool, self._workers, self._lease_thread
         self._pool = self._workers = self._lease_thread = None
         if lease is not None:
@@ -1010,6 +1029,13 @@ class PostgresStore:
 
     async def _write(self, fn: Callable[[Conn], T]) -> T:
         return await self._run(lambda: self._transact(fn))
+
+    async def _write_events(self, fn: Callable[[Conn], T]) -> T:
+        """A write that may add outbox events: once it committed, every listening relay hears of it."""
+        value = await self._write(fn)
+        if self._committed is not None:
+            self._committed.set()
+        return value
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         def run() -> T:
@@ -1134,7 +1160,7 @@ class PostgresStore:
             self._add_backlog(conn, len(events), bounded=True)
             return placements
 
-        return await self._write(job)
+        return await self._write_events(job)
 
     async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
         self._check_disk()
@@ -1195,7 +1221,7 @@ class PostgresStore:
             self._add_backlog(conn, 1, bounded=True)
             return record
 
-        return await self._write(job)
+        return await self._write_events(job)
 
     async def transact(self, work: TxWork[T]) -> T:
         # Not bounded by max_backlog: desk and control operations record decisions already made.
@@ -1206,7 +1232,7 @@ class PostgresStore:
             self._add_backlog(conn, len(events), bounded=False)
             return value
 
-        return await self._write(job)
+        return await self._write_events(job)
 
     async def enqueue(self, events: Sequence[Event]) -> None:
         # Not bounded by max_backlog: these record state changes already made (merges, control).
@@ -1215,7 +1241,7 @@ class PostgresStore:
             self._add_backlog(conn, len(events), bounded=False)
 
         if events:
-            await self._write(job)
+            await self._write_events(job)
 
     async def outbox_mark_published(self, positions: Sequence[int]) -> None:
         def job(conn: Conn) -> None:
@@ -1464,6 +1490,66 @@ class PostgresStore:
 
         return await self._read(read)
 
+    # -- wake-ups across instances (LISTEN/NOTIFY) ----------------------------------------------
+
+    async def _notify_commits(self, committed: asyncio.Event) -> None:
+        """After commits that added events, NOTIFY :data:`OUTBOX_CHANNEL`: one notification per burst.
+
+        Not sent inside the writing transactions: a transaction that notifies holds a cluster-wide
+        lock from its commit until its commit record is flushed, so notifying writes would commit one
+        at a time instead of sharing WAL flushes. This transaction of its own skips the flush
+        (a notification lost in a crash costs a poll, nothing more), so it holds that lock only
+        briefly, and it covers every commit made while the previous one was being sent.
+        """
+        while True:
+            await committed.wait()
+            committed.clear()
+            try:
+                await self._write(_notify_outbox)
+            except StoreError as exc:
+                logger.debug("outbox notification not sent (relays poll): %s", exc)
+
+    async def outbox_listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when any instance commits outbox events; runs until cancelled (by the relay).
+
+        LISTEN on a dedicated connection. Notifications are hints and the relay keeps polling, so a
+        lost connection costs latency, never events: it is opened again with backoff, and ``wake``
+        is called once listening (again), for what was committed meanwhile. A standby is woken only
+        when it may try for the relay lease, the holder on every notification.
+        """
+        delay = _LISTEN_RETRY
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=_CONNECT_TIMEOUT,
+                    application_name=f"ticketgate-listen {socket.gethostname()} pid={os.getpid()}"[:63],
+                    # An idle listener would not notice a silently dead peer otherwise.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+                    if delay > _LISTEN_RETRY:
+                        logger.info("listening for outbox commits again")
+                    delay = _LISTEN_RETRY
+                    wake()
+                    async for _ in conn.notifies():
+                        if self._lease_held or time.monotonic() >= self._lease_next_try:
+                            wake()
+            except Exception as exc:  # never fatal: the relay polls until the connection is back
+                if delay == _LISTEN_RETRY:
+                    logger.warning(
+                        "outbox LISTEN connection failed, the relay polls until it is back: %s",
+                        exc,
+                        exc_info=not isinstance(exc, psycopg.Error),
+                    )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LISTEN_RETRY_MAX)
+
     # -- reads ---------------------------------------------------------------------------------
 
     async def quarantine_list(self, limit: int = 100) -> list[QuarantineRecord]:
@@ -1519,6 +1605,10 @@ class PostgresStore:
         if row is not None:
             return bytes(row[0])
         return self._blobs.get(sha256)
+
+
+def _notify_outbox(conn: Conn) -> None:
+    conn.execute("SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, '')", (OUTBOX_CHANNEL,))
 
 
 def _configure(conn: Conn) -> None:

@@ -96,8 +96,9 @@ async def cluster(
                 config=config,
                 port=port,
                 log_path=tmp_path / f"gw{n}.log",
-                # A standby learns of other instances' events at its next poll: poll often.
-                env={"TG_TEST_STORE_DSN": store_dsn, "TICKETGATE__OUTBOX__POLL_INTERVAL": "0.1"},
+                # The relay hears of other instances' commits through LISTEN/NOTIFY, not its poll:
+                # a poll this rare shows a lost notification as a delivery that takes 30 s.
+                env={"TG_TEST_STORE_DSN": store_dsn, "TICKETGATE__OUTBOX__POLL_INTERVAL": "30"},
             )
         )
     try:
@@ -329,3 +330,16 @@ async def test_a_standby_relay_takes_over_when_the_publishing_instance_dies(
             seen.add(delivery.message_id)
             first_deliveries.append(delivery)
     check_ledger(ledger(first_deliveries), acked)
+
+
+async def test_a_message_taken_by_a_standby_reaches_the_bus_long_before_the_relay_polls(
+    cluster: Cluster, store_dsn: str
+) -> None:
+    await wait_for_delivery(cluster.consumer, await sign_up(cluster))
+    holder = owning_gateway(await asyncio.to_thread(relay_lease_holder, store_dsn), cluster.gateways)
+    assert holder is not None, "no gateway holds the relay lease"
+
+    async with aiohttp.ClientSession() as session:
+        for n, standby in enumerate(g for g in cluster.gateways if g is not holder):
+            _, message_id = await post(session, standby, Send(customer=n, n=0, instance=n))
+            await wait_for_delivery(cluster.consumer, {message_id}, within=2.0)

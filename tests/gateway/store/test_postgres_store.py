@@ -19,6 +19,8 @@ from storekit import POLICY, build_event, envelope, message, outbox_settings, st
 
 from gateway.errors import BacklogFull
 from gateway.model import CanonicalMessage, Identity, Placement
+from gateway.publisher import MemoryPublisher
+from gateway.relay import OutboxRelay
 from gateway.store.postgres import MIGRATIONS, PostgresStore
 from tests.support.postgres import admin_dsn, fresh_database, require_postgres
 
@@ -48,6 +50,26 @@ async def make_store(dsn: str, tmp_path: Path) -> AsyncIterator[MakeStore]:
     yield make
     for store in made:
         await store.close()
+
+
+@pytest.fixture
+async def bus() -> AsyncIterator[MemoryPublisher]:
+    publisher = MemoryPublisher()
+    await publisher.start()
+    yield publisher
+    await publisher.close()
+
+
+@pytest.fixture
+async def relayed(make_store: MakeStore, bus: MemoryPublisher) -> AsyncIterator[PostgresStore]:
+    """An instance whose relay polls only every 30 s; yields another instance to commit through."""
+    relaying, other = make_store(), make_store()
+    await relaying.open()
+    await other.open()
+    relay = OutboxRelay(relaying, bus, outbox_settings(poll_interval=30.0))
+    await relay.start()
+    yield other
+    await relay.stop()
 
 
 async def accept(store: PostgresStore, *messages: CanonicalMessage) -> list[Placement]:
@@ -142,3 +164,58 @@ async def poll(read: Callable[[], Any], *, within: float, interval: float = 0.05
         if time.monotonic() > deadline:
             raise AssertionError(f"still empty after {within}s")
         await asyncio.sleep(interval)
+
+
+async def test_a_commit_on_another_instance_wakes_the_relay_long_before_its_poll(
+    relayed: PostgresStore, bus: MemoryPublisher, dsn: str
+) -> None:
+    await poll(lambda: listeners(dsn), within=5.0)
+
+    for n in range(1, 4):
+        await accept(relayed, message(f"m{n}"))
+        await published(bus, n, within=2.0)  # the relay's next poll is 30 s away
+
+    assert [m.headers["sequence"] for m in bus.published] == [1, 2, 3]
+
+
+async def test_a_lost_listen_connection_is_opened_again(
+    relayed: PostgresStore, bus: MemoryPublisher, dsn: str
+) -> None:
+    (first,) = await poll(lambda: listeners(dsn), within=5.0)
+    await asyncio.to_thread(terminate_backend, dsn, first)
+
+    # Committed while the listener may be away: it wakes the relay once it listens again.
+    await accept(relayed, message("m1"))
+    await published(bus, 1, within=2.0)
+    (second,) = await poll(lambda: listeners(dsn, besides=first), within=2.0)
+    # And the new connection carries notifications.
+    await accept(relayed, message("m2"))
+    await published(bus, 2, within=2.0)
+    assert second != first
+
+
+async def listeners(dsn: str, *, besides: int | None = None) -> list[int]:
+    """Backend pids of the sessions that LISTEN for outbox commits."""
+
+    def read() -> list[int]:
+        with psycopg.connect(dsn) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name LIKE 'ticketgate-listen %%' AND state = 'idle'"
+                " AND query LIKE 'LISTEN %%' AND pid <> %s",
+                (besides or 0,),
+            ).fetchall()
+        return [pid for (pid,) in rows]
+
+    return await asyncio.to_thread(read)
+
+
+def terminate_backend(dsn: str, pid: int) -> None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+    assert row == (True,)
+
+
+async def published(bus: MemoryPublisher, count: int, *, within: float) -> None:
+    async with asyncio.timeout(within), bus.changed:
+        await bus.changed.wait_for(lambda: len(bus.published) >= count)
