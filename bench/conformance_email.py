@@ -98,8 +98,9 @@ EXPLAINED: dict[tuple[str, str], str] = {
         "(only made-up names of nameless parts are made unique); Zammad inserts a counter into the second"
     ),
     ("zammad/mail035.box", "sender address"): (
-        'the From is only a quoted string holding an address ("a@b"), no angle-addr; ticketgate reads '
-        "it as that address, as a claim (never verified); Zammad finds no address"
+        'the From is only a quoted string holding an address ("a@b"), no angle-addr: free text, so no '
+        "address for either side; ticketgate then takes the Reply-To, as for any mail without a usable "
+        "From (a claim, flagged from_fallback); Zammad leaves the sender without an address"
     ),
     ("zammad/mail019.box", "sender name"): (
         'From: "我" <> has no address; ticketgate keeps the display name and takes the address from '

@@ -2,7 +2,8 @@
 
 The sender identity is only ever the real addr-spec, parsed from the *raw* header before any
 RFC 2047 decoding: an encoded word can then never smuggle an address into the structure, and a
-display name that looks like an address stays a display name (and is flagged).
+display name that looks like an address stays a display name (and is flagged). Only an addr-spec
+written outside quoted strings and comments is an address: ``From: "a@b.example"`` has none.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses
+from email import _parseaddr  # type: ignore[attr-defined]  # getaddresses' parser, see _AddressParser
 from typing import Any
 
 import idna
@@ -80,6 +81,41 @@ def _quote_phrases(value: str) -> str:
     return _BARE_PHRASE.sub(quote, value) if "@" in value and "<" in value else value
 
 
+# getaddresses unquotes a lone quoted string into the address slot: for ``From: "ceo@bank.example"``
+# it returns the address ``ceo@bank.example``, just as for a bare addr-spec, and its result cannot
+# tell the two apart. So the same parser runs with every "@" that it reads inside a quoted string,
+# a comment or a domain literal replaced by _AT_MASK: an "@" then reaches an address only from an
+# addr-spec written outside them. The mask is a noncharacter ("never for interchange").
+_AT_MASK = "\ufdd0"
+
+
+class _AddressParser(_parseaddr.AddrlistClass):  # type: ignore[misc]  # no stubs for email._parseaddr
+    """The parser of ``email.utils.getaddresses`` (3.11: ``_AddressList(", ".join(values))``), with
+    "@" masked in what it reads as a quoted string, a comment or a domain literal.
+
+    Its one reader of all three is ``getdelimited``, so the mask follows the parser's own idea of
+    where they are, quirks included (it skips the character after a route-addr's addr-spec, so a
+    ``"`` there opens nothing); a separate scan would have to repeat those quirks exactly.
+    """
+
+    def getdelimited(self, beginchar: str, endchars: str, allowcomments: bool = True) -> str:
+        return str(super().getdelimited(beginchar, endchars, allowcomments)).replace("@", _AT_MASK)
+
+
+def _address_fields(raw_values: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, address) pairs as getaddresses gives them, "@" masked inside quoted strings, comments
+    and domain literals; names get their "@" back, a masked address stays masked (never valid).
+
+    The values are joined with ", " and parsed as one list, as getaddresses does: a quote left open
+    in one From header runs on into the next.
+    """
+    text = ", ".join(_quote_phrases(unfold(value)) for value in raw_values)
+    if _AT_MASK in text:  # raw headers are Latin-1 range (headers.latin); an envelope sender may not be
+        text = text.replace(_AT_MASK, "\x1a")  # SUB: so that no mask of the sender's becomes an "@"
+    pairs: list[tuple[str, str]] = _AddressParser(text).getaddrlist()
+    return [(name.replace(_AT_MASK, "@"), address) for name, address in pairs]
+
+
 # Parsed address headers are cached: the same few To and From values come back mail after mail
 # (an inbox's address, a customer's From), and getaddresses costs ~10 us a header. Only short
 # values are kept, so the cache stays small whatever arrives.
@@ -102,11 +138,16 @@ def _parse_addresses_cached(raw_values: tuple[str, ...], hint: str | None) -> tu
 
 def _parse_addresses(raw_values: Sequence[str], hint: str | None) -> list[Address]:
     result: list[Address] = []
-    for raw_name, raw_addr in getaddresses([_quote_phrases(unfold(value)) for value in raw_values]):
-        address = normalize_address(_decode_addr(raw_addr))
+    for raw_name, raw_addr in _address_fields(raw_values):
+        address = _address(raw_addr)
         if address is not None:
             result.append(Address(address, decode_text(raw_name, hint=hint).strip()))
     return result
+
+
+def _address(raw_addr: str) -> str | None:
+    """The normalized address in getaddresses' address slot; None for one read from a quoted string."""
+    return None if _AT_MASK in raw_addr else normalize_address(_decode_addr(raw_addr))
 
 
 def _decode_addr(raw_addr: str) -> str:
@@ -138,10 +179,10 @@ def _parse_sender(raw_from: Sequence[str], hint: str | None) -> Sender:
     if len(raw_from) > 1:
         flags.append("multiple_from")
     # Several From headers: the first valid address is kept as a claim, never as verified.
-    pairs = getaddresses([_quote_phrases(unfold(value)) for value in raw_from])
+    pairs = _address_fields(raw_from)
     chosen: tuple[str, str] | None = None
     for raw_name, raw_addr in pairs:
-        address = normalize_address(_decode_addr(raw_addr))
+        address = _address(raw_addr)
         if address is None:
             if "=?" in raw_addr:
                 flags.append("encoded_word_in_address")
@@ -151,6 +192,10 @@ def _parse_sender(raw_from: Sequence[str], hint: str | None) -> Sender:
     if len(raw_from) == 1 and len([p for p in pairs if p[1]]) > 1:
         flags.append("multiple_addresses")
     if chosen is None:
+        # An address written only in a display name, quoted string or comment ("a@b", with no
+        # angle-addr) is no address, and is flagged as one in a display name would be.
+        if any(_AT_MASK in raw_addr or "@" in raw_name for raw_name, raw_addr in pairs):
+            flags.append("display_name_contains_address")
         return Sender(None, _first_name(pairs, hint), (*flags, "no_valid_address"))
     name = decode_text(chosen[0], hint=hint).strip()
     for found in _ADDRESS_IN_TEXT.findall(name):
