@@ -82,6 +82,11 @@ class MessageRecord:
     received_at: datetime
 
 
+# Duplicate detection compares a message with at most this many of the customer's recent texts
+# from other channels; per (customer, channel) the stores keep no more than that.
+RECENT_TEXTS_KEPT = 50
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RecentText:
     """A customer's recent message text, normalised, for duplicate-touchpoint detection."""
@@ -306,14 +311,16 @@ class Tx(Protocol):
     def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
         """The customer's texts at or after ``since`` from channels other than ``not_channel``.
 
-        Newest first, at most 50.
+        Newest first, at most :data:`RECENT_TEXTS_KEPT`.
         """
         ...
 
     def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
-        """Insert a recent text, and delete the customer's texts older than ``keep_since``.
+        """Insert a recent text; delete the customer's texts older than ``keep_since`` and all but
+        the newest :data:`RECENT_TEXTS_KEPT` of its channel.
 
-        The table only needs to cover the duplicate window: it stays small per customer.
+        The table only needs what :meth:`recent_texts` can return, so a customer busy on one
+        channel (an alert sender, a flood) keeps it small, and reading it stays cheap.
         """
         ...
 

@@ -61,6 +61,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from dedupe.engine import new_id, place
 from dedupe.tx import (
+    RECENT_TEXTS_KEPT,
     ClaimedLink,
     CustomerRecord,
     MergeRecord,
@@ -308,6 +309,10 @@ MIGRATIONS: tuple[str, ...] = (
         created_at timestamptz NOT NULL
     );
     CREATE INDEX media_due ON media (next_attempt_at) WHERE state = 'pending';
+    """,
+    # Recent texts are capped per customer and channel (Tx.add_recent_text); this finds the cap.
+    """
+    CREATE INDEX recent_texts_by_channel ON recent_texts (customer_id, channel, at);
     """,
 )
 
@@ -799,8 +804,8 @@ class PostgresTx:
         rows = self._conn.execute(
             "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
             " WHERE customer_id = %s AND at >= %s AND channel <> %s"
-            " ORDER BY at DESC, message_id DESC LIMIT 50",
-            (customer_id, since, not_channel),
+            " ORDER BY at DESC, message_id DESC LIMIT %s",
+            (customer_id, since, not_channel, RECENT_TEXTS_KEPT),
         ).fetchall()
         return [
             RecentText(customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=_utc(at))
@@ -808,14 +813,25 @@ class PostgresTx:
         ]
 
     def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
-        # One round trip; the DELETE sees the snapshot from before the INSERT (the new row is newer).
+        # One round trip; the DELETEs see the snapshot from before the INSERT (the new row is newer),
+        # so the channel keeps RECENT_TEXTS_KEPT - 1 older rows. Only the newest RECENT_TEXTS_KEPT
+        # of a channel can ever be returned: without the cap, a customer busy on one channel made
+        # recent_texts read every one of them for each message.
         self._conn.execute(
-            "WITH pruned AS (DELETE FROM recent_texts WHERE customer_id = %s AND at < %s)"
+            "WITH pruned AS (DELETE FROM recent_texts WHERE customer_id = %s AND at < %s),"
+            " capped AS (DELETE FROM recent_texts WHERE customer_id = %s AND channel = %s AND at < ("
+            "SELECT at FROM recent_texts WHERE customer_id = %s AND channel = %s"
+            " ORDER BY at DESC LIMIT 1 OFFSET %s))"
             " INSERT INTO recent_texts (customer_id, message_id, thread_id, channel, text, at)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             (
                 text.customer_id,
                 keep_since,
+                text.customer_id,
+                text.channel,
+                text.customer_id,
+                text.channel,
+                RECENT_TEXTS_KEPT - 2,
                 text.customer_id,
                 text.message_id,
                 text.thread_id,

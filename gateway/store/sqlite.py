@@ -26,6 +26,7 @@ import orjson
 
 from dedupe.engine import new_id, place
 from dedupe.tx import (
+    RECENT_TEXTS_KEPT,
     ClaimedLink,
     CustomerRecord,
     MergeRecord,
@@ -272,6 +273,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE idempotency_keys ADD COLUMN duplicate_of TEXT;
     ALTER TABLE idempotency_keys ADD COLUMN previous_thread_id TEXT;
+    """,
+    # 6: recent texts are capped per customer and channel (Tx.add_recent_text); this finds the cap.
+    """
+    CREATE INDEX recent_texts_by_channel ON recent_texts (customer_id, channel, at);
     """,
 )
 
@@ -728,8 +733,8 @@ class SQLiteTx:
     def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
         rows = self._conn.execute(
             "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
-            " WHERE customer_id = ? AND at >= ? AND channel != ? ORDER BY at DESC LIMIT 50",
-            (customer_id, _us(since), not_channel),
+            " WHERE customer_id = ? AND at >= ? AND channel != ? ORDER BY at DESC LIMIT ?",
+            (customer_id, _us(since), not_channel, RECENT_TEXTS_KEPT),
         ).fetchall()
         return [
             RecentText(
@@ -751,6 +756,14 @@ class SQLiteTx:
             "INSERT INTO recent_texts (customer_id, at, message_id, thread_id, channel, text)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (text.customer_id, _us(text.at), text.message_id, text.thread_id, text.channel, text.text),
+        )
+        # Only the newest RECENT_TEXTS_KEPT of a channel can ever be returned: without the cap, a
+        # customer busy on one channel made recent_texts read every one of them for each message.
+        self._conn.execute(
+            "DELETE FROM recent_texts WHERE customer_id = ?1 AND channel = ?2 AND at < ("
+            "SELECT at FROM recent_texts WHERE customer_id = ?1 AND channel = ?2"
+            " ORDER BY at DESC LIMIT 1 OFFSET ?3)",
+            (text.customer_id, text.channel, RECENT_TEXTS_KEPT - 1),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from datetime import timedelta
 
 import orjson
@@ -10,6 +11,7 @@ from dedupekit import POLICY, T0, msg, types
 
 from dedupe import graph
 from dedupe.engine import place
+from dedupe.tx import RECENT_TEXTS_KEPT, RecentText
 from gateway.model import Identity
 from gateway.store.sqlite import SQLiteTx
 
@@ -224,6 +226,36 @@ def test_duplicate_threshold_and_window_come_from_the_policy(tx: SQLiteTx) -> No
     place(tx, msg("f2", BOB, channel="form", text=COMPLAINT), off, now=T0)
     same = place(tx, msg("m2", BOB, inbox="x", text=COMPLAINT), off, now=T0).placement
     assert same.duplicate_of is None
+
+
+def test_recent_texts_keep_only_the_newest_of_each_channel(tx: SQLiteTx, conn: sqlite3.Connection) -> None:
+    channels = ["email" if n % 10 else "chat" for n in range(RECENT_TEXTS_KEPT * 3)]
+    for n, channel in enumerate(channels):
+        text = RecentText(
+            customer_id="cus_busy",
+            message_id=f"m{n:04}",
+            thread_id="thr_busy",
+            channel=channel,
+            text=COMPLAINT,
+            at=T0 + timedelta(seconds=n),
+        )
+        tx.add_recent_text(text, keep_since=T0)
+
+    kept = dict(conn.execute("SELECT channel, count(*) FROM recent_texts GROUP BY channel").fetchall())
+    assert kept == {"email": RECENT_TEXTS_KEPT, "chat": 15}
+    emails = [f"m{n:04}" for n, channel in enumerate(channels) if channel == "email"]
+    kept_emails = conn.execute("SELECT message_id FROM recent_texts WHERE channel = 'email' ORDER BY at")
+    assert [row[0] for row in kept_emails] == emails[-RECENT_TEXTS_KEPT:]
+    # The cap is found through the index, not by reading the channel's rows.
+    plan = " ".join(
+        row[-1]
+        for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT at FROM recent_texts WHERE customer_id = ? AND channel = ?"
+            " ORDER BY at DESC LIMIT 1 OFFSET 49",
+            ("cus_busy", "email"),
+        )
+    )
+    assert "recent_texts_by_channel" in plan
 
 
 def test_recent_texts_stay_bounded_to_the_window(tx: SQLiteTx) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import psycopg
 import pytest
 from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
 
+from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.errors import BacklogFull
+from gateway.events import Event
 from gateway.model import CanonicalMessage, Identity, Placement
 from gateway.publisher import MemoryPublisher
 from gateway.relay import OutboxRelay
@@ -85,6 +88,34 @@ async def test_instances_starting_together_migrate_once(make_store: MakeStore, d
     with psycopg.connect(dsn) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
     assert versions == list(range(1, len(MIGRATIONS) + 1))
+
+
+async def test_recent_texts_keep_only_the_newest_of_each_channel(make_store: MakeStore, dsn: str) -> None:
+    store = make_store()
+    await store.open()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def work(tx: Tx, now: datetime) -> tuple[None, list[Event]]:
+        for n in range(RECENT_TEXTS_KEPT * 3):
+            text = RecentText(
+                customer_id="cus_busy",
+                message_id=f"m{n:04}",
+                thread_id="thr_busy",
+                channel="email" if n % 10 else "chat",
+                text="the same alert again",
+                at=start + timedelta(seconds=n),
+            )
+            tx.add_recent_text(text, keep_since=start)
+        return None, []
+
+    await store.transact(work)
+
+    with psycopg.connect(dsn) as conn:
+        kept = dict(conn.execute("SELECT channel, count(*) FROM recent_texts GROUP BY channel").fetchall())
+        oldest_email = conn.execute("SELECT min(at) FROM recent_texts WHERE channel = 'email'").fetchone()
+    assert kept == {"email": RECENT_TEXTS_KEPT, "chat": 15}
+    emails = [n for n in range(RECENT_TEXTS_KEPT * 3) if n % 10]
+    assert oldest_email == (start + timedelta(seconds=emails[-RECENT_TEXTS_KEPT]),)
 
 
 async def test_one_customer_through_two_identities_on_two_instances_gets_one_gapless_thread(

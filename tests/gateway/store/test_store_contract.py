@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +24,7 @@ from storekit import (
 )
 
 from dedupe import graph
-from dedupe.tx import Tx
+from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.errors import BacklogFull
 from gateway.events import Event, thread_merged
 from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
@@ -384,6 +385,46 @@ async def test_duplicate_touchpoint_joins_the_first_thread_with_duplicate_of(
     assert (second.thread_id, second.duplicate_of) == (first.thread_id, first.message_id)
     bodies = [orjson.loads(r.body) for r in await store.outbox_fetch(10)]
     assert [b["message"]["duplicate_of"] for b in bodies] == [None, first.message_id]
+
+
+async def test_recent_texts_are_capped_per_channel_without_changing_what_is_found(store: Store) -> None:
+    """A customer busy on one channel (an alert sender, a flood): with the table capped per channel,
+    recent_texts returns exactly what it returned when the table kept everything."""
+    rng = random.Random(7)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    texts = [
+        RecentText(
+            customer_id="cus_busy",
+            message_id=f"m{i:04}",
+            thread_id="thr_busy",
+            channel=rng.choice(("email",) * 8 + ("chat", "form")),
+            text=f"text {i}",
+            at=start + timedelta(seconds=i),
+        )
+        for i in range(300)
+    ]
+
+    def add(batch: list[RecentText]) -> Callable[[Tx, datetime], tuple[None, list[Event]]]:
+        def work(tx: Tx, now: datetime) -> tuple[None, list[Event]]:
+            for text in batch:
+                tx.add_recent_text(text, keep_since=start)
+            return None, []
+
+        return work
+
+    def found(not_channel: str) -> Callable[[Tx, datetime], tuple[list[str], list[Event]]]:
+        def work(tx: Tx, now: datetime) -> tuple[list[str], list[Event]]:
+            return [t.message_id for t in tx.recent_texts("cus_busy", start, not_channel=not_channel)], []
+
+        return work
+
+    for offset in range(0, len(texts), 60):
+        await store.transact(add(texts[offset : offset + 60]))
+
+    for channel in ("email", "chat", "form", "sms"):
+        # What the uncapped table answered: the newest RECENT_TEXTS_KEPT from other channels.
+        newest_first = [t.message_id for t in reversed(texts) if t.channel != channel]
+        assert await store.transact(found(channel)) == newest_first[:RECENT_TEXTS_KEPT]
 
 
 async def test_exact_retry_answers_the_whole_first_placement(store: Store, clock: Clock) -> None:
