@@ -59,7 +59,11 @@ Clock = Callable[[], datetime]
 WriteJob = Callable[[sqlite3.Connection], tuple[T, int]]
 
 _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
-_CHECKPOINT_INTERVAL = 1.0  # seconds between passive WAL checkpoints
+# Seconds between passive WAL checkpoints. Each ends with an fsync of the database file, and on
+# ext4 a commit's fsync of the WAL can wait behind it: the more the checkpoint copied, the longer.
+# Every 1 s, under 1,000 messages/s, those waits (20-30 ms) were the ack latency's p99; every
+# 0.25 s they stay under ~15 ms. An idle WAL makes a checkpoint a no-op.
+_CHECKPOINT_INTERVAL = 0.25
 _WAL_AUTOCHECKPOINT_PAGES = 16_384
 # The writer's page cache: with SQLite's default (2 MiB) every placement re-reads index pages of
 # idempotency keys, messages and the outbox once the database outgrows it. Readers keep the default.
