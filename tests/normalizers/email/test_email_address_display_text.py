@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import base64
 import random
-from datetime import UTC, datetime
 from email.utils import getaddresses
 
 import pytest
+from mailkit import mail
 
-from gateway.model import RawEnvelope
 from normalizers.email import normalize_email
 from normalizers.email.addresses import (
     _AT_MASK,
@@ -23,19 +22,6 @@ from normalizers.email.addresses import (
     parse_addresses,
     parse_sender,
 )
-
-
-def mail(headers: str, **meta: object) -> RawEnvelope:
-    raw = headers.strip().replace("\n", "\r\n").encode("utf-8", "surrogateescape") + b"\r\n\r\nhello\r\n"
-    return RawEnvelope(
-        channel="email",
-        tenant="t",
-        inbox="support@demo.localhost",
-        body=raw,
-        received_at=datetime(2024, 1, 1, tzinfo=UTC),
-        meta=meta,
-    )
-
 
 PASS = {"dmarc": "pass", "header_from": "bank.example"}
 

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 import pytest
+from mailkit import envelope
 
 from gateway.errors import NormalizationError
-from gateway.model import RawEnvelope
 from normalizers.base import Normalizer
 from normalizers.email import EmailLimits, make_email_normalizer, normalize_email
 
 SECONDS = 2.0  # generous for a noisy 2-core machine; an unbounded parser takes minutes on these
-
-
-def envelope(body: bytes) -> RawEnvelope:
-    return RawEnvelope(
-        channel="email",
-        tenant="t",
-        inbox="support@demo.localhost",
-        body=body,
-        received_at=datetime(2024, 1, 1, tzinfo=UTC),
-    )
 
 
 def nested(depth: int) -> bytes:

@@ -6,28 +6,15 @@ import base64
 from datetime import UTC, datetime
 
 import pytest
+from mailkit import mail
 
 from gateway.errors import ConfigError
-from gateway.model import RawEnvelope
 from normalizers.email import normalize_email
 from normalizers.email.addresses import Sender, parse_sender, sender_verified
 from normalizers.email.charsets import decode
 from normalizers.email.headers import decode_text
 from normalizers.email.htmltext import sanitize, to_text
 from normalizers.email.reply import extract_reply
-
-
-def mail(headers: str, body: bytes = b"hello\r\n", **meta: object) -> RawEnvelope:
-    raw = headers.strip().replace("\n", "\r\n").encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
-    return RawEnvelope(
-        channel="email",
-        tenant="t",
-        inbox="support@demo.localhost",
-        body=raw,
-        received_at=datetime(2024, 1, 1, tzinfo=UTC),
-        meta=meta,
-    )
-
 
 # --- charsets -------------------------------------------------------------------------------------
 
