@@ -37,7 +37,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.measure import QueueCounter, children, task_cpu  # noqa: E402
+from bench.measure import QueueCounter, child_name, children, task_cpu  # noqa: E402
 from bench.publish_baseline import bare_publish_rate  # noqa: E402
 from tests.e2e.harness import GatewayProcess, free_port, gateway_config  # noqa: E402
 
@@ -168,16 +168,12 @@ def cpu_seconds(pid: int) -> dict[str, float]:
         result[name] += task_cpu(task / "stat")
     for child in children(pid):
         with contextlib.suppress(OSError):
-            name = _CHILDREN.get(Path(f"/proc/{child}/comm").read_text().strip(), "other children")
+            name = child_name(child)
             result[name] = result.get(name, 0.0) + task_cpu(Path(f"/proc/{child}/stat"))
     for broker in _broker_pids():
         with contextlib.suppress(OSError):
             result["broker"] = result.get("broker", 0.0) + task_cpu(Path(f"/proc/{broker}/stat"))
     return result
-
-
-# The gateway's children name themselves (gateway.cli.name_process).
-_CHILDREN = {"tg-relay": "relay process"}
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -261,7 +257,13 @@ async def run(args: argparse.Namespace) -> None:
         f"p99 {percentile(lat_open, 99) * 1000:.1f} ms, max {max(lat_open) * 1000:.1f} ms"
     )
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
-    gateway_names = ("event loop", "store writer and other threads", "relay process", "other children")
+    gateway_names = (
+        "event loop",
+        "store writer and other threads",
+        "relay process",
+        "normalizer process",
+        "other children",
+    )
     gateway_cpu = sum(cpu.get(name, 0.0) for name in gateway_names)
     budget = (os.cpu_count() or 1) * 1e6 / max(e2e_rate, 1)
     print(f"CPU per event in the closed loop (us; the machine has {budget:.0f} us per event at this rate):")

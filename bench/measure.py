@@ -53,3 +53,16 @@ def children(pid: int) -> list[int]:
                 if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                     found.append(int(entry.name))
     return found
+
+
+# The gateway's children name themselves (gateway.cli.name_process); anything else is "other".
+_CHILD_NAMES = {"tg-relay": "relay process", "tg-normalize": "normalizer process"}
+
+
+def child_name(pid: int) -> str:
+    """What a child process of the gateway is, by the name it gave itself."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "other children"
+    return _CHILD_NAMES.get(comm, "other children")
