@@ -19,6 +19,7 @@ from gateway.enrich import Enricher
 from gateway.health import setup_health
 from gateway.keys import METRICS, PIPELINE, RELAY, SETTINGS, STORE
 from gateway.metrics import Metrics
+from gateway.offload import NormalizeWorker
 from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
 from gateway.registry import load_connectors
@@ -61,8 +62,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     else:
         publisher, inline = None, None
         relay = RelayProcess(settings, metrics, store)
+    offload = NormalizeWorker(settings) if settings.server.normalizer_process else None
     pipeline = Pipeline(
-        settings, store, metrics, enrich=Enricher.from_settings(settings).enrich, on_commit=relay.wake
+        settings,
+        store,
+        metrics,
+        enrich=Enricher.from_settings(settings).enrich,
+        on_commit=relay.wake,
+        offload=offload,
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -91,7 +98,15 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         yield
         await relay.drain(settings.outbox.drain_timeout)
 
+    async def offload_ctx(app: web.Application) -> AsyncIterator[None]:
+        assert offload is not None
+        await offload.start()
+        yield
+        await offload.close()
+
     app.cleanup_ctx.append(store_ctx)
+    if offload is not None:
+        app.cleanup_ctx.append(offload_ctx)
     if inline is not None:
         app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)

@@ -6,6 +6,8 @@ Each class also inherits the standard exception it resembles, so callers that on
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TicketgateError(Exception):
     """Base of every error raised on purpose by ticketgate."""
@@ -32,6 +34,11 @@ class InvalidInput(TicketgateError, ValueError):
         self.reason = reason
         self.status = status
         super().__init__(reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its status (it crosses from the normalizer process; TooLarge's __init__
+        # takes only the reason): rebuilt from the reason, then the attributes restored.
+        return (type(self), (self.reason,), self.__dict__)
 
 
 class TooLarge(InvalidInput):

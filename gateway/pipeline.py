@@ -16,6 +16,7 @@ from gateway.errors import InvalidInput, NormalizationError, RetryableError
 from gateway.events import CustomerView, Event
 from gateway.metrics import Metrics
 from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
+from gateway.offload import NormalizeWorker, offloadable
 from gateway.settings import Settings
 from gateway.store.base import PlacementPolicy, Store
 from normalizers.base import Normalizer
@@ -36,12 +37,15 @@ class Pipeline:
         *,
         enrich: Enrich | None = None,
         on_commit: Callable[[], None] | None = None,
+        offload: NormalizeWorker | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._metrics = metrics
         self._enrich = enrich
         self._on_commit = on_commit
+        # Parses (and enriches, from the same settings) what a normalizer marks heavy.
+        self._offload = offload
 
     async def ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
         """Process one envelope; the result tells the connector what to answer."""
@@ -68,7 +72,11 @@ class Pipeline:
 
     async def _ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
         try:
-            messages = self._normalize(envelope, normalize)
+            messages = None
+            if self._offload is not None and offloadable(normalize):
+                messages = await self._offload.run(normalize, envelope)
+            if messages is None:
+                messages = self._normalize(envelope, normalize)
         except InvalidInput as exc:
             logger.info("rejected %s message for inbox %s: %s", envelope.channel, envelope.inbox, exc.reason)
             return IngestResult(outcome=Outcome.REJECTED, reason=exc.reason, status=exc.status)

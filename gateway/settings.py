@@ -83,6 +83,8 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = ()
     # Desks fetch attachments at {public_url}/blobs/{sha256} with this bearer token; unset = no token.
     blob_token: Secret | None = None
+    # Parse heavy channels (email) in a child process, off the event loop's interpreter.
+    normalizer_process: bool = True
 
 
 class LogSettings(_Section):

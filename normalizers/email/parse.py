@@ -39,7 +39,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from gateway.errors import ConfigError, NormalizationError
 from gateway.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
@@ -87,10 +87,20 @@ class _Body:
 
 def make_email_normalizer(limits: EmailLimits) -> Normalizer:
     """A normalizer with the given bounds (settings pass theirs; ``normalize_email`` uses defaults)."""
+    return EmailNormalizer(limits)
 
-    def normalize(envelope: RawEnvelope) -> list[CanonicalMessage]:
+
+@dataclass(frozen=True, slots=True)
+class EmailNormalizer:
+    """Parses one mail within ``limits``. Plain data, so it pickles: the gateway parses mail in a
+    worker process (``offload``; see gateway/offload.py)."""
+
+    limits: EmailLimits
+    offload: ClassVar[bool] = True
+
+    def __call__(self, envelope: RawEnvelope) -> list[CanonicalMessage]:
         try:
-            return [_normalize(envelope, limits)]
+            return [_normalize(envelope, self.limits)]
         except (NormalizationError, ConfigError):
             raise
         except RecursionError as exc:
@@ -98,8 +108,6 @@ def make_email_normalizer(limits: EmailLimits) -> Normalizer:
         except Exception as exc:
             # Guarantee 7: a mail we cannot understand is quarantined with a reason, never lost.
             raise NormalizationError(f"unexpected {type(exc).__name__} while normalizing: {exc}") from exc
-
-    return normalize
 
 
 def _prescan(raw: bytes, limits: EmailLimits) -> None:

@@ -192,13 +192,14 @@ async def test_sigterm_drains_and_exits_zero(deploy: MakeDeployment) -> None:
 
 
 def relay_pids(pid: int) -> list[int]:
-    """The relay processes the gateway ``pid`` spawned (not multiprocessing's resource tracker)."""
+    """The relay processes the gateway ``pid`` spawned (by the name they give themselves; the
+    normalizer process and multiprocessing's resource tracker are children too)."""
     children = [
         int(child)
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     ]
-    return sorted(c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+    return sorted(c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "tg-relay")
 
 
 async def test_a_killed_relay_process_is_restarted_and_loses_nothing(deploy: MakeDeployment) -> None:

@@ -1,0 +1,96 @@
+"""Mail parsed in the normalizer process: the same messages, the same errors, and a crash loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.enrich import Enricher
+from gateway.errors import InvalidInput, NormalizationError
+from gateway.model import RawEnvelope
+from gateway.offload import NormalizeWorker, offloadable
+from gateway.settings import Settings
+from normalizers.email import EmailLimits, make_email_normalizer
+from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "email"
+
+
+def envelope(body: bytes, **meta: object) -> RawEnvelope:
+    return RawEnvelope(
+        channel="email",
+        tenant="t",
+        inbox="support@demo.localhost",
+        body=body,
+        received_at=datetime(2024, 1, 1, tzinfo=UTC),
+        content_type="message/rfc822",
+        meta=meta,
+    )
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[NormalizeWorker]:
+    instance = NormalizeWorker(Settings())
+    await instance.start()
+    yield instance
+    await instance.close()
+
+
+async def test_every_fixture_mail_parses_in_the_child_as_in_the_loop(worker: NormalizeWorker) -> None:
+    normalize = make_email_normalizer(EmailLimits())
+    enrich = Enricher.from_settings(Settings()).enrich
+    mails = sorted(FIXTURES.glob("*.eml"))
+    assert len(mails) > 10
+    assert offloadable(normalize)
+
+    for path in mails:
+        mail = envelope(path.read_bytes(), mail_from="a@example.com", rcpt_tos=["support@demo.localhost"])
+        try:
+            expected = [enrich(m) for m in normalize(mail)]
+        except NormalizationError as exc:
+            with pytest.raises(NormalizationError, match=str(exc)[:40]):
+                await worker.run(normalize, mail)
+            continue
+        assert await worker.run(normalize, mail) == expected, path.name
+
+
+async def test_the_normalizers_errors_arrive_as_themselves(worker: NormalizeWorker) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        await worker.run(Refuses(status=415), envelope(b"abc"))
+    assert (refused.value.status, refused.value.reason) == (415, "refused b'abc'")
+    with pytest.raises(NormalizationError, match="no idea"):
+        await worker.run(CannotParse(), envelope(b"abc"))
+    # An exception that does not pickle as itself still quarantines, naming what it was.
+    with pytest.raises(NormalizationError, match="_Awkward: a/b"):
+        await worker.run(Unexpected(), envelope(b"abc"))
+
+
+async def test_what_does_not_pickle_is_left_to_the_caller(worker: NormalizeWorker) -> None:
+    assert await worker.run(CannotParse(), envelope(b"abc", callback=lambda: None)) is None
+    assert await worker.run(lambda e: [], envelope(b"abc")) is None  # type: ignore[arg-type]
+
+
+async def test_a_crash_fails_only_what_was_inside_and_another_child_takes_over(
+    worker: NormalizeWorker,
+) -> None:
+    normalize = make_email_normalizer(EmailLimits())
+    mail = envelope((FIXTURES / "gbk_order_question.eml").read_bytes())
+    first = worker.pid
+
+    with pytest.raises(NormalizationError, match="died while parsing"):
+        await worker.run(Dies(), envelope(b"poison"))
+    # Until the next child runs, the caller parses in the loop (run says so with None).
+    assert await worker.run(normalize, mail) is None
+
+    messages = None
+    for _ in range(300):  # the next child runs within 30 s
+        if worker.pid != first and (messages := await worker.run(normalize, mail)) is not None:
+            break
+        await asyncio.sleep(0.1)
+    enrich = Enricher.from_settings(Settings()).enrich
+    assert messages == [enrich(m) for m in normalize(mail)]
+    assert worker.pid != first
