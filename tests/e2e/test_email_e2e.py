@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import smtplib
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -119,6 +121,64 @@ async def test_mail_sent_with_swaks_arrives(deploy: MakeDeployment) -> None:
     event = validate_event(delivery.body)
     assert event["message"]["subject"] == "Invoice question [#TG-77]"
     assert event["message"]["text"].strip() == "Where is my invoice?"
+
+
+def normalizer_pids(pid: int) -> list[int]:
+    """The gateway's normalizer processes, by the name they give themselves."""
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return [c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "tg-normalize"]
+
+
+async def test_a_killed_normalizer_process_loses_no_mail(deploy: MakeDeployment) -> None:
+    """Mail is parsed in the gateway's normalizer process: SIGKILL it while four clients send.
+    Every mail still gets its 250 and exactly one event, a message or (for a mail the dying
+    process was parsing) a quarantine record; another normalizer process takes over."""
+    port = free_port()
+    d = await deploy(extra=smtp_config(port))
+    assert d.gateway.proc is not None
+    [first] = normalizer_pids(d.gateway.proc.pid)
+    ids = [f"storm-{i}@example.com" for i in range(80)]
+    sent = asyncio.Queue[str]()
+    for message_id in ids:
+        sent.put_nowait(message_id)
+
+    done: list[str] = []
+    a_quarter_done = asyncio.Event()
+
+    async def client() -> None:
+        while not sent.empty():
+            message_id = sent.get_nowait()
+            await asyncio.to_thread(send, port, gbk_mail(message_id))  # raises unless 250
+            done.append(message_id)
+            if len(done) >= len(ids) // 4:
+                a_quarter_done.set()
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    await a_quarter_done.wait()
+    os.kill(first, signal.SIGKILL)
+    await asyncio.gather(*clients)
+
+    def settled() -> bool:
+        return len(d.consumer.distinct()) >= len(ids)
+
+    await d.consumer.wait_until(settled, within=60)
+    events = [validate_event(r.body) for r in d.consumer.distinct()]
+    received = [e["message"]["external_id"] for e in events if e["type"] == "message.received"]
+    quarantined = [e for e in events if e["type"] == "message.quarantined"]
+    assert len(received) == len(set(received))
+    assert set(received) <= set(ids)
+    assert len(received) + len(quarantined) == len(ids)
+    assert all("normalizer process died" in e["quarantine"]["reason"] for e in quarantined), quarantined
+    for _ in range(100):  # another one starts a second after the death
+        if normalizer_pids(d.gateway.proc.pid) not in ([], [first]):
+            break
+        await asyncio.sleep(0.1)
+    assert normalizer_pids(d.gateway.proc.pid) not in ([], [first])
+    assert "normalizer process exited" in d.gateway.log()
 
 
 @pytest.fixture
