@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from gateway.enrich import Enricher
 from gateway.errors import InvalidInput, NormalizationError
-from gateway.model import RawEnvelope
 from gateway.offload import NormalizeWorker, offloadable
 from gateway.settings import Settings
 from normalizers.email import EmailLimits, make_email_normalizer
+from tests.support.mailkit import envelope
 from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "email"
-
-
-def envelope(body: bytes, **meta: object) -> RawEnvelope:
-    return RawEnvelope(
-        channel="email",
-        tenant="t",
-        inbox="support@demo.localhost",
-        body=body,
-        received_at=datetime(2024, 1, 1, tzinfo=UTC),
-        content_type="message/rfc822",
-        meta=meta,
-    )
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import random
 from email.utils import getaddresses
 
 import pytest
-from mailkit import mail
 
 from normalizers.email import normalize_email
 from normalizers.email.addresses import (
@@ -22,6 +21,7 @@ from normalizers.email.addresses import (
     parse_addresses,
     parse_sender,
 )
+from tests.support.mailkit import mail
 
 PASS = {"dmarc": "pass", "header_from": "bank.example"}
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from mailkit import envelope
 
 from gateway.errors import NormalizationError
 from normalizers.base import Normalizer
 from normalizers.email import EmailLimits, make_email_normalizer, normalize_email
+from tests.support.mailkit import envelope
 
 SECONDS = 2.0  # generous for a noisy 2-core machine; an unbounded parser takes minutes on these
 

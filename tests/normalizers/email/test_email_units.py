@@ -6,7 +6,6 @@ import base64
 from datetime import UTC, datetime
 
 import pytest
-from mailkit import mail
 
 from gateway.errors import ConfigError
 from normalizers.email import normalize_email
@@ -15,6 +14,7 @@ from normalizers.email.charsets import decode
 from normalizers.email.headers import decode_text
 from normalizers.email.htmltext import sanitize, to_text
 from normalizers.email.reply import extract_reply
+from tests.support.mailkit import mail
 
 # --- charsets -------------------------------------------------------------------------------------
 
