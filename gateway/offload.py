@@ -7,7 +7,9 @@ the hand-over would cost more than it saves. A normalizer opts in with a true ``
 attribute (the email normalizer does) and must pickle (plain data, no closures).
 
 Parent and child talk over a socket pair in frames (a 4-byte length, then a pickle):
-``(call_id, normalizer, envelope)`` one way, ``(call_id, ok, messages_or_exception)`` back. The
+a call id (8 bytes) and ``(normalizer, envelope)`` one way, ``(call_id, ok, messages_or_exception)``
+back (the id travels outside the pickle so that a request the child cannot read is still answered).
+The
 child is one plain loop: read what has arrived, normalize and enrich each, send the answers.
 
 Nothing is acknowledged on the child's word alone: it returns canonical messages, and the pipeline
@@ -43,6 +45,7 @@ from normalizers.base import Normalizer
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!I")
+_CALL_ID = struct.Struct("!Q")
 _READY_TIMEOUT = 30.0
 _RESTART_DELAY = 1.0
 
@@ -157,7 +160,9 @@ class NormalizeWorker:
             return None
         call_id = next(self._ids)
         try:
-            payload = pickle.dumps((call_id, normalize, envelope), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _CALL_ID.pack(call_id) + pickle.dumps(
+                (normalize, envelope), protocol=pickle.HIGHEST_PROTOCOL
+            )
         except (pickle.PicklingError, TypeError, AttributeError):
             return None
         if not frames.send(payload):
@@ -276,7 +281,13 @@ def child_main(settings: Settings, sock: socket.socket) -> None:
 
 
 def _answer(frame: bytes, enrich: Callable[[CanonicalMessage], CanonicalMessage]) -> bytes:
-    call_id, normalize, envelope = pickle.loads(frame)  # noqa: S301 - from our own parent
+    (call_id,) = _CALL_ID.unpack_from(frame)
+    try:
+        normalize, envelope = pickle.loads(memoryview(frame)[_CALL_ID.size :])  # noqa: S301 - from our parent
+    except Exception as exc:
+        # Answered, not fatal: a request that kills the child would kill each one after it too.
+        error = NormalizationError(f"the normalizer process could not read it: {exc}")
+        return _frame((call_id, False, error))
     try:
         messages = [enrich(message) for message in normalize(envelope)]
     except Exception as exc:

@@ -14,7 +14,7 @@ from gateway.offload import NormalizeWorker, offloadable
 from gateway.settings import Settings
 from normalizers.email import EmailLimits, make_email_normalizer
 from tests.support.mailkit import envelope
-from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected
+from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected, Unreadable
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "email"
 
@@ -54,6 +54,15 @@ async def test_the_normalizers_errors_arrive_as_themselves(worker: NormalizeWork
     # An exception that does not pickle as itself still quarantines, naming what it was.
     with pytest.raises(NormalizationError, match="_Awkward: a/b"):
         await worker.run(Unexpected(), envelope(b"abc"))
+
+
+async def test_a_request_the_child_cannot_read_is_answered_not_fatal(worker: NormalizeWorker) -> None:
+    child = worker.pid
+    with pytest.raises(NormalizationError, match="could not read it: no such normalizer here"):
+        await worker.run(Unreadable(), envelope(b"abc"))
+    with pytest.raises(NormalizationError, match="no idea"):
+        await worker.run(CannotParse(), envelope(b"abc"))
+    assert worker.pid == child
 
 
 async def test_what_does_not_pickle_is_left_to_the_caller(worker: NormalizeWorker) -> None:

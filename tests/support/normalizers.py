@@ -57,3 +57,20 @@ class Dies:
 
     def __call__(self, envelope: RawEnvelope) -> list[CanonicalMessage]:
         os._exit(3)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Pickles, but cannot be unpickled (as a class the child cannot import would)."""
+
+    offload: ClassVar[bool] = True
+
+    def __call__(self, envelope: RawEnvelope) -> list[CanonicalMessage]:
+        return []
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_refuse_to_load, ())
+
+
+def _refuse_to_load() -> Unreadable:
+    raise ImportError("no such normalizer here")
