@@ -171,6 +171,14 @@ def _boundaries_and_delimiters(raw: bytes) -> Iterator[re.Match[bytes]]:
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+[ \t]*:")
 
 
+def _header_end(raw: bytes) -> int:
+    """Index of the line end before the first blank line (CRLF or bare LF), or ``len(raw)``."""
+    end = raw.find(b"\n\r\n")
+    # A bare-LF blank line matters only before the CRLF one: don't scan a 200 KB body for it.
+    end2 = raw.find(b"\n\n", 0, end + 2) if end >= 0 else raw.find(b"\n\n")
+    return min(e for e in (end, end2, len(raw)) if e >= 0)
+
+
 def _repair_header_block(raw: bytes) -> tuple[bytes, int]:
     """Keep garbage lines inside the header block from ending it early.
 
@@ -180,10 +188,7 @@ def _repair_header_block(raw: bytes) -> tuple[bytes, int]:
     line, when real fields still follow it before the blank line, becomes a continuation of the
     field above (or is dropped before the first field). Returns the bytes and the number of repairs.
     """
-    end = raw.find(b"\n\r\n")
-    # A bare-LF blank line matters only before the CRLF one: don't scan a 200 KB body for it.
-    end2 = raw.find(b"\n\n", 0, end + 2) if end >= 0 else raw.find(b"\n\n")
-    end = min(e for e in (end, end2, len(raw)) if e >= 0)
+    end = _header_end(raw)
     head = raw[: end + 1]
     lines = head.splitlines(keepends=True)
     if all(_HEADER_LINE.match(line) or line[:1] in b" \t" for line in lines[1:]):
