@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from gateway.errors import NormalizationError
-from gateway.model import RawEnvelope
 from normalizers.email import normalize_email
-from tests.support.corpora import CORPORA as CORPORA_DIR
-
-CORPORA = CORPORA_DIR
-PATTERNS = {"zammad": "mail/*.box", "mikel_mail": "emails/**/*.eml", "django_helpdesk": "test_files/*.eml"}
+from tests.support.corpora import CORPORA, EMAIL_CORPORA
+from tests.support.mailkit import envelope
 
 
-@pytest.mark.parametrize("corpus", sorted(PATTERNS))
+@pytest.mark.parametrize("corpus", sorted(EMAIL_CORPORA))
 def test_corpus_never_crashes(corpus: str) -> None:
     root = CORPORA / corpus
     if not root.is_dir():
         pytest.skip(f"corpus {root} not present")
-    mails = sorted(root.glob(PATTERNS[corpus]))
+    mails = sorted(root.glob(EMAIL_CORPORA[corpus]))
     assert mails
     unexpected: list[str] = []
     for path in mails:
-        envelope = RawEnvelope(
-            channel="email",
-            tenant="t",
-            inbox="support@demo.localhost",
-            body=path.read_bytes(),
-            received_at=datetime(2024, 1, 1, tzinfo=UTC),
-        )
         try:
-            messages = normalize_email(envelope)
+            messages = normalize_email(envelope(path.read_bytes()))
         except NormalizationError as exc:
             # A quarantine is allowed, but not for a bug of ours hidden behind the safety net.
             if "unexpected" in str(exc):
