@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,9 @@ import pytest
 from gateway.enrich import MAX_ENTITIES, Enricher
 from gateway.model import CanonicalMessage, Entity, Identity, Routing
 from gateway.settings import Settings
+from tests.support.corpora import email_corpus_mails
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def message(text: str, *, subject: str | None = None, **fields: Any) -> CanonicalMessage:
@@ -135,3 +140,81 @@ def test_bad_group_fails_at_start() -> None:
     settings = Settings.model_validate({"extractors": [{"kind": "x", "pattern": "a", "group": "missing"}]})
     with pytest.raises(ValueError, match="missing"):
         Enricher.from_settings(settings)
+
+
+# --- `requires`: the substring pre-check must never hide a match ------------------------------------
+
+# Pieces that the default patterns are made of, spelled in the ways that fold oddly (Turkish dotted
+# and dotless i, the Kelvin sign), in every digit script, next to noise.
+_PIECES = (
+    "order", "ORDER", "Order", "oRdEr", "reorder", "订单", "订单号", "订单编号", "#", "[#TG-", "1Z", "1z",
+    "SF", "JD", "JDV", "JDX", "YT", "EA", "CN", "RR", "track", "TRACKING", "Tracking no.", "trackİng",
+    "trackıng", "trac\u212aing", "快递单号", "运单号", "物流单号", "快递号", "单号", "中通", "圆通", "韵达",
+    "申通", "百世", "极兔", "快递", "：", ":", " ", "  ", "-", "(", ")", "+", ".", "no.", "number", "是",
+    "\n", "ß", "x", "Q", "AB",
+)
+_DIGIT_SCRIPTS = (
+    "0123456789", "０１２３４５６７８９", "٠١٢٣٤٥٦٧٨٩", "۰۱۲۳۴۵۶۷۸۹", "०१२३४५६७८९", "၀၁၂၃၄၅၆၇၈၉",
+)
+
+
+def _random_text(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        if rng.random() < 0.35:
+            digits = rng.choice(_DIGIT_SCRIPTS)
+            parts.append("".join(rng.choice(digits) for _ in range(rng.randint(1, 20))))
+        else:
+            parts.append(rng.choice(_PIECES))
+    return "".join(parts)
+
+
+def test_every_default_match_holds_one_of_what_its_extractor_requires() -> None:
+    rng = random.Random(20261204)
+    extractors = Enricher.from_settings(Settings())._extractors
+    assert all(e.requires for e in extractors)
+    matched = set()
+    for _ in range(20_000):
+        text = _random_text(rng)
+        for index, extractor in enumerate(extractors):
+            for match in extractor.regex.finditer(text):
+                matched.add(index)
+                folded = match.group().casefold()
+                assert any(needle in folded for needle in extractor.requires), (extractor.kind, match.group())
+    # The generator reaches every default extractor, so the assertion above covers each of them.
+    assert matched == set(range(len(extractors)))
+
+
+def _without_requires(settings: Settings) -> Enricher:
+    from gateway.enrich import DEFAULT_EXTRACTORS
+
+    plain = [spec.model_copy(update={"requires": ()}) for spec in DEFAULT_EXTRACTORS]
+    return Enricher(plain, settings.routing.rules)
+
+
+def test_the_pre_check_changes_no_result_on_real_mail() -> None:
+    """Every fixture and corpus mail, raw (headers, base64, digits everywhere): same entities."""
+    texts = [path.read_bytes().decode("utf-8", "replace") for path in sorted(FIXTURES.glob("**/*.eml"))]
+    texts += [path.read_bytes().decode("utf-8", "replace") for path in email_corpus_mails()]
+    texts += [_random_text(random.Random(seed)) for seed in range(2_000)]
+    gated, plain = Enricher.from_settings(Settings()), _without_requires(Settings())
+    found = 0
+    for text in texts:
+        expected = plain.enrich(message(text)).entities
+        assert gated.enrich(message(text)).entities == expected, text[:200]
+        found += bool(expected)
+    assert found > 100
+
+
+def test_phone_numbers_in_full_width_and_arabic_indic_digits() -> None:
+    assert entities("请回电 １３８ ００１３ ８０００") == [("phone", "+8613800138000")]
+    assert entities("اتصل على +٩٧١٥٠١٢٣٤٥٦٧") == [("phone", "+971501234567")]
+
+
+def test_configured_requires_gates_the_pattern_case_insensitively() -> None:
+    spec = {"kind": "ticket", "pattern": r"CASE-(?P<n>\d+)", "group": "n"}
+    assert entities("CASE-77", extractors=[{**spec, "requires": ["case-"]}]) == [("ticket", "77")]
+    # A wrong pre-check is the operator's mistake, and it does hide the match: proof it is consulted.
+    assert entities("CASE-77", extractors=[{**spec, "requires": ["nope"]}]) == []
+    with pytest.raises(ValueError, match="requires"):
+        Settings.model_validate({"extractors": [{**spec, "requires": [""]}]})
