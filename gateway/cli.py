@@ -91,6 +91,38 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
+def health_url(settings: Settings, *, ready: bool = False) -> str:
+    """Where this configuration's gateway answers /healthz (or /readyz), from the same host."""
+    host = settings.server.host
+    # A wildcard listen address is reached on the loopback of the same family.
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.server.port}/{'readyz' if ready else 'healthz'}"
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Ask the running gateway whether it is alive (or ready); 0 when it answers 200, else 1.
+
+    The container HEALTHCHECK: it reads the same config and environment as ``run``, so it probes the
+    port the gateway really listens on.
+    """
+    import urllib.error
+    import urllib.request
+
+    url = health_url(_settings(args), ready=args.ready)
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - http:// built above
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except OSError as exc:
+        print(f"{url}: {getattr(exc, 'reason', exc)}")
+        return 1
+    print(f"{url}: {status}")
+    return 0 if status == 200 else 1
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     from gateway.tail import tail
 
@@ -188,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the gateway daemon")
     sub.add_parser("check-config", help="validate the settings and every configured channel")
+    health = sub.add_parser("health", help="exit 0 when the running gateway answers /healthz (HEALTHCHECK)")
+    health.add_argument("--ready", action="store_true", help="ask /readyz instead: store and broker usable")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     tail = sub.add_parser("tail", help="print events from the bus as they arrive")
     tail.add_argument("--binding", default="#", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
     tail.add_argument("--json", action="store_true", help="one raw JSON event per line")
@@ -217,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "tail":
             return cmd_tail(args)
+        if args.command == "health":
+            return cmd_health(args)
         settings = _settings(args)
         if args.command == "outbox":
             return asyncio.run(_outbox_status(settings, sys.stdout))

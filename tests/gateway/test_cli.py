@@ -105,3 +105,53 @@ def test_unknown_quarantine_id(tmp_path: Path, capsys: pytest.CaptureFixture[str
     config = write_config(tmp_path)
     assert main(["quarantine", "show", "qua_nope", "--config", str(config)]) == 1
     assert "no quarantined message" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("host", "url"), [
+    ("0.0.0.0", "http://127.0.0.1:8123/healthz"),
+    ("::", "http://[::1]:8123/healthz"),
+    ("10.1.2.3", "http://10.1.2.3:8123/healthz"),
+    ("fd00::5", "http://[fd00::5]:8123/healthz"),
+])
+def test_health_probes_where_the_gateway_listens(host: str, url: str) -> None:
+    from gateway.cli import health_url
+    from gateway.settings import Settings
+
+    settings = Settings.model_validate({"server": {"host": host, "port": 8123}})
+    assert health_url(settings) == url
+    assert health_url(settings, ready=True) == url.replace("healthz", "readyz")
+
+
+async def test_health_exit_codes_follow_the_gateway_s_answers(
+    tmp_path: Path, unused_tcp_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The container HEALTHCHECK: 0 for a 200, 1 for anything else and for nobody listening."""
+    from aiohttp import web
+
+    config = write_config(tmp_path)
+    config.write_text(config.read_text() + f"\n[server]\nhost = \"127.0.0.1\"\nport = {unused_tcp_port}\n")
+    argv = ["health", "--config", str(config), "--timeout", "2"]
+
+    code, out = await asyncio.to_thread(run, argv, capsys)
+    assert code == 1
+    assert "refused" in out.lower()
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "unavailable"}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    try:
+        code, out = await asyncio.to_thread(run, argv, capsys)
+        assert (code, out.strip()) == (0, f"http://127.0.0.1:{unused_tcp_port}/healthz: 200")
+        code, out = await asyncio.to_thread(run, [*argv, "--ready"], capsys)
+        assert (code, out.strip()) == (1, f"http://127.0.0.1:{unused_tcp_port}/readyz: 503")
+    finally:
+        await runner.cleanup()
