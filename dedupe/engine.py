@@ -538,8 +538,7 @@ def _remember_text(
             channel=message.channel,
             text=text,
             at=now,
-        ),
-        keep_since=now - timedelta(seconds=policy.duplicate_window),
+        )
     )
 
 

@@ -315,12 +315,13 @@ class Tx(Protocol):
         """
         ...
 
-    def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
-        """Insert a recent text; delete the customer's texts older than ``keep_since`` and all but
-        the newest :data:`RECENT_TEXTS_KEPT` of its channel.
+    def add_recent_text(self, text: RecentText) -> None:
+        """Insert a recent text, and delete all but the newest :data:`RECENT_TEXTS_KEPT` of its
+        customer and channel.
 
         The table only needs what :meth:`recent_texts` can return, so a customer busy on one
-        channel (an alert sender, a flood) keeps it small, and reading it stays cheap.
+        channel (an alert sender, a flood) keeps it small, and reading it stays cheap. Texts older
+        than the duplicate window are never returned; ``Store.purge_recent_texts`` deletes them.
         """
         ...
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -79,7 +82,9 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
-        purge = asyncio.create_task(_purge_loop(store), name="ticketgate-purge")
+        purge = asyncio.create_task(
+            _purge_loop(store, settings.dedupe.duplicate_window), name="ticketgate-purge"
+        )
         yield
         purge.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -119,15 +124,39 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     return app
 
 
-async def _purge_loop(store: Store, interval: float = 3600.0) -> None:
-    """Drop expired idempotency keys once an hour; a failure is logged and tried again later."""
-    from datetime import UTC, datetime
+async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -> int:
+    """Delete every recent text older than ``before``, ``chunk`` rows per transaction.
 
+    Each chunk is a write job of its own, so messages are committed between them.
+    """
+    total = 0
     while True:
+        deleted = await store.purge_recent_texts(before, chunk)
+        total += deleted
+        if deleted < chunk:
+            return total
+
+
+async def _purge_loop(
+    store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0
+) -> None:
+    """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
+    idempotency keys. A failure is logged and tried again next time."""
+    keys_purged_at = -math.inf
+    while True:
+        now = datetime.now(UTC)
         try:
-            removed = await store.purge_expired(datetime.now(UTC))
-            if removed:
-                logger.info("purged %d expired idempotency keys", removed)
+            swept = await sweep_recent_texts(store, now - timedelta(seconds=duplicate_window))
+            if swept:
+                logger.debug("swept %d recent texts past the duplicate window", swept)
         except Exception:
-            logger.exception("purging expired idempotency keys failed")
+            logger.exception("sweeping old recent texts failed")
+        if time.monotonic() - keys_purged_at >= keys_every:
+            try:
+                removed = await store.purge_expired(now)
+                keys_purged_at = time.monotonic()
+                if removed:
+                    logger.info("purged %d expired idempotency keys", removed)
+            except Exception:
+                logger.exception("purging expired idempotency keys failed")
         await asyncio.sleep(interval)

@@ -171,6 +171,14 @@ class Store(Protocol):
         """Drop idempotency keys older than the retention; returns how many."""
         ...
 
+    async def purge_recent_texts(self, before: datetime, limit: int = 500) -> int:
+        """Delete up to ``limit`` of the oldest recent texts older than ``before``; returns how many.
+
+        Texts past the duplicate window are never compared again; without this sweep, those of
+        every customer who wrote once would stay for good (text included).
+        """
+        ...
+
     async def ping(self) -> None:
         """Raise if the store cannot write right now (readiness)."""
         ...

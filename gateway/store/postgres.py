@@ -314,6 +314,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX recent_texts_by_channel ON recent_texts (customer_id, channel, at);
     """,
+    # Recent texts past the duplicate window are swept by age (Store.purge_recent_texts).
+    """
+    CREATE INDEX recent_texts_by_age ON recent_texts (at);
+    """,
 )
 
 
@@ -812,21 +816,18 @@ class PostgresTx:
             for m, t, c, text, at in rows
         ]
 
-    def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
-        # One round trip; the DELETEs see the snapshot from before the INSERT (the new row is newer),
+    def add_recent_text(self, text: RecentText) -> None:
+        # One round trip; the DELETE sees the snapshot from before the INSERT (the new row is newer),
         # so the channel keeps RECENT_TEXTS_KEPT - 1 older rows. Only the newest RECENT_TEXTS_KEPT
         # of a channel can ever be returned: without the cap, a customer busy on one channel made
         # recent_texts read every one of them for each message.
         self._conn.execute(
-            "WITH pruned AS (DELETE FROM recent_texts WHERE customer_id = %s AND at < %s),"
-            " capped AS (DELETE FROM recent_texts WHERE customer_id = %s AND channel = %s AND at < ("
+            "WITH capped AS (DELETE FROM recent_texts WHERE customer_id = %s AND channel = %s AND at < ("
             "SELECT at FROM recent_texts WHERE customer_id = %s AND channel = %s"
             " ORDER BY at DESC LIMIT 1 OFFSET %s))"
             " INSERT INTO recent_texts (customer_id, message_id, thread_id, channel, text, at)"
             " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             (
-                text.customer_id,
-                keep_since,
                 text.customer_id,
                 text.channel,
                 text.customer_id,
@@ -1298,6 +1299,17 @@ class PostgresStore:
             purged = conn.execute("DELETE FROM idempotency_keys WHERE created_at < %s", (cutoff,)).rowcount
             conn.execute("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < %s", (cutoff,))
             return max(purged, 0)
+
+        return await self._write(job)
+
+    async def purge_recent_texts(self, before: datetime, limit: int = 500) -> int:
+        def job(conn: Conn) -> int:
+            deleted = conn.execute(
+                "DELETE FROM recent_texts WHERE ctid IN ("
+                "SELECT ctid FROM recent_texts WHERE at < %s ORDER BY at LIMIT %s)",
+                (_utc(before), limit),
+            ).rowcount
+            return max(deleted, 0)
 
         return await self._write(job)
 

@@ -282,6 +282,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX recent_texts_by_channel ON recent_texts (customer_id, channel, at);
     """,
+    # 7: recent texts past the duplicate window are swept by age (Store.purge_recent_texts).
+    """
+    CREATE INDEX recent_texts_by_age ON recent_texts (at);
+    """,
 )
 
 
@@ -752,10 +756,7 @@ class SQLiteTx:
             for r in rows
         ]
 
-    def add_recent_text(self, text: RecentText, keep_since: datetime) -> None:
-        self._conn.execute(
-            "DELETE FROM recent_texts WHERE customer_id = ? AND at < ?", (text.customer_id, _us(keep_since))
-        )
+    def add_recent_text(self, text: RecentText) -> None:
         self._conn.execute(
             "INSERT INTO recent_texts (customer_id, at, message_id, thread_id, channel, text)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -1360,6 +1361,17 @@ class SQLiteStore:
             purged = conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)).rowcount
             conn.execute("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < ?", (cutoff,))
             return purged, 0
+
+        return await self._submit(job)
+
+    async def purge_recent_texts(self, before: datetime, limit: int = 500) -> int:
+        def job(conn: sqlite3.Connection) -> tuple[int, int]:
+            deleted = conn.execute(
+                "DELETE FROM recent_texts WHERE (customer_id, at, message_id) IN ("
+                "SELECT customer_id, at, message_id FROM recent_texts WHERE at < ? ORDER BY at LIMIT ?)",
+                (_us(before), limit),
+            ).rowcount
+            return deleted, 0
 
         return await self._submit(job)
 

@@ -239,7 +239,7 @@ def test_recent_texts_keep_only_the_newest_of_each_channel(tx: SQLiteTx, conn: s
             text=COMPLAINT,
             at=T0 + timedelta(seconds=n),
         )
-        tx.add_recent_text(text, keep_since=T0)
+        tx.add_recent_text(text)
 
     kept = dict(conn.execute("SELECT channel, count(*) FROM recent_texts GROUP BY channel").fetchall())
     assert kept == {"email": RECENT_TEXTS_KEPT, "chat": 15}
@@ -256,12 +256,3 @@ def test_recent_texts_keep_only_the_newest_of_each_channel(tx: SQLiteTx, conn: s
         )
     )
     assert "recent_texts_by_channel" in plan
-
-
-def test_recent_texts_stay_bounded_to_the_window(tx: SQLiteTx) -> None:
-    for n in range(5):
-        place(tx, msg(f"m{n}", MAIL, text=f"{COMPLAINT} {n}"), POLICY, now=T0 + timedelta(minutes=20 * n))
-    customer = tx.find_identities("acme", [MAIL])[0].customer_id
-
-    assert len(tx.recent_texts(customer, T0 - DAY, not_channel="form")) == 1
-    assert tx.recent_texts(customer, T0 - DAY, not_channel="email") == []

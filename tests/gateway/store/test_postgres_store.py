@@ -105,7 +105,7 @@ async def test_recent_texts_keep_only_the_newest_of_each_channel(make_store: Mak
                 text="the same alert again",
                 at=start + timedelta(seconds=n),
             )
-            tx.add_recent_text(text, keep_since=start)
+            tx.add_recent_text(text)
         return None, []
 
     await store.transact(work)

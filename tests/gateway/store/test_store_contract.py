@@ -25,6 +25,7 @@ from storekit import (
 
 from dedupe import graph
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
+from gateway.app import _purge_loop, sweep_recent_texts
 from gateway.errors import BacklogFull
 from gateway.events import Event, thread_merged
 from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
@@ -407,7 +408,7 @@ async def test_recent_texts_are_capped_per_channel_without_changing_what_is_foun
     def add(batch: list[RecentText]) -> Callable[[Tx, datetime], tuple[None, list[Event]]]:
         def work(tx: Tx, now: datetime) -> tuple[None, list[Event]]:
             for text in batch:
-                tx.add_recent_text(text, keep_since=start)
+                tx.add_recent_text(text)
             return None, []
 
         return work
@@ -425,6 +426,68 @@ async def test_recent_texts_are_capped_per_channel_without_changing_what_is_foun
         # What the uncapped table answered: the newest RECENT_TEXTS_KEPT from other channels.
         newest_first = [t.message_id for t in reversed(texts) if t.channel != channel]
         assert await store.transact(found(channel)) == newest_first[:RECENT_TEXTS_KEPT]
+
+
+def _texts(start: datetime, count: int) -> list[RecentText]:
+    return [
+        RecentText(
+            customer_id=f"cus_{i % 7}",
+            message_id=f"m{i:03}",
+            thread_id="thr",
+            channel=("email", "chat")[i % 2],
+            text=f"text {i}",
+            at=start + timedelta(seconds=i),
+        )
+        for i in range(count)
+    ]
+
+
+async def _add_texts(store: Store, texts: list[RecentText]) -> None:
+    def work(tx: Tx, now: datetime) -> tuple[None, list[Event]]:
+        for text in texts:
+            tx.add_recent_text(text)
+        return None, []
+
+    await store.transact(work)
+
+
+async def _kept_texts(store: Store, since: datetime) -> list[str]:
+    def work(tx: Tx, now: datetime) -> tuple[list[str], list[Event]]:
+        customers = [f"cus_{i}" for i in range(7)]
+        found = [t.message_id for c in customers for t in tx.recent_texts(c, since, not_channel="sms")]
+        return sorted(found), []
+
+    return await store.transact(work)
+
+
+async def test_recent_texts_past_the_window_are_swept_oldest_first_in_chunks(store: Store) -> None:
+    """Texts of customers who never write again must not stay for good (their text included)."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    await _add_texts(store, _texts(start, 30))
+    before = start + timedelta(seconds=23)  # m000 .. m022 are older
+
+    assert await store.purge_recent_texts(before, 5) == 5
+    assert await _kept_texts(store, start) == [f"m{i:03}" for i in range(5, 30)]
+    assert await sweep_recent_texts(store, before, chunk=5) == 18
+    assert await _kept_texts(store, start) == [f"m{i:03}" for i in range(23, 30)]
+    assert await store.purge_recent_texts(before, 5) == 0
+
+
+async def test_the_daemon_sweeps_texts_past_the_duplicate_window(store: Store) -> None:
+    now = datetime.now(UTC)
+    await _add_texts(store, _texts(now - timedelta(minutes=20), 30))  # 20 min old, window 15 min
+    fresh = [dataclasses.replace(t, message_id=f"n{i:03}", at=now) for i, t in enumerate(_texts(now, 3))]
+    await _add_texts(store, fresh)
+
+    loop = asyncio.create_task(_purge_loop(store, duplicate_window=15 * 60, interval=0.05))
+    try:
+        for _ in range(100):
+            if await _kept_texts(store, now - timedelta(hours=1)) == ["n000", "n001", "n002"]:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+    assert await _kept_texts(store, now - timedelta(hours=1)) == ["n000", "n001", "n002"]
 
 
 async def test_exact_retry_answers_the_whole_first_placement(store: Store, clock: Clock) -> None:
