@@ -233,7 +233,7 @@ class Enricher:
         return None if candidate is None else _e164(candidate, self._phone_region)
 
     def _routing(self, message: CanonicalMessage, folded: str) -> Routing:
-        """``folded``: the scanned text, case-folded (empty when no rule has keywords)."""
+        """``folded``: the scanned text, case-folded (empty when no rule or extractor needs it)."""
         if not self._rules:
             return message.routing
         customers = frozenset(i.value.lower() for i in message.identities)

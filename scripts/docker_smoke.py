@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(what: str, seconds: float, probe: object) -> float:
+def wait_until(what: str, seconds: float, probe: Callable[[], bool]) -> float:
     """Poll ``probe()`` until it returns true; the seconds it took. Raises after ``seconds``."""
     started = time.monotonic()
     while time.monotonic() - started < seconds:
-        if probe():  # type: ignore[operator]
+        if probe():
             return time.monotonic() - started
         time.sleep(0.5)
     raise SmokeFailure(f"{what}: not within {seconds:.0f} s")
