@@ -28,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.errors import NormalizationError
-from gateway.model import CanonicalMessage, RawEnvelope
+from core.errors import NormalizationError
+from core.model import CanonicalMessage, RawEnvelope
 from normalizers.email import normalize_email
 from normalizers.email.addresses import normalize_address
 

@@ -37,7 +37,7 @@ from connectors.wechat.security import (  # noqa: E402
     extract_encrypt,
     signature,
 )
-from gateway.model import CanonicalMessage, RawEnvelope  # noqa: E402
+from core.model import CanonicalMessage, RawEnvelope  # noqa: E402
 from normalizers.wechat import normalize  # noqa: E402
 
 MISSING = object()

@@ -28,12 +28,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from core.events import Event
+from core.model import CanonicalMessage, Identity
+from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import place
+from dedupe.policy import PlacementPolicy
 from dedupe.tx import Tx
-from gateway.events import Event
-from gateway.model import CanonicalMessage, Identity
-from gateway.settings import OutboxSettings, StoreSettings
-from gateway.store.base import PlacementPolicy, Store
+from gateway.store.base import Store
 from gateway.store.sqlite import SQLiteStore, SQLiteTx
 
 T0 = datetime(2025, 3, 1, tzinfo=UTC)

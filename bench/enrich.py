@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.errors import NormalizationError  # noqa: E402
+from core.model import CanonicalMessage, RawEnvelope  # noqa: E402
+from core.settings import Settings  # noqa: E402
 from gateway.enrich import DEFAULT_EXTRACTORS, Enricher, _e164  # noqa: E402
-from gateway.errors import NormalizationError  # noqa: E402
-from gateway.model import CanonicalMessage, RawEnvelope  # noqa: E402
-from gateway.settings import Settings  # noqa: E402
 from normalizers.email import normalize_email  # noqa: E402
 from tests.support.corpora import email_corpus_mails  # noqa: E402
 

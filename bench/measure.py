@@ -55,7 +55,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
-# The gateway's children name themselves (gateway.cli.name_process); anything else is "other".
+# The gateway's children name themselves (gateway.process.name_process); anything else is "other".
 _CHILD_NAMES = {"tg-relay": "relay process", "tg-normalize": "normalizer process"}
 
 

@@ -53,8 +53,8 @@ async def gateway_publish_rate(url: str, n: int, window: int, batch: int = 256) 
     """The same load through :class:`gateway.publisher.AmqpPublisher` (batches of outbox rows)."""
     from datetime import UTC, datetime
 
+    from core.settings import BrokerSettings, QueueSettings
     from gateway.publisher import AmqpPublisher
-    from gateway.settings import BrokerSettings, QueueSettings
     from gateway.store.base import OutboxRow
 
     suffix = uuid.uuid4().hex[:8]

@@ -93,8 +93,8 @@ async def _serve_async(kind: str, data: Path, conn: Connection) -> None:
     from aiosmtpd.smtp import SMTP, Envelope, Session
 
     from connectors.email import EmailConnector
-    from gateway.model import IngestResult, Outcome, Placement, RawEnvelope
-    from gateway.settings import Settings
+    from core.model import IngestResult, Outcome, Placement, RawEnvelope
+    from core.settings import Settings
 
     loop = asyncio.get_running_loop()
     if kind == "bare":

@@ -21,11 +21,11 @@ from pathlib import Path
 # Run as a script, bench/ comes first on sys.path and bench/dedupe.py would shadow the dedupe package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from gateway import events  # noqa: E402
-from gateway.events import CustomerView, Event  # noqa: E402
-from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope  # noqa: E402
-from gateway.settings import OutboxSettings, StoreSettings  # noqa: E402
-from gateway.store.base import PlacementPolicy  # noqa: E402
+from core import events  # noqa: E402
+from core.events import CustomerView, Event  # noqa: E402
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope  # noqa: E402
+from core.settings import OutboxSettings, StoreSettings  # noqa: E402
+from dedupe.policy import PlacementPolicy  # noqa: E402
 from gateway.store.sqlite import SQLiteStore  # noqa: E402
 
 POLICY = PlacementPolicy(window=72 * 3600)

@@ -1,12 +1,12 @@
 """The connector contract: one small protocol for every channel.
 
 A connector is built from the settings (``from_settings``; it returns ``None`` when the channel is
-not configured and raises :class:`gateway.errors.ConfigError` when it is configured wrongly, e.g. a
+not configured and raises :class:`core.errors.ConfigError` when it is configured wrongly, e.g. a
 secret is missing: fail closed), then mounted on the application (``setup``). HTTP connectors add an
 aiohttp sub-app under their own prefix; others (SMTP, IMAP) add a ``cleanup_ctx`` entry.
 
-The connector verifies, builds a :class:`~gateway.model.RawEnvelope` and awaits ``ingest``; it
-maps the :class:`~gateway.model.IngestResult` to the channel's own answer and never answers
+The connector verifies, builds a :class:`~core.model.RawEnvelope` and awaits ``ingest``; it
+maps the :class:`~core.model.IngestResult` to the channel's own answer and never answers
 success unless ``result.stored``.
 """
 
@@ -17,8 +17,8 @@ from typing import Protocol, Self
 
 from aiohttp import web
 
-from gateway.model import IngestResult, RawEnvelope
-from gateway.settings import Settings
+from core.model import IngestResult, RawEnvelope
+from core.settings import Settings
 from normalizers.base import Normalizer
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]

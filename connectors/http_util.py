@@ -19,8 +19,8 @@ import orjson
 from aiohttp import web
 from pydantic import SecretStr
 
-from gateway.errors import ConfigError, TooLarge
-from gateway.model import IngestResult, Outcome
+from core.errors import ConfigError, TooLarge
+from core.model import IngestResult, Outcome
 
 logger = logging.getLogger(__name__)
 

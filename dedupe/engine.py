@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.events import CustomerView, Event, customer_merged, thread_merged, uuid7_int
+from core.model import CanonicalMessage, Identity, Placement
 from dedupe import similarity
 from dedupe.identities import normalize_all
+from dedupe.policy import PlacementPolicy
 from dedupe.tx import ClaimedLink, CustomerRecord, MergeRecord, MessageRecord, RecentText, ThreadRecord, Tx
-from gateway.events import CustomerView, Event, customer_merged, thread_merged, uuid7_int
-from gateway.model import CanonicalMessage, Identity, Placement
-from gateway.store.base import PlacementPolicy
 
 TICKET_PREFIX = "ticket:"
 _MAX_RFC822_LOOKUPS = 10  # In-Reply-To plus the newest References

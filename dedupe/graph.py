@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from core.events import Event
+from core.model import Identity
 from dedupe.engine import current_customer, merge_customers, undo_merge
 from dedupe.identities import normalize_all
 from dedupe.tx import ClaimedLink, CustomerRecord, MergeRecord, Tx, TxWork
-from gateway.events import Event
-from gateway.model import Identity
 
 
 class GraphError(ValueError):

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import idna
 import phonenumbers
 
-from gateway.model import Identity, IdentityKind
+from core.model import Identity, IdentityKind
 
 _E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
 # Kinds whose values are case-insensitive provider ids.

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from gateway.events import Event
-from gateway.model import Identity, Placement
+from core.events import Event
+from core.model import Identity, Placement
 
 T = TypeVar("T")
 
@@ -179,7 +179,7 @@ class Tx(Protocol):
     def create_customer(self, customer: CustomerRecord, now: datetime) -> None: ...
 
     def get_customer(self, customer_id: str) -> CustomerRecord:
-        """The customer (``merged_into`` included); raises ``gateway.errors.StoreError`` if unknown."""
+        """The customer (``merged_into`` included); raises ``core.errors.StoreError`` if unknown."""
         ...
 
     def find_customer(self, customer_id: str) -> CustomerRecord | None:

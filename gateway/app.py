@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from core.settings import Settings
 from gateway.control import control_ctx
 from gateway.enrich import Enricher
 from gateway.health import setup_health
@@ -28,7 +29,7 @@ from gateway.publisher import AmqpPublisher, Publisher
 from gateway.registry import load_connectors
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
-from gateway.settings import Settings
+from gateway.store import build_store
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -40,16 +41,6 @@ class Overrides:
 
     store: Store | None = None
     publisher: Publisher | None = None
-
-
-def build_store(settings: Settings) -> Store:
-    if settings.store.backend == "postgresql":
-        from gateway.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
-
-        return PostgresStore(settings.store, settings.outbox)  # type: ignore[no-any-return,unused-ignore]
-    from gateway.store.sqlite import SQLiteStore
-
-    return SQLiteStore(settings.store, settings.outbox)
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Application:

@@ -9,34 +9,19 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TextIO
 
 import orjson
 
-from gateway.errors import ConfigError
-from gateway.settings import Settings, load_settings
+from core.errors import ConfigError
+from core.settings import Settings, load_settings
+from gateway.process import new_event_loop
 
 DEFAULT_CONFIG = "config/ticketgate.dev.toml"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (it is a dependency on Linux): a cheaper loop for the same code."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - platforms without uvloop wheels
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def name_process(name: str) -> None:
-    """Show ``name`` for this process in ps, top and /proc (the spawned children all look alike)."""
-    with contextlib.suppress(OSError):  # Linux only; the name is a convenience
-        Path("/proc/self/comm").write_text(name[:15])
 
 
 async def _freeze_startup_heap(app: object) -> None:
@@ -133,7 +118,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 async def _outbox_status(settings: Settings, out: TextIO) -> int:
-    from gateway.app import build_store
+    from gateway.store import build_store
 
     store = build_store(settings)
     await store.open()
@@ -150,11 +135,11 @@ async def _outbox_status(settings: Settings, out: TextIO) -> int:
 
 
 async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    from gateway.app import build_store
-    from gateway.events import isoformat
+    from core.events import isoformat
     from gateway.metrics import Metrics
     from gateway.pipeline import Pipeline
     from gateway.registry import normalizer_for
+    from gateway.store import build_store
 
     store = build_store(settings)
     await store.open()

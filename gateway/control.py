@@ -22,8 +22,8 @@ import aio_pika.abc
 from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
+from core.settings import BrokerSettings, ControlSettings
 from dedupe import graph
-from gateway.settings import BrokerSettings, ControlSettings
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from typing import Self
 
 import phonenumbers
 
-from gateway.model import CanonicalMessage, Entity, Routing
-from gateway.settings import ExtractorSettings, RoutingRule, Settings
+from core.model import CanonicalMessage, Entity, Routing
+from core.settings import ExtractorSettings, RoutingRule, Settings
 
 MAX_ENTITIES = 32
 # Only this much of subject + text is scanned: order and tracking numbers sit near the top.

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from core.settings import Settings
 from gateway.metrics import Metrics
-from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.pipeline import Pipeline

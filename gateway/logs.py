@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.settings import LogSettings
+from core.settings import LogSettings
 
 # Attributes every LogRecord has; anything else was passed through ``extra=`` and is kept.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}

@@ -36,10 +36,10 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
+from core.errors import NormalizationError
+from core.model import CanonicalMessage, RawEnvelope
+from core.settings import Settings
 from gateway.enrich import Enricher
-from gateway.errors import NormalizationError
-from gateway.model import CanonicalMessage, RawEnvelope
-from gateway.settings import Settings
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -258,8 +258,8 @@ def _portable_error(exc: BaseException) -> BaseException:
 
 def child_main(settings: Settings, sock: socket.socket) -> None:
     """Entry point of the normalizer process: answer frames until the parent closes the socket."""
-    from gateway.cli import name_process
     from gateway.logs import configure_logging
+    from gateway.process import name_process
 
     name_process("tg-normalize")
     # The parent decides when we stop (it closes the socket); a terminal's Ctrl-C reaches us too.

@@ -11,14 +11,15 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from gateway import events
-from gateway.errors import InvalidInput, NormalizationError, RetryableError
-from gateway.events import CustomerView, Event
+from core import events
+from core.errors import InvalidInput, NormalizationError, RetryableError
+from core.events import CustomerView, Event
+from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
+from core.settings import Settings
+from dedupe.policy import PlacementPolicy
 from gateway.metrics import Metrics
-from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
 from gateway.offload import NormalizeWorker, offloadable
-from gateway.settings import Settings
-from gateway.store.base import PlacementPolicy, Store
+from gateway.store.base import Store
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)

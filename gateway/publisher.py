@@ -4,7 +4,7 @@
 :class:`MemoryPublisher` keeps what it was given, for unit tests. Both honour the same contract:
 
 * ``publish(rows)`` returns only when every row was confirmed; otherwise it raises
-  :class:`BatchPublishError` (a :class:`gateway.errors.PublishError`) whose ``confirmed`` holds the
+  :class:`BatchPublishError` (a :class:`core.errors.PublishError`) whose ``confirmed`` holds the
   positions that *were* confirmed, so the caller can mark exactly those.
 * Per-thread order: within a batch, a row is sent only after the previous row of the same thread
   (same ``thread_id``; thread-less events count as one thread) was confirmed. A failed row holds back
@@ -24,10 +24,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from pamqp import commands as spec
 
+from core.errors import ConfigError, PublishError
+from core.events import SCHEMA
+from core.settings import BrokerSettings
 from gateway.amqp_wire import Nacked, PublishConnection, Returned, WireError
-from gateway.errors import ConfigError, PublishError
-from gateway.events import SCHEMA
-from gateway.settings import BrokerSettings
 from gateway.store.base import OutboxRow
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Publisher(Protocol):
 
 
 def amqp_headers(row: OutboxRow) -> dict[str, Any]:
-    """The AMQP headers of an event, as :meth:`gateway.events.Event.amqp_headers` builds them."""
+    """The AMQP headers of an event, as :meth:`core.events.Event.amqp_headers` builds them."""
     headers: dict[str, Any] = {"schema": SCHEMA, "tenant": row.tenant, "channel": row.channel}
     if row.sequence is not None:
         headers["sequence"] = row.sequence

@@ -6,7 +6,7 @@ import importlib
 from typing import cast
 
 from connectors.base import Connector
-from gateway.settings import Settings
+from core.settings import Settings
 from normalizers.base import Normalizer
 
 # channel table name -> "module:ClassName"
@@ -18,7 +18,7 @@ CONNECTORS: dict[str, str] = {
     "wecom": "connectors.wechat:WeComConnector",
     "wechat_kf": "connectors.wechat:WeChatKfConnector",
     # The desk API (customers, merges, thread status); not a message channel, so no normalizer.
-    "identity": "connectors.identity:IdentityConnector",
+    "identity": "gateway.desk:IdentityConnector",
 }
 
 
@@ -31,7 +31,7 @@ def load_connectors(settings: Settings) -> list[Connector]:
             continue
         target = CONNECTORS.get(name)
         if target is None:
-            from gateway.errors import ConfigError
+            from core.errors import ConfigError
 
             raise ConfigError(
                 f"unknown channel (known: {', '.join(sorted(CONNECTORS))})",

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-from gateway.errors import PublishError
+from core.errors import PublishError
+from core.settings import OutboxSettings
 from gateway.publisher import BatchPublishError, Publisher
-from gateway.settings import OutboxSettings
 from gateway.store.base import OutboxRow, OutboxStatus
 
 logger = logging.getLogger(__name__)

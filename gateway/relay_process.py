@@ -34,9 +34,9 @@ from typing import Any
 
 import orjson
 
+from core.settings import Settings
 from gateway.metrics import Metrics
 from gateway.relay import RelayStatus
-from gateway.settings import Settings
 from gateway.store.base import OutboxRow, OutboxStatus, Store
 
 logger = logging.getLogger(__name__)
@@ -285,8 +285,8 @@ class MarkThroughParent:
 
 def child_main(settings: Settings, sock: socket.socket) -> None:
     """Entry point of the relay process."""
-    from gateway.cli import name_process, new_event_loop
     from gateway.logs import configure_logging
+    from gateway.process import name_process, new_event_loop
 
     name_process("tg-relay")
     # A terminal's Ctrl-C (and systemd's SIGTERM to the whole group) reaches us too; the parent
@@ -302,9 +302,9 @@ def child_main(settings: Settings, sock: socket.socket) -> None:
 
 
 async def _child(settings: Settings, sock: socket.socket) -> None:
-    from gateway.app import build_store
     from gateway.publisher import AmqpPublisher
     from gateway.relay import OutboxRelay
+    from gateway.store import build_store
 
     reader, writer = await asyncio.open_unix_connection(sock=sock)
 

@@ -15,7 +15,7 @@ import aio_pika
 import aio_pika.abc
 import orjson
 
-from gateway.settings import BrokerSettings
+from core.settings import BrokerSettings
 
 TEXT_WIDTH = 80
 

@@ -30,8 +30,8 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.errors import InvalidInput
-from gateway.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from core.errors import InvalidInput
+from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 
 CHANNEL = "api"
 IDEMPOTENCY_HEADER = "idempotency-key"

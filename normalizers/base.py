@@ -1,8 +1,8 @@
 """The normalizer contract.
 
 A normalizer is a pure, synchronous function: no I/O, no clock, no randomness. It raises
-:class:`gateway.errors.InvalidInput` for a request the sender must fix (nothing is stored, the
-channel answers 4xx) and :class:`gateway.errors.NormalizationError` for a verified message it cannot
+:class:`core.errors.InvalidInput` for a request the sender must fix (nothing is stored, the
+channel answers 4xx) and :class:`core.errors.NormalizationError` for a verified message it cannot
 understand (the message is quarantined with its raw bytes, and the channel answers success).
 """
 
@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from gateway.model import CanonicalMessage, RawEnvelope
+from core.model import CanonicalMessage, RawEnvelope
 
 Normalizer = Callable[[RawEnvelope], Sequence[CanonicalMessage]]

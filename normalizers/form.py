@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl
 import orjson
 import phonenumbers
 
-from gateway.errors import InvalidInput, TooLarge
-from gateway.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from core.errors import InvalidInput, TooLarge
+from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 
 CHANNEL = "form"
 HONEYPOT_FIELD = "website"

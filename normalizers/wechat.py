@@ -20,8 +20,8 @@ from typing import Any
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
-from gateway.errors import InvalidInput, NormalizationError, TooLarge
-from gateway.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
+from core.errors import InvalidInput, NormalizationError, TooLarge
+from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
 
 DEFAULT_MAX_XML_BYTES = 256 * 1024
 MAX_DEPTH = 8  # WeChat nests at most three levels (SendPicsInfo/PicList/item)

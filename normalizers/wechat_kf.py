@@ -19,8 +19,8 @@ from typing import Any, TypedDict, cast
 
 import orjson
 
-from gateway.errors import NormalizationError
-from gateway.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
+from core.errors import NormalizationError
+from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
 
 MEDIA_TYPES = {"image": "image", "voice": "voice", "video": "video", "file": "file"}
 _KINDS = {3: "message", 4: "event", 5: "agent_message"}

@@ -1,4 +1,4 @@
-"""Every event built by gateway/events.py validates against docs/schema; broken ones do not."""
+"""Every event built by core/events.py validates against docs/schema; broken ones do not."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
 
-from gateway import events
-from gateway.events import CustomerView, Event
-from gateway.model import Attachment, CanonicalMessage, Entity, Identity, MediaRef, Placement, Routing
+from core import events
+from core.events import CustomerView, Event
+from core.model import Attachment, CanonicalMessage, Entity, Identity, MediaRef, Placement, Routing
 from tests.support.schema import SCHEMA_DIR, validate_event
 
 NOW = datetime(2026, 11, 22, 9, 30, tzinfo=UTC)

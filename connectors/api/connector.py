@@ -31,9 +31,9 @@ from connectors.http_util import (
     result_response,
     retry_after_value,
 )
-from gateway.errors import InvalidInput
-from gateway.model import Outcome, RawEnvelope
-from gateway.settings import ChannelSettings, Secret, Settings
+from core.errors import InvalidInput
+from core.model import Outcome, RawEnvelope
+from core.settings import ChannelSettings, Secret, Settings
 from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from connectors.email.imap import ImapPollers, Observer, pollers_for, setup_imap
 from connectors.email.settings import EmailSettings
 from connectors.email.smtp import SmtpListener, setup_smtp
 from connectors.email.state import StoreState
+from core.settings import Settings
 from gateway.keys import STORE
-from gateway.settings import Settings
 from normalizers.base import Normalizer
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from connectors.email import trust
 from connectors.email.settings import EmailSettings
-from gateway.model import RawEnvelope
-from gateway.settings import Settings
+from core.model import RawEnvelope
+from core.settings import Settings
 
 CHANNEL = "email"
 

@@ -29,7 +29,7 @@ from connectors.base import Ingest
 from connectors.email.envelope import EnvelopeFactory
 from connectors.email.settings import EmailSettings, ImapAccountSettings
 from connectors.email.state import StoreState
-from gateway.model import IngestResult, Outcome
+from core.model import IngestResult, Outcome
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)

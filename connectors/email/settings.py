@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from gateway.settings import ChannelSettings, Duration, Secret
+from core.settings import ChannelSettings, Duration, Secret
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Deliberately loose: an address is "local@domain"; the MTA upstream already enforced syntax.

@@ -28,7 +28,7 @@ from connectors.base import Ingest
 from connectors.email.data import DataState, read_data
 from connectors.email.envelope import EnvelopeFactory, Router
 from connectors.email.settings import EmailSettings, SmtpSettings
-from gateway.model import IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)

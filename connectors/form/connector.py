@@ -39,9 +39,9 @@ from connectors.http_util import (
     result_status,
     retry_after_value,
 )
-from gateway.errors import ConfigError, InvalidInput
-from gateway.model import IngestResult, Outcome, RawEnvelope
-from gateway.settings import ChannelSettings, Settings
+from core.errors import ConfigError, InvalidInput
+from core.model import IngestResult, Outcome, RawEnvelope
+from core.settings import ChannelSettings, Settings
 from normalizers.form import (
     FormSubmission,
     describe_errors,

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 import aiohttp
 import orjson
 
-from gateway.errors import RetryableError
+from core.errors import RetryableError
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,10 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from gateway.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
+from core.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
+from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.settings import Settings
 from gateway.keys import STORE
-from gateway.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
-from gateway.settings import Settings
 from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
 

@@ -45,10 +45,10 @@ from connectors.wechat.app import (
 from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.settings import WeChatKfSettings
-from gateway.errors import InvalidInput, RetryableError, VerificationError
+from core.errors import InvalidInput, RetryableError, VerificationError
+from core.model import RawEnvelope
+from core.settings import Settings
 from gateway.keys import STORE
-from gateway.model import RawEnvelope
-from gateway.settings import Settings
 from gateway.store.base import Store
 from normalizers.wechat import parse_callback_xml
 from normalizers.wechat_kf import normalize_kf

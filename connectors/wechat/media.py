@@ -27,9 +27,9 @@ from urllib.parse import quote
 from aiohttp import web
 
 from connectors.wechat.api import ApiError, ApiUnavailable, TooLargeMedia, WeChatApi
-from gateway.events import media_path
+from core.events import media_path
+from core.model import CanonicalMessage
 from gateway.keys import SETTINGS, STORE
-from gateway.model import CanonicalMessage
 from gateway.store.base import MediaFetch, Store
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.errors import InvalidInput, VerificationError
+from core.errors import InvalidInput, VerificationError
 
 logger = logging.getLogger(__name__)
 

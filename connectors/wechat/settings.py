@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway.settings import ChannelSettings, Duration, Secret
+from core.settings import ChannelSettings, Duration, Secret
 
 # Names appear in the callback URL path (``/wechat/{name}``), so they stay URL-safe.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

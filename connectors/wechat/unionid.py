@@ -34,10 +34,10 @@ from typing import Any
 import orjson
 
 from connectors.wechat.api import ApiError, ApiUnavailable, WeChatApi
+from core.events import Event
+from core.model import CanonicalMessage, Identity, IdentityKind
 from dedupe.graph import GraphError, LinkResult, link
 from dedupe.tx import Tx, TxWork
-from gateway.events import Event
-from gateway.model import CanonicalMessage, Identity, IdentityKind
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)

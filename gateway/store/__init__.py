@@ -1,11 +1,22 @@
 """Durable stores behind one protocol: embedded SQLite (default) and PostgreSQL (several instances)."""
 
+from core.settings import Settings
 from gateway.store.base import (
     OutboxRow,
     OutboxStatus,
-    PlacementPolicy,
     QuarantineRecord,
     Store,
 )
 
-__all__ = ["OutboxRow", "OutboxStatus", "PlacementPolicy", "QuarantineRecord", "Store"]
+
+def build_store(settings: Settings) -> Store:
+    if settings.store.backend == "postgresql":
+        from gateway.store.postgres import PostgresStore  # type: ignore[import-not-found,unused-ignore]
+
+        return PostgresStore(settings.store, settings.outbox)  # type: ignore[no-any-return,unused-ignore]
+    from gateway.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.store, settings.outbox)
+
+
+__all__ = ["OutboxRow", "OutboxStatus", "QuarantineRecord", "Store", "build_store"]

@@ -11,25 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
-from gateway.events import CustomerView, Event
-from gateway.model import CanonicalMessage, Placement, RawEnvelope
+from core.events import CustomerView, Event
+from core.model import CanonicalMessage, Placement, RawEnvelope
+from dedupe.policy import PlacementPolicy
 
 if TYPE_CHECKING:
     from dedupe.tx import TxWork
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PlacementPolicy:
-    """What thread assignment needs from the settings, resolved per message by the pipeline."""
-
-    window: float  # seconds since the thread's last activity within which a message joins it
-    ticket_ref_pattern: str | None = None
-    # Duplicate touchpoints: the same text from the same customer through another channel.
-    duplicate_window: float = 900.0  # seconds; 0 turns detection off
-    duplicate_threshold: float = 90.0  # rapidfuzz ratio (0..100) on normalised text
-    duplicate_min_chars: int = 12  # shorter normalised texts are never duplicates
 
 
 # Builds the message.received event once the store knows customer, thread and sequence.
@@ -124,8 +113,8 @@ class Store(Protocol):
         idempotency key (a claimed key yields the first placement with ``duplicate=True`` and no
         event), resolve the customer, assign the thread, and enqueue its event in the outbox.
 
-        Raises :class:`gateway.errors.BacklogFull` when the outbox is at its bound and
-        :class:`gateway.errors.StoreError` when the commit fails; nothing is kept then.
+        Raises :class:`core.errors.BacklogFull` when the outbox is at its bound and
+        :class:`core.errors.StoreError` when the commit fails; nothing is kept then.
         """
         ...
 

@@ -59,7 +59,12 @@ import psycopg.errors
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from core.errors import BacklogFull, StoreError
+from core.events import Event, message_quarantined
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
+from dedupe.policy import PlacementPolicy
 from dedupe.tx import (
     RECENT_TEXTS_KEPT,
     ClaimedLink,
@@ -71,16 +76,11 @@ from dedupe.tx import (
     ThreadRecord,
     TxWork,
 )
-from gateway.errors import BacklogFull, StoreError
-from gateway.events import Event, message_quarantined
-from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
-from gateway.settings import OutboxSettings, StoreSettings
 from gateway.store.base import (
     EventBuilder,
     MediaFetch,
     OutboxRow,
     OutboxStatus,
-    PlacementPolicy,
     QuarantineRecord,
 )
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex

@@ -24,7 +24,12 @@ from typing import Any, TypeVar
 
 import orjson
 
+from core.errors import BacklogFull, StoreError
+from core.events import Event, message_quarantined
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
+from dedupe.policy import PlacementPolicy
 from dedupe.tx import (
     RECENT_TEXTS_KEPT,
     ClaimedLink,
@@ -36,16 +41,11 @@ from dedupe.tx import (
     ThreadRecord,
     TxWork,
 )
-from gateway.errors import BacklogFull, StoreError
-from gateway.events import Event, message_quarantined
-from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
-from gateway.settings import OutboxSettings, StoreSettings
 from gateway.store.base import (
     EventBuilder,
     MediaFetch,
     OutboxRow,
     OutboxStatus,
-    PlacementPolicy,
     QuarantineRecord,
 )
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex

@@ -41,8 +41,8 @@ from email.policy import compat32
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
-from gateway.errors import ConfigError, NormalizationError
-from gateway.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from core.errors import ConfigError, NormalizationError
+from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 from normalizers.base import Normalizer
 from normalizers.email import autoreply, headers, htmltext
 from normalizers.email.addresses import parse_addresses, parse_sender, sender_verified

@@ -6,9 +6,9 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-from gateway.events import Event
-from gateway.model import CanonicalMessage, Identity
-from gateway.store.base import PlacementPolicy
+from core.events import Event
+from core.model import CanonicalMessage, Identity
+from dedupe.policy import PlacementPolicy
 from gateway.store.sqlite import MIGRATIONS, SQLiteTx
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)

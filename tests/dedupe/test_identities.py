@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.model import Identity
 from dedupe.identities import normalize, normalize_all, normalize_email, normalize_phone
 from dedupe.similarity import is_duplicate, normalize_text
-from gateway.model import Identity
 
 
 @pytest.mark.parametrize(

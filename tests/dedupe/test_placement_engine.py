@@ -8,8 +8,8 @@ from datetime import timedelta
 
 from dedupekit import POLICY, T0, msg, types
 
+from core.model import Identity
 from dedupe.engine import new_id, place
-from gateway.model import Identity
 from gateway.store.sqlite import SQLiteTx
 
 EMAIL = Identity(kind="email", value="ada@example.com", verified=True)

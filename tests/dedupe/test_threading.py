@@ -9,10 +9,10 @@ from datetime import timedelta
 import orjson
 from dedupekit import POLICY, T0, msg, types
 
+from core.model import Identity
 from dedupe import graph
 from dedupe.engine import place
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText
-from gateway.model import Identity
 from gateway.store.sqlite import SQLiteTx
 
 MAIL = Identity(kind="email", value="ada@example.com", verified=True)

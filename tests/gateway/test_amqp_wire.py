@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 from pamqp import commands as spec
 
+from core.settings import BrokerSettings, QueueSettings
 from gateway.amqp_wire import Endpoint, PublishConnection, WireError
 from gateway.publisher import AmqpPublisher
-from gateway.settings import BrokerSettings, QueueSettings
 from tests.support.consumer import Consumer
 from tests.support.outbox import row_from_event, thread_event
 from tests.support.rabbitmq import Janitor

@@ -9,9 +9,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from core.model import RawEnvelope
+from core.settings import load_settings
 from gateway.cli import main
-from gateway.model import RawEnvelope
-from gateway.settings import load_settings
 from gateway.store.sqlite import SQLiteStore
 
 
@@ -114,8 +114,8 @@ def test_unknown_quarantine_id(tmp_path: Path, capsys: pytest.CaptureFixture[str
     ("fd00::5", "http://[fd00::5]:8123/healthz"),
 ])
 def test_health_probes_where_the_gateway_listens(host: str, url: str) -> None:
+    from core.settings import Settings
     from gateway.cli import health_url
-    from gateway.settings import Settings
 
     settings = Settings.model_validate({"server": {"host": host, "port": 8123}})
     assert health_url(settings) == url

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import load_settings
 from gateway.cli import cmd_check_config, main
-from gateway.settings import load_settings
 
 CONFIG = Path(__file__).resolve().parents[2] / "config"
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from core.model import CanonicalMessage, Entity, Identity, Routing
+from core.settings import Settings
 from gateway.enrich import MAX_ENTITIES, Enricher
-from gateway.model import CanonicalMessage, Entity, Identity, Routing
-from gateway.settings import Settings
 from tests.support.corpora import email_corpus_mails
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

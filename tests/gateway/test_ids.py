@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import uuid
 
+from core.events import new_event_id
 from dedupe.engine import new_id
-from gateway.events import new_event_id
 
 
 def test_event_ids_are_canonical_uuid7_and_increase_on_a_still_clock() -> None:

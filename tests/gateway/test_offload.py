@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import InvalidInput, NormalizationError
+from core.settings import Settings
 from gateway.enrich import Enricher
-from gateway.errors import InvalidInput, NormalizationError
 from gateway.offload import NormalizeWorker, offloadable
-from gateway.settings import Settings
 from normalizers.email import EmailLimits, make_email_normalizer
 from tests.support.mailkit import envelope
 from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected, Unreadable

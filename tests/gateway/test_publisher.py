@@ -11,10 +11,10 @@ import aio_pika
 import aiormq.exceptions
 import pytest
 
-from gateway import events
-from gateway.errors import ConfigError, PublishError
+from core import events
+from core.errors import ConfigError, PublishError
+from core.settings import BrokerSettings, QueueSettings
 from gateway.publisher import AmqpPublisher, BatchPublishError, MemoryPublisher, Publisher, topic_matches
-from gateway.settings import BrokerSettings, QueueSettings
 from gateway.store.base import OutboxRow
 from tests.support.consumer import Consumer, Received
 from tests.support.outbox import row_from_event, thread_event, thread_rows

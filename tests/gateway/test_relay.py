@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import StoreError
+from core.errors import StoreError
+from core.settings import BrokerSettings, OutboxSettings, QueueSettings, StoreSettings
 from gateway.publisher import AmqpPublisher, MemoryPublisher, PublishedMessage
 from gateway.relay import OutboxRelay
-from gateway.settings import BrokerSettings, OutboxSettings, QueueSettings, StoreSettings
 from tests.support.consumer import Consumer
 from tests.support.outbox import FakeOutbox, thread_event
 from tests.support.rabbitmq import Janitor

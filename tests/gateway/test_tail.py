@@ -8,8 +8,8 @@ import io
 import orjson
 import pytest
 
+from core.settings import BrokerSettings, QueueSettings
 from gateway.publisher import AmqpPublisher
-from gateway.settings import BrokerSettings, QueueSettings
 from gateway.tail import format_line, tail
 from tests.support.outbox import row_from_event, thread_event
 from tests.support.rabbitmq import Janitor

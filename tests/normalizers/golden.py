@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gateway.events import isoformat
-from gateway.model import CanonicalMessage
+from core.events import isoformat
+from core.model import CanonicalMessage
 
 
 def as_golden(message: CanonicalMessage) -> dict[str, Any]:

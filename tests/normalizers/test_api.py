@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidInput
-from gateway.model import RawEnvelope
+from core.errors import InvalidInput
+from core.model import RawEnvelope
 from normalizers.api import normalize_api
 from tests.normalizers.golden import as_golden, check_golden
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidInput, TooLarge
-from gateway.model import RawEnvelope
+from core.errors import InvalidInput, TooLarge
+from core.model import RawEnvelope
 from normalizers.form import MAX_PARTS, field_errors, normalize_form, parse_form
 from tests.normalizers.golden import as_golden, check_golden
 

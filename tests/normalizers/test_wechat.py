@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import InvalidInput, NormalizationError, TooLarge
-from gateway.model import CanonicalMessage, IdentityKind, RawEnvelope
+from core.errors import InvalidInput, NormalizationError, TooLarge
+from core.model import CanonicalMessage, IdentityKind, RawEnvelope
 from normalizers.wechat import normalize, parse_callback_xml
 from tests.support.corpora import CORPORA as CORPORA_DIR
 

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.errors import NormalizationError
-from gateway.model import RawEnvelope
+from core.errors import NormalizationError
+from core.model import RawEnvelope
 from normalizers.wechat_kf import normalize_kf
 
 CORP = "ww0123456789abcdef"

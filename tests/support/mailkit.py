@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from gateway.model import RawEnvelope
+from core.model import RawEnvelope
 
 
 def envelope(body: bytes, **meta: object) -> RawEnvelope:

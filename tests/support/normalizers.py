@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
-from gateway.errors import InvalidInput, NormalizationError
-from gateway.model import CanonicalMessage, RawEnvelope
+from core.errors import InvalidInput, NormalizationError
+from core.model import CanonicalMessage, RawEnvelope
 
 
 @dataclass(frozen=True)

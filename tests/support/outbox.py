@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from gateway import events
-from gateway.events import CustomerView, Event
-from gateway.model import CanonicalMessage, Identity, Placement
+from core import events
+from core.events import CustomerView, Event
+from core.model import CanonicalMessage, Identity, Placement
 from gateway.store.base import OutboxRow, OutboxStatus
 
 

@@ -11,9 +11,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from connectors.api import ApiConnector
-from gateway.errors import ConfigError
-from gateway.model import IngestResult, Outcome
-from gateway.settings import Settings
+from core.errors import ConfigError
+from core.model import IngestResult, Outcome
+from core.settings import Settings
 from tests.connectors.form.fake_ingest import ACCEPTED, FakeIngest
 
 Client = TestClient[web.Request, web.Application]

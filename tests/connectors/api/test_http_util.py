@@ -6,7 +6,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from connectors.http_util import ClientAddress, RateLimiter, result_status
-from gateway.model import IngestResult, Outcome
+from core.model import IngestResult, Outcome
 
 
 class Clock:

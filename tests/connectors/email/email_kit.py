@@ -24,9 +24,9 @@ from cryptography.x509.oid import NameOID
 
 from connectors.email import EmailConnector
 from connectors.email.imap import Observer
+from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
+from core.settings import Settings
 from gateway.keys import STORE
-from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
-from gateway.settings import Settings
 from gateway.store.sqlite import SQLiteStore
 
 ALLOW_SKIP_ENV = "TICKETGATE_TEST_ALLOW_SKIP"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from tests.connectors.email.dovecot_kit import PASSWORD, USER, Dovecot, dovecot
 from tests.connectors.email.email_kit import RETRY, FakeIngest, mail, read_state, running, self_signed
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from connectors.email.settings import EmailSettings
-from gateway.errors import ConfigError
-from gateway.model import IngestResult, Outcome
+from core.errors import ConfigError
+from core.model import IngestResult, Outcome
 from tests.connectors.email.email_kit import (
     RETRY,
     FakeIngest,

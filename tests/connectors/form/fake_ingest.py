@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
+from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
 from normalizers.base import Normalizer
 
 ACCEPTED = IngestResult(

@@ -13,9 +13,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from connectors.form import FormConnector
-from gateway.errors import ConfigError
-from gateway.model import IngestResult, Outcome, Placement
-from gateway.settings import Settings
+from core.errors import ConfigError
+from core.model import IngestResult, Outcome, Placement
+from core.settings import Settings
 from tests.connectors.form.fake_ingest import ACCEPTED, FakeIngest
 
 SITE = "https://shop.example.com"

@@ -13,15 +13,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from connectors.api import ApiConnector
-from connectors.identity import IdentityConnector
+from core.errors import ConfigError, StoreError
+from core.model import CanonicalMessage, Identity, Placement
+from core.settings import Settings
 from dedupe import graph
 from dedupe.tx import TxWork
 from gateway.control import Applied, apply_control
-from gateway.errors import ConfigError, StoreError
+from gateway.desk import IdentityConnector
 from gateway.keys import STORE
-from gateway.model import CanonicalMessage, Identity, Placement
 from gateway.registry import load_connectors
-from gateway.settings import Settings
 from gateway.store.base import Store
 from gateway.store.sqlite import SQLiteStore
 from tests.connectors.form.fake_ingest import FakeIngest

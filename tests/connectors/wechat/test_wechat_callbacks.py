@@ -17,9 +17,9 @@ from wechatpy.enterprise.crypto import WeChatCrypto as WeComCrypto
 from wechatpy.utils import WeChatSigner
 
 from connectors.wechat import WeChatConnector, WeComConnector
-from gateway.errors import ConfigError, RetryableError
-from gateway.model import IngestResult, Outcome, Placement, RawEnvelope
-from gateway.settings import Settings
+from core.errors import ConfigError, RetryableError
+from core.model import IngestResult, Outcome, Placement, RawEnvelope
+from core.settings import Settings
 from normalizers.base import Normalizer
 from tests.support.corpora import CORPORA as CORPORA_DIR
 

@@ -16,11 +16,11 @@ from fake_api import CORP_ID, CORP_SECRET, FakeWeChatApi
 from wechatpy.enterprise.crypto import WeChatCrypto as WeComCrypto
 
 from connectors.wechat.kf import KfSyncer, WeChatKfConnector, cursor_key
+from core.model import IngestResult, RawEnvelope
+from core.settings import OutboxSettings, Settings, StoreSettings
 from gateway.keys import STORE
 from gateway.metrics import Metrics
-from gateway.model import IngestResult, RawEnvelope
 from gateway.pipeline import Pipeline
-from gateway.settings import OutboxSettings, Settings, StoreSettings
 from gateway.store.sqlite import SQLiteStore
 from normalizers.base import Normalizer
 
@@ -262,7 +262,7 @@ async def test_missing_secret_refuses_to_start(fake: FakeWeChatApi, tmp_path: Pa
     del raw["channels"]["wechat_kf"]["apps"]["service"]["secret"]
     raw["channels"]["wechat_kf"]["apps"]["service"]["token"] = TOKEN
     raw["channels"]["wechat_kf"]["apps"]["service"]["encoding_aes_key"] = AES_KEY
-    from gateway.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="secret"):
         WeChatKfConnector.from_settings(Settings.model_validate(raw))

@@ -18,9 +18,9 @@ from wechatpy.enterprise.crypto import WeChatCrypto as WeComCrypto
 
 from connectors.wechat import WeChatConnector, WeComConnector
 from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
+from core.model import IngestResult, Outcome, Placement, RawEnvelope
+from core.settings import OutboxSettings, Settings, StoreSettings
 from gateway.keys import STORE
-from gateway.model import IngestResult, Outcome, Placement, RawEnvelope
-from gateway.settings import OutboxSettings, Settings, StoreSettings
 from gateway.store.sqlite import SQLiteStore
 from normalizers.base import Normalizer
 

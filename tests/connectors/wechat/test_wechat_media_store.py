@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import OutboxSettings, StoreSettings
+from core.settings import OutboxSettings, StoreSettings
 from gateway.store.base import MediaFetch
 from gateway.store.sqlite import SQLiteStore
 

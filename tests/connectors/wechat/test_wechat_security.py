@@ -14,7 +14,7 @@ from connectors.wechat.security import (
     extract_encrypt,
     signature,
 )
-from gateway.errors import InvalidInput
+from core.errors import InvalidInput
 from tests.support.corpora import CORPORA as CORPORA_DIR
 
 CORPORA = CORPORA_DIR

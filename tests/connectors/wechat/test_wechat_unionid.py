@@ -19,11 +19,11 @@ from wechatpy.crypto import WeChatCrypto as OfficialCrypto
 from connectors.wechat import WeChatConnector
 from connectors.wechat.api import WeChatApi
 from connectors.wechat.unionid import UnionIdResolver, marker_key
+from core.settings import OutboxSettings, Settings, StoreSettings
 from dedupe import graph
 from gateway.keys import STORE
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
-from gateway.settings import OutboxSettings, Settings, StoreSettings
 from gateway.store.sqlite import SQLiteStore
 
 NOW = 1_718_000_000

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from gateway import events
-from gateway.events import CustomerView, Event
-from gateway.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
-from gateway.settings import OutboxSettings, StoreSettings
-from gateway.store.base import PlacementPolicy
+from core import events
+from core.events import CustomerView, Event
+from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
+from core.settings import OutboxSettings, StoreSettings
+from dedupe.policy import PlacementPolicy
 
 T0 = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
 WINDOW = 3600.0

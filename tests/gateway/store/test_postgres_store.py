@@ -18,10 +18,10 @@ import psycopg
 import pytest
 from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
 
+from core.errors import BacklogFull
+from core.events import Event
+from core.model import CanonicalMessage, Identity, Placement
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
-from gateway.errors import BacklogFull
-from gateway.events import Event
-from gateway.model import CanonicalMessage, Identity, Placement
 from gateway.publisher import MemoryPublisher
 from gateway.relay import OutboxRelay
 from gateway.store.postgres import MIGRATIONS, PostgresStore

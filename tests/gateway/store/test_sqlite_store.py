@@ -15,9 +15,9 @@ import orjson
 import pytest
 from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
 
-from gateway.errors import BacklogFull, StoreError
-from gateway.events import CustomerView, Event
-from gateway.model import Attachment, CanonicalMessage, Placement, RawEnvelope
+from core.errors import BacklogFull, StoreError
+from core.events import CustomerView, Event
+from core.model import Attachment, CanonicalMessage, Placement, RawEnvelope
 from gateway.store.blobs import sha256_hex
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 

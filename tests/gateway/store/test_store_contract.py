@@ -23,12 +23,12 @@ from storekit import (
     store_settings,
 )
 
+from core.errors import BacklogFull
+from core.events import Event, thread_merged
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from dedupe import graph
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.app import _purge_loop, sweep_recent_texts
-from gateway.errors import BacklogFull
-from gateway.events import Event, thread_merged
-from gateway.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from gateway.store.base import Store
 from gateway.store.blobs import sha256_hex
 from gateway.store.postgres import PostgresStore

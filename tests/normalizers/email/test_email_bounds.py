@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.errors import NormalizationError
+from core.errors import NormalizationError
 from normalizers.base import Normalizer
 from normalizers.email import EmailLimits, make_email_normalizer, normalize_email
 from tests.support.mailkit import envelope

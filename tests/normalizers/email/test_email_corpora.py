@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import NormalizationError
+from core.errors import NormalizationError
 from normalizers.email import normalize_email
 from tests.support.corpora import CORPORA, EMAIL_CORPORA
 from tests.support.mailkit import envelope

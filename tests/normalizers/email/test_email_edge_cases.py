@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.model import RawEnvelope
+from core.model import RawEnvelope
 from normalizers.email import normalize_email
 from normalizers.email.charsets import decode_unlabeled_cjk
 from normalizers.email.headers import decode_text

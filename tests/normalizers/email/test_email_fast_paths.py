@@ -14,7 +14,7 @@ from email.policy import compat32
 
 import pytest
 
-from gateway.errors import NormalizationError
+from core.errors import NormalizationError
 from normalizers.email.addresses import parse_addresses, parse_sender
 from normalizers.email.parse import (
     _BOUNDARY_OR_DELIMITER,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway.model import CanonicalMessage, RawEnvelope
+from core.model import CanonicalMessage, RawEnvelope
 from normalizers.email import normalize_email
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "email"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import NormalizationError
+from core.errors import NormalizationError
 from normalizers.email import normalize_email
 from normalizers.email.reply import _BLANK_RUNS, _MAX_LINES, _cuts_at, _may_cut, extract_reply
 from tests.support.corpora import email_corpus_mails

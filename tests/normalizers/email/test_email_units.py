@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gateway.errors import ConfigError
+from core.errors import ConfigError
 from normalizers.email import normalize_email
 from normalizers.email.addresses import Sender, parse_sender, sender_verified
 from normalizers.email.charsets import decode

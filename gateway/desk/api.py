@@ -40,14 +40,14 @@ from connectors.http_util import (
     read_body,
     retry_after_value,
 )
+from core.errors import ConfigError, InvalidInput, RetryableError
+from core.events import Event
+from core.model import Identity, IdentityKind
+from core.settings import ChannelSettings, Secret, Settings
 from dedupe import graph
 from dedupe.identities import normalize
 from dedupe.tx import ClaimedLink, MergeRecord, ThreadRecord, Tx, TxWork
-from gateway.errors import ConfigError, InvalidInput, RetryableError
-from gateway.events import Event
 from gateway.keys import STORE
-from gateway.model import Identity, IdentityKind
-from gateway.settings import ChannelSettings, Secret, Settings
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.errors import ConfigError
+from core.errors import ConfigError
 
 ENV_PREFIX = "TICKETGATE__"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import orjson
 
-from gateway.model import CanonicalMessage, Identity, Placement
+from core.model import CanonicalMessage, Identity, Placement
 
 SCHEMA = "ticketgate.event/1"
 
