@@ -28,9 +28,10 @@ from aiohttp import web
 
 from connectors.wechat.api import ApiError, ApiUnavailable, TooLargeMedia, WeChatApi
 from core.events import media_path
+from core.media import MediaFetch
 from core.model import CanonicalMessage
 from gateway.keys import SETTINGS, STORE
-from gateway.store.base import MediaFetch, Store
+from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
 

@@ -61,6 +61,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.errors import BacklogFull, StoreError
 from core.events import Event, message_quarantined
+from core.media import MediaFetch
 from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
@@ -78,7 +79,6 @@ from dedupe.tx import (
 )
 from gateway.store.base import (
     EventBuilder,
-    MediaFetch,
     OutboxRow,
     OutboxStatus,
     QuarantineRecord,

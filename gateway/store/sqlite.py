@@ -26,6 +26,7 @@ import orjson
 
 from core.errors import BacklogFull, StoreError
 from core.events import Event, message_quarantined
+from core.media import MediaFetch
 from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
@@ -43,7 +44,6 @@ from dedupe.tx import (
 )
 from gateway.store.base import (
     EventBuilder,
-    MediaFetch,
     OutboxRow,
     OutboxStatus,
     QuarantineRecord,

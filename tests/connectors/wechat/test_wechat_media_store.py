@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from core.media import MediaFetch
 from core.settings import OutboxSettings, StoreSettings
-from gateway.store.base import MediaFetch
 from gateway.store.sqlite import SQLiteStore
 
 T0 = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
