@@ -8,8 +8,6 @@ understand (the message is quarantined with its raw bytes, and the channel answe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from core.channel import Normalizer
 
-from core.model import CanonicalMessage, RawEnvelope
-
-Normalizer = Callable[[RawEnvelope], Sequence[CanonicalMessage]]
+__all__ = ["Normalizer"]

@@ -1,0 +1,228 @@
+"""The channel seam: everything a channel may use, and how a channel declares itself.
+
+A channel is a package under ``connectors/`` that exports one :class:`ChannelDescriptor` (name,
+settings model, connector, normalizer, identity kinds, optional sender) through the
+``ticketgate.channels`` entry-point group. The daemon builds the connector from the settings and
+calls ``connector.setup(ctx)`` with a :class:`ChannelContext`: the only door to the rest of the
+gateway. A channel never imports the store, dedupe or the daemon's wiring (import-linter enforces
+it), so every channel is written, read and tested against this one file.
+
+Rules a connector keeps (the channel contract suite checks them for every registered channel):
+verify before parsing; hand a :class:`~core.model.RawEnvelope` to ``ctx.ingest``; answer success
+only when ``result.stored``; answer the provider's "retry" when the result is retryable; never 500
+on what a request carried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+from core.media import MediaFetch
+from core.model import CanonicalMessage, Identity, IngestResult, RawEnvelope
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    import aiohttp
+    from aiohttp import web
+    from pydantic import BaseModel
+
+Normalizer = Callable[[RawEnvelope], Sequence[CanonicalMessage]]
+"""raw envelope -> canonical messages; pure (see ``normalizers.base``)."""
+
+ENTRY_POINT_GROUP = "ticketgate.channels"
+
+
+class Clock(Protocol):
+    """The gateway's clock; tests inject a fixed one."""
+
+    def now(self) -> datetime:
+        """The current time, timezone-aware UTC."""
+        ...
+
+    def time(self) -> float:
+        """Seconds since the epoch (provider timestamps, replay windows)."""
+        ...
+
+    def monotonic(self) -> float:
+        """For intervals and backoff; never compared across processes."""
+        ...
+
+
+class ChannelState(Protocol):
+    """Small durable values of one channel (cursors, watermarks, tokens), shared by every instance
+    on the same store. Keys are the channel's own; the context namespaces them by channel name."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Returns once the value is committed."""
+        ...
+
+    async def compare_and_set(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        """Set ``value`` only if the current value is ``expected`` (``None``: absent); whether it was
+        set. Two instances advancing one cursor: exactly one wins, the other re-reads."""
+        ...
+
+
+class MediaQueue(Protocol):
+    """The durable queue of provider-held media this channel fetches after the commit.
+
+    ``enqueue`` is insert-if-absent by key (a provider's retry adds nothing); ``claim`` leases due
+    fetches of this channel (a fetcher that dies leaves them due again after the lease); the gateway
+    serves fetched media to desks at ``/media/{key}``.
+    """
+
+    async def enqueue(self, fetches: Sequence[MediaFetch]) -> None: ...
+
+    async def claim(self, now: datetime, limit: int, lease: float) -> list[MediaFetch]: ...
+
+    async def done(self, key: str, data: bytes, *, content_type: str, name: str | None) -> str:
+        """Keep ``data`` as a blob and mark the fetch done; returns the sha256."""
+        ...
+
+    async def failed(self, key: str, error: str, *, retry_at: datetime | None) -> None:
+        """Pending again at ``retry_at``, or failed for good when it is ``None``."""
+        ...
+
+    async def get(self, key: str) -> MediaFetch | None: ...
+
+
+class Blobs(Protocol):
+    """Read access to the content-addressed blob store (raw bodies, attachments, fetched media)."""
+
+    async def read(self, sha256: str) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkOutcome:
+    """What linking a verified identity did: the customer that owns it now, and who merged into it."""
+
+    customer_id: str
+    merged_customers: tuple[str, ...] = ()
+
+
+class IdentityLinks(Protocol):
+    """Verified evidence a provider API gives after the message (a WeChat unionid, a directory email)."""
+
+    async def link_verified(
+        self, *, tenant: str, owner: Identity, identity: Identity, evidence: dict[str, Any]
+    ) -> LinkOutcome | None:
+        """Link ``identity`` (verified) to the customer owning ``owner``, in one transaction; a
+        customer already owning ``identity`` is merged (recorded, reversible, ``customer.merged``).
+        ``None`` when no customer owns ``owner`` (yet)."""
+        ...
+
+
+class ChannelMetrics(Protocol):
+    """Channel-specific counts, exported as ``ticketgate_channel_events_total{channel,inbox,event}``."""
+
+    def event(self, event: str, *, inbox: str = "") -> None:
+        """Count one occurrence (``signature_refused``, ``media_failed``, ``echo_ignored`` ...)."""
+        ...
+
+
+class HttpClient(Protocol):
+    """A client for one provider API. ``base_url`` comes from the channel's settings so that tests
+    point it at a local server; the session exists while the gateway runs (from start to shutdown)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession: ...
+
+    def url(self, path: str) -> str:
+        """``base_url`` joined with ``path`` (a leading ``/`` is not required)."""
+        ...
+
+
+Lifecycle = Callable[[], AbstractAsyncContextManager[None]]
+"""Something started before the gateway serves and stopped after its listeners (an SMTP server)."""
+
+
+class ChannelContext(Protocol):
+    """Everything a channel may use, and nothing else."""
+
+    @property
+    def channel(self) -> str: ...
+
+    @property
+    def settings(self) -> Settings:
+        """The whole configuration (inboxes, server limits, public URL); the channel's own table is
+        in ``settings.channel(name, Model)``."""
+        ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def state(self) -> ChannelState: ...
+
+    @property
+    def media(self) -> MediaQueue: ...
+
+    @property
+    def blobs(self) -> Blobs: ...
+
+    @property
+    def identities(self) -> IdentityLinks: ...
+
+    @property
+    def metrics(self) -> ChannelMetrics: ...
+
+    async def ingest(self, envelope: RawEnvelope, normalize: Normalizer | None = None) -> IngestResult:
+        """Verify-then-store: normalize (the descriptor's normalizer unless one is given), place and
+        commit. Success may be answered only when ``result.stored``."""
+        ...
+
+    def add_app(self, prefix: str, app: web.Application) -> None:
+        """Mount an aiohttp sub-application under ``prefix`` (HTTP routes of the channel)."""
+        ...
+
+    def add_lifecycle(self, lifecycle: Lifecycle) -> None:
+        """Run ``lifecycle()`` while the gateway runs: SMTP listeners, IMAP pollers, stream
+        connections. Entered in registration order at start, exited in reverse at shutdown."""
+        ...
+
+    def spawn(self, name: str, run: Callable[[], Awaitable[None]], *, restart_after: float = 1.0) -> None:
+        """A supervised background task for the gateway's lifetime: started at start-up, restarted
+        (after ``restart_after`` seconds, doubling up to a minute) when it raises, cancelled at
+        shutdown. For pollers and fetchers."""
+        ...
+
+    def http(self, base_url: str, *, timeout: float = 15.0) -> HttpClient:
+        """A client for a provider API at ``base_url``; call during ``setup``."""
+        ...
+
+
+class Connector(Protocol):
+    """One channel's transport. ``from_settings`` returns ``None`` when the channel is not configured
+    and raises :class:`core.errors.ConfigError` when it is configured wrongly (fail closed)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self | None: ...
+
+    def setup(self, ctx: ChannelContext) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelDescriptor:
+    """How a channel declares itself; exported by the channel's package under ``ENTRY_POINT_GROUP``.
+
+    ``normalizer`` is the one live ingest and quarantine replay use (``None`` for a channel whose
+    messages are all normalized elsewhere). ``deadline`` is how long the provider waits for an
+    answer before it retries (seconds); the contract suite holds the connector to it.
+    """
+
+    name: str
+    connector: type[Connector]
+    normalizer: Normalizer | None
+    settings: type[BaseModel] | None = None
+    identity_kinds: frozenset[str] = field(default_factory=frozenset)
+    deadline: float = 10.0
+    sender: Any = None  # the way back (replies); each channel's sender lands with the replies work
+
