@@ -27,7 +27,8 @@ test: setup
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check gateway connectors normalizers dedupe tests bench
+	$(BIN)/ruff check core gateway connectors normalizers dedupe tests bench
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 bench: setup

@@ -175,8 +175,8 @@ class ChannelContext(Protocol):
     def metrics(self) -> ChannelMetrics: ...
 
     async def ingest(self, envelope: RawEnvelope, normalize: Normalizer | None = None) -> IngestResult:
-        """Verify-then-store: normalize (the descriptor's normalizer unless one is given), place and
-        commit. Success may be answered only when ``result.stored``."""
+        """Normalize (the descriptor's normalizer, configured from the settings, unless one is given),
+        place and commit. Success may be answered only when ``result.stored``."""
         ...
 
     def add_app(self, prefix: str, app: web.Application) -> None:
@@ -213,16 +213,25 @@ class Connector(Protocol):
 class ChannelDescriptor:
     """How a channel declares itself; exported by the channel's package under ``ENTRY_POINT_GROUP``.
 
-    ``normalizer`` is the one live ingest and quarantine replay use (``None`` for a channel whose
-    messages are all normalized elsewhere). ``deadline`` is how long the provider waits for an
-    answer before it retries (seconds); the contract suite holds the connector to it.
+    ``normalizer`` is the one live ingest and quarantine replay use; a channel whose normalizer
+    takes bounds from its settings gives ``configure`` (settings -> normalizer) as well, and both
+    paths use what it returns. ``deadline`` is how long the provider waits for an answer before it
+    retries (seconds); the contract suite holds the connector to it.
     """
 
     name: str
     connector: type[Connector]
-    normalizer: Normalizer | None
+    normalizer: Normalizer
+    configure: Callable[[Settings], Normalizer] | None = None
     settings: type[BaseModel] | None = None
     identity_kinds: frozenset[str] = field(default_factory=frozenset)
     deadline: float = 10.0
     sender: Any = None  # the way back (replies); each channel's sender lands with the replies work
 
+
+
+def normalizer_for(descriptor: ChannelDescriptor, settings: Settings) -> Normalizer:
+    """The normalizer of ``descriptor`` under ``settings`` (live ingest and replay alike)."""
+    if descriptor.configure is not None:
+        return descriptor.configure(settings)
+    return descriptor.normalizer

@@ -18,15 +18,17 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 
 from core.settings import Settings
+from gateway.channels import Registry, setup_channels
 from gateway.control import control_ctx
+from gateway.desk import DeskApi
 from gateway.enrich import Enricher
 from gateway.health import setup_health
 from gateway.keys import METRICS, PIPELINE, RELAY, SETTINGS, STORE
+from gateway.media import setup_media
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker
 from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
-from gateway.registry import load_connectors
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
 from gateway.store import build_store
@@ -41,6 +43,7 @@ class Overrides:
 
     store: Store | None = None
     publisher: Publisher | None = None
+    registry: Registry | None = None  # the installed channels by default
 
 
 def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Application:
@@ -109,9 +112,14 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     # Desks report threads closed / reopened; applied to the store, so it stops before the store.
     app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))
     setup_health(app)
-    for connector in load_connectors(settings):
-        connector.setup(app, pipeline.ingest)
-        logger.info("channel %s enabled", connector.name)
+    setup_media(app)
+    desk = DeskApi.from_settings(settings)
+    if desk is not None:
+        desk.setup(app, store)
+        logger.info("desk API enabled")
+    setup_channels(
+        app, settings, ingest=pipeline.ingest, store=store, metrics=metrics, registry=overrides.registry
+    )
     return app
 
 

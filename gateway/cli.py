@@ -65,14 +65,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from gateway.channels import Registry
+    from gateway.desk import DeskApi
     from gateway.logs import configure_logging
-    from gateway.registry import load_connectors
 
     settings = _settings(args)
     configure_logging(settings.log)
-    connectors = load_connectors(settings)  # channel tables are validated when connectors are built
-    names = ", ".join(c.name for c in connectors) or "none"
-    print(f"{args.config}: OK (inboxes: {len(settings.inboxes)}, channels: {names})", file=out)
+    # Channel tables are validated when their connectors are built.
+    names = [descriptor.name for descriptor, _ in Registry.installed().configured(settings)]
+    if DeskApi.from_settings(settings) is not None:
+        names.append("identity")
+    names_text = ", ".join(names) or "none"
+    print(f"{args.config}: OK (inboxes: {len(settings.inboxes)}, channels: {names_text})", file=out)
     return 0
 
 
@@ -136,9 +140,9 @@ async def _outbox_status(settings: Settings, out: TextIO) -> int:
 
 async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     from core.events import isoformat
+    from gateway.channels import Registry
     from gateway.metrics import Metrics
     from gateway.pipeline import Pipeline
-    from gateway.registry import normalizer_for
     from gateway.store import build_store
 
     store = build_store(settings)
@@ -184,7 +188,7 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
         from gateway.enrich import Enricher
 
         pipeline = Pipeline(settings, store, Metrics(), enrich=Enricher.from_settings(settings).enrich)
-        result = await pipeline.replay(envelope, normalizer_for(envelope.channel))
+        result = await pipeline.replay(envelope, Registry.installed().normalizer(envelope.channel, settings))
         summary = result.outcome.value + (f": {result.reason}" if result.reason else "")
         if result.stored:
             await store.quarantine_mark_replayed(record.id, summary)

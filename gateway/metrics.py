@@ -47,6 +47,12 @@ class Metrics:
         self.broker_connected = Gauge(
             "ticketgate_broker_connected", "1 while the publisher is connected", registry=r
         )
+        self.channel_events = Counter(
+            "ticketgate_channel_events",
+            "What channels report: refused signatures, media that could not be fetched, ignored echoes",
+            ["channel", "inbox", "event"],
+            registry=r,
+        )
 
         # Labelled children, looked up once: ``labels()`` takes a lock and rebuilds the key per call.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -67,6 +73,10 @@ class Metrics:
         self._child(self.outcomes, channel, outcome).inc()
         if ack_seconds is not None:
             self._child(self.ack_latency, channel).observe(ack_seconds)
+
+    def channel_event(self, channel: str, inbox: str, event: str) -> None:
+        """One channel-specific occurrence (through ``ChannelContext.metrics``)."""
+        self._child(self.channel_events, channel, inbox, event).inc()
 
     # The relay reports through these three methods (see gateway.relay).
     def publish_confirmed(self, n: int) -> None:

@@ -19,8 +19,9 @@ from typing import Self
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from connectors.base import Ingest
-from connectors.http_util import (
+from connectors.base import ChannelContext, Ingest
+from core.errors import InvalidInput
+from core.http import (
     MIN_KEY_LENGTH,
     BearerKeys,
     ClientAddress,
@@ -31,7 +32,6 @@ from connectors.http_util import (
     result_response,
     retry_after_value,
 )
-from core.errors import InvalidInput
 from core.model import Outcome, RawEnvelope
 from core.settings import ChannelSettings, Secret, Settings
 from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
@@ -124,12 +124,12 @@ class ApiConnector:
             )
         )
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        handlers = _Handlers(self._config, ingest)
+    def setup(self, ctx: ChannelContext) -> None:
+        handlers = _Handlers(self._config, ctx.ingest)
         sub = web.Application()
         sub.router.add_post("/messages", handlers.messages)
         sub.router.add_get("/openapi.yaml", handlers.openapi)
-        app.add_subapp(PREFIX, sub)
+        ctx.add_app(PREFIX, sub)
 
 
 class _Handlers:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Self
 
-from aiohttp import web
-
-from connectors.base import Ingest
+from connectors.base import ChannelContext
 from connectors.email.envelope import EnvelopeFactory
 from connectors.email.imap import ImapPollers, Observer, pollers_for, setup_imap
 from connectors.email.settings import EmailSettings
 from connectors.email.smtp import SmtpListener, setup_smtp
-from connectors.email.state import StoreState
+from connectors.email.state import JsonState
+from core.channel import ChannelDescriptor
+from core.model import IdentityKind
 from core.settings import Settings
-from gateway.keys import STORE
 from normalizers.base import Normalizer
+from normalizers.email import EmailLimits, make_email_normalizer, normalize_email
 
 
 class EmailConnector:
@@ -52,19 +52,37 @@ class EmailConnector:
             settings.inbox(account.inbox, key=f"channels.email.imap.{name}.inbox")
         return cls(settings, email)
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        normalize = self._normalize
-        if normalize is None:
-            from gateway.registry import normalizer_for
-
-            normalize = normalizer_for("email")
+    def setup(self, ctx: ChannelContext) -> None:
+        normalize = self._normalize or normalizer_from(self.settings)
         factory = EnvelopeFactory.from_settings(self.settings, self.email)
         timeout = self.settings.server.shutdown_timeout
         if self.email.smtp is not None:
-            self.smtp = setup_smtp(app, self.email.smtp, self.email, factory, ingest, normalize, timeout)
+            self.smtp = setup_smtp(ctx, self.email.smtp, self.email, factory, normalize, timeout)
         if self.email.imap:
-            state = StoreState(app[STORE], prefix="email/")
             self.imap = ImapPollers(
-                pollers_for(self.email, factory, state, ingest, normalize, self._observer)
+                pollers_for(self.email, factory, JsonState(ctx.state), ctx.ingest, normalize, self._observer)
             )
-            setup_imap(app, self.imap, timeout)
+            setup_imap(ctx, self.imap, timeout)
+
+
+def normalizer_from(settings: Settings) -> Normalizer:
+    """The email normalizer bounded by the largest message either transport accepts."""
+    email = settings.channel("email", EmailSettings)
+    sizes = [] if email is None else [
+        *([email.smtp.max_message_size] if email.smtp is not None else []),
+        *(account.max_message_size for account in email.imap.values()),
+    ]
+    if not sizes:
+        return normalize_email
+    return make_email_normalizer(EmailLimits(max_bytes=max(sizes)))
+
+
+DESCRIPTOR = ChannelDescriptor(
+    name="email",
+    connector=EmailConnector,
+    normalizer=normalize_email,
+    configure=normalizer_from,
+    settings=EmailSettings,
+    identity_kinds=frozenset({IdentityKind.EMAIL}),
+    deadline=300.0,  # RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to DATA's end
+)

@@ -22,13 +22,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
 from aioimaplib import aioimaplib  # type: ignore[import-untyped]
 
-from connectors.base import Ingest
+from connectors.base import ChannelContext, Ingest
 from connectors.email.envelope import EnvelopeFactory
 from connectors.email.settings import EmailSettings, ImapAccountSettings
-from connectors.email.state import StoreState
+from connectors.email.state import JsonState
 from core.model import IngestResult, Outcome
 from normalizers.base import Normalizer
 
@@ -114,7 +113,7 @@ class FolderPoller:
         *,
         email: EmailSettings,
         factory: EnvelopeFactory,
-        state: StoreState,
+        state: JsonState,
         ingest: Ingest,
         normalize: Normalizer,
         observer: Observer | None = None,
@@ -430,7 +429,7 @@ class FolderPoller:
 def pollers_for(
     email: EmailSettings,
     factory: EnvelopeFactory,
-    state: StoreState,
+    state: JsonState,
     ingest: Ingest,
     normalize: Normalizer,
     observer: Observer | None = None,
@@ -479,16 +478,18 @@ class ImapPollers:
         self._tasks = []
 
 
-def setup_imap(
-    app: web.Application, pollers: ImapPollers, shutdown_timeout: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def imap_ctx(app: web.Application) -> AsyncIterator[None]:
-        await pollers.start()
-        yield
-        await pollers.stop(shutdown_timeout)
+def setup_imap(ctx: ChannelContext, pollers: ImapPollers, shutdown_timeout: float) -> None:
+    """The pollers, polling while the gateway runs."""
 
-    app.cleanup_ctx.append(imap_ctx)
-    return imap_ctx
+    @contextlib.asynccontextmanager
+    async def polling() -> AsyncIterator[None]:
+        await pollers.start()
+        try:
+            yield
+        finally:
+            await pollers.stop(shutdown_timeout)
+
+    ctx.add_lifecycle(polling)
 
 
 __all__ = ["FolderPoller", "ImapError", "ImapPollers", "Observer", "Watermark", "pollers_for", "setup_imap"]

@@ -9,6 +9,7 @@ serve, so the listener is never an open relay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -21,10 +22,9 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
-from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from connectors.base import Ingest
+from connectors.base import ChannelContext, Ingest
 from connectors.email.data import DataState, read_data
 from connectors.email.envelope import EnvelopeFactory, Router
 from connectors.email.settings import EmailSettings, SmtpSettings
@@ -437,20 +437,23 @@ class SmtpListener:
 
 
 def setup_smtp(
-    app: web.Application,
+    ctx: ChannelContext,
     smtp: SmtpSettings,
     email: EmailSettings,
     factory: EnvelopeFactory,
-    ingest: Ingest,
     normalize: Normalizer,
     shutdown_timeout: float,
 ) -> SmtpListener:
-    listener = SmtpListener(smtp, SmtpHandler(smtp, email, factory, ingest, normalize))
+    """The SMTP listener, listening while the gateway runs."""
+    listener = SmtpListener(smtp, SmtpHandler(smtp, email, factory, ctx.ingest, normalize))
 
-    async def smtp_ctx(app: web.Application) -> AsyncIterator[None]:
+    @contextlib.asynccontextmanager
+    async def serving() -> AsyncIterator[None]:
         await listener.start()
-        yield
-        await listener.stop(shutdown_timeout)
+        try:
+            yield
+        finally:
+            await listener.stop(shutdown_timeout)
 
-    app.cleanup_ctx.append(smtp_ctx)
+    ctx.add_lifecycle(serving)
     return listener

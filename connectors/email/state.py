@@ -1,4 +1,4 @@
-"""Durable IMAP watermarks, kept in the gateway's store (``Store.state_get`` / ``state_put``).
+"""Durable IMAP watermarks, kept in the gateway's store through the channel's durable state.
 
 Keeping them in the store rather than a side file gives them the messages' durability and backup
 story, and lets instances sharing a PostgreSQL store share them too.
@@ -10,19 +10,18 @@ from typing import Any
 
 import orjson
 
-from gateway.store.base import Store
+from core.channel import ChannelState
 
 
-class StoreState:
-    """JSON values under a key prefix; ``set`` returns once the value is committed."""
+class JsonState:
+    """JSON values over the channel's state; ``set`` returns once the value is committed."""
 
-    def __init__(self, store: Store, prefix: str) -> None:
-        self._store = store
-        self._prefix = prefix
+    def __init__(self, state: ChannelState) -> None:
+        self._state = state
 
     async def get(self, key: str) -> Any:
-        raw = await self._store.state_get(self._prefix + key)
+        raw = await self._state.get(key)
         return orjson.loads(raw) if raw is not None else None
 
     async def set(self, key: str, value: Any) -> None:
-        await self._store.state_put(self._prefix + key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+        await self._state.put(key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))

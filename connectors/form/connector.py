@@ -23,10 +23,11 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
-from connectors.base import Ingest
+from connectors.base import ChannelContext, Ingest
 from connectors.form import render
 from connectors.form.i18n import STRINGS, pick_language
-from connectors.http_util import (
+from core.errors import ConfigError, InvalidInput
+from core.http import (
     ClientAddress,
     RateLimiter,
     accepts_json,
@@ -39,7 +40,6 @@ from connectors.http_util import (
     result_status,
     retry_after_value,
 )
-from core.errors import ConfigError, InvalidInput
 from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import ChannelSettings, Settings
 from normalizers.form import (
@@ -170,14 +170,14 @@ class FormConnector:
                               key="channels.form.inboxes")
         return cls(channel, inboxes, settings)
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        handlers = _Handlers(self._config, ingest)
+    def setup(self, ctx: ChannelContext) -> None:
+        handlers = _Handlers(self._config, ctx.ingest)
         sub = web.Application()
         sub.router.add_get("/{inbox}", handlers.show)
         sub.router.add_post("/{inbox}", handlers.submit)
         sub.router.add_route("OPTIONS", "/{inbox}", handlers.preflight)
         sub.router.add_get("/{inbox}/embed.js", handlers.embed)
-        app.add_subapp(PREFIX, sub)
+        ctx.add_app(PREFIX, sub)
 
 
 def _origin_of(request: web.Request) -> str | None:

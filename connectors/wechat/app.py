@@ -25,9 +25,9 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from aiohttp import web
 
-from connectors.base import Ingest
+from connectors.base import ChannelContext, Ingest
 from connectors.wechat.api import Credentials, WeChatApi
-from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
+from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import (
     BadSignature,
     CallbackSecurity,
@@ -37,10 +37,11 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.errors import ConfigError, InvalidInput, RetryableError, TooLarge, VerificationError
+from core.channel import Lifecycle
+from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
+from core.http import read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
-from gateway.keys import STORE
 from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
 
@@ -76,7 +77,7 @@ class _Runtime:
     max_body_bytes: int
     ingest_timeout: float
     clock: Clock
-    media: MediaFetcher | None = None
+    media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
@@ -106,24 +107,22 @@ class _CallbackConnector:
         self.media_policy = media_policy or MediaPolicy()
         self.api_timeout = api_timeout
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher,
-        ``/media/{name}`` and the unionid lookups (the application's store must be set under
-        ``gateway.keys.STORE``)."""
+    def setup(self, ctx: ChannelContext) -> None:
+        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and the
+        unionid lookups."""
         fetcher = self.media_fetcher()
         resolver = self.unionid_resolver()
-        app.add_subapp(f"/{self.name}", self.build_subapp(ingest, media=fetcher, unionid=resolver))
+        ctx.add_app(f"/{self.name}", self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver))
         if fetcher is not None:
-            fetcher.bind(app[STORE])
+            fetcher.bind(ctx.media, ctx.metrics)
             if resolver is not None:
-                resolver.bind(app[STORE])
-            app.cleanup_ctx.append(self._api_ctx(fetcher, resolver))
-            app.add_subapp(f"/media/{self.name}", media_subapp(self.name))
+                resolver.bind(ctx.state, ctx.identities)
+            ctx.add_lifecycle(self._api_lifecycle(ctx, fetcher, resolver))
 
-    def media_fetcher(self) -> MediaFetcher | None:
+    def media_fetcher(self) -> WeChatMedia | None:
         """A fetcher for the accounts that have API credentials; ``None`` when none has."""
         accounts = frozenset(name for name, e in self.endpoints.items() if e.credentials is not None)
-        return MediaFetcher(self.name, accounts, self.media_policy) if accounts else None
+        return WeChatMedia(self.name, accounts, self.media_policy) if accounts else None
 
     def unionid_resolver(self) -> UnionIdResolver | None:
         """A resolver for the accounts with credentials and ``fetch_unionid``; ``None`` when none has."""
@@ -141,20 +140,28 @@ class _CallbackConnector:
             if e.credentials is not None
         }
 
-    def _api_ctx(self, fetcher: MediaFetcher, resolver: UnionIdResolver | None) -> Any:
-        async def api_ctx(app: web.Application) -> AsyncIterator[None]:
+    def _api_lifecycle(
+        self, ctx: ChannelContext, fetcher: WeChatMedia, resolver: UnionIdResolver | None
+    ) -> Lifecycle:
+        # Each account's credentials carry their API base (WeChatApi joins it); the client pools
+        # the connections of every account.
+        bases = sorted(e.credentials.api_base for e in self.endpoints.values() if e.credentials is not None)
+        http = ctx.http(bases[0], timeout=self.api_timeout + 5.0)
+
+        @contextlib.asynccontextmanager
+        async def running() -> AsyncIterator[None]:
             # One client (so one access token) per account, shared by media and unionid lookups.
-            async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
-                apis = self.apis(session)
+            async with contextlib.AsyncExitStack() as stack:
+                apis = self.apis(http.session)
                 await stack.enter_async_context(fetcher.running(apis))
                 if resolver is not None:
                     await stack.enter_async_context(resolver.running(apis))
                 yield
 
-        return api_ctx
+        return running
 
     def build_subapp(
-        self, ingest: Ingest, *, media: MediaFetcher | None = None, unionid: UnionIdResolver | None = None
+        self, ingest: Ingest, *, media: WeChatMedia | None = None, unionid: UnionIdResolver | None = None
     ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
@@ -293,20 +300,6 @@ def _endpoint(request: web.Request) -> tuple[_Runtime, Endpoint]:
     return runtime, endpoint
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; more is refused (413) without buffering it."""
-    if request.content_length is not None and request.content_length > limit:
-        raise TooLarge(f"body of {request.content_length} bytes exceeds {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(65536):
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: Exception) -> web.Response:
     """Map a verification or input failure to its 4xx; logged without body or secrets."""
     if isinstance(exc, BadSignature):
@@ -395,7 +388,7 @@ async def _oa_callback(request: web.Request) -> web.StreamResponse:
     query = request.query
     encrypted = "msg_signature" in query or query.get("encrypt_type", "").lower() == "aes"
     try:
-        body = await _read_body(request, runtime.max_body_bytes)
+        body = await read_body(request, runtime.max_body_bytes)
         if encrypted:
             plaintext = _open_encrypted(endpoint, body, query, runtime.max_body_bytes)
         else:
@@ -413,7 +406,7 @@ async def _oa_callback(request: web.Request) -> web.StreamResponse:
 async def _wecom_callback(request: web.Request) -> web.StreamResponse:
     runtime, endpoint = _endpoint(request)
     try:
-        body = await _read_body(request, runtime.max_body_bytes)
+        body = await read_body(request, runtime.max_body_bytes)
         plaintext = _open_encrypted(endpoint, body, request.query, runtime.max_body_bytes)
     except (VerificationError, InvalidInput) as exc:
         return _refusal(runtime, endpoint, request, exc)
@@ -481,7 +474,7 @@ async def commit(
     ingest: Ingest,
     envelope: RawEnvelope,
     normalizer: Normalizer,
-    media: MediaFetcher | None,
+    media: WeChatMedia | None,
     account: str,
     *,
     unionid: UnionIdResolver | None = None,

@@ -26,14 +26,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from connectors.base import Ingest
+from connectors.base import ChannelContext, Ingest
 from connectors.wechat.api import ApiError, Credentials, WeChatApi
 from connectors.wechat.app import (
     RUNTIME,
     Endpoint,
     _endpoint,
     _open_encrypted,
-    _read_body,
     _refusal,
     _required,
     _Runtime,
@@ -42,14 +41,14 @@ from connectors.wechat.app import (
     _wecom_handshake,
     commit,
 )
-from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
+from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.settings import WeChatKfSettings
+from core.channel import ChannelState
 from core.errors import InvalidInput, RetryableError, VerificationError
+from core.http import read_body
 from core.model import RawEnvelope
 from core.settings import Settings
-from gateway.keys import STORE
-from gateway.store.base import Store
 from normalizers.wechat import parse_callback_xml
 from normalizers.wechat_kf import normalize_kf
 
@@ -71,11 +70,11 @@ class KfApp:
 
 
 def cursor_key(account: str, open_kfid: str) -> str:
-    return f"{CHANNEL}:{account}:{open_kfid}:cursor"
+    return f"{account}:{open_kfid}:cursor"
 
 
 def _known_key(account: str) -> str:
-    return f"{CHANNEL}:{account}:open_kfids"
+    return f"{account}:open_kfids"
 
 
 class KfSyncer:
@@ -85,7 +84,7 @@ class KfSyncer:
         self,
         apps: Mapping[str, KfApp],
         ingest: Ingest,
-        media: MediaFetcher | None,
+        media: WeChatMedia | None,
         *,
         limit: int = 1000,
         poll_interval: float = 300.0,
@@ -95,27 +94,27 @@ class KfSyncer:
         self._media = media
         self._limit = limit
         self._poll_interval = poll_interval
-        self._store: Store | None = None
+        self._state: ChannelState | None = None
         self._apis: Mapping[str, WeChatApi] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._wanted: dict[tuple[str, str], str | None] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
-    def bind(self, store: Store) -> None:
-        self._store = store
+    def bind(self, state: ChannelState) -> None:
+        self._state = state
 
     def start(self, apis: Mapping[str, WeChatApi]) -> None:
         self._apis = apis
 
     @property
-    def store(self) -> Store:
-        if self._store is None:
-            raise RuntimeError("wechat_kf syncer is not bound to a store")
-        return self._store
+    def state(self) -> ChannelState:
+        if self._state is None:
+            raise RuntimeError("wechat_kf syncer is not bound to the channel's state")
+        return self._state
 
     async def known(self, account: str) -> list[str]:
         """The customer service accounts to sync: configured ones and every one a callback named."""
-        raw = await self.store.state_get(_known_key(account))
+        raw = await self.state.get(_known_key(account))
         seen: list[str] = orjson.loads(raw) if raw else []
         return list(dict.fromkeys([*self.apps[account].open_kfids, *seen]))
 
@@ -123,7 +122,7 @@ class KfSyncer:
         """A verified callback: remember the account durably (before the answer), then sync it."""
         known = await self.known(account)
         if open_kfid not in known:
-            await self.store.state_put(_known_key(account), orjson.dumps([*known, open_kfid]))
+            await self.state.put(_known_key(account), orjson.dumps([*known, open_kfid]))
         self.kick(account, open_kfid, token)
 
     def kick(self, account: str, open_kfid: str, token: str | None = None) -> None:
@@ -155,7 +154,7 @@ class KfSyncer:
         handed = 0
         async with lock:
             key = cursor_key(account, open_kfid)
-            raw = await self.store.state_get(key)
+            raw = await self.state.get(key)
             cursor = raw.decode() if raw else None
             while True:
                 try:
@@ -186,9 +185,13 @@ class KfSyncer:
                     handed += len(items)
                 next_cursor = page.get("next_cursor")
                 if isinstance(next_cursor, str) and next_cursor and next_cursor != cursor:
-                    # Only now: every message of the page is committed.
-                    await self.store.state_put(key, next_cursor.encode())
-                    cursor = next_cursor
+                    # Only now: every message of the page is committed. Another instance that
+                    # moved the cursor meanwhile wins; go on from where it got to.
+                    if not await self.state.compare_and_set(key, raw, next_cursor.encode()):
+                        raw = await self.state.get(key)
+                        cursor = raw.decode() if raw else None
+                        continue
+                    raw, cursor = next_cursor.encode(), next_cursor
                 if not page.get("has_more"):
                     return handed
 
@@ -276,11 +279,11 @@ class WeChatKfConnector:
             )
         return cls(apps, endpoints, table, clock)
 
-    def media_fetcher(self) -> MediaFetcher:
+    def media_fetcher(self) -> WeChatMedia:
         policy: MediaPolicy = self.options["media_policy"]
-        return MediaFetcher(CHANNEL, frozenset(self.apps), policy)
+        return WeChatMedia(CHANNEL, frozenset(self.apps), policy)
 
-    def syncer(self, ingest: Ingest, media: MediaFetcher | None) -> KfSyncer:
+    def syncer(self, ingest: Ingest, media: WeChatMedia | None) -> KfSyncer:
         return KfSyncer(
             self.apps, ingest, media, limit=self.table.sync_limit, poll_interval=self.table.poll_interval
         )
@@ -291,29 +294,32 @@ class WeChatKfConnector:
             for name, app in self.apps.items()
         }
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        """``/wechat_kf/{app}`` callbacks, ``/media/wechat_kf`` and the sync and media tasks."""
+    def setup(self, ctx: ChannelContext) -> None:
+        """``/wechat_kf/{app}`` callbacks, and the sync and media tasks."""
         fetcher = self.media_fetcher()
-        syncer = self.syncer(ingest, fetcher)
-        store = app[STORE]
-        fetcher.bind(store)
-        syncer.bind(store)
-        app.add_subapp(f"/{CHANNEL}", self.build_subapp(ingest, syncer))
-        app.add_subapp(f"/media/{CHANNEL}", media_subapp(CHANNEL))
+        syncer = self.syncer(ctx.ingest, fetcher)
+        fetcher.bind(ctx.media, ctx.metrics)
+        syncer.bind(ctx.state)
+        ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer))
+        # Each app's credentials carry their API base (WeChatApi joins it); one client pools them.
+        bases = sorted(app.credentials.api_base for app in self.apps.values())
+        http = ctx.http(bases[0], timeout=self.table.api_timeout + 5.0)
 
-        async def kf_ctx(app: web.Application) -> AsyncIterator[None]:
-            async with aiohttp.ClientSession() as session:
-                apis = self.apis(session)
-                syncer.start(apis)
-                async with fetcher.running(apis):
-                    poller = asyncio.create_task(syncer.run(), name="ticketgate-kf-poll")
+        @contextlib.asynccontextmanager
+        async def syncing() -> AsyncIterator[None]:
+            apis = self.apis(http.session)
+            syncer.start(apis)
+            async with fetcher.running(apis):
+                poller = asyncio.create_task(syncer.run(), name="ticketgate-kf-poll")
+                try:
                     yield
+                finally:
                     poller.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await poller
                     await syncer.stop()
 
-        app.cleanup_ctx.append(kf_ctx)
+        ctx.add_lifecycle(syncing)
 
     def build_subapp(self, ingest: Ingest, syncer: KfSyncer) -> web.Application:
         sub = web.Application()
@@ -334,7 +340,7 @@ class WeChatKfConnector:
 async def _kf_callback(request: web.Request) -> web.StreamResponse:
     runtime, endpoint = _endpoint(request)
     try:
-        body = await _read_body(request, runtime.max_body_bytes)
+        body = await read_body(request, runtime.max_body_bytes)
         plaintext = _open_encrypted(endpoint, body, request.query, runtime.max_body_bytes)
         fields = parse_callback_xml(plaintext, max_bytes=runtime.max_body_bytes)
     except (VerificationError, InvalidInput) as exc:

@@ -8,7 +8,8 @@ Open Platform account and WeChat chose to include it. For an account with ``app_
 already been answered, and a failing lookup never touches the message.
 
 An answer with a ``unionid`` is linked to the customer that owns the openid as verified evidence
-(the WeChat API is authoritative) through :func:`dedupe.graph.link` in one store transaction: an
+(the WeChat API is authoritative) through the channel context's identity links, in one
+transaction: an
 unknown unionid is added to that customer; a unionid another customer already owns (the same
 person wrote to another account of the brand) merges that customer into this one, and the
 ``customer.merged`` event commits with the merge.
@@ -28,17 +29,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 import orjson
 
 from connectors.wechat.api import ApiError, ApiUnavailable, WeChatApi
-from core.events import Event
+from core.channel import ChannelState, IdentityLinks
 from core.model import CanonicalMessage, Identity, IdentityKind
-from dedupe.graph import GraphError, LinkResult, link
-from dedupe.tx import Tx, TxWork
-from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +43,8 @@ USER_INFO = "/cgi-bin/user/info"
 
 
 def marker_key(app_id: str, openid: str) -> str:
-    return f"wechat/unionid/{app_id}/{openid}"
+    """The marker's key in the channel's state (kept as ``wechat/unionid/...`` in the store)."""
+    return f"unionid/{app_id}/{openid}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,7 +102,8 @@ class UnionIdResolver:
         self.accounts = dict(accounts)
         self.policy = policy or UnionIdPolicy()
         self._clock = clock
-        self._store: Store | None = None
+        self._state: ChannelState | None = None
+        self._identities: IdentityLinks | None = None
         self._apis: Mapping[str, WeChatApi] = {}
         self._gate = asyncio.Semaphore(self.policy.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -113,17 +111,24 @@ class UnionIdResolver:
         # account -> (clock reading before which it is not asked, current pause)
         self._paused: dict[str, tuple[float, float]] = {}
 
-    def bind(self, store: Store) -> None:
-        self._store = store
+    def bind(self, state: ChannelState, identities: IdentityLinks) -> None:
+        self._state = state
+        self._identities = identities
 
     def start(self, apis: Mapping[str, WeChatApi]) -> None:
         self._apis = apis
 
     @property
-    def store(self) -> Store:
-        if self._store is None:
-            raise RuntimeError("unionid resolver is not bound to a store")
-        return self._store
+    def state(self) -> ChannelState:
+        if self._state is None:
+            raise RuntimeError("unionid resolver is not bound to the channel's state")
+        return self._state
+
+    @property
+    def identities(self) -> IdentityLinks:
+        if self._identities is None:
+            raise RuntimeError("unionid resolver is not bound to the identity links")
+        return self._identities
 
     def schedule(self, messages: Sequence[CanonicalMessage], account: str) -> int:
         """Start lookups for the senders of stored messages that came without a unionid; returns how
@@ -190,7 +195,7 @@ class UnionIdResolver:
 
     async def _resolve(self, lookup: _Lookup) -> str | None:
         key = marker_key(lookup.app_id, lookup.openid)
-        raw = await self.store.state_get(key)
+        raw = await self.state.get(key)
         marker = _Marker.decode(raw) if raw is not None else None
         now = self._clock()
         if marker is not None and (
@@ -214,23 +219,35 @@ class UnionIdResolver:
         except ApiError as exc:
             # A retry will not fix it (no permission, invalid openid): ask again after recheck_none.
             logger.warning("wechat/%s: user info refused: %s", lookup.account, exc)
-            await self.store.state_put(key, _Marker(unionid=None, checked_at=now).encode())
+            await self.state.put(key, _Marker(unionid=None, checked_at=now).encode())
             return None
         self._paused.pop(lookup.account, None)
         unionid = answer.get("unionid")
         if not isinstance(unionid, str) or not unionid.strip():
-            await self.store.state_put(key, _Marker(unionid=None, checked_at=now).encode())
+            await self.state.put(key, _Marker(unionid=None, checked_at=now).encode())
             return None
         unionid = unionid.strip()
-        linked = await self.store.transact(_link_unionid(lookup, unionid))
+        openid = Identity(kind=IdentityKind.WECHAT_OPENID, value=f"{lookup.app_id}:{lookup.openid}")
+        linked = await self.identities.link_verified(
+            tenant=lookup.tenant,
+            owner=openid,
+            identity=Identity(kind=IdentityKind.WECHAT_UNIONID, value=unionid, verified=True),
+            evidence={
+                "source": "wechat_api",
+                "api": "user/info",
+                "app_id": lookup.app_id,
+                "openid": openid.value,
+                "unionid": unionid,
+            },
+        )
         if linked is None:
             # The openid is not stored (yet): leave no marker, a later message asks again.
             logger.warning("wechat/%s: no customer owns the openid; unionid not linked", lookup.account)
             return unionid
-        if linked.merge is not None:
+        if linked.merged_customers:
             logger.info("wechat/%s: unionid merged customers %s into %s", lookup.account,
-                        ", ".join(linked.merge.merged_customers), linked.customer_id)
-        await self.store.state_put(key, _Marker(unionid=unionid, checked_at=now).encode())
+                        ", ".join(linked.merged_customers), linked.customer_id)
+        await self.state.put(key, _Marker(unionid=unionid, checked_at=now).encode())
         return unionid
 
     def _pause(self, account: str, retry_after: float | None) -> None:
@@ -248,34 +265,3 @@ def _openid_without_unionid(identities: Sequence[Identity], app_id: str) -> str 
         if identity.kind == IdentityKind.WECHAT_OPENID and identity.value.startswith(prefix):
             openid = identity.value[len(prefix):] or None
     return openid
-
-
-def _link_unionid(lookup: _Lookup, unionid: str) -> TxWork[LinkResult | None]:
-    """In one transaction: find the customer owning the openid and link the unionid to it.
-
-    :func:`dedupe.graph.link` adds an unknown unionid to that customer, verified; a unionid owned by
-    another customer merges that customer into this one (recorded, reversible, ``customer.merged``).
-    """
-    openid = Identity(kind=IdentityKind.WECHAT_OPENID, value=f"{lookup.app_id}:{lookup.openid}")
-    evidence: dict[str, Any] = {
-        "source": "wechat_api",
-        "api": "user/info",
-        "app_id": lookup.app_id,
-        "openid": openid.value,
-        "unionid": unionid,
-    }
-
-    def work(tx: Tx, now: datetime) -> tuple[LinkResult | None, Sequence[Event]]:
-        owners = tx.find_identities(lookup.tenant, [openid])
-        if not owners:
-            return None, ()
-        try:
-            return link(
-                owners[0].customer_id,
-                identities=[Identity(kind=IdentityKind.WECHAT_UNIONID, value=unionid, verified=True)],
-                evidence=evidence,
-            )(tx, now)
-        except GraphError:
-            return None, ()
-
-    return work

@@ -29,8 +29,9 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from connectors.base import Ingest
-from connectors.http_util import (
+from core.errors import ConfigError, InvalidInput, RetryableError
+from core.events import Event
+from core.http import (
     MIN_KEY_LENGTH,
     BearerKeys,
     ClientAddress,
@@ -40,14 +41,11 @@ from connectors.http_util import (
     read_body,
     retry_after_value,
 )
-from core.errors import ConfigError, InvalidInput, RetryableError
-from core.events import Event
 from core.model import Identity, IdentityKind
 from core.settings import ChannelSettings, Secret, Settings
 from dedupe import graph
 from dedupe.identities import normalize
 from dedupe.tx import ClaimedLink, MergeRecord, ThreadRecord, Tx, TxWork
-from gateway.keys import STORE
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -115,10 +113,8 @@ class _Config:
     client_ip: ClientAddress
 
 
-class IdentityConnector:
+class DeskApi:
     """Mounts the desk API; configuration only, no per-request state."""
-
-    name = CHANNEL
 
     def __init__(self, config: _Config) -> None:
         self._config = config
@@ -149,9 +145,9 @@ class IdentityConnector:
             )
         )
 
-    def setup(self, app: web.Application, ingest: Ingest) -> None:
-        """Mount the routes; the desk API ingests nothing, it works on the store (``app[STORE]``)."""
-        handlers = _Handlers(self._config, app[STORE])
+    def setup(self, app: web.Application, store: Store) -> None:
+        """Mount the routes; the desk API ingests nothing, it works on the store."""
+        handlers = _Handlers(self._config, store)
         customers = web.Application()
         customers.router.add_get("/{customer_id}", handlers.authorized(handlers.customer))
         customers.router.add_post("/{customer_id}/link", handlers.authorized(handlers.link))

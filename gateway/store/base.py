@@ -149,6 +149,11 @@ class Store(Protocol):
 
     async def state_get(self, key: str) -> bytes | None: ...
 
+    async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        """Set ``value`` only if the current value is ``expected`` (``None``: absent), atomically;
+        whether it was set."""
+        ...
+
     # -- media fetch queue: media announced by a committed message, fetched after the answer ------
 
     async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:

@@ -1323,6 +1323,23 @@ class PostgresStore:
 
         await self._write(job)
 
+    async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        def job(conn: Conn) -> bool:
+            if expected is None:
+                cur = conn.execute(
+                    "INSERT INTO state (key, value, updated_at) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (key, value, self._clock()),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE state SET value = %s, updated_at = %s WHERE key = %s AND value = %s",
+                    (value, self._clock(), key, expected),
+                )
+            return cur.rowcount == 1
+
+        return await self._write(job)
+
     async def state_get(self, key: str) -> bytes | None:
         def read(conn: Conn) -> bytes | None:
             row = conn.execute("SELECT value FROM state WHERE key = %s", (key,)).fetchone()

@@ -1386,6 +1386,20 @@ class SQLiteStore:
 
         await self._submit(job)
 
+    async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        def job(conn: sqlite3.Connection) -> tuple[bool, int]:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            if (bytes(row[0]) if row is not None else None) != expected:
+                return False, 0
+            conn.execute(
+                "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, value, _us(self._clock())),
+            )
+            return True, 0
+
+        return await self._submit(job)
+
     async def state_get(self, key: str) -> bytes | None:
         def read(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()

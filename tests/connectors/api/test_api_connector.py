@@ -15,6 +15,7 @@ from core.errors import ConfigError
 from core.model import IngestResult, Outcome
 from core.settings import Settings
 from tests.connectors.form.fake_ingest import ACCEPTED, FakeIngest
+from tests.support.channels import set_up
 
 Client = TestClient[web.Request, web.Application]
 KEY_OLD, KEY_NEW = "old-key-0123456789abcdef", "new-key-0123456789abcdef"
@@ -62,10 +63,11 @@ def client_for(
     aiohttp_client: Callable[..., Awaitable[Client]], ingest: FakeIngest
 ) -> Callable[..., Awaitable[Client]]:
     async def make(**api: Any) -> Client:
-        connector = ApiConnector.from_settings(make_settings(**api))
+        settings = make_settings(**api)
+        connector = ApiConnector.from_settings(settings)
         assert connector is not None
         app = web.Application()
-        connector.setup(app, ingest)
+        set_up(app, connector, ingest, settings=settings)
         return await aiohttp_client(app)
     return make
 

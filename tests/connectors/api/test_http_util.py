@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from connectors.http_util import ClientAddress, RateLimiter, result_status
+from core.http import ClientAddress, RateLimiter, result_status
 from core.model import IngestResult, Outcome
 
 

@@ -26,8 +26,8 @@ from connectors.email import EmailConnector
 from connectors.email.imap import Observer
 from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
 from core.settings import Settings
-from gateway.keys import STORE
 from gateway.store.sqlite import SQLiteStore
+from tests.support.channels import set_up
 
 ALLOW_SKIP_ENV = "TICKETGATE_TEST_ALLOW_SKIP"
 
@@ -181,7 +181,6 @@ async def running(
     app = web.Application()
     # A real store: the IMAP watermarks live in it.
     store = SQLiteStore(settings.store, settings.outbox)
-    app[STORE] = store
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
@@ -189,7 +188,7 @@ async def running(
         await store.close()
 
     app.cleanup_ctx.append(store_ctx)
-    connector.setup(app, ingest)
+    set_up(app, connector, ingest, settings=settings, store=store)
     runner = web.AppRunner(app)
     await runner.setup()  # runs the cleanup_ctx entries up to their yield: SMTP listens, pollers run
     try:

@@ -17,6 +17,7 @@ from core.errors import ConfigError
 from core.model import IngestResult, Outcome, Placement
 from core.settings import Settings
 from tests.connectors.form.fake_ingest import ACCEPTED, FakeIngest
+from tests.support.channels import set_up
 
 SITE = "https://shop.example.com"
 FETCH = {"Origin": SITE, "Accept": "application/json"}
@@ -52,10 +53,11 @@ def ingest() -> FakeIngest:
 @pytest.fixture
 def client_for(aiohttp_client: MakeClient, ingest: FakeIngest) -> Callable[..., Awaitable[Client]]:
     async def make(**form: Any) -> Client:
-        connector = FormConnector.from_settings(make_settings(**form))
+        settings = make_settings(**form)
+        connector = FormConnector.from_settings(settings)
         assert connector is not None
         app = web.Application()
-        connector.setup(app, ingest)
+        set_up(app, connector, ingest, settings=settings)
         return await aiohttp_client(app)
     return make
 

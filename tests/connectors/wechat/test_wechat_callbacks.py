@@ -21,6 +21,7 @@ from core.errors import ConfigError, RetryableError
 from core.model import IngestResult, Outcome, Placement, RawEnvelope
 from core.settings import Settings
 from normalizers.base import Normalizer
+from tests.support.channels import set_up
 from tests.support.corpora import CORPORA as CORPORA_DIR
 
 DEFUSED = CORPORA_DIR / "defusedxml"
@@ -97,7 +98,7 @@ def make_client(aiohttp_client: Any) -> MakeClient:
         for connector_class in (WeChatConnector, WeComConnector):
             connector = connector_class.from_settings(config, clock=lambda: clock)
             assert connector is not None
-            connector.setup(app, ingest)
+            set_up(app, connector, ingest, settings=config)
         client: Client = await aiohttp_client(app)
         return client
 

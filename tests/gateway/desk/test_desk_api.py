@@ -18,14 +18,14 @@ from core.model import CanonicalMessage, Identity, Placement
 from core.settings import Settings
 from dedupe import graph
 from dedupe.tx import TxWork
+from gateway.channels import Registry
 from gateway.control import Applied, apply_control
-from gateway.desk import IdentityConnector
-from gateway.keys import STORE
-from gateway.registry import load_connectors
+from gateway.desk import DeskApi
 from gateway.store.base import Store
 from gateway.store.sqlite import SQLiteStore
 from tests.connectors.form.fake_ingest import FakeIngest
 from tests.gateway.store.storekit import POLICY, build_event, envelope, outbox_settings, store_settings
+from tests.support.channels import set_up
 from tests.support.schema import validate_event
 
 Client = TestClient[web.Request, web.Application]
@@ -66,11 +66,10 @@ MakeClient = Callable[..., Awaitable[Client]]
 @pytest.fixture
 def client_for(aiohttp_client: Callable[..., Awaitable[Client]]) -> MakeClient:
     async def make(store: Store, settings: Settings | None = None) -> Client:
-        connector = IdentityConnector.from_settings(settings or make_settings())
-        assert connector is not None
+        desk = DeskApi.from_settings(settings or make_settings())
+        assert desk is not None
         app = web.Application()
-        app[STORE] = store
-        connector.setup(app, FakeIngest())
+        desk.setup(app, store)
         return await aiohttp_client(app)
 
     return make
@@ -119,10 +118,11 @@ async def events_of(store: Store, kind: str) -> list[dict[str, Any]]:
 # -- configuration --------------------------------------------------------------------------------
 
 
-def test_absent_channel_builds_nothing_and_the_registry_knows_it() -> None:
+def test_absent_table_builds_nothing_and_the_desk_api_is_not_a_channel() -> None:
     bare = Settings.model_validate({"tenants": {"acme": {}}})
-    assert IdentityConnector.from_settings(bare) is None
-    assert [c.name for c in load_connectors(make_settings())] == ["identity", "api"]
+    assert DeskApi.from_settings(bare) is None
+    configured = Registry.installed().configured(make_settings())
+    assert [descriptor.name for descriptor, _ in configured] == ["api"]
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_absent_channel_builds_nothing_and_the_registry_knows_it() -> None:
 )
 def test_misconfiguration_fails_closed(identity: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError) as raised:
-        IdentityConnector.from_settings(make_settings(**identity))
+        DeskApi.from_settings(make_settings(**identity))
     assert fragment in str(raised.value)
     assert DESK_KEY not in str(raised.value)
 
@@ -385,12 +385,13 @@ async def test_desk_routes_live_beside_the_api_channel(
 ) -> None:
     settings = make_settings()
     app = web.Application()
-    app[STORE] = store
+    # The API channel owns /api/v1, the desk API the longer prefixes beside it.
+    desk_api, api_channel = DeskApi.from_settings(settings), ApiConnector.from_settings(settings)
+    assert desk_api is not None
+    assert api_channel is not None
     ingest = FakeIngest()
-    # Either order of mounting: the API channel owns /api/v1, the desk API the longer prefixes.
-    for connector in (ApiConnector.from_settings(settings), IdentityConnector.from_settings(settings)):
-        assert connector is not None
-        connector.setup(app, ingest)
+    desk_api.setup(app, store)
+    set_up(app, api_channel, ingest, settings=settings)
     client = await aiohttp_client(app)
 
     api = await client.post(

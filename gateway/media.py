@@ -1,0 +1,69 @@
+"""``GET /media/{channel}/{inbox}/{ref}``: provider media that channels fetched after the commit.
+
+200 with the bytes once fetched, 202 with ``Retry-After`` while pending, 410 when it cannot be
+fetched any more, 404 when the gateway does not know it. The blob token of ``/blobs`` applies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+from aiohttp import web
+
+from core.events import media_path
+from gateway.keys import SETTINGS, STORE
+
+logger = logging.getLogger(__name__)
+
+
+async def serve_media(request: web.Request) -> web.StreamResponse:
+    _authorize(request)
+    match = request.match_info
+    key = media_path(match["channel"], match["inbox"], match["ref"])
+    store = request.config_dict[STORE]
+    record = await store.media_get(key)
+    if record is None:
+        return web.json_response({"status": "unknown"}, status=404)
+    if record.state == "pending":
+        wait = 5.0
+        if record.next_attempt_at is not None:
+            wait = (record.next_attempt_at - datetime.now(UTC)).total_seconds()
+        return web.json_response(
+            {"status": "pending", "attempts": record.attempts},
+            status=202,
+            headers={"Retry-After": str(min(max(1, round(wait)), 3600))},
+        )
+    if record.state == "failed" or record.sha256 is None:
+        return web.json_response({"status": "failed", "error": record.error}, status=410)
+    data = await store.read_blob(record.sha256)
+    if data is None:
+        logger.error("media %s: blob %s is missing", key, record.sha256)
+        return web.json_response({"status": "missing"}, status=404)
+    headers = {
+        "Cache-Control": "private, max-age=31536000, immutable",
+        "X-Content-Type-Options": "nosniff",
+        "ETag": f'"{record.sha256}"',
+        "X-Content-SHA256": record.sha256,
+    }
+    if record.name:
+        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(record.name, safe='')}"
+    content_type = record.content_type or "application/octet-stream"
+    return web.Response(body=data, content_type=content_type, headers=headers)
+
+
+def _authorize(request: web.Request) -> None:
+    """The same bearer token as ``/blobs`` (``server.blob_token``), when one is configured."""
+    settings = request.config_dict.get(SETTINGS)
+    token = settings.server.blob_token if settings is not None else None
+    if token is None:
+        return
+    offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+        raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
+
+
+def setup_media(app: web.Application) -> None:
+    app.router.add_get("/media/{channel}/{inbox}/{ref:.+}", serve_media)
