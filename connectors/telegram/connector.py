@@ -26,15 +26,16 @@ from typing import Self
 import orjson
 from aiohttp import web
 
-from connectors.http_util import envelope_headers, read_body, retry_after_value
+from connectors.media import MediaFetcher, MediaPolicy
 from connectors.telegram.api import BotApi, BotApiError
-from connectors.telegram.media import MediaFetcher, MediaPolicy
+from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext
 from core.errors import ConfigError, TooLarge
+from core.http import envelope_headers, read_body, retry_after_value
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
-from normalizers.telegram import CHANNEL, normalize
+from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -108,21 +109,21 @@ class TelegramConnector:
         http = ctx.http(table.api_base, timeout=table.api_timeout)
         apis = {inbox: BotApi(http, bot.token, timeout=table.api_timeout) for inbox, bot in self.bots.items()}
         fetcher = None
-        if any(bot.fetch_media for bot in self.bots.values()):
-            fetcher = MediaFetcher(
-                queue=ctx.media,
-                metrics=ctx.metrics,
-                clock=ctx.clock,
-                apis={inbox: api for inbox, api in apis.items() if self.bots[inbox].fetch_media},
-                policy=MediaPolicy(
-                    concurrency=table.media_concurrency,
-                    retry_for=table.media_retry_for,
-                    first_backoff=table.media_first_backoff,
-                    max_backoff=table.media_max_backoff,
-                ),
+        fetching = {inbox: api for inbox, api in apis.items() if self.bots[inbox].fetch_media}
+        if fetching:
+            policy = MediaPolicy(
+                concurrency=table.media_concurrency,
+                max_bytes=MAX_DOWNLOAD_BYTES,
+                retry_for=table.media_retry_for,
+                first_backoff=table.media_first_backoff,
+                max_backoff=table.media_max_backoff,
+                lease=table.api_timeout * 2 + 60.0,  # getFile plus a 20 MB download, with room
             )
-            ctx.spawn(f"{CHANNEL}-media", fetcher.run)
-        intake = Intake(ctx, fetcher)
+            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
+            fetcher.bind(ctx.media, ctx.metrics)
+            fetcher.start(downloader(fetching, max_bytes=MAX_DOWNLOAD_BYTES))
+            ctx.spawn("media", fetcher.run)
+        intake = Intake(ctx, fetcher, frozenset(fetching))
         webhook = Webhook(ctx, self.bots, intake, table)
         sub = web.Application()
         sub.router.add_post("/{inbox}", webhook.handle)
@@ -131,7 +132,7 @@ class TelegramConnector:
         for inbox, bot in self.bots.items():
             if bot.mode == "polling":
                 poller = Poller(ctx, bot, apis[inbox], intake, table)
-                ctx.spawn(f"{CHANNEL}-poll-{inbox}", poller.run)
+                ctx.spawn(f"poll-{inbox}", poller.run)
 
 
 def _required(settings: Settings, secret: object, key: str, why: str) -> str:
@@ -145,9 +146,10 @@ def _required(settings: Settings, secret: object, key: str, why: str) -> str:
 class Intake:
     """Hands one update to the pipeline and, once it is stored, queues its media."""
 
-    def __init__(self, ctx: ChannelContext, fetcher: MediaFetcher | None) -> None:
+    def __init__(self, ctx: ChannelContext, fetcher: MediaFetcher | None, fetching: frozenset[str]) -> None:
         self._ctx = ctx
         self._fetcher = fetcher
+        self._fetching = fetching  # the inboxes whose bots fetch media
 
     def envelope(self, bot: Bot, body: bytes, *, mode: str, headers: Mapping[str, str] | None = None,
                  remote: str | None = None, content_type: str | None = None) -> RawEnvelope:
@@ -180,8 +182,8 @@ class Intake:
             self._ctx.metrics.event("update_ignored", inbox=envelope.inbox)
         # Also for a duplicate: the first delivery may have been committed by a process that died
         # before it queued the media; the queue is insert-if-absent.
-        if self._fetcher is not None and produced:
-            await self._fetcher.enqueue(produced)
+        if self._fetcher is not None and produced and envelope.inbox in self._fetching:
+            await self._fetcher.enqueue(fetches_for(produced, now=self._ctx.clock.now()))
         return result
 
 
