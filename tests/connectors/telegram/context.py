@@ -211,6 +211,16 @@ class FakeBotApi:
     update_errors: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     offsets_asked: list[int | None] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Until ``predicate`` holds after some call the server answered."""
+        async with asyncio.timeout(within), self.changed:
+            await self.changed.wait_for(predicate)
+
+    async def _answered(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -234,6 +244,7 @@ class FakeBotApi:
             offset = payload.get("offset")
             self.offsets_asked.append(offset)
             result = [u for u in self.updates if offset is None or u["update_id"] >= offset]
+            await self._answered()
             return web.json_response({"ok": True, "result": result[: payload.get("limit", 100)]})
         return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"}, status=404)
 
