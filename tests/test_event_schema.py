@@ -43,8 +43,8 @@ def _full_message() -> Event:
     )
 
 
-def _minimal_message() -> Event:
-    message = CanonicalMessage(
+def _minimal_message(message: CanonicalMessage | None = None) -> Event:
+    message = message or CanonicalMessage(
         channel="wechat", tenant="acme", inbox="wx1", external_id=None, received_at=NOW
     )
     placement = Placement(message_id=message.message_id(), thread_id="th-2", customer_id="c-2", sequence=1,
@@ -61,13 +61,7 @@ def _edited_message() -> Event:
         channel="telegram", tenant="acme", inbox="bot", external_id="42:7", received_at=NOW, text="helo"
     )
     edit = replace(original, text="hello", edit_of=original.message_id(), dedupe_key="edit:42:7:1764000000")
-    placement = Placement(message_id=edit.message_id(), thread_id="th-3", customer_id="c-3", sequence=2,
-                          is_new_thread=False)
-    return events.message_received(
-        edit, placement=placement, customer=CustomerView(id="c-3", identities=(), display_name=None),
-        thread_subject=None, raw_ref=None, signature_verified=True, retry=0, public_url=None,
-        occurred_at=NOW,
-    )
+    return _minimal_message(edit)
 
 
 BUILDERS: dict[str, Callable[[], Event]] = {

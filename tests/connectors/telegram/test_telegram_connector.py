@@ -388,13 +388,22 @@ def polled_updates() -> list[dict[str, Any]]:
     return [orjson.loads(fixture(name)) for name in ("private_text", "callback_query", "photo_caption")]
 
 
-async def test_polling_advances_a_durable_offset_only_past_stored_updates(
+@pytest.fixture
+def polling(
     bot_api: tuple[FakeBotApi, str], session: aiohttp.ClientSession
-) -> None:
+) -> tuple[FakeBotApi, MemoryContext, Poller]:
+    """A polling bot whose Bot API holds a message, a callback query and a photo."""
     api, base = bot_api
     api.updates = polled_updates()
     context = MemoryContext(settings=make_settings(base), session=session)
-    poller = polling_context(base, session, context)
+    return api, context, polling_context(base, session, context)
+
+
+async def test_polling_advances_a_durable_offset_only_past_stored_updates(
+    polling: tuple[FakeBotApi, MemoryContext, Poller], bot_api: tuple[FakeBotApi, str],
+    session: aiohttp.ClientSession,
+) -> None:
+    api, context, poller = polling
     assert await poller.run_once() == 0
     last = api.updates[-1]["update_id"]
     assert context.state.values[OFFSET_KEY.format(inbox="polled")] == str(last + 1).encode()
@@ -403,7 +412,7 @@ async def test_polling_advances_a_durable_offset_only_past_stored_updates(
     assert context.events[0].identities[0].verified is True
 
     # A restart: a new connector on the same state asks from the stored offset and stores nothing twice.
-    restarted = polling_context(base, session, context)
+    restarted = polling_context(bot_api[1], session, context)
     api.updates.append({**orjson.loads(fixture("voice")), "update_id": last + 1})
     assert await restarted.run_once() == 0
     assert api.offsets_asked == [None, last + 1]
@@ -412,12 +421,9 @@ async def test_polling_advances_a_durable_offset_only_past_stored_updates(
 
 
 async def test_polling_keeps_the_offset_when_the_store_fails(
-    bot_api: tuple[FakeBotApi, str], session: aiohttp.ClientSession
+    polling: tuple[FakeBotApi, MemoryContext, Poller],
 ) -> None:
-    api, base = bot_api
-    api.updates = polled_updates()
-    context = MemoryContext(settings=make_settings(base), session=session)
-    poller = polling_context(base, session, context)
+    api, context, poller = polling
     context.store_down = True
     assert await poller.run_once() == 7.0
     assert OFFSET_KEY.format(inbox="polled") not in context.state.values
@@ -434,14 +440,10 @@ async def test_polling_keeps_the_offset_when_the_store_fails(
              "description": "Conflict: can't use getUpdates method while webhook is active"}), 30.0)],
 )
 async def test_polling_backs_off_when_telegram_refuses(
-    bot_api: tuple[FakeBotApi, str], session: aiohttp.ClientSession,
-    error: tuple[int, dict[str, Any]], pause: float,
+    polling: tuple[FakeBotApi, MemoryContext, Poller], error: tuple[int, dict[str, Any]], pause: float,
 ) -> None:
-    api, base = bot_api
-    api.updates = polled_updates()
+    api, context, poller = polling
     api.update_errors = [error]
-    context = MemoryContext(settings=make_settings(base), session=session)
-    poller = polling_context(base, session, context)
     assert await poller.run_once() == pause
     assert context.ingests == 0
     assert context.state.values == {}
