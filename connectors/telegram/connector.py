@@ -279,6 +279,9 @@ class Poller:
                 return 30.0
             logger.warning("telegram %s: getUpdates failed: %s", self._bot.inbox, exc)
             return exc.retry_after or 5.0
+        if not updates:
+            # Without a long-poll hold an empty answer comes at once: do not spin against the API.
+            return 0.0 if self._table.poll_timeout else 1.0
         pause, stored_upto = 0.0, None
         for update in updates:
             update_id = update.get("update_id")

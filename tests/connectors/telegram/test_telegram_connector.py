@@ -433,6 +433,15 @@ async def test_polling_keeps_the_offset_when_the_store_fails(
     assert len(context.events) == 2
 
 
+async def test_polling_without_a_hold_pauses_between_empty_answers(
+    polling: tuple[FakeBotApi, MemoryContext, Poller],
+) -> None:
+    api, context, poller = polling
+    api.updates = []
+    assert await poller.run_once() == 1.0
+    assert context.state.values == {}
+
+
 @pytest.mark.parametrize(
     ("error", "pause"),
     [(too_many_requests(12), 12.0),
