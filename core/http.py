@@ -13,6 +13,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -20,7 +21,7 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from core.errors import ConfigError, TooLarge
-from core.model import IngestResult, Outcome
+from core.model import IngestResult, Outcome, RawEnvelope
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,33 @@ def envelope_headers(request: web.BaseRequest) -> dict[str, str]:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
     return headers
+
+
+def request_envelope(
+    request: web.BaseRequest,
+    *,
+    channel: str,
+    tenant: str,
+    inbox: str,
+    body: bytes,
+    signature_verified: bool,
+    remote: str | None,
+    meta: Mapping[str, Any],
+) -> RawEnvelope:
+    """The envelope of one HTTP request: its body, content type and headers (credentials dropped),
+    received now."""
+    return RawEnvelope(
+        channel=channel,
+        tenant=tenant,
+        inbox=inbox,
+        body=body,
+        content_type=request.headers.get("Content-Type"),
+        headers=envelope_headers(request),
+        received_at=datetime.now(UTC),
+        signature_verified=signature_verified,
+        remote=remote,
+        meta=dict(meta),
+    )
 
 
 def accepts_json(request: web.BaseRequest) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from importlib.resources import files
 from typing import Self
@@ -26,13 +25,13 @@ from core.http import (
     BearerKeys,
     ClientAddress,
     RateLimiter,
-    envelope_headers,
     json_error,
     read_body,
+    request_envelope,
     result_response,
     retry_after_value,
 )
-from core.model import Outcome, RawEnvelope
+from core.model import Outcome
 from core.settings import ChannelSettings, Secret, Settings
 from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
 
@@ -201,14 +200,12 @@ class _Handlers:
             code = {400: "invalid_json", 413: "too_large", 422: "invalid_request"}.get(exc.status, "invalid")
             logger.info("api %s: refused a request from %s: %s", inbox.id, remote, exc.reason)
             return json_error(exc.status, code, exc.reason)
-        envelope = RawEnvelope(
+        envelope = request_envelope(
+            request,
             channel=CHANNEL,
             tenant=inbox.tenant,
             inbox=inbox.id,
             body=body,
-            content_type=request.headers.get("Content-Type"),
-            headers=envelope_headers(request),
-            received_at=datetime.now(UTC),
             signature_verified=True,  # the API key authenticated the caller
             remote=remote,
             meta={"trust_identities": inbox.trust_identities},

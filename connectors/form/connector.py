@@ -16,7 +16,6 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Self
 from urllib.parse import quote, urlsplit
 
@@ -31,16 +30,16 @@ from core.http import (
     ClientAddress,
     RateLimiter,
     accepts_json,
-    envelope_headers,
     json_error,
     json_response,
     read_body,
+    request_envelope,
     result_payload,
     result_response,
     result_status,
     retry_after_value,
 )
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome
 from core.settings import ChannelSettings, Settings
 from normalizers.form import (
     FormSubmission,
@@ -354,14 +353,12 @@ class _Handlers:
                     status=status, headers=self._cors(inbox, request),
                 )
             return self._form(request, inbox, status=status, submission=submission, errors=errors)
-        envelope = RawEnvelope(
+        envelope = request_envelope(
+            request,
             channel=CHANNEL,
             tenant=inbox.tenant,
             inbox=inbox.id,
             body=body,
-            content_type=request.headers.get("Content-Type"),
-            headers=envelope_headers(request),
-            received_at=datetime.now(UTC),
             signature_verified=False,  # anyone may post a public form
             remote=remote,
             meta={
