@@ -167,17 +167,17 @@ async def ingest_within(
     ingest: Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]],
     envelope: RawEnvelope,
     normalize: Normalizer,
-    timeout: float,
+    within: float,
 ) -> IngestResult:
-    """``ingest`` bounded by ``timeout``: a store that does not answer in time is a RETRY (the
+    """``ingest`` bounded by ``within`` seconds: a store that does not answer in time is a RETRY (the
     caller answers 503 before its client gives up), never a hung request. A commit cut short is
     found as a duplicate when the client retries."""
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             return await ingest(envelope, normalize)
     except TimeoutError:
         return IngestResult(
-            outcome=Outcome.RETRY, reason=f"the message was not stored within {timeout:g} s", retry_after=5.0
+            outcome=Outcome.RETRY, reason=f"the message was not stored within {within:g} s", retry_after=5.0
         )
 
 

@@ -236,7 +236,8 @@ def recording_descriptor(descriptor: ChannelDescriptor, seen: list[RawEnvelope])
     configure: Callable[[Settings], Normalizer] = lambda settings: _recording(  # noqa: E731
         normalizer_for(descriptor, settings), seen
     )
-    return dataclasses.replace(descriptor, normalizer=_recording(descriptor.normalizer, seen), configure=configure)
+    plain = _recording(descriptor.normalizer, seen)
+    return dataclasses.replace(descriptor, normalizer=plain, configure=configure)
 
 
 @contextlib.asynccontextmanager

@@ -84,7 +84,8 @@ class EmailProbe:
 
     async def send(self, gateway: Gateway, delivery: Any) -> Answer:
         connector = gateway.connector
-        assert isinstance(connector, EmailConnector) and connector.smtp is not None
+        assert isinstance(connector, EmailConnector)
+        assert connector.smtp is not None
         return await asyncio.to_thread(_deliver, connector.smtp.port, delivery)
 
     async def settle(self, gateway: Gateway) -> None:

@@ -15,7 +15,8 @@ from connectors.wechat.security import CallbackSecurity, Flavor, signature
 from tests.connectors.wechat.fake_api import CORP_ID, CORP_SECRET, FakeWeChatApi
 from tests.contract.kit import INBOX, Answer, Gateway, HttpDelivery, HttpProbe
 
-TOKEN, AES_KEY, APP_ID, AGENT_ID = "contract-token", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", "wx0123456789abcdef", 1000002
+TOKEN, AES_KEY = "contract-token", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
+APP_ID, AGENT_ID = "wx0123456789abcdef", 1000002
 KFID = "wkContract0001"
 LIMIT = 16 * 1024
 # Unparseable after the Encrypt element: a handler that parsed before verifying would answer 400.
@@ -30,19 +31,23 @@ class WeChatProbe(HttpProbe):
     def __init__(self, channel: str, flavor: Flavor, receive_id: str, ok_body: str) -> None:
         self.channel = channel
         self.ok_body = ok_body
-        self.security = CallbackSecurity(flavor=flavor, receive_id=receive_id, tokens=(TOKEN,), aes_keys=(AES_KEY,))
+        self.security = CallbackSecurity(
+            flavor=flavor, receive_id=receive_id, tokens=(TOKEN,), aes_keys=(AES_KEY,)
+        )
 
     def table(self) -> dict[str, Any]:
         return {"inbox": INBOX, "token": TOKEN, "encoding_aes_key": AES_KEY, "app_id": APP_ID}
 
     def tables(self) -> dict[str, Any]:
-        return {self.channel: {"max_body_bytes": LIMIT, "ingest_timeout": 1.0, self.key: {"demo": self.table()}}}
+        table = {"max_body_bytes": LIMIT, "ingest_timeout": 1.0, self.key: {"demo": self.table()}}
+        return {self.channel: table}
 
     key = "accounts"
 
     def message(self, n: int) -> str:
         return (
-            f"<xml><ToUserName><![CDATA[gh_contract]]></ToUserName><FromUserName><![CDATA[oUser{n}]]></FromUserName>"
+            "<xml><ToUserName><![CDATA[gh_contract]]></ToUserName>"
+            f"<FromUserName><![CDATA[oUser{n}]]></FromUserName>"
             f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
             f"<Content><![CDATA[message {n}]]></Content><MsgId>{24600000000000000 + n}</MsgId></xml>"
         )
@@ -51,8 +56,10 @@ class WeChatProbe(HttpProbe):
         encrypt = self.security.encrypt(plaintext)
         timestamp, nonce = str(int(time.time())), "nonce"
         msg_signature = signature(TOKEN, timestamp, nonce, encrypt) if sign else "0" * 40
-        body = f"<xml><ToUserName><![CDATA[x]]></ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt>{tail}</xml>"
-        query = {"msg_signature": msg_signature, "timestamp": timestamp, "nonce": nonce, "encrypt_type": "aes"}
+        body = f"<xml><ToUserName>x</ToUserName><Encrypt><![CDATA[{encrypt}]]></Encrypt>{tail}</xml>"
+        query = {
+            "msg_signature": msg_signature, "timestamp": timestamp, "nonce": nonce, "encrypt_type": "aes"
+        }
         return HttpDelivery(path=f"/{self.channel}/demo", body=body.encode(), query=query)
 
     def valid(self, n: int) -> HttpDelivery:
@@ -84,7 +91,8 @@ class WeComProbe(WeChatProbe):
 
     def message(self, n: int) -> str:
         return (
-            f"<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName><FromUserName><![CDATA[user{n}]]></FromUserName>"
+            f"<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName>"
+            f"<FromUserName><![CDATA[user{n}]]></FromUserName>"
             f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
             f"<Content><![CDATA[message {n}]]></Content><MsgId>{7000000000000000000 + n}</MsgId>"
             f"<AgentID>{AGENT_ID}</AgentID></xml>"
@@ -117,7 +125,8 @@ class KfProbe(WeComProbe):
     def message(self, n: int) -> str:
         item = {
             "msgid": f"msg-{n}", "open_kfid": KFID, "external_userid": f"wmContract{n}",
-            "send_time": int(time.time()), "origin": 3, "msgtype": "text", "text": {"content": f"message {n}"},
+            "send_time": int(time.time()), "origin": 3, "msgtype": "text",
+            "text": {"content": f"message {n}"},
         }
         if item not in self.fake.kf_messages:
             self.fake.kf_messages.append(item)
