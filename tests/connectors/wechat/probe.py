@@ -108,7 +108,7 @@ class KfProbe(WeComProbe):
 
     @contextlib.asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
-        self.fake = FakeWeChatApi(token_apps={CORP_ID: CORP_SECRET})
+        self.fake = FakeWeChatApi(token_apps={CORP_ID: CORP_SECRET}, ignore_cursor=True)
         server = TestServer(self.fake.app())
         await server.start_server()
         self.fake.base_url = str(server.make_url("")).rstrip("/")
