@@ -92,9 +92,11 @@ async def _serve_async(kind: str, data: Path, conn: Connection) -> None:
     from aiohttp import web
     from aiosmtpd.smtp import SMTP, Envelope, Session
 
-    from connectors.email import EmailConnector
+    from connectors.email import DESCRIPTOR, EmailConnector
     from core.model import IngestResult, Outcome, Placement, RawEnvelope
     from core.settings import Settings
+    from gateway.channels import GatewayContext
+    from gateway.metrics import Metrics
 
     loop = asyncio.get_running_loop()
     if kind == "bare":
@@ -135,7 +137,9 @@ async def _serve_async(kind: str, data: Path, conn: Connection) -> None:
     connector = EmailConnector.from_settings(settings)
     assert connector is not None
     app = web.Application()
-    connector.setup(app, ingest)
+    # The daemon's own channel context around the stand-in ingest; the SMTP listener needs no store.
+    ctx = GatewayContext(app, DESCRIPTOR, settings=settings, ingest=ingest, store=None, metrics=Metrics())
+    connector.setup(ctx)
     runner = web.AppRunner(app)
     await runner.setup()
     conn.send(port)

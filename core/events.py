@@ -23,10 +23,14 @@ SCHEMA = "ticketgate.event/1"
 
 MESSAGE_RECEIVED = "message.received"
 MESSAGE_QUARANTINED = "message.quarantined"
+# A message the customer changed after sending (``CanonicalMessage.edit_of`` names the original).
+MESSAGE_EDITED = "message.edited"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
-EVENT_TYPES = (MESSAGE_RECEIVED, MESSAGE_QUARANTINED, THREAD_MERGED, CUSTOMER_MERGED, CUSTOMER_UNMERGED)
+EVENT_TYPES = (
+    MESSAGE_RECEIVED, MESSAGE_QUARANTINED, THREAD_MERGED, CUSTOMER_MERGED, CUSTOMER_UNMERGED, MESSAGE_EDITED,
+)
 
 _uuid7_lock = threading.Lock()
 _uuid7_state = [0, 0]  # last millisecond, counter
@@ -170,7 +174,8 @@ def message_received(
     occurred_at: datetime,
     duplicate_of: str | None = None,
 ) -> Event:
-    """Build the ``message.received`` event for a message the store has just placed."""
+    """Build the ``message.received`` event for a message the store has just placed; for an edit
+    (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``."""
     payload = {
         "thread": {
             "id": placement.thread_id,
@@ -227,6 +232,7 @@ def message_received(
             # The engine puts it on the placement; an explicit argument overrides.
             "duplicate_of": duplicate_of if duplicate_of is not None else placement.duplicate_of,
             "extra": dict(message.extra),
+            **({"edit_of": message.edit_of} if message.edit_of is not None else {}),
         },
         "routing": {
             "priority": message.routing.priority,
@@ -240,7 +246,7 @@ def message_received(
         },
     }
     return _event(
-        event_type=MESSAGE_RECEIVED,
+        event_type=MESSAGE_RECEIVED if message.edit_of is None else MESSAGE_EDITED,
         tenant=message.tenant,
         channel=message.channel,
         payload=payload,

@@ -147,6 +147,8 @@ class CanonicalMessage:
     extra: Mapping[str, Any] = field(default_factory=dict)
     # Overrides the derived idempotency key (the API's Idempotency-Key header, WeChat's event keys).
     dedupe_key: str | None = None
+    # The id of the message this one edits (a Telegram edited_message): its event is message.edited.
+    edit_of: str | None = None
 
     def idempotency_key(self) -> str:
         """The key claimed atomically in the store; the same provider message always maps to it."""

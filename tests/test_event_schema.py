@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,8 @@ def _full_message() -> Event:
     )
 
 
-def _minimal_message() -> Event:
-    message = CanonicalMessage(
+def _minimal_message(message: CanonicalMessage | None = None) -> Event:
+    message = message or CanonicalMessage(
         channel="wechat", tenant="acme", inbox="wx1", external_id=None, received_at=NOW
     )
     placement = Placement(message_id=message.message_id(), thread_id="th-2", customer_id="c-2", sequence=1,
@@ -55,9 +56,18 @@ def _minimal_message() -> Event:
     )
 
 
+def _edited_message() -> Event:
+    original = CanonicalMessage(
+        channel="telegram", tenant="acme", inbox="bot", external_id="42:7", received_at=NOW, text="helo"
+    )
+    edit = replace(original, text="hello", edit_of=original.message_id(), dedupe_key="edit:42:7:1764000000")
+    return _minimal_message(edit)
+
+
 BUILDERS: dict[str, Callable[[], Event]] = {
     "message.received (full)": _full_message,
     "message.received (minimal)": _minimal_message,
+    "message.edited": _edited_message,
     "message.quarantined": lambda: events.message_quarantined(
         quarantine_id="q-1", tenant="acme", channel="whatsapp", inbox="+15550100", reason="bad json",
         raw_ref="sha256:cd", size=123, received_at=NOW, occurred_at=NOW,
@@ -144,6 +154,16 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
 def test_broken_events_do_not_validate(case: str, mutate: Callable[[dict[str, Any]], None]) -> None:
     with pytest.raises(jsonschema.ValidationError):
         validate_event(_broken(mutate))
+
+
+def test_an_edit_names_the_message_it_edits_and_a_received_message_cannot() -> None:
+    body = validate_event(_edited_message().body)
+    assert body["type"] == "message.edited"
+    assert body["message"]["edit_of"] != body["message"]["id"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_event(_broken(_drop("message.edit_of"), _edited_message))
+    with pytest.raises(jsonschema.ValidationError):
+        validate_event(_broken(_set("message.edit_of", body["message"]["edit_of"])))
 
 
 def test_extra_is_open_but_other_objects_are_closed() -> None:

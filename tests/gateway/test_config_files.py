@@ -30,6 +30,8 @@ EXAMPLE_ENV = {
     "WECHAT_KF_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
     "TICKETGATE_DESK_KEY": "desk-key-for-tests",
     "TICKETGATE_DESK_KEY_ACME": "acme-desk-key-for-tests",
+    "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
+    "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
 }
 
 
@@ -78,3 +80,4 @@ def test_secrets_never_appear_in_repr() -> None:
     assert "dev-api-key" not in text
     assert "devtoken" not in text
     assert "guest:guest" not in text
+    assert "dev-telegram-secret" not in text

@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store.sqlite import SQLiteStore
 from normalizers.base import Normalizer
+from tests.support.channels import set_up
 
 NOW = 1_718_000_000
 TOKEN, AES_KEY = "kftoken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
@@ -112,14 +113,20 @@ class Rig:
     ) -> None:
         self.connector, self.settings, self.store, self.session = connector, settings, store, session
         self.pipeline = Pipeline(settings, store, Metrics())
+        # The channel's real context on the store (its state and media queue), set up on an app that
+        # is never started: the tests drive their own syncers, without the connector's poller.
+        self.ctx = set_up(web.Application(), connector, self.pipeline.ingest, settings=settings, store=store)
 
     def syncer(self, ingest: Any = None) -> KfSyncer:
         fetcher = self.connector.media_fetcher()
-        fetcher.bind(self.store)
+        fetcher.bind(self.ctx.media, self.ctx.metrics)
         syncer = self.connector.syncer(ingest or self.pipeline.ingest, fetcher)
-        syncer.bind(self.store)
+        syncer.bind(self.ctx.state)
         syncer.start(self.connector.apis(self.session))
         return syncer
+
+    async def cursor(self) -> bytes | None:
+        return await self.ctx.state.get(cursor_key("service", KFID))
 
     async def published_msgids(self) -> list[str]:
         rows = await self.store.outbox_fetch(1000)
@@ -142,7 +149,9 @@ async def test_sync_pages_through_the_cursor_and_keeps_it(rig: Rig, fake: FakeWe
     pulls = [body for name, body in fake.calls if name == "sync_msg"]
     assert [p.get("cursor") for p in pulls] == [None, "2", "4"]
     assert all(p["token"] == "CALLBACK_TOKEN" and p["open_kfid"] == KFID and p["limit"] == 2 for p in pulls)
-    assert await rig.store.state_get(cursor_key("service", KFID)) == b"5"
+    assert await rig.cursor() == b"5"
+    # Kept in the channel's namespace of the store.
+    assert await rig.store.state_get("wechat_kf/" + cursor_key("service", KFID)) == b"5"
     # The image and the voice are queued for fetching.
     assert await rig.store.media_get("wechat_kf/kf/IMG_MEDIA") is not None
     assert await rig.store.media_get("wechat_kf/kf/VOICE_MEDIA") is not None
@@ -171,7 +180,7 @@ async def test_a_restart_in_the_middle_misses_and_repeats_nothing(rig: Rig) -> N
     first = rig.syncer(CrashOnSecondPage(rig.pipeline))
     with pytest.raises(ConnectionResetError):
         await first.sync("service", KFID)
-    assert await rig.store.state_get(cursor_key("service", KFID)) == b"2"
+    assert await rig.cursor() == b"2"
     assert await rig.published_msgids() == ["msg-1", "msg-2"]
 
     # A new process: a new syncer on the same store resumes from the durable cursor.
@@ -180,19 +189,19 @@ async def test_a_restart_in_the_middle_misses_and_repeats_nothing(rig: Rig) -> N
 
 
 async def test_a_crash_between_commit_and_cursor_repulls_a_page_without_a_second_event(rig: Rig) -> None:
-    real_put = rig.store.state_put
+    real_cas = rig.store.state_cas
     failures = [ConnectionResetError("killed before the cursor was saved")]
 
-    async def put_once_failing(key: str, value: bytes) -> None:
+    async def cas_once_failing(key: str, expected: bytes | None, value: bytes) -> bool:
         if key.endswith(":cursor") and failures:
             raise failures.pop()
-        await real_put(key, value)
+        return await real_cas(key, expected, value)
 
-    rig.store.state_put = put_once_failing  # type: ignore[method-assign]
+    rig.store.state_cas = cas_once_failing  # type: ignore[method-assign]
     with pytest.raises(ConnectionResetError):
         await rig.syncer().sync("service", KFID)
     assert await rig.published_msgids() == ["msg-1", "msg-2"]
-    assert await rig.store.state_get(cursor_key("service", KFID)) is None
+    assert await rig.cursor() is None
 
     assert await rig.syncer().sync("service", KFID) == 5  # page one again: duplicates by msgid
     assert await rig.published_msgids() == ["msg-1", "msg-2", "msg-3", "msg-4", "msg-5"]

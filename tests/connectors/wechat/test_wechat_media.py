@@ -17,12 +17,17 @@ from wechatpy.crypto import WeChatCrypto as OfficialCrypto
 from wechatpy.enterprise.crypto import WeChatCrypto as WeComCrypto
 
 from connectors.wechat import WeChatConnector, WeComConnector
-from connectors.wechat.media import MediaFetcher, MediaPolicy, media_subapp
+from connectors.wechat.api import WeChatApi
+from connectors.wechat.media import MediaPolicy, WeChatMedia, downloader
+from core.channel import Connector
 from core.model import IngestResult, Outcome, Placement, RawEnvelope
 from core.settings import OutboxSettings, Settings, StoreSettings
-from gateway.keys import STORE
+from gateway.channels import GatewayContext
+from gateway.keys import SETTINGS, STORE
+from gateway.media import setup_media
 from gateway.store.sqlite import SQLiteStore
 from normalizers.base import Normalizer
+from tests.support.channels import set_up
 
 NOW = 1_718_000_000
 TOKEN, AES_KEY, AGENT_ID = "devtoken", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG", 1000002
@@ -124,37 +129,57 @@ def config(fake: FakeWeChatApi, *, secret: str | None = APP_SECRET) -> Settings:
     )
 
 
+def context(
+    connector: Connector, ingest: StoredIngest, settings: Settings, store: SQLiteStore
+) -> GatewayContext:
+    """The channel's real context on the store, set up on an app that is never started: its media
+    queue and metrics without the connector's own background fetcher (the tests drive theirs)."""
+    return set_up(web.Application(), connector, ingest, settings=settings, store=store)
+
+
+def gateway_app(store: SQLiteStore, settings: Settings) -> web.Application:
+    """An app that serves ``/media/{channel}/{inbox}/{ref}`` like the gateway does."""
+    app = web.Application()
+    app[STORE] = store
+    app[SETTINGS] = settings
+    setup_media(app)
+    return app
+
+
 class Rig:
-    """The Official Account sub-app and /media/wechat on a real store, with the fetcher driven by hand."""
+    """The Official Account sub-app and the gateway's /media on a real store, with the fetcher driven
+    by hand."""
 
     def __init__(
         self,
         client: TestClient[web.Request, web.Application],
-        fetcher: MediaFetcher,
+        media: WeChatMedia,
+        apis: dict[str, WeChatApi],
         ingest: StoredIngest,
         now: Now,
     ) -> None:
-        self.client, self.fetcher, self.ingest, self.now = client, fetcher, ingest, now
+        self.client, self.media, self.apis, self.ingest, self.now = client, media, apis, ingest, now
 
 
 @pytest.fixture
 async def rig(fake: FakeWeChatApi, store: SQLiteStore, aiohttp_client: Any) -> AsyncIterator[Rig]:
-    connector = WeChatConnector.from_settings(config(fake), clock=lambda: NOW)
+    settings = config(fake)
+    connector = WeChatConnector.from_settings(settings, clock=lambda: NOW)
     assert connector is not None
     now = Now()
-    fetcher = MediaFetcher(
-        "wechat", frozenset({"demo"}), MediaPolicy(concurrency=2, first_backoff=10), now=now
-    )
-    fetcher.bind(store)
+    policy = MediaPolicy(concurrency=2, first_backoff=10)
+    media = WeChatMedia("wechat", frozenset({"demo"}), policy, now=now)
     ingest = StoredIngest()
-    app = web.Application()
-    app[STORE] = store
-    app.add_subapp("/wechat", connector.build_subapp(ingest, media=fetcher))
-    app.add_subapp("/media/wechat", media_subapp("wechat"))
+    ctx = context(connector, ingest, settings, store)
+    media.bind(ctx.media, ctx.metrics)
+    app = gateway_app(store, settings)
+    app.add_subapp("/wechat", connector.build_subapp(ctx.ingest, media=media))
     async with aiohttp.ClientSession() as session:
-        fetcher.start(connector.apis(session))
+        apis = connector.apis(session)
+        # Not media.running(): that would fetch in a task of its own; here run_once drives it.
+        media.fetcher.start(downloader(apis, max_bytes=policy.max_bytes))
         client = await aiohttp_client(app)
-        yield Rig(client, fetcher, ingest, now)
+        yield Rig(client, media, apis, ingest, now)
 
 
 async def post(rig: Rig, plaintext: str) -> int:
@@ -174,13 +199,13 @@ async def test_image_is_queued_before_the_answer_and_served_once_fetched(
     assert pending.status == 202
     assert int(pending.headers["Retry-After"]) >= 1
 
-    assert await rig.fetcher.run_once() == 1
+    assert await rig.media.run_once() == 1
     served = await rig.client.get("/media/wechat/wx-demo/MEDIA_1")
     assert served.status == 200
     assert await served.read() == b"\xff\xd8\xffJPEG"
     assert served.headers["Content-Type"] == "image/jpeg"
     assert "MEDIA_1.jpg" in served.headers["Content-Disposition"]
-    assert await rig.fetcher.run_once() == 0  # done: not fetched again
+    assert await rig.media.run_once() == 0  # done: not fetched again
 
 
 async def test_a_retried_callback_queues_nothing_new(rig: Rig, fake: FakeWeChatApi) -> None:
@@ -188,7 +213,7 @@ async def test_a_retried_callback_queues_nothing_new(rig: Rig, fake: FakeWeChatA
     for _ in range(3):
         assert await post(rig, image_xml("MEDIA_1")) == 200
     assert rig.ingest.calls == 3
-    assert await rig.fetcher.run_once() == 1
+    assert await rig.media.run_once() == 1
     assert [c[0] for c in fake.calls].count("media") == 1
 
 
@@ -198,11 +223,11 @@ async def test_busy_api_is_retried_later_and_unknown_media_fails_for_good(
     fake.media["MEDIA_1"] = FakeMedia(b"img", "image/png")
     # -1 for every in-call attempt (1 + 3 retries): the fetch is rescheduled.
     fake.fail_next("media", *[{"errcode": -1, "errmsg": "system error"}] * 4)
-    rig.fetcher._apis["demo"]._sleep = _no_pause  # the in-call pauses are not under test here
+    rig.apis["demo"]._sleep = _no_pause  # the in-call pauses are not under test here
     assert await post(rig, image_xml("MEDIA_1", "1")) == 200
-    assert await rig.fetcher.run_once() == 1
+    assert await rig.media.run_once() == 1
     assert await post(rig, image_xml("GONE", "2")) == 200
-    assert await rig.fetcher.run_once() == 1
+    assert await rig.media.run_once() == 1
 
     gone = await rig.client.get("/media/wechat/wx-demo/GONE")
     assert gone.status == 410
@@ -212,9 +237,9 @@ async def test_busy_api_is_retried_later_and_unknown_media_fails_for_good(
     assert (record.state, record.attempts) == ("pending", 1)
     assert record.next_attempt_at == rig.now.now + timedelta(seconds=10)
 
-    assert await rig.fetcher.run_once() == 0  # not due yet
+    assert await rig.media.run_once() == 0  # not due yet
     rig.now.now += timedelta(seconds=10)
-    assert await rig.fetcher.run_once() == 1
+    assert await rig.media.run_once() == 1
     assert (await rig.client.get("/media/wechat/wx-demo/MEDIA_1")).status == 200
 
 
@@ -223,36 +248,38 @@ async def _no_pause(seconds: float) -> None:
 
 
 async def test_fetching_gives_up_after_retry_for(rig: Rig, fake: FakeWeChatApi, store: SQLiteStore) -> None:
-    rig.fetcher.policy = MediaPolicy(retry_for=15, first_backoff=10)
-    rig.fetcher._apis["demo"]._sleep = _no_pause
+    rig.media.fetcher.policy = MediaPolicy(retry_for=15, first_backoff=10)
+    rig.apis["demo"]._sleep = _no_pause
     fake.fail_next("media", *[{"errcode": -1, "errmsg": "system error"}] * 8)
     assert await post(rig, image_xml("MEDIA_1")) == 200
-    assert await rig.fetcher.run_once() == 1  # next try after 10 s: within 15 s
+    assert await rig.media.run_once() == 1  # next try after 10 s: within 15 s
     rig.now.now += timedelta(seconds=10)
-    assert await rig.fetcher.run_once() == 1  # next would be 20 s after: past 15 s
+    assert await rig.media.run_once() == 1  # next would be 20 s after: past 15 s
     record = await store.media_get("wechat/wx-demo/MEDIA_1")
     assert record is not None
     assert record.state == "failed"
 
 
 async def test_without_a_secret_nothing_is_fetched_or_mounted(fake: FakeWeChatApi) -> None:
-    connector = WeChatConnector.from_settings(config(fake, secret=None), clock=lambda: NOW)
+    settings = config(fake, secret=None)
+    connector = WeChatConnector.from_settings(settings, clock=lambda: NOW)
     assert connector is not None
     assert connector.media_fetcher() is None
     app = web.Application()
-    connector.setup(app, StoredIngest())  # no store needed: nothing to queue
+    set_up(app, connector, StoredIngest(), settings=settings)  # no store needed: nothing to queue
     assert not any(r.canonical.startswith("/media") for r in app.router.resources())
+    assert len(app.cleanup_ctx) == 0  # no fetcher (nor API client) runs with the app
 
 
 async def test_setup_mounts_media_and_runs_the_fetcher_in_the_app_lifecycle(
     fake: FakeWeChatApi, store: SQLiteStore, aiohttp_client: Any
 ) -> None:
-    app = web.Application()
-    app[STORE] = store
+    settings = config(fake)
+    app = gateway_app(store, settings)  # the gateway serves /media/{channel}/... for every channel
     for cls in (WeChatConnector, WeComConnector):
-        connector = cls.from_settings(config(fake), clock=lambda: NOW)
+        connector = cls.from_settings(settings, clock=lambda: NOW)
         assert connector is not None
-        connector.setup(app, StoredIngest())
+        set_up(app, connector, StoredIngest(), settings=settings, store=store)
     client = await aiohttp_client(app)
     assert (await client.get("/media/wechat/wx-demo/NOPE")).status == 404
     assert (await client.get("/media/wecom/wecom-demo/NOPE")).status == 404
@@ -262,14 +289,15 @@ async def test_wecom_image_is_fetched_with_the_corp_token(
     fake: FakeWeChatApi, store: SQLiteStore, aiohttp_client: Any
 ) -> None:
     fake.media["WECOM_MEDIA"] = FakeMedia(b"png", "image/png")
-    connector = WeComConnector.from_settings(config(fake), clock=lambda: NOW)
+    settings = config(fake)
+    connector = WeComConnector.from_settings(settings, clock=lambda: NOW)
     assert connector is not None
-    fetcher = connector.media_fetcher()
-    assert fetcher is not None
-    fetcher.bind(store)
+    media = connector.media_fetcher()
+    assert media is not None
+    ctx = context(connector, StoredIngest(), settings, store)
+    media.bind(ctx.media, ctx.metrics)
     app = web.Application()
-    app[STORE] = store
-    app.add_subapp("/wecom", connector.build_subapp(StoredIngest(), media=fetcher))
+    app.add_subapp("/wecom", connector.build_subapp(ctx.ingest, media=media))
     client = await aiohttp_client(app)
     xml = (
         f"<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName><FromUserName><![CDATA[zhangsan]]></FromUserName>"
@@ -288,8 +316,8 @@ async def test_wecom_image_is_fetched_with_the_corp_token(
     )
     assert response.status == 200
     async with aiohttp.ClientSession() as session:
-        fetcher.start(connector.apis(session))
-        assert await fetcher.run_once() == 1
+        media.fetcher.start(downloader(connector.apis(session), max_bytes=media.policy.max_bytes))
+        assert await media.run_once() == 1
     record = await store.media_get("wecom/wecom-demo/WECOM_MEDIA")
     assert record is not None
     assert record.state == "done"

@@ -19,12 +19,13 @@ from wechatpy.crypto import WeChatCrypto as OfficialCrypto
 from connectors.wechat import WeChatConnector
 from connectors.wechat.api import WeChatApi
 from connectors.wechat.unionid import UnionIdResolver, marker_key
+from core.channel import ChannelState
 from core.settings import OutboxSettings, Settings, StoreSettings
 from dedupe import graph
-from gateway.keys import STORE
 from gateway.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.store.sqlite import SQLiteStore
+from tests.support.channels import set_up
 
 NOW = 1_718_000_000
 DAY = 86400
@@ -114,9 +115,16 @@ class Rig:
     """Both Official Accounts on the real pipeline and store; lookups awaited with ``join``."""
 
     def __init__(
-        self, client: TestClient[web.Request, web.Application], resolver: UnionIdResolver, store: SQLiteStore
+        self,
+        client: TestClient[web.Request, web.Application],
+        resolver: UnionIdResolver,
+        store: SQLiteStore,
+        state: ChannelState,
     ) -> None:
-        self.client, self.resolver, self.store = client, resolver, store
+        self.client, self.resolver, self.store, self.state = client, resolver, store, state
+
+    async def marker(self, app_id: str, openid: str) -> bytes | None:
+        return await self.state.get(marker_key(app_id, openid))
 
     async def post(self, account: str, plaintext: str) -> int:
         query, body = encrypted(plaintext, APPS[account][0])
@@ -142,11 +150,13 @@ async def rig(
     assert connector is not None
     resolver = connector.unionid_resolver()
     assert resolver is not None
-    resolver.bind(store)
-    app = web.Application()
-    app[STORE] = store
     pipeline = Pipeline(settings, store, Metrics())
-    app.add_subapp("/wechat", connector.build_subapp(pipeline.ingest, unionid=resolver))
+    # The channel's real context on the store, set up on an app that is never started: its state and
+    # identity links without the connector's own lookups (this resolver is the one under test).
+    ctx = set_up(web.Application(), connector, pipeline.ingest, settings=settings, store=store)
+    resolver.bind(ctx.state, ctx.identities)
+    app = web.Application()
+    app.add_subapp("/wechat", connector.build_subapp(ctx.ingest, unionid=resolver))
     async with aiohttp.ClientSession() as session:
         # One in-call retry, without its pause: the busy-API path is under test, not the client's timing.
         apis = {
@@ -155,7 +165,7 @@ async def rig(
             if endpoint.credentials is not None
         }
         resolver.start(apis)
-        yield Rig(await aiohttp_client(app), resolver, store)
+        yield Rig(await aiohttp_client(app), resolver, store, ctx.state)
 
 
 def user_info_calls(fake: FakeWeChatApi) -> list[dict[str, Any]]:
@@ -206,19 +216,21 @@ async def test_a_unionid_not_seen_before_is_added_to_the_customer_without_a_merg
     assert summary is not None
     assert ("wechat_unionid", "uPerson1", True) in {(i.kind, i.value, i.verified) for i in summary.identities}
     assert await rig.events("customer.merged") == []
-    raw = await rig.store.state_get(marker_key(APP_ID, "oUserA"))
+    raw = await rig.marker(APP_ID, "oUserA")
     assert raw is not None
     assert orjson.loads(raw)["unionid"] == "uPerson1"
+    # Kept in the channel's namespace of the store.
+    assert await rig.store.state_get("wechat/" + marker_key(APP_ID, "oUserA")) == raw
 
 
 async def test_the_answer_does_not_wait_for_the_lookup(rig: Rig, fake: FakeWeChatApi) -> None:
     fake.users[(APP_ID, "oUserA")] = {"unionid": "uPerson1"}
     fake.user_info_gate = asyncio.Event()
     assert await rig.post("brand_a", text_xml("oUserA", "1001")) == 200
-    assert await rig.store.state_get(marker_key(APP_ID, "oUserA")) is None  # not linked yet
+    assert await rig.marker(APP_ID, "oUserA") is None  # not linked yet
     fake.user_info_gate.set()
     await rig.resolver.join()
-    assert await rig.store.state_get(marker_key(APP_ID, "oUserA")) is not None
+    assert await rig.marker(APP_ID, "oUserA") is not None
 
 
 async def test_a_message_with_its_unionid_needs_no_lookup(rig: Rig, fake: FakeWeChatApi) -> None:
@@ -273,7 +285,7 @@ async def test_a_rate_limit_pauses_lookups_and_never_loses_the_message(
     assert await rig.post("brand_a", text_xml("oUserA", "1001")) == 200
     await rig.resolver.join()
     assert len(await rig.events("message.received")) == 1
-    assert await rig.store.state_get(marker_key(APP_ID, "oUserA")) is None
+    assert await rig.marker(APP_ID, "oUserA") is None
     assert len(user_info_calls(fake)) == 2
 
     # Paused: the next message asks nothing; after the pause it does.
@@ -284,7 +296,7 @@ async def test_a_rate_limit_pauses_lookups_and_never_loses_the_message(
     assert await rig.post("brand_a", text_xml("oUserA", "1003")) == 200
     await rig.resolver.join()
     assert len(user_info_calls(fake)) == 3
-    assert await rig.store.state_get(marker_key(APP_ID, "oUserA")) is not None
+    assert await rig.marker(APP_ID, "oUserA") is not None
     assert len(await rig.events("message.received")) == 3
 
 
@@ -317,14 +329,13 @@ async def test_no_lookup_without_fetch_unionid_or_app_secret(
     assert connector is not None
     assert connector.unionid_resolver() is None
     app = web.Application()
-    app[STORE] = store
-    connector.setup(app, Pipeline(settings, store, Metrics()).ingest)
+    ctx = set_up(app, connector, Pipeline(settings, store, Metrics()).ingest, settings=settings, store=store)
     client = await aiohttp_client(app)
     query, body = encrypted(text_xml("oUserA", "1001"), APP_ID)
     assert (await client.post("/wechat/brand_a", params=query, data=body)).status == 200
     await client.close()  # the app's cleanup lets started lookups finish
     assert user_info_calls(fake) == []
-    assert await store.state_get(marker_key(APP_ID, "oUserA")) is None
+    assert await ctx.state.get(marker_key(APP_ID, "oUserA")) is None
 
 
 async def test_setup_runs_the_lookups_in_the_app_lifecycle(
@@ -335,12 +346,11 @@ async def test_setup_runs_the_lookups_in_the_app_lifecycle(
     connector = WeChatConnector.from_settings(settings, clock=lambda: NOW)
     assert connector is not None
     app = web.Application()
-    app[STORE] = store
-    connector.setup(app, Pipeline(settings, store, Metrics()).ingest)
+    ctx = set_up(app, connector, Pipeline(settings, store, Metrics()).ingest, settings=settings, store=store)
     client = await aiohttp_client(app)
     query, body = encrypted(text_xml("oUserA", "1001"), APP_ID)
     assert (await client.post("/wechat/brand_a", params=query, data=body)).status == 200
     await client.close()  # the app's cleanup lets started lookups finish
-    raw = await store.state_get(marker_key(APP_ID, "oUserA"))
+    raw = await ctx.state.get(marker_key(APP_ID, "oUserA"))
     assert raw is not None
     assert orjson.loads(raw)["unionid"] == "uPerson1"
