@@ -91,7 +91,7 @@ class HttpProbe:
     """The HTTP half of every webhook probe: a delivery is a request, the answer its status."""
 
     refusal_statuses: frozenset[int] = frozenset({401, 403})
-    answer_within: float = 2.0
+    answer_within: float = 2.0  # probes give the channels an ingest_timeout of 1 s
 
     def serve(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()

@@ -15,8 +15,6 @@ BROKEN_JSON = b'{"customer": {"email": '
 
 
 class ApiProbe(HttpProbe):
-    answer_within = 2.0
-
     def tables(self) -> dict[str, Any]:
         return {"api": {"max_body_bytes": LIMIT, "ingest_timeout": 1.0, "inboxes": {INBOX: {"keys": [KEY]}}}}
 

@@ -15,8 +15,6 @@ BROKEN = b"message=\xff\xfe&email=x"
 
 class FormProbe(HttpProbe):
     refusal_statuses = frozenset({403})
-    answer_within = 2.0
-
     def tables(self) -> dict[str, Any]:
         return {
             "form": {

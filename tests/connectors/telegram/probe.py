@@ -18,8 +18,6 @@ BROKEN_JSON = b'{"update_id": 1, "message": {'
 
 class TelegramProbe(HttpProbe):
     refusal_statuses = frozenset({401})
-    answer_within = 2.0
-
     def tables(self) -> dict[str, Any]:
         bot = {"bot_token": BOT_TOKEN, "secret_token": SECRET, "fetch_media": False}
         return {"telegram": {"max_body_bytes": LIMIT, "ingest_timeout": 1.0, "inboxes": {INBOX: bot}}}

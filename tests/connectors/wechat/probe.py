@@ -26,8 +26,6 @@ BROKEN_TAIL = "<MsgType><![CDATA[text"
 class WeChatProbe(HttpProbe):
     """One callback flavor; ``ok_body`` is the answer WeChat takes for "received"."""
 
-    answer_within = 2.0
-
     def __init__(self, channel: str, flavor: Flavor, receive_id: str, ok_body: str) -> None:
         self.channel = channel
         self.ok_body = ok_body
