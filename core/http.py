@@ -5,6 +5,7 @@ Everything here is transport plumbing with no channel knowledge; connectors deci
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -12,7 +13,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,7 @@ import orjson
 from aiohttp import web
 from pydantic import SecretStr
 
+from core.channel import Normalizer
 from core.errors import ConfigError, TooLarge
 from core.model import IngestResult, Outcome, RawEnvelope
 
@@ -187,6 +189,24 @@ def accepts_json(request: web.BaseRequest) -> bool:
     """True when the client prefers JSON over HTML (fetch/XHR callers; a browser navigation asks for HTML)."""
     accept = request.headers.get("Accept", "")
     return "application/json" in accept and "text/html" not in accept
+
+
+async def ingest_within(
+    ingest: Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]],
+    envelope: RawEnvelope,
+    normalize: Normalizer,
+    within: float,
+) -> IngestResult:
+    """``ingest`` bounded by ``within`` seconds: a store that does not answer in time is a RETRY (the
+    caller answers 503 before its client gives up), never a hung request. A commit cut short is
+    found as a duplicate when the client retries."""
+    try:
+        async with asyncio.timeout(within):
+            return await ingest(envelope, normalize)
+    except TimeoutError:
+        return IngestResult(
+            outcome=Outcome.RETRY, reason=f"the message was not stored within {within:g} s", retry_after=5.0
+        )
 
 
 def result_status(result: IngestResult) -> int:

@@ -25,6 +25,7 @@ from core.http import (
     BearerKeys,
     ClientAddress,
     RateLimiter,
+    ingest_within,
     json_error,
     read_body,
     request_envelope,
@@ -32,7 +33,7 @@ from core.http import (
     retry_after_value,
 )
 from core.model import Outcome
-from core.settings import ChannelSettings, Secret, Settings
+from core.settings import ChannelSettings, Duration, Secret, Settings
 from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class ApiChannelSettings(ChannelSettings):
     auth_failures_per_minute: float = Field(10.0, gt=0)
     auth_failures_burst: int = Field(20, ge=1)
     rate_limit_max_clients: int = Field(100_000, ge=1)
+    # Below the channel's deadline (30 s): a store that does not answer by then gets a 503, not a hang.
+    ingest_timeout: Duration = 25.0
     inboxes: dict[str, ApiInboxSettings] = Field(min_length=1)
 
 
@@ -212,7 +215,9 @@ class _Handlers:
         )
         # The body was validated above; normalizing from that payload avoids parsing it twice.
         # normalize_api (which parses envelope.body) stays the channel's normalizer for replays.
-        result = await self._ingest(envelope, partial(normalize_parsed, payload))
+        result = await ingest_within(
+            self._ingest, envelope, partial(normalize_parsed, payload), self._c.channel.ingest_timeout
+        )
         if result.outcome is Outcome.RETRY:
             logger.warning("api %s: could not store a message now: %s", inbox.id, result.reason)
         elif not result.stored:

@@ -30,6 +30,7 @@ from core.http import (
     ClientAddress,
     RateLimiter,
     accepts_json,
+    ingest_within,
     json_error,
     json_response,
     read_body,
@@ -40,7 +41,7 @@ from core.http import (
     retry_after_value,
 )
 from core.model import IngestResult, Outcome
-from core.settings import ChannelSettings, Settings
+from core.settings import ChannelSettings, Duration, Settings
 from normalizers.form import (
     FormSubmission,
     describe_errors,
@@ -87,6 +88,8 @@ class FormChannelSettings(ChannelSettings):
     rate_limit_per_minute: float = Field(10.0, gt=0)
     rate_limit_burst: int = Field(5, ge=1)
     rate_limit_max_clients: int = Field(100_000, ge=1)
+    # Below the channel's deadline (10 s): a store that does not answer by then gets a 503, not a hang.
+    ingest_timeout: Duration = 8.0
     inboxes: dict[str, FormInboxSettings] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -367,7 +370,7 @@ class _Handlers:
                 "phone_region": inbox.phone_region,
             },
         )
-        result = await self._ingest(envelope, normalize_form)
+        result = await ingest_within(self._ingest, envelope, normalize_form, self._c.channel.ingest_timeout)
         return self._answer(request, inbox, result, submission)
 
     def _answer(

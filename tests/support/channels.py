@@ -29,11 +29,13 @@ def set_up(
     settings: Settings,
     store: Store | None = None,
     metrics: Metrics | None = None,
+    descriptor: ChannelDescriptor | None = None,
 ) -> GatewayContext:
-    """``connector.setup`` with a context around ``ingest`` (a fake or the real pipeline's)."""
+    """``connector.setup`` with a context around ``ingest`` (a fake or the real pipeline's);
+    ``descriptor`` replaces the installed one (a test's recording normalizer)."""
     ctx = GatewayContext(
         app,
-        descriptor_of(connector),
+        descriptor or descriptor_of(connector),
         settings=settings,
         ingest=ingest,
         store=store,

@@ -48,6 +48,8 @@ class FakeWeChatApi:
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     media_served: asyncio.Event = field(default_factory=asyncio.Event)
     base_url: str = ""
+    # Serve every sync_msg from the first message, as after a lost cursor: idempotency must absorb it.
+    ignore_cursor: bool = False
 
     def fail_next(self, endpoint: str, *answers: dict[str, Any]) -> None:
         self.failures[endpoint].extend(answers)
@@ -156,7 +158,7 @@ class FakeWeChatApi:
             return refused
         if (scripted := self._scripted("sync_msg")) is not None:
             return scripted
-        start = int(body.get("cursor") or 0)
+        start = 0 if self.ignore_cursor else int(body.get("cursor") or 0)
         limit = int(body.get("limit", 1000))
         wanted = [
             m for m in self.kf_messages if not body.get("open_kfid") or m["open_kfid"] == body["open_kfid"]
