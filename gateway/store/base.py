@@ -157,9 +157,7 @@ class Store(Protocol):
         is left as it is (insert-if-absent): a provider's retry or a re-pulled page adds nothing."""
         ...
 
-    async def media_claim(
-        self, now: datetime, limit: int, lease: float, *, channel: str
-    ) -> list[MediaFetch]:
+    async def media_claim(self, now: datetime, limit: int, lease: float, *, channel: str) -> list[MediaFetch]:
         """Up to ``limit`` pending fetches of ``channel`` due at ``now`` (oldest ``next_attempt_at``
         first; each channel's connector fetches its own), claimed in one transaction: each one's
         ``attempts`` goes up by one and its ``next_attempt_at`` moves to ``now + lease`` seconds, so

@@ -47,6 +47,9 @@ from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha2
 
 T = TypeVar("T")
 Clock = Callable[[], datetime]
+Key = tuple[str, str]  # an identity's (kind, value)
+Keys = Sequence[Key]
+Owners = tuple[str, str]  # (from customer, to customer)
 
 _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
 
@@ -90,7 +93,7 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> in
         cur.close()
 
 
-class Dialect(abc.ABC):
+class Dialect:
     """What differs between the backends' SQL. One instance per backend, shared by every Tx."""
 
     #: True when no other transaction runs meanwhile (:attr:`dedupe.tx.Tx.serialized`).
@@ -101,8 +104,9 @@ class Dialect(abc.ABC):
     #: ``greatest`` (the two-argument maximum), ``json`` (appended to a JSON placeholder),
     #: ``collate`` (byte order of text), ``for_update`` (row locks taken by a read),
     #: ``skip_locked`` (rows another writer claims are passed over), ``each`` (``= ?`` run once per
-    #: value by :meth:`for_each`, or one array), ``merges`` (the merge table),
-    #: ``recent_text_key`` (what identifies a recent text row).
+    #: value by :meth:`for_each`, or one array), ``merges`` (the merge table), ``merges_of`` (the
+    #: condition on it naming a customer, every ``?`` that customer), ``recent_text_key`` (what
+    #: identifies a recent text row).
     words: ClassVar[Mapping[str, str]]
     #: A write that fails when the database cannot write (readiness).
     ping_sql: ClassVar[str]
@@ -120,67 +124,69 @@ class Dialect(abc.ABC):
             self._cache[text] = cached
         return cached
 
-    # -- values ----------------------------------------------------------------------------------
+    # -- values (plain functions, called for every column read or written) ------------------------
 
-    @abc.abstractmethod
-    def ts(self, moment: datetime) -> Any:
-        """A time as stored; naive datetimes are taken as UTC."""
+    #: A time as stored; naive datetimes are taken as UTC.
+    ts: Callable[[datetime], Any]
+    #: A stored time as an aware UTC datetime.
+    dt: Callable[[Any], datetime]
+    #: A stored JSON column (or text array) as Python values.
+    load_json: Callable[[Any], Any]
+    #: A list of ids as stored in one column.
+    text_array: Callable[[Sequence[str]], Any]
 
-    @abc.abstractmethod
-    def dt(self, value: Any) -> datetime:
-        """A stored time as an aware UTC datetime."""
+    # -- statements: portable SQL, one statement per item; a backend overrides what it does better --
 
-    @abc.abstractmethod
-    def load_json(self, value: Any) -> Any:
-        """A stored JSON column (or text array) as Python values."""
-
-    @abc.abstractmethod
-    def text_array(self, values: Sequence[str]) -> Any:
-        """A list of ids as stored in one column."""
-
-    # -- statements that differ in shape ---------------------------------------------------------
-
-    @abc.abstractmethod
     def for_each(self, conn: Connection, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int:
         """Run a statement whose last placeholder is ``{each}`` for all ``values``; rows changed."""
+        return executemany(conn, self.sql(sql), [(*head, value) for value in values])
 
-    @abc.abstractmethod
-    def lock_identities(self, conn: Connection, tenant: str, keys: Sequence[tuple[str, str]]) -> None: ...
+    def lock_identities(self, conn: Connection, tenant: str, keys: Keys) -> None:
+        """Lock identity keys until commit (:meth:`dedupe.tx.Tx.lock_identities`); nothing to do
+        when transactions are serialized."""
 
-    @abc.abstractmethod
-    def lock_customers(self, conn: Connection, customer_ids: Sequence[str]) -> None: ...
+    def lock_customers(self, conn: Connection, customer_ids: Sequence[str]) -> None:
+        """Row-lock customers until commit (:meth:`dedupe.tx.Tx.lock_customers`); nothing to do
+        when transactions are serialized."""
 
-    @abc.abstractmethod
-    def find_identities(
-        self, conn: Connection, tenant: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[str, bool]]:
+    def find_identities(self, conn: Connection, tenant: str, keys: Keys) -> dict[Key, tuple[str, bool]]:
         """(kind, value) -> (customer id, verified) of the stored identities among ``keys``."""
+        found: dict[Key, tuple[str, bool]] = {}
+        sql = self.sql(
+            "SELECT customer_id, verified FROM identities WHERE tenant = ? AND kind = ? AND value = ?"
+        )
+        for kind, value in keys:
+            row = conn.execute(sql, (tenant, kind, value)).fetchone()
+            if row is not None:
+                found[(kind, value)] = (row[0], bool(row[1]))
+        return found
 
-    @abc.abstractmethod
-    def move_identities(
-        self,
-        conn: Connection,
-        tenant: str,
-        keys: Sequence[tuple[str, str]],
-        from_customer: str,
-        to_customer: str,
-    ) -> dict[tuple[str, str], bool]:
-        """Move those of ``keys`` owned by ``from_customer``; (kind, value) -> verified of the moved."""
+    def move_identities(self, conn: Connection, tenant: str, keys: Keys, owners: Owners) -> dict[Key, bool]:
+        """Move those of ``keys`` owned by ``owners[0]`` to ``owners[1]``; (kind, value) -> verified."""
+        moved: dict[Key, bool] = {}
+        sql = self.sql(
+            "UPDATE identities SET customer_id = ? WHERE tenant = ? AND kind = ? AND value = ?"
+            " AND customer_id = ? RETURNING verified"
+        )
+        for kind, value in keys:
+            row = conn.execute(sql, (owners[1], tenant, kind, value, owners[0])).fetchone()
+            if row is not None:
+                moved[(kind, value)] = bool(row[0])
+        return moved
 
-    @abc.abstractmethod
     def add_merge_members(self, conn: Connection, merge: MergeRecord) -> None:
-        """Index a merge by its customers, where the merge row itself cannot be searched by them."""
+        """Index a merge by its customers where the merge row itself cannot be searched by them
+        (the ``{merges_of}`` word reads that index)."""
 
-    @abc.abstractmethod
-    def customer_merges(self, conn: Connection, customer_id: str) -> list[Any]:
-        """Rows (:data:`MERGE_COLUMNS`) of the merges naming the customer, oldest first."""
-
-    @abc.abstractmethod
     def add_recent_text(self, conn: Connection, row: Sequence[Any]) -> None:
-        """Insert a recent text and cap its customer's channel (see :meth:`SqlTx.add_recent_text`).
+        """Insert a recent text, then cap its customer's channel (see :meth:`SqlTx.add_recent_text`).
 
         ``row`` holds ``RECENT_TEXT_INSERT``'s values; its first two are customer and channel.
         """
+        conn.execute(self.sql(RECENT_TEXT_INSERT), row)
+        # Inserted first, so the newest RECENT_TEXTS_KEPT include the new text.
+        customer, channel = row[0], row[1]
+        conn.execute(self.sql(RECENT_TEXT_CAP), (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
 
 
 # -- shared statements and row mappers ------------------------------------------------------------
@@ -484,7 +490,7 @@ class SqlTx:
     ) -> list[Identity]:
         if not keys:
             return []
-        moved = self._d.move_identities(self._conn, tenant, keys, from_customer, to_customer)
+        moved = self._d.move_identities(self._conn, tenant, keys, (from_customer, to_customer))
         return [Identity(kind=k, value=v, verified=moved[(k, v)]) for k, v in keys if (k, v) in moved]
 
     def set_merged_into(self, customer_id: str, into: str | None) -> None:
@@ -516,7 +522,12 @@ class SqlTx:
         self._x("UPDATE {merges} SET undone_at = ? WHERE id = ?", (self._d.ts(at), merge_id))
 
     def customer_merges(self, customer_id: str) -> list[MergeRecord]:
-        return [merge_record(self._d, r) for r in self._d.customer_merges(self._conn, customer_id)]
+        rows = self._x(
+            f"SELECT {MERGE_COLUMNS} FROM {{merges}} WHERE {{merges_of}}"  # noqa: S608
+            " ORDER BY created_at, id{collate}",
+            (customer_id,) * self._d.words["merges_of"].count("?"),
+        ).fetchall()
+        return [merge_record(self._d, r) for r in rows]
 
     def add_claimed_link(self, link: ClaimedLink) -> None:
         self._x(

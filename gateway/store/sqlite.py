@@ -26,12 +26,9 @@ import orjson
 
 from core.errors import BacklogFull, StoreError
 from core.settings import OutboxSettings, StoreSettings
-from dedupe.tx import RECENT_TEXTS_KEPT, MergeRecord
+from dedupe.tx import MergeRecord
 from gateway.store.base import OutboxRow, OutboxStatus
 from gateway.store.engine import (
-    MERGE_COLUMNS,
-    RECENT_TEXT_CAP,
-    RECENT_TEXT_INSERT,
     Clock,
     Connection,
     Dialect,
@@ -41,6 +38,7 @@ from gateway.store.engine import (
     outbox_rows,
     utcnow,
 )
+from gateway.store.schema import migrations
 
 logger = logging.getLogger(__name__)
 
@@ -59,168 +57,55 @@ _WAL_AUTOCHECKPOINT_PAGES = 16_384
 _WRITER_CACHE_KIB = 32 * 1024
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
+# Words of the shared schema (gateway.store.schema): times are integer microseconds; the
+# ``*_later`` columns came with migrations 4 and 5 here.
+_DDL = {
+    "text": "TEXT",
+    "int": "INTEGER",
+    "bigint": "INTEGER",
+    "time": "INTEGER",
+    "blob": "BLOB",
+    "bool": "INTEGER",
+    "false": "0",
+    "document": "TEXT",
+    "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "without_rowid": " WITHOUT ROWID",
+    "idempotency_keys_later": "",
+    "customers_later": "",
+    "threads_later": "",
+}
+
 # Ordered migrations; ``PRAGMA user_version`` is the number applied. Append, never edit.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE idempotency_keys (
-        key TEXT PRIMARY KEY,
-        message_id TEXT NOT NULL,
-        thread_id TEXT,
-        customer_id TEXT,
-        sequence INTEGER,
-        is_new_thread INTEGER,
-        created_at INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+MIGRATIONS: tuple[str, ...] = migrations(
+    _DDL,
+    (
+        """
+    {first}
 
-    CREATE TABLE customers (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        display_name TEXT,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE identities (
-        tenant TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        value TEXT NOT NULL,
-        customer_id TEXT NOT NULL REFERENCES customers (id),
-        verified INTEGER NOT NULL DEFAULT 0,
-        created_at INTEGER NOT NULL,
-        PRIMARY KEY (tenant, kind, value)
-    );
-    CREATE INDEX identities_customer ON identities (customer_id);
+    {messages}
 
-    CREATE TABLE tenant_counters (
-        tenant TEXT PRIMARY KEY,
-        next_thread_number INTEGER NOT NULL
-    );
-    CREATE TABLE threads (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        inbox TEXT NOT NULL,
-        customer_id TEXT NOT NULL REFERENCES customers (id),
-        subject TEXT,
-        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed')),
-        number INTEGER NOT NULL,
-        last_activity INTEGER NOT NULL,
-        next_sequence INTEGER NOT NULL DEFAULT 1,
-        created_at INTEGER NOT NULL,
-        UNIQUE (tenant, number)
-    );
-    CREATE INDEX threads_open_by_customer ON threads (customer_id, tenant, inbox, last_activity)
-        WHERE status = 'open';
+    {outbox}
 
-    CREATE TABLE messages (
-        message_id TEXT PRIMARY KEY,
-        thread_id TEXT NOT NULL REFERENCES threads (id),
-        customer_id TEXT NOT NULL REFERENCES customers (id),
-        sequence INTEGER NOT NULL,
-        channel TEXT NOT NULL,
-        external_id TEXT,
-        rfc822_message_id TEXT,
-        received_at INTEGER NOT NULL,
-        UNIQUE (thread_id, sequence)
-    );
-    CREATE INDEX messages_rfc822 ON messages (rfc822_message_id) WHERE rfc822_message_id IS NOT NULL;
-
-    CREATE TABLE outbox (
-        position INTEGER PRIMARY KEY AUTOINCREMENT,
-        event_id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        routing_key TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        thread_id TEXT,
-        sequence INTEGER,
-        body BLOB NOT NULL,
-        created_at INTEGER NOT NULL,
-        published_at INTEGER
-    );
-    CREATE INDEX outbox_unpublished ON outbox (position) WHERE published_at IS NULL;
-
-    CREATE TABLE raw_archive (
-        sha256 TEXT PRIMARY KEY,
-        data BLOB NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE blob_files (
-        sha256 TEXT PRIMARY KEY,
-        size INTEGER NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-
-    CREATE TABLE quarantine (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        inbox TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        raw_ref TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        received_at INTEGER NOT NULL,
-        content_type TEXT,
-        headers TEXT NOT NULL,
-        meta TEXT NOT NULL,
-        signature_verified INTEGER NOT NULL,
-        retry INTEGER NOT NULL,
-        remote TEXT,
-        created_at INTEGER NOT NULL,
-        replayed_at INTEGER,
-        replay_result TEXT
-    );
-    CREATE INDEX quarantine_created ON quarantine (created_at);
-
-    CREATE TABLE counters (
-        name TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    );
+    {archive}
     """,
-    # 2: small durable connector state (IMAP watermarks, pull cursors).
-    """
-    CREATE TABLE state (
-        key TEXT PRIMARY KEY,
-        value BLOB NOT NULL,
-        updated_at INTEGER NOT NULL
-    );
+        # 2: small durable connector state (IMAP watermarks, pull cursors).
+        """
+    {state}
     """,
-    # 3: media announced by committed messages (WeChat media_id), fetched after the answer.
-    """
-    CREATE TABLE media (
-        key TEXT PRIMARY KEY,
-        channel TEXT NOT NULL,
-        inbox TEXT NOT NULL,
-        account TEXT NOT NULL,
-        ref TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at INTEGER,
-        sha256 TEXT,
-        size INTEGER,
-        content_type TEXT,
-        name TEXT,
-        error TEXT,
-        created_at INTEGER NOT NULL
-    );
+        # 3: media announced by committed messages (WeChat media_id), fetched after the answer.
+        """
+    {media}
     CREATE INDEX media_due ON media (channel, next_attempt_at) WHERE state = 'pending';
     """,
-    # 4: identity graph (merges, claimed links), thread references and merges, duplicate touchpoints.
-    """
+        # 4: identity graph (merges, claimed links), thread references and merges, duplicate touchpoints.
+        """
     ALTER TABLE customers ADD COLUMN merged_into TEXT;
     ALTER TABLE threads ADD COLUMN merged_into TEXT;
     ALTER TABLE threads ADD COLUMN previous_id TEXT;
     CREATE INDEX threads_customer ON threads (customer_id);
     CREATE INDEX threads_previous ON threads (previous_id) WHERE previous_id IS NOT NULL;
 
-    CREATE TABLE thread_keys (
-        tenant TEXT NOT NULL,
-        channel TEXT NOT NULL,
-        inbox TEXT NOT NULL,
-        key TEXT NOT NULL,
-        thread_id TEXT NOT NULL REFERENCES threads (id),
-        created_at INTEGER NOT NULL,
-        PRIMARY KEY (tenant, channel, inbox, key)
-    ) WITHOUT ROWID;
+    {thread_keys}
 
     CREATE TABLE merges (
         id TEXT PRIMARY KEY,
@@ -239,17 +124,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (customer_id, merge_id)
     ) WITHOUT ROWID;
 
-    CREATE TABLE claimed_links (
-        id TEXT PRIMARY KEY,
-        tenant TEXT NOT NULL,
-        customer_id TEXT NOT NULL,
-        other_customer_id TEXT NOT NULL,
-        identities TEXT NOT NULL,
-        message_id TEXT,
-        created_at INTEGER NOT NULL
-    );
-    CREATE INDEX claimed_links_customer ON claimed_links (customer_id);
-    CREATE INDEX claimed_links_other ON claimed_links (other_customer_id);
+    {claimed_links}
 
     -- Normalised texts of each customer's last messages, only as far back as the duplicate window.
     CREATE TABLE recent_texts (
@@ -262,19 +137,20 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (customer_id, at, message_id)
     ) WITHOUT ROWID;
     """,
-    # 5: a provider's exact retry answers the whole first placement (as the PostgreSQL store does).
-    """
+        # 5: a provider's exact retry answers the whole first placement (as the PostgreSQL store does).
+        """
     ALTER TABLE idempotency_keys ADD COLUMN duplicate_of TEXT;
     ALTER TABLE idempotency_keys ADD COLUMN previous_thread_id TEXT;
     """,
-    # 6: recent texts are capped per customer and channel (Tx.add_recent_text); this finds the cap.
-    """
+        # 6: recent texts are capped per customer and channel (Tx.add_recent_text); this finds the cap.
+        """
     CREATE INDEX recent_texts_by_channel ON recent_texts (customer_id, channel, at);
     """,
-    # 7: recent texts past the duplicate window are swept by age (Store.purge_recent_texts).
-    """
+        # 7: recent texts past the duplicate window are swept by age (Store.purge_recent_texts).
+        """
     CREATE INDEX recent_texts_by_age ON recent_texts (at);
     """,
+    ),
 )
 
 
@@ -293,10 +169,15 @@ def _dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-class SQLiteDialect(Dialect):
-    """SQLite's SQL: times as integer microseconds, JSON as text, one statement per item.
+def _json_list(values: Sequence[str]) -> str:
+    return orjson.dumps(list(values)).decode()
 
-    One statement per item costs no round trip here, and SQLite probes its indexes for each, where
+
+class SQLiteDialect(Dialect):
+    """SQLite's SQL: times as integer microseconds, JSON as text, the portable statements.
+
+    The one writer thread runs one transaction at a time, so the lock methods have nothing to do;
+    one statement per item costs no round trip here, and SQLite probes its indexes for each, where
     it would scan a tenant's rows for a list of (kind, value) pairs.
     """
 
@@ -310,62 +191,15 @@ class SQLiteDialect(Dialect):
         "skip_locked": "",
         "each": "= ?",
         "merges": "merges",
+        "merges_of": "id IN (SELECT merge_id FROM merge_members WHERE customer_id = ?)",
         "recent_text_key": "customer_id, at, message_id",  # the primary key (WITHOUT ROWID)
     }
     ping_sql = "SELECT 1 FROM counters LIMIT 1"
 
-    def ts(self, moment: datetime) -> int:
-        return _us(moment)
-
-    def dt(self, value: Any) -> datetime:
-        return _dt(value)
-
-    def load_json(self, value: Any) -> Any:
-        return orjson.loads(value)
-
-    def text_array(self, values: Sequence[str]) -> str:
-        return orjson.dumps(list(values)).decode()
-
-    def for_each(self, conn: Connection, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int:
-        return executemany(conn, self.sql(sql), [(*head, value) for value in values])
-
-    def lock_identities(self, conn: Connection, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
-        """Nothing to do: the writer thread runs one transaction at a time."""
-
-    def lock_customers(self, conn: Connection, customer_ids: Sequence[str]) -> None:
-        """Nothing to do: the writer thread runs one transaction at a time."""
-
-    def find_identities(
-        self, conn: Connection, tenant: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[str, bool]]:
-        found: dict[tuple[str, str], tuple[str, bool]] = {}
-        for kind, value in keys:
-            row = conn.execute(
-                "SELECT customer_id, verified FROM identities WHERE tenant = ? AND kind = ? AND value = ?",
-                (tenant, kind, value),
-            ).fetchone()
-            if row is not None:
-                found[(kind, value)] = (row[0], bool(row[1]))
-        return found
-
-    def move_identities(
-        self,
-        conn: Connection,
-        tenant: str,
-        keys: Sequence[tuple[str, str]],
-        from_customer: str,
-        to_customer: str,
-    ) -> dict[tuple[str, str], bool]:
-        moved: dict[tuple[str, str], bool] = {}
-        for kind, value in keys:
-            row = conn.execute(
-                "UPDATE identities SET customer_id = ? WHERE tenant = ? AND kind = ? AND value = ?"
-                " AND customer_id = ? RETURNING verified",
-                (to_customer, tenant, kind, value, from_customer),
-            ).fetchone()
-            if row is not None:
-                moved[(kind, value)] = bool(row[0])
-        return moved
+    ts = staticmethod(_us)
+    dt = staticmethod(_dt)
+    load_json = staticmethod(orjson.loads)
+    text_array = staticmethod(_json_list)
 
     def add_merge_members(self, conn: Connection, merge: MergeRecord) -> None:
         # merged_customers is JSON text here: merge_members finds a customer's merges.
@@ -374,20 +208,6 @@ class SQLiteDialect(Dialect):
             "INSERT INTO merge_members (customer_id, merge_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
             [(c, merge.id) for c in (merge.surviving_customer, *merge.merged_customers)],
         )
-
-    def customer_merges(self, conn: Connection, customer_id: str) -> list[Any]:
-        columns = ", ".join(f"m.{c.strip()}" for c in MERGE_COLUMNS.split(","))
-        return conn.execute(
-            f"SELECT {columns} FROM merge_members mm JOIN merges m ON m.id = mm.merge_id"  # noqa: S608
-            " WHERE mm.customer_id = ? ORDER BY m.created_at, m.id",
-            (customer_id,),
-        ).fetchall()
-
-    def add_recent_text(self, conn: Connection, row: Sequence[Any]) -> None:
-        conn.execute(RECENT_TEXT_INSERT, row)
-        # Inserted first, so the newest RECENT_TEXTS_KEPT include the new text.
-        customer, channel = row[0], row[1]
-        conn.execute(RECENT_TEXT_CAP, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
 
 
 SQLITE = SQLiteDialect()
