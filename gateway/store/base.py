@@ -149,6 +149,12 @@ class Store(Protocol):
 
     async def state_get(self, key: str) -> bytes | None: ...
 
+    async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        """Durably set ``value`` only if the current value is ``expected`` (``None``: the key is
+        absent), atomically against every other writer (other instances included); returns whether
+        it was set. Lets two pollers of one cursor agree on who advances it."""
+        ...
+
     # -- media fetch queue: media announced by a committed message, fetched after the answer ------
 
     async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:
