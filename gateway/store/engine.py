@@ -191,18 +191,18 @@ class Dialect:
 
 # -- shared statements and row mappers ------------------------------------------------------------
 
-THREAD_COLUMNS = (
+_THREAD_COLUMNS = (
     "id, tenant, inbox, customer_id, subject, number, last_activity, status, merged_into, previous_id"
 )
-_THREAD_COLUMNS_T = ", ".join(f"t.{c.strip()}" for c in THREAD_COLUMNS.split(","))
-MERGE_COLUMNS = (
+_THREAD_COLUMNS_T = ", ".join(f"t.{c.strip()}" for c in _THREAD_COLUMNS.split(","))
+_MERGE_COLUMNS = (
     "id, tenant, surviving_customer, merged_customers, identities, threads, evidence, created_at, undone_at"
 )
 _LINK_COLUMNS = "id, tenant, customer_id, other_customer_id, identities, message_id, created_at"
-QUARANTINE_COLUMNS = (
+_QUARANTINE_COLUMNS = (
     "id, tenant, channel, inbox, reason, raw_ref, size, received_at, replayed_at, replay_result"
 )
-MEDIA_COLUMNS = (
+_MEDIA_COLUMNS = (
     "key, channel, inbox, account, ref, kind, state, attempts, next_attempt_at, sha256, size, content_type,"
     " name, error, created_at"
 )
@@ -226,7 +226,7 @@ _OUTBOX_FETCH = (
 )
 
 
-def json_text(value: Any) -> str:
+def _json_text(value: Any) -> str:
     # Anything orjson cannot encode natively (transport facts, evidence) is kept as its str().
     return orjson.dumps(value, default=str).decode()
 
@@ -239,7 +239,7 @@ def _identities(rows: Iterable[Sequence[Any]]) -> tuple[Identity, ...]:
     return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
 
 
-def thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
+def _thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
     return ThreadRecord(
         id=row[0],
         tenant=row[1],
@@ -254,7 +254,7 @@ def thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
     )
 
 
-def merge_record(d: Dialect, row: Sequence[Any]) -> MergeRecord:
+def _merge_record(d: Dialect, row: Sequence[Any]) -> MergeRecord:
     return MergeRecord(
         id=row[0],
         tenant=row[1],
@@ -271,7 +271,7 @@ def merge_record(d: Dialect, row: Sequence[Any]) -> MergeRecord:
     )
 
 
-def link_record(d: Dialect, row: Sequence[Any]) -> ClaimedLink:
+def _link_record(d: Dialect, row: Sequence[Any]) -> ClaimedLink:
     return ClaimedLink(
         id=row[0],
         tenant=row[1],
@@ -283,7 +283,7 @@ def link_record(d: Dialect, row: Sequence[Any]) -> ClaimedLink:
     )
 
 
-def quarantine_record(d: Dialect, row: Sequence[Any]) -> QuarantineRecord:
+def _quarantine_record(d: Dialect, row: Sequence[Any]) -> QuarantineRecord:
     return QuarantineRecord(
         id=row[0],
         tenant=row[1],
@@ -298,7 +298,7 @@ def quarantine_record(d: Dialect, row: Sequence[Any]) -> QuarantineRecord:
     )
 
 
-def media_record(d: Dialect, row: Sequence[Any]) -> MediaFetch:
+def _media_record(d: Dialect, row: Sequence[Any]) -> MediaFetch:
     return MediaFetch(
         key=row[0],
         channel=row[1],
@@ -338,7 +338,7 @@ def outbox_rows(d: Dialect, conn: Connection, after: int, limit: int) -> list[Ou
     ]
 
 
-def insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: datetime) -> None:
+def _insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: datetime) -> None:
     created = d.ts(now)
     executemany(
         conn,
@@ -366,7 +366,7 @@ class SqlTx:
 
     def _thread(self, sql: str, params: Sequence[Any]) -> ThreadRecord | None:
         row = self._x(sql, params).fetchone()
-        return thread_record(self._d, row) if row is not None else None
+        return _thread_record(self._d, row) if row is not None else None
 
     # -- idempotency ---------------------------------------------------------------------------
 
@@ -498,16 +498,16 @@ class SqlTx:
 
     def add_merge(self, merge: MergeRecord) -> None:
         self._x(
-            f"INSERT INTO {{merges}} ({MERGE_COLUMNS})"  # noqa: S608 - column names and dialect words only
+            f"INSERT INTO {{merges}} ({_MERGE_COLUMNS})"  # noqa: S608 - column names and dialect words only
             " VALUES (?, ?, ?, ?, ?{json}, ?{json}, ?{json}, ?, ?)",
             (
                 merge.id,
                 merge.tenant,
                 merge.surviving_customer,
                 self._d.text_array(list(merge.merged_customers)),
-                json_text([[origin, i.kind, i.value, i.verified] for origin, i in merge.identities]),
-                json_text([list(t) for t in merge.threads]),
-                json_text(dict(merge.evidence)),
+                _json_text([[origin, i.kind, i.value, i.verified] for origin, i in merge.identities]),
+                _json_text([list(t) for t in merge.threads]),
+                _json_text(dict(merge.evidence)),
                 self._d.ts(merge.created_at),
                 self._d.ts(merge.undone_at) if merge.undone_at is not None else None,
             ),
@@ -515,19 +515,19 @@ class SqlTx:
         self._d.add_merge_members(self._conn, merge)
 
     def get_merge(self, merge_id: str) -> MergeRecord | None:
-        row = self._x(f"SELECT {MERGE_COLUMNS} FROM {{merges}} WHERE id = ?", (merge_id,)).fetchone()  # noqa: S608
-        return merge_record(self._d, row) if row is not None else None
+        row = self._x(f"SELECT {_MERGE_COLUMNS} FROM {{merges}} WHERE id = ?", (merge_id,)).fetchone()  # noqa: S608
+        return _merge_record(self._d, row) if row is not None else None
 
     def mark_merge_undone(self, merge_id: str, at: datetime) -> None:
         self._x("UPDATE {merges} SET undone_at = ? WHERE id = ?", (self._d.ts(at), merge_id))
 
     def customer_merges(self, customer_id: str) -> list[MergeRecord]:
         rows = self._x(
-            f"SELECT {MERGE_COLUMNS} FROM {{merges}} WHERE {{merges_of}}"  # noqa: S608
+            f"SELECT {_MERGE_COLUMNS} FROM {{merges}} WHERE {{merges_of}}"  # noqa: S608
             " ORDER BY created_at, id{collate}",
             (customer_id,) * self._d.words["merges_of"].count("?"),
         ).fetchall()
-        return [merge_record(self._d, r) for r in rows]
+        return [_merge_record(self._d, r) for r in rows]
 
     def add_claimed_link(self, link: ClaimedLink) -> None:
         self._x(
@@ -537,7 +537,7 @@ class SqlTx:
                 link.tenant,
                 link.customer_id,
                 link.other_customer_id,
-                json_text(_identity_rows(link.identities)),
+                _json_text(_identity_rows(link.identities)),
                 link.message_id,
                 self._d.ts(link.created_at),
             ),
@@ -549,7 +549,7 @@ class SqlTx:
             " WHERE customer_id = ? OR other_customer_id = ? ORDER BY created_at, id{collate}",
             (customer_id, customer_id),
         ).fetchall()
-        return [link_record(self._d, r) for r in rows]
+        return [_link_record(self._d, r) for r in rows]
 
     # -- threads -------------------------------------------------------------------------------
 
@@ -557,7 +557,7 @@ class SqlTx:
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> ThreadRecord | None:
         return self._thread(
-            f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
             " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
             " ORDER BY last_activity DESC LIMIT 1",
             (customer_id, tenant, inbox, self._d.ts(active_since)),
@@ -567,26 +567,26 @@ class SqlTx:
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> list[ThreadRecord]:
         rows = self._x(
-            f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
             " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
             " ORDER BY number",
             (customer_id, tenant, inbox, self._d.ts(active_since)),
         ).fetchall()
-        return [thread_record(self._d, r) for r in rows]
+        return [_thread_record(self._d, r) for r in rows]
 
     def get_thread(self, thread_id: str) -> ThreadRecord | None:
-        return self._thread(f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,))  # noqa: S608
+        return self._thread(f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,))  # noqa: S608
 
     def find_successor(self, thread_id: str) -> ThreadRecord | None:
         # The highest number is the newest: numbers are handed out in creation order per tenant.
         return self._thread(
-            f"SELECT {THREAD_COLUMNS} FROM threads WHERE previous_id = ? ORDER BY number DESC LIMIT 1",  # noqa: S608
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE previous_id = ? ORDER BY number DESC LIMIT 1",  # noqa: S608
             (thread_id,),
         )
 
     def find_thread_by_number(self, tenant: str, number: int) -> ThreadRecord | None:
         return self._thread(
-            f"SELECT {THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
             (tenant, number),
         )
 
@@ -861,7 +861,7 @@ class SqlStore(abc.ABC):
                         build_event(message, placed.placement, placed.customer, placed.thread_subject, ref)
                     )
                 placements.append(placed.placement)
-            insert_events(d, conn, events, now)
+            _insert_events(d, conn, events, now)
             # Counted where the rows are known, so duplicates (which enqueue nothing) still get
             # their answer when the outbox is full.
             self._count_events(conn, len(events), bounded=True)
@@ -884,7 +884,7 @@ class SqlStore(abc.ABC):
             received_at=d.dt(d.ts(envelope.received_at)),  # as it reads back
         )
         headers = orjson.dumps(dict(envelope.headers)).decode()
-        meta = json_text(dict(envelope.meta))
+        meta = _json_text(dict(envelope.meta))
 
         def job(conn: Connection) -> QuarantineRecord:
             now = self._clock()
@@ -924,7 +924,7 @@ class SqlStore(abc.ABC):
                 received_at=record.received_at,
                 occurred_at=now,
             )
-            insert_events(d, conn, [event], now)
+            _insert_events(d, conn, [event], now)
             self._count_events(conn, 1, bounded=True)
             return record
 
@@ -935,7 +935,7 @@ class SqlStore(abc.ABC):
         def job(conn: Connection) -> T:
             now = self._clock()
             value, events = work(SqlTx(conn, self.dialect), now)
-            insert_events(self.dialect, conn, events, now)
+            _insert_events(self.dialect, conn, events, now)
             self._count_events(conn, len(events), bounded=False)
             return value
 
@@ -944,7 +944,7 @@ class SqlStore(abc.ABC):
     async def enqueue(self, events: Sequence[Event]) -> None:
         # Not bounded by max_backlog: these record state changes already made (merges, control).
         def job(conn: Connection) -> None:
-            insert_events(self.dialect, conn, events, self._clock())
+            _insert_events(self.dialect, conn, events, self._clock())
             self._count_events(conn, len(events), bounded=False)
 
         if events:
@@ -1100,11 +1100,11 @@ class SqlStore(abc.ABC):
                 d.sql(
                     "UPDATE media SET attempts = attempts + 1, next_attempt_at = ? WHERE key IN"  # noqa: S608
                     " (SELECT key FROM media WHERE state = 'pending' AND channel = ? AND next_attempt_at <= ?"
-                    f" ORDER BY next_attempt_at LIMIT ?{{skip_locked}}) RETURNING {MEDIA_COLUMNS}"
+                    f" ORDER BY next_attempt_at LIMIT ?{{skip_locked}}) RETURNING {_MEDIA_COLUMNS}"
                 ),
                 (d.ts(now + timedelta(seconds=lease)), channel, d.ts(now), limit),
             ).fetchall()
-            return sorted((media_record(d, r) for r in rows), key=lambda f: (f.created_at, f.key))
+            return sorted((_media_record(d, r) for r in rows), key=lambda f: (f.created_at, f.key))
 
         return await self._write(job)
 
@@ -1143,8 +1143,8 @@ class SqlStore(abc.ABC):
         d = self.dialect
 
         def read(conn: Connection) -> MediaFetch | None:
-            row = conn.execute(d.sql(f"SELECT {MEDIA_COLUMNS} FROM media WHERE key = ?"), (key,)).fetchone()  # noqa: S608
-            return media_record(d, row) if row is not None else None
+            row = conn.execute(d.sql(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE key = ?"), (key,)).fetchone()  # noqa: S608
+            return _media_record(d, row) if row is not None else None
 
         return await self._read(read)
 
@@ -1156,12 +1156,12 @@ class SqlStore(abc.ABC):
         def read(conn: Connection) -> list[QuarantineRecord]:
             rows = conn.execute(
                 d.sql(
-                    f"SELECT {QUARANTINE_COLUMNS} FROM quarantine"  # noqa: S608
+                    f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine"  # noqa: S608
                     " ORDER BY created_at DESC, id DESC LIMIT ?"
                 ),
                 (limit,),
             ).fetchall()
-            return [quarantine_record(d, r) for r in rows]
+            return [_quarantine_record(d, r) for r in rows]
 
         return await self._read(read)
 
@@ -1171,14 +1171,14 @@ class SqlStore(abc.ABC):
         def read(conn: Connection) -> tuple[QuarantineRecord, RawEnvelope] | None:
             row = conn.execute(
                 d.sql(
-                    f"SELECT {QUARANTINE_COLUMNS}, content_type, headers, meta, signature_verified, retry,"  # noqa: S608
+                    f"SELECT {_QUARANTINE_COLUMNS}, content_type, headers, meta, signature_verified, retry,"  # noqa: S608
                     " remote FROM quarantine WHERE id = ?"
                 ),
                 (quarantine_id,),
             ).fetchone()
             if row is None:
                 return None
-            record = quarantine_record(d, row)
+            record = _quarantine_record(d, row)
             digest = parse_raw_ref(record.raw_ref)
             body = self._read_blob(conn, digest) if digest is not None else None
             if body is None:
