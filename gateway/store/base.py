@@ -150,8 +150,9 @@ class Store(Protocol):
     async def state_get(self, key: str) -> bytes | None: ...
 
     async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
-        """Set ``value`` only if the current value is ``expected`` (``None``: absent), atomically;
-        whether it was set."""
+        """Durably set ``value`` only if the current value is ``expected`` (``None``: the key is
+        absent), atomically against every other writer (other instances included); returns whether
+        it was set. Lets two pollers of one cursor agree on who advances it."""
         ...
 
     # -- media fetch queue: media announced by a committed message, fetched after the answer ------
@@ -162,9 +163,7 @@ class Store(Protocol):
         is left as it is (insert-if-absent): a provider's retry or a re-pulled page adds nothing."""
         ...
 
-    async def media_claim(
-        self, now: datetime, limit: int, lease: float, *, channel: str
-    ) -> list[MediaFetch]:
+    async def media_claim(self, now: datetime, limit: int, lease: float, *, channel: str) -> list[MediaFetch]:
         """Up to ``limit`` pending fetches of ``channel`` due at ``now`` (oldest ``next_attempt_at``
         first; each channel's connector fetches its own), claimed in one transaction: each one's
         ``attempts`` goes up by one and its ``next_attempt_at`` moves to ``now + lease`` seconds, so

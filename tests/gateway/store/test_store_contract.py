@@ -340,6 +340,41 @@ async def test_state_is_durable_and_overwritten(make_store: MakeStore) -> None:
         await reopened.close()
 
 
+async def test_state_cas_sets_only_over_the_expected_value(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    key = "wechat/kf/cursor"
+    assert await store.state_cas(key, None, b"1") is True  # absent -> set
+    assert await store.state_cas(key, None, b"2") is False  # present now: absent is not expected
+    assert await store.state_cas(key, b"0", b"2") is False  # wrong expected value
+    assert await store.state_get(key) == b"1"  # unchanged by the refused ones
+    assert await store.state_cas(key, b"1", b"2") is True
+    assert await store.state_get(key) == b"2"
+    await store.close()
+    reopened = make_store()
+    await reopened.open()
+    assert await reopened.state_get(key) == b"2"  # durable like state_put
+
+
+async def test_concurrent_state_cas_of_one_expected_value_has_one_winner(make_store: MakeStore) -> None:
+    """Two store instances over one database race from the same expected value: exactly one wins."""
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    for expected, key in ((None, "absent"), (b"0", "present")):
+        if expected is not None:
+            await first.state_put(key, expected)
+        values = [f"v{i}".encode() for i in range(16)]
+        results = await asyncio.gather(
+            *(
+                (first if i % 2 else second).state_cas(key, expected, value)
+                for i, value in enumerate(values)
+            )
+        )
+        assert results.count(True) == 1, (key, results)
+        assert await first.state_get(key) == values[results.index(True)]
+
+
 # -- identity graph and threading through the store (dedupe rules, backend-neutral) -----------------
 
 

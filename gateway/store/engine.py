@@ -1,0 +1,1216 @@
+"""The one SQL store engine behind both backends: the Tx, the job bodies and the row mappers.
+
+SQLite and PostgreSQL run the same statements. What truly differs between them is held by a
+:class:`Dialect`: the placeholder style and a few words of SQL (``max`` or ``greatest``, a jsonb
+cast, a collation, row locks), how times and JSON are stored, the statements that run once per item
+on one and once per list on the other, and the locks a multi-writer database needs. The backends
+(:mod:`gateway.store.sqlite`, :mod:`gateway.store.postgres`) add their schema, connection handling,
+group commit or retries, and the outbox backlog count, by subclassing :class:`SqlStore`.
+
+Statements here are written with ``?`` placeholders and ``{word}`` slots; :meth:`Dialect.sql`
+turns them into the backend's text once and caches it. Values are always bound as parameters;
+only dialect words and placeholder lists are ever put into SQL text.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import orjson
+
+from core.errors import BacklogFull, StoreError
+from core.events import Event, message_quarantined
+from core.media import MediaFetch
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.settings import OutboxSettings, StoreSettings
+from dedupe.engine import new_id, place
+from dedupe.policy import PlacementPolicy
+from dedupe.tx import (
+    RECENT_TEXTS_KEPT,
+    ClaimedLink,
+    CustomerRecord,
+    MergeRecord,
+    MessageRecord,
+    RecentText,
+    StoredIdentity,
+    ThreadRecord,
+    TxWork,
+)
+from gateway.store.base import EventBuilder, OutboxRow, QuarantineRecord
+from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
+
+T = TypeVar("T")
+Clock = Callable[[], datetime]
+Key = tuple[str, str]  # an identity's (kind, value)
+Keys = Sequence[Key]
+Owners = tuple[str, str]  # (from customer, to customer)
+
+_DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor (sqlite3, psycopg) the engine uses."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    """The part of a DB-API connection (sqlite3, psycopg) the engine uses."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def cursor(self) -> Cursor: ...
+
+
+def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    """Run ``sql`` once per row (psycopg pipelines them); the rows changed, summed."""
+    if not rows:
+        return 0
+    cur = conn.cursor()
+    try:
+        cur.executemany(sql, rows)
+        return max(cur.rowcount, 0)
+    finally:
+        cur.close()
+
+
+class Dialect:
+    """What differs between the backends' SQL. One instance per backend, shared by every Tx."""
+
+    #: True when no other transaction runs meanwhile (:attr:`dedupe.tx.Tx.serialized`).
+    serialized: ClassVar[bool]
+    #: The placeholder ``?`` in the shared statements becomes this.
+    placeholder: ClassVar[str]
+    #: Values of the ``{word}`` slots in the shared statements:
+    #: ``greatest`` (the two-argument maximum), ``json`` (appended to a JSON placeholder),
+    #: ``collate`` (byte order of text), ``for_update`` (row locks taken by a read),
+    #: ``skip_locked`` (rows another writer claims are passed over), ``each`` (``= ?`` run once per
+    #: value by :meth:`for_each`, or one array), ``merges`` (the merge table), ``merges_of`` (the
+    #: condition on it naming a customer, every ``?`` that customer), ``recent_text_key`` (what
+    #: identifies a recent text row).
+    words: ClassVar[Mapping[str, str]]
+    #: A write that fails when the database cannot write (readiness).
+    ping_sql: ClassVar[str]
+
+    def __init__(self) -> None:
+        self._cache: dict[str, str] = {}
+
+    def sql(self, text: str) -> str:
+        """The backend's text of a shared statement (cached: statements are a small fixed set)."""
+        cached = self._cache.get(text)
+        if cached is None:
+            cached = text.format_map(self.words) if "{" in text else text
+            if self.placeholder != "?":
+                cached = cached.replace("?", self.placeholder)
+            self._cache[text] = cached
+        return cached
+
+    # -- values (plain functions, called for every column read or written) ------------------------
+
+    #: A time as stored; naive datetimes are taken as UTC.
+    ts: Callable[[datetime], Any]
+    #: A stored time as an aware UTC datetime.
+    dt: Callable[[Any], datetime]
+    #: A stored JSON column (or text array) as Python values.
+    load_json: Callable[[Any], Any]
+    #: A list of ids as stored in one column.
+    text_array: Callable[[Sequence[str]], Any]
+
+    # -- statements: portable SQL, one statement per item; a backend overrides what it does better --
+
+    def for_each(self, conn: Connection, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int:
+        """Run a statement whose last placeholder is ``{each}`` for all ``values``; rows changed."""
+        return executemany(conn, self.sql(sql), [(*head, value) for value in values])
+
+    def lock_identities(self, conn: Connection, tenant: str, keys: Keys) -> None:
+        """Lock identity keys until commit (:meth:`dedupe.tx.Tx.lock_identities`); nothing to do
+        when transactions are serialized."""
+
+    def lock_customers(self, conn: Connection, customer_ids: Sequence[str]) -> None:
+        """Row-lock customers until commit (:meth:`dedupe.tx.Tx.lock_customers`); nothing to do
+        when transactions are serialized."""
+
+    def find_identities(self, conn: Connection, tenant: str, keys: Keys) -> dict[Key, tuple[str, bool]]:
+        """(kind, value) -> (customer id, verified) of the stored identities among ``keys``."""
+        found: dict[Key, tuple[str, bool]] = {}
+        sql = self.sql(
+            "SELECT customer_id, verified FROM identities WHERE tenant = ? AND kind = ? AND value = ?"
+        )
+        for kind, value in keys:
+            row = conn.execute(sql, (tenant, kind, value)).fetchone()
+            if row is not None:
+                found[(kind, value)] = (row[0], bool(row[1]))
+        return found
+
+    def move_identities(self, conn: Connection, tenant: str, keys: Keys, owners: Owners) -> dict[Key, bool]:
+        """Move those of ``keys`` owned by ``owners[0]`` to ``owners[1]``; (kind, value) -> verified."""
+        moved: dict[Key, bool] = {}
+        sql = self.sql(
+            "UPDATE identities SET customer_id = ? WHERE tenant = ? AND kind = ? AND value = ?"
+            " AND customer_id = ? RETURNING verified"
+        )
+        for kind, value in keys:
+            row = conn.execute(sql, (owners[1], tenant, kind, value, owners[0])).fetchone()
+            if row is not None:
+                moved[(kind, value)] = bool(row[0])
+        return moved
+
+    def add_merge_members(self, conn: Connection, merge: MergeRecord) -> None:
+        """Index a merge by its customers where the merge row itself cannot be searched by them
+        (the ``{merges_of}`` word reads that index)."""
+
+    def add_recent_text(self, conn: Connection, row: Sequence[Any]) -> None:
+        """Insert a recent text, then cap its customer's channel (see :meth:`SqlTx.add_recent_text`).
+
+        ``row`` holds ``RECENT_TEXT_INSERT``'s values; its first two are customer and channel.
+        """
+        conn.execute(self.sql(RECENT_TEXT_INSERT), row)
+        # Inserted first, so the newest RECENT_TEXTS_KEPT include the new text.
+        customer, channel = row[0], row[1]
+        conn.execute(self.sql(RECENT_TEXT_CAP), (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
+
+
+# -- shared statements and row mappers ------------------------------------------------------------
+
+_THREAD_COLUMNS = (
+    "id, tenant, inbox, customer_id, subject, number, last_activity, status, merged_into, previous_id"
+)
+_THREAD_COLUMNS_T = ", ".join(f"t.{c.strip()}" for c in _THREAD_COLUMNS.split(","))
+_MERGE_COLUMNS = (
+    "id, tenant, surviving_customer, merged_customers, identities, threads, evidence, created_at, undone_at"
+)
+_LINK_COLUMNS = "id, tenant, customer_id, other_customer_id, identities, message_id, created_at"
+_QUARANTINE_COLUMNS = (
+    "id, tenant, channel, inbox, reason, raw_ref, size, received_at, replayed_at, replay_result"
+)
+_MEDIA_COLUMNS = (
+    "key, channel, inbox, account, ref, kind, state, attempts, next_attempt_at, sha256, size, content_type,"
+    " name, error, created_at"
+)
+# Values: customer_id, channel, at, message_id, thread_id, text (customer and channel first: the cap).
+RECENT_TEXT_INSERT = (
+    "INSERT INTO recent_texts (customer_id, channel, at, message_id, thread_id, text)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+# The (RECENT_TEXTS_KEPT - offset)th newest text of a customer's channel and all older ones.
+RECENT_TEXT_CAP = (
+    "DELETE FROM recent_texts WHERE customer_id = ? AND channel = ? AND at < ("
+    "SELECT at FROM recent_texts WHERE customer_id = ? AND channel = ? ORDER BY at DESC LIMIT 1 OFFSET ?)"
+)
+_OUTBOX_INSERT = (
+    "INSERT INTO outbox (event_id, type, routing_key, tenant, channel, thread_id, sequence, body,"
+    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_OUTBOX_FETCH = (
+    "SELECT position, event_id, type, routing_key, tenant, channel, thread_id, sequence, body, created_at"
+    " FROM outbox WHERE published_at IS NULL AND position > ? ORDER BY position LIMIT ?"
+)
+
+
+def _json_text(value: Any) -> str:
+    # Anything orjson cannot encode natively (transport facts, evidence) is kept as its str().
+    return orjson.dumps(value, default=str).decode()
+
+
+def _identity_rows(identities: Iterable[Identity]) -> list[list[Any]]:
+    return [[i.kind, i.value, i.verified] for i in identities]
+
+
+def _identities(rows: Iterable[Sequence[Any]]) -> tuple[Identity, ...]:
+    return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
+
+
+def _thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
+    return ThreadRecord(
+        id=row[0],
+        tenant=row[1],
+        inbox=row[2],
+        customer_id=row[3],
+        subject=row[4],
+        number=int(row[5]),
+        last_activity=d.dt(row[6]),
+        open=row[7] == "open",
+        merged_into=row[8],
+        previous_id=row[9],
+    )
+
+
+def _merge_record(d: Dialect, row: Sequence[Any]) -> MergeRecord:
+    return MergeRecord(
+        id=row[0],
+        tenant=row[1],
+        surviving_customer=row[2],
+        merged_customers=tuple(d.load_json(row[3])),
+        identities=tuple(
+            (origin, Identity(kind=kind, value=value, verified=bool(verified)))
+            for origin, kind, value, verified in d.load_json(row[4])
+        ),
+        threads=tuple((origin, thread) for origin, thread in d.load_json(row[5])),
+        evidence=d.load_json(row[6]),
+        created_at=d.dt(row[7]),
+        undone_at=d.dt(row[8]) if row[8] is not None else None,
+    )
+
+
+def _link_record(d: Dialect, row: Sequence[Any]) -> ClaimedLink:
+    return ClaimedLink(
+        id=row[0],
+        tenant=row[1],
+        customer_id=row[2],
+        other_customer_id=row[3],
+        identities=_identities(d.load_json(row[4])),
+        message_id=row[5],
+        created_at=d.dt(row[6]),
+    )
+
+
+def _quarantine_record(d: Dialect, row: Sequence[Any]) -> QuarantineRecord:
+    return QuarantineRecord(
+        id=row[0],
+        tenant=row[1],
+        channel=row[2],
+        inbox=row[3],
+        reason=row[4],
+        raw_ref=row[5],
+        size=row[6],
+        received_at=d.dt(row[7]),
+        replayed_at=d.dt(row[8]) if row[8] is not None else None,
+        replay_result=row[9],
+    )
+
+
+def _media_record(d: Dialect, row: Sequence[Any]) -> MediaFetch:
+    return MediaFetch(
+        key=row[0],
+        channel=row[1],
+        inbox=row[2],
+        account=row[3],
+        ref=row[4],
+        kind=row[5],
+        state=row[6],
+        attempts=row[7],
+        next_attempt_at=d.dt(row[8]) if row[8] is not None else None,
+        sha256=row[9],
+        size=row[10],
+        content_type=row[11],
+        name=row[12],
+        error=row[13],
+        created_at=d.dt(row[14]),
+    )
+
+
+def outbox_rows(d: Dialect, conn: Connection, after: int, limit: int) -> list[OutboxRow]:
+    """Unpublished events in outbox order, after position ``after``."""
+    rows = conn.execute(d.sql(_OUTBOX_FETCH), (after, limit)).fetchall()
+    return [
+        OutboxRow(
+            position=r[0],
+            event_id=r[1],
+            type=r[2],
+            routing_key=r[3],
+            tenant=r[4],
+            channel=r[5],
+            thread_id=r[6],
+            sequence=r[7],
+            body=bytes(r[8]),
+            created_at=d.dt(r[9]),
+        )
+        for r in rows
+    ]
+
+
+def _insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: datetime) -> None:
+    created = d.ts(now)
+    executemany(
+        conn,
+        d.sql(_OUTBOX_INSERT),
+        [
+            (e.event_id, e.type, e.routing_key, e.tenant, e.channel, e.thread_id, e.sequence, e.body, created)
+            for e in events
+        ],
+    )
+
+
+# -- the Tx ---------------------------------------------------------------------------------------
+
+
+class SqlTx:
+    """:class:`dedupe.tx.Tx` over one open transaction (SQLite savepoint, PostgreSQL transaction)."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._d = dialect
+        self.serialized = dialect.serialized
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self._conn.execute(self._d.sql(sql), params)
+
+    def _thread(self, sql: str, params: Sequence[Any]) -> ThreadRecord | None:
+        row = self._x(sql, params).fetchone()
+        return _thread_record(self._d, row) if row is not None else None
+
+    # -- idempotency ---------------------------------------------------------------------------
+
+    def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:
+        cur = self._x(
+            "INSERT INTO idempotency_keys (key, message_id, created_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING",
+            (key, message_id, self._d.ts(now)),
+        )
+        if cur.rowcount == 1:
+            return None
+        # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
+        row = self._x(
+            "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
+            " previous_thread_id FROM idempotency_keys WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is None or row[1] is None:
+            # Claimed but never completed: only possible if a caller broke the engine's order.
+            raise StoreError(f"idempotency key claimed without a placement: {key!r}")
+        return Placement(
+            message_id=row[0],
+            thread_id=row[1],
+            customer_id=row[2],
+            sequence=row[3],
+            is_new_thread=bool(row[4]),
+            duplicate=True,
+            duplicate_of=row[5],
+            previous_thread_id=row[6],
+        )
+
+    def complete_claim(self, key: str, placement: Placement) -> None:
+        self._x(
+            "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?,"
+            " duplicate_of = ?, previous_thread_id = ? WHERE key = ?",
+            (
+                placement.thread_id,
+                placement.customer_id,
+                placement.sequence,
+                placement.is_new_thread,
+                placement.duplicate_of,
+                placement.previous_thread_id,
+                key,
+            ),
+        )
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    def lock_identities(self, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
+        if keys:
+            self._d.lock_identities(self._conn, tenant, keys)
+
+    def lock_customers(self, customer_ids: Sequence[str]) -> None:
+        if customer_ids:
+            self._d.lock_customers(self._conn, customer_ids)
+
+    # -- customers and identities --------------------------------------------------------------
+
+    def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
+        if not identities:
+            return []
+        stored = self._d.find_identities(self._conn, tenant, [i.key() for i in identities])
+        found: list[StoredIdentity] = []
+        for identity in identities:
+            hit = stored.get(identity.key())
+            if hit is not None:
+                found.append(
+                    StoredIdentity(
+                        kind=identity.kind, value=identity.value, customer_id=hit[0], verified=hit[1]
+                    )
+                )
+        return found
+
+    def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
+        self._x(
+            "INSERT INTO customers (id, tenant, display_name, merged_into, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (customer.id, customer.tenant, customer.display_name, customer.merged_into, self._d.ts(now)),
+        )
+
+    def find_customer(self, customer_id: str) -> CustomerRecord | None:
+        row = self._x(
+            "SELECT tenant, display_name, merged_into FROM customers WHERE id = ?", (customer_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return CustomerRecord(id=customer_id, tenant=row[0], display_name=row[1], merged_into=row[2])
+
+    def get_customer(self, customer_id: str) -> CustomerRecord:
+        customer = self.find_customer(customer_id)
+        if customer is None:
+            raise StoreError(f"unknown customer {customer_id!r}")
+        return customer
+
+    def set_display_name(self, customer_id: str, display_name: str) -> None:
+        self._x("UPDATE customers SET display_name = ? WHERE id = ?", (display_name, customer_id))
+
+    def add_identity(self, tenant: str, customer_id: str, identity: Identity, now: datetime) -> None:
+        self._x(
+            "INSERT INTO identities (tenant, kind, value, customer_id, verified, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (tenant, identity.kind, identity.value, customer_id, identity.verified, self._d.ts(now)),
+        )
+
+    def mark_verified(self, tenant: str, identity: Identity) -> None:
+        self._x(
+            "UPDATE identities SET verified = true WHERE tenant = ? AND kind = ? AND value = ?",
+            (tenant, identity.kind, identity.value),
+        )
+
+    def customer_identities(self, customer_id: str) -> tuple[Identity, ...]:
+        rows = self._x(
+            "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
+            " ORDER BY created_at, kind{collate}, value{collate}",
+            (customer_id,),
+        ).fetchall()
+        return _identities(rows)
+
+    def move_identities(
+        self, tenant: str, keys: Sequence[tuple[str, str]], from_customer: str, to_customer: str
+    ) -> list[Identity]:
+        if not keys:
+            return []
+        moved = self._d.move_identities(self._conn, tenant, keys, (from_customer, to_customer))
+        return [Identity(kind=k, value=v, verified=moved[(k, v)]) for k, v in keys if (k, v) in moved]
+
+    def set_merged_into(self, customer_id: str, into: str | None) -> None:
+        self._x("UPDATE customers SET merged_into = ? WHERE id = ?", (into, customer_id))
+
+    def add_merge(self, merge: MergeRecord) -> None:
+        self._x(
+            f"INSERT INTO {{merges}} ({_MERGE_COLUMNS})"  # noqa: S608 - column names and dialect words only
+            " VALUES (?, ?, ?, ?, ?{json}, ?{json}, ?{json}, ?, ?)",
+            (
+                merge.id,
+                merge.tenant,
+                merge.surviving_customer,
+                self._d.text_array(list(merge.merged_customers)),
+                _json_text([[origin, i.kind, i.value, i.verified] for origin, i in merge.identities]),
+                _json_text([list(t) for t in merge.threads]),
+                _json_text(dict(merge.evidence)),
+                self._d.ts(merge.created_at),
+                self._d.ts(merge.undone_at) if merge.undone_at is not None else None,
+            ),
+        )
+        self._d.add_merge_members(self._conn, merge)
+
+    def get_merge(self, merge_id: str) -> MergeRecord | None:
+        row = self._x(f"SELECT {_MERGE_COLUMNS} FROM {{merges}} WHERE id = ?", (merge_id,)).fetchone()  # noqa: S608
+        return _merge_record(self._d, row) if row is not None else None
+
+    def mark_merge_undone(self, merge_id: str, at: datetime) -> None:
+        self._x("UPDATE {merges} SET undone_at = ? WHERE id = ?", (self._d.ts(at), merge_id))
+
+    def customer_merges(self, customer_id: str) -> list[MergeRecord]:
+        rows = self._x(
+            f"SELECT {_MERGE_COLUMNS} FROM {{merges}} WHERE {{merges_of}}"  # noqa: S608
+            " ORDER BY created_at, id{collate}",
+            (customer_id,) * self._d.words["merges_of"].count("?"),
+        ).fetchall()
+        return [_merge_record(self._d, r) for r in rows]
+
+    def add_claimed_link(self, link: ClaimedLink) -> None:
+        self._x(
+            f"INSERT INTO claimed_links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?{{json}}, ?, ?)",  # noqa: S608
+            (
+                link.id,
+                link.tenant,
+                link.customer_id,
+                link.other_customer_id,
+                _json_text(_identity_rows(link.identities)),
+                link.message_id,
+                self._d.ts(link.created_at),
+            ),
+        )
+
+    def claimed_links(self, customer_id: str) -> list[ClaimedLink]:
+        rows = self._x(
+            f"SELECT {_LINK_COLUMNS} FROM claimed_links"  # noqa: S608
+            " WHERE customer_id = ? OR other_customer_id = ? ORDER BY created_at, id{collate}",
+            (customer_id, customer_id),
+        ).fetchall()
+        return [_link_record(self._d, r) for r in rows]
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def find_open_thread(
+        self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
+    ) -> ThreadRecord | None:
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
+            " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
+            " ORDER BY last_activity DESC LIMIT 1",
+            (customer_id, tenant, inbox, self._d.ts(active_since)),
+        )
+
+    def open_threads(
+        self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
+    ) -> list[ThreadRecord]:
+        rows = self._x(
+            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
+            " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
+            " ORDER BY number",
+            (customer_id, tenant, inbox, self._d.ts(active_since)),
+        ).fetchall()
+        return [_thread_record(self._d, r) for r in rows]
+
+    def get_thread(self, thread_id: str) -> ThreadRecord | None:
+        return self._thread(f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,))  # noqa: S608
+
+    def find_successor(self, thread_id: str) -> ThreadRecord | None:
+        # The highest number is the newest: numbers are handed out in creation order per tenant.
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE previous_id = ? ORDER BY number DESC LIMIT 1",  # noqa: S608
+            (thread_id,),
+        )
+
+    def find_thread_by_number(self, tenant: str, number: int) -> ThreadRecord | None:
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
+            (tenant, number),
+        )
+
+    def find_thread_by_rfc822(self, tenant: str, rfc822_message_id: str) -> ThreadRecord | None:
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS_T} FROM messages m JOIN threads t ON t.id = m.thread_id"  # noqa: S608
+            " WHERE m.rfc822_message_id = ? AND t.tenant = ? ORDER BY m.received_at DESC LIMIT 1",
+            (rfc822_message_id, tenant),
+        )
+
+    def find_thread_by_key(self, tenant: str, channel: str, inbox: str, key: str) -> ThreadRecord | None:
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS_T} FROM thread_keys k JOIN threads t ON t.id = k.thread_id"  # noqa: S608
+            " WHERE k.tenant = ? AND k.channel = ? AND k.inbox = ? AND k.key = ?",
+            (tenant, channel, inbox, key),
+        )
+
+    def add_thread_key(
+        self, tenant: str, channel: str, inbox: str, key: str, thread_id: str, now: datetime
+    ) -> None:
+        self._x(
+            "INSERT INTO thread_keys (tenant, channel, inbox, key, thread_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (tenant, channel, inbox, key, thread_id, self._d.ts(now)),
+        )
+
+    def customer_thread_ids(self, customer_id: str) -> list[str]:
+        rows = self._x(
+            "SELECT id FROM threads WHERE customer_id = ? ORDER BY number", (customer_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def move_threads(self, thread_ids: Sequence[str], to_customer: str) -> None:
+        if thread_ids:
+            self._d.for_each(
+                self._conn, "UPDATE threads SET customer_id = ? WHERE id {each}", (to_customer,), thread_ids
+            )
+
+    def next_thread_number(self, tenant: str) -> int:
+        row = self._x(
+            "INSERT INTO tenant_counters (tenant, next_thread_number) VALUES (?, 2)"
+            " ON CONFLICT (tenant) DO UPDATE SET next_thread_number = tenant_counters.next_thread_number + 1"
+            " RETURNING next_thread_number - 1",
+            (tenant,),
+        ).fetchone()
+        return int(row[0])
+
+    def create_thread(self, thread: ThreadRecord) -> None:
+        self._x(
+            "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+            " next_sequence, merged_into, previous_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+            (
+                thread.id,
+                thread.tenant,
+                thread.inbox,
+                thread.customer_id,
+                thread.subject,
+                "open" if thread.open else "closed",
+                thread.number,
+                self._d.ts(thread.last_activity),
+                thread.merged_into,
+                thread.previous_id,
+                self._d.ts(thread.last_activity),
+            ),
+        )
+
+    def advance_thread(self, thread_id: str, now: datetime) -> int:
+        # The UPDATE locks the row until commit: a concurrent advance waits, then sees this one.
+        row = self._x(
+            "UPDATE threads SET next_sequence = next_sequence + 1,"
+            " last_activity = {greatest}(last_activity, ?) WHERE id = ? RETURNING next_sequence - 1",
+            (self._d.ts(now), thread_id),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"unknown thread {thread_id!r}")
+        return int(row[0])
+
+    def set_thread_status(self, thread_id: str, open: bool, at: datetime) -> bool:
+        row = self._x("SELECT merged_into FROM threads WHERE id = ?{for_update}", (thread_id,)).fetchone()
+        if row is None:
+            return False
+        if row[0] is not None:
+            return True  # a merged thread stays merged and closed
+        if open:
+            self._x(
+                "UPDATE threads SET status = 'open', last_activity = {greatest}(last_activity, ?)"
+                " WHERE id = ?",
+                (self._d.ts(at), thread_id),
+            )
+        else:
+            self._x("UPDATE threads SET status = 'closed' WHERE id = ?", (thread_id,))
+        return True
+
+    def merge_thread(self, thread_id: str, into: str, now: datetime) -> None:
+        self._x("UPDATE threads SET status = 'closed', merged_into = ? WHERE id = ?", (into, thread_id))
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def add_message(self, message: MessageRecord) -> None:
+        self._x(
+            "INSERT INTO messages (message_id, thread_id, customer_id, sequence, channel, external_id,"
+            " rfc822_message_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            # A provider resending after its key expired is placed again; the first record stays.
+            " ON CONFLICT (message_id) DO NOTHING",
+            (
+                message.message_id,
+                message.thread_id,
+                message.customer_id,
+                message.sequence,
+                message.channel,
+                message.external_id,
+                message.rfc822_message_id,
+                self._d.ts(message.received_at),
+            ),
+        )
+
+    def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
+        rows = self._x(
+            "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
+            " WHERE customer_id = ? AND at >= ? AND channel <> ? ORDER BY at DESC, message_id DESC LIMIT ?",
+            (customer_id, self._d.ts(since), not_channel, RECENT_TEXTS_KEPT),
+        ).fetchall()
+        return [
+            RecentText(
+                customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=self._d.dt(at)
+            )
+            for m, t, c, text, at in rows
+        ]
+
+    def add_recent_text(self, text: RecentText) -> None:
+        # Only the newest RECENT_TEXTS_KEPT of a channel can ever be returned: without the cap, a
+        # customer busy on one channel made recent_texts read every one of them for each message.
+        self._d.add_recent_text(
+            self._conn,
+            (text.customer_id, text.channel, self._d.ts(text.at), text.message_id, text.thread_id, text.text),
+        )
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class SqlStore(abc.ABC):
+    """The :class:`gateway.store.base.Store` methods both backends share.
+
+    A backend supplies how a job reaches the database (:meth:`_write`, :meth:`_read`), how the
+    outbox backlog is counted and bounded, and its lifecycle; the jobs here get a connection inside
+    an open transaction and never commit.
+    """
+
+    dialect: ClassVar[Dialect]
+
+    def __init__(self, settings: StoreSettings, outbox: OutboxSettings, clock: Clock) -> None:
+        self._settings = settings
+        self._outbox = outbox
+        self._clock = clock
+        self._blobs = BlobDir(settings.blob_dir)
+        self._disk_lock = threading.Lock()
+        self._disk_checked_at = -_DISK_CHECK_INTERVAL
+        self._disk_low = False
+
+    # -- what a backend provides ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _write(self, fn: Callable[[Connection], T], *, events: bool = False) -> T:
+        """Run ``fn`` in one durable transaction; ``events``: it may add outbox events."""
+
+    @abc.abstractmethod
+    async def _read(self, fn: Callable[[Connection], T]) -> T: ...
+
+    @abc.abstractmethod
+    def _count_events(self, conn: Connection, rows: int, *, bounded: bool) -> None:
+        """Count ``rows`` events just added; when ``bounded``, raise BacklogFull past ``max_backlog``."""
+
+    @abc.abstractmethod
+    def _count_published(self, conn: Connection, rows: int) -> None:
+        """Count ``rows`` events just marked published."""
+
+    # -- disk and blobs ---------------------------------------------------------------------------
+
+    def _check_disk(self) -> None:
+        """Refuse new work early when the disk under the blob directory is nearly full."""
+        if self._disk_is_low():
+            raise BacklogFull(
+                f"less than {self._settings.min_free_disk_mb} MB free under {self._settings.blob_dir}",
+                retry_after=self._outbox.retry_after,
+            )
+
+    def _disk_is_low(self) -> bool:
+        with self._disk_lock:
+            now = time.monotonic()
+            if now - self._disk_checked_at >= _DISK_CHECK_INTERVAL:
+                # statvfs reads file-system metadata the kernel keeps in memory; it does not wait on I/O.
+                free = self._blobs.free_bytes()
+                self._disk_low = free < self._settings.min_free_disk_mb * 1024 * 1024
+                self._disk_checked_at = now
+            return self._disk_low
+
+    def _write_files(self, raw: bytes | None, attachments: Sequence[bytes]) -> list[tuple[str, int]]:
+        """Durably write blobs (before the commit that references them); ``[(sha256, size)]``."""
+        return [
+            (self._blobs.put(data), len(data))
+            for data in ([raw] if raw is not None else []) + list(attachments)
+        ]
+
+    async def _prepare_blobs(
+        self, body: bytes, attachments: Sequence[bytes]
+    ) -> tuple[str, list[tuple[str, int]]]:
+        """The raw body's sha256 and the files written; no await when nothing goes to a file."""
+        inline = len(body) <= self._settings.inline_raw_max
+        if inline and not attachments:
+            return sha256_hex(body), []
+        files = await asyncio.to_thread(self._write_files, None if inline else body, attachments)
+        return sha256_hex(body), files
+
+    def _archive(
+        self, conn: Connection, body: bytes, digest: str, files: Sequence[tuple[str, int]], now: datetime
+    ) -> None:
+        """Keep a small raw body in the database and index the blob files written for this job."""
+        d = self.dialect
+        if len(body) <= self._settings.inline_raw_max:
+            conn.execute(
+                d.sql(
+                    "INSERT INTO raw_archive (sha256, data, created_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (sha256) DO NOTHING"
+                ),
+                (digest, body, d.ts(now)),
+            )
+        self._index_files(conn, files, now)
+
+    def _index_files(self, conn: Connection, files: Sequence[tuple[str, int]], now: datetime) -> None:
+        d = self.dialect
+        executemany(
+            conn,
+            d.sql(
+                "INSERT INTO blob_files (sha256, size, created_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (sha256) DO NOTHING"
+            ),
+            [(digest, size, d.ts(now)) for digest, size in files],
+        )
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    async def accept(
+        self,
+        envelope: RawEnvelope,
+        messages: Sequence[CanonicalMessage],
+        *,
+        policies: Sequence[PlacementPolicy],
+        build_event: EventBuilder,
+    ) -> list[Placement]:
+        if len(policies) != len(messages):
+            raise ValueError("accept needs one placement policy per message")
+        self._check_disk()
+        attachments = [a.data for m in messages for a in m.attachments]
+        digest, files = await self._prepare_blobs(envelope.body, attachments)
+        ref = raw_ref(digest)
+        d = self.dialect
+
+        def job(conn: Connection) -> list[Placement]:
+            now = self._clock()
+            self._archive(conn, envelope.body, digest, files, now)
+            tx = SqlTx(conn, d)
+            placements: list[Placement] = []
+            events: list[Event] = []
+            for message, policy in zip(messages, policies, strict=True):
+                placed = place(tx, message, policy, now=now)
+                # Merge events first: a desk learns of the merged thread before the message on it.
+                events.extend(placed.events)
+                if placed.customer is not None:
+                    events.append(
+                        build_event(message, placed.placement, placed.customer, placed.thread_subject, ref)
+                    )
+                placements.append(placed.placement)
+            _insert_events(d, conn, events, now)
+            # Counted where the rows are known, so duplicates (which enqueue nothing) still get
+            # their answer when the outbox is full.
+            self._count_events(conn, len(events), bounded=True)
+            return placements
+
+        return await self._write(job, events=True)
+
+    async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
+        self._check_disk()
+        digest, files = await self._prepare_blobs(envelope.body, ())
+        d = self.dialect
+        record = QuarantineRecord(
+            id=new_id("qua"),
+            tenant=envelope.tenant,
+            channel=envelope.channel,
+            inbox=envelope.inbox,
+            reason=reason,
+            raw_ref=raw_ref(digest),
+            size=len(envelope.body),
+            received_at=d.dt(d.ts(envelope.received_at)),  # as it reads back
+        )
+        headers = orjson.dumps(dict(envelope.headers)).decode()
+        meta = _json_text(dict(envelope.meta))
+
+        def job(conn: Connection) -> QuarantineRecord:
+            now = self._clock()
+            self._archive(conn, envelope.body, digest, files, now)
+            conn.execute(
+                d.sql(
+                    "INSERT INTO quarantine (id, tenant, channel, inbox, reason, raw_ref, size, received_at,"
+                    " content_type, headers, meta, signature_verified, retry, remote, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                (
+                    record.id,
+                    record.tenant,
+                    record.channel,
+                    record.inbox,
+                    record.reason,
+                    record.raw_ref,
+                    record.size,
+                    d.ts(record.received_at),
+                    envelope.content_type,
+                    headers,
+                    meta,
+                    envelope.signature_verified,
+                    envelope.retry,
+                    envelope.remote,
+                    d.ts(now),
+                ),
+            )
+            event = message_quarantined(
+                quarantine_id=record.id,
+                tenant=record.tenant,
+                channel=record.channel,
+                inbox=record.inbox,
+                reason=reason,
+                raw_ref=record.raw_ref,
+                size=record.size,
+                received_at=record.received_at,
+                occurred_at=now,
+            )
+            _insert_events(d, conn, [event], now)
+            self._count_events(conn, 1, bounded=True)
+            return record
+
+        return await self._write(job, events=True)
+
+    async def transact(self, work: TxWork[T]) -> T:
+        # Not bounded by max_backlog: desk and control operations record decisions already made.
+        def job(conn: Connection) -> T:
+            now = self._clock()
+            value, events = work(SqlTx(conn, self.dialect), now)
+            _insert_events(self.dialect, conn, events, now)
+            self._count_events(conn, len(events), bounded=False)
+            return value
+
+        return await self._write(job, events=True)
+
+    async def enqueue(self, events: Sequence[Event]) -> None:
+        # Not bounded by max_backlog: these record state changes already made (merges, control).
+        def job(conn: Connection) -> None:
+            _insert_events(self.dialect, conn, events, self._clock())
+            self._count_events(conn, len(events), bounded=False)
+
+        if events:
+            await self._write(job, events=True)
+
+    async def outbox_mark_published(self, positions: Sequence[int]) -> None:
+        d = self.dialect
+
+        def job(conn: Connection) -> None:
+            published = d.for_each(
+                conn,
+                "UPDATE outbox SET published_at = ? WHERE published_at IS NULL AND position {each}",
+                (d.ts(self._clock()),),
+                positions,
+            )
+            if not published:
+                return
+            self._count_published(conn, published)
+            conn.execute(
+                d.sql(
+                    "INSERT INTO counters (name, value) VALUES ('published_total', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value"
+                ),
+                (published,),
+            )
+
+        if positions:
+            await self._write(job)
+
+    async def quarantine_mark_replayed(self, quarantine_id: str, result: str) -> None:
+        d = self.dialect
+
+        def job(conn: Connection) -> None:
+            conn.execute(
+                d.sql("UPDATE quarantine SET replayed_at = ?, replay_result = ? WHERE id = ?"),
+                (d.ts(self._clock()), result, quarantine_id),
+            )
+
+        await self._write(job)
+
+    async def purge_expired(self, now: datetime) -> int:
+        """Drop idempotency keys past the retention, and published outbox rows just as old."""
+        d = self.dialect
+        cutoff = d.ts(now - timedelta(seconds=self._settings.idempotency_retention))
+
+        def job(conn: Connection) -> int:
+            purged = conn.execute(
+                d.sql("DELETE FROM idempotency_keys WHERE created_at < ?"), (cutoff,)
+            ).rowcount
+            conn.execute(
+                d.sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < ?"), (cutoff,)
+            )
+            return max(purged, 0)
+
+        return await self._write(job)
+
+    async def purge_recent_texts(self, before: datetime, limit: int = 500) -> int:
+        d = self.dialect
+
+        def job(conn: Connection) -> int:
+            deleted = conn.execute(
+                d.sql(
+                    "DELETE FROM recent_texts WHERE ({recent_text_key}) IN ("
+                    "SELECT {recent_text_key} FROM recent_texts WHERE at < ? ORDER BY at LIMIT ?)"
+                ),
+                (d.ts(before), limit),
+            ).rowcount
+            return max(deleted, 0)
+
+        return await self._write(job)
+
+    async def ping(self) -> None:
+        if self._disk_is_low():
+            raise BacklogFull("free disk below store.min_free_disk_mb", retry_after=self._outbox.retry_after)
+
+        def job(conn: Connection) -> None:
+            conn.execute(self.dialect.ping_sql)
+
+        await self._write(job)
+
+    # -- connector state --------------------------------------------------------------------------
+
+    async def state_put(self, key: str, value: bytes) -> None:
+        d = self.dialect
+
+        def job(conn: Connection) -> None:
+            conn.execute(
+                d.sql(
+                    "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key)"
+                    " DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at"
+                ),
+                (key, value, d.ts(self._clock())),
+            )
+
+        await self._write(job)
+
+    async def state_cas(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        d = self.dialect
+
+        def job(conn: Connection) -> bool:
+            now = d.ts(self._clock())
+            if expected is None:
+                # A concurrent insert of the key (PostgreSQL) waits for the first and then conflicts.
+                sql = (
+                    "INSERT INTO state (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT (key) DO NOTHING"
+                )
+                params: tuple[Any, ...] = (key, value, now)
+            else:
+                # The row lock makes a concurrent update wait and then re-check ``value`` (read committed).
+                sql = "UPDATE state SET value = ?, updated_at = ? WHERE key = ? AND value = ?"
+                params = (value, now, key, expected)
+            return conn.execute(d.sql(sql), params).rowcount == 1
+
+        return await self._write(job)
+
+    async def state_get(self, key: str) -> bytes | None:
+        def read(conn: Connection) -> bytes | None:
+            row = conn.execute(self.dialect.sql("SELECT value FROM state WHERE key = ?"), (key,)).fetchone()
+            return bytes(row[0]) if row is not None else None
+
+        return await self._read(read)
+
+    # -- media fetch queue (see Store.media_*) ----------------------------------------------------
+
+    async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:
+        d = self.dialect
+        rows = [
+            (f.key, f.channel, f.inbox, f.account, f.ref, f.kind, f.name, f.content_type,
+             d.ts(f.next_attempt_at or f.created_at), d.ts(f.created_at))
+            for f in fetches
+        ]  # fmt: skip
+
+        def job(conn: Connection) -> None:
+            executemany(
+                conn,
+                d.sql(
+                    "INSERT INTO media (key, channel, inbox, account, ref, kind, name, content_type,"
+                    " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (key) DO NOTHING"
+                ),
+                rows,
+            )
+
+        if rows:
+            await self._write(job)
+
+    async def media_claim(self, now: datetime, limit: int, lease: float, *, channel: str) -> list[MediaFetch]:
+        d = self.dialect
+
+        def job(conn: Connection) -> list[MediaFetch]:
+            # SKIP LOCKED (PostgreSQL): fetchers on other instances claim other rows instead of waiting.
+            rows = conn.execute(
+                d.sql(
+                    "UPDATE media SET attempts = attempts + 1, next_attempt_at = ? WHERE key IN"  # noqa: S608
+                    " (SELECT key FROM media WHERE state = 'pending' AND channel = ? AND next_attempt_at <= ?"
+                    f" ORDER BY next_attempt_at LIMIT ?{{skip_locked}}) RETURNING {_MEDIA_COLUMNS}"
+                ),
+                (d.ts(now + timedelta(seconds=lease)), channel, d.ts(now), limit),
+            ).fetchall()
+            return sorted((_media_record(d, r) for r in rows), key=lambda f: (f.created_at, f.key))
+
+        return await self._write(job)
+
+    async def media_done(self, key: str, data: bytes, *, content_type: str, name: str | None) -> str:
+        digest = await asyncio.to_thread(self._blobs.put, data)
+        d = self.dialect
+
+        def job(conn: Connection) -> None:
+            self._index_files(conn, [(digest, len(data))], self._clock())
+            conn.execute(
+                d.sql(
+                    "UPDATE media SET state = 'done', sha256 = ?, size = ?, content_type = ?, name = ?,"
+                    " error = NULL, next_attempt_at = NULL WHERE key = ?"
+                ),
+                (digest, len(data), content_type, name, key),
+            )
+
+        await self._write(job)
+        return digest
+
+    async def media_failed(self, key: str, error: str, *, retry_at: datetime | None) -> None:
+        d = self.dialect
+
+        def job(conn: Connection) -> None:
+            conn.execute(
+                d.sql(
+                    "UPDATE media SET state = ?, error = ?, next_attempt_at = ?"
+                    " WHERE key = ? AND state = 'pending'"
+                ),
+                ("pending" if retry_at else "failed", error[:500], d.ts(retry_at) if retry_at else None, key),
+            )
+
+        await self._write(job)
+
+    async def media_get(self, key: str) -> MediaFetch | None:
+        d = self.dialect
+
+        def read(conn: Connection) -> MediaFetch | None:
+            row = conn.execute(d.sql(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE key = ?"), (key,)).fetchone()  # noqa: S608
+            return _media_record(d, row) if row is not None else None
+
+        return await self._read(read)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def quarantine_list(self, limit: int = 100) -> list[QuarantineRecord]:
+        d = self.dialect
+
+        def read(conn: Connection) -> list[QuarantineRecord]:
+            rows = conn.execute(
+                d.sql(
+                    f"SELECT {_QUARANTINE_COLUMNS} FROM quarantine"  # noqa: S608
+                    " ORDER BY created_at DESC, id DESC LIMIT ?"
+                ),
+                (limit,),
+            ).fetchall()
+            return [_quarantine_record(d, r) for r in rows]
+
+        return await self._read(read)
+
+    async def quarantine_get(self, quarantine_id: str) -> tuple[QuarantineRecord, RawEnvelope] | None:
+        d = self.dialect
+
+        def read(conn: Connection) -> tuple[QuarantineRecord, RawEnvelope] | None:
+            row = conn.execute(
+                d.sql(
+                    f"SELECT {_QUARANTINE_COLUMNS}, content_type, headers, meta, signature_verified, retry,"  # noqa: S608
+                    " remote FROM quarantine WHERE id = ?"
+                ),
+                (quarantine_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            record = _quarantine_record(d, row)
+            digest = parse_raw_ref(record.raw_ref)
+            body = self._read_blob(conn, digest) if digest is not None else None
+            if body is None:
+                raise StoreError(f"raw bytes of quarantined {quarantine_id} are missing ({record.raw_ref})")
+            headers: Mapping[str, str] = orjson.loads(row[11])
+            meta: Mapping[str, Any] = orjson.loads(row[12])
+            envelope = RawEnvelope(
+                channel=record.channel,
+                tenant=record.tenant,
+                inbox=record.inbox,
+                body=body,
+                received_at=record.received_at,
+                content_type=row[10],
+                headers=headers,
+                signature_verified=bool(row[13]),
+                retry=row[14],
+                remote=row[15],
+                meta=meta,
+            )
+            return record, envelope
+
+        return await self._read(read)
+
+    async def read_blob(self, sha256: str) -> bytes | None:
+        if not is_sha256(sha256):
+            return None
+        return await self._read(lambda conn: self._read_blob(conn, sha256))
+
+    def _read_blob(self, conn: Connection, sha256: str) -> bytes | None:
+        row = conn.execute(
+            self.dialect.sql("SELECT data FROM raw_archive WHERE sha256 = ?"), (sha256,)
+        ).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        return self._blobs.get(sha256)
