@@ -74,7 +74,11 @@ def decode_text(raw: str, *, hint: str | None = None) -> str:
     Adjacent encoded words in the same charset are joined *before* decoding, because clients split
     multi-byte characters across them. ``hint`` is the charset the body declared (used for raw 8-bit).
     """
-    text = unfold(raw)
+    # Whitespace around the value is folding, not text (RFC 5322 3.2.2). compat32 drops it only
+    # after the colon on the header's own line, so a value folded right after the colon
+    # ("Subject:\r\n =?utf-8?B?...") kept a leading space, and one before the line end stayed too.
+    # Whitespace inside an encoded word is the sender's text and is kept.
+    text = unfold(raw).strip(" \t")
     out: list[str] = []
     pos = 0
     pending: tuple[str, bytearray] | None = None

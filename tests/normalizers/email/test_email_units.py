@@ -79,6 +79,17 @@ def test_raw_8bit_headers_utf8_and_gbk() -> None:
     assert message.subject == "咨询退款进度"
 
 
+@pytest.mark.parametrize("fold", ["\n ", "\n\t", " \n  "])
+def test_subject_folded_right_after_its_colon_has_no_leading_space(fold: str) -> None:
+    # "Subject:" CRLF SP value: the fold's whitespace is not part of the value (compat32 drops the
+    # whitespace after the colon only when the value starts on the same line).
+    word = base64.b64encode("关于退款的问题".encode()).decode()
+    message = normalize_email(mail(f"From: a@example.com\nSubject:{fold}=?utf-8?B?{word}?="))[0]
+    assert message.subject == "关于退款的问题"
+    plain = normalize_email(mail(f"From: a@example.com\nSubject:{fold}Refund  question \t"))[0]
+    assert plain.subject == "Refund  question"
+
+
 def test_q_encoded_word_with_spaces_and_unknown_label() -> None:
     assert decode_text("=?UTF-8?Q? Personal=C3=A4nderung?=") == " Personaländerung"
     assert decode_text("=?unicode-1-1-utf-7?Q?+ANw-bermittlung?=") == "Übermittlung"
