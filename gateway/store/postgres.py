@@ -239,7 +239,7 @@ class PostgresDialect(Dialect):
     def for_each(self, conn: Connection, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int:
         return max(conn.execute(self.sql(sql), (*head, list(values))).rowcount, 0)
 
-    def lock_identities(self, conn: Connection, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
+    def lock_identities(self, conn: Connection, tenant: str, keys: Keys) -> None:
         # One statement; its output columns are evaluated left to right, so locks follow ``keys``.
         conn.execute(
             self.sql("SELECT " + ", ".join(["pg_advisory_xact_lock(?)"] * len(keys))),
