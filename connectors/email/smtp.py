@@ -19,7 +19,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
@@ -104,10 +104,12 @@ class GatewaySMTP(SMTP):
             ip = _peer_ip(transport.get_extra_info("peername"))
             if not self._limits.acquire(ip):
                 self._refused = True
-                logger.info("refusing SMTP connection from %s: connection limit", ip)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-                transport.close()
+                logger.info("refused SMTP connection from %s: connection limit", ip)
+                # A cast, not an isinstance check: uvloop's transports have the methods of
+                # asyncio.WriteTransport without subclassing it (the gateway runs on uvloop).
+                writer = cast(asyncio.WriteTransport, transport)
+                writer.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                writer.close()  # after the reply is flushed
                 return
             self._limited_ip = ip
         super().connection_made(transport)

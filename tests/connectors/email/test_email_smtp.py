@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import smtplib
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +282,8 @@ async def test_smtp_smuggling_with_bare_line_endings_is_refused(tmp_path: Path, 
     assert gw.ingest.envelopes == []
 
 
-async def test_per_ip_connection_limit(tmp_path: Path) -> None:
+async def _per_ip_limit(tmp_path: Path) -> tuple[str, str]:
+    """Two sessions allowed per IP: the third connection's reply, then a later one's greeting."""
     async with running(config(max_connections_per_ip=2), tmp_path) as gw:
         first = await RawSmtp.connect(gw.smtp_port)
         second = await RawSmtp.connect(gw.smtp_port)
@@ -299,8 +302,48 @@ async def test_per_ip_connection_limit(tmp_path: Path) -> None:
             if greeting.startswith("220"):
                 break
         await second.close()
+    return refused, greeting
+
+
+def _assert_one_clean_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    limit_lines = [r for r in caplog.records if "connection limit" in r.getMessage()]
+    assert len(limit_lines) == 1
+    assert limit_lines[0].levelno == logging.INFO
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+
+
+async def test_per_ip_connection_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    refused, greeting = await _per_ip_limit(tmp_path)
     assert refused.startswith("421 4.7.0")
     assert greeting.startswith("220")
+    _assert_one_clean_refusal(caplog)
+
+
+def test_per_ip_connection_limit_under_uvloop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The gateway runs on uvloop (gateway/process.py), whose transports are not subclasses of
+    # asyncio's transport classes.
+    uvloop = pytest.importorskip("uvloop")
+    caplog.set_level(logging.INFO)
+    results: list[tuple[str, str]] = []
+
+    def serve() -> None:
+        loop = uvloop.new_event_loop()
+        try:
+            results.append(loop.run_until_complete(_per_ip_limit(tmp_path)))
+        finally:
+            loop.close()
+
+    # In a thread of its own, so that a hang fails the test: a refused connection that the server
+    # never closed made the listener's shutdown wait for it forever.
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the SMTP listener did not shut down"
+    [(refused, greeting)] = results
+    assert refused.startswith("421 4.7.0"), refused
+    assert greeting.startswith("220")
+    _assert_one_clean_refusal(caplog)
 
 
 def _tls_client_context(cert: Path) -> ssl.SSLContext:
