@@ -177,7 +177,6 @@ class GatewaySMTP(SMTP):
         elif state is DataState.TOO_MUCH:
             await self.push("552 Error: Too much mail data")
         elif state is DataState.BARE_LINE_END:
-            logger.info("refused mail from %s: bare CR or LF in DATA", _peer_ip(self.session.peer))
             await self.push("550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8), not accepted")
         if state is not DataState.NOMINAL:
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
@@ -192,7 +191,14 @@ class GatewaySMTP(SMTP):
         raw = (
             status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
         )
-        await super().push(_REWRITES.get(raw, raw))
+        reply = _REWRITES.get(raw, raw)
+        if reply[:1] in {b"4", b"5"}:
+            # Every refusal, ours or aiosmtpd's (530, 535, 552 at MAIL FROM ...), logs one line: the
+            # reply only, which never holds the mail, an address or a credential.
+            peer = _peer_ip(self.session.peer if self.session is not None else None)
+            text = _reason(reply.decode("ascii", "replace"), "?")
+            logger.info("SMTP refusal for %s: %s", peer, text)
+        await super().push(reply)
 
 
 class SmtpHandler:

@@ -176,6 +176,31 @@ async def test_unknown_recipients_are_refused_so_it_is_never_an_open_relay(tmp_p
     assert [e.inbox for e in gw.ingest.envelopes] == ["support"]
 
 
+async def test_every_refusal_logs_one_line_without_the_mail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connectors.email.smtp")
+    secret_body = "my password is hunter2"
+    async with running(config(max_recipients=1), tmp_path) as gw:
+        client = await RawSmtp.connect(gw.smtp_port)
+        await client.reply()
+        await client.command(b"EHLO client.test\r\n")
+        await client.command(b"MAIL FROM:<a@customer.example>\r\n")
+        relay = await client.command(b"RCPT TO:<victim@elsewhere.example>\r\n")
+        await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
+        too_many = await client.command(b"RCPT TO:<help@demo.localhost>\r\n")
+        await client.command(b"DATA\r\n")
+        bare_cr = await client.command(b"Subject: x\r\n\r\n" + secret_body.encode() + b"\r.\r\n.\r\n")
+        await client.close()
+    refusals = [r for r in caplog.records if r.name == "connectors.email.smtp" and "refus" in r.getMessage()]
+    lines = [r.getMessage() for r in refusals]
+    assert relay.startswith("550 5.1.1") and too_many.startswith("452") and bare_cr.startswith("550 5.5.2")
+    assert len(lines) == 3, lines
+    assert all(code in line for code, line in zip(("550 5.1.1", "452 4.5.3", "550 5.5.2"), lines, strict=True))
+    assert all("127.0.0.1" in line for line in lines)
+    assert not any(secret_body in r.getMessage() or "victim" in r.getMessage() for r in caplog.records)
+
+
 async def test_each_inbox_gets_its_own_envelope_and_aliases_collapse(tmp_path: Path) -> None:
     raw = mail()
     rcpts = ["support@demo.localhost", "help@demo.localhost", "anyone@sales.localhost"]
