@@ -176,8 +176,8 @@ class GatewaySMTP(SMTP):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
         elif state is DataState.TOO_MUCH:
             await self.push("552 Error: Too much mail data")
-        elif state is DataState.BARE_LINE_END:
-            await self.push("550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8), not accepted")
+        elif state is DataState.BARE_CR:
+            await self.push("550 5.5.2 Message contains a bare CR (RFC 5321 2.3.8), not accepted")
         if state is not DataState.NOMINAL:
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             return
@@ -241,7 +241,7 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        # GatewaySMTP refused bare CR / LF (SMTP smuggling) while reading the data: see data.py.
+        # GatewaySMTP refused bare CRs and made bare LFs CRLF while reading the data: see data.py.
         raw = envelope.original_content
         assert isinstance(raw, bytes)
         self._in_flight += 1

@@ -8,6 +8,7 @@ import logging
 import smtplib
 import ssl
 import threading
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -194,9 +195,12 @@ async def test_every_refusal_logs_one_line_without_the_mail(
         await client.close()
     refusals = [r for r in caplog.records if r.name == "connectors.email.smtp" and "refus" in r.getMessage()]
     lines = [r.getMessage() for r in refusals]
-    assert relay.startswith("550 5.1.1") and too_many.startswith("452") and bare_cr.startswith("550 5.5.2")
+    assert relay.startswith("550 5.1.1")
+    assert too_many.startswith("452")
+    assert bare_cr.startswith("550 5.5.2")
     assert len(lines) == 3, lines
-    assert all(code in line for code, line in zip(("550 5.1.1", "452 4.5.3", "550 5.5.2"), lines, strict=True))
+    codes = ("550 5.1.1", "452 4.5.3", "550 5.5.2")
+    assert all(code in line for code, line in zip(codes, lines, strict=True))
     assert all("127.0.0.1" in line for line in lines)
     assert not any(secret_body in r.getMessage() or "victim" in r.getMessage() for r in caplog.records)
 
@@ -284,27 +288,64 @@ SMUGGLED = (
 )
 
 
-@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r"])
-async def test_smtp_smuggling_with_bare_line_endings_is_refused(tmp_path: Path, fake_end: bytes) -> None:
+async def _smuggle(port: int, fake_end: bytes) -> tuple[str, str]:
+    """One DATA hiding a second mail behind ``fake_end``; the replies to the DATA and to a NOOP."""
+    client = await RawSmtp.connect(port)
+    await client.reply()
+    await client.command(b"EHLO client.test\r\n")
+    await client.command(b"MAIL FROM:<a@customer.example>\r\n")
+    await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
+    assert (await client.command(b"DATA\r\n")).startswith("354")
+    head = b"From: a@customer.example\r\nMessage-ID: <outer@customer.example>\r\n\r\n"
+    body = head + b"hello" + fake_end + SMUGGLED
+    answer = await client.command(body + b".\r\n")
+    # Nothing more is pending: the smuggled commands were never executed as commands.
+    after = await client.command(b"NOOP\r\n")
+    await client.close()
+    return answer, after
+
+
+@pytest.mark.parametrize("fake_end", [b"\r.\r\n", b"\r\n.\r", b"\r.\r"])
+async def test_smtp_smuggling_with_bare_cr_is_refused(tmp_path: Path, fake_end: bytes) -> None:
     async with running(config(), tmp_path) as gw:
-        client = await RawSmtp.connect(gw.smtp_port)
-        await client.reply()
-        await client.command(b"EHLO client.test\r\n")
-        await client.command(b"MAIL FROM:<a@customer.example>\r\n")
-        await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
-        assert (await client.command(b"DATA\r\n")).startswith("354")
-        body = (
-            b"From: a@customer.example\r\nMessage-ID: <outer@customer.example>\r\n\r\nhello"
-            + fake_end
-            + SMUGGLED
-        )
-        answer = await client.command(body + b".\r\n")
-        # Nothing more is pending: the smuggled commands were never executed as commands.
-        after = await client.command(b"NOOP\r\n")
-        await client.close()
+        answer, after = await _smuggle(gw.smtp_port, fake_end)
     assert answer.startswith("550 5.5.2"), answer
     assert after.startswith("250"), after
     assert gw.ingest.envelopes == []
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n"])
+async def test_smtp_smuggling_with_bare_lf_stays_one_mail(tmp_path: Path, fake_end: bytes) -> None:
+    # As Postfix 3.9 (smtpd_forbid_bare_newline = normalize): only CRLF.CRLF ends DATA, and a bare LF
+    # inside the content is a line end. The smuggled "mail" is text of the one mail that was sent.
+    async with running(config(), tmp_path) as gw:
+        answer, after = await _smuggle(gw.smtp_port, fake_end)
+    assert answer.startswith("250"), answer
+    assert after.startswith("250"), after
+    [envelope] = gw.ingest.envelopes
+    assert b"Message-ID: <outer@customer.example>" in envelope.body
+    assert b"\r\nMAIL FROM:<ceo@demo.localhost>\r\n" in envelope.body
+    assert envelope.body.count(b"\n") == envelope.body.count(b"\r\n")  # stored with CRLF only
+
+
+async def test_bare_lf_mail_from_smtplib_is_accepted_with_crlf_line_ends(tmp_path: Path) -> None:
+    # smtplib sends bytes as they are: msg.as_bytes() has LF line ends, and lines starting with a dot
+    # are stuffed after bare LFs too.
+    msg = EmailMessage()
+    msg["From"] = "alice@customer.example"
+    msg["To"] = "support@demo.localhost"
+    msg["Subject"] = "sloppy line ends"
+    msg["Message-ID"] = "<lf@customer.example>"
+    msg.set_content("first line\n.leading dot\n\nlast line\n")
+    raw = msg.as_bytes()
+    assert b"\r" not in raw
+    async with running(config(), tmp_path) as gw:
+        refused = await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw)
+    assert refused == {}
+    [envelope] = gw.ingest.envelopes
+    assert envelope.body.startswith(raw.replace(b"\n", b"\r\n"))
+    assert b"\r\n.leading dot\r\n" in envelope.body
+    assert envelope.body.count(b"\n") == envelope.body.count(b"\r\n")
 
 
 async def _per_ip_limit(tmp_path: Path) -> tuple[str, str]:
