@@ -33,7 +33,7 @@ import contextlib
 import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -47,7 +47,7 @@ from core.errors import ConfigError, NormalizationError
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 from normalizers.base import Normalizer
 from normalizers.email import autoreply, headers, htmltext
-from normalizers.email.addresses import parse_addresses, parse_sender, sender_verified
+from normalizers.email.addresses import Address, parse_addresses, parse_sender, sender_verified
 from normalizers.email.charsets import decode
 from normalizers.email.reply import extract_reply
 
@@ -611,16 +611,15 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     sender = parse_sender(raw_values("From"), hint=hint)
     flags = list(sender.flags)
     address, name = sender.address, sender.name
+    source: str | None = "from" if address is not None else None
     if address is None:
-        # No usable From: fall back to Sender, then the envelope sender, always as claimed only.
-        fallback = (
-            parse_addresses(raw_values("Sender"), hint=hint)
-            or parse_addresses(raw_values("Reply-To"), hint=hint)
-            or parse_addresses([str(meta.get("mail_from") or ""), *raw_values("Return-Path")], hint=hint)
-        )
-        if fallback:
-            address, name = fallback[0].address, name or fallback[0].name or None
+        fallback = _fallback_sender(raw_values, meta, hint)
+        if fallback is not None:
+            source, found = fallback
+            address, name = found.address, name or found.name or None
             flags.append("from_fallback")
+        else:
+            flags.append("no_usable_sender")  # nobody to answer: the desk sees why
     verified = address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
 
     plain_source, html_source = _render(body.texts, limits.max_text_chars)
@@ -671,6 +670,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         extra["reply_to"] = [a.address for a in reply_to]
     if flags:
         extra["sender_flags"] = flags
+    if source is not None and source != "from":
+        extra["sender_source"] = source  # which header (or the envelope) the claimed sender is from
     if message_id is None:
         extra["synthetic_message_id"] = True
     if mail_from is not None:
@@ -750,6 +751,33 @@ def _render(parts: list[_TextPart], limit: int, level: int = 0, alternative: boo
         "\n".join(p if p is not None else htmltext.to_text((h or "")[:limit]) for p, h in rendered),
         "\n".join(h if h is not None else f"<pre>{escape(p or '')}</pre>" for p, h in rendered),
     )
+
+
+def _fallback_sender(
+    raw_values: Callable[[str], list[str]], meta: Mapping[str, Any], hint: str | None
+) -> tuple[str, Address] | None:
+    """A *claimed* sender for a mail without a usable From, and where it came from.
+
+    In order: the Sender and Reply-To headers, then the envelope sender. Over SMTP that is MAIL
+    FROM (``meta["mail_from"]``; none for the null reverse path ``<>``), and a Return-Path header
+    is ignored: the final MTA writes it, which is us, so one in the data is the client's claim about
+    an envelope we saw ourselves. Read from a mailbox (no ``mail_from``), Return-Path is what the
+    delivering MTA wrote: the envelope sender. Only valid addresses count (no encoded words).
+    """
+    candidates: list[tuple[str, list[str]]] = [
+        ("sender", raw_values("Sender")),
+        ("reply_to", raw_values("Reply-To")),
+    ]
+    mail_from = meta.get("mail_from")
+    if mail_from is None:
+        candidates.append(("return_path", raw_values("Return-Path")))
+    elif mail_from:
+        candidates.append(("mail_from", [str(mail_from)]))
+    for source, values in candidates:
+        found = parse_addresses(values, hint=hint)
+        if found:
+            return source, found[0]
+    return None
 
 
 def _html_gives_text(plain: str | None, body: _Body) -> bool:

@@ -505,6 +505,20 @@ async def test_the_real_normalizer_marks_the_sender_verified_only_with_trust(tmp
     assert [(i.value, i.verified) for i in claimed.identities] == [("alice@customer.example", False)]
 
 
+async def test_a_mail_without_from_is_answerable_through_its_envelope_sender(tmp_path: Path) -> None:
+    from normalizers.email import normalize_email
+
+    raw = b"Subject: no From here\r\nMessage-ID: <nofrom@customer.example>\r\n\r\nhello\r\n"
+    async with running(config(), tmp_path, normalize=normalize_email) as gw:
+        await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw, "bob@customer.example")
+        await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw, "")  # null sender
+    [[claimed], [nobody]] = gw.ingest.messages
+    assert [(i.value, i.verified) for i in claimed.identities] == [("bob@customer.example", False)]
+    assert claimed.extra["sender_source"] == "mail_from"
+    assert nobody.identities == ()
+    assert "no_usable_sender" in nobody.extra["sender_flags"]
+
+
 async def test_swaks_delivers_and_is_refused_for_a_foreign_domain(tmp_path: Path) -> None:
     swaks = require_tool("swaks", "swaks")
     async with running(config(), tmp_path) as gw:
