@@ -20,7 +20,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
@@ -104,10 +104,12 @@ class GatewaySMTP(SMTP):
             ip = _peer_ip(transport.get_extra_info("peername"))
             if not self._limits.acquire(ip):
                 self._refused = True
-                logger.info("refusing SMTP connection from %s: connection limit", ip)
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-                transport.close()
+                logger.info("refused SMTP connection from %s: connection limit", ip)
+                # A cast, not an isinstance check: uvloop's transports have the methods of
+                # asyncio.WriteTransport without subclassing it (the gateway runs on uvloop).
+                writer = cast(asyncio.WriteTransport, transport)
+                writer.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                writer.close()  # after the reply is flushed
                 return
             self._limited_ip = ip
         super().connection_made(transport)
@@ -174,9 +176,8 @@ class GatewaySMTP(SMTP):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
         elif state is DataState.TOO_MUCH:
             await self.push("552 Error: Too much mail data")
-        elif state is DataState.BARE_LINE_END:
-            logger.info("refused mail from %s: bare CR or LF in DATA", _peer_ip(self.session.peer))
-            await self.push("550 5.5.2 Message contains bare CR or LF (RFC 5321 2.3.8), not accepted")
+        elif state is DataState.BARE_CR:
+            await self.push("550 5.5.2 Message contains a bare CR (RFC 5321 2.3.8), not accepted")
         if state is not DataState.NOMINAL:
             self.envelope = self._create_envelope()  # aiosmtpd's _set_post_data_state, typed
             return
@@ -190,7 +191,14 @@ class GatewaySMTP(SMTP):
         raw = (
             status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") if isinstance(status, str) else status
         )
-        await super().push(_REWRITES.get(raw, raw))
+        reply = _REWRITES.get(raw, raw)
+        if reply[:1] in {b"4", b"5"}:
+            # Every refusal, ours or aiosmtpd's (530, 535, 552 at MAIL FROM ...), logs one line: the
+            # reply only, which never holds the mail, an address or a credential.
+            peer = _peer_ip(self.session.peer if self.session is not None else None)
+            text = _reason(reply.decode("ascii", "replace"), "?")
+            logger.info("SMTP refusal for %s: %s", peer, text)
+        await super().push(reply)
 
 
 class SmtpHandler:
@@ -233,7 +241,7 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        # GatewaySMTP refused bare CR / LF (SMTP smuggling) while reading the data: see data.py.
+        # GatewaySMTP refused bare CRs and made bare LFs CRLF while reading the data: see data.py.
         raw = envelope.original_content
         assert isinstance(raw, bytes)
         self._in_flight += 1

@@ -99,6 +99,68 @@ def detect(data: bytes) -> str | None:
     return codec_for(best.encoding)
 
 
+# ISO 2022 designations of a character set (RFC 1468, 1554, 1557, 1922): ESC $ @ / A / B, ESC $ ( X,
+# ESC $ ) X (G1, used with SO / SI), ESC $ * X, ESC $ + X, ESC ( B / I / J and ESC . A / F.
+_ISO2022_ESCAPE = re.compile(rb"\x1b(?:\$[@AB]|\$[()*+][@A-Z]|\([BIJ]|\.[AF])")
+_ISO2022_G1 = re.compile(rb"\x1b\$[)*+]([@A-Z])")
+# The Japanese family, most common first: each is a superset of ISO-2022-JP for some escapes
+# (half-width katakana; GB2312, KS C 5601 and ISO-8859-1/7; JIS X 0213).
+_ISO2022_JP_CODECS = ("iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004", "iso2022_jp_3")
+_SHIFT_OR_LINE_END = re.compile(rb"[\x0e\x0f]|\r?\n")
+
+
+def _iso2022_cn_as_jp2(data: bytes) -> bytes:
+    """ISO-2022-CN text whose only G1 set is GB2312, rewritten for the stdlib's ISO-2022-JP-2 codec.
+
+    Python has no ISO-2022-CN codec; ISO-2022-JP-2 reads GB2312 too, designated to G0 (ESC $ A)
+    instead of shifted in with SO from G1. So SO becomes ESC $ A and SI (or a line end, where
+    RFC 1922 resets the shift state) ESC ( B; the designation ESC $ ) A itself is dropped.
+    """
+    out: list[bytes] = []
+    pos, shifted = 0, False
+    for match in _SHIFT_OR_LINE_END.finditer(data):
+        out.append(data[pos : match.start()])
+        token = match.group()
+        if token == b"\x0e":
+            out.append(b"" if shifted else b"\x1b$A")
+            shifted = True
+        else:
+            out.append(b"\x1b(B" if shifted else b"")
+            shifted = False
+            if token != b"\x0f":
+                out.append(token)
+        pos = match.end()
+    out.append(data[pos:] + (b"\x1b(B" if shifted else b""))
+    return b"".join(out).replace(b"\x1b$)A", b"")
+
+
+def decode_iso2022(data: bytes) -> Decoded | None:
+    """7-bit text carrying ISO 2022 escape sequences but no charset label (or a wrong one, such as
+    us-ascii): the escapes say which charset it is. None without any escape sequence.
+
+    Text with escapes that no codec reads (CNS 11643 in ISO-2022-CN, say) comes back unchanged and
+    marked lossy, so the mail says it was not understood.
+    """
+    if b"\x1b" not in data or not _ISO2022_ESCAPE.search(data):
+        return None
+    g1 = set(_ISO2022_G1.findall(data))
+    candidates: tuple[tuple[str, bytes], ...]
+    if g1 == {b"C"}:
+        candidates = (("iso2022_kr", data),)
+    elif g1 == {b"A"}:
+        candidates = (("iso2022_jp_2", _iso2022_cn_as_jp2(data)),)
+    elif not g1:
+        candidates = tuple((codec, data) for codec in _ISO2022_JP_CODECS)
+    else:
+        candidates = ()
+    for codec, payload in candidates:
+        try:
+            return Decoded(payload.decode(codec), codec, "detected")
+        except UnicodeDecodeError:
+            continue
+    return Decoded(data.decode("ascii"), "ascii", "lossy")
+
+
 def decode(data: bytes, declared: str | None = None, *, hint: str | None = None) -> Decoded:
     """Decode ``data`` declared as ``declared``; ``hint`` is a charset seen elsewhere in the mail."""
     if data.isascii():
@@ -109,7 +171,8 @@ def decode(data: bytes, declared: str | None = None, *, hint: str | None = None)
                 return Decoded(data.decode(codec), codec, "declared")
             except UnicodeDecodeError:
                 pass
-        return Decoded(data.decode("ascii"), "ascii", "ascii")
+        # Unlabelled, labelled us-ascii or with a label Python has no codec for (iso-2022-cn).
+        return decode_iso2022(data) or Decoded(data.decode("ascii"), "ascii", "ascii")
     codec = codec_for(declared)
     if codec is not None and codec != "ascii":
         if codec in SINGLE_BYTE:

@@ -111,7 +111,8 @@ def decode_text(raw: str, *, hint: str | None = None) -> str:
 
 def _raw_text(segment: str, hint: str | None) -> str:
     if segment.isascii():
-        return segment
+        # Raw ISO-2022-JP (and -KR, -CN) text is 7-bit: only its escape sequences tell.
+        return segment if "\x1b" not in segment else decode(segment.encode("ascii")).text
     # 8-bit bytes in a header: RFC 6532 UTF-8, a Chinese client's raw GBK, or Latin. A multi-byte
     # charset the mail declares is used as it is. Otherwise (no charset in the mail, or a single-byte
     # one, which says nothing about a CJK header) the legacy CJK charsets are tried in a fixed order

@@ -19,10 +19,11 @@ and ``addresses.py`` more tolerantly, on raw values, after the bounds are checke
 
 ``text`` is the plain alternative, the sender's own text; it comes from the HTML alternative only
 when the plain one is missing or blank, or was decoded lossily while the HTML decoded cleanly
-(``extra["text_source"] = "html"`` then; see :func:`_html_gives_text`). Only the root of a
-multipart/related is body text (RFC 2387); its other members are attachments. Nameless parts get
-made-up names that are unique within the mail (see :func:`_attachment_name`), and damaged base64 is
-decoded as RFC 2045 reads it (see :func:`_tolerant_b64decode`).
+(``extra["text_source"] = "html"`` then; see :func:`_html_gives_text`). Text parts that follow one
+another in a multipart/mixed are one message, kept in order in both fields (see :func:`_render`).
+Only the root of a multipart/related is body text (RFC 2387); its other members are attachments.
+Nameless parts get made-up names that are unique within the mail (see :func:`_attachment_name`),
+and damaged base64 is decoded as RFC 2045 reads it (see :func:`_tolerant_b64decode`).
 """
 
 from __future__ import annotations
@@ -32,20 +33,21 @@ import contextlib
 import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import parsedate_to_datetime
+from html import escape
 from typing import Any, ClassVar
 
 from core.errors import ConfigError, NormalizationError
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 from normalizers.base import Normalizer
 from normalizers.email import autoreply, headers, htmltext
-from normalizers.email.addresses import parse_addresses, parse_sender, sender_verified
+from normalizers.email.addresses import Address, parse_addresses, parse_sender, sender_verified
 from normalizers.email.charsets import decode
 from normalizers.email.reply import extract_reply
 
@@ -71,12 +73,24 @@ class EmailLimits:
     max_text_chars: int = 4 * 1024 * 1024  # text and html fields each
 
 
+# The multipart ancestors of a part, outermost first: (serial number in the walk, is alternative).
+_Path = tuple[tuple[int, bool], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _TextPart:
+    """One text/plain or text/html body part, decoded, with where it sits in the MIME tree."""
+
+    html: bool
+    text: str
+    path: _Path
+
+
 @dataclass(slots=True)
 class _Body:
     """What the walk over the MIME tree collects."""
 
-    plain: list[str] = field(default_factory=list)
-    html: list[str] = field(default_factory=list)
+    texts: list[_TextPart] = field(default_factory=list)
     attachments: list[Attachment] = field(default_factory=list)
     lossy: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
@@ -392,10 +406,11 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
     body = _Body()
     hint = root.get_content_charset() or None
     # (part, depth, content: its text is ours to read, resource: a non-root member of a
-    # multipart/related, which RFC 2387 makes a resource of the root, not body text)
-    stack: list[tuple[Message, int, bool, bool]] = [(root, 0, True, False)]
+    # multipart/related, which RFC 2387 makes a resource of the root, not body text, path: the
+    # multiparts above it, for _render)
+    stack: list[tuple[Message, int, bool, bool, _Path]] = [(root, 0, True, False, ())]
     while stack:
-        part, depth, content, resource = stack.pop()
+        part, depth, content, resource, path = stack.pop()
         body.parts += 1
         if body.parts > limits.max_parts:
             raise NormalizationError(f"more than {limits.max_parts} MIME parts")
@@ -421,13 +436,14 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
                         )
                     )
                 # The forwarded mail is bounded and checked, but its content is not ours to read.
-                stack.extend((child, depth + 1, False, False) for child in reversed(children))
+                stack.extend((child, depth + 1, False, False, ()) for child in reversed(children))
                 continue
             if ctype == "message/delivery-status":
                 children = []
             root_index = _related_root(part, children) if ctype == "multipart/related" else -1
+            inner = (*path, (body.parts, ctype == "multipart/alternative"))
             stack.extend(
-                (child, depth + 1, content, root_index >= 0 and index != root_index)
+                (child, depth + 1, content, root_index >= 0 and index != root_index, inner)
                 for index, child in reversed(list(enumerate(children)))
             )
             if ctype != "message/delivery-status":
@@ -450,7 +466,7 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
             if decoded.lossy:
                 body.lossy.append(f"{ctype} as {decoded.charset}")
             body.charsets.append(decoded.charset)
-            (body.plain if ctype == "text/plain" else body.html).append(decoded.text)
+            body.texts.append(_TextPart(html=ctype == "text/html", text=decoded.text, path=path))
             if hint is None and declared:
                 hint = declared
             continue
@@ -595,21 +611,20 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     sender = parse_sender(raw_values("From"), hint=hint)
     flags = list(sender.flags)
     address, name = sender.address, sender.name
+    source: str | None = "from" if address is not None else None
     if address is None:
-        # No usable From: fall back to Sender, then the envelope sender, always as claimed only.
-        fallback = (
-            parse_addresses(raw_values("Sender"), hint=hint)
-            or parse_addresses(raw_values("Reply-To"), hint=hint)
-            or parse_addresses([str(meta.get("mail_from") or ""), *raw_values("Return-Path")], hint=hint)
-        )
-        if fallback:
-            address, name = fallback[0].address, name or fallback[0].name or None
+        fallback = _fallback_sender(raw_values, meta, hint)
+        if fallback is not None:
+            source, found = fallback
+            address, name = found.address, name or found.name or None
             flags.append("from_fallback")
+        else:
+            flags.append("no_usable_sender")  # nobody to answer: the desk sees why
     verified = address == sender.address and sender_verified(sender, _mapping(meta.get("authentication")))
 
+    plain_source, html_source = _render(body.texts, limits.max_text_chars)
     # One line-ending convention for consumers; the raw bytes keep the original.
-    text = "\n".join(t.replace("\r\n", "\n") for t in body.plain) if body.plain else None
-    html_source = "\n".join(body.html) if body.html else None
+    text = plain_source.replace("\r\n", "\n") if plain_source is not None else None
     html = htmltext.sanitize(html_source[: limits.max_text_chars]) if html_source else None
     text_from_html = html_source is not None and _html_gives_text(text, body)
     if html_source is not None and text_from_html:
@@ -655,6 +670,8 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         extra["reply_to"] = [a.address for a in reply_to]
     if flags:
         extra["sender_flags"] = flags
+    if source is not None and source != "from":
+        extra["sender_source"] = source  # which header (or the envelope) the claimed sender is from
     if message_id is None:
         extra["synthetic_message_id"] = True
     if mail_from is not None:
@@ -665,7 +682,7 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         extra["header_lines_repaired"] = repairs
     if body.lossy:
         extra["lossy_decoding"] = body.lossy
-    if text_from_html and body.plain:
+    if text_from_html and any(not t.html for t in body.texts):
         extra["text_source"] = "html"  # the plain alternative was there but blank or lossy
     if body.defects:
         extra["mime_defects"] = sorted(set(body.defects))
@@ -694,6 +711,73 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         auto_generated=auto[0] if auto else None,
         extra=extra,
     )
+
+
+_Rendered = tuple[str | None, str | None]  # (plain text, HTML)
+
+
+def _render(parts: list[_TextPart], limit: int, level: int = 0, alternative: bool = False) -> _Rendered:
+    """The (plain, html) body of ``parts``, which share their first ``level`` multipart ancestors.
+
+    The children of a multipart/alternative are one message written twice: the plain text is the
+    first child's that has plain text, the HTML the last child's that has HTML (RFC 2046 5.1.4: the
+    last is the richest). The children of any other multipart (mixed, related, ...) follow one
+    another: a server's plain disclaimer after an HTML body, or plain, HTML, plain. When both kinds
+    are among them, each child gives both: HTML as text for the plain side, plain text escaped into
+    the HTML side, in order; otherwise the parts of the one kind are joined as they are.
+    """
+    rendered: list[_Rendered] = []
+    index = 0
+    while index < len(parts):
+        part = parts[index]
+        if len(part.path) <= level:  # a text part of this multipart itself
+            rendered.append((None, part.text) if part.html else (part.text, None))
+            index += 1
+            continue
+        # A child multipart: its parts are consecutive (the walk is in document order).
+        serial, is_alternative = part.path[level]
+        end = index + 1
+        while end < len(parts) and len(parts[end].path) > level and parts[end].path[level][0] == serial:
+            end += 1
+        rendered.append(_render(parts[index:end], limit, level + 1, is_alternative))
+        index = end
+    plains = [plain for plain, _ in rendered if plain is not None]
+    htmls = [html for _, html in rendered if html is not None]
+    if alternative:
+        return (plains[0] if plains else None, htmls[-1] if htmls else None)
+    if not plains or not htmls:
+        return ("\n".join(plains) if plains else None, "\n".join(htmls) if htmls else None)
+    return (
+        "\n".join(p if p is not None else htmltext.to_text((h or "")[:limit]) for p, h in rendered),
+        "\n".join(h if h is not None else f"<pre>{escape(p or '')}</pre>" for p, h in rendered),
+    )
+
+
+def _fallback_sender(
+    raw_values: Callable[[str], list[str]], meta: Mapping[str, Any], hint: str | None
+) -> tuple[str, Address] | None:
+    """A *claimed* sender for a mail without a usable From, and where it came from.
+
+    In order: the Sender and Reply-To headers, then the envelope sender. Over SMTP that is MAIL
+    FROM (``meta["mail_from"]``; none for the null reverse path ``<>``), and a Return-Path header
+    is ignored: the final MTA writes it, which is us, so one in the data is the client's claim about
+    an envelope we saw ourselves. Read from a mailbox (no ``mail_from``), Return-Path is what the
+    delivering MTA wrote: the envelope sender. Only valid addresses count (no encoded words).
+    """
+    candidates: list[tuple[str, list[str]]] = [
+        ("sender", raw_values("Sender")),
+        ("reply_to", raw_values("Reply-To")),
+    ]
+    mail_from = meta.get("mail_from")
+    if mail_from is None:
+        candidates.append(("return_path", raw_values("Return-Path")))
+    elif mail_from:
+        candidates.append(("mail_from", [str(mail_from)]))
+    for source, values in candidates:
+        found = parse_addresses(values, hint=hint)
+        if found:
+            return source, found[0]
+    return None
 
 
 def _html_gives_text(plain: str | None, body: _Body) -> bool:

@@ -13,7 +13,8 @@ from connectors.email.data import DataState, read_data
 from connectors.email.trust import authentication_results, verdict
 from tests.connectors.email.email_kit import running
 
-_REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
+_REFERENCE = re.compile(rb"\r(?!\n)")  # a lone CR (RFC 5321 2.3.8), as a pattern
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 @pytest.mark.parametrize(
@@ -32,15 +33,17 @@ _REFERENCE = re.compile(rb"\r(?!\n)|(?<!\r)\n")  # RFC 5321 2.3.8, as a pattern
         b"x\r\n" * 1000 + b"\r",
     ],
 )
-async def test_bare_newline_check_agrees_with_the_rfc_pattern(raw: bytes) -> None:
-    """read_data's counting check refuses exactly the mails the RFC's pattern finds a lone CR or LF in."""
+async def test_bare_line_end_checks_agree_with_the_rfc_pattern(raw: bytes) -> None:
+    """read_data's counting checks refuse exactly the mails the RFC's pattern finds a lone CR in, and
+    turn exactly the lone LFs into CRLF."""
     reader = asyncio.StreamReader(limit=1001)
     reader.feed_data(raw + b"\r\n.\r\n")
     reader.feed_eof()
     state, content = await read_data(reader, size_limit=None, line_limit=1001)
-    bare = _REFERENCE.search(raw) is not None
-    assert state is (DataState.BARE_LINE_END if bare else DataState.NOMINAL)
-    assert content == (b"" if bare else raw + b"\r\n")
+    normalized = _BARE_LF.sub(b"\r\n", raw)
+    bare = _REFERENCE.search(normalized) is not None
+    assert state is (DataState.BARE_CR if bare else DataState.NOMINAL)
+    assert content == (b"" if bare else normalized.replace(b"\r\n.", b"\r\n") + b"\r\n")
 
 
 def test_authentication_results_header_names_are_case_insensitive() -> None:

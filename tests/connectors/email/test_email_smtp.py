@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import smtplib
 import ssl
+import threading
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +177,34 @@ async def test_unknown_recipients_are_refused_so_it_is_never_an_open_relay(tmp_p
     assert [e.inbox for e in gw.ingest.envelopes] == ["support"]
 
 
+async def test_every_refusal_logs_one_line_without_the_mail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="connectors.email.smtp")
+    secret_body = "my password is hunter2"
+    async with running(config(max_recipients=1), tmp_path) as gw:
+        client = await RawSmtp.connect(gw.smtp_port)
+        await client.reply()
+        await client.command(b"EHLO client.test\r\n")
+        await client.command(b"MAIL FROM:<a@customer.example>\r\n")
+        relay = await client.command(b"RCPT TO:<victim@elsewhere.example>\r\n")
+        await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
+        too_many = await client.command(b"RCPT TO:<help@demo.localhost>\r\n")
+        await client.command(b"DATA\r\n")
+        bare_cr = await client.command(b"Subject: x\r\n\r\n" + secret_body.encode() + b"\r.\r\n.\r\n")
+        await client.close()
+    refusals = [r for r in caplog.records if r.name == "connectors.email.smtp" and "refus" in r.getMessage()]
+    lines = [r.getMessage() for r in refusals]
+    assert relay.startswith("550 5.1.1")
+    assert too_many.startswith("452")
+    assert bare_cr.startswith("550 5.5.2")
+    assert len(lines) == 3, lines
+    codes = ("550 5.1.1", "452 4.5.3", "550 5.5.2")
+    assert all(code in line for code, line in zip(codes, lines, strict=True))
+    assert all("127.0.0.1" in line for line in lines)
+    assert not any(secret_body in r.getMessage() or "victim" in r.getMessage() for r in caplog.records)
+
+
 async def test_each_inbox_gets_its_own_envelope_and_aliases_collapse(tmp_path: Path) -> None:
     raw = mail()
     rcpts = ["support@demo.localhost", "help@demo.localhost", "anyone@sales.localhost"]
@@ -257,30 +288,68 @@ SMUGGLED = (
 )
 
 
-@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r"])
-async def test_smtp_smuggling_with_bare_line_endings_is_refused(tmp_path: Path, fake_end: bytes) -> None:
+async def _smuggle(port: int, fake_end: bytes) -> tuple[str, str]:
+    """One DATA hiding a second mail behind ``fake_end``; the replies to the DATA and to a NOOP."""
+    client = await RawSmtp.connect(port)
+    await client.reply()
+    await client.command(b"EHLO client.test\r\n")
+    await client.command(b"MAIL FROM:<a@customer.example>\r\n")
+    await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
+    assert (await client.command(b"DATA\r\n")).startswith("354")
+    head = b"From: a@customer.example\r\nMessage-ID: <outer@customer.example>\r\n\r\n"
+    body = head + b"hello" + fake_end + SMUGGLED
+    answer = await client.command(body + b".\r\n")
+    # Nothing more is pending: the smuggled commands were never executed as commands.
+    after = await client.command(b"NOOP\r\n")
+    await client.close()
+    return answer, after
+
+
+@pytest.mark.parametrize("fake_end", [b"\r.\r\n", b"\r\n.\r", b"\r.\r"])
+async def test_smtp_smuggling_with_bare_cr_is_refused(tmp_path: Path, fake_end: bytes) -> None:
     async with running(config(), tmp_path) as gw:
-        client = await RawSmtp.connect(gw.smtp_port)
-        await client.reply()
-        await client.command(b"EHLO client.test\r\n")
-        await client.command(b"MAIL FROM:<a@customer.example>\r\n")
-        await client.command(b"RCPT TO:<support@demo.localhost>\r\n")
-        assert (await client.command(b"DATA\r\n")).startswith("354")
-        body = (
-            b"From: a@customer.example\r\nMessage-ID: <outer@customer.example>\r\n\r\nhello"
-            + fake_end
-            + SMUGGLED
-        )
-        answer = await client.command(body + b".\r\n")
-        # Nothing more is pending: the smuggled commands were never executed as commands.
-        after = await client.command(b"NOOP\r\n")
-        await client.close()
+        answer, after = await _smuggle(gw.smtp_port, fake_end)
     assert answer.startswith("550 5.5.2"), answer
     assert after.startswith("250"), after
     assert gw.ingest.envelopes == []
 
 
-async def test_per_ip_connection_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n"])
+async def test_smtp_smuggling_with_bare_lf_stays_one_mail(tmp_path: Path, fake_end: bytes) -> None:
+    # As Postfix 3.9 (smtpd_forbid_bare_newline = normalize): only CRLF.CRLF ends DATA, and a bare LF
+    # inside the content is a line end. The smuggled "mail" is text of the one mail that was sent.
+    async with running(config(), tmp_path) as gw:
+        answer, after = await _smuggle(gw.smtp_port, fake_end)
+    assert answer.startswith("250"), answer
+    assert after.startswith("250"), after
+    [envelope] = gw.ingest.envelopes
+    assert b"Message-ID: <outer@customer.example>" in envelope.body
+    assert b"\r\nMAIL FROM:<ceo@demo.localhost>\r\n" in envelope.body
+    assert envelope.body.count(b"\n") == envelope.body.count(b"\r\n")  # stored with CRLF only
+
+
+async def test_bare_lf_mail_from_smtplib_is_accepted_with_crlf_line_ends(tmp_path: Path) -> None:
+    # smtplib sends bytes as they are: msg.as_bytes() has LF line ends, and lines starting with a dot
+    # are stuffed after bare LFs too.
+    msg = EmailMessage()
+    msg["From"] = "alice@customer.example"
+    msg["To"] = "support@demo.localhost"
+    msg["Subject"] = "sloppy line ends"
+    msg["Message-ID"] = "<lf@customer.example>"
+    msg.set_content("first line\n.leading dot\n\nlast line\n")
+    raw = msg.as_bytes()
+    assert b"\r" not in raw
+    async with running(config(), tmp_path) as gw:
+        refused = await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw)
+    assert refused == {}
+    [envelope] = gw.ingest.envelopes
+    assert envelope.body.startswith(raw.replace(b"\n", b"\r\n"))
+    assert b"\r\n.leading dot\r\n" in envelope.body
+    assert envelope.body.count(b"\n") == envelope.body.count(b"\r\n")
+
+
+async def _per_ip_limit(tmp_path: Path) -> tuple[str, str]:
+    """Two sessions allowed per IP: the third connection's reply, then a later one's greeting."""
     async with running(config(max_connections_per_ip=2), tmp_path) as gw:
         first = await RawSmtp.connect(gw.smtp_port)
         second = await RawSmtp.connect(gw.smtp_port)
@@ -299,8 +368,48 @@ async def test_per_ip_connection_limit(tmp_path: Path) -> None:
             if greeting.startswith("220"):
                 break
         await second.close()
+    return refused, greeting
+
+
+def _assert_one_clean_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    limit_lines = [r for r in caplog.records if "connection limit" in r.getMessage()]
+    assert len(limit_lines) == 1
+    assert limit_lines[0].levelno == logging.INFO
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
+
+
+async def test_per_ip_connection_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    refused, greeting = await _per_ip_limit(tmp_path)
     assert refused.startswith("421 4.7.0")
     assert greeting.startswith("220")
+    _assert_one_clean_refusal(caplog)
+
+
+def test_per_ip_connection_limit_under_uvloop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The gateway runs on uvloop (gateway/process.py), whose transports are not subclasses of
+    # asyncio's transport classes.
+    uvloop = pytest.importorskip("uvloop")
+    caplog.set_level(logging.INFO)
+    results: list[tuple[str, str]] = []
+
+    def serve() -> None:
+        loop = uvloop.new_event_loop()
+        try:
+            results.append(loop.run_until_complete(_per_ip_limit(tmp_path)))
+        finally:
+            loop.close()
+
+    # In a thread of its own, so that a hang fails the test: a refused connection that the server
+    # never closed made the listener's shutdown wait for it forever.
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the SMTP listener did not shut down"
+    [(refused, greeting)] = results
+    assert refused.startswith("421 4.7.0"), refused
+    assert greeting.startswith("220")
+    _assert_one_clean_refusal(caplog)
 
 
 def _tls_client_context(cert: Path) -> ssl.SSLContext:
@@ -394,6 +503,20 @@ async def test_the_real_normalizer_marks_the_sender_verified_only_with_trust(tmp
     [[claimed]] = untrusted.ingest.messages
     assert [(i.value, i.verified) for i in verified.identities] == [("alice@customer.example", True)]
     assert [(i.value, i.verified) for i in claimed.identities] == [("alice@customer.example", False)]
+
+
+async def test_a_mail_without_from_is_answerable_through_its_envelope_sender(tmp_path: Path) -> None:
+    from normalizers.email import normalize_email
+
+    raw = b"Subject: no From here\r\nMessage-ID: <nofrom@customer.example>\r\n\r\nhello\r\n"
+    async with running(config(), tmp_path, normalize=normalize_email) as gw:
+        await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw, "bob@customer.example")
+        await asyncio.to_thread(send, gw.smtp_port, ["support@demo.localhost"], raw, "")  # null sender
+    [[claimed], [nobody]] = gw.ingest.messages
+    assert [(i.value, i.verified) for i in claimed.identities] == [("bob@customer.example", False)]
+    assert claimed.extra["sender_source"] == "mail_from"
+    assert nobody.identities == ()
+    assert "no_usable_sender" in nobody.extra["sender_flags"]
 
 
 async def test_swaks_delivers_and_is_refused_for_a_foreign_domain(tmp_path: Path) -> None:

@@ -115,7 +115,11 @@ def test_quoted_from_gives_no_identity_and_the_usual_fallback() -> None:
     message = normalize_email(mail('From: "ceo@bank.example"\nSubject: x', authentication=PASS))[0]
     assert message.identities == ()
     assert message.display_name is None
-    assert message.extra["sender_flags"] == ["display_name_contains_address", "no_valid_address"]
+    assert message.extra["sender_flags"] == [
+        "display_name_contains_address",
+        "no_valid_address",
+        "no_usable_sender",
+    ]
     message = normalize_email(
         mail('From: "ceo@bank.example"\nReply-To: r@other.example\nSubject: x', authentication=PASS)
     )[0]
@@ -176,3 +180,48 @@ def test_parsing_is_getaddresses_but_for_the_masked_at_signs() -> None:
 
 def test_a_mask_character_in_the_header_is_not_taken_for_an_at_sign() -> None:
     assert parse_sender([f'"ceo{_AT_MASK}bank.example" <evil@x.example>']).name == "ceo\x1abank.example"
+
+
+BOB = "bob@customer.example"
+REPLY_TO = "r@customer.example"
+ENCODED_FROM = f"From: =?utf-8?b?{base64.b64encode(b'ceo@bank.example').decode()}?="
+
+
+@pytest.mark.parametrize(
+    ("headers", "meta", "identity", "source"),
+    [
+        # No From at all, or only an encoded word where the address should be (rightly not trusted).
+        ("Subject: x", {"mail_from": BOB}, BOB, "mail_from"),
+        (f"{ENCODED_FROM}\nSubject: x", {"mail_from": BOB}, BOB, "mail_from"),
+        (f"{ENCODED_FROM}\nReply-To: {REPLY_TO}", {"mail_from": ""}, REPLY_TO, "reply_to"),
+        (f"{ENCODED_FROM}\nSender: s@customer.example", {}, "s@customer.example", "sender"),
+        # Read from a mailbox (IMAP): Return-Path is what the delivering MTA wrote, the envelope sender.
+        (f"Return-Path: <rp@customer.example>\n{ENCODED_FROM}", {}, "rp@customer.example", "return_path"),
+        ("From: a@customer.example", {"mail_from": BOB}, "a@customer.example", "from"),
+    ],
+)
+def test_no_usable_from_takes_a_claimed_identity_and_says_where_from(
+    headers: str, meta: dict[str, object], identity: str, source: str
+) -> None:
+    message = normalize_email(mail(headers, **meta, authentication=PASS))[0]
+    # Never verified: the verdict is for bank.example, and a fallback is a claim whatever it says.
+    assert [(i.value, i.verified) for i in message.identities] == [(identity, False)]
+    assert message.extra.get("sender_source", "from") == source
+    assert ("from_fallback" in message.extra.get("sender_flags", [])) is (source != "from")
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"mail_from": ""},  # a null reverse path: no sender to take
+        {"mail_from": "not an address"},
+        {"mail_from": "=?utf-8?b?Ym9iQGN1c3RvbWVyLmV4YW1wbGU=?="},
+    ],
+)
+def test_no_usable_sender_anywhere_is_flagged(meta: dict[str, object]) -> None:
+    # Received over SMTP, a Return-Path header is the sender's own claim about the envelope (the
+    # final MTA writes it, and that is us): the envelope itself is what counts.
+    message = normalize_email(mail(f"Return-Path: <forged@evil.example>\n{ENCODED_FROM}", **meta))[0]
+    assert message.identities == ()
+    assert "sender_source" not in message.extra
+    assert message.extra["sender_flags"][-1] == "no_usable_sender"

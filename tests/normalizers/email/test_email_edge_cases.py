@@ -252,3 +252,64 @@ def test_damaged_utf8_stays_utf8_and_is_marked_lossy() -> None:
     assert (result.text, result.how) == ("Grüße, lepší \ufffd!", "lossy")
     # Latin-1 mislabeled as UTF-8 has no well-formed sequences: still detected, not replaced.
     assert decode("Grüße aus Köln".encode("latin-1"), "utf-8").how != "lossy"
+
+
+# --- consecutive body parts of a multipart/mixed ----------------------------------------------
+
+
+def test_html_body_then_plain_signature_in_mixed_keeps_both_in_order() -> None:
+    # A server appended a plain disclaimer after the sender's HTML body: one message, not alternatives.
+    raw = multipart(
+        "mixed",
+        b"Content-Type: text/html; charset=utf-8\n\n<p>Where is my <b>refund</b>?</p>",
+        b"Content-Type: text/plain; charset=utf-8\n\n-- \nSent via Example Mail <gateway>",
+    )
+    message = normalize_email(envelope(raw))[0]
+    assert message.text is not None
+    assert message.html is not None
+    assert message.text.index("Where is my refund?") < message.text.index("Sent via Example Mail <gateway>")
+    assert message.html.index("<b>refund</b>") < message.html.index("Sent via Example Mail &lt;gateway&gt;")
+    assert "<gateway>" not in message.html  # the plain part is escaped into the HTML, never parsed
+
+
+def test_plain_html_plain_in_mixed_keeps_all_three_in_order() -> None:
+    raw = multipart(
+        "mixed",
+        b"Content-Type: text/plain\n\nHello,",
+        b"Content-Type: text/html\n\n<p>the <i>order</i> 1234 never came.</p>",
+        b"Content-Type: text/plain\n\nThis mail is confidential.",
+    )
+    message = normalize_email(envelope(raw))[0]
+    assert message.text is not None
+    assert message.html is not None
+    text, html = message.text, message.html
+    assert text.index("Hello,") < text.index("the order 1234 never came.") < text.index("confidential")
+    assert html.index("Hello,") < html.index("<i>order</i>") < html.index("confidential")
+
+
+def test_alternative_then_plain_disclaimer_in_mixed() -> None:
+    alternative = (
+        b'Content-Type: multipart/alternative; boundary="alt"\n\n'
+        b"--alt\nContent-Type: text/plain\n\nPlain body\n"
+        b"--alt\nContent-Type: text/html\n\n<p>HTML body</p>\n--alt--"
+    )
+    raw = multipart("mixed", alternative, b"Content-Type: text/plain\n\nDisclaimer text")
+    message = normalize_email(envelope(raw))[0]
+    assert message.text is not None
+    assert message.html is not None
+    assert "HTML body" not in message.text  # the alternatives still give one text each
+    assert message.text.index("Plain body") < message.text.index("Disclaimer text")
+    assert "Plain body" not in message.html
+    assert message.html.index("HTML body") < message.html.index("Disclaimer text")
+
+
+def test_alternatives_alone_are_still_alternatives() -> None:
+    raw = multipart(
+        "alternative",
+        b"Content-Type: text/plain\n\nPlain body",
+        b"Content-Type: text/html\n\n<p>HTML body</p>",
+    )
+    message = normalize_email(envelope(raw))[0]
+    assert message.text == "Plain body"
+    assert message.html is not None
+    assert "Plain body" not in message.html

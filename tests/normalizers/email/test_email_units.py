@@ -55,6 +55,48 @@ def test_undecodable_is_lossy_and_marked() -> None:
     assert result.lossy == ("\ufffd" in result.text) or result.how == "detected"
 
 
+def _iso2022_cn(text: str) -> bytes:
+    """ISO-2022-CN (RFC 1922) with GB2312 designated to G1: no Python codec writes it."""
+    gb = text.encode("gb2312")
+    return b"\x1b$)A\x0e" + bytes(b & 0x7F for b in gb) + b"\x0f"
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        ("お問い合わせの件".encode("iso2022_jp"), "お問い合わせの件"),  # ESC $ B ... ESC ( B
+        (b"\x1b$@\x24\x33\x24\x73\x1b(J abc", "こん abc"),  # ESC $ @ (JIS C 6226), ESC ( J
+        ("ｶﾀｶﾅ です".encode("iso2022_jp_ext"), "ｶﾀｶﾅ です"),  # ESC ( I: half-width katakana
+        ("문의 드립니다".encode("iso2022_kr"), "문의 드립니다"),  # ESC $ ) C, SO / SI
+        (_iso2022_cn("你好，退款"), "你好，退款"),  # ESC $ ) A, SO / SI
+        (b"\x1b$A\x44\x63\x3a\x43\x1b(B", "你好"),  # ESC $ A: GB2312 in ISO-2022-JP-2
+    ],
+)
+@pytest.mark.parametrize("declared", [None, "us-ascii"])
+def test_unlabelled_iso2022_escapes_are_decoded(data: bytes, text: str, declared: str | None) -> None:
+    assert data.isascii()
+    result = decode(data, declared)
+    assert result.text == text
+    assert not result.lossy
+
+
+def test_unlabelled_iso2022_body_and_header_reach_the_message() -> None:
+    body = "お問い合わせの件です。".encode("iso2022_jp")
+    subject = "お問い合わせ".encode("iso2022_jp").decode("ascii")
+    message = normalize_email(mail(f"From: a@example.com\nSubject: Re: {subject}", body + b"\r\n"))[0]
+    assert message.text == "お問い合わせの件です。\r\n".replace("\r\n", "\n")
+    assert message.subject == "Re: お問い合わせ"
+    assert "lossy_decoding" not in message.extra
+
+
+def test_escape_sequences_no_codec_reads_are_marked_lossy() -> None:
+    # ESC $ ) G designates CNS 11643 plane 1, which Python has no codec for.
+    result = decode(b"\x1b$)G\x0e\x44\x63\x0f hello", None)
+    assert result.lossy
+    message = normalize_email(mail("From: a@example.com\nSubject: s", b"\x1b$)G\x0e\x44\x63\x0f hi\r\n"))[0]
+    assert message.extra["lossy_decoding"]
+
+
 # --- headers --------------------------------------------------------------------------------------
 
 
