@@ -13,8 +13,6 @@ another. The caller's own customer id is its own namespace, so it is always veri
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Self
 
@@ -32,6 +30,7 @@ from pydantic import (
 
 from core.errors import InvalidInput
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from normalizers.content import decode_base64
 
 CHANNEL = "api"
 IDEMPOTENCY_HEADER = "idempotency-key"
@@ -71,21 +70,18 @@ class ApiAttachment(_Strict):
     data_base64: str
 
     def decoded(self) -> bytes:
-        return base64.b64decode(self.data_base64, validate=True)
+        return decode_base64(self.data_base64)
 
     @property
     def size(self) -> int:
-        """Decoded size without decoding (the data is validated, unpadded-safe base64)."""
+        """Decoded size without decoding (the data is validated, canonical base64)."""
         data = self.data_base64
         return len(data) * 3 // 4 - (len(data) - len(data.rstrip("=")))
 
     @field_validator("data_base64")
     @classmethod
     def _base64(cls, value: str) -> str:
-        try:
-            base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("not valid base64") from None
+        decode_base64(value)
         return value
 
 

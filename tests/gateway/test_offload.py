@@ -12,6 +12,7 @@ from core.errors import InvalidInput, NormalizationError
 from core.settings import Settings
 from gateway.enrich import Enricher
 from gateway.offload import NormalizeWorker, offloadable
+from normalizers.content import normalized
 from normalizers.email import EmailLimits, make_email_normalizer
 from tests.support.mailkit import envelope
 from tests.support.normalizers import CannotParse, Dies, Refuses, Unexpected, Unreadable
@@ -37,7 +38,7 @@ async def test_every_fixture_mail_parses_in_the_child_as_in_the_loop(worker: Nor
     for path in mails:
         mail = envelope(path.read_bytes(), mail_from="a@example.com", rcpt_tos=["support@demo.localhost"])
         try:
-            expected = [enrich(m) for m in normalize(mail)]
+            expected = [enrich(m) for m in normalized(normalize, mail)]
         except NormalizationError as exc:
             with pytest.raises(NormalizationError, match=str(exc)[:40]):
                 await worker.run(normalize, mail)
@@ -88,5 +89,5 @@ async def test_a_crash_fails_only_what_was_inside_and_another_child_takes_over(
             break
         await asyncio.sleep(0.1)
     enrich = Enricher.from_settings(Settings()).enrich
-    assert messages == [enrich(m) for m in normalize(mail)]
+    assert messages == [enrich(m) for m in normalized(normalize, mail)]
     assert worker.pid != first
