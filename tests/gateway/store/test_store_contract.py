@@ -409,6 +409,31 @@ async def test_verified_merge_enqueues_customer_merged_before_the_message(store:
     assert d.customer_id == b.customer_id
 
 
+async def test_a_link_without_a_message_merges_the_threads_at_the_next_message(
+    store: Store, clock: Clock
+) -> None:
+    # Two Official Accounts, one inbox: the same person is two customers with a thread each until
+    # the unionid (from the user-info API, after the messages) links them, as link_verified does.
+    unionid = Identity(kind="wechat_unionid", value="u", verified=True)
+    first, second = (Identity(kind="wechat_openid", value=f"wx{n}:o", verified=True) for n in (1, 2))
+    (a,) = await accept(store, _msg("w1", first, channel="wechat"))
+    (b,) = await accept(store, _msg("w2", second, channel="wechat"))
+    await store.transact(graph.link(a.customer_id, identities=[unionid], evidence={"source": "wechat_api"}))
+    await store.transact(graph.link(b.customer_id, identities=[unionid], evidence={"source": "wechat_api"}))
+    clock.advance(60)
+
+    (c,) = await accept(store, _msg("w3", second, channel="wechat"))
+
+    rows = await store.outbox_fetch(10)
+    assert [r.type for r in rows][-3:] == ["customer.merged", "thread.merged", "message.received"]
+    merged = orjson.loads(rows[-2].body)["thread"]
+    assert merged == {"id": a.thread_id, "merged": [b.thread_id], "reason": "customer.merged"}
+    assert (c.customer_id, c.thread_id) == (b.customer_id, a.thread_id)
+    (d,) = await accept(store, _msg("w4", first, channel="wechat"))
+    assert d.thread_id == a.thread_id
+    assert (await store.outbox_fetch(10))[-1].type == "message.received"
+
+
 async def test_duplicate_touchpoint_joins_the_first_thread_with_duplicate_of(
     store: Store, clock: Clock
 ) -> None:
