@@ -25,7 +25,7 @@ from storekit import (
 
 from core.errors import BacklogFull
 from core.events import Event, thread_merged
-from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
 from dedupe import graph
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.app import _purge_loop, sweep_recent_texts
@@ -281,6 +281,21 @@ async def test_read_blob_serves_archived_bytes_and_refuses_paths(store: Store) -
     assert await store.read_blob(sha256_hex(raw.body)) == raw.body
     assert await store.read_blob("0" * 64) is None
     assert await store.read_blob("../../etc/passwd") is None
+
+
+async def test_blobs_keep_the_content_type_they_were_stored_with(store: Store) -> None:
+    page = Attachment(name="a.html", content_type="text/html", data=b"<script>alert(1)</script>")
+    again = Attachment(name="b.bin", content_type="application/octet-stream", data=page.data)
+    big = envelope(b"x" * 300_000)  # past inline_raw_max: a raw body kept as a file, with no type
+    await accept(store, message("m1", attachments=(page,)), env=big)
+    await accept(store, message("m2", attachments=(again,)))
+    digest = await store.media_done("wechat/m", b"\x89PNG", content_type="image/png", name="p.png")
+
+    assert await store.blob_content_type(page.sha256) == "text/html"  # the first type is kept
+    assert await store.blob_content_type(sha256_hex(big.body)) is None
+    assert await store.blob_content_type(digest) == "image/png"
+    assert await store.blob_content_type("0" * 64) is None
+    assert await store.blob_content_type("../../etc/passwd") is None
 
 
 async def test_committed_state_survives_close_and_reopen(make_store: MakeStore) -> None:
