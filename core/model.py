@@ -128,7 +128,7 @@ class CanonicalMessage:
     external_id: str | None
     received_at: datetime
     sent_at: datetime | None = None
-    kind: str = "message"  # message, call_record, voicemail, event, ...
+    kind: str = "message"  # message, call_record, voicemail_transcript, event, agent_message
     identities: tuple[Identity, ...] = ()
     display_name: str | None = None
     subject: str | None = None

@@ -347,16 +347,49 @@ def assign_thread(
     duplicate = _find_duplicate(tx, message, customer_id, policy, now=now)
     if duplicate is not None:
         return duplicate
-    current = tx.find_open_thread(
-        customer_id=customer_id,
-        tenant=message.tenant,
-        inbox=message.inbox,
-        active_since=now - timedelta(seconds=policy.window),
+    since = now - timedelta(seconds=policy.window)
+    open_now = tx.open_threads(
+        customer_id=customer_id, tenant=message.tenant, inbox=message.inbox, active_since=since
     )
-    if current is not None:
-        return _Choice(thread=current, is_new=False)
-    previous = _closed_in_window(tx, message, customer_id, since=now - timedelta(seconds=policy.window))
+    if len(open_now) > 1 and _joined_by_merge(tx, customer_id, open_now):
+        # A merge without a message (desk link, WeChat unionid) knew no inbox or window: merge here.
+        survivor = _merge_threads(
+            tx, open_now, reason="customer.merged", channel=message.channel, now=now, events=events
+        )
+        return _Choice(thread=survivor, is_new=False)
+    if open_now:
+        return _Choice(thread=max(open_now, key=lambda t: (t.last_activity, t.number)), is_new=False)
+    previous = _closed_in_window(tx, message, customer_id, since=since)
     return _Choice(thread=_new_thread(tx, message, customer_id, now, previous=previous), is_new=True)
+
+
+def _joined_by_merge(tx: Tx, customer_id: str, threads: Sequence[ThreadRecord]) -> bool:
+    """Whether a customer merge brought these open threads together (they came from two customers).
+
+    Two open threads of one customer that no merge joined (a reply to a closed thread opened the
+    second while another was open) stay apart.
+    """
+    origins = _thread_origins(tx, customer_id)
+    return len({origins.get(t.id, customer_id) for t in threads}) > 1
+
+
+def _thread_origins(tx: Tx, customer_id: str) -> dict[str, str]:
+    """Thread id -> the customer it belonged to before the merges still in force into ``customer_id``
+    (followed through merges of merges, to the first owner)."""
+    origins: dict[str, str] = {}
+    pending, seen = [customer_id], {customer_id}
+    while pending and len(seen) <= _MAX_FOLLOW:
+        survivor = pending.pop()
+        for merge in tx.customer_merges(survivor):
+            if merge.surviving_customer != survivor or merge.undone_at is not None:
+                continue
+            for origin, thread_id in merge.threads:
+                origins[thread_id] = origin  # a deeper merge, read later, names an earlier owner
+            for merged in merge.merged_customers:
+                if merged not in seen:
+                    seen.add(merged)
+                    pending.append(merged)
+    return origins
 
 
 def _closed_in_window(tx: Tx, message: CanonicalMessage, customer_id: str, *, since: datetime) -> str | None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from gateway.keys import METRICS, RELAY, SETTINGS, STORE
+from gateway.media import file_response
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,11 @@ async def blob(request: web.Request) -> web.StreamResponse:
     digest = request.match_info["sha256"]
     if not _SHA256.match(digest):
         raise web.HTTPBadRequest(text="not a sha256")
-    data = await request.app[STORE].read_blob(digest)
+    store = request.app[STORE]
+    data = await store.read_blob(digest)
     if data is None:
         raise web.HTTPNotFound()
-    return web.Response(
-        body=data,
-        content_type="application/octet-stream",
-        headers={
-            "Cache-Control": "private, max-age=31536000, immutable",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    return file_response(data, sha256=digest, content_type=await store.blob_content_type(digest))
 
 
 def setup_health(app: web.Application) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -17,6 +18,10 @@ from core.events import media_path
 from gateway.keys import SETTINGS, STORE
 
 logger = logging.getLogger(__name__)
+
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[A-Za-z0-9][\w.+-]*$")
+# Shown in the browser when opened: types that run nothing. Everything else is a download.
+_INLINE = re.compile(r"^(?:image/(?:png|jpeg|gif|webp|bmp|avif)|audio/[\w.+-]+|video/[\w.+-]+|text/plain)$")
 
 
 async def serve_media(request: web.Request) -> web.StreamResponse:
@@ -42,15 +47,34 @@ async def serve_media(request: web.Request) -> web.StreamResponse:
     if data is None:
         logger.error("media %s: blob %s is missing", key, record.sha256)
         return web.json_response({"status": "missing"}, status=404)
+    return file_response(data, sha256=record.sha256, content_type=record.content_type, name=record.name)
+
+
+def file_response(
+    data: bytes, *, sha256: str, content_type: str | None, name: str | None = None
+) -> web.Response:
+    """Stored bytes as a desk fetches them (``/blobs`` and ``/media``), under the type they came with.
+
+    The type is the sender's word, so nothing the gateway serves may run in its origin: a type a
+    browser would render as a page or a script (HTML, SVG, XML, anything not on the inline list)
+    goes out as a download, every answer forbids sniffing, and a sandbox CSP disables scripts even
+    where a browser shows it anyway.
+    """
+    if content_type is None or not _MEDIA_TYPE.match(content_type):
+        content_type = "application/octet-stream"
+    content_type = content_type.lower()
     headers = {
         "Cache-Control": "private, max-age=31536000, immutable",
         "X-Content-Type-Options": "nosniff",
-        "ETag": f'"{record.sha256}"',
-        "X-Content-SHA256": record.sha256,
+        "Content-Security-Policy": "sandbox; default-src 'none'",
+        "ETag": f'"{sha256}"',
+        "X-Content-SHA256": sha256,
     }
-    if record.name:
-        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(record.name, safe='')}"
-    content_type = record.content_type or "application/octet-stream"
+    disposition = "inline" if _INLINE.match(content_type) else "attachment"
+    if name:
+        disposition += f"; filename*=UTF-8''{quote(name, safe='')}"
+    if name or disposition == "attachment":
+        headers["Content-Disposition"] = disposition
     return web.Response(body=data, content_type=content_type, headers=headers)
 
 

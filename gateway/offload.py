@@ -41,6 +41,7 @@ from core.model import CanonicalMessage, RawEnvelope
 from core.settings import Settings
 from gateway.enrich import Enricher
 from normalizers.base import Normalizer
+from normalizers.content import normalized
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +150,9 @@ class NormalizeWorker:
                 await asyncio.to_thread(process.join)
 
     async def run(self, normalize: Normalizer, envelope: RawEnvelope) -> list[CanonicalMessage] | None:
-        """``normalize(envelope)``, each message enriched, computed in the child; ``None`` when the
-        child is not running or the envelope does not pickle: then the caller parses it itself.
+        """``normalize(envelope)``, each message finished and enriched, computed in the child;
+        ``None`` when the child is not running or the envelope does not pickle: then the caller
+        parses it itself.
 
         Raises what the normalizer raises (InvalidInput, NormalizationError), and NormalizationError
         when the child dies while parsing this envelope.
@@ -289,7 +291,7 @@ def _answer(frame: bytes, enrich: Callable[[CanonicalMessage], CanonicalMessage]
         error = NormalizationError(f"the normalizer process could not read it: {exc}")
         return _frame((call_id, False, error))
     try:
-        messages = [enrich(message) for message in normalize(envelope)]
+        messages = [enrich(message) for message in normalized(normalize, envelope)]
     except Exception as exc:
         return _frame((call_id, False, _portable_error(exc)))
     try:

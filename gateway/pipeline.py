@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker, offloadable
 from gateway.store.base import Store
 from normalizers.base import Normalizer
+from normalizers.content import normalized
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Pipeline:
         return await self._accept(envelope, messages)
 
     def _normalize(self, envelope: RawEnvelope, normalize: Normalizer) -> list[CanonicalMessage]:
-        messages = list(normalize(envelope))
+        messages = normalized(normalize, envelope)
         if self._enrich is not None:
             messages = [self._enrich(message) for message in messages]
         return messages

@@ -11,8 +11,6 @@ content hash, so a double-submitted form is one ticket.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import re
 from collections.abc import Mapping, Sequence
@@ -27,6 +25,7 @@ import phonenumbers
 
 from core.errors import InvalidInput, TooLarge
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
+from normalizers.content import decode_base64
 
 CHANNEL = "form"
 HONEYPOT_FIELD = "website"
@@ -199,8 +198,8 @@ def _json_attachments(value: Any) -> list[Attachment]:
         if not isinstance(item, dict) or not isinstance(item.get("data_base64"), str):
             raise InvalidInput(f"attachments[{index}] needs name, content_type and data_base64")
         try:
-            data = base64.b64decode(item["data_base64"], validate=True)
-        except (binascii.Error, ValueError):
+            data = decode_base64(item["data_base64"])
+        except ValueError:
             raise InvalidInput(f"attachments[{index}].data_base64 is not valid base64") from None
         found.append(Attachment(
             name=_safe_filename(str(item.get("name") or "")),

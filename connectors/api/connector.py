@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from functools import partial
 from importlib.resources import files
 from typing import Self
 
@@ -34,7 +33,7 @@ from core.http import (
 )
 from core.model import Outcome
 from core.settings import ChannelSettings, Duration, Secret, Settings
-from normalizers.api import ApiMessage, normalize_parsed, parse_api_message
+from normalizers.api import ApiMessage, normalizer_for, parse_api_message
 
 logger = logging.getLogger(__name__)
 
@@ -213,10 +212,10 @@ class _Handlers:
             remote=remote,
             meta={"trust_identities": inbox.trust_identities},
         )
-        # The body was validated above; normalizing from that payload avoids parsing it twice.
-        # normalize_api (which parses envelope.body) stays the channel's normalizer for replays.
+        # The body was validated above; normalizing from that payload avoids parsing it twice (long
+        # HTML is parsed again, in the normalizer process). normalize_api stays the replay normalizer.
         result = await ingest_within(
-            self._ingest, envelope, partial(normalize_parsed, payload), self._c.channel.ingest_timeout
+            self._ingest, envelope, normalizer_for(payload), self._c.channel.ingest_timeout
         )
         if result.outcome is Outcome.RETRY:
             logger.warning("api %s: could not store a message now: %s", inbox.id, result.reason)

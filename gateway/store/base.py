@@ -127,6 +127,11 @@ class Store(Protocol):
         """An archived raw body or attachment by content hash."""
         ...
 
+    async def blob_content_type(self, sha256: str) -> str | None:
+        """The content type the bytes were first stored with (an attachment's, fetched media's);
+        ``None`` for a raw body, an unknown hash, or a blob stored before types were kept."""
+        ...
+
     async def purge_expired(self, now: datetime) -> int:
         """Drop idempotency keys older than the retention; returns how many."""
         ...

@@ -27,7 +27,7 @@ import orjson
 from core.errors import BacklogFull, StoreError
 from core.events import Event, message_quarantined
 from core.media import MediaFetch
-from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
 from dedupe.policy import PlacementPolicy
@@ -46,6 +46,8 @@ from gateway.store.base import EventBuilder, OutboxRow, QuarantineRecord
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
 
 T = TypeVar("T")
+# A blob file written for a job: (sha256, size, content type or None for a raw body).
+_BlobFile = tuple[str, int, str | None]
 Clock = Callable[[], datetime]
 Key = tuple[str, str]  # an identity's (kind, value)
 Keys = Sequence[Key]
@@ -785,25 +787,24 @@ class SqlStore(abc.ABC):
                 self._disk_checked_at = now
             return self._disk_low
 
-    def _write_files(self, raw: bytes | None, attachments: Sequence[bytes]) -> list[tuple[str, int]]:
-        """Durably write blobs (before the commit that references them); ``[(sha256, size)]``."""
-        return [
-            (self._blobs.put(data), len(data))
-            for data in ([raw] if raw is not None else []) + list(attachments)
-        ]
+    def _write_files(self, blobs: Sequence[tuple[bytes, str | None]]) -> list[_BlobFile]:
+        """Durably write blobs (before the commit that references them); ``[(sha256, size, type)]``."""
+        return [(self._blobs.put(data), len(data), content_type) for data, content_type in blobs]
 
     async def _prepare_blobs(
-        self, body: bytes, attachments: Sequence[bytes]
-    ) -> tuple[str, list[tuple[str, int]]]:
+        self, body: bytes, attachments: Sequence[Attachment]
+    ) -> tuple[str, list[_BlobFile]]:
         """The raw body's sha256 and the files written; no await when nothing goes to a file."""
         inline = len(body) <= self._settings.inline_raw_max
         if inline and not attachments:
             return sha256_hex(body), []
-        files = await asyncio.to_thread(self._write_files, None if inline else body, attachments)
+        blobs: list[tuple[bytes, str | None]] = [] if inline else [(body, None)]
+        blobs += [(a.data, a.content_type) for a in attachments]
+        files = await asyncio.to_thread(self._write_files, blobs)
         return sha256_hex(body), files
 
     def _archive(
-        self, conn: Connection, body: bytes, digest: str, files: Sequence[tuple[str, int]], now: datetime
+        self, conn: Connection, body: bytes, digest: str, files: Sequence[_BlobFile], now: datetime
     ) -> None:
         """Keep a small raw body in the database and index the blob files written for this job."""
         d = self.dialect
@@ -817,15 +818,17 @@ class SqlStore(abc.ABC):
             )
         self._index_files(conn, files, now)
 
-    def _index_files(self, conn: Connection, files: Sequence[tuple[str, int]], now: datetime) -> None:
+    def _index_files(self, conn: Connection, files: Sequence[_BlobFile], now: datetime) -> None:
         d = self.dialect
+        # The first content type given for the bytes is kept (a raw body gives none).
         executemany(
             conn,
             d.sql(
-                "INSERT INTO blob_files (sha256, size, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (sha256) DO NOTHING"
+                "INSERT INTO blob_files (sha256, size, created_at, content_type) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (sha256) DO UPDATE"
+                " SET content_type = COALESCE(blob_files.content_type, excluded.content_type)"
             ),
-            [(digest, size, d.ts(now)) for digest, size in files],
+            [(digest, size, d.ts(now), content_type) for digest, size, content_type in files],
         )
 
     # -- writes -----------------------------------------------------------------------------------
@@ -841,7 +844,7 @@ class SqlStore(abc.ABC):
         if len(policies) != len(messages):
             raise ValueError("accept needs one placement policy per message")
         self._check_disk()
-        attachments = [a.data for m in messages for a in m.attachments]
+        attachments = [a for m in messages for a in m.attachments]
         digest, files = await self._prepare_blobs(envelope.body, attachments)
         ref = raw_ref(digest)
         d = self.dialect
@@ -1113,7 +1116,7 @@ class SqlStore(abc.ABC):
         d = self.dialect
 
         def job(conn: Connection) -> None:
-            self._index_files(conn, [(digest, len(data))], self._clock())
+            self._index_files(conn, [(digest, len(data), content_type)], self._clock())
             conn.execute(
                 d.sql(
                     "UPDATE media SET state = 'done', sha256 = ?, size = ?, content_type = ?, name = ?,"
@@ -1206,6 +1209,18 @@ class SqlStore(abc.ABC):
         if not is_sha256(sha256):
             return None
         return await self._read(lambda conn: self._read_blob(conn, sha256))
+
+    async def blob_content_type(self, sha256: str) -> str | None:
+        if not is_sha256(sha256):
+            return None
+
+        def read(conn: Connection) -> str | None:
+            row = conn.execute(
+                self.dialect.sql("SELECT content_type FROM blob_files WHERE sha256 = ?"), (sha256,)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._read(read)
 
     def _read_blob(self, conn: Connection, sha256: str) -> bytes | None:
         row = conn.execute(

@@ -181,6 +181,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     CREATE INDEX recent_texts_by_age ON recent_texts (at);
     """,
+        # Blob files keep their content type (/blobs serves it).
+        """
+    {blob_content_type}
+    """,
     ),
 )
 

@@ -165,6 +165,8 @@ SHARED: Mapping[str, str] = {
     );
     CREATE INDEX claimed_links_customer ON claimed_links (customer_id);
     CREATE INDEX claimed_links_other ON claimed_links (other_customer_id);""",
+    # Blob files keep the content type they were stored with, so /blobs serves it.
+    "blob_content_type": "ALTER TABLE blob_files ADD COLUMN content_type {text};",
 }
 
 

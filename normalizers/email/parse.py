@@ -46,10 +46,11 @@ from typing import Any, ClassVar
 from core.errors import ConfigError, NormalizationError
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 from normalizers.base import Normalizer
-from normalizers.email import autoreply, headers, htmltext
+from normalizers.email import autoreply, headers
 from normalizers.email.addresses import Address, parse_addresses, parse_sender, sender_verified
 from normalizers.email.charsets import decode
 from normalizers.email.reply import extract_reply
+from normalizers.html import to_text as html_to_text
 
 DEFAULT_TICKET_REF = r"\[#TG-(?P<number>\d+)\]"
 DEFAULT_LOOP_MARKER = "ticketgate"
@@ -515,59 +516,6 @@ def _sent_at(values: list[str]) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-_KANA = re.compile(r"[\u3040-\u30ff]")
-_HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")
-_HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf]")
-_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-# Bytes that are not part of a word (anything but a-z and '), for splitting lowercased text.
-_NOT_WORD = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz'" else 0x20 for c in range(256))
-
-
-def _language(text: str) -> str | None:
-    """A cheap guess from the script of the first few thousand characters.
-
-    Counting stays in C: CJK characters with compiled character classes (only when the sample is
-    not ASCII), Latin letters and words with bytes methods. A loop over the characters in Python
-    was half of the whole normalizer's time on a plain 5 KB mail; four ``findall`` passes a quarter.
-    """
-    sample = text[:2000]
-    if sample.isascii():
-        kana = hangul = han = 0
-    else:
-        kana, hangul = len(_KANA.findall(sample)), len(_HANGUL.findall(sample))
-        han = len(_HAN.findall(sample))
-    # [A-Za-z] are ASCII: drop everything else, then count what deleting the letters removes.
-    ascii_part = sample.encode("ascii", "ignore")
-    latin = len(ascii_part) - len(ascii_part.translate(None, _ASCII_LETTERS))
-    if kana and kana * 10 >= han:
-        return "ja"
-    if hangul and hangul >= han:
-        return "ko"
-    if han and han * 4 >= latin:
-        return "zh"
-    if latin >= 20:
-        # The words of [a-z']+ in the lowercased sample: in UTF-8 every other character, multi-byte
-        # ones included, is made of bytes that become separators.
-        words = sample.lower().encode("utf-8", "surrogatepass").translate(_NOT_WORD).split()
-        common = sum(map(_ENGLISH_BYTES.__contains__, words))
-        if words and common * 100 >= len(words) * 15:
-            return "en"
-    return None
-
-
-# fmt: off
-_ENGLISH = frozenset(
-    (
-        "the", "a", "an", "and", "or", "to", "of", "in", "on", "for", "is", "are", "was", "be",
-        "it", "i", "you", "we", "my", "your", "this", "that", "with", "have", "has", "not", "please",
-        "thanks", "thank", "hi", "hello", "can", "could", "would", "will", "from", "at", "as", "if",
-        "but", "me", "our", "do",
-    )
-)
-_ENGLISH_BYTES = frozenset(word.encode() for word in _ENGLISH)
-# fmt: on
-
-
 def _synthetic_id(raw: bytes, date: list[str], sender: list[str], subject: list[str]) -> str:
     """A stable id for a mail without Message-ID: the same mail delivered twice gets the same id.
 
@@ -625,10 +573,11 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
     plain_source, html_source = _render(body.texts, limits.max_text_chars)
     # One line-ending convention for consumers; the raw bytes keep the original.
     text = plain_source.replace("\r\n", "\n") if plain_source is not None else None
-    html = htmltext.sanitize(html_source[: limits.max_text_chars]) if html_source else None
+    # Sanitized, like every channel's HTML, by normalizers.content.finish after normalizing.
+    html = html_source[: limits.max_text_chars] if html_source else None
     text_from_html = html_source is not None and _html_gives_text(text, body)
     if html_source is not None and text_from_html:
-        text = htmltext.to_text(html_source[: limits.max_text_chars])
+        text = html_to_text(html_source[: limits.max_text_chars])
     if text is not None:
         text = text[: limits.max_text_chars]
     reply_text = extract_reply(text) if text else None
@@ -703,7 +652,6 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
         text=text,
         html=html,
         reply_text=reply_text,
-        language=_language(reply_text or text or subject or ""),
         attachments=tuple(body.attachments),
         in_reply_to=in_reply_to,
         references=autoreply.message_ids(raw_values("References")),
@@ -748,7 +696,7 @@ def _render(parts: list[_TextPart], limit: int, level: int = 0, alternative: boo
     if not plains or not htmls:
         return ("\n".join(plains) if plains else None, "\n".join(htmls) if htmls else None)
     return (
-        "\n".join(p if p is not None else htmltext.to_text((h or "")[:limit]) for p, h in rendered),
+        "\n".join(p if p is not None else html_to_text((h or "")[:limit]) for p, h in rendered),
         "\n".join(h if h is not None else f"<pre>{escape(p or '')}</pre>" for p, h in rendered),
     )
 

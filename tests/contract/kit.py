@@ -60,8 +60,9 @@ class ChannelProbe(Protocol):
         """``[channels.*]`` tables (merged into the base config, whose tenant and inbox are ``demo``)."""
         ...
 
-    def valid(self, n: int) -> Any:
-        """A valid, signed delivery of message ``n`` (provider ids distinct per ``n``)."""
+    def valid(self, n: int, text: str | None = None) -> Any:
+        """A valid, signed delivery of message ``n`` (provider ids distinct per ``n``) whose text
+        is ``text`` (``message {n}`` when not given)."""
         ...
 
     def forged(self, n: int) -> Any:

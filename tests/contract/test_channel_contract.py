@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
 from core.channel import ChannelDescriptor
@@ -68,6 +69,20 @@ async def test_a_redelivered_message_makes_one_event(channel: Channel) -> None:
         rows = await gw.outbox()
         assert len(rows) == 2, [row.event_id for row in rows]
         assert len(gw.normalized) >= 2  # the real normalizer ran: the events are not an accident
+
+
+async def test_the_event_has_the_text_and_its_language(channel: Channel) -> None:
+    # Each channel's own normalizer leaves language to the shared step (normalizers.content.finish).
+    probe = channel.probe
+    question = "请问我的订单什么时候发货？"
+    async with channel.running() as gw:
+        answer = await probe.send(gw, probe.valid(1, question))
+        assert answer.kind == "accepted", answer
+        await probe.settle(gw)
+        [row] = await gw.outbox()
+        message = orjson.loads(row.body)["message"]
+        assert question in message["text"]
+        assert message["language"] == "zh"
 
 
 async def test_an_oversized_delivery_is_refused(channel: Channel) -> None:

@@ -173,6 +173,45 @@ def test_customer_merge_merges_their_open_threads_in_the_inbox(tx: SQLiteTx) -> 
     assert orjson.loads(both.events[1].body)["thread"]["merged"] == [b.thread_id]
 
 
+def test_threads_a_link_brought_together_merge_at_the_customers_next_message(tx: SQLiteTx) -> None:
+    # One person follows two Official Accounts that share an inbox: two openids, two customers, two
+    # threads. The user-info API gives both the same unionid, linked after the messages (no inbox).
+    unionid = Identity(kind="wechat_unionid", value="u", verified=True)
+    openids = [Identity(kind="wechat_openid", value=f"wx{n}:o", verified=True) for n in (1, 2, 3)]
+    placed = [
+        place(tx, msg(str(n), openid, channel="wechat"), POLICY, now=T0).placement
+        for n, openid in enumerate(openids)
+    ]
+    graph.link(placed[0].customer_id, identities=[unionid], evidence={})(tx, T0)
+    graph.link(placed[1].customer_id, identities=[unionid], evidence={})(tx, T0)  # merges 0 into 1
+    _, linked = graph.link(placed[2].customer_id, identities=[unionid], evidence={})(tx, T0)  # 1 into 2
+    assert types(linked) == ["customer.merged"]
+
+    nxt = place(tx, msg("next", openids[2], channel="wechat"), POLICY, now=T0 + timedelta(minutes=1))
+
+    assert types(nxt.events) == ["thread.merged"]
+    body = orjson.loads(nxt.events[0].body)
+    # Merges of merges are followed: the first customer's thread is one of the three.
+    merged = [placed[1].thread_id, placed[2].thread_id]
+    assert body["thread"] == {"id": placed[0].thread_id, "merged": merged, "reason": "customer.merged"}
+    assert nxt.placement.thread_id == placed[0].thread_id
+    again = place(tx, msg("again", openids[1], channel="wechat"), POLICY, now=T0 + timedelta(minutes=2))
+    assert (again.events, again.placement.thread_id) == ((), placed[0].thread_id)
+
+
+def test_two_open_threads_no_merge_joined_stay_apart(tx: SQLiteTx) -> None:
+    first = place(tx, msg("q1@ada", MAIL), POLICY, now=T0).placement
+    graph.set_thread_status(first.thread_id, open=False, at=T0)(tx, T0)
+    current = place(tx, msg("q2@ada", MAIL), POLICY, now=T0 + timedelta(minutes=1)).placement
+    graph.set_thread_status(first.thread_id, open=True, at=T0 + timedelta(minutes=2))(tx, T0)
+
+    nxt = place(tx, msg("q3@ada", MAIL), POLICY, now=T0 + timedelta(minutes=3))
+
+    assert nxt.events == ()
+    assert nxt.placement.thread_id == first.thread_id  # the most recently active (reopened) one
+    assert current.thread_id != first.thread_id
+
+
 def test_same_text_through_another_channel_is_a_duplicate_touchpoint(tx: SQLiteTx) -> None:
     form = msg("f1", MAIL, PHONE, channel="form", inbox="web", text=COMPLAINT)
     first = place(tx, form, POLICY, now=T0).placement

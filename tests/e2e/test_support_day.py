@@ -372,10 +372,13 @@ async def test_desk_links_two_customers_and_undoes_it(deploy: MakeDeployment) ->
     assert unmerged["merge"]["id"] == linked["merge_id"]
     assert unmerged["customer"] == merged["customer"]
     assert after_undo["customer"]["id"] == work["customer"]["id"]
+    # Her two open threads of the inbox were joined by the link: merged at her next message.
+    assert after_merge["thread"]["id"] == home["thread"]["id"]
     assert every_type(d) == [
         "message.received",
         "message.received",
         "customer.merged",
+        "thread.merged",
         "message.received",
         "customer.unmerged",
         "message.received",

@@ -86,6 +86,8 @@ def test_unusable_phone_with_an_email_is_kept_raw() -> None:
     (b"message=\xff", "application/x-www-form-urlencoded", 400),
     (b"message=hi", "application/x-www-form-urlencoded; charset=klingon", 415),
     (b"[1]", "application/json", 400),
+    (b'{"attachments": [{"name": "a", "data_base64": "YWJj===="}]}', "application/json", 400),
+    (b'{"attachments": [{"name": "a", "data_base64": "YR=="}]}', "application/json", 400),
     (b'{"message": 5}', "application/json", 400),
     (b"--b\r\nContent-Disposition: form-data; name=\"m\"\r\n\r\nhi", "multipart/form-data; boundary=b", 400),
     (b"--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--", "multipart/form-data; boundary=b", 400),

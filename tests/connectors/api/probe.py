@@ -24,8 +24,9 @@ class ApiProbe(HttpProbe):
             headers["Authorization"] = f"Bearer {key}"
         return HttpDelivery(path="/api/v1/messages", body=body, headers=headers)
 
-    def valid(self, n: int) -> HttpDelivery:
-        payload = {"customer": {"external_id": f"u-{n}"}, "external_id": f"m-{n}", "text": f"message {n}"}
+    def valid(self, n: int, text: str | None = None) -> HttpDelivery:
+        text = text or f"message {n}"
+        payload = {"customer": {"external_id": f"u-{n}"}, "external_id": f"m-{n}", "text": text}
         return self._post(orjson.dumps(payload))
 
     def forged(self, n: int) -> HttpDelivery:

@@ -166,6 +166,9 @@ async def test_malformed_json_is_400(client: Client, ingest: FakeIngest) -> None
     ({**BODY, "kind": "call_record"}, "body"),
     ({**BODY, "colour": "red"}, "colour"),
     ({**BODY, "attachments": [{"name": "a", "data_base64": "!!"}]}, "attachments.0.data_base64"),
+    # Accepted by b64decode(validate=True), but not what was meant: surplus padding, stray low bits.
+    ({**BODY, "attachments": [{"name": "a", "data_base64": "YWJj="}]}, "attachments.0.data_base64"),
+    ({**BODY, "attachments": [{"name": "a", "data_base64": "YR=="}]}, "attachments.0.data_base64"),
     ({"customer": {"external_id": "u"}}, "body"),
 ])
 async def test_schema_errors_are_422_naming_the_field(

@@ -64,8 +64,8 @@ class EmailProbe:
     def serve(self) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()
 
-    def valid(self, n: int) -> Mail:
-        return Mail(rcpt=OURS, raw=mail(n))
+    def valid(self, n: int, text: str | None = None) -> Mail:
+        return Mail(rcpt=OURS, raw=mail(n, body=text))
 
     def forged(self, n: int) -> Mail:
         return Mail(rcpt=NOT_OURS, raw=b"\x00not a mail\r\n")

@@ -4,6 +4,7 @@ the form does not allow."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote_plus
 
 from tests.contract.kit import INBOX, HttpDelivery, HttpProbe
 
@@ -30,8 +31,9 @@ class FormProbe(HttpProbe):
         }
         return HttpDelivery(path=f"/forms/{INBOX}", body=body, headers=headers)
 
-    def valid(self, n: int) -> HttpDelivery:
-        return self._post(f"message=message+{n}&email=customer{n}%40example.com".encode())
+    def valid(self, n: int, text: str | None = None) -> HttpDelivery:
+        message = quote_plus(text or f"message {n}")
+        return self._post(f"message={message}&email=customer{n}%40example.com".encode())
 
     def forged(self, n: int) -> HttpDelivery:
         return self._post(BROKEN, origin="https://evil.example")

@@ -36,8 +36,8 @@ class TelegramProbe(HttpProbe):
         }
         return orjson.dumps({"update_id": 500_000 + n, "message": message})
 
-    def valid(self, n: int) -> HttpDelivery:
-        return self._post(self.update(n))
+    def valid(self, n: int, text: str | None = None) -> HttpDelivery:
+        return self._post(self.update(n, text))
 
     def forged(self, n: int) -> HttpDelivery:
         return self._post(BROKEN_JSON, secret="not-the-secret")

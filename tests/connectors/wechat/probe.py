@@ -42,12 +42,13 @@ class WeChatProbe(HttpProbe):
 
     key = "accounts"
 
-    def message(self, n: int) -> str:
+    def message(self, n: int, text: str | None = None) -> str:
         return (
             "<xml><ToUserName><![CDATA[gh_contract]]></ToUserName>"
             f"<FromUserName><![CDATA[oUser{n}]]></FromUserName>"
             f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-            f"<Content><![CDATA[message {n}]]></Content><MsgId>{24600000000000000 + n}</MsgId></xml>"
+            f"<Content><![CDATA[{text or f'message {n}'}]]></Content>"
+            f"<MsgId>{24600000000000000 + n}</MsgId></xml>"
         )
 
     def _callback(self, plaintext: str, *, tail: str = "", sign: bool = True) -> HttpDelivery:
@@ -60,8 +61,8 @@ class WeChatProbe(HttpProbe):
         }
         return HttpDelivery(path=f"/{self.channel}/demo", body=body.encode(), query=query)
 
-    def valid(self, n: int) -> HttpDelivery:
-        return self._callback(self.message(n))
+    def valid(self, n: int, text: str | None = None) -> HttpDelivery:
+        return self._callback(self.message(n, text))
 
     def forged(self, n: int) -> HttpDelivery:
         return self._callback(self.message(n), tail=BROKEN_TAIL, sign=False)
@@ -87,12 +88,12 @@ class WeComProbe(WeChatProbe):
         del table["app_id"]
         return table
 
-    def message(self, n: int) -> str:
+    def message(self, n: int, text: str | None = None) -> str:
         return (
             f"<xml><ToUserName><![CDATA[{CORP_ID}]]></ToUserName>"
             f"<FromUserName><![CDATA[user{n}]]></FromUserName>"
             f"<CreateTime>{int(time.time())}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-            f"<Content><![CDATA[message {n}]]></Content><MsgId>{7000000000000000000 + n}</MsgId>"
+            f"<Content><![CDATA[{text or f'message {n}'}]]></Content><MsgId>{7000000000000000000 + n}</MsgId>"
             f"<AgentID>{AGENT_ID}</AgentID></xml>"
         )
 
@@ -120,11 +121,11 @@ class KfProbe(WeComProbe):
         del table["agent_id"]
         return table
 
-    def message(self, n: int) -> str:
+    def message(self, n: int, text: str | None = None) -> str:
         item = {
             "msgid": f"msg-{n}", "open_kfid": KFID, "external_userid": f"wmContract{n}",
             "send_time": int(time.time()), "origin": 3, "msgtype": "text",
-            "text": {"content": f"message {n}"},
+            "text": {"content": text or f"message {n}"},
         }
         if item not in self.fake.kf_messages:
             self.fake.kf_messages.append(item)

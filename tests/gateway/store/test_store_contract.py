@@ -25,7 +25,7 @@ from storekit import (
 
 from core.errors import BacklogFull
 from core.events import Event, thread_merged
-from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
 from dedupe import graph
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.app import _purge_loop, sweep_recent_texts
@@ -283,6 +283,21 @@ async def test_read_blob_serves_archived_bytes_and_refuses_paths(store: Store) -
     assert await store.read_blob("../../etc/passwd") is None
 
 
+async def test_blobs_keep_the_content_type_they_were_stored_with(store: Store) -> None:
+    page = Attachment(name="a.html", content_type="text/html", data=b"<script>alert(1)</script>")
+    again = Attachment(name="b.bin", content_type="application/octet-stream", data=page.data)
+    big = envelope(b"x" * 300_000)  # past inline_raw_max: a raw body kept as a file, with no type
+    await accept(store, message("m1", attachments=(page,)), env=big)
+    await accept(store, message("m2", attachments=(again,)))
+    digest = await store.media_done("wechat/m", b"\x89PNG", content_type="image/png", name="p.png")
+
+    assert await store.blob_content_type(page.sha256) == "text/html"  # the first type is kept
+    assert await store.blob_content_type(sha256_hex(big.body)) is None
+    assert await store.blob_content_type(digest) == "image/png"
+    assert await store.blob_content_type("0" * 64) is None
+    assert await store.blob_content_type("../../etc/passwd") is None
+
+
 async def test_committed_state_survives_close_and_reopen(make_store: MakeStore) -> None:
     store = make_store(outbox={"max_backlog": 2})
     await store.open()
@@ -407,6 +422,31 @@ async def test_verified_merge_enqueues_customer_merged_before_the_message(store:
     assert rows[-1].type == "customer.unmerged"
     (d,) = await accept(store, _msg("w4", unionid, channel="wechat", inbox="other"))
     assert d.customer_id == b.customer_id
+
+
+async def test_a_link_without_a_message_merges_the_threads_at_the_next_message(
+    store: Store, clock: Clock
+) -> None:
+    # Two Official Accounts, one inbox: the same person is two customers with a thread each until
+    # the unionid (from the user-info API, after the messages) links them, as link_verified does.
+    unionid = Identity(kind="wechat_unionid", value="u", verified=True)
+    first, second = (Identity(kind="wechat_openid", value=f"wx{n}:o", verified=True) for n in (1, 2))
+    (a,) = await accept(store, _msg("w1", first, channel="wechat"))
+    (b,) = await accept(store, _msg("w2", second, channel="wechat"))
+    await store.transact(graph.link(a.customer_id, identities=[unionid], evidence={"source": "wechat_api"}))
+    await store.transact(graph.link(b.customer_id, identities=[unionid], evidence={"source": "wechat_api"}))
+    clock.advance(60)
+
+    (c,) = await accept(store, _msg("w3", second, channel="wechat"))
+
+    rows = await store.outbox_fetch(10)
+    assert [r.type for r in rows][-3:] == ["customer.merged", "thread.merged", "message.received"]
+    merged = orjson.loads(rows[-2].body)["thread"]
+    assert merged == {"id": a.thread_id, "merged": [b.thread_id], "reason": "customer.merged"}
+    assert (c.customer_id, c.thread_id) == (b.customer_id, a.thread_id)
+    (d,) = await accept(store, _msg("w4", first, channel="wechat"))
+    assert d.thread_id == a.thread_id
+    assert (await store.outbox_fetch(10))[-1].type == "message.received"
 
 
 async def test_duplicate_touchpoint_joins_the_first_thread_with_duplicate_of(

@@ -20,11 +20,11 @@ from normalizers.email.parse import (
     _BOUNDARY_OR_DELIMITER,
     EmailLimits,
     _boundaries_and_delimiters,
-    _language,
     _parse,
     _prescan,
 )
 from normalizers.email.reply import extract_reply
+from normalizers.language import detect as _language
 
 
 def _shape(message: Message) -> tuple[object, ...]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from core.model import CanonicalMessage, RawEnvelope
+from normalizers.content import normalized
 from normalizers.email import normalize_email
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "email"
@@ -75,7 +76,7 @@ def test_golden(mail: Path) -> None:
         received_at=RECEIVED,
         meta=META.get(mail.name, {}),
     )
-    messages = normalize_email(envelope)
+    messages = normalized(normalize_email, envelope)  # as the pipeline calls it
     assert len(messages) == 1
     got = json.loads(json.dumps(summarize(messages[0]), ensure_ascii=False))
     golden = mail.with_suffix(".json")

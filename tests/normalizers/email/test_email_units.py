@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 import pytest
 
 from core.errors import ConfigError
+from normalizers.content import normalized
 from normalizers.email import normalize_email
 from normalizers.email.addresses import Sender, parse_sender, sender_verified
 from normalizers.email.charsets import decode
 from normalizers.email.headers import decode_text
-from normalizers.email.htmltext import sanitize, to_text
 from normalizers.email.reply import extract_reply
+from normalizers.html import sanitize, to_text
 from tests.support.mailkit import mail
 
 # --- charsets -------------------------------------------------------------------------------------
@@ -328,12 +329,8 @@ def test_naive_date_is_utc() -> None:
     ],
 )
 def test_language_guess(text: str, language: str | None) -> None:
-    assert (
-        normalize_email(mail("From: a@example.com\nContent-Type: text/plain; charset=utf-8", text.encode()))[
-            0
-        ].language
-        == language
-    )
+    raw = mail("From: a@example.com\nContent-Type: text/plain; charset=utf-8", text.encode())
+    assert normalized(normalize_email, raw)[0].language == language
 
 
 def test_forwarded_message_is_one_attachment_and_dsn_links_the_bounced_id() -> None:

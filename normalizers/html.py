@@ -1,4 +1,4 @@
-"""HTML bodies: sanitized HTML for the desk and readable text for everyone else."""
+"""HTML bodies of every channel: sanitized HTML for the desk and readable text for everyone else."""
 
 from __future__ import annotations
 
