@@ -257,59 +257,69 @@ def test_damaged_utf8_stays_utf8_and_is_marked_lossy() -> None:
 # --- consecutive body parts of a multipart/mixed ----------------------------------------------
 
 
-def test_html_body_then_plain_signature_in_mixed_keeps_both_in_order() -> None:
-    # A server appended a plain disclaimer after the sender's HTML body: one message, not alternatives.
-    raw = multipart(
-        "mixed",
-        b"Content-Type: text/html; charset=utf-8\n\n<p>Where is my <b>refund</b>?</p>",
-        b"Content-Type: text/plain; charset=utf-8\n\n-- \nSent via Example Mail <gateway>",
-    )
+def text_and_html(raw: bytes) -> tuple[str, str]:
     message = normalize_email(envelope(raw))[0]
     assert message.text is not None
     assert message.html is not None
-    assert message.text.index("Where is my refund?") < message.text.index("Sent via Example Mail <gateway>")
-    assert message.html.index("<b>refund</b>") < message.html.index("Sent via Example Mail &lt;gateway&gt;")
-    assert "<gateway>" not in message.html  # the plain part is escaped into the HTML, never parsed
+    return message.text, message.html
 
 
-def test_plain_html_plain_in_mixed_keeps_all_three_in_order() -> None:
-    raw = multipart(
-        "mixed",
-        b"Content-Type: text/plain\n\nHello,",
-        b"Content-Type: text/html\n\n<p>the <i>order</i> 1234 never came.</p>",
-        b"Content-Type: text/plain\n\nThis mail is confidential.",
-    )
-    message = normalize_email(envelope(raw))[0]
-    assert message.text is not None
-    assert message.html is not None
-    text, html = message.text, message.html
-    assert text.index("Hello,") < text.index("the order 1234 never came.") < text.index("confidential")
-    assert html.index("Hello,") < html.index("<i>order</i>") < html.index("confidential")
+ALTERNATIVE = (
+    b'Content-Type: multipart/alternative; boundary="alt"\n\n'
+    b"--alt\nContent-Type: text/plain\n\nPlain body\n"
+    b"--alt\nContent-Type: text/html\n\n<p>HTML <i>body</i></p>\n--alt--"
+)
 
 
-def test_alternative_then_plain_disclaimer_in_mixed() -> None:
-    alternative = (
-        b'Content-Type: multipart/alternative; boundary="alt"\n\n'
-        b"--alt\nContent-Type: text/plain\n\nPlain body\n"
-        b"--alt\nContent-Type: text/html\n\n<p>HTML body</p>\n--alt--"
-    )
-    raw = multipart("mixed", alternative, b"Content-Type: text/plain\n\nDisclaimer text")
-    message = normalize_email(envelope(raw))[0]
-    assert message.text is not None
-    assert message.html is not None
-    assert "HTML body" not in message.text  # the alternatives still give one text each
-    assert message.text.index("Plain body") < message.text.index("Disclaimer text")
-    assert "Plain body" not in message.html
-    assert message.html.index("HTML body") < message.html.index("Disclaimer text")
+@pytest.mark.parametrize(
+    ("parts", "text_order", "html_order"),
+    [
+        pytest.param(  # a server appended a plain disclaimer after the sender's HTML body
+            (
+                b"Content-Type: text/html; charset=utf-8\n\n<p>Where is my <b>refund</b>?</p>",
+                b"Content-Type: text/plain; charset=utf-8\n\n-- \nSent via Example Mail <gateway>",
+            ),
+            ["Where is my refund?", "Sent via Example Mail <gateway>"],
+            ["<b>refund</b>", "Sent via Example Mail &lt;gateway&gt;"],  # escaped, never parsed
+            id="html-plain",
+        ),
+        pytest.param(
+            (
+                b"Content-Type: text/plain\n\nHello,",
+                b"Content-Type: text/html\n\n<p>the <i>order</i> 1234 never came.</p>",
+                b"Content-Type: text/plain\n\nThis mail is confidential.",
+            ),
+            ["Hello,", "the order 1234 never came.", "confidential"],
+            ["Hello,", "<i>order</i>", "confidential"],
+            id="plain-html-plain",
+        ),
+        pytest.param(  # the alternatives still give one version each
+            (ALTERNATIVE, b"Content-Type: text/plain\n\nDisclaimer <text>"),
+            ["Plain body", "Disclaimer <text>"],
+            ["HTML <i>body</i>", "Disclaimer &lt;text&gt;"],
+            id="alternative-plain",
+        ),
+    ],
+)
+def test_consecutive_parts_of_mixed_are_one_message_in_order(
+    parts: tuple[bytes, ...], text_order: list[str], html_order: list[str]
+) -> None:
+    text, html = text_and_html(multipart("mixed", *parts))
+    assert [text.index(piece) for piece in text_order] == sorted(text.index(piece) for piece in text_order)
+    assert [html.index(piece) for piece in html_order] == sorted(html.index(piece) for piece in html_order)
+    assert "HTML body" not in text
+    assert "Plain body" not in html
+    assert "<gateway>" not in html
+    assert "<text>" not in html
 
 
 def test_alternatives_alone_are_still_alternatives() -> None:
-    raw = multipart(
-        "alternative",
-        b"Content-Type: text/plain\n\nPlain body",
-        b"Content-Type: text/html\n\n<p>HTML body</p>",
+    text, html = text_and_html(
+        multipart(
+            "alternative",
+            b"Content-Type: text/plain\n\nPlain body",
+            b"Content-Type: text/html\n\n<p>HTML body</p>",
+        )
     )
-    message = normalize_email(envelope(raw))[0]
-    assert message.text == "Plain body"
-    assert message.html is not None
-    assert "Plain body" not in message.html
+    assert text == "Plain body"
+    assert "Plain body" not in html
