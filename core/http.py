@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from core.channel import Normalizer
 from core.errors import ConfigError, TooLarge
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope, plain_text
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,25 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def header_bytes(value: str) -> bytes:
+    """A header value as the bytes that arrived.
+
+    aiohttp decodes header bytes that are not UTF-8 as lone surrogates (``surrogateescape``), which
+    a plain ``.encode()`` refuses with ``UnicodeEncodeError``: compare secrets on these bytes.
+    """
+    return value.encode("utf-8", "surrogateescape")
+
+
 def envelope_headers(request: web.BaseRequest) -> dict[str, str]:
-    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined."""
+    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined.
+
+    Names and values are plain ``str`` (aiohttp's are ``istr``), and bytes that were not UTF-8 are
+    kept as ``\\xNN`` escapes (:func:`core.model.plain_text`), so the envelope can always be
+    stored and quarantined.
+    """
     headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        lower = name.lower()
+    for raw_name, raw_value in request.headers.items():
+        lower, value = plain_text(raw_name).lower(), plain_text(raw_value)
         if lower in SECRET_HEADERS:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
@@ -284,7 +298,7 @@ class BearerKeys(Generic[G]):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = hashlib.sha256(header_bytes(token.strip())).digest()
         found = None
         for known, grant in self._keys:
             if hmac.compare_digest(digest, known):

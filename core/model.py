@@ -96,9 +96,38 @@ class Routing:
     queue: str | None = None
 
 
+def plain_text(value: object) -> str:
+    """``value`` as a plain ``str`` that encodes as UTF-8: stored, logged and serialized safely.
+
+    A lone surrogate (aiohttp and aiosmtpd decode bytes that are not UTF-8 as ``\\udcNN``, JSON can
+    spell ``"\\ud800"``) is kept visibly as the escape ``\\xNN`` (the byte) or ``\\uNNNN``.
+    """
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_surrogate(c) if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def _escape_surrogate(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def plain_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names and values as plain ``str`` (:func:`plain_text`); an ``istr`` key is not a
+    ``str`` to orjson, which then refuses to serialize the mapping."""
+    return {plain_text(name): plain_text(value) for name, value in headers.items()}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RawEnvelope:
-    """What a connector hands to the pipeline: the bytes as received, plus what the transport knows."""
+    """What a connector hands to the pipeline: the bytes as received, plus what the transport knows.
+
+    ``headers`` are made plain ``str`` names and values here, whatever a connector passed, so an
+    envelope can always be quarantined (a quarantine must never fail on what a request carried).
+    """
 
     channel: str
     tenant: str
@@ -112,6 +141,11 @@ class RawEnvelope:
     remote: str | None = None
     # Transport facts the normalizer may use (SMTP envelope, the form's Accept-Language, ...).
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", plain_headers(self.headers))
+        if self.content_type is not None:
+            object.__setattr__(self, "content_type", plain_text(self.content_type))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
