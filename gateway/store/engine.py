@@ -27,7 +27,7 @@ import orjson
 from core.errors import BacklogFull, StoreError
 from core.events import Event, message_quarantined
 from core.media import MediaFetch
-from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope, plain_text
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
 from dedupe.policy import PlacementPolicy
@@ -229,6 +229,22 @@ _OUTBOX_FETCH = (
 def _json_text(value: Any) -> str:
     # Anything orjson cannot encode natively (transport facts, evidence) is kept as its str().
     return orjson.dumps(value, default=str).decode()
+
+
+def _safe_text(value: str) -> str:
+    """Text any backend stores: no lone surrogates (UTF-8 refuses them), no NUL (PostgreSQL does)."""
+    return plain_text(value).replace("\x00", "\\x00")
+
+
+def _safe_json(value: Any) -> Any:
+    """``value`` with every key and string made :func:`_safe_text` (keys are ``str``): JSON-safe."""
+    if isinstance(value, str):
+        return _safe_text(value)
+    if isinstance(value, Mapping):
+        return {_safe_text(str(k)): _safe_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe_json(v) for v in value]
+    return value
 
 
 def _identity_rows(identities: Iterable[Identity]) -> list[list[Any]]:
@@ -873,6 +889,9 @@ class SqlStore(abc.ABC):
         self._check_disk()
         digest, files = await self._prepare_blobs(envelope.body, ())
         d = self.dialect
+        # Every text below may come from the request (a header, an SMTP envelope, an exception
+        # quoting input): made storable here, so a quarantine never fails on what a request carried.
+        reason = _safe_text(reason)
         record = QuarantineRecord(
             id=new_id("qua"),
             tenant=envelope.tenant,
@@ -883,8 +902,10 @@ class SqlStore(abc.ABC):
             size=len(envelope.body),
             received_at=d.dt(d.ts(envelope.received_at)),  # as it reads back
         )
-        headers = orjson.dumps(dict(envelope.headers)).decode()
-        meta = _json_text(dict(envelope.meta))
+        headers = _json_text(_safe_json(envelope.headers))
+        meta = _json_text(_safe_json(envelope.meta))
+        content_type = _safe_text(envelope.content_type) if envelope.content_type is not None else None
+        remote = _safe_text(envelope.remote) if envelope.remote is not None else None
 
         def job(conn: Connection) -> QuarantineRecord:
             now = self._clock()
@@ -904,12 +925,12 @@ class SqlStore(abc.ABC):
                     record.raw_ref,
                     record.size,
                     d.ts(record.received_at),
-                    envelope.content_type,
+                    content_type,
                     headers,
                     meta,
                     envelope.signature_verified,
                     envelope.retry,
-                    envelope.remote,
+                    remote,
                     d.ts(now),
                 ),
             )
