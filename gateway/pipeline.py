@@ -20,7 +20,7 @@ from dedupe.policy import PlacementPolicy
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker, offloadable
 from gateway.store.base import Store
-from normalizers.base import Normalizer
+from normalizers.base import Normalizer, storable
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ class Pipeline:
         if not messages:
             # e.g. a delivery receipt: verified, understood, nothing to ticket.
             return IngestResult(outcome=Outcome.ACCEPTED)
+        try:
+            # Here, once, for every channel, the live path, the offloaded one and replays alike.
+            messages = [storable(m) for m in messages]
+        except InvalidInput as exc:
+            logger.info("rejected %s message for inbox %s: %s", envelope.channel, envelope.inbox, exc.reason)
+            return IngestResult(outcome=Outcome.REJECTED, reason=exc.reason, status=exc.status)
         try:
             placements = await self._store.accept(
                 envelope,
