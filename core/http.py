@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import orjson
 from aiohttp import web
@@ -182,6 +182,7 @@ def request_envelope(
     signature_verified: bool,
     remote: str | None,
     meta: Mapping[str, Any],
+    key_reuse: Literal["record", "refuse"] = "record",
 ) -> RawEnvelope:
     """The envelope of one HTTP request: its body, content type and headers (credentials dropped),
     received now."""
@@ -196,6 +197,7 @@ def request_envelope(
         signature_verified=signature_verified,
         remote=remote,
         meta=dict(meta),
+        key_reuse=key_reuse,
     )
 
 

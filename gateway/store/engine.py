@@ -386,18 +386,20 @@ class SqlTx:
 
     # -- idempotency ---------------------------------------------------------------------------
 
-    def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:
+    def claim_key(
+        self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
+    ) -> Placement | None:
         cur = self._x(
-            "INSERT INTO idempotency_keys (key, message_id, created_at) VALUES (?, ?, ?)"
+            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (key) DO NOTHING",
-            (key, message_id, self._d.ts(now)),
+            (key, message_id, self._d.ts(now), fingerprint),
         )
         if cur.rowcount == 1:
             return None
         # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
         row = self._x(
             "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
-            " previous_thread_id FROM idempotency_keys WHERE key = ?",
+            " previous_thread_id, fingerprint FROM idempotency_keys WHERE key = ?",
             (key,),
         ).fetchone()
         if row is None or row[1] is None:
@@ -412,6 +414,8 @@ class SqlTx:
             duplicate=True,
             duplicate_of=row[5],
             previous_thread_id=row[6],
+            # A key claimed before fingerprints were kept (NULL) matches anything.
+            conflict=fingerprint is not None and row[7] is not None and row[7] != fingerprint,
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:

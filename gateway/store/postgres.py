@@ -181,6 +181,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     CREATE INDEX recent_texts_by_age ON recent_texts (at);
     """,
+        # What the first delivery of a key said (CanonicalMessage.fingerprint), so a reuse of the
+        # key for other content is told from a retry.
+        """
+    ALTER TABLE idempotency_keys ADD COLUMN fingerprint text;
+    """,
     ),
 )
 
