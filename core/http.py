@@ -306,3 +306,38 @@ class BearerKeys(Generic[G]):
             if hmac.compare_digest(digest, known):
                 found = grant
         return found
+
+
+_ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited",
+}
+_ERROR_REASONS = {
+    404: "nothing is served at this path",
+    405: "this path does not take this method",
+}
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """HTTP errors raised rather than answered (aiohttp's router: unknown path 404, wrong method
+    405; ``raise web.HTTPUnauthorized``) as the JSON every other error is (:func:`json_error`).
+
+    Answers a handler *returns* are left alone: a provider that expects its own form (WeChat's
+    plain ``success``, an HTML form page) gets it from the channel's handler.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        given = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else None
+        reason = given or _ERROR_REASONS.get(exc.status, exc.reason.lower())
+        # Allow (405), WWW-Authenticate (401), Retry-After ... stay; the body's own headers do not.
+        headers = {
+            name: value for name, value in exc.headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        return json_error(exc.status, _ERROR_CODES.get(exc.status, "error"), reason, headers=headers)

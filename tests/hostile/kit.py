@@ -124,7 +124,9 @@ def api_message(**fields: Any) -> bytes:
     return orjson.dumps({"customer": {"email": "alice@customer.example"}, "text": "hello", **fields})
 
 
-WECHAT = CallbackSecurity(flavor="official_account", receive_id=WX_APP, tokens=(WX_TOKEN,), aes_keys=(WX_AES,))
+WECHAT = CallbackSecurity(
+    flavor="official_account", receive_id=WX_APP, tokens=(WX_TOKEN,), aes_keys=(WX_AES,)
+)
 
 
 def wechat_callback(plaintext: str) -> tuple[str, bytes]:

@@ -14,14 +14,18 @@ import smtplib
 import time
 
 import orjson
+from aiohttp import ClientResponse
 
 from tests.hostile.kit import API_KEY, INBOX, MAILBOX, TG_SECRET, Gateway, wechat_callback
 
 KEY_REUSED = 'event="idempotency_key_reused"'
 
 
-def api_headers(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", "Idempotency-Key": key}
+async def post_api(gateway: Gateway, body: bytes, key: str) -> ClientResponse:
+    headers = {
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", "Idempotency-Key": key
+    }
+    return await gateway.client.post("/api/v1/messages", data=body, headers=headers)
 
 
 async def reused_count(gateway: Gateway) -> float:
@@ -35,16 +39,16 @@ async def reused_count(gateway: Gateway) -> float:
 
 async def test_the_api_refuses_an_idempotency_key_reused_for_another_body(gateway: Gateway) -> None:
     first = {"customer": {"email": "alice@customer.example"}, "text": "my order is late"}
-    answer = await gateway.client.post("/api/v1/messages", data=orjson.dumps(first), headers=api_headers("k1"))
+    answer = await post_api(gateway, orjson.dumps(first), "k1")
     assert answer.status == 202
     ids = await answer.json()
     # A true repeat, even with the body spelled differently, is the first answer again.
     respelled = orjson.dumps(first, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-    again = await gateway.client.post("/api/v1/messages", data=respelled, headers=api_headers("k1"))
+    again = await post_api(gateway, respelled, "k1")
     assert again.status == 200
     assert await again.json() == {**ids, "status": "duplicate"}
     other = {**first, "text": "and please change my address"}
-    reused = await gateway.client.post("/api/v1/messages", data=orjson.dumps(other), headers=api_headers("k1"))
+    reused = await post_api(gateway, orjson.dumps(other), "k1")
     assert reused.status == 422
     assert "idempotency key" in (await reused.json())["reason"]
     assert len(await gateway.events(1)) == 1
@@ -67,7 +71,8 @@ async def test_telegram_keeps_its_answer_and_records_a_reused_message_id(gateway
     [record] = await gateway.store.quarantine_list()
     assert "idempotency key reused" in record.reason
     found = await gateway.store.quarantine_get(record.id)
-    assert found is not None and found[1].body == telegram_update("something else")
+    assert found is not None
+    assert found[1].body == telegram_update("something else")
     assert await reused_count(gateway) == 1
 
 
