@@ -4,30 +4,24 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.hostile.kit import Gateway, running
-from tests.support.postgres import admin_dsn, fresh_database, require_postgres
+from tests.support.postgres import store_table
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_table(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+def store(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The ``[store]`` table of each backend; PostgreSQL gets a fresh database per test."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    dsn = admin_dsn()
-    require_postgres(dsn)
-    with fresh_database(dsn) as database:
-        yield {"backend": "postgresql", "dsn": database}
+    with store_table(str(request.param)) as table:
+        yield table
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path, store_table: dict[str, Any]) -> AsyncIterator[Gateway]:
+async def gateway(tmp_path: Path, store: dict[str, str]) -> AsyncIterator[Gateway]:
     """The gateway on each store in turn."""
-    async with running(tmp_path, store_table) as instance:
+    async with running(tmp_path, store) as instance:
         yield instance
 
 
