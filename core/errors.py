@@ -6,6 +6,7 @@ Each class also inherits the standard exception it resembles, so callers that on
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -71,3 +72,38 @@ class StoreError(RetryableError, OSError):
 
 class PublishError(RetryableError, ConnectionError):
     """A publish was not confirmed by the broker (nack, return, timeout or lost connection)."""
+
+
+# What a field's pattern means, by field name; a raw regular expression helps no caller.
+_PATTERN_MEANS = {
+    "email": "not an email address",
+    "content_type": "not a media type such as image/png",
+    "recording_url": "not an http(s) URL",
+}
+_TYPE_MEANS = {
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+    "missing": "required",
+    "extra_forbidden": "not a known field",
+    "timezone_aware": "needs a time zone, e.g. 2026-11-22T08:30:00+08:00",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+}
+
+
+def validation_reason(errors: Sequence[Mapping[str, Any]]) -> str:
+    """``"field.path: what is wrong"`` for the first of pydantic's ``ValidationError.errors()``,
+    worded for the caller, not in pydantic's terms (no class names, no regular expressions)."""
+    first = errors[0]
+    path = [str(part) for part in first.get("loc", ())]
+    where = ".".join(path) or "body"
+    kind = str(first.get("type", ""))
+    name = next((part for part in reversed(path) if not part.isdigit()), "")
+    if kind == "string_pattern_mismatch":
+        return f"{where}: {_PATTERN_MEANS.get(name, 'has an unexpected format')}"
+    if kind in _TYPE_MEANS:
+        return f"{where}: {_TYPE_MEANS[kind]}"
+    message = str(first.get("msg", "is not valid")).removeprefix("Value error, ")
+    return f"{where}: {message[:1].lower()}{message[1:]}"

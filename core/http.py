@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import orjson
 from aiohttp import web
@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from core.channel import Normalizer
 from core.errors import ConfigError, TooLarge
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope, plain_text
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,25 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def header_bytes(value: str) -> bytes:
+    """A header value as the bytes that arrived.
+
+    aiohttp decodes header bytes that are not UTF-8 as lone surrogates (``surrogateescape``), which
+    a plain ``.encode()`` refuses with ``UnicodeEncodeError``: compare secrets on these bytes.
+    """
+    return value.encode("utf-8", "surrogateescape")
+
+
 def envelope_headers(request: web.BaseRequest) -> dict[str, str]:
-    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined."""
+    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined.
+
+    Names and values are plain ``str`` (aiohttp's are ``istr``), and bytes that were not UTF-8 are
+    kept as ``\\xNN`` escapes (:func:`core.model.plain_text`), so the envelope can always be
+    stored and quarantined.
+    """
     headers: dict[str, str] = {}
-    for name, value in request.headers.items():
-        lower = name.lower()
+    for raw_name, raw_value in request.headers.items():
+        lower, value = plain_text(raw_name).lower(), plain_text(raw_value)
         if lower in SECRET_HEADERS:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
@@ -168,6 +182,7 @@ def request_envelope(
     signature_verified: bool,
     remote: str | None,
     meta: Mapping[str, Any],
+    key_reuse: Literal["record", "refuse"] = "record",
 ) -> RawEnvelope:
     """The envelope of one HTTP request: its body, content type and headers (credentials dropped),
     received now."""
@@ -182,6 +197,7 @@ def request_envelope(
         signature_verified=signature_verified,
         remote=remote,
         meta=dict(meta),
+        key_reuse=key_reuse,
     )
 
 
@@ -284,9 +300,44 @@ class BearerKeys(Generic[G]):
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        digest = hashlib.sha256(token.strip().encode()).digest()
+        digest = hashlib.sha256(header_bytes(token.strip())).digest()
         found = None
         for known, grant in self._keys:
             if hmac.compare_digest(digest, known):
                 found = grant
         return found
+
+
+_ERROR_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited",
+}
+_ERROR_REASONS = {
+    404: "nothing is served at this path",
+    405: "this path does not take this method",
+}
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """HTTP errors raised rather than answered (aiohttp's router: unknown path 404, wrong method
+    405; ``raise web.HTTPUnauthorized``) as the JSON every other error is (:func:`json_error`).
+
+    Answers a handler *returns* are left alone: a provider that expects its own form (WeChat's
+    plain ``success``, an HTML form page) gets it from the channel's handler.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        given = exc.text if exc.text and exc.text != f"{exc.status}: {exc.reason}" else None
+        reason = given or _ERROR_REASONS.get(exc.status, exc.reason.lower())
+        # Allow (405), WWW-Authenticate (401), Retry-After ... stay; the body's own headers do not.
+        headers = {
+            name: value for name, value in exc.headers.items()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        return json_error(exc.status, _ERROR_CODES.get(exc.status, "error"), reason, headers=headers)

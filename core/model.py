@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 # Namespace for deterministic message ids: uuid5(NAMESPACE, idempotency key).
 MESSAGE_NAMESPACE = uuid.UUID("6f1f4a5e-3c1b-4b7e-9a57-2f1d0c7d9b10")
@@ -96,9 +96,38 @@ class Routing:
     queue: str | None = None
 
 
+def plain_text(value: object) -> str:
+    """``value`` as a plain ``str`` that encodes as UTF-8: stored, logged and serialized safely.
+
+    A lone surrogate (aiohttp and aiosmtpd decode bytes that are not UTF-8 as ``\\udcNN``, JSON can
+    spell ``"\\ud800"``) is kept visibly as the escape ``\\xNN`` (the byte) or ``\\uNNNN``.
+    """
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_surrogate(c) if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def _escape_surrogate(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def plain_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Header names and values as plain ``str`` (:func:`plain_text`); an ``istr`` key is not a
+    ``str`` to orjson, which then refuses to serialize the mapping."""
+    return {plain_text(name): plain_text(value) for name, value in headers.items()}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RawEnvelope:
-    """What a connector hands to the pipeline: the bytes as received, plus what the transport knows."""
+    """What a connector hands to the pipeline: the bytes as received, plus what the transport knows.
+
+    ``headers`` are made plain ``str`` names and values here, whatever a connector passed, so an
+    envelope can always be quarantined (a quarantine must never fail on what a request carried).
+    """
 
     channel: str
     tenant: str
@@ -112,6 +141,16 @@ class RawEnvelope:
     remote: str | None = None
     # Transport facts the normalizer may use (SMTP envelope, the form's Accept-Language, ...).
     meta: Mapping[str, Any] = field(default_factory=dict)
+    # What a claimed idempotency key with other content means (Placement.conflict): "record" keeps
+    # the duplicate answer and quarantines the delivery for a person to see (a provider that signs
+    # its payloads does not retry with another body); "refuse" answers 422 (the API's client
+    # reused its Idempotency-Key and is told so).
+    key_reuse: Literal["record", "refuse"] = "record"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", plain_headers(self.headers))
+        if self.content_type is not None:
+            object.__setattr__(self, "content_type", plain_text(self.content_type))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +205,28 @@ class CanonicalMessage:
             basis = f"sha256:{digest.hexdigest()}"
         return f"{self.tenant}/{self.channel}/{self.inbox}/{basis}"
 
+    def fingerprint(self) -> str:
+        """A digest of what the sender said in this message, kept with its idempotency key.
+
+        A redelivery under a claimed key with another fingerprint is not a retry (the API's
+        Idempotency-Key reused for another body, a provider id reused for other content). It covers
+        the content a retry repeats exactly, not what the gateway adds (received_at, entities,
+        routing) nor evidence that may differ between deliveries (an identity's verified flag).
+        """
+        parts: list[object] = [
+            self.kind, self.subject, self.text, self.html, self.display_name, self.in_reply_to,
+            list(self.references), self.thread_ref, self.edit_of,
+            self.sent_at.isoformat() if self.sent_at is not None else None,
+            sorted([i.kind, i.value] for i in self.identities),
+            [[a.name, a.content_type, a.sha256] for a in self.attachments],
+            [[m.kind, m.ref] for m in self.media],
+        ]
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(repr(part).encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
     def message_id(self) -> str:
         """Deterministic message id: the same provider message always gets the same id."""
         return str(uuid.uuid5(MESSAGE_NAMESPACE, self.idempotency_key()))
@@ -193,6 +254,9 @@ class Placement:
     duplicate_of: str | None = None
     # The closed thread this message's thread continues (it referred to that thread after closing).
     previous_thread_id: str | None = None
+    # A duplicate whose content differs from the first delivery's (CanonicalMessage.fingerprint):
+    # the key was reused for another message, which was not stored.
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

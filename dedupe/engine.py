@@ -70,7 +70,7 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
     """Place ``message``: claim its key, resolve its customer, assign its thread, record it."""
     key = message.idempotency_key()
     message_id = message.message_id()
-    first = tx.claim_key(key, message_id, now)
+    first = tx.claim_key(key, message_id, now, message.fingerprint())
     if first is not None:
         return Placed(placement=first)
 

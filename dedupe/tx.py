@@ -138,10 +138,13 @@ class Tx(Protocol):
 
     # -- idempotency ---------------------------------------------------------------------------
 
-    def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:
-        """Atomically claim an idempotency key (insert-if-absent).
+    def claim_key(
+        self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
+    ) -> Placement | None:
+        """Atomically claim an idempotency key (insert-if-absent), keeping ``fingerprint`` with it.
 
-        ``None`` when this call claimed it; otherwise the first placement, with ``duplicate=True``.
+        ``None`` when this call claimed it; otherwise the first placement, with ``duplicate=True``
+        and ``conflict=True`` when both deliveries have fingerprints and they differ.
         On a multi-writer store a concurrent claimer of the same key must block until the first
         transaction ends (a unique-constraint insert does that) and then see its placement.
         """

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from core.http import json_errors
 from core.settings import Settings
 from gateway.channels import Registry, setup_channels
 from gateway.control import control_ctx
@@ -49,7 +50,7 @@ class Overrides:
 def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Application:
     """Wire the gateway. Connectors are built here, so a misconfigured channel fails before listening."""
     overrides = overrides or Overrides()
-    app = web.Application(client_max_size=settings.server.max_body_bytes)
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[json_errors])
     metrics = Metrics()
     store = overrides.store or build_store(settings)
     relay: Relay

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from core.http import header_bytes
 from gateway.keys import METRICS, RELAY, SETTINGS, STORE
 from gateway.media import file_response
 
@@ -61,7 +62,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     token = settings.server.blob_token
     if token is not None:
         offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+        if not hmac.compare_digest(header_bytes(offered), token.get_secret_value().encode()):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
     digest = request.match_info["sha256"]
     if not _SHA256.match(digest):

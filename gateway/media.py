@@ -15,6 +15,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from core.events import media_path
+from core.http import header_bytes
 from gateway.keys import SETTINGS, STORE
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _authorize(request: web.Request) -> None:
     if token is None:
         return
     offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(offered.encode(), token.get_secret_value().encode()):
+    if not hmac.compare_digest(header_bytes(offered), token.get_secret_value().encode()):
         raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
 
 

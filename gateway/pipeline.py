@@ -20,7 +20,7 @@ from dedupe.policy import PlacementPolicy
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker, offloadable
 from gateway.store.base import Store
-from normalizers.base import Normalizer
+from normalizers.base import Normalizer, storable
 from normalizers.content import normalized
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,36 @@ class Pipeline:
             # A normalizer bug must not lose a verified message: keep it for replay after the fix.
             logger.exception("normalizer for %s failed", envelope.channel)
             return await self._quarantine(envelope, f"normalizer error: {type(exc).__name__}: {exc}")
-        return await self._accept(envelope, messages)
+        result = await self._accept(envelope, messages)
+        reused = [p for p in result.placements if p.conflict]
+        if reused:
+            return await self._key_reused(envelope, result, reused)
+        return result
+
+    async def _key_reused(
+        self, envelope: RawEnvelope, result: IngestResult, reused: Sequence[Placement]
+    ) -> IngestResult:
+        """An idempotency key came back with other content: not a retry, and never dropped unseen.
+
+        ``refuse`` (the API) tells the sender (422); ``record`` keeps the first delivery's answer
+        and quarantines this one, so its raw bytes and the reason are kept for a person to look at.
+        """
+        first = reused[0].message_id
+        self._metrics.channel_event(envelope.channel, envelope.inbox, "idempotency_key_reused")
+        logger.warning(
+            "%s message for inbox %s reuses the idempotency key of message %s with other content",
+            envelope.channel, envelope.inbox, first,
+        )
+        if envelope.key_reuse == "refuse":
+            return IngestResult(
+                outcome=Outcome.REJECTED,
+                status=422,
+                reason="this idempotency key was already used for a request with another body",
+            )
+        recorded = await self._quarantine(
+            envelope, f"idempotency key reused with other content; answered as a duplicate of {first}"
+        )
+        return result if recorded.stored else recorded
 
     def _normalize(self, envelope: RawEnvelope, normalize: Normalizer) -> list[CanonicalMessage]:
         messages = normalized(normalize, envelope)
@@ -100,6 +129,12 @@ class Pipeline:
         if not messages:
             # e.g. a delivery receipt: verified, understood, nothing to ticket.
             return IngestResult(outcome=Outcome.ACCEPTED)
+        try:
+            # Here, once, for every channel, the live path, the offloaded one and replays alike.
+            messages = [storable(m) for m in messages]
+        except InvalidInput as exc:
+            logger.info("rejected %s message for inbox %s: %s", envelope.channel, envelope.inbox, exc.reason)
+            return IngestResult(outcome=Outcome.REJECTED, reason=exc.reason, status=exc.status)
         try:
             placements = await self._store.accept(
                 envelope,

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import InvalidInput
+from core.errors import InvalidInput, validation_reason
 from core.model import Attachment, CanonicalMessage, Identity, IdentityKind, RawEnvelope
 from normalizers.content import decode_base64
 
@@ -128,13 +128,6 @@ def to_e164(value: str, region: str = DEFAULT_PHONE_REGION) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def validation_reason(exc: ValidationError) -> tuple[str, str]:
-    """(field path, message) of the first schema error, e.g. ``("customer.email", "String should ...")``."""
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    return where, first["msg"]
-
-
 def parse_api_message(body: bytes) -> ApiMessage:
     """Parse and validate; ``InvalidInput`` 400 for broken JSON, 422 naming the field for schema errors."""
     try:
@@ -144,8 +137,7 @@ def parse_api_message(body: bytes) -> ApiMessage:
     try:
         return ApiMessage.model_validate(data)
     except ValidationError as exc:
-        where, message = validation_reason(exc)
-        raise InvalidInput(f"{where}: {message}", status=422) from None
+        raise InvalidInput(validation_reason(exc.errors()), status=422) from None
 
 
 def _call_extra(call: CallInfo) -> dict[str, Any]:

@@ -8,6 +8,57 @@ understand (the message is quarantined with its raw bytes, and the channel answe
 
 from __future__ import annotations
 
-from core.channel import Normalizer
+import dataclasses
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["Normalizer"]
+from core.channel import Normalizer
+from core.errors import InvalidInput
+from core.model import CanonicalMessage, plain_text
+
+__all__ = ["Normalizer", "storable"]
+
+
+def storable(message: CanonicalMessage) -> CanonicalMessage:
+    """``message`` as every store keeps it: the one rule for text from any channel.
+
+    NUL is removed from every text of the message (PostgreSQL cannot store it, and no customer
+    means it), and lone surrogates become visible escapes (:func:`core.model.plain_text`): the raw
+    bytes are archived as they came. An identity with NUL or any other control character cannot
+    name anyone: ``InvalidInput`` (422), a permanent refusal, never a retry.
+    """
+    for identity in message.identities:
+        for part in (identity.kind, identity.value):
+            if any(unicodedata.category(c) in ("Cc", "Cs") for c in part):
+                raise InvalidInput(
+                    f"the customer's {identity.kind} contains control characters", status=422
+                )
+    cleaned = _clean(message)
+    return cleaned if isinstance(cleaned, CanonicalMessage) else message
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with its strings cleaned; the same object when nothing needed it (the usual case)."""
+    if isinstance(value, str):
+        text = plain_text(value)
+        return text.replace("\x00", "") if "\x00" in text else text
+    if isinstance(value, tuple | list):
+        items = [_clean(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, Mapping):
+        pairs = [(_clean(k), _clean(v)) for k, v in value.items()]
+        if all(k2 is k and v2 is v for (k2, v2), (k, v) in zip(pairs, value.items(), strict=True)):
+            return value
+        return dict(pairs)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes: dict[str, Any] = {}
+        for spec in dataclasses.fields(value):
+            before = getattr(value, spec.name)
+            after = _clean(before)
+            if after is not before:
+                changes[spec.name] = after
+        return dataclasses.replace(value, **changes) if changes else value
+    return value

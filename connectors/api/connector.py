@@ -211,6 +211,7 @@ class _Handlers:
             signature_verified=True,  # the API key authenticated the caller
             remote=remote,
             meta={"trust_identities": inbox.trust_identities},
+            key_reuse="refuse",  # the client reused its Idempotency-Key for another body: say so
         )
         # The body was validated above; normalizing from that payload avoids parsing it twice (long
         # HTML is parsed again, in the normalizer process). normalize_api stays the replay normalizer.

@@ -32,7 +32,7 @@ from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext
 from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, read_body, retry_after_value
+from core.http import envelope_headers, header_bytes, read_body, retry_after_value
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
@@ -62,7 +62,7 @@ class Bot:
 
     def accepts(self, offered: str | None) -> bool:
         """Whether ``offered`` is one of the secret tokens; compares with every one, never stopping early."""
-        digest = hashlib.sha256((offered or "").encode()).digest()
+        digest = hashlib.sha256(header_bytes(offered or "")).digest()
         matched = False
         for known in self.secrets:
             matched |= hmac.compare_digest(digest, known)

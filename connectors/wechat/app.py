@@ -39,7 +39,7 @@ from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTa
 from connectors.wechat.unionid import UnionIdResolver
 from core.channel import Lifecycle
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
-from core.http import read_body
+from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.base import Normalizer
@@ -433,7 +433,7 @@ def _envelope(
         body=body,
         received_at=datetime.fromtimestamp(runtime.clock(), UTC),
         content_type=request.content_type,
-        headers=dict(request.headers),
+        headers=envelope_headers(request),  # credentials dropped, as every channel does
         signature_verified=verified,
         remote=request.remote,
         meta={

@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.errors import ConfigError, InvalidInput, RetryableError
+from core.errors import ConfigError, InvalidInput, RetryableError, validation_reason
 from core.events import Event
 from core.http import (
     MIN_KEY_LENGTH,
@@ -197,9 +197,7 @@ def parse_link(body: bytes) -> tuple[LinkRequest, list[Identity]]:
     try:
         request = LinkRequest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidInput(f"{where}: {first['msg']}", status=422) from None
+        raise InvalidInput(validation_reason(exc.errors()), status=422) from None
     identities: list[Identity] = []
     for index, given in enumerate(request.identities):
         found = normalize(Identity(kind=given.kind.value, value=given.value, verified=True))

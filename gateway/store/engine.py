@@ -27,7 +27,7 @@ import orjson
 from core.errors import BacklogFull, StoreError
 from core.events import Event, message_quarantined
 from core.media import MediaFetch
-from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope
+from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope, plain_text
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.engine import new_id, place
 from dedupe.policy import PlacementPolicy
@@ -233,6 +233,22 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+def _safe_text(value: str) -> str:
+    """Text any backend stores: no lone surrogates (UTF-8 refuses them), no NUL (PostgreSQL does)."""
+    return plain_text(value).replace("\x00", "\\x00")
+
+
+def _safe_json(value: Any) -> Any:
+    """``value`` with every key and string made :func:`_safe_text` (keys are ``str``): JSON-safe."""
+    if isinstance(value, str):
+        return _safe_text(value)
+    if isinstance(value, Mapping):
+        return {_safe_text(str(k)): _safe_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe_json(v) for v in value]
+    return value
+
+
 def _identity_rows(identities: Iterable[Identity]) -> list[list[Any]]:
     return [[i.kind, i.value, i.verified] for i in identities]
 
@@ -372,18 +388,20 @@ class SqlTx:
 
     # -- idempotency ---------------------------------------------------------------------------
 
-    def claim_key(self, key: str, message_id: str, now: datetime) -> Placement | None:
+    def claim_key(
+        self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
+    ) -> Placement | None:
         cur = self._x(
-            "INSERT INTO idempotency_keys (key, message_id, created_at) VALUES (?, ?, ?)"
+            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (key) DO NOTHING",
-            (key, message_id, self._d.ts(now)),
+            (key, message_id, self._d.ts(now), fingerprint),
         )
         if cur.rowcount == 1:
             return None
         # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
         row = self._x(
             "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
-            " previous_thread_id FROM idempotency_keys WHERE key = ?",
+            " previous_thread_id, fingerprint FROM idempotency_keys WHERE key = ?",
             (key,),
         ).fetchone()
         if row is None or row[1] is None:
@@ -398,6 +416,8 @@ class SqlTx:
             duplicate=True,
             duplicate_of=row[5],
             previous_thread_id=row[6],
+            # A key claimed before fingerprints were kept (NULL) matches anything.
+            conflict=fingerprint is not None and row[7] is not None and row[7] != fingerprint,
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:
@@ -876,6 +896,9 @@ class SqlStore(abc.ABC):
         self._check_disk()
         digest, files = await self._prepare_blobs(envelope.body, ())
         d = self.dialect
+        # Every text below may come from the request (a header, an SMTP envelope, an exception
+        # quoting input): made storable here, so a quarantine never fails on what a request carried.
+        reason = _safe_text(reason)
         record = QuarantineRecord(
             id=new_id("qua"),
             tenant=envelope.tenant,
@@ -886,8 +909,10 @@ class SqlStore(abc.ABC):
             size=len(envelope.body),
             received_at=d.dt(d.ts(envelope.received_at)),  # as it reads back
         )
-        headers = orjson.dumps(dict(envelope.headers)).decode()
-        meta = _json_text(dict(envelope.meta))
+        headers = _json_text(_safe_json(envelope.headers))
+        meta = _json_text(_safe_json(envelope.meta))
+        content_type = _safe_text(envelope.content_type) if envelope.content_type is not None else None
+        remote = _safe_text(envelope.remote) if envelope.remote is not None else None
 
         def job(conn: Connection) -> QuarantineRecord:
             now = self._clock()
@@ -907,12 +932,12 @@ class SqlStore(abc.ABC):
                     record.raw_ref,
                     record.size,
                     d.ts(record.received_at),
-                    envelope.content_type,
+                    content_type,
                     headers,
                     meta,
                     envelope.signature_verified,
                     envelope.retry,
-                    envelope.remote,
+                    remote,
                     d.ts(now),
                 ),
             )

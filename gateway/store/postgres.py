@@ -185,6 +185,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {blob_content_type}
     """,
+        # What the first delivery of a key said (CanonicalMessage.fingerprint), so a reuse of the
+        # key for other content is told from a retry.
+        """
+    ALTER TABLE idempotency_keys ADD COLUMN fingerprint text;
+    """,
     ),
 )
 

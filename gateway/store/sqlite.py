@@ -154,6 +154,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {blob_content_type}
     """,
+        # 9: what the first delivery of a key said (CanonicalMessage.fingerprint), so a reuse of the
+        # key for other content is told from a retry.
+        """
+    ALTER TABLE idempotency_keys ADD COLUMN fingerprint TEXT;
+    """,
     ),
 )
 

@@ -73,14 +73,20 @@ async def test_api_message_is_one_schema_valid_event_and_a_repeat_publishes_noth
         assert {"kind": "order_number", "value": "123456789012345678"} in event["message"]["entities"]
         assert event["provenance"]["signature_verified"] is True
 
-        # The same Idempotency-Key again: the first answer, and nothing published.
-        status, again = await post_api(session, d.gateway.url, api_body("different text, same key"), key=key)
+        # The same request again: the first answer, and nothing published.
+        status, again = await post_api(
+            session, d.gateway.url, api_body("订单号 123456789012345678 还没有退款，我要投诉"), key=key
+        )
         assert status == 200
         assert (again["message_id"], again["thread_id"], again["status"]) == (
             first["message_id"],
             first["thread_id"],
             "duplicate",
         )
+        # The same Idempotency-Key for another message is refused, not answered as the first one.
+        other = api_body("different text, same key")
+        status, refused = await post_api(session, d.gateway.url, other, key=key)
+        assert status == 422, refused
         # A later, different message is the next thing on the bus: the repeat made no event.
         status, sentinel = await post_api(session, d.gateway.url, api_body("second question"), key=f"{key}-2")
         assert status == 202

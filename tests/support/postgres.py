@@ -52,3 +52,16 @@ def fresh_database(dsn: str, prefix: str = "ticketgate_test") -> Iterator[str]:
 def _where(dsn: str) -> str:
     parts = conninfo_to_dict(dsn)
     return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+@contextmanager
+def store_table(backend: str) -> Iterator[dict[str, str]]:
+    """What a ``[store]`` table needs for ``backend`` besides tmp paths: PostgreSQL gets a fresh
+    database (dropped afterwards), SQLite nothing."""
+    if backend != "postgresql":
+        yield {}
+        return
+    dsn = admin_dsn()
+    require_postgres(dsn)
+    with fresh_database(dsn) as database:
+        yield {"backend": "postgresql", "dsn": database}

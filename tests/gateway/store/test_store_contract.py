@@ -33,7 +33,7 @@ from gateway.store.base import Store
 from gateway.store.blobs import sha256_hex
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
-from tests.support.postgres import admin_dsn, fresh_database, require_postgres
+from tests.support.postgres import store_table
 
 
 class MakeStore(Protocol):
@@ -54,13 +54,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def backend_settings(backend: str) -> Iterator[dict[str, Any]]:
     """Settings a backend needs besides the tmp paths: PostgreSQL gets a fresh database per test."""
-    if backend != "postgresql":
-        yield {}
-        return
-    dsn = admin_dsn()
-    require_postgres(dsn)
-    with fresh_database(dsn) as database:
-        yield {"backend": "postgresql", "dsn": database}
+    with store_table(backend) as table:
+        yield table
 
 
 @pytest.fixture
