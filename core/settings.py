@@ -78,7 +78,13 @@ class ServerSettings(_Section):
     # Base URL the desks use to fetch attachments (``{public_url}/blobs/{sha256}``).
     public_url: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    # Open HTTP connections; at the limit the oldest idle one is closed, or the new one gets 503.
     max_connections: int = Field(1024, gt=0)
+    # A connection that has not sent a whole request head this long after opening or after its last
+    # answer is closed: idle keep-alives and slow (half-sent) headers alike.
+    idle_timeout: Duration = Field(15.0, gt=0)
+    # From a request's head to its answer, body included: a body trickled in slowly ends with 408.
+    request_timeout: Duration = Field(60.0, gt=0)
     shutdown_timeout: Duration = 10.0
     # Proxies whose X-Forwarded-For is believed (for rate limits and logs).
     trusted_proxies: tuple[str, ...] = ()
@@ -122,6 +128,19 @@ class QueueSettings(_Section):
     name: str
     bindings: tuple[str, ...] = ("#",)
     quorum: bool = False
+    # Bounds for a queue nobody may be consuming (a demo desk): the broker drops the oldest events
+    # past ``max_length`` (x-max-length) and events older than ``message_ttl`` (x-message-ttl).
+    max_length: int | None = Field(None, gt=0)
+    message_ttl: Duration | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The queue's declare arguments (x-queue-type, x-max-length, x-message-ttl)."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self.quorum else {}
+        if self.max_length is not None:
+            arguments["x-max-length"] = self.max_length
+        if self.message_ttl is not None:
+            arguments["x-message-ttl"] = int(self.message_ttl * 1000)
+        return arguments
 
 
 class BrokerSettings(_Section):
@@ -130,6 +149,9 @@ class BrokerSettings(_Section):
     publish_timeout: Duration = 5.0
     max_in_flight: int = Field(256, gt=0)
     reconnect_interval: Duration = 2.0
+    # AMQP heartbeat (seconds, 0 = off): a connection silent for twice this long is given up, so a
+    # stalled broker is noticed even when nothing is being published.
+    heartbeat: int = Field(30, ge=0, le=600)
     queues: tuple[QueueSettings, ...] = ()
 
 

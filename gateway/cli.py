@@ -38,10 +38,9 @@ async def _freeze_startup_heap(app: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.serve import run_until_stopped, serve
 
     settings = _settings(args)
     configure_logging(settings.log)
@@ -49,19 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
-    # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
-    # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout,
-        access_log=None,
-        print=None,
-        backlog=settings.server.max_connections,
-        loop=loop,
-    )
-    return 0
+    # SIGTERM/SIGINT: the listener closes, in-flight requests get shutdown_timeout to finish, then
+    # cleanup_ctx runs in reverse (connectors, relay drain, store), all of it bounded (gateway.serve).
+    return run_until_stopped(loop, serve(app, settings))
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
