@@ -102,11 +102,19 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from gateway.tail import tail
+    from gateway.tail import ExchangeMissing, tail
 
+    if args.pattern and args.binding and args.pattern != args.binding:
+        print("ticketgate tail: give the pattern once (positional or --binding)", file=sys.stderr)
+        return 2
+    binding = args.pattern or args.binding or "#"
     settings = _settings(args)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(tail(settings.broker, args.binding, json_lines=args.json, out=sys.stdout))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(tail(settings.broker, binding, json_lines=args.json, out=sys.stdout))
+    except ExchangeMissing as exc:
+        print(f"ticketgate tail: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -202,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="ask /readyz instead: store and broker usable")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     tail = sub.add_parser("tail", help="print events from the bus as they arrive")
-    tail.add_argument("--binding", default="#", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
+    # `ticketgate tail 'acme.#'` (as docs/events.md shows it) and `--binding 'acme.#'` both work.
+    tail.add_argument("pattern", nargs="?", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
+    tail.add_argument("--binding", help="the same pattern, as an option (default '#')")
     tail.add_argument("--json", action="store_true", help="one raw JSON event per line")
     outbox = sub.add_parser("outbox", help="inspect the outbox")
     outbox.add_argument("action", choices=["status"])
