@@ -10,6 +10,7 @@ Secrets (API keys, passwords, tokens) are written either literally or as ``{ env
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -306,12 +307,97 @@ class ChannelSettings(_Section):
     """Base for channel tables: strict, frozen, unknown keys rejected."""
 
 
-def _config_error(exc: ValidationError, source: str | None, prefix: tuple[str, ...] = ()) -> ConfigError:
-    first = exc.errors()[0]
-    loc = ".".join(str(part) for part in (*prefix, *first["loc"]))
-    more = len(exc.errors()) - 1
-    message = first["msg"] + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
-    return ConfigError(message, file=source, key=loc or None)
+def _config_error(
+    exc: ValidationError,
+    source: str | None,
+    prefix: tuple[str, ...] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    text: str | None = None,
+) -> ConfigError:
+    """Every validation error, one per line: where it came from (the environment variable that set
+    the key, else the file and the line when it can be found), the key, the reason, and for an
+    unknown key the known key it is closest to."""
+    env = env or {}
+    lines: list[str] = []
+    for error in exc.errors():
+        path = tuple(str(part) for part in (*prefix, *error["loc"]))
+        key = ".".join(path) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            suggestion = _did_you_mean(error, path)
+            if suggestion:
+                message += f"; did you mean {suggestion!r}?"
+        origin = next((name for k, name in env.items() if key == k or key.startswith(k + ".")), None)
+        if origin is not None:
+            where = f"environment variable {origin}"
+        else:
+            line = _toml_line(text, path) if text is not None else None
+            where = f"{source}:{line}" if source and line else (source or "settings")
+        lines.append(f"{where}: key {key!r}: {message}")
+    if len(lines) == 1:
+        return ConfigError(lines[0])
+    return ConfigError(f"{len(lines)} errors:\n  " + "\n  ".join(lines))
+
+
+def _did_you_mean(error: Any, path: tuple[str, ...]) -> str | None:
+    """The closest known field name of the model that refused an unknown key."""
+    model = error.get("ctx", {}).get("model") if isinstance(error.get("ctx"), dict) else None
+    fields = _fields_at(Settings, path[:-1]) if model is None else list(model.model_fields)
+    if not fields or not path:
+        return None
+    close = difflib.get_close_matches(path[-1], fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _fields_at(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Field names of the settings model found by following ``path`` (tables and list items)."""
+    current: Any = model
+    for part in path:
+        if part.isdigit():
+            continue
+        is_model = isinstance(current, type) and issubclass(current, BaseModel)
+        field = current.model_fields.get(part) if is_model else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside ``X``, ``X | None``, ``tuple[X, ...]`` or ``dict[str, X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(getattr(annotation, "__args__", ())):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _toml_line(text: str, path: tuple[str, ...]) -> int | None:
+    """The line of ``path``'s key in TOML ``text`` (best effort: header tables and dotted keys)."""
+    names = [p for p in path if not p.isdigit()]
+    if not names:
+        return None
+    table: list[str] = []
+    best: int | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", line)
+        if header:
+            table = [part.strip().strip('"') for part in header.group(1).split(".")]
+            if table == names:
+                best = best or number
+            continue
+        assignment = re.match(r"^([A-Za-z0-9_\-.\" ]+?)\s*=", line)
+        if assignment:
+            full = table + [part.strip().strip('"') for part in assignment.group(1).split(".")]
+            if full == names:
+                return number
+            if names[: len(full)] == full:  # the key sits inside this inline table or array
+                best = number
+    return best
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -321,8 +407,13 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``TICKETGATE__SECTION__KEY`` variables onto the raw TOML table (in place, returned)."""
+def apply_env(
+    data: dict[str, Any], environ: Mapping[str, str], origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Overlay ``TICKETGATE__SECTION__KEY`` variables onto the raw TOML table (in place, returned).
+
+    ``origins``, when given, receives ``dotted.key -> variable name`` for every key set this way.
+    """
     for name, raw in sorted(environ.items()):
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX:
             continue
@@ -334,6 +425,8 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
                 raise ConfigError(f"{name} descends into a value that is not a table", key=".".join(path))
             node = child
         node[path[-1]] = _parse_env_value(raw)
+        if origins is not None:
+            origins[".".join(path)] = name
     return data
 
 
@@ -342,17 +435,22 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     source = str(path) if path is not None else None
     data: dict[str, Any] = {}
+    text: str | None = None
     if path is not None:
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = fh.read()
         except FileNotFoundError:
             raise ConfigError("file not found", file=source) from None
+        text = raw.decode("utf-8", "replace")
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", file=source) from None
-    apply_env(data, environ)
+    origins: dict[str, str] = {}
+    apply_env(data, environ, origins)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, source) from None
+        raise _config_error(exc, source, env=origins, text=text) from None
     return settings.model_copy(update={"source": source})
