@@ -320,9 +320,11 @@ def _config_error(
     unknown key the known key it is closest to."""
     env = env or {}
     lines: list[str] = []
+    keys: list[str] = []
     for error in exc.errors():
         path = tuple(str(part) for part in (*prefix, *error["loc"]))
         key = ".".join(path) or "(top level)"
+        keys.append(key)
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             suggestion = _did_you_mean(error, path)
@@ -333,11 +335,12 @@ def _config_error(
             where = f"environment variable {origin}"
         else:
             line = _toml_line(text, path) if text is not None else None
-            where = f"{source}:{line}" if source and line else (source or "settings")
-        lines.append(f"{where}: key {key!r}: {message}")
-    if len(lines) == 1:
-        return ConfigError(lines[0])
-    return ConfigError(f"{len(lines)} errors:\n  " + "\n  ".join(lines))
+            where = f"{source}:{line}" if source and line else (source or "")
+        lines.append(f"{where}: key {key!r}: {message}" if where else f"key {key!r}: {message}")
+    made = ConfigError(lines[0] if len(lines) == 1 else f"{len(lines)} errors:\n  " + "\n  ".join(lines))
+    # The first error's place, for callers that read them (the message holds every error).
+    made.file, made.key = source, keys[0] if keys else None
+    return made
 
 
 def _did_you_mean(error: Any, path: tuple[str, ...]) -> str | None:

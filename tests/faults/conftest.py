@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.e2e.harness import GatewayProcess, free_port, gateway_config
+from tests.e2e.conftest import MakeDeployment, deploy
 from tests.support.consumer import Consumer
-from tests.support.rabbitmq import Janitor
+
+__all__ = ["MakeDeployment", "deploy"]  # the real gateway process, from the end-to-end suite
 
 AUTH = {"Authorization": "Bearer e2e-test-key-0001"}
 
@@ -109,38 +108,3 @@ async def settle(case: Case, consumer: Consumer, within: float = 20.0) -> None:
     finally:
         case.received |= delivered_ids(consumer)
     assert not case.lost, f"lost {len(case.lost)} of {len(case.sent)} acknowledged messages"
-
-
-@dataclass
-class Gateway:
-    process: GatewayProcess
-    consumer: Consumer
-    config: Path
-
-
-MakeGateway = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path, amqp_url: str, amqp_names: Janitor) -> AsyncIterator[MakeGateway]:
-    """Start the real gateway process; ``env`` overrides settings (``TICKETGATE__SECTION__KEY``)."""
-    made: list[Gateway] = []
-
-    async def make(
-        *, broker_url: str | None = None, env: dict[str, str] | None = None, store: str | None = None
-    ) -> Gateway:
-        exchange, queue = amqp_names.exchange("fault"), amqp_names.queue("desk")
-        port = free_port()
-        config = gateway_config(
-            tmp_path, port=port, amqp_url=broker_url or amqp_url, exchange=exchange, queue=queue, store=store
-        )
-        process = GatewayProcess(config=config, port=port, log_path=tmp_path / "gateway.log", env=env or {})
-        consumer = await Consumer(amqp_url, exchange).start()
-        made.append(Gateway(process=process, consumer=consumer, config=config))
-        await process.start()
-        return made[-1]
-
-    yield make
-    for g in made:
-        await g.process.stop()
-        await g.consumer.close()

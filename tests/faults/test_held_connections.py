@@ -12,7 +12,7 @@ import contextlib
 import aiohttp
 import pytest
 
-from tests.faults.conftest import Ledger, MakeGateway, send_message, settle
+from tests.faults.conftest import Ledger, MakeDeployment, send_message, settle
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +53,17 @@ async def release(held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]])
 
 
 async def test_connection_limit_sheds_held_connections_and_keeps_serving(
-    gateway: MakeGateway, ledger: Ledger
+    deploy: MakeDeployment, ledger: Ledger
 ) -> None:
     case = ledger.case("held connections at the limit")
-    g = await gateway(env={"TICKETGATE__SERVER__MAX_CONNECTIONS": str(LIMIT)})
-    held = await hold(g.process.port, HELD)
+    g = await deploy(env={"TICKETGATE__SERVER__MAX_CONNECTIONS": str(LIMIT)})
+    held = await hold(g.gateway.port, HELD)
     try:
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(f"{g.process.url}/healthz") as resp:
+            async with session.get(f"{g.gateway.url}/healthz") as resp:
                 assert resp.status == 200
-            statuses = [await send_message(session, g.process.url, case, note=str(i)) for i in range(20)]
+            statuses = [await send_message(session, g.gateway.url, case, note=str(i)) for i in range(20)]
         assert statuses == [202] * 20
         # The limit holds: all but at most LIMIT of the held connections were closed by the server.
         closed = await asyncio.gather(*(closed_by_server(reader, within=5.0) for reader, _ in held))
@@ -71,20 +71,20 @@ async def test_connection_limit_sheds_held_connections_and_keeps_serving(
     finally:
         await release(held)
     await settle(case, g.consumer)
-    sheds = [line for line in g.process.log().splitlines() if "server.max_connections" in line]
+    sheds = [line for line in g.gateway.log().splitlines() if "server.max_connections" in line]
     assert sheds, "shedding was not logged"
     assert len(sheds) <= 3, f"{len(sheds)} shed lines for {HELD} connections: the log is not rate-limited"
 
 
-async def test_idle_and_half_sent_requests_time_out(gateway: MakeGateway, ledger: Ledger) -> None:
+async def test_idle_and_half_sent_requests_time_out(deploy: MakeDeployment, ledger: Ledger) -> None:
     case = ledger.case("slow headers and slow bodies")
-    g = await gateway(
+    g = await deploy(
         env={"TICKETGATE__SERVER__IDLE_TIMEOUT": "1", "TICKETGATE__SERVER__REQUEST_TIMEOUT": "2"}
     )
-    held = await hold(g.process.port, 20)
-    idle = [await asyncio.open_connection("127.0.0.1", g.process.port) for _ in range(5)]
+    held = await hold(g.gateway.port, 20)
+    idle = [await asyncio.open_connection("127.0.0.1", g.gateway.port) for _ in range(5)]
     # Headers complete, body promised but only partly sent.
-    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", g.process.port)
+    slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", g.gateway.port)
     slow_writer.write(
         b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer e2e-test-key-0001\r\n"
         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"cust"
@@ -98,7 +98,7 @@ async def test_idle_and_half_sent_requests_time_out(gateway: MakeGateway, ledger
             status_line = await slow_reader.readline()
         assert status_line.startswith(b"HTTP/1.1 408"), status_line
         async with aiohttp.ClientSession() as session:
-            assert await send_message(session, g.process.url, case) == 202
+            assert await send_message(session, g.gateway.url, case) == 202
     finally:
         await release([*held, *idle, (slow_reader, slow_writer)])
     await settle(case, g.consumer)

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.faults.conftest import Ledger, MakeGateway, send_message, settle
+from tests.faults.conftest import Ledger, MakeDeployment, send_message, settle
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration
@@ -67,7 +67,7 @@ def fill(directory: Path) -> Path:
 
 
 async def test_readyz_fails_on_a_full_disk(
-    gateway: MakeGateway, tiny_filesystem: Path, ledger: Ledger
+    deploy: MakeDeployment, tiny_filesystem: Path, ledger: Ledger
 ) -> None:
     case = ledger.case("disk full")
     data = tiny_filesystem / "data"
@@ -75,43 +75,43 @@ async def test_readyz_fails_on_a_full_disk(
     store = (
         f'[store]\npath = "{data / "ticketgate.db"}"\nblob_dir = "{data / "blobs"}"\nmin_free_disk_mb = 0\n'
     )
-    g = await gateway(store=store, env={"TICKETGATE__OUTBOX__RELAY": "inline"})
+    g = await deploy(store=store, env={"TICKETGATE__OUTBOX__RELAY": "inline"})
     async with aiohttp.ClientSession() as session:
         for i in range(5):
-            assert await send_message(session, g.process.url, case, note=str(i)) == 202
+            assert await send_message(session, g.gateway.url, case, note=str(i)) == 202
         await settle(case, g.consumer)
-        assert (await readyz(g.process.url))[0] == 200
+        assert (await readyz(g.gateway.url))[0] == 200
         filler = fill(tiny_filesystem)
-        status, body = await readyz(g.process.url)
+        status, body = await readyz(g.gateway.url)
         assert status == 503, body
         assert any(p.startswith("store:") for p in body["problems"]), body
         # Nothing is acknowledged that was not stored: refusals are temporary, acks are delivered.
         for i in range(5):
-            await send_message(session, g.process.url, case, note=f"full {i}")
+            await send_message(session, g.gateway.url, case, note=f"full {i}")
         filler.unlink()
-        status, body = await readyz(g.process.url)
+        status, body = await readyz(g.gateway.url)
         assert status == 200, body
         for i in range(5):
-            assert await send_message(session, g.process.url, case, note=f"after {i}") == 202
+            assert await send_message(session, g.gateway.url, case, note=f"after {i}") == 202
     await settle(case, g.consumer)
 
 
 async def test_readyz_fails_when_the_broker_stalls_and_the_backlog_is_full(
-    gateway: MakeGateway, broker_proxy: TcpProxy, ledger: Ledger
+    deploy: MakeDeployment, broker_proxy: TcpProxy, ledger: Ledger
 ) -> None:
     case = ledger.case("stalled broker, backlog at its bound")
-    g = await gateway(broker_url=broker_proxy.url(), env={"TICKETGATE__OUTBOX__MAX_BACKLOG": "5"})
+    g = await deploy(broker_url=broker_proxy.url(), env={"TICKETGATE__OUTBOX__MAX_BACKLOG": "5"})
     async with aiohttp.ClientSession() as session:
-        assert await send_message(session, g.process.url, case, note="before") == 202
+        assert await send_message(session, g.gateway.url, case, note="before") == 202
         await settle(case, g.consumer)
         broker_proxy.stall()
-        statuses = [await send_message(session, g.process.url, case, note=str(i)) for i in range(8)]
+        statuses = [await send_message(session, g.gateway.url, case, note=str(i)) for i in range(8)]
         assert 503 in statuses, statuses  # the backlog reached its bound
         # The relay notices the stall within publish_timeout (2 s in the test config) plus a status
         # report; /readyz must then say so.
         async with asyncio.timeout(15):
             while True:
-                status, body = await readyz(g.process.url)
+                status, body = await readyz(g.gateway.url)
                 if status != 200:
                     break
                 await asyncio.sleep(0.2)  # polling another process's state

@@ -13,7 +13,7 @@ import pytest
 from core.settings import load_settings
 from gateway.serve import shutdown_bound
 from tests.e2e.harness import GatewayProcess
-from tests.faults.conftest import Ledger, MakeGateway, send_message, settle
+from tests.faults.conftest import Ledger, MakeDeployment, send_message, settle
 from tests.support.rabbitmq import broker_address
 from tests.support.tcpproxy import TcpProxy
 
@@ -76,42 +76,43 @@ def assert_clean_log(process: GatewayProcess) -> None:
 
 
 async def test_sigterm_with_a_broker_that_never_answers(
-    gateway: MakeGateway, silent_broker: SilentBroker, amqp_url: str, ledger: Ledger
+    deploy: MakeDeployment, silent_broker: SilentBroker, amqp_url: str, ledger: Ledger
 ) -> None:
     case = ledger.case("SIGTERM, silent broker, restart")
-    g = await gateway(broker_url=f"amqp://guest:guest@127.0.0.1:{silent_broker.port}/")
+    g = await deploy(broker_url=f"amqp://guest:guest@127.0.0.1:{silent_broker.port}/")
     async with aiohttp.ClientSession() as session:
         for i in range(10):
-            assert await send_message(session, g.process.url, case, note=str(i)) == 202
+            assert await send_message(session, g.gateway.url, case, note=str(i)) == 202
     # Let the relay and the control consumer be in the middle of connecting to the silent broker.
     async with asyncio.timeout(10):
         await silent_broker.two_connected.wait()
-    code, took, bound = await stop_within_bound(g.process)
-    assert code == 0, f"exit {code} after {took:.1f}s (bound {bound:.0f}s):\n{g.process.log()[-3000:]}"
+    code, took, bound = await stop_within_bound(g.gateway)
+    assert code == 0, f"exit {code} after {took:.1f}s (bound {bound:.0f}s):\n{g.gateway.log()[-3000:]}"
     assert took <= bound
-    assert_clean_log(g.process)
+    assert_clean_log(g.gateway)
     # What was acknowledged waited in the outbox: a restart on a working broker publishes it.
     host, port = broker_address(amqp_url)
-    g.config.write_text(g.config.read_text().replace(f"127.0.0.1:{silent_broker.port}", f"{host}:{port}"))
-    await g.process.start()
+    config = g.gateway.config
+    config.write_text(config.read_text().replace(f"127.0.0.1:{silent_broker.port}", f"{host}:{port}"))
+    await g.gateway.start()
     await settle(case, g.consumer)
 
 
 async def test_sigterm_with_a_broker_that_stalls(
-    gateway: MakeGateway, broker_proxy: TcpProxy, ledger: Ledger
+    deploy: MakeDeployment, broker_proxy: TcpProxy, ledger: Ledger
 ) -> None:
     case = ledger.case("SIGTERM, stalled broker")
-    g = await gateway(broker_url=broker_proxy.url())
+    g = await deploy(broker_url=broker_proxy.url())
     async with aiohttp.ClientSession() as session:
         for i in range(5):
-            assert await send_message(session, g.process.url, case, note=str(i)) == 202
+            assert await send_message(session, g.gateway.url, case, note=str(i)) == 202
         await settle(case, g.consumer)
         broker_proxy.stall()
         for i in range(5):
-            assert await send_message(session, g.process.url, case, note=f"stalled {i}") == 202
-    code, took, bound = await stop_within_bound(g.process)
+            assert await send_message(session, g.gateway.url, case, note=f"stalled {i}") == 202
+    code, took, bound = await stop_within_bound(g.gateway)
     assert code in (0, 1), f"exit {code} after {took:.1f}s"
     assert took <= bound, f"exit after {took:.1f}s (bound {bound:.0f}s)"
     broker_proxy.restore()
-    await g.process.start()
+    await g.gateway.start()
     await settle(case, g.consumer)
