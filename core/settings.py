@@ -10,6 +10,7 @@ Secrets (API keys, passwords, tokens) are written either literally or as ``{ env
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -78,7 +79,13 @@ class ServerSettings(_Section):
     # Base URL the desks use to fetch attachments (``{public_url}/blobs/{sha256}``).
     public_url: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    # Open HTTP connections; at the limit the oldest idle one is closed, or the new one gets 503.
     max_connections: int = Field(1024, gt=0)
+    # A connection that has not sent a whole request head this long after opening or after its last
+    # answer is closed: idle keep-alives and slow (half-sent) headers alike.
+    idle_timeout: Duration = Field(15.0, gt=0)
+    # From a request's head to its answer, body included: a body trickled in slowly ends with 408.
+    request_timeout: Duration = Field(60.0, gt=0)
     shutdown_timeout: Duration = 10.0
     # Proxies whose X-Forwarded-For is believed (for rate limits and logs).
     trusted_proxies: tuple[str, ...] = ()
@@ -122,6 +129,19 @@ class QueueSettings(_Section):
     name: str
     bindings: tuple[str, ...] = ("#",)
     quorum: bool = False
+    # Bounds for a queue nobody may be consuming (a demo desk): the broker drops the oldest events
+    # past ``max_length`` (x-max-length) and events older than ``message_ttl`` (x-message-ttl).
+    max_length: int | None = Field(None, gt=0)
+    message_ttl: Duration | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The queue's declare arguments (x-queue-type, x-max-length, x-message-ttl)."""
+        arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self.quorum else {}
+        if self.max_length is not None:
+            arguments["x-max-length"] = self.max_length
+        if self.message_ttl is not None:
+            arguments["x-message-ttl"] = int(self.message_ttl * 1000)
+        return arguments
 
 
 class BrokerSettings(_Section):
@@ -130,6 +150,9 @@ class BrokerSettings(_Section):
     publish_timeout: Duration = 5.0
     max_in_flight: int = Field(256, gt=0)
     reconnect_interval: Duration = 2.0
+    # AMQP heartbeat (seconds, 0 = off): a connection silent for twice this long is given up, so a
+    # stalled broker is noticed even when nothing is being published.
+    heartbeat: int = Field(30, ge=0, le=600)
     queues: tuple[QueueSettings, ...] = ()
 
 
@@ -284,12 +307,100 @@ class ChannelSettings(_Section):
     """Base for channel tables: strict, frozen, unknown keys rejected."""
 
 
-def _config_error(exc: ValidationError, source: str | None, prefix: tuple[str, ...] = ()) -> ConfigError:
-    first = exc.errors()[0]
-    loc = ".".join(str(part) for part in (*prefix, *first["loc"]))
-    more = len(exc.errors()) - 1
-    message = first["msg"] + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
-    return ConfigError(message, file=source, key=loc or None)
+def _config_error(
+    exc: ValidationError,
+    source: str | None,
+    prefix: tuple[str, ...] = (),
+    *,
+    env: Mapping[str, str] | None = None,
+    text: str | None = None,
+) -> ConfigError:
+    """Every validation error, one per line: where it came from (the environment variable that set
+    the key, else the file and the line when it can be found), the key, the reason, and for an
+    unknown key the known key it is closest to."""
+    env = env or {}
+    lines: list[str] = []
+    keys: list[str] = []
+    for error in exc.errors():
+        path = tuple(str(part) for part in (*prefix, *error["loc"]))
+        key = ".".join(path) or "(top level)"
+        keys.append(key)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            suggestion = _did_you_mean(error, path)
+            if suggestion:
+                message += f"; did you mean {suggestion!r}?"
+        origin = next((name for k, name in env.items() if key == k or key.startswith(k + ".")), None)
+        if origin is not None:
+            where = f"environment variable {origin}"
+        else:
+            line = _toml_line(text, path) if text is not None else None
+            where = f"{source}:{line}" if source and line else (source or "")
+        lines.append(f"{where}: key {key!r}: {message}" if where else f"key {key!r}: {message}")
+    made = ConfigError(lines[0] if len(lines) == 1 else f"{len(lines)} errors:\n  " + "\n  ".join(lines))
+    # The first error's place, for callers that read them (the message holds every error).
+    made.file, made.key = source, keys[0] if keys else None
+    return made
+
+
+def _did_you_mean(error: Any, path: tuple[str, ...]) -> str | None:
+    """The closest known field name of the model that refused an unknown key."""
+    model = error.get("ctx", {}).get("model") if isinstance(error.get("ctx"), dict) else None
+    fields = _fields_at(Settings, path[:-1]) if model is None else list(model.model_fields)
+    if not fields or not path:
+        return None
+    close = difflib.get_close_matches(path[-1], fields, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _fields_at(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Field names of the settings model found by following ``path`` (tables and list items)."""
+    current: Any = model
+    for part in path:
+        if part.isdigit():
+            continue
+        is_model = isinstance(current, type) and issubclass(current, BaseModel)
+        field = current.model_fields.get(part) if is_model else None
+        if field is None:
+            return []
+        current = _model_in(field.annotation)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    """The BaseModel class inside ``X``, ``X | None``, ``tuple[X, ...]`` or ``dict[str, X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in reversed(getattr(annotation, "__args__", ())):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _toml_line(text: str, path: tuple[str, ...]) -> int | None:
+    """The line of ``path``'s key in TOML ``text`` (best effort: header tables and dotted keys)."""
+    names = [p for p in path if not p.isdigit()]
+    if not names:
+        return None
+    table: list[str] = []
+    best: int | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", line)
+        if header:
+            table = [part.strip().strip('"') for part in header.group(1).split(".")]
+            if table == names:
+                best = best or number
+            continue
+        assignment = re.match(r"^([A-Za-z0-9_\-.\" ]+?)\s*=", line)
+        if assignment:
+            full = table + [part.strip().strip('"') for part in assignment.group(1).split(".")]
+            if full == names:
+                return number
+            if names[: len(full)] == full:  # the key sits inside this inline table or array
+                best = number
+    return best
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -299,8 +410,13 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``TICKETGATE__SECTION__KEY`` variables onto the raw TOML table (in place, returned)."""
+def apply_env(
+    data: dict[str, Any], environ: Mapping[str, str], origins: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Overlay ``TICKETGATE__SECTION__KEY`` variables onto the raw TOML table (in place, returned).
+
+    ``origins``, when given, receives ``dotted.key -> variable name`` for every key set this way.
+    """
     for name, raw in sorted(environ.items()):
         if not name.upper().startswith(ENV_PREFIX) or name.upper() == ENV_PREFIX:
             continue
@@ -312,6 +428,8 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
                 raise ConfigError(f"{name} descends into a value that is not a table", key=".".join(path))
             node = child
         node[path[-1]] = _parse_env_value(raw)
+        if origins is not None:
+            origins[".".join(path)] = name
     return data
 
 
@@ -320,17 +438,22 @@ def load_settings(path: str | Path | None, environ: Mapping[str, str] | None = N
     environ = os.environ if environ is None else environ
     source = str(path) if path is not None else None
     data: dict[str, Any] = {}
+    text: str | None = None
     if path is not None:
         try:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                raw = fh.read()
         except FileNotFoundError:
             raise ConfigError("file not found", file=source) from None
+        text = raw.decode("utf-8", "replace")
+        try:
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", file=source) from None
-    apply_env(data, environ)
+    origins: dict[str, str] = {}
+    apply_env(data, environ, origins)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise _config_error(exc, source) from None
+        raise _config_error(exc, source, env=origins, text=text) from None
     return settings.model_copy(update={"source": source})

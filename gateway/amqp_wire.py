@@ -184,6 +184,12 @@ class PublishConnection(asyncio.Protocol):
                 )
         self.abort()
 
+    def drop(self, reason: str) -> None:
+        """Give the connection up as lost (``on_lost`` is told): the broker stopped answering."""
+        self._fail(WireError(reason))
+        if self._transport is not None:
+            self._transport.abort()
+
     def abort(self) -> None:
         self._fail(WireError("connection closed"), notify=False)
         if self._transport is not None:

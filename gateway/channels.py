@@ -378,6 +378,7 @@ def setup_channels(
     for descriptor, connector in registry.configured(settings):
         ctx = GatewayContext(app, descriptor, settings=settings, ingest=ingest, store=store, metrics=metrics)
         connector.setup(ctx)
+        metrics.declare_channel(descriptor.name)
         names.append(descriptor.name)
         logger.info("channel %s enabled", descriptor.name)
     return names

@@ -38,10 +38,9 @@ async def _freeze_startup_heap(app: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.serve import run_until_stopped, serve
 
     settings = _settings(args)
     configure_logging(settings.log)
@@ -49,19 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     asyncio.set_event_loop(loop)
     app = create_app(settings)
     app.on_startup.append(_freeze_startup_heap)
-    # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
-    # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout,
-        access_log=None,
-        print=None,
-        backlog=settings.server.max_connections,
-        loop=loop,
-    )
-    return 0
+    # SIGTERM/SIGINT: the listener closes, in-flight requests get shutdown_timeout to finish, then
+    # cleanup_ctx runs in reverse (connectors, relay drain, store), all of it bounded (gateway.serve).
+    return run_until_stopped(loop, serve(app, settings))
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -113,11 +102,19 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from gateway.tail import tail
+    from gateway.tail import ExchangeMissing, tail
 
+    if args.pattern and args.binding and args.pattern != args.binding:
+        print("ticketgate tail: give the pattern once (positional or --binding)", file=sys.stderr)
+        return 2
+    binding = args.pattern or args.binding or "#"
     settings = _settings(args)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(tail(settings.broker, args.binding, json_lines=args.json, out=sys.stdout))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(tail(settings.broker, binding, json_lines=args.json, out=sys.stdout))
+    except ExchangeMissing as exc:
+        print(f"ticketgate tail: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -213,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ready", action="store_true", help="ask /readyz instead: store and broker usable")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     tail = sub.add_parser("tail", help="print events from the bus as they arrive")
-    tail.add_argument("--binding", default="#", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
+    # `ticketgate tail 'acme.#'` (as docs/events.md shows it) and `--binding 'acme.#'` both work.
+    tail.add_argument("pattern", nargs="?", help="routing-key pattern, e.g. 'acme.#' or '*.email.#'")
+    tail.add_argument("--binding", help="the same pattern, as an option (default '#')")
     tail.add_argument("--json", action="store_true", help="one raw JSON event per line")
     outbox = sub.add_parser("outbox", help="inspect the outbox")
     outbox.add_argument("action", choices=["status"])

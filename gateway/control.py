@@ -21,12 +21,16 @@ import aio_pika
 import aio_pika.abc
 from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from yarl import URL
 
 from core.settings import BrokerSettings, ControlSettings
 from dedupe import graph
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
+
+# Seconds a stop waits for the consumer task and for the broker's answer to the close.
+CLOSE_TIMEOUT = 2.0
 
 
 class ControlMessage(BaseModel):
@@ -89,15 +93,26 @@ class ControlConsumer:
         """Start consuming; a broker that is down is retried in the background (ingest does not wait)."""
         self._task = asyncio.create_task(self._run(), name="ticketgate-control")
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:  # noqa: ASYNC109 - a bound, not a wait
+        """Stop consuming and close the connection within ``timeout``, whatever the broker does.
+
+        aio-pika's robust connection, closed while it (re)connects to a broker that accepts TCP but
+        never answers, waits on a reconnect task that outlives the cancellation: unbounded, that
+        held SIGTERM for ever.
+        """
+        task, self._task = self._task, None
+        connection, self._connection = self._connection, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task}, timeout=timeout)
+        if connection is not None:
+            closing = asyncio.ensure_future(connection.close())
+            done, _ = await asyncio.wait({closing}, timeout=timeout)
+            if closing not in done:
+                logger.warning("control: the broker did not answer the close within %.1fs", timeout)
+                closing.cancel()
+            elif not closing.cancelled() and closing.exception() is not None:
+                logger.debug("control: close failed: %s", closing.exception())
 
     async def _run(self) -> None:
         while True:
@@ -108,15 +123,23 @@ class ControlConsumer:
                 raise
             except Exception as exc:
                 logger.warning("control: cannot reach the broker (%s); retrying", type(exc).__name__)
+                connection, self._connection = self._connection, None
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(CLOSE_TIMEOUT):
+                            await connection.close()
                 await asyncio.sleep(self._broker.reconnect_interval)
 
     async def _consume(self) -> None:
-        connection = await aio_pika.connect_robust(
-            self._broker.url.get_secret_value(),
+        # Built here rather than by connect_robust, so close() can reach it while it still connects;
+        # the connect is bounded, a silent broker is a failed attempt, not a wait for ever.
+        connection = aio_pika.RobustConnection(
+            URL(self._broker.url.get_secret_value()),
             reconnect_interval=self._broker.reconnect_interval,
             client_properties={"connection_name": "ticketgate-control"},
         )
         self._connection = connection
+        await connection.connect(timeout=max(self._broker.publish_timeout, 1.0))
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self._settings.prefetch)
         exchange = await channel.declare_exchange(

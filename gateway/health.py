@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -23,14 +24,19 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+# A readiness probe that has not answered in this time is an answer: not ready. Load balancers probe
+# with timeouts of their own of a few seconds; a hung disk or store must not hang the probe instead.
+READY_PROBE_TIMEOUT = 2.0
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the store can write, and the broker is connected or the backlog is under its bound."""
+    """Readiness: the store takes a real write within a bound, and the broker is connected (and
+    heartbeating: a stalled connection is dropped by the publisher) or the backlog is under its bound."""
     app = request.app
     problems: list[str] = []
-    try:
-        await app[STORE].ping()
-    except Exception as exc:
-        problems.append(f"store: {exc}")
+    store_problem = await _probe_store(app)
+    if store_problem is not None:
+        problems.append(f"store: {store_problem}")
     status = await app[STORE].outbox_status()
     connected = app[RELAY].status.connected
     limit = app[SETTINGS].outbox.max_backlog
@@ -43,6 +49,30 @@ async def readyz(request: web.Request) -> web.Response:
         "outbox_backlog": status.backlog,
     }
     return web.json_response(body, status=200 if not problems else 503)
+
+
+_PROBE: web.AppKey[dict[str, asyncio.Task[None]]] = web.AppKey("ready_probe", dict)
+
+
+async def _probe_store(app: web.Application) -> str | None:
+    """Run the store's write probe for at most READY_PROBE_TIMEOUT; the reason it failed, or None.
+
+    A probe that outlives its bound keeps running (a write to a hung disk cannot be taken back), and
+    later probes wait on that one instead of piling up more writes behind it.
+    """
+    probes = app[_PROBE]
+    task = probes.get("store")
+    if task is None or task.done():
+        task = probes["store"] = asyncio.ensure_future(app[STORE].ping())
+    done, _ = await asyncio.wait({task}, timeout=READY_PROBE_TIMEOUT)
+    if task not in done:
+        return f"a write did not complete within {READY_PROBE_TIMEOUT:g}s"
+    exc = task.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({type(exc).__name__})"
+    return str(exc) or type(exc).__name__
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -75,6 +105,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
 
 
 def setup_health(app: web.Application) -> None:
+    app[_PROBE] = {}
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

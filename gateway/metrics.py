@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from core.model import Outcome
+
 # Ack latency: durable acks sit in the low milliseconds; anything past a second is an incident.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -63,6 +65,14 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def declare_channel(self, channel: str) -> None:
+        """Show every outcome of ``channel`` from the start, at 0: a series that appears only with its
+        first increment is invisible to ``rate()`` and to alerts until then (``rejected`` seemed
+        missing from /metrics)."""
+        self._child(self.received, channel)
+        for outcome in Outcome:
+            self._child(self.outcomes, channel, outcome.value)
 
     # The pipeline reports through these two methods.
     def message_received(self, channel: str) -> None:

@@ -218,7 +218,10 @@ class AmqpPublisher:
         settings = self._settings
         async with asyncio.timeout(max(settings.publish_timeout, 1.0)):
             connection = await PublishConnection.open(
-                settings.url.get_secret_value(), connection_name=self._connection_name, on_lost=self._on_lost
+                settings.url.get_secret_value(),
+                connection_name=self._connection_name,
+                heartbeat=settings.heartbeat,
+                on_lost=self._on_lost,
             )
             try:
                 await self._declare(connection)
@@ -238,8 +241,9 @@ class AmqpPublisher:
         try:
             await connection.declare_exchange(settings.exchange, "topic", durable=True)
             for queue_settings in settings.queues:
-                arguments: dict[str, Any] = {"x-queue-type": "quorum"} if queue_settings.quorum else {}
-                await connection.declare_queue(queue_settings.name, durable=True, arguments=arguments)
+                await connection.declare_queue(
+                    queue_settings.name, durable=True, arguments=queue_settings.arguments()
+                )
                 for pattern in queue_settings.bindings:
                     await connection.bind_queue(queue_settings.name, settings.exchange, pattern)
         except WireError as exc:
@@ -306,8 +310,13 @@ class AmqpPublisher:
         except Nacked as exc:
             raise _RowFailed(f"nacked by the broker ({exc})", fatal=False) from exc
         except TimeoutError as exc:
-            why = "broker blocked the connection" if self.blocked else "no confirm"
+            blocked = self.blocked
+            why = "broker blocked the connection" if blocked else "no confirm"
             self.last_error = f"publish timeout after {self._settings.publish_timeout:g}s ({why})"
+            if not blocked:
+                # A broker that says nothing (TCP open, no confirm, no block) is as good as gone:
+                # drop the connection so the relay reconnects and /readyz stops counting it as up.
+                connection.drop(self.last_error)
             raise _RowFailed(self.last_error, fatal=True) from exc
         except WireError as exc:
             self.last_error = exc.reason

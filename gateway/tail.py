@@ -1,7 +1,8 @@
 """``ticketgate tail``: watch the events on the bus, as a person or as JSON lines.
 
-Declares a temporary queue (exclusive, auto-delete: it vanishes with the connection, so watching never
-leaves a queue filling up behind) bound to the exchange with one topic pattern.
+Looks the exchange up (a passive declare: a misspelt name is refused, not created) and declares a
+temporary queue (exclusive, auto-delete: it vanishes with the connection, so watching never leaves a
+queue filling up behind) bound to the exchange with one topic pattern.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from typing import Any, TextIO
 
 import aio_pika
 import aio_pika.abc
+import aiormq.exceptions
 import orjson
 
 from core.settings import BrokerSettings
 
 TEXT_WIDTH = 80
+
+
+class ExchangeMissing(LookupError):
+    """The events exchange is not on the broker (a misspelt name, or the gateway never ran)."""
 
 
 def format_line(routing_key: str, body: bytes, timestamp: datetime | None = None) -> str:
@@ -90,8 +96,15 @@ async def tail(
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=100)
-        # Declared (not just looked up) so tail works before the gateway ever started.
-        exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        # Looked up, never created: a misspelt name would otherwise make an exchange nobody
+        # publishes to, and tail would wait on it for ever.
+        try:
+            exchange = await channel.get_exchange(broker.exchange, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise ExchangeMissing(
+                f"exchange {broker.exchange!r} does not exist on the broker; check broker.exchange"
+                " (the gateway declares it when it first connects)"
+            ) from None
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key=binding)
         if ready is not None:

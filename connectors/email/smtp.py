@@ -29,6 +29,7 @@ from connectors.email.data import DataState, read_data
 from connectors.email.envelope import EnvelopeFactory, Router
 from connectors.email.settings import EmailSettings, SmtpSettings
 from core.model import IngestResult, Outcome, RawEnvelope
+from core.ratelog import RateLimitedLog
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ConnectionLimits:
         self._per_ip = per_ip
         self._open: Counter[str] = Counter()
         self._count = 0
+        # A flood of refusals is one line per 10 s, not one per connection.
+        self.shed_log = RateLimitedLog(logger)
 
     def acquire(self, ip: str) -> bool:
         if self._count >= self._total or self._open[ip] >= self._per_ip:
@@ -104,7 +107,7 @@ class GatewaySMTP(SMTP):
             ip = _peer_ip(transport.get_extra_info("peername"))
             if not self._limits.acquire(ip):
                 self._refused = True
-                logger.info("refused SMTP connection from %s: connection limit", ip)
+                self._limits.shed_log("refusing SMTP connections at the connection limit (last from %s)", ip)
                 # A cast, not an isinstance check: uvloop's transports have the methods of
                 # asyncio.WriteTransport without subclassing it (the gateway runs on uvloop).
                 writer = cast(asyncio.WriteTransport, transport)

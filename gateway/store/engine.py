@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
@@ -59,6 +62,9 @@ _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
+
+# What the readiness probe writes: one page, enough that a full file system refuses it.
+_PROBE_BYTES = b"\0" * 4096
 
 class Cursor(Protocol):
     """The part of a DB-API cursor (sqlite3, psycopg) the engine uses."""
@@ -1045,13 +1051,34 @@ class SqlStore(abc.ABC):
         return await self._write(job)
 
     async def ping(self) -> None:
+        """A real write: a probe file written and fsynced where the store writes files, then a
+        committed row. A full disk fails here even when SQLite could still reuse its WAL's space."""
         if self._disk_is_low():
             raise BacklogFull("free disk below store.min_free_disk_mb", retry_after=self._outbox.retry_after)
+        await asyncio.to_thread(self._probe_files)
 
         def job(conn: Connection) -> None:
             conn.execute(self.dialect.ping_sql)
 
         await self._write(job)
+
+    def _probe_dirs(self) -> list[Path]:
+        """Directories the store writes files in (SQLite adds its database's)."""
+        return [self._settings.blob_dir]
+
+    def _probe_files(self) -> None:
+        for directory in self._probe_dirs():
+            probe = directory / f".ready-probe-{os.getpid()}"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, _PROBE_BYTES)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(probe)
 
     # -- connector state --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import orjson
@@ -203,7 +204,11 @@ class SQLiteDialect(Dialect):
         "merges_of": "id IN (SELECT merge_id FROM merge_members WHERE customer_id = ?)",
         "recent_text_key": "customer_id, at, message_id",  # the primary key (WITHOUT ROWID)
     }
-    ping_sql = "SELECT 1 FROM counters LIMIT 1"
+    # A write (committed with fsync), not a read: readiness asks whether the store can store.
+    ping_sql = (
+        "INSERT INTO counters (name, value) VALUES ('ping', 1)"
+        " ON CONFLICT (name) DO UPDATE SET value = counters.value + 1"
+    )
 
     ts = staticmethod(_us)
     dt = staticmethod(_dt)
@@ -251,6 +256,9 @@ class SQLiteStore(SqlStore):
     """:class:`gateway.store.base.Store` on one SQLite file and a content-addressed blob directory."""
 
     dialect = SQLITE
+
+    def _probe_dirs(self) -> list[Path]:
+        return [*super()._probe_dirs(), self._settings.path.parent]
 
     def __init__(self, settings: StoreSettings, outbox: OutboxSettings, *, clock: Clock = utcnow) -> None:
         super().__init__(settings, outbox, clock)

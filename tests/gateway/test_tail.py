@@ -9,8 +9,9 @@ import orjson
 import pytest
 
 from core.settings import BrokerSettings, QueueSettings
+from gateway.cli import build_parser
 from gateway.publisher import AmqpPublisher
-from gateway.tail import format_line, tail
+from gateway.tail import ExchangeMissing, format_line, tail
 from tests.support.outbox import row_from_event, thread_event
 from tests.support.rabbitmq import Janitor
 
@@ -38,16 +39,16 @@ async def test_tail_prints_matching_events(amqp_url: str, amqp_names: Janitor, j
     broker = BrokerSettings(url=amqp_url, exchange=amqp_names.exchange())
     out = io.StringIO()
     ready = asyncio.Event()
-    watcher = asyncio.create_task(
-        tail(broker, "acme.email.#", json_lines=json_lines, out=out, limit=2, ready=ready)
-    )
     # A catch-all queue makes the event tail must not show routable (mandatory publish succeeds).
     catch_all = (QueueSettings(name=amqp_names.queue("all")),)
     publisher = AmqpPublisher(broker.model_copy(update={"queues": catch_all}))
+    await publisher.start()  # declares the exchange, as the gateway does; tail only looks it up
+    watcher = asyncio.create_task(
+        tail(broker, "acme.email.#", json_lines=json_lines, out=out, limit=2, ready=ready)
+    )
     try:
         async with asyncio.timeout(10):
             await ready.wait()
-        await publisher.start()
         other = thread_event("th-x", 1, tenant="globex")  # tail binds 'acme.email.#': not shown
         shown = [thread_event("th-1", 1), thread_event("th-1", 2)]
         rows = [row_from_event(e, i) for i, e in enumerate([other, *shown], start=1)]
@@ -70,6 +71,9 @@ async def test_tail_prints_matching_events(amqp_url: str, amqp_names: Janitor, j
 @pytest.mark.integration
 async def test_tail_stops_on_request(amqp_url: str, amqp_names: Janitor) -> None:
     broker = BrokerSettings(url=amqp_url, exchange=amqp_names.exchange())
+    declarer = AmqpPublisher(broker)
+    await declarer.start()
+    await declarer.close()
     stop, ready = asyncio.Event(), asyncio.Event()
     watcher = asyncio.create_task(
         tail(broker, "#", json_lines=True, out=io.StringIO(), stop=stop, ready=ready)
@@ -79,3 +83,18 @@ async def test_tail_stops_on_request(amqp_url: str, amqp_names: Janitor) -> None
     stop.set()
     async with asyncio.timeout(5):
         assert await watcher == 0
+
+
+@pytest.mark.integration
+async def test_tail_refuses_an_exchange_that_does_not_exist(amqp_url: str, amqp_names: Janitor) -> None:
+    broker = BrokerSettings(url=amqp_url, exchange=amqp_names.exchange("misspelt"))
+    with pytest.raises(ExchangeMissing, match="does not exist"):
+        async with asyncio.timeout(10):
+            await tail(broker, "#", json_lines=True, out=io.StringIO())
+
+
+def test_tail_takes_the_pattern_positionally_or_as_an_option() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["tail", "acme.#"]).pattern == "acme.#"
+    assert parser.parse_args(["tail", "--binding", "acme.#"]).binding == "acme.#"
+    assert parser.parse_args(["tail", "acme.#", "--json"]).json
