@@ -375,7 +375,8 @@ async def _per_ip_limit(tmp_path: Path) -> tuple[str, str]:
 def _assert_one_clean_refusal(caplog: pytest.LogCaptureFixture) -> None:
     limit_lines = [r for r in caplog.records if "connection limit" in r.getMessage()]
     assert len(limit_lines) == 1
-    assert limit_lines[0].levelno == logging.INFO
+    # Shedding is an operator's concern (a warning), and rate-limited, so a flood logs a few lines.
+    assert limit_lines[0].levelno == logging.WARNING
     assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR] == []
 
 
