@@ -41,26 +41,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from gateway.app import create_app
+    from gateway.keys import CHANNELS
     from gateway.logs import configure_logging
+    from gateway.startup import StartupError, check_listeners, listen_error, log_summary, probe_broker
 
     settings = _settings(args)
     configure_logging(settings.log)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    app = create_app(settings)
-    app.on_startup.append(_freeze_startup_heap)
-    # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests get
-    # shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain, store).
-    web.run_app(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        shutdown_timeout=settings.server.shutdown_timeout,
-        access_log=None,
-        print=None,
-        backlog=settings.server.max_connections,
-        loop=loop,
-    )
+    try:
+        # Before anything starts: a port in use (exit 3) or a broker that refuses us (exit 4) is one line.
+        check_listeners(settings)
+        broker_problem = loop.run_until_complete(probe_broker(settings))
+        app = create_app(settings)
+        app.on_startup.append(_freeze_startup_heap)
+        # run_app turns SIGTERM/SIGINT into a graceful stop: the listener closes, in-flight requests
+        # get shutdown_timeout to finish, then cleanup_ctx runs in reverse (connectors, relay drain,
+        # store). It calls ``print`` once every listener is bound: the moment for the summary.
+        web.run_app(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            shutdown_timeout=settings.server.shutdown_timeout,
+            access_log=None,
+            print=lambda _running: log_summary(settings, app[CHANNELS], broker_problem),
+            backlog=settings.server.max_connections,
+            loop=loop,
+        )
+    except StartupError as exc:
+        print(f"ticketgate: {exc}", file=sys.stderr)
+        if not loop.is_closed():
+            loop.close()
+        return exc.code
+    except OSError as exc:
+        error = listen_error(settings, exc)
+        if error is None:
+            raise
+        print(f"ticketgate: {error}", file=sys.stderr)
+        return error.code
     return 0
 
 
@@ -82,12 +100,9 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def health_url(settings: Settings, *, ready: bool = False) -> str:
     """Where this configuration's gateway answers /healthz (or /readyz), from the same host."""
-    host = settings.server.host
-    # A wildcard listen address is reached on the loopback of the same family.
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}/{'readyz' if ready else 'healthz'}"
+    from gateway.startup import listen_url
+
+    return f"{listen_url(settings)}/{'readyz' if ready else 'healthz'}"
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import Lifecycle
+from core.channel import ChannelEndpoint, Lifecycle
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -106,6 +106,10 @@ class _CallbackConnector:
         self.clock = clock
         self.media_policy = media_policy or MediaPolicy()
         self.api_timeout = api_timeout
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The callback URL of every account (what the provider's console is given)."""
+        return callback_urls(base_url, self.name, self.endpoints)
 
     def setup(self, ctx: ChannelContext) -> None:
         """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and the
@@ -255,6 +259,13 @@ class WeComConnector(_CallbackConnector):
                 ),
             )
         return cls(endpoints, clock=clock, **_table_options(table))
+
+
+def callback_urls(base_url: str, channel: str, endpoints: Mapping[str, Endpoint]) -> list[ChannelEndpoint]:
+    return [
+        ChannelEndpoint(inbox=e.inbox, kind="webhook", address=f"{base_url}/{channel}/{name}")
+        for name, e in endpoints.items()
+    ]
 
 
 def _table_options(table: _ChannelTable) -> dict[str, Any]:

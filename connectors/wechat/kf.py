@@ -39,12 +39,13 @@ from connectors.wechat.app import (
     _secrets,
     _table_options,
     _wecom_handshake,
+    callback_urls,
     commit,
 )
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.settings import WeChatKfSettings
-from core.channel import ChannelState
+from core.channel import ChannelEndpoint, ChannelState
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope
@@ -293,6 +294,10 @@ class WeChatKfConnector:
             name: WeChatApi(session, app.credentials, timeout=self.table.api_timeout)
             for name, app in self.apps.items()
         }
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The callback URL of every app (what the 微信客服 admin is given)."""
+        return callback_urls(base_url, CHANNEL, self.endpoints)
 
     def setup(self, ctx: ChannelContext) -> None:
         """``/wechat_kf/{app}`` callbacks, and the sync and media tasks."""
