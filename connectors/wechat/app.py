@@ -37,7 +37,7 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import ChannelEndpoint, Lifecycle
+from core.channel import ChannelEndpoint, ChannelMetrics, Lifecycle
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -79,6 +79,8 @@ class _Runtime:
     clock: Clock
     media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
+    # Counts refused signatures (ticketgate_channel_events_total{event="signature_refused"}).
+    metrics: ChannelMetrics | None = None
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -116,7 +118,8 @@ class _CallbackConnector:
         unionid lookups."""
         fetcher = self.media_fetcher()
         resolver = self.unionid_resolver()
-        ctx.add_app(f"/{self.name}", self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver))
+        sub = self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver, metrics=ctx.metrics)
+        ctx.add_app(f"/{self.name}", sub)
         if fetcher is not None:
             fetcher.bind(ctx.media, ctx.metrics)
             if resolver is not None:
@@ -165,7 +168,12 @@ class _CallbackConnector:
         return running
 
     def build_subapp(
-        self, ingest: Ingest, *, media: WeChatMedia | None = None, unionid: UnionIdResolver | None = None
+        self,
+        ingest: Ingest,
+        *,
+        media: WeChatMedia | None = None,
+        unionid: UnionIdResolver | None = None,
+        metrics: ChannelMetrics | None = None,
     ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
@@ -177,6 +185,7 @@ class _CallbackConnector:
             clock=self.clock,
             media=media,
             unionid=unionid,
+            metrics=metrics,
         )
         handshake, callback = (
             (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
@@ -315,6 +324,8 @@ def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: E
     """Map a verification or input failure to its 4xx; logged without body or secrets."""
     if isinstance(exc, BadSignature):
         status = 401
+        if runtime.metrics is not None:
+            runtime.metrics.event("signature_refused", inbox=endpoint.inbox)
     elif isinstance(exc, VerificationError):
         status = 403  # stale timestamp, plaintext refused
     elif isinstance(exc, InvalidInput):
