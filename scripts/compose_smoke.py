@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docker_smoke import SmokeFailure, free_port, http_ok, send_and_receive, wait_until
+from docker_smoke import SmokeFailure, free_port, http_ok, send_and_receive, stopped_cleanly, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy" / "compose.yaml"
@@ -115,16 +115,7 @@ def check_stack(env: dict[str, str], ports: dict[str, int], rabbitmq_password: s
     started = time.monotonic()
     compose(env, "stop", "--timeout", "30", "gateway")
     container = compose(env, "ps", "--all", "--quiet", "gateway")
-    done = subprocess.run(  # noqa: S603
-        ["docker", "inspect", "--format", "{{.State.ExitCode}}", container],  # noqa: S607
-        capture_output=True, text=True,
-    )
-    code = done.stdout.strip()
-    if code != "0":
-        raise SmokeFailure(f"docker compose stop: gateway exit code {code}, expected 0 (graceful drain)")
-    print(f"compose stop: gateway exit code 0 after {time.monotonic() - started:.1f} s")
-    print("OK")
-    return 0
+    return stopped_cleanly(container, "docker compose stop gateway", started)
 
 
 if __name__ == "__main__":

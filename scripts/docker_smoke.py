@@ -179,10 +179,15 @@ def check_container(name: str, exchange: str, http_port: int, smtp_port: int) ->
 
     started = time.monotonic()
     docker("stop", "--time", "30", name)
-    code = docker("inspect", "--format", "{{.State.ExitCode}}", name)
+    return stopped_cleanly(name, "docker stop", started)
+
+
+def stopped_cleanly(container: str, what: str, started: float) -> int:
+    """After a stop: 0 when the container exited 0 (its graceful drain), else SmokeFailure."""
+    code = docker("inspect", "--format", "{{.State.ExitCode}}", container)
     if code != "0":
-        raise SmokeFailure(f"docker stop: exit code {code}, expected 0 (graceful drain)")
-    print(f"docker stop: exit code 0 after {time.monotonic() - started:.1f} s")
+        raise SmokeFailure(f"{what}: exit code {code}, expected 0 (graceful drain)")
+    print(f"{what}: exit code 0 after {time.monotonic() - started:.1f} s")
     print("OK")
     return 0
 
