@@ -173,7 +173,9 @@ def summary_lines(
     settings: Settings, channels: Sequence[EnabledChannel], broker_problem: str | None
 ) -> list[str]:
     """The start-up summary, one line each: listeners, every inbox's endpoints, the bus, the store."""
-    lines = [f"HTTP     {listen_url(settings)} (public URL {http_base_url(settings)})"]
+    # The listen address as configured (0.0.0.0 is every interface), then where providers reach it.
+    listening = _host_port(settings.server.host, settings.server.port)
+    lines = [f"HTTP     http://{listening} (public URL {http_base_url(settings)})"]
     smtp = _smtp_listener(settings)
     if smtp is not None and any(c.name == "email" for c in channels):
         lines.append(f"SMTP     smtp://{_host_port(*smtp)}")
