@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/ticketgate.dev.toml
 # Services the test suite talks to for real.
-TEST_SERVICES := rabbitmq postgresql chromium swaks dovecot
+TEST_SERVICES := rabbitmq postgresql chromium swaks dovecot promtool
 
 .PHONY: run test setup services lint typecheck bench clean
 

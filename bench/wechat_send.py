@@ -1,10 +1,14 @@
-"""Send an encrypted (safe-mode) WeChat Official Account test callback to a running gateway.
+"""Send an encrypted (safe-mode) WeChat Official Account or WeCom test callback to a running gateway.
 
     .venv/bin/python -m bench.wechat_send "我的订单在哪里？"
+    .venv/bin/python -m bench.wechat_send --wecom "报销单号 4711 还没批"
 
-Defaults match the demo account of config/ticketgate.dev.toml (/wechat/demo, token devtoken,
-EncodingAESKey abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG, app id wx0123456789abcdef) at
-http://127.0.0.1:8080. The callback is built with wechatpy's own crypto, exactly as WeChat sends it.
+Defaults match the demo account and the demo WeCom app of config/ticketgate.dev.toml
+(/wechat/demo and /wecom/demo, token devtoken, EncodingAESKey
+abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG, app id wx0123456789abcdef, corp id
+ww0123456789abcdef, AgentID 1000002) at http://127.0.0.1:8080. The callback is built with
+wechatpy's own crypto, exactly as WeChat (and WeCom, which signs and encrypts the same way with the
+CorpID in place of the AppID) sends it.
 """
 
 from __future__ import annotations
@@ -24,15 +28,22 @@ DEV_URL = "http://127.0.0.1:8080/wechat/demo"
 DEV_TOKEN = "devtoken"
 DEV_AES_KEY = "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG"
 DEV_APP_ID = "wx0123456789abcdef"
+DEV_WECOM_URL = "http://127.0.0.1:8080/wecom/demo"
+DEV_CORP_ID = "ww0123456789abcdef"
+DEV_AGENT_ID = 1000002
 
 
-def text_xml(text: str, *, openid: str, msg_id: int, create_time: int | None = None) -> str:
+def text_xml(
+    text: str, *, openid: str, msg_id: int, create_time: int | None = None, agent_id: int | None = None
+) -> str:
+    """A text message; with ``agent_id`` as a WeCom app receives it (the sender is a userid)."""
     created = create_time if create_time is not None else int(time.time())
     content = text.replace("]]>", "]]]]><![CDATA[>")
+    agent = f"<AgentID>{agent_id}</AgentID>" if agent_id is not None else ""
     return (
         f"<xml><ToUserName><![CDATA[gh_demo]]></ToUserName><FromUserName><![CDATA[{escape(openid)}]]></FromUserName>"
         f"<CreateTime>{created}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
-        f"<Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId></xml>"
+        f"<Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId>{agent}</xml>"
     )
 
 
@@ -67,17 +78,23 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("text", nargs="?", default="你好，我的订单还没有到。")
-    parser.add_argument("--url", default=DEV_URL)
+    parser.add_argument("--wecom", action="store_true", help="a WeCom app callback (the dev app's defaults)")
+    parser.add_argument("--url", default=None, help=f"default {DEV_URL}, with --wecom {DEV_WECOM_URL}")
     parser.add_argument("--token", default=DEV_TOKEN)
     parser.add_argument("--aes-key", default=DEV_AES_KEY)
-    parser.add_argument("--app-id", default=DEV_APP_ID)
-    parser.add_argument("--openid", default="oDemoUser0001")
+    parser.add_argument("--app-id", default=None, help=f"AppID, or with --wecom the CorpID ({DEV_CORP_ID})")
+    parser.add_argument("--agent-id", type=int, default=DEV_AGENT_ID, help="with --wecom: the app's AgentID")
+    parser.add_argument("--openid", default=None, help="the sender: an openid, or with --wecom a userid")
     parser.add_argument("--msg-id", type=int, default=None, help="MsgId (repeat one to see the dedupe)")
     args = parser.parse_args(argv)
+    url = args.url or (DEV_WECOM_URL if args.wecom else DEV_URL)
+    app_id = args.app_id or (DEV_CORP_ID if args.wecom else DEV_APP_ID)
+    sender = args.openid or ("zhangsan" if args.wecom else "oDemoUser0001")
     msg_id = args.msg_id if args.msg_id is not None else int(time.time() * 1000)
-    plaintext = text_xml(args.text, openid=args.openid, msg_id=msg_id)
-    query, body = build_callback(plaintext, token=args.token, aes_key=args.aes_key, app_id=args.app_id)
-    request = Request(f"{args.url}?{query}", data=body, headers={"Content-Type": "text/xml"}, method="POST")
+    agent_id = args.agent_id if args.wecom else None
+    plaintext = text_xml(args.text, openid=sender, msg_id=msg_id, agent_id=agent_id)
+    query, body = build_callback(plaintext, token=args.token, aes_key=args.aes_key, app_id=app_id)
+    request = Request(f"{url}?{query}", data=body, headers={"Content-Type": "text/xml"}, method="POST")
     started = time.perf_counter()
     try:
         with urlopen(request, timeout=10) as resp:
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {exc}", file=sys.stderr)
         return 1
     print(f"MsgId {msg_id}: HTTP {status} {answer!r} in {(time.perf_counter() - started) * 1000:.1f} ms")
-    return 0 if status == 200 and answer == "success" else 1
+    # An Official Account callback is answered "success"; WeCom's with an empty 200.
+    return 0 if status == 200 and (args.wecom or answer == "success") else 1
 
 
 if __name__ == "__main__":

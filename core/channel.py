@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 from core.media import MediaFetch
 from core.model import CanonicalMessage, Identity, IngestResult, RawEnvelope
@@ -201,12 +201,33 @@ class ChannelContext(Protocol):
 
 class Connector(Protocol):
     """One channel's transport. ``from_settings`` returns ``None`` when the channel is not configured
-    and raises :class:`core.errors.ConfigError` when it is configured wrongly (fail closed)."""
+    and raises :class:`core.errors.ConfigError` when it is configured wrongly (fail closed).
+
+    A connector may also describe where it is reached (:class:`DescribesEndpoints`); the daemon
+    prints that in its start-up summary."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self | None: ...
 
     def setup(self, ctx: ChannelContext) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelEndpoint:
+    """Where one inbox of a channel is reached: what a provider's console or a sender is given."""
+
+    inbox: str
+    kind: str  # "webhook", "api", "form", "embed", "smtp", "imap", "polling" ...
+    address: str  # a URL, or what stands for one (an SMTP listener and its addresses)
+
+
+@runtime_checkable
+class DescribesEndpoints(Protocol):
+    """Optional for a connector: its endpoints, for the start-up summary. ``base_url`` is where the
+    gateway's HTTP server is reached (``server.public_url``, else its listen address), without a
+    trailing slash. A connector without it still works; the summary then names the channel only."""
+
+    def describe_endpoints(self, base_url: str) -> Sequence[ChannelEndpoint]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from gateway.control import control_ctx
 from gateway.desk import DeskApi
 from gateway.enrich import Enricher
 from gateway.health import setup_health
-from gateway.keys import METRICS, PIPELINE, RELAY, SETTINGS, STORE
+from gateway.keys import CHANNELS, METRICS, PIPELINE, RELAY, SETTINGS, STORE
 from gateway.media import setup_media
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker
@@ -32,6 +32,7 @@ from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
+from gateway.startup import http_base_url
 from gateway.store import build_store
 from gateway.store.base import Store
 
@@ -96,7 +97,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     async def relay_ctx(app: web.Application) -> AsyncIterator[None]:
         await relay.start()
         yield
-        await relay.drain(settings.outbox.drain_timeout)
+        await drain_and_report(store, relay, settings.outbox.drain_timeout)
 
     async def offload_ctx(app: web.Application) -> AsyncIterator[None]:
         assert offload is not None
@@ -118,10 +119,41 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     if desk is not None:
         desk.setup(app, store)
         logger.info("desk API enabled")
-    setup_channels(
-        app, settings, ingest=pipeline.ingest, store=store, metrics=metrics, registry=overrides.registry
+    app[CHANNELS] = setup_channels(
+        app,
+        settings,
+        ingest=pipeline.ingest,
+        store=store,
+        metrics=metrics,
+        registry=overrides.registry,
+        base_url=http_base_url(settings),
     )
     return app
+
+
+async def drain_and_report(store: Store, relay: Relay, timeout: float) -> None:  # noqa: ASYNC109
+    """Let the relay flush the outbox (listeners are closed by now), then say in one line what the
+    drain published and what waits in the store for the next start."""
+    started = time.monotonic()
+    before = await _backlog(store)
+    await relay.drain(timeout)
+    after = await _backlog(store)
+    if before is None or after is None:
+        logger.info("stopped: outbox drained for %.1f s (backlog unknown: the store did not answer)",
+                    time.monotonic() - started)
+        return
+    logger.info(
+        "stopped: published %d of %d waiting events in %.1f s; %d stay in the outbox for the next start",
+        max(before - after, 0), before, time.monotonic() - started, after,
+    )
+
+
+async def _backlog(store: Store) -> int | None:
+    try:
+        return (await store.outbox_status()).backlog
+    except Exception:
+        logger.warning("outbox status unavailable at shutdown", exc_info=True)
+        return None
 
 
 async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -> int:

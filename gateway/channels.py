@@ -15,6 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Any
@@ -25,7 +26,9 @@ from aiohttp import web
 from core.channel import (
     ENTRY_POINT_GROUP,
     ChannelDescriptor,
+    ChannelEndpoint,
     Connector,
+    DescribesEndpoints,
     HttpClient,
     Lifecycle,
     LinkOutcome,
@@ -363,6 +366,14 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]], restart_afte
         pause = min(pause * 2, 60.0)
 
 
+@dataclass(frozen=True, slots=True)
+class EnabledChannel:
+    """A channel that was set up, with the endpoints its connector describes (``None``: it does not)."""
+
+    name: str
+    endpoints: Sequence[ChannelEndpoint] | None
+
+
 def setup_channels(
     app: web.Application,
     settings: Settings,
@@ -371,14 +382,18 @@ def setup_channels(
     store: Store | None,
     metrics: Metrics,
     registry: Registry | None = None,
-) -> list[str]:
-    """Build and set up every configured channel; returns their names."""
+    base_url: str = "",
+) -> list[EnabledChannel]:
+    """Build and set up every configured channel; returns them with the endpoints their connectors
+    describe under ``base_url`` (where the HTTP server is reached)."""
     registry = registry or Registry.installed()
-    names: list[str] = []
+    enabled: list[EnabledChannel] = []
     for descriptor, connector in registry.configured(settings):
         ctx = GatewayContext(app, descriptor, settings=settings, ingest=ingest, store=store, metrics=metrics)
         connector.setup(ctx)
         metrics.declare_channel(descriptor.name)
-        names.append(descriptor.name)
-        logger.info("channel %s enabled", descriptor.name)
-    return names
+        described = None
+        if isinstance(connector, DescribesEndpoints):
+            described = connector.describe_endpoints(base_url)
+        enabled.append(EnabledChannel(descriptor.name, described))
+    return enabled

@@ -39,18 +39,39 @@ async def _freeze_startup_heap(app: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
+    from gateway.keys import CHANNELS
     from gateway.logs import configure_logging
     from gateway.serve import run_until_stopped, serve
+    from gateway.startup import StartupError, check_listeners, listen_error, log_summary, probe_broker
 
     settings = _settings(args)
     configure_logging(settings.log)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
-    app = create_app(settings)
-    app.on_startup.append(_freeze_startup_heap)
-    # SIGTERM/SIGINT: the listener closes, in-flight requests get shutdown_timeout to finish, then
-    # cleanup_ctx runs in reverse (connectors, relay drain, store), all of it bounded (gateway.serve).
-    return run_until_stopped(loop, serve(app, settings))
+    try:
+        # Before anything starts: a port in use (exit 3) or a broker that refuses us (exit 4) is one line.
+        check_listeners(settings)
+        broker_problem = loop.run_until_complete(probe_broker(settings))
+        app = create_app(settings)
+        app.on_startup.append(_freeze_startup_heap)
+        # SIGTERM/SIGINT: the listener closes, in-flight requests get shutdown_timeout to finish, then
+        # cleanup_ctx runs in reverse (connectors, relay drain, store), all of it bounded (gateway.serve).
+        # Once every listener is bound, the start-up summary.
+        return run_until_stopped(
+            loop,
+            serve(app, settings, on_listening=lambda: log_summary(settings, app[CHANNELS], broker_problem)),
+        )
+    except StartupError as exc:
+        print(f"ticketgate: {exc}", file=sys.stderr)
+        if not loop.is_closed():
+            loop.close()
+        return exc.code
+    except OSError as exc:
+        error = listen_error(settings, exc)
+        if error is None:
+            raise
+        print(f"ticketgate: {error}", file=sys.stderr)
+        return error.code
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -71,12 +92,9 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def health_url(settings: Settings, *, ready: bool = False) -> str:
     """Where this configuration's gateway answers /healthz (or /readyz), from the same host."""
-    host = settings.server.host
-    # A wildcard listen address is reached on the loopback of the same family.
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.server.port}/{'readyz' if ready else 'healthz'}"
+    from gateway.startup import listen_url
+
+    return f"{listen_url(settings)}/{'readyz' if ready else 'healthz'}"
 
 
 def cmd_health(args: argparse.Namespace) -> int:

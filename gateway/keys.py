@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from core.settings import Settings
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
+    from gateway.channels import EnabledChannel
     from gateway.pipeline import Pipeline
     from gateway.relay import Relay
     from gateway.store.base import Store
@@ -19,3 +21,5 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE: web.AppKey[Store] = web.AppKey("store")
 PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
+# The channels set up, with the endpoints they describe (for the start-up summary).
+CHANNELS: web.AppKey[Sequence[EnabledChannel]] = web.AppKey("channels")

@@ -185,8 +185,12 @@ def shutdown_bound(settings: Settings) -> float:
     return settings.server.shutdown_timeout + settings.outbox.drain_timeout + SHUTDOWN_MARGIN
 
 
-async def serve(app: web.Application, settings: Settings) -> int:
-    """Run ``app`` until SIGTERM or SIGINT; 0 after a clean stop, 1 when the shutdown bound was hit."""
+async def serve(
+    app: web.Application, settings: Settings, *, on_listening: Callable[[], None] | None = None
+) -> int:
+    """Run ``app`` until SIGTERM or SIGINT; 0 after a clean stop, 1 when the shutdown bound was hit.
+
+    ``on_listening`` runs once every listener is bound (the start-up summary)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -204,6 +208,8 @@ async def serve(app: web.Application, settings: Settings) -> int:
             backlog=settings.server.max_connections,
         )
         await site.start()
+        if on_listening is not None:
+            on_listening()
         await stop.wait()
         logger.info("stopping: SIGTERM or SIGINT received")
     finally:

@@ -72,9 +72,16 @@ def http_ok(url: str) -> bool:
         return False
 
 
-async def send_and_receive(exchange_name: str, smtp_port: int, subject: str) -> tuple[dict[str, Any], float]:
+async def send_and_receive(
+    exchange_name: str,
+    smtp_port: int,
+    subject: str,
+    *,
+    amqp_url: str = AMQP_URL,
+    to: str = INBOX_ADDRESS,
+) -> tuple[dict[str, Any], float]:
     """Bind a private queue to the gateway's exchange, send one mail, return the event it became."""
-    connection = await aio_pika.connect_robust(AMQP_URL)
+    connection = await aio_pika.connect_robust(amqp_url)
     async with connection:
         channel = await connection.channel()
         exchange = await channel.get_exchange(exchange_name, ensure=True)
@@ -82,9 +89,9 @@ async def send_and_receive(exchange_name: str, smtp_port: int, subject: str) -> 
         await queue.bind(exchange, routing_key="#")
         mail = EmailMessage()
         mail["From"] = "Smoke Test <smoke@example.org>"
-        mail["To"] = INBOX_ADDRESS
+        mail["To"] = to
         mail["Subject"] = subject
-        mail.set_content("Sent by scripts/docker_smoke.py to the container.\n")
+        mail.set_content("Sent by a smoke test of the container image.\n")
         started = time.monotonic()
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as smtp:
             refused = smtp.send_message(mail)
@@ -172,10 +179,15 @@ def check_container(name: str, exchange: str, http_port: int, smtp_port: int) ->
 
     started = time.monotonic()
     docker("stop", "--time", "30", name)
-    code = docker("inspect", "--format", "{{.State.ExitCode}}", name)
+    return stopped_cleanly(name, "docker stop", started)
+
+
+def stopped_cleanly(container: str, what: str, started: float) -> int:
+    """After a stop: 0 when the container exited 0 (its graceful drain), else SmokeFailure."""
+    code = docker("inspect", "--format", "{{.State.ExitCode}}", container)
     if code != "0":
-        raise SmokeFailure(f"docker stop: exit code {code}, expected 0 (graceful drain)")
-    print(f"docker stop: exit code 0 after {time.monotonic() - started:.1f} s")
+        raise SmokeFailure(f"{what}: exit code {code}, expected 0 (graceful drain)")
+    print(f"{what}: exit code 0 after {time.monotonic() - started:.1f} s")
     print("OK")
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure the local services ticketgate needs are reachable; start them, or install them from
-# Debian's packages when they are missing. Usage: ensure-services.sh rabbitmq [postgresql] [chromium] ...
+# Debian's packages when they are missing. Usage: ensure-services.sh rabbitmq [postgresql] [chromium] [promtool] ...
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -53,6 +53,8 @@ for service in "$@"; do
     chromium) ensure_package chromium chromium ;;
     swaks) ensure_package swaks swaks ;;
     dovecot) ensure_package /usr/sbin/dovecot dovecot-imapd ;;
+    # promtool checks and unit-tests the alert rules under deploy/prometheus/.
+    promtool) ensure_package promtool prometheus ;;
     *) echo "ensure-services: unknown service $service" >&2; exit 2 ;;
   esac
 done

@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import Field, field_validator
 
 from connectors.base import ChannelContext, Ingest
+from core.channel import ChannelEndpoint
 from core.errors import InvalidInput
 from core.http import (
     MIN_KEY_LENGTH,
@@ -124,6 +125,12 @@ class ApiConnector:
                 client_ip=ClientAddress(settings.server.trusted_proxies),
             )
         )
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """``POST /api/v1/messages`` for every inbox (the key decides which)."""
+        url = f"{base_url}{PREFIX}/messages"
+        inboxes = self._config.channel.inboxes
+        return [ChannelEndpoint(inbox=inbox, kind="api", address=url) for inbox in inboxes]
 
     def setup(self, ctx: ChannelContext) -> None:
         handlers = _Handlers(self._config, ctx.ingest)

@@ -14,7 +14,7 @@ from connectors.email.imap import ImapPollers, Observer, pollers_for, setup_imap
 from connectors.email.settings import EmailSettings
 from connectors.email.smtp import SmtpListener, setup_smtp
 from connectors.email.state import JsonState
-from core.channel import ChannelDescriptor
+from core.channel import ChannelDescriptor, ChannelEndpoint
 from core.model import IdentityKind
 from core.settings import Settings
 from normalizers.base import Normalizer
@@ -52,6 +52,25 @@ class EmailConnector:
             settings.inbox(account.inbox, key=f"channels.email.imap.{name}.inbox")
         return cls(settings, email)
 
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The SMTP listener with the addresses of each inbox, and each IMAP folder polled."""
+        found = []
+        smtp = self.email.smtp
+        if smtp is not None:
+            listener = f"smtp://{_host_port(smtp.host, smtp.port)}"
+            for inbox_id, inbox in self.email.inboxes.items():
+                routed = [*inbox.addresses, *(f"*@{domain}" for domain in inbox.domains)]
+                if routed:
+                    address = f"{listener} for {', '.join(routed)}"
+                    found.append(ChannelEndpoint(inbox=inbox_id, kind="smtp", address=address))
+        for account in self.email.imap.values():
+            scheme = "imaps" if account.tls else "imap"
+            server = _host_port(account.host, account.effective_port)
+            for folder in account.folders:
+                address = f"{scheme}://{server}/{folder} as {account.username}"
+                found.append(ChannelEndpoint(inbox=account.inbox, kind="imap", address=address))
+        return found
+
     def setup(self, ctx: ChannelContext) -> None:
         normalize = self._normalize or normalizer_from(self.settings)
         factory = EnvelopeFactory.from_settings(self.settings, self.email)
@@ -63,6 +82,10 @@ class EmailConnector:
                 pollers_for(self.email, factory, JsonState(ctx.state), ctx.ingest, normalize, self._observer)
             )
             setup_imap(ctx, self.imap, timeout)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def normalizer_from(settings: Settings) -> Normalizer:

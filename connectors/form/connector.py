@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from connectors.base import ChannelContext, Ingest
 from connectors.form import render
 from connectors.form.i18n import STRINGS, pick_language
+from core.channel import ChannelEndpoint
 from core.errors import ConfigError, InvalidInput
 from core.http import (
     ClientAddress,
@@ -171,6 +172,15 @@ class FormConnector:
             raise ConfigError("form inbox ids must be non-empty and contain no '/'", file=settings.source,
                               key="channels.form.inboxes")
         return cls(channel, inboxes, settings)
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The form page and its embed script, per inbox."""
+        found = []
+        for inbox in self._config.inboxes:
+            page = f"{base_url}{PREFIX}/{quote(inbox)}"
+            found.append(ChannelEndpoint(inbox=inbox, kind="form", address=page))
+            found.append(ChannelEndpoint(inbox=inbox, kind="embed", address=f"{page}/embed.js"))
+        return found
 
     def setup(self, ctx: ChannelContext) -> None:
         handlers = _Handlers(self._config, ctx.ingest)

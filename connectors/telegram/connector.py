@@ -30,7 +30,7 @@ from connectors.media import MediaFetcher, MediaPolicy
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
-from core.channel import ChannelContext
+from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, read_body, retry_after_value
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -103,6 +103,15 @@ class TelegramConnector:
                 secrets=tuple(hashlib.sha256(s.encode()).digest() for s in secrets if s),
             )
         return cls(table, bots)
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The webhook URL given to setWebhook, or the polling a bot does instead."""
+        return [
+            ChannelEndpoint(inbox=inbox, kind="webhook", address=f"{base_url}{PREFIX}/{inbox}")
+            if bot.mode == "webhook"
+            else ChannelEndpoint(inbox=inbox, kind="polling", address=f"getUpdates on {self.table.api_base}")
+            for inbox, bot in self.bots.items()
+        ]
 
     def setup(self, ctx: ChannelContext) -> None:
         table = self.table

@@ -37,7 +37,7 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import Lifecycle
+from core.channel import ChannelEndpoint, ChannelMetrics, Lifecycle
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -79,6 +79,8 @@ class _Runtime:
     clock: Clock
     media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
+    # Counts refused signatures (ticketgate_channel_events_total{event="signature_refused"}).
+    metrics: ChannelMetrics | None = None
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -107,12 +109,17 @@ class _CallbackConnector:
         self.media_policy = media_policy or MediaPolicy()
         self.api_timeout = api_timeout
 
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The callback URL of every account (what the provider's console is given)."""
+        return callback_urls(base_url, self.name, self.endpoints)
+
     def setup(self, ctx: ChannelContext) -> None:
         """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and the
         unionid lookups."""
         fetcher = self.media_fetcher()
         resolver = self.unionid_resolver()
-        ctx.add_app(f"/{self.name}", self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver))
+        sub = self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver, metrics=ctx.metrics)
+        ctx.add_app(f"/{self.name}", sub)
         if fetcher is not None:
             fetcher.bind(ctx.media, ctx.metrics)
             if resolver is not None:
@@ -161,7 +168,12 @@ class _CallbackConnector:
         return running
 
     def build_subapp(
-        self, ingest: Ingest, *, media: WeChatMedia | None = None, unionid: UnionIdResolver | None = None
+        self,
+        ingest: Ingest,
+        *,
+        media: WeChatMedia | None = None,
+        unionid: UnionIdResolver | None = None,
+        metrics: ChannelMetrics | None = None,
     ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
@@ -173,6 +185,7 @@ class _CallbackConnector:
             clock=self.clock,
             media=media,
             unionid=unionid,
+            metrics=metrics,
         )
         handshake, callback = (
             (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
@@ -257,6 +270,13 @@ class WeComConnector(_CallbackConnector):
         return cls(endpoints, clock=clock, **_table_options(table))
 
 
+def callback_urls(base_url: str, channel: str, endpoints: Mapping[str, Endpoint]) -> list[ChannelEndpoint]:
+    return [
+        ChannelEndpoint(inbox=e.inbox, kind="webhook", address=f"{base_url}/{channel}/{name}")
+        for name, e in endpoints.items()
+    ]
+
+
 def _table_options(table: _ChannelTable) -> dict[str, Any]:
     return {
         "max_body_bytes": table.max_body_bytes,
@@ -304,6 +324,8 @@ def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: E
     """Map a verification or input failure to its 4xx; logged without body or secrets."""
     if isinstance(exc, BadSignature):
         status = 401
+        if runtime.metrics is not None:
+            runtime.metrics.event("signature_refused", inbox=endpoint.inbox)
     elif isinstance(exc, VerificationError):
         status = 403  # stale timestamp, plaintext refused
     elif isinstance(exc, InvalidInput):

@@ -39,12 +39,13 @@ from connectors.wechat.app import (
     _secrets,
     _table_options,
     _wecom_handshake,
+    callback_urls,
     commit,
 )
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.settings import WeChatKfSettings
-from core.channel import ChannelState
+from core.channel import ChannelEndpoint, ChannelMetrics, ChannelState
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope
@@ -294,13 +295,17 @@ class WeChatKfConnector:
             for name, app in self.apps.items()
         }
 
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The callback URL of every app (what the 微信客服 admin is given)."""
+        return callback_urls(base_url, CHANNEL, self.endpoints)
+
     def setup(self, ctx: ChannelContext) -> None:
         """``/wechat_kf/{app}`` callbacks, and the sync and media tasks."""
         fetcher = self.media_fetcher()
         syncer = self.syncer(ctx.ingest, fetcher)
         fetcher.bind(ctx.media, ctx.metrics)
         syncer.bind(ctx.state)
-        ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer))
+        ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer, metrics=ctx.metrics))
         # Each app's credentials carry their API base (WeChatApi joins it); one client pools them.
         bases = sorted(app.credentials.api_base for app in self.apps.values())
         http = ctx.http(bases[0], timeout=self.table.api_timeout + 5.0)
@@ -321,7 +326,9 @@ class WeChatKfConnector:
 
         ctx.add_lifecycle(syncing)
 
-    def build_subapp(self, ingest: Ingest, syncer: KfSyncer) -> web.Application:
+    def build_subapp(
+        self, ingest: Ingest, syncer: KfSyncer, *, metrics: ChannelMetrics | None = None
+    ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
             channel=CHANNEL,
@@ -330,6 +337,7 @@ class WeChatKfConnector:
             max_body_bytes=self.options["max_body_bytes"],
             ingest_timeout=self.options["ingest_timeout"],
             clock=self.clock,
+            metrics=metrics,
         )
         sub[KF_SYNCER] = syncer
         sub.router.add_get("/{name}", _wecom_handshake, allow_head=False)

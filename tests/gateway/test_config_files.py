@@ -32,10 +32,13 @@ EXAMPLE_ENV = {
     "TICKETGATE_DESK_KEY_ACME": "acme-desk-key-for-tests",
     "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
     "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
+    "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
 }
 
 
-@pytest.mark.parametrize("name", ["ticketgate.dev.toml", "ticketgate.example.toml"])
+@pytest.mark.parametrize(
+    "name", ["ticketgate.dev.toml", "ticketgate.example.toml", "ticketgate.replica.toml"]
+)
 def test_shipped_configs_pass_check_config(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in EXAMPLE_ENV.items():
         monkeypatch.setenv(key, value)

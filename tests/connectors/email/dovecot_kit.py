@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.connectors.email.email_kit import require_tool
+from tests.support.tools import require_tool
 
 DOVECOT = "/usr/sbin/dovecot"
 USER, PASSWORD = "agent", "agent-pw"

@@ -7,15 +7,12 @@ import datetime as dt
 import email.parser
 import email.policy
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,21 +25,6 @@ from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEn
 from core.settings import Settings
 from gateway.store.sqlite import SQLiteStore
 from tests.support.channels import set_up
-
-ALLOW_SKIP_ENV = "TICKETGATE_TEST_ALLOW_SKIP"
-
-
-def require_tool(path_or_name: str, package: str) -> str:
-    """The tool's path; fails loudly when missing (skips only with TICKETGATE_TEST_ALLOW_SKIP=1)."""
-    found = shutil.which(path_or_name) or (path_or_name if os.path.exists(path_or_name) else None)
-    if found is not None:
-        return found
-    message = (
-        f"{path_or_name} is not installed (Debian package {package}; scripts/ensure-services.sh installs it)"
-    )
-    if os.environ.get(ALLOW_SKIP_ENV) == "1":
-        pytest.skip(message)
-    pytest.fail(f"{message} (set {ALLOW_SKIP_ENV}=1 to skip instead)", pytrace=False)
 
 
 def stored(message_id: str = "m-1") -> IngestResult:

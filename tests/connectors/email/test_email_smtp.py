@@ -21,11 +21,11 @@ from tests.connectors.email.email_kit import (
     RETRY,
     FakeIngest,
     mail,
-    require_tool,
     running,
     self_signed,
     settings_for,
 )
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
 

@@ -20,6 +20,7 @@ from connectors.wechat import WeChatConnector, WeComConnector
 from core.errors import ConfigError, RetryableError
 from core.model import IngestResult, Outcome, Placement, RawEnvelope
 from core.settings import Settings
+from gateway.metrics import Metrics
 from normalizers.base import Normalizer
 from tests.support.channels import set_up
 from tests.support.corpora import CORPORA as CORPORA_DIR
@@ -92,13 +93,15 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 @pytest.fixture
 def make_client(aiohttp_client: Any) -> MakeClient:
-    async def make(ingest: FakeIngest, config: Settings | None = None, clock: float = NOW) -> Client:
+    async def make(
+        ingest: FakeIngest, config: Settings | None = None, clock: float = NOW, metrics: Metrics | None = None
+    ) -> Client:
         config = config or settings()
         app = web.Application()
         for connector_class in (WeChatConnector, WeComConnector):
             connector = connector_class.from_settings(config, clock=lambda: clock)
             assert connector is not None
-            set_up(app, connector, ingest, settings=config)
+            set_up(app, connector, ingest, settings=config, metrics=metrics)
         client: Client = await aiohttp_client(app)
         return client
 
@@ -201,7 +204,8 @@ async def test_signed_encrypted_callback_is_acknowledged_after_ingest(make_clien
 
 async def test_wrong_signature_is_refused_before_ingest(make_client: MakeClient) -> None:
     ingest = FakeIngest()
-    client = await make_client(ingest)
+    metrics = Metrics()
+    client = await make_client(ingest, metrics=metrics)
     query, body = encrypted_post(TEXT)
     response = await client.post("/wechat/demo", params={**query, "msg_signature": "f" * 40}, data=body)
     assert response.status == 401
@@ -209,6 +213,9 @@ async def test_wrong_signature_is_refused_before_ingest(make_client: MakeClient)
     query, body = encrypted_post(TEXT, token="sometoken")
     assert (await client.post("/wechat/demo", params=query, data=body)).status == 401
     assert ingest.envelopes == []
+    # Counted for the signature-failure alert (deploy/prometheus/alerts.yml).
+    labels = {"channel": "wechat", "inbox": "wx-demo", "event": "signature_refused"}
+    assert metrics.registry.get_sample_value("ticketgate_channel_events_total", labels) == 2
 
 
 async def test_tampered_body_fails_the_signature(make_client: MakeClient) -> None:
