@@ -110,6 +110,11 @@ class StoreSettings(_Section):
     idempotency_retention: Duration = 8 * 86400.0
     commit_max_batch: int = Field(512, gt=0)
     min_free_disk_mb: int = Field(256, ge=0)
+    # Blob files no committed row names (a commit that failed after writing them) are removed once
+    # older than ``orphan_min_age``, at start-up and every ``orphan_sweep_interval``. The age must
+    # outlast any write-then-commit of an instance sharing ``blob_dir``.
+    orphan_min_age: Duration = Field(3600.0, ge=60.0)
+    orphan_sweep_interval: Duration = Field(3600.0, gt=0)
 
     @field_validator("idempotency_retention")
     @classmethod

@@ -78,7 +78,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         purge = asyncio.create_task(
-            _purge_loop(store, settings.dedupe.duplicate_window), name="ticketgate-purge"
+            _purge_loop(
+                store, settings.dedupe.duplicate_window, orphan_min_age=settings.store.orphan_min_age,
+                orphans_every=settings.store.orphan_sweep_interval,
+            ),
+            name="ticketgate-purge",
         )
         yield
         purge.cancel()
@@ -138,11 +142,13 @@ async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -
 
 
 async def _purge_loop(
-    store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0
+    store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0, *,
+    orphan_min_age: float = 3600.0, orphans_every: float = 3600.0,
 ) -> None:
     """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
-    idempotency keys. A failure is logged and tried again next time."""
-    keys_purged_at = -math.inf
+    idempotency keys; at start and every ``orphans_every``: blob files no commit named that are
+    older than ``orphan_min_age``. A failure is logged and tried again next time."""
+    keys_purged_at = orphans_swept_at = -math.inf
     while True:
         now = datetime.now(UTC)
         try:
@@ -159,4 +165,12 @@ async def _purge_loop(
                     logger.info("purged %d expired idempotency keys", removed)
             except Exception:
                 logger.exception("purging expired idempotency keys failed")
+        if time.monotonic() - orphans_swept_at >= orphans_every:
+            try:
+                orphans = await store.sweep_orphans(orphan_min_age)
+                orphans_swept_at = time.monotonic()
+                if orphans:
+                    logger.info("removed %d blob files that no committed message names", orphans)
+            except Exception:
+                logger.exception("sweeping orphaned blob files failed")
         await asyncio.sleep(interval)
