@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -1093,7 +1094,7 @@ class SqlStore(abc.ABC):
             removed += leftovers
             for start in range(0, len(names), _SWEEP_BATCH):
                 batch = names[start : start + _SWEEP_BATCH]
-                referenced = await self._read(lambda conn, batch=batch: _referenced(self.dialect, conn, batch))
+                referenced = await self._read(functools.partial(_referenced, self.dialect, digests=batch))
                 orphans = [name for name in batch if name not in referenced]
                 if orphans:
                     removed += await asyncio.to_thread(self._blobs.remove_stale, orphans, cutoff)

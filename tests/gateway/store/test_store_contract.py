@@ -184,7 +184,9 @@ async def test_backlog_bound_refuses_then_accepts_after_publishing(make_store: M
     assert not placement.duplicate
 
 
-async def test_orphaned_blob_files_are_swept_and_named_ones_stay(make_store: MakeStore, tmp_path: Path) -> None:
+async def test_orphaned_blob_files_are_swept_and_named_ones_stay(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
     """A commit that fails after its files were written (here a full outbox) leaves them named by
     nothing; the sweep removes them once older than the safety age, and nothing a row names."""
     store = make_store(outbox={"max_backlog": 2}, inline_raw_max=16)
