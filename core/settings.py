@@ -91,6 +91,10 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = ()
     # Desks fetch attachments at {public_url}/blobs/{sha256} with this bearer token; unset = no token.
     blob_token: Secret | None = None
+    # Failed blob-token checks per client IP (/blobs and /media), as the API limits failed keys:
+    # past the burst, 429 until the rate refills.
+    blob_auth_failures_per_minute: float = Field(10.0, gt=0)
+    blob_auth_failures_burst: int = Field(20, ge=1)
     # Parse heavy channels (email) in a child process, off the event loop's interpreter.
     normalizer_process: bool = True
 

@@ -27,6 +27,7 @@ from core.http import (
     ingest_within,
     json_error,
     read_body,
+    refuse_credentials,
     request_envelope,
     result_response,
     retry_after_value,
@@ -159,22 +160,10 @@ class _Handlers:
         remote = self._c.client_ip(request)
         inbox = self._authenticate(request)
         if inbox is None:
-            wait = self._failures.acquire(remote or "unknown")
             present = "Authorization" in request.headers
             logger.warning("api: %s API key from %s", "wrong" if present else "missing", remote)
-            if wait > 0:
-                return json_error(
-                    429,
-                    "rate_limited",
-                    "too many failed authentications; retry later",
-                    headers={"Retry-After": retry_after_value(wait)},
-                )
-            challenge = f'{_CHALLENGE}, error="invalid_token"' if present else _CHALLENGE
-            return json_error(
-                401,
-                "unauthorized",
-                "a valid API key is required: Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": challenge},
+            return refuse_credentials(
+                self._failures, remote, present=present, challenge=_CHALLENGE, required="a valid API key"
             )
         wait = self._per_inbox.acquire(inbox.id)
         if wait > 0:

@@ -48,6 +48,7 @@ def settings_for(tmp_path: Path, store: Mapping[str, Any], smtp_port: int) -> Se
     return Settings.model_validate({
         "server": {
             "normalizer_process": False, "public_url": "http://gateway.test", "blob_token": BLOB_TOKEN,
+            "blob_auth_failures_burst": 3,
         },
         "store": {"path": str(tmp_path / "gateway.db"), "blob_dir": str(tmp_path / "blobs"), **store},
         "outbox": {"relay": "inline", "poll_interval": 0.05},
