@@ -17,7 +17,7 @@ from typing import Self
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from core.errors import InvalidInput
 from core.http import (
     MIN_KEY_LENGTH,
@@ -127,7 +127,7 @@ class ApiConnector:
         )
 
     def setup(self, ctx: ChannelContext) -> None:
-        handlers = _Handlers(self._config, ctx.ingest)
+        handlers = _Handlers(self._config, ctx.ingest, ctx.metrics)
         sub = web.Application()
         sub.router.add_post("/messages", handlers.messages)
         sub.router.add_get("/openapi.yaml", handlers.openapi)
@@ -135,9 +135,10 @@ class ApiConnector:
 
 
 class _Handlers:
-    def __init__(self, config: _Config, ingest: Ingest) -> None:
+    def __init__(self, config: _Config, ingest: Ingest, metrics: ChannelMetrics) -> None:
         self._c = config
         self._ingest = ingest
+        self._metrics = metrics
         channel = config.channel
         self._per_inbox = RateLimiter(
             per_minute=channel.rate_limit_per_minute,
@@ -162,12 +163,15 @@ class _Handlers:
         if inbox is None:
             present = "Authorization" in request.headers
             logger.warning("api: %s API key from %s", "wrong" if present else "missing", remote)
-            return refuse_credentials(
+            refusal = refuse_credentials(
                 self._failures, remote, present=present, challenge=_CHALLENGE, required="a valid API key"
             )
+            self._metrics.refused("rate_limit" if refusal.status == 429 else "auth")
+            return refusal
         wait = self._per_inbox.acquire(inbox.id)
         if wait > 0:
             logger.warning("api %s: rate limit exceeded", inbox.id)
+            self._metrics.refused("rate_limit", inbox=inbox.id)
             return json_error(
                 429,
                 "rate_limited",
@@ -177,11 +181,13 @@ class _Handlers:
         idempotency_key = request.headers.get("Idempotency-Key")
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             logger.info("api %s: invalid Idempotency-Key from %s", inbox.id, remote)
+            self._metrics.refused("malformed", inbox=inbox.id)
             return json_error(
                 400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
             )
         if request.content_type != "application/json":
             logger.info("api %s: unsupported content type %s", inbox.id, request.content_type)
+            self._metrics.refused("malformed", inbox=inbox.id)
             return json_error(415, "unsupported_media_type", "the body must be application/json")
         try:
             body = await read_body(request, self._c.body_limit)
@@ -190,6 +196,7 @@ class _Handlers:
         except InvalidInput as exc:
             code = {400: "invalid_json", 413: "too_large", 422: "invalid_request"}.get(exc.status, "invalid")
             logger.info("api %s: refused a request from %s: %s", inbox.id, remote, exc.reason)
+            self._metrics.refused("size" if exc.status == 413 else "malformed", inbox=inbox.id)
             return json_error(exc.status, code, exc.reason)
         envelope = request_envelope(
             request,

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from aiohttp import web
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.wechat.api import Credentials, WeChatApi
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import (
@@ -37,7 +37,7 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import Lifecycle
+from core.channel import Lifecycle, Refusal
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -79,6 +79,7 @@ class _Runtime:
     clock: Clock
     media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
+    metrics: ChannelMetrics | None = None  # None in tests that build the sub-app alone
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -112,7 +113,10 @@ class _CallbackConnector:
         unionid lookups."""
         fetcher = self.media_fetcher()
         resolver = self.unionid_resolver()
-        ctx.add_app(f"/{self.name}", self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver))
+        ctx.add_app(
+            f"/{self.name}",
+            self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver, metrics=ctx.metrics),
+        )
         if fetcher is not None:
             fetcher.bind(ctx.media, ctx.metrics)
             if resolver is not None:
@@ -161,7 +165,8 @@ class _CallbackConnector:
         return running
 
     def build_subapp(
-        self, ingest: Ingest, *, media: WeChatMedia | None = None, unionid: UnionIdResolver | None = None
+        self, ingest: Ingest, *, media: WeChatMedia | None = None, unionid: UnionIdResolver | None = None,
+        metrics: ChannelMetrics | None = None,
     ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
@@ -173,6 +178,7 @@ class _CallbackConnector:
             clock=self.clock,
             media=media,
             unionid=unionid,
+            metrics=metrics,
         )
         handshake, callback = (
             (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
@@ -302,14 +308,17 @@ def _endpoint(request: web.Request) -> tuple[_Runtime, Endpoint]:
 
 def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: Exception) -> web.Response:
     """Map a verification or input failure to its 4xx; logged without body or secrets."""
+    reason: Refusal
     if isinstance(exc, BadSignature):
-        status = 401
+        status, reason = 401, "signature"
     elif isinstance(exc, VerificationError):
-        status = 403  # stale timestamp, plaintext refused
+        status, reason = 403, "signature"  # stale timestamp, plaintext refused
     elif isinstance(exc, InvalidInput):
-        status = exc.status
+        status, reason = exc.status, "size" if exc.status == 413 else "malformed"
     else:  # pragma: no cover - callers pass only the kinds above
         raise exc
+    if runtime.metrics is not None:
+        runtime.metrics.refused(reason, inbox=endpoint.inbox)
     logger.warning(
         "%s/%s: refused %s %s from %s: %s", runtime.channel, endpoint.name, request.method, status,
         request.remote, exc,

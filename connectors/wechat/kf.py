@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.wechat.api import ApiError, Credentials, WeChatApi
 from connectors.wechat.app import (
     RUNTIME,
@@ -300,7 +300,7 @@ class WeChatKfConnector:
         syncer = self.syncer(ctx.ingest, fetcher)
         fetcher.bind(ctx.media, ctx.metrics)
         syncer.bind(ctx.state)
-        ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer))
+        ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer, metrics=ctx.metrics))
         # Each app's credentials carry their API base (WeChatApi joins it); one client pools them.
         bases = sorted(app.credentials.api_base for app in self.apps.values())
         http = ctx.http(bases[0], timeout=self.table.api_timeout + 5.0)
@@ -321,7 +321,9 @@ class WeChatKfConnector:
 
         ctx.add_lifecycle(syncing)
 
-    def build_subapp(self, ingest: Ingest, syncer: KfSyncer) -> web.Application:
+    def build_subapp(
+        self, ingest: Ingest, syncer: KfSyncer, *, metrics: ChannelMetrics | None = None
+    ) -> web.Application:
         sub = web.Application()
         sub[RUNTIME] = _Runtime(
             channel=CHANNEL,
@@ -330,6 +332,7 @@ class WeChatKfConnector:
             max_body_bytes=self.options["max_body_bytes"],
             ingest_timeout=self.options["ingest_timeout"],
             clock=self.clock,
+            metrics=metrics,
         )
         sub[KF_SYNCER] = syncer
         sub.router.add_get("/{name}", _wecom_handshake, allow_head=False)
