@@ -36,6 +36,8 @@ WX_TOKEN, WX_AES = "hostile-token", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG
 WX_APP = "wx0123456789abcdef"
 MAILBOX = "support@demo.example"
 BLOB_TOKEN = "hostile-blob-token-0123456789"
+FORM_ORIGIN = "https://shop.example"
+FORM_LIMIT = 64 * 1024
 
 
 def free_port() -> int:
@@ -58,6 +60,10 @@ def settings_for(tmp_path: Path, store: Mapping[str, Any], smtp_port: int) -> Se
         "channels": {
             "api": {"inboxes": {INBOX: {"keys": [API_KEY]}}, "auth_failures_burst": 3},
             "identity": {"keys": [DESK_KEY], "auth_failures_burst": 3},
+            "form": {
+                "max_body_bytes": FORM_LIMIT, "rate_limit_burst": 1000,
+                "inboxes": {INBOX: {"allowed_origins": [FORM_ORIGIN]}},
+            },
             "telegram": {"inboxes": {INBOX: {
                 "bot_token": "123456:hostile-bot-token", "secret_token": TG_SECRET, "fetch_media": False,
             }}},
