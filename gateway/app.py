@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -157,20 +158,28 @@ async def _purge_loop(
                 logger.debug("swept %d recent texts past the duplicate window", swept)
         except Exception:
             logger.exception("sweeping old recent texts failed")
-        if time.monotonic() - keys_purged_at >= keys_every:
-            try:
-                removed = await store.purge_expired(now)
-                keys_purged_at = time.monotonic()
-                if removed:
-                    logger.info("purged %d expired idempotency keys", removed)
-            except Exception:
-                logger.exception("purging expired idempotency keys failed")
-        if time.monotonic() - orphans_swept_at >= orphans_every:
-            try:
-                orphans = await store.sweep_orphans(orphan_min_age)
-                orphans_swept_at = time.monotonic()
-                if orphans:
-                    logger.info("removed %d blob files that no committed message names", orphans)
-            except Exception:
-                logger.exception("sweeping orphaned blob files failed")
+        keys_purged_at = await _when_due(
+            keys_purged_at, keys_every, functools.partial(store.purge_expired, now),
+            "purging expired idempotency keys", "purged %d expired idempotency keys",
+        )
+        orphans_swept_at = await _when_due(
+            orphans_swept_at, orphans_every, functools.partial(store.sweep_orphans, orphan_min_age),
+            "sweeping orphaned blob files", "removed %d blob files that no committed message names",
+        )
         await asyncio.sleep(interval)
+
+
+async def _when_due(
+    last: float, every: float, run: Callable[[], Awaitable[int]], what: str, done: str
+) -> float:
+    """Run ``run`` if ``every`` seconds passed since ``last`` (monotonic); when it last succeeded."""
+    if time.monotonic() - last < every:
+        return last
+    try:
+        count = await run()
+    except Exception:
+        logger.exception("%s failed", what)
+        return last
+    if count:
+        logger.info(done, count)
+    return time.monotonic()

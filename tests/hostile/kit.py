@@ -91,14 +91,19 @@ class Gateway:
         assert port is not None
         return port
 
-    async def raw_http(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    async def raw_http(self, head: bytes, body: bytes = b"", *, chunked: bool = False) -> tuple[int, bytes]:
         """Send ``head`` (request line and headers, CRLF-separated, no final blank line) and ``body``
-        as they are; the answer's status and body."""
+        as they are (``chunked``: in 8 KiB chunks, without Content-Length); the answer's status and
+        body."""
+        if chunked:
+            pieces = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+            framing = b"\r\nTransfer-Encoding: chunked"
+            body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+        else:
+            framing = f"\r\nContent-Length: {len(body)}".encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
-            writer.write(
-                head + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
+            writer.write(head + framing + b"\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
             answer = await asyncio.wait_for(reader.read(), 10)
         finally:
