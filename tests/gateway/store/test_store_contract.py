@@ -232,6 +232,28 @@ async def test_orphaned_blob_files_are_swept_and_named_ones_stay(
     assert all(p.exists() for p in young)
 
 
+async def test_the_daemon_sweeps_orphans_at_start_up(make_store: MakeStore, tmp_path: Path) -> None:
+    store = make_store(outbox={"max_backlog": 1}, inline_raw_max=16)
+    await store.open()
+    await accept(store, message("m0"))
+    orphan_env = envelope(b'{"text": "a raw body bigger than inline_raw_max"}')
+    with pytest.raises(BacklogFull):
+        await accept(store, message("m1"), env=orphan_env)
+    orphan = BlobDir(tmp_path / "blobs").path(sha256_hex(orphan_env.body))
+    two_hours_ago = time.time() - 7200
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+
+    loop = asyncio.create_task(_purge_loop(store, duplicate_window=900, interval=0.05, orphan_min_age=3600))
+    try:
+        for _ in range(100):
+            if not orphan.exists():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+    assert not orphan.exists()
+
+
 async def test_low_disk_refuses_with_backlog_full(make_store: MakeStore) -> None:
     store = make_store(min_free_disk_mb=10**12)
     await store.open()
