@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from core.channel import ChannelContext, Connector
+from core.channel import ChannelContext, ChannelMetrics, Connector
 from core.model import IngestResult, RawEnvelope
 from normalizers.base import Normalizer
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """``ctx.ingest`` as a handler holds it: the envelope and the normalizer to run."""
 
-__all__ = ["ChannelContext", "Connector", "Ingest"]
+__all__ = ["ChannelContext", "ChannelMetrics", "Connector", "Ingest"]

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from core.media import MediaFetch
 from core.model import CanonicalMessage, Identity, IngestResult, RawEnvelope
@@ -117,11 +117,24 @@ class IdentityLinks(Protocol):
         ...
 
 
+Refusal = Literal["signature", "auth", "size", "rate_limit", "malformed"]
+"""Why a channel refused a delivery before the pipeline: a signature that does not verify (or a
+stale one); a missing or wrong key, token, origin or recipient; a body past its bound; a rate limit;
+content the channel cannot read."""
+
+
 class ChannelMetrics(Protocol):
-    """Channel-specific counts, exported as ``ticketgate_channel_events_total{channel,inbox,event}``."""
+    """Channel-specific counts."""
 
     def event(self, event: str, *, inbox: str = "") -> None:
-        """Count one occurrence (``signature_refused``, ``media_failed``, ``echo_ignored`` ...)."""
+        """Count one occurrence (``media_failed``, ``update_ignored`` ...), exported as
+        ``ticketgate_channel_events_total{channel,inbox,event}``."""
+        ...
+
+    def refused(self, reason: Refusal, *, inbox: str = "") -> None:
+        """Count one delivery the channel refused itself (before the pipeline): an outcome
+        ``rejected`` in ``ticketgate_messages_total``, and ``ticketgate_refusals_total{reason}``.
+        ``inbox`` only when it is a configured one, never a name a request made up."""
         ...
 
 

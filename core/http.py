@@ -308,6 +308,28 @@ class BearerKeys(Generic[G]):
         return found
 
 
+def refuse_credentials(
+    failures: RateLimiter, remote: str | None, *, present: bool, challenge: str, required: str
+) -> web.Response:
+    """The answer to a missing or wrong credential: 401 with ``challenge``, or 429 with
+    ``Retry-After`` once ``remote`` has failed more often than ``failures`` allows (each failure
+    takes a token, so guessing a key or token is slowed to the limiter's rate)."""
+    wait = failures.acquire(remote or "unknown")
+    if wait > 0:
+        return json_error(
+            429,
+            "rate_limited",
+            "too many failed authentications; retry later",
+            headers={"Retry-After": retry_after_value(wait)},
+        )
+    return json_error(
+        401,
+        "unauthorized",
+        f"{required} is required: Authorization: Bearer <key>",
+        headers={"WWW-Authenticate": f'{challenge}, error="invalid_token"' if present else challenge},
+    )
+
+
 _ERROR_CODES = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type", 429: "rate_limited",

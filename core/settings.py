@@ -91,6 +91,10 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = ()
     # Desks fetch attachments at {public_url}/blobs/{sha256} with this bearer token; unset = no token.
     blob_token: Secret | None = None
+    # Failed blob-token checks per client IP (/blobs and /media), as the API limits failed keys:
+    # past the burst, 429 until the rate refills.
+    blob_auth_failures_per_minute: float = Field(10.0, gt=0)
+    blob_auth_failures_burst: int = Field(20, ge=1)
     # Parse heavy channels (email) in a child process, off the event loop's interpreter.
     normalizer_process: bool = True
 
@@ -110,6 +114,11 @@ class StoreSettings(_Section):
     idempotency_retention: Duration = 8 * 86400.0
     commit_max_batch: int = Field(512, gt=0)
     min_free_disk_mb: int = Field(256, ge=0)
+    # Blob files no committed row names (a commit that failed after writing them) are removed once
+    # older than ``orphan_min_age``, at start-up and every ``orphan_sweep_interval``. The age must
+    # outlast any write-then-commit of an instance sharing ``blob_dir``.
+    orphan_min_age: Duration = Field(3600.0, ge=60.0)
+    orphan_sweep_interval: Duration = Field(3600.0, gt=0)
 
     @field_validator("idempotency_retention")
     @classmethod

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -79,7 +80,11 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.open()
         purge = asyncio.create_task(
-            _purge_loop(store, settings.dedupe.duplicate_window), name="ticketgate-purge"
+            _purge_loop(
+                store, settings.dedupe.duplicate_window, orphan_min_age=settings.store.orphan_min_age,
+                orphans_every=settings.store.orphan_sweep_interval,
+            ),
+            name="ticketgate-purge",
         )
         yield
         purge.cancel()
@@ -170,11 +175,13 @@ async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -
 
 
 async def _purge_loop(
-    store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0
+    store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0, *,
+    orphan_min_age: float = 3600.0, orphans_every: float = 3600.0,
 ) -> None:
     """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
-    idempotency keys. A failure is logged and tried again next time."""
-    keys_purged_at = -math.inf
+    idempotency keys; at start and every ``orphans_every``: blob files no commit named that are
+    older than ``orphan_min_age``. A failure is logged and tried again next time."""
+    keys_purged_at = orphans_swept_at = -math.inf
     while True:
         now = datetime.now(UTC)
         try:
@@ -183,12 +190,28 @@ async def _purge_loop(
                 logger.debug("swept %d recent texts past the duplicate window", swept)
         except Exception:
             logger.exception("sweeping old recent texts failed")
-        if time.monotonic() - keys_purged_at >= keys_every:
-            try:
-                removed = await store.purge_expired(now)
-                keys_purged_at = time.monotonic()
-                if removed:
-                    logger.info("purged %d expired idempotency keys", removed)
-            except Exception:
-                logger.exception("purging expired idempotency keys failed")
+        keys_purged_at = await _when_due(
+            keys_purged_at, keys_every, functools.partial(store.purge_expired, now),
+            "purging expired idempotency keys", "purged %d expired idempotency keys",
+        )
+        orphans_swept_at = await _when_due(
+            orphans_swept_at, orphans_every, functools.partial(store.sweep_orphans, orphan_min_age),
+            "sweeping orphaned blob files", "removed %d blob files that no committed message names",
+        )
         await asyncio.sleep(interval)
+
+
+async def _when_due(
+    last: float, every: float, run: Callable[[], Awaitable[int]], what: str, done: str
+) -> float:
+    """Run ``run`` if ``every`` seconds passed since ``last`` (monotonic); when it last succeeded."""
+    if time.monotonic() - last < every:
+        return last
+    try:
+        count = await run()
+    except Exception:
+        logger.exception("%s failed", what)
+        return last
+    if count:
+        logger.info(done, count)
+    return time.monotonic()

@@ -33,6 +33,7 @@ from core.channel import (
     Lifecycle,
     LinkOutcome,
     Normalizer,
+    Refusal,
     normalizer_for,
 )
 from core.errors import ConfigError
@@ -212,6 +213,9 @@ class _Metrics:
 
     def event(self, event: str, *, inbox: str = "") -> None:
         self._metrics.channel_event(self._channel, inbox, event)
+
+    def refused(self, reason: Refusal, *, inbox: str = "") -> None:
+        self._metrics.refused(self._channel, inbox, reason)
 
 
 class _Http:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 from datetime import UTC, datetime
 
 from aiohttp import web
 
-from core.http import header_bytes
 from gateway.keys import METRICS, RELAY, SETTINGS, STORE
-from gateway.media import file_response
+from gateway.media import BLOB_AUTH, file_response
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +86,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def blob(request: web.Request) -> web.StreamResponse:
     """Attachments by content hash, for desks (``Authorization: Bearer <server.blob_token>``)."""
-    settings = request.app[SETTINGS]
-    token = settings.server.blob_token
-    if token is not None:
-        offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(header_bytes(offered), token.get_secret_value().encode()):
-            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
+    refused = request.config_dict[BLOB_AUTH].refusal(request)
+    if refused is not None:
+        return refused
     digest = request.match_info["sha256"]
     if not _SHA256.match(digest):
         raise web.HTTPBadRequest(text="not a sha256")

@@ -6,7 +6,6 @@ fetched any more, 404 when the gateway does not know it. The blob token of ``/bl
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from datetime import UTC, datetime
@@ -15,7 +14,8 @@ from urllib.parse import quote
 from aiohttp import web
 
 from core.events import media_path
-from core.http import header_bytes
+from core.http import BearerKeys, ClientAddress, RateLimiter, refuse_credentials
+from core.settings import ServerSettings
 from gateway.keys import SETTINGS, STORE
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ _INLINE = re.compile(r"^(?:image/(?:png|jpeg|gif|webp|bmp|avif)|audio/[\w.+-]+|v
 
 
 async def serve_media(request: web.Request) -> web.StreamResponse:
-    _authorize(request)
+    refused = request.config_dict[BLOB_AUTH].refusal(request)
+    if refused is not None:
+        return refused
     match = request.match_info
     key = media_path(match["channel"], match["inbox"], match["ref"])
     store = request.config_dict[STORE]
@@ -79,16 +81,37 @@ def file_response(
     return web.Response(body=data, content_type=content_type, headers=headers)
 
 
-def _authorize(request: web.Request) -> None:
-    """The same bearer token as ``/blobs`` (``server.blob_token``), when one is configured."""
-    settings = request.config_dict.get(SETTINGS)
-    token = settings.server.blob_token if settings is not None else None
-    if token is None:
-        return
-    offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(header_bytes(offered), token.get_secret_value().encode()):
-        raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"}, text="blob token required")
+class BlobAuth:
+    """The one check of ``server.blob_token`` for ``/blobs`` and ``/media``, with a failed-auth
+    limiter per client IP as the API has for its keys; no token configured, no check."""
+
+    def __init__(self, server: ServerSettings) -> None:
+        self._keys: BearerKeys[bool] | None = None
+        if server.blob_token is not None:
+            self._keys = BearerKeys(what="the blob token", source=None)
+            self._keys.add(server.blob_token, True, where="server.blob_token")
+        self._client_ip = ClientAddress(server.trusted_proxies)
+        self._failures = RateLimiter(
+            per_minute=server.blob_auth_failures_per_minute, burst=server.blob_auth_failures_burst
+        )
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """``None`` when the request may fetch; else the 401 (or 429) to answer."""
+        if self._keys is None or self._keys.lookup(request):
+            return None
+        remote = self._client_ip(request)
+        present = "Authorization" in request.headers
+        logger.warning("%s: %s blob token from %s", request.path.split("/", 2)[1], "wrong" if present
+                       else "missing", remote)
+        return refuse_credentials(
+            self._failures, remote, present=present, challenge=_CHALLENGE, required="the blob token"
+        )
+
+
+BLOB_AUTH = web.AppKey("blob_auth", BlobAuth)
+_CHALLENGE = 'Bearer realm="ticketgate-blobs"'
 
 
 def setup_media(app: web.Application) -> None:
+    app[BLOB_AUTH] = BlobAuth(app[SETTINGS].server)
     app.router.add_get("/media/{channel}/{inbox}/{ref:.+}", serve_media)

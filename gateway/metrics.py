@@ -58,6 +58,14 @@ class Metrics:
             registry=r,
         )
 
+        self.refusals = Counter(
+            "ticketgate_refusals",
+            "Deliveries a channel refused before the pipeline, by reason (signature, auth, size,"
+            " rate_limit, malformed); each is also an outcome 'rejected'",
+            ["channel", "inbox", "reason"],
+            registry=r,
+        )
+
         # Labelled children, looked up once: ``labels()`` takes a lock and rebuilds the key per call.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -89,6 +97,11 @@ class Metrics:
     def channel_event(self, channel: str, inbox: str, event: str) -> None:
         """One channel-specific occurrence (through ``ChannelContext.metrics``)."""
         self._child(self.channel_events, channel, inbox, event).inc()
+
+    def refused(self, channel: str, inbox: str, reason: str) -> None:
+        """One delivery refused by the channel itself (``ChannelContext.metrics.refused``)."""
+        self._child(self.outcomes, channel, "rejected").inc()
+        self._child(self.refusals, channel, inbox, reason).inc()
 
     # The relay reports through these three methods (see gateway.relay).
     def publish_confirmed(self, n: int) -> None:

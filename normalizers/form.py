@@ -214,6 +214,10 @@ def parse_form(body: bytes, content_type: str | None) -> FormSubmission:
     media_type, params = _media_params(content_type or "")
     if media_type == "application/x-www-form-urlencoded":
         text = _decode(body, _charset(params), "the form body")
+        # parse_qsl's own bound raises a ValueError like malformed data does; too many fields is
+        # too large, as it is for multipart (counted as parse_qsl counts: one more than the '&'s).
+        if text.count("&") >= MAX_FIELDS:
+            raise TooLarge(f"more than {MAX_FIELDS} form fields")
         try:
             pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict")
         except ValueError as exc:

@@ -17,7 +17,7 @@ from typing import Self
 from aiohttp import web
 from pydantic import Field, field_validator
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from core.channel import ChannelEndpoint
 from core.errors import InvalidInput
 from core.http import (
@@ -28,6 +28,7 @@ from core.http import (
     ingest_within,
     json_error,
     read_body,
+    refuse_credentials,
     request_envelope,
     result_response,
     retry_after_value,
@@ -133,7 +134,7 @@ class ApiConnector:
         return [ChannelEndpoint(inbox=inbox, kind="api", address=url) for inbox in inboxes]
 
     def setup(self, ctx: ChannelContext) -> None:
-        handlers = _Handlers(self._config, ctx.ingest)
+        handlers = _Handlers(self._config, ctx.ingest, ctx.metrics)
         sub = web.Application()
         sub.router.add_post("/messages", handlers.messages)
         sub.router.add_get("/openapi.yaml", handlers.openapi)
@@ -141,9 +142,10 @@ class ApiConnector:
 
 
 class _Handlers:
-    def __init__(self, config: _Config, ingest: Ingest) -> None:
+    def __init__(self, config: _Config, ingest: Ingest, metrics: ChannelMetrics) -> None:
         self._c = config
         self._ingest = ingest
+        self._metrics = metrics
         channel = config.channel
         self._per_inbox = RateLimiter(
             per_minute=channel.rate_limit_per_minute,
@@ -166,26 +168,17 @@ class _Handlers:
         remote = self._c.client_ip(request)
         inbox = self._authenticate(request)
         if inbox is None:
-            wait = self._failures.acquire(remote or "unknown")
             present = "Authorization" in request.headers
             logger.warning("api: %s API key from %s", "wrong" if present else "missing", remote)
-            if wait > 0:
-                return json_error(
-                    429,
-                    "rate_limited",
-                    "too many failed authentications; retry later",
-                    headers={"Retry-After": retry_after_value(wait)},
-                )
-            challenge = f'{_CHALLENGE}, error="invalid_token"' if present else _CHALLENGE
-            return json_error(
-                401,
-                "unauthorized",
-                "a valid API key is required: Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": challenge},
+            refusal = refuse_credentials(
+                self._failures, remote, present=present, challenge=_CHALLENGE, required="a valid API key"
             )
+            self._metrics.refused("rate_limit" if refusal.status == 429 else "auth")
+            return refusal
         wait = self._per_inbox.acquire(inbox.id)
         if wait > 0:
             logger.warning("api %s: rate limit exceeded", inbox.id)
+            self._metrics.refused("rate_limit", inbox=inbox.id)
             return json_error(
                 429,
                 "rate_limited",
@@ -195,11 +188,13 @@ class _Handlers:
         idempotency_key = request.headers.get("Idempotency-Key")
         if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
             logger.info("api %s: invalid Idempotency-Key from %s", inbox.id, remote)
+            self._metrics.refused("malformed", inbox=inbox.id)
             return json_error(
                 400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
             )
         if request.content_type != "application/json":
             logger.info("api %s: unsupported content type %s", inbox.id, request.content_type)
+            self._metrics.refused("malformed", inbox=inbox.id)
             return json_error(415, "unsupported_media_type", "the body must be application/json")
         try:
             body = await read_body(request, self._c.body_limit)
@@ -208,6 +203,7 @@ class _Handlers:
         except InvalidInput as exc:
             code = {400: "invalid_json", 413: "too_large", 422: "invalid_request"}.get(exc.status, "invalid")
             logger.info("api %s: refused a request from %s: %s", inbox.id, remote, exc.reason)
+            self._metrics.refused("size" if exc.status == 413 else "malformed", inbox=inbox.id)
             return json_error(exc.status, code, exc.reason)
         envelope = request_envelope(
             request,

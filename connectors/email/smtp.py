@@ -24,10 +24,11 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.email.data import DataState, read_data
 from connectors.email.envelope import EnvelopeFactory, Router
 from connectors.email.settings import EmailSettings, SmtpSettings
+from core.channel import Refusal
 from core.model import IngestResult, Outcome, RawEnvelope
 from core.ratelog import RateLimitedLog
 from normalizers.base import Normalizer
@@ -45,6 +46,25 @@ _REWRITES = {
 }
 
 TEMPFAIL = "451 4.3.0 Temporary failure storing the message, try again later"
+
+# Replies that refuse a mail before the pipeline sees it, by their start, and the reason counted
+# (ChannelMetrics.refused). Syntax and sequence errors (500, 501, 503) refuse a command, not a mail;
+# a 554 after DATA is the pipeline's own rejection, counted there.
+_REFUSALS: tuple[tuple[bytes, Refusal], ...] = (
+    (b"552", "size"),
+    (b"530", "auth"),
+    (b"535", "auth"),
+    (b"550 5.1.1", "auth"),  # a recipient that is not ours: relaying is refused
+    (b"550 5.5.2", "malformed"),  # a bare CR
+    (b"500 5.5.6", "malformed"),  # a line too long
+)
+
+
+def _refusal_reason(reply: bytes) -> Refusal | None:
+    for start, reason in _REFUSALS:
+        if reply.startswith(start):
+            return reason
+    return None
 
 
 def _reason(text: str | None, default: str) -> str:
@@ -92,12 +112,16 @@ class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with connection limits, enhanced status codes on its fixed replies, and DATA
     read in bulk."""
 
-    def __init__(self, handler: SmtpHandler, *, limits: ConnectionLimits, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: SmtpHandler, *, limits: ConnectionLimits, metrics: ChannelMetrics | None = None,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("decode_data"):
             raise ValueError("GatewaySMTP keeps DATA as bytes: decode_data must be false")
         super().__init__(handler, **kwargs)
         self._data_handler = handler
         self._limits = limits
+        self._metrics = metrics
         self._limited_ip: str | None = None
         self._refused = False
 
@@ -108,6 +132,8 @@ class GatewaySMTP(SMTP):
             if not self._limits.acquire(ip):
                 self._refused = True
                 self._limits.shed_log("refusing SMTP connections at the connection limit (last from %s)", ip)
+                if self._metrics is not None:
+                    self._metrics.refused("rate_limit")
                 # A cast, not an isinstance check: uvloop's transports have the methods of
                 # asyncio.WriteTransport without subclassing it (the gateway runs on uvloop).
                 writer = cast(asyncio.WriteTransport, transport)
@@ -201,6 +227,9 @@ class GatewaySMTP(SMTP):
             peer = _peer_ip(self.session.peer if self.session is not None else None)
             text = _reason(reply.decode("ascii", "replace"), "?")
             logger.info("SMTP refusal for %s: %s", peer, text)
+            reason = _refusal_reason(reply)
+            if reason is not None and self._metrics is not None:
+                self._metrics.refused(reason)
         await super().push(reply)
 
 
@@ -214,7 +243,9 @@ class SmtpHandler:
         factory: EnvelopeFactory,
         ingest: Ingest,
         normalize: Normalizer,
+        metrics: ChannelMetrics | None = None,
     ) -> None:
+        self.metrics = metrics  # the listener's sessions count their refusals here
         self._smtp = smtp
         self._email = email
         self._router = Router(email)
@@ -406,6 +437,7 @@ class SmtpListener:
                 GatewaySMTP,
                 self._handler,
                 limits=limits,
+                metrics=self._handler.metrics,
                 loop=loop,
                 hostname=hostname,
                 ident="ticketgate",
@@ -456,7 +488,7 @@ def setup_smtp(
     shutdown_timeout: float,
 ) -> SmtpListener:
     """The SMTP listener, listening while the gateway runs."""
-    listener = SmtpListener(smtp, SmtpHandler(smtp, email, factory, ctx.ingest, normalize))
+    listener = SmtpListener(smtp, SmtpHandler(smtp, email, factory, ctx.ingest, normalize, ctx.metrics))
 
     @contextlib.asynccontextmanager
     async def serving() -> AsyncIterator[None]:

@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from pydantic import Field, field_validator, model_validator
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.form import render
 from connectors.form.i18n import STRINGS, pick_language
 from core.channel import ChannelEndpoint
@@ -183,7 +183,7 @@ class FormConnector:
         return found
 
     def setup(self, ctx: ChannelContext) -> None:
-        handlers = _Handlers(self._config, ctx.ingest)
+        handlers = _Handlers(self._config, ctx.ingest, ctx.metrics)
         sub = web.Application()
         sub.router.add_get("/{inbox}", handlers.show)
         sub.router.add_post("/{inbox}", handlers.submit)
@@ -208,9 +208,10 @@ def _origin_of(request: web.Request) -> str | None:
 class _Handlers:
     """The sub-app's handlers; the rate limiter is the only state, and it is bounded."""
 
-    def __init__(self, config: _Config, ingest: Ingest) -> None:
+    def __init__(self, config: _Config, ingest: Ingest, metrics: ChannelMetrics) -> None:
         self._c = config
         self._ingest = ingest
+        self._metrics = metrics
         channel = config.channel
         self._limiter = RateLimiter(
             per_minute=channel.rate_limit_per_minute, burst=channel.rate_limit_burst,
@@ -328,6 +329,7 @@ class _Handlers:
         wait = self._limiter.acquire(remote or "unknown")
         if wait > 0:
             logger.warning("form %s: rate limit exceeded by %s", inbox.id, remote)
+            self._metrics.refused("rate_limit", inbox=inbox.id)
             return self._refuse(
                 request, inbox, status=429, code="rate_limited", message_key="rate_limited",
                 reason="too many submissions from this address; retry later",
@@ -337,6 +339,7 @@ class _Handlers:
         if not self._origin_allowed(request, inbox, origin):
             logger.warning("form %s: refused a post from origin %s (client %s)",
                            inbox.id, origin or "-", remote)
+            self._metrics.refused("auth", inbox=inbox.id)  # the origin is the only credential a form has
             return self._refuse(
                 request, inbox, status=403, code="origin_not_allowed", message_key="forbidden",
                 reason="this form does not accept posts from this origin" if origin
@@ -347,6 +350,7 @@ class _Handlers:
             submission = parse_form(body, request.headers.get("Content-Type"))
         except InvalidInput as exc:
             logger.info("form %s: unreadable submission from %s: %s", inbox.id, remote, exc.reason)
+            self._metrics.refused("size" if exc.status == 413 else "malformed", inbox=inbox.id)
             key = {413: "too_large", 415: "unsupported"}.get(exc.status, "rejected")
             code = {413: "too_large", 415: "unsupported_media_type"}.get(exc.status, "malformed")
             return self._refuse(
@@ -360,6 +364,7 @@ class _Handlers:
         if errors:
             logger.info("form %s: invalid submission from %s: %s", inbox.id, remote, describe_errors(errors))
             status = 413 if errors.get("attachments") == "too_large" else 400
+            self._metrics.refused("size" if status == 413 else "malformed", inbox=inbox.id)
             if accepts_json(request):
                 return json_response(
                     {"error": "invalid_fields", "reason": describe_errors(errors), "fields": errors},

@@ -216,12 +216,13 @@ class Webhook:
         if not bot.accepts(offered):
             logger.warning("telegram %s: %s secret token from %s; refused", bot.inbox,
                            "wrong" if offered is not None else "missing", request.remote)
-            self._ctx.metrics.event("signature_refused", inbox=bot.inbox)
+            self._ctx.metrics.refused("signature", inbox=bot.inbox)
             return web.Response(status=401, text="secret token required")
         try:
             body = await read_body(request, self._limit)
         except TooLarge as exc:
             logger.warning("telegram %s: refused a body from %s: %s", bot.inbox, request.remote, exc.reason)
+            self._ctx.metrics.refused("size", inbox=bot.inbox)
             return web.Response(status=413, text="too large")
         headers = {k: v for k, v in envelope_headers(request).items() if k != SECRET_HEADER.lower()}
         envelope = self._intake.envelope(

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from aiohttp import web
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.wechat.api import Credentials, WeChatApi
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import (
@@ -37,7 +37,7 @@ from connectors.wechat.security import (
 )
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import ChannelEndpoint, ChannelMetrics, Lifecycle
+from core.channel import ChannelEndpoint, Lifecycle, Refusal
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -79,8 +79,7 @@ class _Runtime:
     clock: Clock
     media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
-    # Counts refused signatures (ticketgate_channel_events_total{event="signature_refused"}).
-    metrics: ChannelMetrics | None = None
+    metrics: ChannelMetrics | None = None  # None in tests that build the sub-app alone
     # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
     pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
 
@@ -322,16 +321,17 @@ def _endpoint(request: web.Request) -> tuple[_Runtime, Endpoint]:
 
 def _refusal(runtime: _Runtime, endpoint: Endpoint, request: web.Request, exc: Exception) -> web.Response:
     """Map a verification or input failure to its 4xx; logged without body or secrets."""
+    reason: Refusal
     if isinstance(exc, BadSignature):
-        status = 401
-        if runtime.metrics is not None:
-            runtime.metrics.event("signature_refused", inbox=endpoint.inbox)
+        status, reason = 401, "signature"
     elif isinstance(exc, VerificationError):
-        status = 403  # stale timestamp, plaintext refused
+        status, reason = 403, "signature"  # stale timestamp, plaintext refused
     elif isinstance(exc, InvalidInput):
-        status = exc.status
+        status, reason = exc.status, "size" if exc.status == 413 else "malformed"
     else:  # pragma: no cover - callers pass only the kinds above
         raise exc
+    if runtime.metrics is not None:
+        runtime.metrics.refused(reason, inbox=endpoint.inbox)
     logger.warning(
         "%s/%s: refused %s %s from %s: %s", runtime.channel, endpoint.name, request.method, status,
         request.remote, exc,

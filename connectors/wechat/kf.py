@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from connectors.base import ChannelContext, Ingest
+from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.wechat.api import ApiError, Credentials, WeChatApi
 from connectors.wechat.app import (
     RUNTIME,
@@ -45,7 +45,7 @@ from connectors.wechat.app import (
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.settings import WeChatKfSettings
-from core.channel import ChannelEndpoint, ChannelMetrics, ChannelState
+from core.channel import ChannelEndpoint, ChannelState
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope

@@ -39,6 +39,7 @@ from core.http import (
     json_error,
     json_response,
     read_body,
+    refuse_credentials,
     retry_after_value,
 )
 from core.model import Identity, IdentityKind
@@ -386,20 +387,8 @@ class _Handlers:
         remote = self._c.client_ip(request)
         present = "Authorization" in request.headers
         logger.warning("desk api: %s key from %s", "wrong" if present else "missing", remote)
-        wait = self._failures.acquire(remote or "unknown")
-        if wait > 0:
-            return json_error(
-                429,
-                "rate_limited",
-                "too many failed authentications; retry later",
-                headers={"Retry-After": retry_after_value(wait)},
-            )
-        challenge = f'{_CHALLENGE}, error="invalid_token"' if present else _CHALLENGE
-        return json_error(
-            401,
-            "unauthorized",
-            "a valid desk API key is required: Authorization: Bearer <key>",
-            headers={"WWW-Authenticate": challenge},
+        return refuse_credentials(
+            self._failures, remote, present=present, challenge=_CHALLENGE, required="a valid desk API key"
         )
 
     @staticmethod

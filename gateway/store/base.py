@@ -144,6 +144,11 @@ class Store(Protocol):
         """
         ...
 
+    async def sweep_orphans(self, min_age: float) -> int:
+        """Remove blob files that no committed row names and that are older than ``min_age``
+        seconds (left by a commit that failed after its files were written); returns how many."""
+        ...
+
     async def ping(self) -> None:
         """Raise if the store cannot write right now (readiness)."""
         ...

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 RAW_REF_PREFIX = "blob:sha256:"
@@ -70,9 +71,14 @@ class BlobDir:
         """Store ``data`` durably and return its sha256; an existing blob is not rewritten."""
         digest = sha256_hex(data)
         target = self.path(digest)
-        if target.exists():
-            # Renames are atomic, so a file under its final name is always complete.
+        try:
+            # Renames are atomic, so a file under its final name is always complete. Touching it
+            # makes it young again: an orphan sweep (:meth:`remove_stale`) leaves it to the commit
+            # about to name it.
+            os.utime(target)
             return digest
+        except FileNotFoundError:
+            pass
         shard = target.parent
         if not shard.is_dir():
             shard.mkdir(exist_ok=True)
@@ -98,6 +104,63 @@ class BlobDir:
             return self.path(sha256).read_bytes()
         except FileNotFoundError:
             return None
+
+    def stale(self, shard: str, cutoff: float) -> tuple[list[str], int]:
+        """Blobs of one shard (``"00"`` .. ``"ff"``) last written or touched before ``cutoff`` (epoch
+        seconds), and how many temporary files a crashed write left there before it were removed."""
+        names: list[str] = []
+        leftovers = 0
+        try:
+            entries = list(os.scandir(self.root / shard))
+        except FileNotFoundError:
+            return names, leftovers
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False) or entry.stat().st_mtime >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    leftovers += 1
+            elif entry.name.startswith(".sweep-"):
+                # A sweep that stopped half-way: the blob goes back under its name, swept (or not)
+                # like any other next time.
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(entry.path, self.root / shard / entry.name.removeprefix(".sweep-"))
+            elif is_sha256(entry.name) and entry.name.startswith(shard):
+                names.append(entry.name)
+        return names, leftovers
+
+    def remove_stale(self, digests: Iterable[str], cutoff: float) -> int:
+        """Remove the blobs ``digests`` that are still older than ``cutoff``; how many went.
+
+        Another instance may :meth:`put` the same bytes meanwhile, finding the file and touching it
+        instead of writing it. So the file is first renamed aside (a ``put`` after that writes it
+        anew) and its age read again: touched in between, it is put back.
+        """
+        removed = 0
+        shards: set[Path] = set()
+        for digest in digests:
+            target = self.path(digest)
+            aside = target.with_name(f".sweep-{digest}")
+            try:
+                os.rename(target, aside)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.stat(aside).st_mtime >= cutoff:
+                    os.replace(aside, target)  # the same bytes as any file a put wrote meanwhile
+                    continue
+                os.unlink(aside)
+            except FileNotFoundError:
+                continue  # another instance's sweep put it back (see stale)
+            shards.add(target.parent)
+            removed += 1
+        for shard in shards:
+            _fsync_dir(shard)
+        return removed
 
     def free_bytes(self) -> int:
         """Free space for unprivileged writers on the file system holding the root."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -360,6 +361,34 @@ def outbox_rows(d: Dialect, conn: Connection, after: int, limit: int) -> list[Ou
         )
         for r in rows
     ]
+
+
+_SHARDS = tuple(f"{i:02x}" for i in range(256))
+_SWEEP_BATCH = 500
+
+
+def _referenced(d: Dialect, conn: Connection, digests: Sequence[str]) -> set[str]:
+    """Which of ``digests`` a committed row names: the blob index, the inline raw archive, fetched
+    media, a quarantined envelope. Every file write is indexed in ``blob_files`` by the commit that
+    names it, so the other tables (unindexed on these columns) are asked only about what it lacks."""
+    # Not through Dialect.sql's cache: the list's length varies.
+    marks = ", ".join([d.placeholder] * len(digests))
+    query = f"SELECT sha256 FROM blob_files WHERE sha256 IN ({marks})"  # noqa: S608 - placeholders only
+    found = {row[0] for row in conn.execute(query, digests).fetchall()}
+    for digest in digests:
+        if digest in found:
+            continue
+        row = conn.execute(
+            d.sql(
+                "SELECT 1 FROM raw_archive WHERE sha256 = ?"
+                " UNION ALL SELECT 1 FROM media WHERE sha256 = ?"
+                " UNION ALL SELECT 1 FROM quarantine WHERE raw_ref = ?"
+            ),
+            (digest, digest, raw_ref(digest)),
+        ).fetchone()
+        if row is not None:
+            found.add(digest)
+    return found
 
 
 def _insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: datetime) -> None:
@@ -1049,6 +1078,27 @@ class SqlStore(abc.ABC):
             return max(deleted, 0)
 
         return await self._write(job)
+
+    async def sweep_orphans(self, min_age: float) -> int:
+        """Remove blob files no committed row names and older than ``min_age`` seconds; how many.
+
+        Files are written before the commit that names them, so a commit that failed (a full disk,
+        a full outbox, a crash) leaves its files behind. Only files older than ``min_age`` are
+        candidates: another instance sharing the directory may be about to commit one it just
+        wrote (or touched: :meth:`BlobDir.put`). Shard by shard, so memory stays small.
+        """
+        cutoff = time.time() - min_age
+        removed = 0
+        for shard in _SHARDS:
+            names, leftovers = await asyncio.to_thread(self._blobs.stale, shard, cutoff)
+            removed += leftovers
+            for start in range(0, len(names), _SWEEP_BATCH):
+                batch = names[start : start + _SWEEP_BATCH]
+                referenced = await self._read(functools.partial(_referenced, self.dialect, digests=batch))
+                orphans = [name for name in batch if name not in referenced]
+                if orphans:
+                    removed += await asyncio.to_thread(self._blobs.remove_stale, orphans, cutoff)
+        return removed
 
     async def ping(self) -> None:
         """A real write: a probe file written and fsynced where the store writes files, then a

@@ -171,8 +171,27 @@ class Gateway:
     connector: Connector
     store: Store  # the real store, for reading the outcome
     client: Client
+    metrics: Metrics
     ingested: list[RawEnvelope] = field(default_factory=list)  # every envelope handed to ingest
     normalized: list[RawEnvelope] = field(default_factory=list)  # every envelope a normalizer saw
+
+    def refusals(self) -> dict[str, float]:
+        """``ticketgate_refusals_total`` of this channel by reason (summed over inboxes), as
+        /metrics shows it."""
+        counts: dict[str, float] = {}
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "ticketgate_refusals_total" and labels["channel"] == self.descriptor.name:
+                    counts[labels["reason"]] = counts.get(labels["reason"], 0.0) + sample.value
+        return counts
+
+    def rejected(self) -> float:
+        """``ticketgate_messages_total{outcome="rejected"}`` of this channel."""
+        value = self.metrics.registry.get_sample_value(
+            "ticketgate_messages_total", {"channel": self.descriptor.name, "outcome": "rejected"}
+        )
+        return value or 0.0
 
     async def outbox(self, event_type: str = events.MESSAGE_RECEIVED) -> list[OutboxRow]:
         return [row for row in await self.store.outbox_fetch(10_000) if row.type == event_type]
@@ -283,7 +302,7 @@ async def _running(
     client: Client = TestClient(TestServer(app))
     gateway = Gateway(
         descriptor=descriptor, settings=settings, connector=connector, store=real, client=client,
-        ingested=ingested, normalized=normalized,
+        metrics=metrics, ingested=ingested, normalized=normalized,
     )
     await client.start_server()
     try:

@@ -54,6 +54,9 @@ async def test_forged_is_refused_before_anything_is_parsed(channel: Channel) -> 
         assert gw.ingested == []
         assert gw.normalized == []
         assert await gw.outbox() == []
+        # Counted where /metrics shows it: a refusal by reason, and an outcome "rejected".
+        assert gw.refusals() in ({"signature": 1.0}, {"auth": 1.0}), gw.refusals()
+        assert gw.rejected() == 1.0
 
 
 async def test_a_redelivered_message_makes_one_event(channel: Channel) -> None:
@@ -93,6 +96,8 @@ async def test_an_oversized_delivery_is_refused(channel: Channel) -> None:
         assert answer.kind == "refused", answer
         assert answer.status in (413, 552), answer
         assert gw.ingested == []
+        assert gw.refusals() == {"size": 1.0}
+        assert gw.rejected() == 1.0
 
 
 async def test_a_failing_store_gets_the_providers_retry(channel: Channel) -> None:

@@ -119,8 +119,8 @@ async def test_the_try_it_commands_of_every_guide_make_their_events(dev_gateway:
     assert Counter(event["message"]["channel"] for event in received) == EXPECTED
 
     # The forged WeChat callback of wechat.md was refused and counted.
-    refused = metric(gateway.url, "ticketgate_channel_events_total",
-                     'channel="wechat",event="signature_refused",inbox="demo"')
+    refused = metric(gateway.url, "ticketgate_refusals_total",
+                     'channel="wechat",inbox="demo",reason="signature"')
     assert refused == 1
 
     # Every URL the guides send to is one the start-up summary printed.

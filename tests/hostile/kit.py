@@ -36,6 +36,8 @@ WX_TOKEN, WX_AES = "hostile-token", "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG
 WX_APP = "wx0123456789abcdef"
 MAILBOX = "support@demo.example"
 BLOB_TOKEN = "hostile-blob-token-0123456789"
+FORM_ORIGIN = "https://shop.example"
+FORM_LIMIT = 64 * 1024
 
 
 def free_port() -> int:
@@ -48,6 +50,7 @@ def settings_for(tmp_path: Path, store: Mapping[str, Any], smtp_port: int) -> Se
     return Settings.model_validate({
         "server": {
             "normalizer_process": False, "public_url": "http://gateway.test", "blob_token": BLOB_TOKEN,
+            "blob_auth_failures_burst": 3,
         },
         "store": {"path": str(tmp_path / "gateway.db"), "blob_dir": str(tmp_path / "blobs"), **store},
         "outbox": {"relay": "inline", "poll_interval": 0.05},
@@ -57,6 +60,10 @@ def settings_for(tmp_path: Path, store: Mapping[str, Any], smtp_port: int) -> Se
         "channels": {
             "api": {"inboxes": {INBOX: {"keys": [API_KEY]}}, "auth_failures_burst": 3},
             "identity": {"keys": [DESK_KEY], "auth_failures_burst": 3},
+            "form": {
+                "max_body_bytes": FORM_LIMIT, "rate_limit_burst": 1000,
+                "inboxes": {INBOX: {"allowed_origins": [FORM_ORIGIN]}},
+            },
             "telegram": {"inboxes": {INBOX: {
                 "bot_token": "123456:hostile-bot-token", "secret_token": TG_SECRET, "fetch_media": False,
             }}},
@@ -84,14 +91,19 @@ class Gateway:
         assert port is not None
         return port
 
-    async def raw_http(self, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    async def raw_http(self, head: bytes, body: bytes = b"", *, chunked: bool = False) -> tuple[int, bytes]:
         """Send ``head`` (request line and headers, CRLF-separated, no final blank line) and ``body``
-        as they are; the answer's status and body."""
+        as they are (``chunked``: in 8 KiB chunks, without Content-Length); the answer's status and
+        body."""
+        if chunked:
+            pieces = [body[i : i + 8192] for i in range(0, len(body), 8192)]
+            framing = b"\r\nTransfer-Encoding: chunked"
+            body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+        else:
+            framing = f"\r\nContent-Length: {len(body)}".encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
-            writer.write(
-                head + f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
+            writer.write(head + framing + b"\r\nConnection: close\r\n\r\n" + body)
             await writer.drain()
             answer = await asyncio.wait_for(reader.read(), 10)
         finally:

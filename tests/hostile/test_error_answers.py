@@ -25,11 +25,13 @@ async def test_a_wrong_method_is_a_json_405_with_allow(sqlite_gateway: Gateway) 
     assert "POST" in response.headers["Allow"]
 
 
-async def test_a_raised_401_keeps_its_challenge_and_says_why_in_json(sqlite_gateway: Gateway) -> None:
+async def test_a_401_keeps_its_challenge_and_says_why_in_json(sqlite_gateway: Gateway) -> None:
     response = await sqlite_gateway.client.get(f"/blobs/{'0' * 64}")
     assert response.status == 401
-    assert response.headers["WWW-Authenticate"] == "Bearer"
-    assert await response.json() == {"error": "unauthorized", "reason": "blob token required"}
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="ticketgate-blobs"'
+    assert await response.json() == {
+        "error": "unauthorized", "reason": "the blob token is required: Authorization: Bearer <key>"
+    }
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hostile.kit import API_KEY, INBOX, Gateway, api_message
+from tests.hostile.kit import API_KEY, BLOB_TOKEN, INBOX, Gateway, api_message
 
 BAD = b"\xc3\x28"  # a UTF-8 lead byte followed by a non-continuation byte
 
@@ -41,10 +41,18 @@ async def test_a_non_utf8_telegram_secret_is_401(sqlite_gateway: Gateway) -> Non
 
 
 @pytest.mark.parametrize("path", [f"/blobs/{'0' * 64}", f"/media/telegram/{INBOX}/ref"])
-async def test_a_non_utf8_blob_token_is_401(sqlite_gateway: Gateway, path: str) -> None:
-    head = f"GET {path} HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer ".encode() + BAD
-    status, _ = await sqlite_gateway.raw_http(head)
-    assert status == 401
+@pytest.mark.parametrize("token", [BAD, b"wrong-token", None], ids=["non-utf8", "wrong", "missing"])
+async def test_failed_blob_tokens_are_401_then_throttled_by_the_failed_auth_limiter(
+    sqlite_gateway: Gateway, path: str, token: bytes | None
+) -> None:
+    head = f"GET {path} HTTP/1.1\r\nHost: gateway.test".encode()
+    if token is not None:
+        head += b"\r\nAuthorization: Bearer " + token
+    statuses = [(await sqlite_gateway.raw_http(head))[0] for _ in range(4)]
+    # blob_auth_failures_burst is 3 in the kit: the fourth failure from this address is throttled.
+    assert statuses == [401, 401, 401, 429]
+    right = f"GET {path} HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: Bearer {BLOB_TOKEN}".encode()
+    assert (await sqlite_gateway.raw_http(right))[0] == 404  # the token itself still works
 
 
 async def test_a_non_utf8_idempotency_key_is_400(sqlite_gateway: Gateway) -> None:

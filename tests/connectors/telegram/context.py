@@ -120,6 +120,9 @@ class CountingMetrics:
     def event(self, event: str, *, inbox: str = "") -> None:
         self.counts[(event, inbox)] += 1
 
+    def refused(self, reason: str, *, inbox: str = "") -> None:
+        self.counts[(f"refused:{reason}", inbox)] += 1
+
 
 @dataclass
 class Client:

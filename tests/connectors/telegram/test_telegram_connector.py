@@ -153,7 +153,7 @@ async def test_a_missing_or_wrong_secret_token_is_401_and_nothing_is_parsed(
     monkeypatch.setattr("connectors.telegram.connector.normalize", sentinel)
     assert await post(client, fixture("private_text"), secret=secret) == 401
     assert context.ingests == 0
-    assert context.metrics.counts[("signature_refused", "support")] == 1
+    assert context.metrics.counts[("refused:signature", "support")] == 1
 
 
 async def test_both_secret_tokens_are_accepted_during_a_rotation(

@@ -214,8 +214,8 @@ async def test_wrong_signature_is_refused_before_ingest(make_client: MakeClient)
     assert (await client.post("/wechat/demo", params=query, data=body)).status == 401
     assert ingest.envelopes == []
     # Counted for the signature-failure alert (deploy/prometheus/alerts.yml).
-    labels = {"channel": "wechat", "inbox": "wx-demo", "event": "signature_refused"}
-    assert metrics.registry.get_sample_value("ticketgate_channel_events_total", labels) == 2
+    labels = {"channel": "wechat", "inbox": "wx-demo", "reason": "signature"}
+    assert metrics.registry.get_sample_value("ticketgate_refusals_total", labels) == 2
 
 
 async def test_tampered_body_fails_the_signature(make_client: MakeClient) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +32,7 @@ from dedupe import graph
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.app import _purge_loop, sweep_recent_texts
 from gateway.store.base import Store
-from gateway.store.blobs import sha256_hex
+from gateway.store.blobs import BlobDir, sha256_hex
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
 from tests.support.postgres import store_table
@@ -180,6 +182,76 @@ async def test_backlog_bound_refuses_then_accepts_after_publishing(make_store: M
     await store.outbox_mark_published([rows[0].position])
     (placement,) = await accept(store, message("m3"))
     assert not placement.duplicate
+
+
+async def test_orphaned_blob_files_are_swept_and_named_ones_stay(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    """A commit that fails after its files were written (here a full outbox) leaves them named by
+    nothing; the sweep removes them once older than the safety age, and nothing a row names."""
+    store = make_store(outbox={"max_backlog": 2}, inline_raw_max=16)
+    await store.open()
+    blobs = BlobDir(tmp_path / "blobs")
+
+    def big(tag: str) -> tuple[RawEnvelope, Attachment]:
+        body = f'{{"text": "a body bigger than inline_raw_max: {tag}"}}'.encode()
+        return envelope(body), Attachment(name=f"{tag}.txt", content_type="text/plain", data=tag.encode() * 8)
+
+    kept_env, kept_file = big("kept")
+    await accept(store, message("m0", attachments=(kept_file,)), env=kept_env)
+    quarantined = (await store.quarantine(big("quarantined")[0], "unreadable")).raw_ref.rsplit(":", 1)[1]
+    media = await store.media_done("wechat/support/m1", b"fetched media", content_type="image/png", name=None)
+    orphan_env, orphan_file = big("orphan")
+    with pytest.raises(BacklogFull):  # written, then the commit that would name them failed
+        await accept(store, message("m1", attachments=(orphan_file,)), env=orphan_env)
+    orphans = [blobs.path(sha256_hex(orphan_env.body)), blobs.path(sha256_hex(orphan_file.data))]
+    named = [
+        blobs.path(sha256_hex(kept_env.body)), blobs.path(sha256_hex(kept_file.data)),
+        blobs.path(quarantined), blobs.path(media),
+    ]
+    assert all(p.exists() for p in orphans + named)
+    two_hours_ago = time.time() - 7200
+    for path in orphans + named:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    young_env, young_file = big("young")  # another instance's files, its commit not yet done
+    with pytest.raises(BacklogFull):
+        await accept(store, message("m2", attachments=(young_file,)), env=young_env)
+    young = [blobs.path(sha256_hex(young_env.body)), blobs.path(sha256_hex(young_file.data))]
+
+    assert await store.sweep_orphans(min_age=3600) == 2
+
+    assert not any(p.exists() for p in orphans)
+    assert all(p.exists() for p in named + young)
+    assert await store.read_blob(sha256_hex(kept_file.data)) == kept_file.data
+    # An old orphan written again (found and touched by put) is young again: its commit may follow.
+    for path in young:
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    with pytest.raises(BacklogFull):
+        await accept(store, message("m2", attachments=(young_file,)), env=young_env)
+    assert await store.sweep_orphans(min_age=3600) == 0
+    assert all(p.exists() for p in young)
+
+
+async def test_the_daemon_sweeps_orphans_at_start_up(make_store: MakeStore, tmp_path: Path) -> None:
+    store = make_store(outbox={"max_backlog": 1}, inline_raw_max=16)
+    await store.open()
+    await accept(store, message("m0"))
+    orphan_env = envelope(b'{"text": "a raw body bigger than inline_raw_max"}')
+    with pytest.raises(BacklogFull):
+        await accept(store, message("m1"), env=orphan_env)
+    orphan = BlobDir(tmp_path / "blobs").path(sha256_hex(orphan_env.body))
+    two_hours_ago = time.time() - 7200
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+
+    loop = asyncio.create_task(_purge_loop(store, duplicate_window=900, interval=0.05, orphan_min_age=3600))
+    try:
+        for _ in range(100):
+            if not orphan.exists():
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+    assert not orphan.exists()
 
 
 async def test_low_disk_refuses_with_backlog_full(make_store: MakeStore) -> None:
