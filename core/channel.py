@@ -1,7 +1,7 @@
 """The channel seam: everything a channel may use, and how a channel declares itself.
 
 A channel is a package under ``connectors/`` that exports one :class:`ChannelDescriptor` (name,
-settings model, connector, normalizer, identity kinds, optional sender) through the
+settings model, connector, normalizer, identity kinds) through the
 ``ticketgate.channels`` entry-point group. The daemon builds the connector from the settings and
 calls ``connector.setup(ctx)`` with a :class:`ChannelContext`: the only door to the rest of the
 gateway. A channel never imports the store, dedupe or the daemon's wiring (import-linter enforces
@@ -11,11 +11,17 @@ Rules a connector keeps (the channel contract suite checks them for every regist
 verify before parsing; hand a :class:`~core.model.RawEnvelope` to ``ctx.ingest``; answer success
 only when ``result.stored``; answer the provider's "retry" when the result is retryable; never 500
 on what a request carried.
+
+The way back (replies): a channel that can answer registers a :class:`SenderSpec` with
+``ctx.add_sender`` in ``setup``. The gateway stores every reply command, orders the replies of a
+thread, enforces the reply window and the rate, retries with backoff and publishes the outcome; a
+sender only turns one :class:`OutboundReply` into one provider call and says how it went (a
+:class:`Sent`, or a :class:`SendError` with a reason code).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -153,6 +159,119 @@ class HttpClient(Protocol):
         ...
 
 
+ReplyFailure = Literal[
+    "window_closed",
+    "recipient_unreachable",
+    "blocked",
+    "rejected",
+    "auth",
+    "rate_limited",
+    "too_large",
+    "unsupported",
+    "provider_error",
+    "timeout",
+    "expired",
+]
+"""Why a reply did not go out (``reply.failed`` ``reason``): outside the provider's reply window;
+the recipient is unknown or unreachable; the customer blocked or unfollowed; the provider refused the
+content; our credentials were refused; the provider's rate limit; an attachment past the provider's
+cap; something the channel cannot send; any other provider error; no answer in time; the command
+outlived its retries."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundAttachment:
+    """A reply's attachment, already in the blob store (``ctx.blobs.read(sha256)``)."""
+
+    name: str
+    content_type: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutboundReply:
+    """One reply to send: the desk's command resolved against the thread.
+
+    ``reply_id`` is ours and stays the same over every attempt; a sender passes it to the provider
+    as the idempotency key where the provider has one (微信客服 ``msgid``, a mail's ``Message-ID``).
+    ``answering`` is the ``extra`` of the customer's latest message on this channel and inbox (what
+    the channel's normalizer kept for the way back: a chat id, an open_kfid, a Slack thread),
+    ``answering_external_id`` its provider id, and ``references`` the provider ids of the thread's
+    messages on this channel, oldest first (mail threading)."""
+
+    reply_id: str
+    command_id: str
+    tenant: str
+    channel: str
+    inbox: str
+    thread_id: str
+    thread_number: int
+    subject: str | None
+    recipient: Identity
+    text: str | None
+    html: str | None = None
+    attachments: tuple[OutboundAttachment, ...] = ()
+    agent_name: str | None = None
+    answering: Mapping[str, Any] = field(default_factory=dict)
+    answering_external_id: str | None = None
+    references: tuple[str, ...] = ()
+    last_inbound_at: datetime | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    """The provider accepted the reply (``reply.sent``)."""
+
+    provider_message_id: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SendError(Exception):
+    """The provider did not take the reply. ``permanent`` ends it (``reply.failed``); otherwise the
+    gateway retries with backoff, after ``retry_after`` seconds at the earliest when the provider
+    said so. ``detail`` is the provider's own words (its error code and message)."""
+
+    def __init__(
+        self, reason: ReplyFailure, detail: str, *, permanent: bool, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: ReplyFailure = reason
+        self.detail = detail
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class Sender(Protocol):
+    """Sends one reply through one provider call (or one SMTP transaction)."""
+
+    async def send(self, reply: OutboundReply) -> Sent: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SenderSpec:
+    """How a channel answers, registered with ``ctx.add_sender`` during ``setup``.
+
+    ``window``: seconds after the customer's last message in which a free-form reply may go (WeChat
+    48 h, WhatsApp 24 h); ``None`` for no window. Outside it the gateway fails the reply with
+    ``window_closed`` without calling the sender, unless ``outside_window(reply)`` says this reply may
+    go anyway (a WhatsApp template). ``rate`` and ``burst``: sends per second per inbox.
+    ``idempotent``: the provider drops a repeated ``reply_id``, so a crash between its acceptance and
+    our commit sends nothing twice (documented per channel in ``docs/replies.md``)."""
+
+    sender: Sender
+    window: float | None = None
+    outside_window: Callable[[OutboundReply], bool] | None = None
+    rate: float = 10.0
+    burst: int = 10
+    idempotent: bool = False
+
+
+DeliveryStatus = Literal["delivered", "read", "failed"]
+
+
 Lifecycle = Callable[[], AbstractAsyncContextManager[None]]
 """Something started before the gateway serves and stopped after its listeners (an SMTP server)."""
 
@@ -211,6 +330,24 @@ class ChannelContext(Protocol):
         """A client for a provider API at ``base_url``; call during ``setup``."""
         ...
 
+    def add_sender(self, spec: SenderSpec) -> None:
+        """This channel answers replies through ``spec``; call during ``setup``, at most once."""
+        ...
+
+    async def report_delivery(
+        self,
+        provider_message_id: str,
+        status: DeliveryStatus,
+        *,
+        at: datetime | None = None,
+        reason: ReplyFailure | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """A provider's report on one of our replies (a WhatsApp ``statuses`` item, a LINE read
+        receipt): publishes ``reply.delivered``, ``reply.read`` or ``reply.failed``. ``False`` when
+        no reply of this channel has that id (not ours, or erased): the caller acknowledges anyway."""
+        ...
+
 
 class Connector(Protocol):
     """One channel's transport. ``from_settings`` returns ``None`` when the channel is not configured
@@ -260,8 +397,6 @@ class ChannelDescriptor:
     settings: type[BaseModel] | None = None
     identity_kinds: frozenset[str] = field(default_factory=frozenset)
     deadline: float = 10.0
-    sender: Any = None  # the way back (replies); each channel's sender lands with the replies work
-
 
 
 def normalizer_for(descriptor: ChannelDescriptor, settings: Settings) -> Normalizer:

@@ -28,12 +28,15 @@ from core.channel import (
     ChannelDescriptor,
     ChannelEndpoint,
     Connector,
+    DeliveryStatus,
     DescribesEndpoints,
     HttpClient,
     Lifecycle,
     LinkOutcome,
     Normalizer,
     Refusal,
+    ReplyFailure,
+    SenderSpec,
     normalizer_for,
 )
 from core.errors import ConfigError
@@ -50,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """The pipeline's ingest (or a test's stand-in)."""
+
+Deliveries = Callable[[str, str, DeliveryStatus, datetime, ReplyFailure | None, str | None], Awaitable[bool]]
+"""(channel, provider message id, status, at, reason, detail) -> whether a reply of ours had that id."""
 
 # Tables under [channels] that are not channels: the desk API is the daemon's own.
 NOT_CHANNELS = frozenset({"identity"})
@@ -257,8 +263,12 @@ class GatewayContext:
         store: Store | None,
         metrics: Metrics,
         clock: SystemClock | None = None,
+        senders: dict[str, SenderSpec] | None = None,
+        deliveries: Deliveries | None = None,
     ) -> None:
         self._app = app
+        self._senders = senders if senders is not None else {}
+        self._deliveries = deliveries
         self._descriptor = descriptor
         self._settings = settings
         self._ingest = ingest
@@ -349,6 +359,26 @@ class GatewayContext:
             self.add_lifecycle(sessions)
         self._clients.append(client)
         return client
+
+    def add_sender(self, spec: SenderSpec) -> None:
+        if self.channel in self._senders:
+            raise RuntimeError(f"{self.channel}: a sender is already registered")
+        self._senders[self.channel] = spec
+
+    async def report_delivery(
+        self,
+        provider_message_id: str,
+        status: DeliveryStatus,
+        *,
+        at: datetime | None = None,
+        reason: ReplyFailure | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        if self._deliveries is None:
+            logger.debug("%s: no reply ledger for %s (%s)", self.channel, provider_message_id, status)
+            return False
+        when = at or self._clock.now()
+        return await self._deliveries(self.channel, provider_message_id, status, when, reason, detail)
 
 
 async def _supervise(name: str, run: Callable[[], Awaitable[None]], restart_after: float) -> None:
