@@ -33,6 +33,7 @@ EXAMPLE_ENV = {
     "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
     "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
+    "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
 }
 
 
