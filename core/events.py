@@ -25,6 +25,8 @@ MESSAGE_RECEIVED = "message.received"
 MESSAGE_QUARANTINED = "message.quarantined"
 # A message the customer changed after sending (``CanonicalMessage.edit_of`` names the original).
 MESSAGE_EDITED = "message.edited"
+# A message the customer deleted (``CanonicalMessage.delete_of`` names it).
+MESSAGE_DELETED = "message.deleted"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
@@ -41,6 +43,7 @@ EVENT_TYPES = (
     CUSTOMER_MERGED,
     CUSTOMER_UNMERGED,
     MESSAGE_EDITED,
+    MESSAGE_DELETED,
     *REPLY_TYPES,
 )
 
@@ -187,7 +190,8 @@ def message_received(
     duplicate_of: str | None = None,
 ) -> Event:
     """Build the ``message.received`` event for a message the store has just placed; for an edit
-    (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``."""
+    (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``; for
+    a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``."""
     payload = {
         "thread": {
             "id": placement.thread_id,
@@ -245,6 +249,7 @@ def message_received(
             "duplicate_of": duplicate_of if duplicate_of is not None else placement.duplicate_of,
             "extra": dict(message.extra),
             **({"edit_of": message.edit_of} if message.edit_of is not None else {}),
+            **({"delete_of": message.delete_of} if message.delete_of is not None else {}),
         },
         "routing": {
             "priority": message.routing.priority,
@@ -258,7 +263,7 @@ def message_received(
         },
     }
     return _event(
-        event_type=MESSAGE_RECEIVED if message.edit_of is None else MESSAGE_EDITED,
+        event_type=_message_event_type(message),
         tenant=message.tenant,
         channel=message.channel,
         payload=payload,
@@ -266,6 +271,12 @@ def message_received(
         thread_id=placement.thread_id,
         sequence=placement.sequence,
     )
+
+
+def _message_event_type(message: CanonicalMessage) -> str:
+    if message.delete_of is not None:
+        return MESSAGE_DELETED
+    return MESSAGE_RECEIVED if message.edit_of is None else MESSAGE_EDITED
 
 
 def message_quarantined(

@@ -11,7 +11,7 @@ from core.settings import Settings
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
-    from gateway.channels import EnabledChannel
+    from gateway.channels import EnabledChannel, Registry
     from gateway.pipeline import Pipeline
     from gateway.relay import Relay
     from gateway.replies import Dispatcher
@@ -26,3 +26,5 @@ RELAY: web.AppKey[Relay] = web.AppKey("relay")
 CHANNELS: web.AppKey[Sequence[EnabledChannel]] = web.AppKey("channels")
 # The reply dispatcher (tests and benchmarks drive it; channels reach it through their context).
 REPLIES: web.AppKey[Dispatcher] = web.AppKey("replies")
+# The channels installed (quarantine replay takes each channel's live normalizer from it).
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
