@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -268,7 +268,16 @@ class WeChatSender:
         """The provider messages of ``reply``, checked before anything is sent."""
         text = reply.text or (to_text(reply.html) if reply.html else None)
         parts = [Part(kind="text", text=piece) for piece in split_text(text or "")]
-        for attachment in reply.attachments:
+        parts += self.attachment_parts(reply.attachments)
+        if not parts:
+            raise SendError("rejected", "the reply has neither text nor attachments", permanent=True)
+        return parts
+
+    def attachment_parts(self, attachments: Sequence[OutboundAttachment]) -> list[Part]:
+        """One message per attachment, by its type; one this channel cannot send, or past its cap,
+        fails the reply before anything is sent."""
+        parts = []
+        for attachment in attachments:
             kind = self.media_kinds.get(attachment.content_type.split(";")[0].strip().lower())
             if kind is None:
                 if not self.files:
@@ -284,8 +293,6 @@ class WeChatSender:
                     permanent=True,
                 )
             parts.append(Part(kind=kind, attachment=attachment))
-        if not parts:
-            raise SendError("rejected", "the reply has neither text nor attachments", permanent=True)
         return parts
 
     async def upload(self, api: WeChatApi, part: Part) -> str | None:
@@ -356,14 +363,20 @@ class OfficialAccountSender(WeChatSender):
         url = news.get("url")
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise SendError("rejected", "options.news needs a url", permanent=True)
-        images = [a for a in reply.attachments if self.media_kinds.get(a.content_type) == "image"]
         card = {
             "title": str(news.get("title") or reply.subject or "")[:64],
             "description": str(news.get("description") or reply.text or "")[:512],
             "url": url,
             "picurl": news.get("picurl") if isinstance(news.get("picurl"), str) else None,
         }
-        return [Part(kind="news", news=card, attachment=images[0] if images and not card["picurl"] else None)]
+        rest = list(reply.attachments)
+        picture = None
+        if not card["picurl"]:
+            picture = next((a for a in rest if self.media_kinds.get(a.content_type) == "image"), None)
+            if picture is not None:
+                rest.remove(picture)
+        # The card, then any other attachment as its own message.
+        return [Part(kind="news", news=card, attachment=picture), *self.attachment_parts(rest)]
 
     async def deliver(
         self, api: WeChatApi, account: Account, to: str, part: Part, media: str | None, reply: OutboundReply,

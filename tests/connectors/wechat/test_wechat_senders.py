@@ -440,3 +440,11 @@ async def test_an_account_without_its_secret_registers_no_sender(
 
     set_up(web.Application(), connector, ingest, settings=config, store=store, senders=specs)
     assert specs == {}
+
+
+async def test_news_sends_its_other_attachments_after_the_card(rig: Rig, fake: FakeWeChatApi) -> None:
+    cover = rig.blobs.put(PNG, "cover.png", "image/png")
+    photo = rig.blobs.put(PNG + b"2", "photo.png", "image/png")
+    news = {"title": "退款进度", "url": "https://shop.example.com/orders/4711"}
+    await rig.send("wechat", oa_reply(attachments=(cover, photo), options={"news": news}))
+    assert [b["msgtype"] for b in sends(fake, "custom_send")] == ["news", "image"]
