@@ -8,6 +8,7 @@
   attachment, uploaded with ``uploadimg``). No files: a reply carrying one is ``unsupported``.
 * WeCom app: ``POST /cgi-bin/message/send`` with the app's ``agentid`` to the member's userid;
   text, image, voice, video and file. No window. External contacts cannot be written to this way.
+  WeCom's duplicate check (30 minutes) drops a resend of the same content.
 * 微信客服: ``POST /cgi-bin/kf/send_msg`` with ``open_kfid`` and the customer's ``external_userid``
   (both kept by the normalizer in the message's ``extra``) and ``msgid`` derived from the reply id,
   so WeChat keeps one message per id however often a send is repeated. 48 hours and 5 messages
@@ -48,6 +49,7 @@ from normalizers.html import to_text
 logger = logging.getLogger(__name__)
 
 WINDOW_48H = 48 * 3600.0
+WECOM_DUPLICATE_CHECK = 1800  # seconds (WeCom allows up to 4 hours)
 MAX_TEXT_BYTES = 2048
 MiB = 1024 * 1024
 PartKind = Literal["text", "image", "voice", "video", "file", "news"]
@@ -418,7 +420,16 @@ class WeComSender(WeChatSender):
         self, api: WeChatApi, account: Account, to: str, part: Part, media: str | None, reply: OutboundReply,
         index: int,
     ) -> str | None:
-        body = {"touser": to, "agentid": account.agent_id, "safe": 0, **_payload(part, media)}
+        # WeCom drops the same content to the same member within the interval: a resend after a
+        # crash between WeCom's acceptance and our commit (at most a lease later) is absorbed.
+        body = {
+            "touser": to,
+            "agentid": account.agent_id,
+            "safe": 0,
+            "enable_duplicate_check": 1,
+            "duplicate_check_interval": WECOM_DUPLICATE_CHECK,
+            **_payload(part, media),
+        }
         answer = await api.post_json("/cgi-bin/message/send", body, retries=0)
         if to in str(answer.get("invaliduser") or "").split("|"):
             raise SendError("recipient_unreachable", f"invaliduser: {to}", permanent=True)
