@@ -97,17 +97,22 @@
 
   // 60 stacked bars, one a minute, oldest on the left: stored, refused, retry.
   function chart(row, channel) {
-    const m = row.minutes, n = m.stored.length, w = 4, h = 36;
+    const m = row.minutes, n = m.stored.length, w = 4, h = 36, axis = 11;
     const totals = m.stored.map((v, i) => v + m.rejected[i] + m.retry[i]);
     const max = Math.max(1, ...totals);
     const sum = totals.reduce((a, b) => a + b, 0);
     const root = svg("svg", {
-      class: "chart", width: n * w, height: h + 1, viewBox: `0 0 ${n * w} ${h + 1}`, role: "img",
+      class: "chart", width: n * w, height: h + 1 + axis, viewBox: `0 0 ${n * w} ${h + 1 + axis}`, role: "img",
       "data-total": sum, "data-stored": m.stored.reduce((a, b) => a + b, 0),
       "data-channel": channel, "data-inbox": row.inbox,
       "aria-label": `${channel}/${row.inbox || "-"}: ${sum} ${t("last_hour")}`,
     });
     root.append(svg("line", { x1: 0, x2: n * w, y1: h + 0.5, y2: h + 0.5, stroke: "var(--line)" }));
+    for (const [x, anchor, key] of [[0, "start", "chart_start"], [n * w, "end", "chart_end"]]) {
+      const label = svg("text", { x, y: h + axis, "text-anchor": anchor, "font-size": 9, fill: "var(--muted)" });
+      label.textContent = t(key);
+      root.append(label);
+    }
     const end = row.minute_end * 1000;
     totals.forEach((total, i) => {
       if (!total) return;
@@ -171,8 +176,10 @@
     const box = document.getElementById("tg-channels");
     if (!d.channels.length) { box.replaceChildren(el("p", { cls: "muted", text: t("no_channels") })); return; }
     box.replaceChildren(...d.channels.map((ch) => {
-      const totals = Object.entries(ch.totals).filter(([, v]) => v).map(([k, v]) => `${k} ${number.format(v)}`).join(" · ");
-      const rows = el("table", { cls: "inboxes" }, el("tr", {},
+      const totals = Object.entries(ch.totals).filter(([, v]) => v)
+        .map(([k, v]) => `${t(`outcome_${k}`)} ${number.format(v)}`).join(" · ");
+      const rows = el("table", { cls: "inboxes" }, el("colgroup", {}, el("col", { cls: "c-inbox" }),
+        el("col", { cls: "c-chart" }), el("col", { cls: "c-count" }), el("col", { cls: "c-last" })), el("tr", {},
         el("th", { text: t("inbox") }), el("th", { text: t("messages_hour") }), el("th", { text: t("last_hour") }),
         el("th", { text: t("last_message") })));
       for (const row of ch.inboxes) {
