@@ -168,14 +168,36 @@ def _sqlite_bytes(path: Path) -> int | None:
     return total
 
 
+def reply_figures(metrics: Metrics) -> dict[str, Any]:
+    """Replies sent and failed since start, from the counters the reply sender exports
+    (``ticketgate_replies_sent{channel,inbox}``, ``ticketgate_replies_failed{channel,reason}``);
+    zeros where it does not run."""
+    sent: dict[str, int] = defaultdict(int)
+    for labels, value in _counter(metrics, "ticketgate_replies_sent"):
+        sent[labels.get("channel", "")] += int(value)
+    failed_by_reason: dict[str, int] = defaultdict(int)
+    failed_by_channel: dict[str, int] = defaultdict(int)
+    for labels, value in _counter(metrics, "ticketgate_replies_failed"):
+        failed_by_reason[labels.get("reason", "")] += int(value)
+        failed_by_channel[labels.get("channel", "")] += int(value)
+    return {
+        "sent": sum(sent.values()),
+        "sent_by_channel": dict(sent),
+        "failed": sum(failed_by_reason.values()),
+        "failed_by_reason": {k: v for k, v in sorted(failed_by_reason.items()) if v},
+        "failed_by_channel": {k: v for k, v in sorted(failed_by_channel.items()) if v},
+    }
+
+
 async def summary(app: web.Application) -> dict[str, Any]:
     """Everything the page shows, read now."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
     store = app[STORE]
     relay = app[RELAY].status
-    status, problem, held = await asyncio.gather(
-        store.outbox_status(), probe_store(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN)
+    status, problem, held, replies = await asyncio.gather(
+        store.outbox_status(), probe_store(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
+        store.reply_backlog(),
     )
     oldest = status.oldest_created_at
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
@@ -218,6 +240,17 @@ async def summary(app: web.Application) -> dict[str, Any]:
             "ok": problem is None,
             "problem": problem,
             "size_bytes": size,
+        },
+        "replies": {
+            # Waiting: in the ledger, shared by every instance; sent and failed: this instance's.
+            "waiting": replies.pending + replies.sending,
+            "pending": replies.pending,
+            "sending": replies.sending,
+            "oldest_waiting_age": (
+                (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
+                if replies.oldest_requested_at is not None else None
+            ),
+            **reply_figures(metrics),
         },
         "quarantine": {
             "shown": QUARANTINE_SHOWN,

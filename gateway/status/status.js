@@ -86,11 +86,14 @@
         t("q_shown", { n: q.shown }), "tg-q-tile"),
     ];
     if (d.replies) {
-      tiles.push(tile(`${t("replies")} · ${t("replies_waiting")}`, number.format(d.replies.waiting), d.replies.waiting ? "warn" : "ok",
-        d.replies.oldest_waiting_age !== null && d.replies.oldest_waiting_age !== undefined
-          ? t("oldest", { age: duration(d.replies.oldest_waiting_age) }) : "", "tg-replies-waiting"));
-      tiles.push(tile(`${t("replies")} · ${t("replies_failed")}`, number.format(d.replies.failed), d.replies.failed ? "bad" : "ok",
-        Object.entries(d.replies.failed_by_reason || {}).map(([k, v]) => `${k} ${v}`).join(" · "), "tg-replies-failed"));
+      const r = d.replies;
+      const waitingAge = r.oldest_waiting_age !== null ? t("oldest", { age: duration(r.oldest_waiting_age) }) : "";
+      tiles.push(tile(`${t("replies")} · ${t("replies_waiting")}`, number.format(r.waiting),
+        r.waiting ? (r.oldest_waiting_age > 300 ? "bad" : "warn") : "ok", waitingAge, "tg-replies-waiting"));
+      const reasons = Object.entries(r.failed_by_reason).map(([k, v]) => `${k} ${number.format(v)}`).join(" · ");
+      tiles.push(tile(`${t("replies")} · ${t("replies_failed")}`, number.format(r.failed), r.failed ? "bad" : "ok",
+        reasons || t("replies_since", { sent: number.format(r.sent), failed: number.format(r.failed) }),
+        "tg-replies-failed"));
     }
     box.replaceChildren(...tiles);
   }
@@ -176,8 +179,13 @@
     const box = document.getElementById("tg-channels");
     if (!d.channels.length) { box.replaceChildren(el("p", { cls: "muted", text: t("no_channels") })); return; }
     box.replaceChildren(...d.channels.map((ch) => {
-      const totals = Object.entries(ch.totals).filter(([, v]) => v)
+      let totals = Object.entries(ch.totals).filter(([, v]) => v)
         .map(([k, v]) => `${t(`outcome_${k}`)} ${number.format(v)}`).join(" · ");
+      const sent = (d.replies.sent_by_channel || {})[ch.name] || 0;
+      const failed = (d.replies.failed_by_channel || {})[ch.name] || 0;
+      if (sent || failed) {
+        totals += ` · ${t("replies")}: ${t("replies_sent")} ${number.format(sent)}, ${t("replies_failed")} ${number.format(failed)}`;
+      }
       const rows = el("table", { cls: "inboxes" }, el("colgroup", {}, el("col", { cls: "c-inbox" }),
         el("col", { cls: "c-chart" }), el("col", { cls: "c-count" }), el("col", { cls: "c-last" })), el("tr", {},
         el("th", { text: t("inbox") }), el("th", { text: t("messages_hour") }), el("th", { text: t("last_hour") }),

@@ -319,3 +319,40 @@ def test_quantile_and_deadline_share_follow_prometheus() -> None:
     assert within(30.0, buckets) == (100, 100)
     # Past the last finite bound: Prometheus answers that bound.
     assert quantile(1.0, [(1.0, 1.0), (float("inf"), 3.0)]) == 1.0
+
+
+async def test_replies_waiting_from_the_ledger_and_failed_from_the_sender_counters(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    from prometheus_client import Counter
+
+    from dedupe.engine import new_id
+    from gateway.keys import METRICS
+    from gateway.store.replies import ReplyRequest
+
+    client, _ = await started(aiohttp_client, tmp_path)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    empty = (await (await client.get("/status/api/summary", headers=auth)).json())["replies"]
+    assert (empty["waiting"], empty["failed"], empty["oldest_waiting_age"]) == (0, 0, None)
+
+    posted = await client.post(
+        "/api/v1/messages", json={"customer": {"email": "ada@example.com"}, "text": "where is it?"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    thread_id = (await posted.json())["thread_id"]
+    requested = await client.app[STORE].reply_request(ReplyRequest(
+        reply_id=new_id("rpl"), tenant="acme", command_id="cmd-1", thread_id=thread_id,
+        fingerprint="fp:1", command={"text": "on its way"},
+    ))
+    assert requested.outcome == "created"
+    # What the reply sender counts (gateway/replies.py exports these on the same registry).
+    registry = client.app[METRICS].registry
+    failed = Counter("ticketgate_replies_failed", "test", ["channel", "reason"], registry=registry)
+    failed.labels("api", "window_closed").inc(2)
+
+    replies = (await (await client.get("/status/api/summary", headers=auth)).json())["replies"]
+    assert replies["waiting"] == replies["pending"] == 1
+    assert replies["oldest_waiting_age"] >= 0
+    assert replies["failed"] == 2
+    assert replies["failed_by_reason"] == {"window_closed": 2}
+    assert replies["failed_by_channel"] == {"api": 2}
