@@ -34,6 +34,10 @@ QUARANTINE_SHOWN = 50
 # The refusal reasons a channel may give (core.channel.Refusal), shown even at 0.
 REFUSALS = ("signature", "auth", "size", "rate_limit", "malformed")
 STORED = (Outcome.ACCEPTED.value, Outcome.DUPLICATE.value, Outcome.QUARANTINED.value)
+# The store probe is a real write with fsync (as /readyz does it); every open page polling every
+# few seconds need not add one each: a result this recent is shown again.
+PROBE_REUSE = 10.0
+_PROBED: web.AppKey[dict[str, tuple[float, str | None]]] = web.AppKey("status_store_probe", dict)
 
 
 def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -189,6 +193,23 @@ def reply_figures(metrics: Metrics) -> dict[str, Any]:
     }
 
 
+async def _store_problem(app: web.Application) -> str | None:
+    """The readiness probe's answer, at most ``PROBE_REUSE`` seconds old."""
+    cache = app.get(_PROBED)
+    if cache is None:
+        return await probe_store(app)
+    last = cache.get("store")
+    if last is not None and time.monotonic() - last[0] < PROBE_REUSE:
+        return last[1]
+    problem = await probe_store(app)
+    cache["store"] = (time.monotonic(), problem)
+    return problem
+
+
+def setup_data(app: web.Application) -> None:
+    app[_PROBED] = {}
+
+
 async def summary(app: web.Application) -> dict[str, Any]:
     """Everything the page shows, read now."""
     settings = app[SETTINGS]
@@ -196,7 +217,7 @@ async def summary(app: web.Application) -> dict[str, Any]:
     store = app[STORE]
     relay = app[RELAY].status
     status, problem, held, replies = await asyncio.gather(
-        store.outbox_status(), probe_store(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
+        store.outbox_status(), _store_problem(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
         store.reply_backlog(),
     )
     oldest = status.oldest_created_at
