@@ -155,7 +155,7 @@
     box.append(el("div", { cls: a.share_within !== null && a.share_within < 0.99 ? "bad" : "" ,
       text: `p50 ${duration(a.p50)} · p99 ${duration(a.p99)} · ${t("in_time", { share })}` }));
     if (a.worst_last_hour !== null) {
-      box.append(el("div", { cls: "muted", text: `${t("worst_hour")}: ${duration(a.worst_last_hour)}` }));
+      box.append(el("div", { cls: "muted", text: t("worst_hour", { value: duration(a.worst_last_hour) }) }));
     }
     return box;
   }

@@ -123,6 +123,9 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                     assert await send(session, url, f"第 {i} 条：订单 12345 什么时候到？") == 202
                 wrong = {"Authorization": "Bearer wrong-0000000"}
                 assert await send(session, url, "wrong key", key=wrong) == 401
+                async with session.post(f"{url}/api/v1/messages", data=b"{not json",
+                                        headers={**AUTH, "Content-Type": "application/json"}) as resp:
+                    assert resp.status == 400
                 await page.wait_for_function(
                     """([selector, min]) => {
                         const svg = document.querySelector(selector);
@@ -137,6 +140,8 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 refusals = page.locator('table.refusals[data-channel="api"]')
                 auth_refusals = refusals.locator('tr[data-reason="auth"] td').nth(1)
                 await expect(auth_refusals).to_have_text("1")
+                malformed = refusals.locator('tr[data-reason="malformed"] td').nth(1)
+                await expect(malformed).to_have_text("1")
                 row = page.locator('#tg-channel-api tr[data-inbox="demo"] td.last')
                 await expect(row).not_to_have_text("none yet")
                 await expect(page.locator("#tg-channel-api .latency")).to_contain_text("answered in time")
