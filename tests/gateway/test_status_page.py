@@ -375,3 +375,33 @@ async def test_a_hostile_reason_cannot_close_the_pages_script(
     initial = re.search(r'<script type="application/json" id="tg-initial">(.*?)</script>', text, re.S)
     assert initial is not None
     assert hostile in orjson.loads(initial.group(1))["quarantine"]["items"][0]["reason"]
+
+
+@pytest.mark.integration
+async def test_on_postgresql_the_page_reads_the_shared_store(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    from tests.support.postgres import store_table
+
+    with store_table("postgresql") as table:
+        base = settings_for(tmp_path)
+        dsn = Settings.model_validate({"store": table}).store.dsn
+        settings = base.model_copy(update={"store": base.store.model_copy(
+            update={"backend": "postgresql", "dsn": dsn}
+        )})
+        client = await aiohttp_client(create_app(settings, Overrides(publisher=MemoryPublisher())))
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        qid = await quarantined(client, orjson.dumps({"customer": {"email": "pg@example.com"}, "text": "pg"}))
+        before = await (await client.get("/status/api/summary", headers=auth)).json()
+        assert before["store"]["backend"] == "postgresql"
+        assert before["store"]["ok"] is True
+        assert before["store"]["size_bytes"] is None
+        assert before["store"]["address"].startswith("postgresql ")
+        assert before["quarantine"]["held"] == 1
+        url = f"/status/api/quarantine/{qid}/replay"
+        replayed = await client.post(url, json={"confirm": qid}, headers=auth)
+        assert (await replayed.json())["stored"] is True
+        after = await (await client.get("/status/api/summary", headers=auth)).json()
+        assert after["quarantine"]["held"] == 0
+        assert after["replies"]["waiting"] == 0
+        await client.close()
