@@ -28,8 +28,11 @@ MESSAGE_EDITED = "message.edited"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
+# A customer's personal data was erased (``ticketgate customer erase``, the desk API): desks erase too.
+CUSTOMER_ERASED = "customer.erased"
 EVENT_TYPES = (
     MESSAGE_RECEIVED, MESSAGE_QUARANTINED, THREAD_MERGED, CUSTOMER_MERGED, CUSTOMER_UNMERGED, MESSAGE_EDITED,
+    CUSTOMER_ERASED,
 )
 
 _uuid7_lock = threading.Lock()
@@ -329,3 +332,29 @@ def customer_merged(
         payload=payload,
         occurred_at=occurred_at,
     )
+
+
+def customer_erased(
+    *,
+    tenant: str,
+    customer_id: str,
+    merged_customers: Sequence[str],
+    threads: Sequence[str],
+    erasure_id: str,
+    counts: Mapping[str, int],
+    digest: str,
+    occurred_at: datetime,
+) -> Event:
+    """``customer.erased``: the gateway erased a customer; names only ids, never personal data."""
+    payload = {
+        "customer": {"id": customer_id, "merged": list(merged_customers)},
+        "erasure": {"id": erasure_id, "threads": list(threads), "counts": dict(counts), "digest": digest},
+    }
+    return _event(
+        event_type=CUSTOMER_ERASED,
+        tenant=tenant,
+        channel="identity",
+        payload=payload,
+        occurred_at=occurred_at,
+    )
+
