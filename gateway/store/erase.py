@@ -21,9 +21,9 @@ classes call them and remove blob files after the commit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 
@@ -31,8 +31,32 @@ from core.events import MESSAGE_EDITED, MESSAGE_RECEIVED, media_path
 from core.model import CanonicalMessage, Placement
 from gateway.store.blobs import parse_raw_ref, raw_ref
 
-if TYPE_CHECKING:
-    from gateway.store.engine import Connection, Dialect
+
+class Connection(Protocol):
+    """The part of a DB-API connection used here (:class:`gateway.store.engine.Connection`)."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def cursor(self) -> Any: ...
+
+
+class Dialect(Protocol):
+    """The part of :class:`gateway.store.engine.Dialect` used here (the engine imports this module)."""
+
+    @property
+    def placeholder(self) -> str: ...
+
+    @property
+    def words(self) -> Mapping[str, str]: ...
+
+    @property
+    def oldest_sql(self) -> Mapping[str, str]: ...
+
+    def sql(self, text: str) -> str: ...
+
+    def for_each(self, conn: Any, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int: ...
+
+    def erase_merges(self, conn: Any, customer_ids: Sequence[str]) -> int: ...
 
 ERASED_KEY_PREFIX = "erased:"
 # What retention can remove; "keys" are idempotency keys (store.idempotency_retention).
