@@ -57,6 +57,7 @@ from gateway.store.erase import (
     purge_batch,
     record_content,
 )
+from gateway.store.replies import ROUTE_INSERT, ReplyLedger
 
 T = TypeVar("T")
 # A blob file written for a job: (sha256, size, content type or None for a raw body).
@@ -140,6 +141,8 @@ class Dialect:
         " AND content_type IS NULL ORDER BY coalesce(used_at, created_at) LIMIT ?",
         "blobs": "SELECT sha256 FROM blob_files WHERE coalesce(used_at, created_at) < ?"
         " AND content_type IS NOT NULL ORDER BY coalesce(used_at, created_at) LIMIT ?",
+        # Finished replies: far fewer rows than messages, so no time index.
+        "replies": "SELECT id FROM replies WHERE status IN ('sent', 'failed') AND updated_at < ? LIMIT ?",
     }
 
     def __init__(self) -> None:
@@ -823,7 +826,7 @@ class SqlTx:
 # -- the store ------------------------------------------------------------------------------------
 
 
-class SqlStore(abc.ABC):
+class SqlStore(ReplyLedger, abc.ABC):
     """The :class:`gateway.store.base.Store` methods both backends share.
 
     A backend supplies how a job reaches the database (:meth:`_write`, :meth:`_read`), how the
@@ -858,6 +861,29 @@ class SqlStore(abc.ABC):
     @abc.abstractmethod
     def _count_published(self, conn: Connection, rows: int) -> None:
         """Count ``rows`` events just marked published."""
+
+    def _add_events(self, conn: Connection, events: Sequence[Event], now: datetime) -> None:
+        _insert_events(self.dialect, conn, events, now)
+        self._count_events(conn, len(events), bounded=False)
+
+    def _add_reply_route(self, conn: Connection, message: CanonicalMessage, placement: Placement) -> None:
+        """What answering ``message`` needs (``gateway.store.replies``), in the message's transaction."""
+        d = self.dialect
+        conn.execute(
+            d.sql(ROUTE_INSERT),
+            (
+                placement.message_id,
+                message.tenant,
+                placement.thread_id,
+                placement.customer_id,
+                message.channel,
+                message.inbox,
+                _safe_text(message.external_id) if message.external_id is not None else None,
+                _json_text(_safe_json(_identity_rows(message.identities))),
+                _json_text(_safe_json(dict(message.extra))),
+                d.ts(message.received_at),
+            ),
+        )
 
     # -- disk and blobs ---------------------------------------------------------------------------
 
@@ -959,6 +985,7 @@ class SqlStore(abc.ABC):
                     events.append(
                         build_event(message, placed.placement, placed.customer, placed.thread_subject, ref)
                     )
+                    self._add_reply_route(conn, message, placed.placement)
                 placements.append(placed.placement)
             _insert_events(d, conn, events, now)
             # Counted where the rows are known, so duplicates (which enqueue nothing) still get
@@ -1117,7 +1144,7 @@ class SqlStore(abc.ABC):
     async def reclaim_space(self, pages: int) -> int:
         return 0
 
-    async def _after_erase(self) -> None:  # noqa: B027 - a hook; nothing to do by default
+    async def _after_erase(self) -> None:
         """What a backend does once an erasure is committed (SQLite: scrub the WAL and free pages)."""
 
     async def erase_customer(

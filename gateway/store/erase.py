@@ -143,7 +143,13 @@ def purge_batch(d: Dialect, conn: Connection, kind: RetainedKind, before: Any, l
     elif kind == "messages":
         ids = oldest(d, conn, kind, before, limit)
         _delete_in(d, conn, "DELETE FROM message_content WHERE message_id {each}", ids)
+        # What answering a message needs (gateway.store.replies) goes with the message.
+        _delete_in(d, conn, "DELETE FROM reply_routes WHERE message_id {each}", ids)
         purged.rows = _delete_in(d, conn, "DELETE FROM messages WHERE message_id {each}", ids)
+        # Replies sent or failed for good as long ago, with their delivery reports.
+        done = oldest(d, conn, "replies", before, limit)
+        _delete_in(d, conn, "DELETE FROM reply_reports WHERE reply_id {each}", done)
+        purged.rows += _delete_in(d, conn, "DELETE FROM replies WHERE id {each}", done)
     elif kind == "raw_bodies":
         inline = _unquarantined(d, conn, oldest(d, conn, kind, before, limit))
         purged.rows = _delete_in(d, conn, "DELETE FROM raw_archive WHERE sha256 {each}", inline)
@@ -357,6 +363,16 @@ def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
         d, conn, "DELETE FROM recent_texts WHERE customer_id {each}", scope.customers
     )
     _delete_in(d, conn, "DELETE FROM thread_keys WHERE thread_id {each}", scope.threads)
+    # The reply ledger: routes (identities), commands (the desk's text to the customer, pending ones
+    # included: nothing is sent to an erased customer) and providers' reports.
+    _delete_in(d, conn, "DELETE FROM reply_routes WHERE customer_id {each}", scope.customers)
+    _delete_in(d, conn, "DELETE FROM reply_routes WHERE thread_id {each}", scope.threads)
+    replies = sorted(
+        {r[0] for r in _in(d, conn, "SELECT id FROM replies WHERE customer_id IN (__IN__)", scope.customers)}
+        | {r[0] for r in _in(d, conn, "SELECT id FROM replies WHERE thread_id IN (__IN__)", scope.threads)}
+    )
+    _delete_in(d, conn, "DELETE FROM reply_reports WHERE reply_id {each}", replies)
+    counts["replies"] = _delete_in(d, conn, "DELETE FROM replies WHERE id {each}", replies)
     counts["threads"] = (
         d.for_each(
             conn, "UPDATE threads SET subject = NULL, status = 'closed' WHERE id {each}", (), scope.threads
@@ -386,7 +402,8 @@ def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
     counts["customers"] = len(scope.customers)
     manifest = orjson.dumps(
         {"customers": scope.customers, "threads": scope.threads, "messages": messages, "blobs": gone,
-         "media": media_keys, "events": positions, "keys": sorted(erased_key(k) for k in keys)}
+         "media": media_keys, "events": positions, "replies": replies,
+         "keys": sorted(erased_key(k) for k in keys)}
     )  # fmt: skip
     return Erased(
         scope=scope,

@@ -161,7 +161,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     ALTER TABLE idempotency_keys ADD COLUMN fingerprint TEXT;
     """,
-        # 10: retention and erasure (message content links, erased customers, the erasure audit).
+        # 10: the way back: reply routes, reply commands and their state, delivery reports.
+        """
+    {replies}
+    """,
+        # 11: retention and erasure (message content links, erased customers, the erasure audit).
         # Old rows are found by their rowid order (insertion order), so no time index is needed.
         """
     {erasure}

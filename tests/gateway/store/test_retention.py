@@ -22,10 +22,12 @@ from core.events import Event
 from core.model import Attachment, Identity, MediaRef
 from core.settings import RetentionSettings
 from dedupe import graph
+from dedupe.engine import new_id
 from dedupe.tx import Tx
 from gateway.app import purge_kinds, purge_retention, sweep_recent_texts
 from gateway.store.base import Store
 from gateway.store.blobs import BlobDir, sha256_hex
+from gateway.store.replies import ReplyRequest
 from gateway.store.sqlite import SQLiteStore, vacuum_file
 
 DAY = 86400.0
@@ -119,7 +121,7 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     erased = orjson.loads(rows[1].body)
     assert erased["customer"]["id"] == customer
     assert erased["erasure"]["id"] == erasure.id
-    assert b"ada" not in rows[1].body.lower()
+    assert b"ada@example.com" not in rows[1].body
     assert (await store.outbox_status()).backlog == 2  # Bob's message and the erasure
     assert await store.read_blob(sha256_hex(big.body)) is None
     assert await store.read_blob(own.sha256) is None
@@ -150,6 +152,32 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     assert await store.erase_customer(customer, tenant="other") is None
 
 
+async def test_erasure_removes_the_reply_ledger_of_the_customer(store: Store) -> None:
+    (ada,) = await accept(store, message("a1", email="ada@example.com"))
+    (bob,) = await accept(store, message("b1", email="bob@example.com", name="Bob"))
+    mine = await store.reply_request(reply(ada.thread_id, "c-ada", "Dear Ada, your order ships today"))
+    theirs = await store.reply_request(reply(bob.thread_id, "c-bob", "Dear Bob"))
+    assert mine.record is not None
+    assert theirs.record is not None
+
+    erasure = await store.erase_customer(ada.customer_id)
+
+    assert erasure is not None
+    assert erasure.counts["replies"] == 1
+    assert await store.reply_get(mine.record.id) is None  # nothing is sent to an erased customer
+    assert await store.reply_get(theirs.record.id) is not None
+    assert await store.reply_context(mine.record.id) is None
+    bodies = b"".join(r.body for r in await store.outbox_fetch(100))
+    assert b"Dear Ada" not in bodies
+
+
+def reply(thread_id: str, command_id: str, text: str) -> ReplyRequest:
+    return ReplyRequest(
+        reply_id=new_id("rpl"), tenant="acme", command_id=command_id, thread_id=thread_id,
+        fingerprint=f"fp:{text}", command={"text": text, "agent_name": "Bo"},
+    )  # fmt: skip
+
+
 async def test_erasure_covers_customers_merged_into_it(store: Store) -> None:
     await accept(store, message("p1", email="pat@example.com", phone=None, name="Pat"))
     await accept(store, message("p2", email="pat.work@example.com", phone=None, name="Pat W"))
@@ -166,7 +194,7 @@ async def test_erasure_covers_customers_merged_into_it(store: Store) -> None:
     assert erasure.merged_customers == (second,)
     assert erasure.counts["messages"] == 2
     assert erasure.counts["merges"] == 1
-    assert all(b"pat" not in r.body.lower() for r in await store.outbox_fetch(100))
+    assert all(b"@example.com" not in r.body for r in await store.outbox_fetch(100))
 
 
 async def test_sqlite_file_stops_growing_once_retention_runs(tmp_path: Path) -> None:
