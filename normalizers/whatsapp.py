@@ -176,7 +176,11 @@ def normalize(envelope: RawEnvelope, *, echoes: Echoes = "ignore") -> Sequence[C
         value = change.get("value") or {}
         metadata = value.get("metadata") or {}
         names = _profiles(value.get("contacts"))
+        # WhatsApp puts the errors of a message it could not fully deliver beside the messages.
+        errors = value.get("errors")
         for message in _list(value.get("messages"), "messages"):
+            if errors and isinstance(message, dict) and "errors" not in message:
+                message = cast(Message, {**message, "errors": errors})
             canonical = _message(envelope, entry, metadata, names, message)
             if canonical is not None:
                 out.append(canonical)
@@ -294,7 +298,9 @@ def _media(base: CanonicalMessage, kind: str, media: object, extra: dict[str, An
     info = cast(Media, media)
     if kind == "audio" and info.get("voice"):
         our_kind = "voice"
-    extra["media"] = {k: info[k] for k in ("id", "mime_type", "sha256", "voice", "animated") if k in info}
+    extra["media"] = {
+        k: info[k] for k in ("id", "mime_type", "sha256", "voice", "animated", "url") if k in info
+    }
     ref = MediaRef(
         kind=our_kind,
         ref=info["id"],
@@ -316,13 +322,21 @@ def _interactive(base: CanonicalMessage, interactive: object, extra: dict[str, A
     reply = interactive.get(kind) if isinstance(kind, str) else None
     if not isinstance(reply, dict):
         return base
+    if kind == "call_permission_reply":  # the customer allowed (or refused) our calls
+        extra["event"] = "call_permission_reply"
+        extra["call_permission"] = reply
+        return replace(base, kind="event")
     if kind == "nfm_reply":  # a WhatsApp Flow's answer
         response = reply.get("response_json")
         if isinstance(response, str):
             try:
-                extra["flow_response"] = orjson.loads(response)
+                answers = orjson.loads(response)
             except orjson.JSONDecodeError:
-                extra["flow_response"] = response
+                answers = response
+            if isinstance(answers, dict) and "flow_token" in answers:
+                answers = dict(answers)
+                extra["flow_token"] = answers.pop("flow_token")
+            extra["flow_response"] = answers
         return replace(base, text=reply.get("body") or reply.get("name") or None)
     parts = [reply.get("title"), reply.get("description")]
     return replace(base, text="\n".join(p for p in parts if isinstance(p, str) and p) or None)
