@@ -417,10 +417,12 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]], restart_afte
 
 @dataclass(frozen=True, slots=True)
 class EnabledChannel:
-    """A channel that was set up, with the endpoints its connector describes (``None``: it does not)."""
+    """A channel that was set up, with the endpoints its connector describes (``None``: it does not)
+    and how long its provider waits for an answer (``ChannelDescriptor.deadline``)."""
 
     name: str
     endpoints: Sequence[ChannelEndpoint] | None
+    deadline: float = 10.0
 
 
 def setup_channels(
@@ -444,5 +446,7 @@ def setup_channels(
         described = None
         if isinstance(connector, DescribesEndpoints):
             described = connector.describe_endpoints(base_url)
-        enabled.append(EnabledChannel(descriptor.name, described))
+            for endpoint in described:
+                metrics.recent.declare(descriptor.name, endpoint.inbox)
+        enabled.append(EnabledChannel(descriptor.name, described, descriptor.deadline))
     return enabled
