@@ -233,7 +233,9 @@ def _message(base: CanonicalMessage, message: Message, extra: dict[str, Any]) ->
     if message.get("is_deleted"):
         extra["event"] = "message_deleted"
         extra["deletes"] = {"external_id": mid, "message_id": base.message_id()}
-        return replace(base, kind="event", in_reply_to=mid, dedupe_key=f"deleted:{mid}")
+        return replace(
+            base, kind="event", in_reply_to=mid, dedupe_key=f"deleted:{mid}", delete_of=base.message_id()
+        )
     if message.get("is_unsupported"):
         extra["event"] = "unsupported"
         extra["unsupported"] = {"type": "unsupported"}

@@ -359,11 +359,10 @@ def _revoke(base: CanonicalMessage, revoke: dict[str, Any], extra: dict[str, Any
     original = revoke.get("original_message_id")
     extra["event"] = "message_deleted"
     if isinstance(original, str) and original:
-        extra["deletes"] = {
-            "external_id": original,
-            "message_id": replace(base, external_id=original, extra={}).message_id(),
-        }
-        return replace(base, kind="event", in_reply_to=original)
+        deleted = replace(base, external_id=original, extra={}).message_id()
+        extra["deletes"] = {"external_id": original, "message_id": deleted}
+        # A message.deleted event, placed in the deleted message's thread.
+        return replace(base, kind="event", in_reply_to=original, delete_of=deleted)
     return replace(base, kind="event")
 
 

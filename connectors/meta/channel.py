@@ -22,12 +22,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from connectors.media import MediaFetcher
+from connectors.media import MediaFetcher, fetches_for
 from connectors.meta.hub import Delivery
 from core.channel import ChannelContext, DeliveryStatus, ReplyFailure
-from core.events import media_path
 from core.http import retry_after_value
-from core.media import MediaFetch
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
@@ -192,27 +190,6 @@ class MetaChannel:
         """Let work that outlived its answer finish before the store closes."""
         if self._pending:
             await asyncio.wait(list(self._pending), timeout=10.0)
-
-
-def fetches_for(messages: Sequence[CanonicalMessage], *, now: datetime) -> list[MediaFetch]:
-    """The provider-held media of committed messages; the inbox's credentials fetch them."""
-    fetches: dict[str, MediaFetch] = {}
-    for message in messages:
-        for media in message.media:
-            key = media_path(message.channel, message.inbox, media.ref)
-            fetches[key] = MediaFetch(
-                key=key,
-                channel=message.channel,
-                inbox=message.inbox,
-                account=message.inbox,
-                ref=media.ref,
-                kind=media.kind,
-                name=media.name,
-                content_type=media.content_type,
-                created_at=now,
-                next_attempt_at=now,
-            )
-    return list(fetches.values())
 
 
 def _retry(seconds: float) -> web.Response:

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from core.channel import HttpClient, ReplyFailure, SendError
+from core.http import parse_retry_after
 
 # Graph API error codes that are throttling (app, account, pair and spam limits).
 RATE_LIMITED = frozenset({4, 17, 32, 613, 80007, 130429, 131048, 131056})
@@ -133,7 +134,7 @@ class GraphApi:
             ) as response:
                 body = await response.read()
                 status = response.status
-                retry_after = _seconds(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GraphError(what, 0, None, None, f"unreachable ({type(exc).__name__})") from None
         try:
@@ -216,12 +217,3 @@ class GraphApi:
 
     async def send(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         return await self.call("send", "POST", path, json=payload)
-
-
-def _seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        return None

@@ -34,6 +34,7 @@ def golden(message: CanonicalMessage) -> dict[str, Any]:
         "media": [[m.kind, m.ref, m.name, m.content_type] for m in message.media],
         "in_reply_to": message.in_reply_to,
         "edit_of": message.edit_of,
+        "delete_of": message.delete_of,
     }
 
 
@@ -102,6 +103,7 @@ def test_a_deleted_instagram_message_is_an_event_naming_it() -> None:
     assert deleted.kind == "event"
     assert deleted.extra["event"] == "message_deleted"
     assert deleted.extra["deletes"]["message_id"] == original.message_id()
+    assert deleted.delete_of == original.message_id()
     assert deleted.idempotency_key() != original.idempotency_key()
 
 

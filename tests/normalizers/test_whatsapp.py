@@ -36,6 +36,7 @@ def golden(message: CanonicalMessage) -> dict[str, Any]:
         "media": [[m.kind, m.ref, m.name, m.content_type] for m in message.media],
         "in_reply_to": message.in_reply_to,
         "edit_of": message.edit_of,
+        "delete_of": message.delete_of,
     }
 
 
@@ -98,6 +99,7 @@ def test_a_revoke_is_an_event_naming_the_deleted_message() -> None:
     assert revoke.kind == "event"
     assert revoke.extra["event"] == "message_deleted"
     assert revoke.extra["deletes"]["message_id"] == original.message_id()
+    assert revoke.delete_of == original.message_id()  # a message.deleted event
 
 
 def test_unsupported_is_an_explicit_marker() -> None:
