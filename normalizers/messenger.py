@@ -9,7 +9,8 @@ wrote to us) is read.
 - ``message``: text, attachments (image, video, audio, file: provider-held at a URL, fetched after
   the commit; stickers, shares, reels, story mentions), quick replies, replies (``reply_to.mid``),
   Instagram story replies (``reply_to.story``), referrals. ``is_echo`` (the page's own message, from
-  our replies or another tool) is ignored, or kept as ``agent_message`` when configured.
+  our replies or another tool) is ignored, or kept as ``agent_message`` when configured (never
+  when its ``app_id`` is one of ours: our replies are already ``reply.sent``).
   ``is_deleted`` and ``is_unsupported`` (Instagram) become ``event`` messages.
 - ``postback`` (a button tapped), ``referral`` (an m.me link, an ad), ``reaction`` and
   ``message_edit`` are kept: the first three as ``event`` messages, an edit as ``message.edited``.
@@ -129,7 +130,11 @@ def items(body: dict[str, Any]) -> Iterator[tuple[Entry, Messaging, bool]]:
 
 
 def normalize(
-    envelope: RawEnvelope, *, channel: str = MESSENGER, echoes: Echoes = "ignore"
+    envelope: RawEnvelope,
+    *,
+    channel: str = MESSENGER,
+    echoes: Echoes = "ignore",
+    own_apps: frozenset[str] = frozenset(),
 ) -> Sequence[CanonicalMessage]:
     """Every customer message of a verified Messenger or Instagram webhook body."""
     body = cast(dict[str, Any], parse_body(envelope.body))
@@ -138,18 +143,26 @@ def normalize(
         raise NormalizationError(f"not a {channel} webhook (object {body.get('object')!r})")
     out: list[CanonicalMessage] = []
     for entry, item, standby in items(body):
-        message = _item(envelope, channel, entry, item, standby, echoes)
+        message = _item(envelope, channel, entry, item, standby, echoes, own_apps)
         if message is not None:
             out.append(message)
     return out
 
 
-def configure(channel: str, echoes: Echoes) -> Callable[[RawEnvelope], Sequence[CanonicalMessage]]:
-    return partial(normalize, channel=channel, echoes=echoes)
+def configure(
+    channel: str, echoes: Echoes, own_apps: frozenset[str] = frozenset()
+) -> Callable[[RawEnvelope], Sequence[CanonicalMessage]]:
+    return partial(normalize, channel=channel, echoes=echoes, own_apps=own_apps)
 
 
 def _item(
-    envelope: RawEnvelope, channel: str, entry: Entry, item: Messaging, standby: bool, echoes: Echoes
+    envelope: RawEnvelope,
+    channel: str,
+    entry: Entry,
+    item: Messaging,
+    standby: bool,
+    echoes: Echoes,
+    own_apps: frozenset[str],
 ) -> CanonicalMessage | None:
     sender = (item.get("sender") or {}).get("id")
     recipient = (item.get("recipient") or {}).get("id")
@@ -158,6 +171,8 @@ def _item(
     echo = isinstance(message, dict) and message.get("is_echo") is True
     if echo and echoes == "ignore":
         return None
+    if echo and str(cast(Message, message).get("app_id")) in own_apps:
+        return None  # our own reply: reply.sent said it already
     if not any(k in item for k in ("message", "postback", "referral", "reaction", "message_edit")):
         return None  # receipts, optins, handover: not a customer message
     # An echo is the page writing to the customer: the customer is the recipient.

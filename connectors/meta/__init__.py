@@ -1,6 +1,7 @@
 """WhatsApp Cloud API, Messenger and Instagram: three channels behind one endpoint per Meta app
 (``/meta/{app}``, one signature check), each with its own normalizer, identities and sender."""
 
+from connectors.meta.hub import own_app_ids
 from connectors.meta.pages import InstagramConnector, MessengerConnector
 from connectors.meta.settings import InstagramSettings, MessengerSettings, WhatsAppSettings
 from connectors.meta.whatsapp import WhatsAppConnector
@@ -21,12 +22,14 @@ def _whatsapp(settings: Settings) -> Normalizer:
 
 def _messenger(settings: Settings) -> Normalizer:
     table = settings.channel(messenger.MESSENGER, MessengerSettings)
-    return messenger.configure(messenger.MESSENGER, table.echoes if table is not None else "ignore")
+    echoes = table.echoes if table is not None else "ignore"
+    return messenger.configure(messenger.MESSENGER, echoes, own_app_ids(settings))
 
 
 def _instagram(settings: Settings) -> Normalizer:
     table = settings.channel(messenger.INSTAGRAM, InstagramSettings)
-    return messenger.configure(messenger.INSTAGRAM, table.echoes if table is not None else "ignore")
+    echoes = table.echoes if table is not None else "ignore"
+    return messenger.configure(messenger.INSTAGRAM, echoes, own_app_ids(settings))
 
 
 WHATSAPP = ChannelDescriptor(

@@ -122,6 +122,12 @@ def meta_table(settings: Settings) -> MetaSettings:
     return table
 
 
+def own_app_ids(settings: Settings) -> frozenset[str]:
+    """The ids of our Meta apps (``app_id``): their echoes are our own replies."""
+    table = settings.channel(TABLE, MetaSettings)
+    return frozenset(a.app_id for a in table.apps.values() if a.app_id) if table is not None else frozenset()
+
+
 def _secret(value: object) -> str:
     return str(getattr(value, "get_secret_value", lambda: "")() or "")
 

@@ -17,7 +17,7 @@ from typing import Any, Self
 from connectors.media import MediaFetcher
 from connectors.meta.channel import MetaChannel, Receipt, Split
 from connectors.meta.graph import GraphApi
-from connectors.meta.hub import PREFIX, MetaHub, load_apps, meta_table
+from connectors.meta.hub import PREFIX, MetaHub, load_apps, meta_table, own_app_ids
 from connectors.meta.media import policy, url_downloader
 from connectors.meta.sender import SendApiSender, send_api_spec
 from connectors.meta.settings import GraphSettings, InstagramSettings, MessengerSettings
@@ -112,7 +112,7 @@ class PagesConnector:
         hub = MetaHub.shared(ctx)
         handler = PagesWebhook(
             ctx,
-            configure(channel, table.echoes),
+            configure(channel, table.echoes, own_app_ids(ctx.settings)),
             {i: p.tenant for i, p in self.pages.items()},
             fetcher,
             fetching,

@@ -23,6 +23,9 @@ class MetaAppSettings(ChannelSettings):
     previous_app_secret: Secret | None = None
     # What the webhook's "Verify token" field in the App Dashboard says (the GET handshake).
     verify_token: Secret | None = None
+    # The app's id (App Dashboard, top left). Messenger and Instagram echoes sent by this app (our
+    # own replies) are never recorded as agent messages, whatever ``echoes`` says.
+    app_id: str | None = Field(None, pattern=r"^\d+$")
 
 
 class MetaSettings(ChannelSettings):

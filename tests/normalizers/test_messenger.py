@@ -113,3 +113,10 @@ def test_story_replies_and_mentions_are_kept() -> None:
     [mention] = load("instagram", "story_mention")
     assert mention.extra["story_mention"] is True
     assert mention.media[0].ref.startswith("https://")
+
+
+def test_echoes_of_our_own_app_are_never_recorded() -> None:
+    # The fixture's echo was sent by app 263902037430900: when that app is ours, it is our reply.
+    assert load("messenger", "echo", echoes="record", own_apps=frozenset({"263902037430900"})) == []
+    assert len(load("messenger", "echo", echoes="record", own_apps=frozenset({"1"}))) == 1
+
