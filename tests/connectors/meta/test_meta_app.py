@@ -187,7 +187,7 @@ async def test_media_failing_twice_then_stored_and_failing_for_good_is_marked(
     assert (status, data) == (200, b"\xff\xd8\xffjpeg bytes")
     assert fake.calls.count("media_info 1583929765780123") == 3
     status, _ = await served(client, second["message"]["media"][0]["url"])
-    assert status in (404, 410, 502)  # failed for good: the desk is told, the message was published
+    assert status == 410  # failed for good: the desk is told, the message was published
     metrics = await (await client.get("/metrics")).text()
     assert (
         'ticketgate_channel_events_total{channel="whatsapp",event="media_failed",inbox="support"} 1.0'
@@ -232,3 +232,42 @@ async def test_a_signed_body_that_is_not_json_is_400_and_an_unhandled_object_is_
     other = orjson.dumps({"object": "permissions", "entry": []})
     assert await post(client, other, sign(other, SECRET)) == 200
     assert bus.published == []
+
+
+async def test_media_that_keeps_failing_ends_failed_and_counted_with_the_message_published(
+    aiohttp_client: MakeClient, tmp_path: Path, graph: tuple[FakeGraph, str]
+) -> None:
+    fake, base = graph
+    fake.failures["gone.jpg"] = deque([503] * 1000)  # Meta's CDN never recovers
+    settings = settings_for(tmp_path, base)
+    tables = settings.model_dump()["channels"]
+    tables["messenger"]["media_retry_for"] = 0.3
+    tables["messenger"]["media_first_backoff"] = 0.05
+    settings = Settings.model_validate({**settings.model_dump(), "channels": tables})
+    item = {
+        "sender": {"id": "6254147181305912"},
+        "recipient": {"id": "104553821234567"},
+        "timestamp": 1764920000002,
+        "message": {
+            "mid": "m_cdn2",
+            "text": "see the photo",
+            "attachments": [{"type": "image", "payload": {"url": f"{base}cdn/gone.jpg"}}],
+        },
+    }
+    body = orjson.dumps(
+        {"object": "page", "entry": [{"id": "104553821234567", "time": 1, "messaging": [item]}]}
+    )
+    bus = MemoryPublisher()
+    client = await aiohttp_client(create_app(settings, Overrides(publisher=bus)))
+    assert await post(client, body, sign(body, SECRET)) == 200
+    [event] = await published(bus, 1)
+    assert event["message"]["text"] == "see the photo"
+    status, answer = await served(client, event["message"]["media"][0]["url"])
+    assert status == 410
+    assert orjson.loads(answer)["status"] == "failed"
+    assert fake.cdn_authorization.count(None) >= 2  # retried before giving up
+    metrics = await (await client.get("/metrics")).text()
+    assert (
+        'ticketgate_channel_events_total{channel="messenger",event="media_failed",inbox="social"} 1.0'
+        in metrics
+    )
