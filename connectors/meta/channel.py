@@ -91,10 +91,9 @@ class MetaChannel:
             logger.warning(
                 "%s %s: cannot sort a body by inbox (%s); quarantining it", channel, delivery.app.name, exc
             )
-            split = Split()
-            first = next(iter(self._tenants), None)
-            if first is not None:
-                split.parts[first] = list(delivery.payload.get("entry") or [])
+            # The whole body, exactly as signed, to the first inbox: the normalizer quarantines it.
+            split = Split(whole=True)
+            split.parts[next(iter(self._tenants))] = []
         if split.unrouted:
             logger.warning(
                 "%s %s: %d item(s) for no configured inbox; answered and dropped",

@@ -271,3 +271,24 @@ async def test_media_that_keeps_failing_ends_failed_and_counted_with_the_message
         'ticketgate_channel_events_total{channel="messenger",event="media_failed",inbox="social"} 1.0'
         in metrics
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"object": "whatsapp_business_account", "entry": 5},
+        {"object": "whatsapp_business_account", "entry": [{"changes": ["not an object"]}]},
+        {"object": "page", "entry": {"id": "1"}},
+        {"object": "instagram", "entry": [{"id": "1", "messaging": [{"message": {"text": "no mid"}}]}]},
+    ],
+    ids=["entry-not-a-list", "change-not-an-object", "page-entry-object", "message-without-mid"],
+)
+async def test_a_signed_body_of_a_broken_shape_is_quarantined_never_a_crash(
+    aiohttp_client: MakeClient, tmp_path: Path, graph: tuple[FakeGraph, str], body: dict[str, Any]
+) -> None:
+    bus = MemoryPublisher()
+    client = await aiohttp_client(create_app(settings_for(tmp_path, graph[1]), Overrides(publisher=bus)))
+    raw = orjson.dumps(body)
+    assert await post(client, raw, sign(raw, SECRET)) == 200
+    [event] = await published(bus, 1)
+    assert event["type"] == "message.quarantined"
