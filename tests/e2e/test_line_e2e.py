@@ -48,7 +48,9 @@ def sign(body: bytes, secret: str = SECRET) -> str:
     return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
 
 
-async def post(session: aiohttp.ClientSession, d: Deployment, body: bytes, signature: str | None = None) -> int:
+async def post(
+    session: aiohttp.ClientSession, d: Deployment, body: bytes, signature: str | None = None
+) -> int:
     headers = {"Content-Type": "application/json", "X-Line-Signature": signature or sign(body)}
     async with session.post(f"{d.gateway.url}/line/line-demo", data=body, headers=headers) as resp:
         return resp.status
