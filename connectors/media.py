@@ -139,8 +139,11 @@ class MediaFetcher:
             if fetched:
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wait completes, and the fetcher would outlive the shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.policy.idle_poll)
+                async with asyncio.timeout(self.policy.idle_poll):
+                    await self._wake.wait()
 
     async def _fetch(self, fetch: MediaFetch) -> None:
         self._in_flight.add(fetch.key)
