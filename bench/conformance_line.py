@@ -241,6 +241,8 @@ def check_batches(corpus: Path, report: Report) -> None:
             counts["events"] = total
             counts["messages"] = sum(1 for m in messages if m.kind == "message")
             counts["kind=event"] = sum(1 for m in messages if m.kind == "event")
+            counts["of which edits"] = sum(1 for m in messages if m.edit_of is not None)
+            counts["deletions"] = sum(1 for m in messages if m.delete_of is not None)
             counts["not tickets"] = total - len(messages)
         report.batches[name] = counts
 

@@ -7,8 +7,9 @@ doing become messages:
 - ``message`` (text, image, video, audio, file, location, sticker; any other type is kept as a
   message with ``extra.unsupported``) and ``messageEdited`` (a ``message.edited`` event whose
   ``edit_of`` is the original's deterministic id);
-- ``unsend``, ``postback``, ``follow``, ``unfollow``, ``join``, ``leave``, ``memberJoined`` and
-  ``memberLeft`` as ``kind="event"`` with ``extra.event`` saying which;
+- ``unsend`` as a deletion (``message.deleted``, ``delete_of`` the unsent message's id);
+- ``postback``, ``follow``, ``unfollow``, ``join``, ``leave``, ``memberJoined`` and ``memberLeft``
+  as ``kind="event"`` with ``extra.event`` saying which;
 - every other type (beacon, accountLink, videoPlayComplete, things, membership, activated ... and
   types LINE adds later) yields nothing: understood, not a ticket.
 
@@ -16,9 +17,9 @@ The console's "Verify" request (an empty ``events`` list, or the old dummy event
 token is all ``0`` or all ``f``) yields nothing either.
 
 Idempotency: a message event is keyed by the provider's ``message.id`` (one message, one id, on
-every redelivery; edits and unsends name it, so their ``edit_of`` is computable); every other
-event by its ``webhookEventId``, which LINE keeps on redelivery. ``deliveryContext.isRedelivery``
-is kept per event in ``extra.redelivery``.
+every redelivery; edits and unsends name it, so their ``edit_of`` and ``delete_of`` are
+computable); every other event by its ``webhookEventId``, which LINE keeps on redelivery.
+``deliveryContext.isRedelivery`` is kept per event in ``extra.redelivery``.
 
 Identity: ``source.userId`` (``line``, verified because the connector checked
 ``X-Line-Signature``); a group or room event without a user id names the group (``C...``) or room
@@ -312,12 +313,12 @@ def _other(base: CanonicalMessage, event: Event, kind: str, event_id: str) -> Ca
     if kind == "unsend":
         unsend = event.get("unsend")
         unsent = unsend.get("messageId") if isinstance(unsend, dict) else None
-        if isinstance(unsent, str) and unsent:
-            extra["unsend"] = {
-                "message_id": unsent,
-                # The deterministic id of the message taken back, as its message.received named it.
-                "message": replace(base, external_id=unsent).message_id(),
-            }
+        if isinstance(unsent, str) and _ID.match(unsent):
+            # The deterministic id of the message taken back, as its message.received named it:
+            # the deletion is a message.deleted event in that message's thread.
+            deleted = replace(base, external_id=unsent).message_id()
+            extra["unsend"] = {"message_id": unsent, "message": deleted}
+            return replace(base, extra=extra, delete_of=deleted, dedupe_key=f"event:{event_id}")
     elif kind == "postback":
         postback = event.get("postback")
         if isinstance(postback, dict):

@@ -61,17 +61,21 @@ def external_ids(d: Deployment) -> list[str]:
     return [orjson.loads(r.body)["message"]["external_id"] for r in d.consumer.distinct()]
 
 
-async def test_a_signed_delivery_gives_every_event_schema_valid(deploy: MakeDeployment) -> None:
+async def test_signed_deliveries_give_every_event_schema_valid_edits_and_unsends_included(
+    deploy: MakeDeployment,
+) -> None:
     d = await deploy(extra=LINE)
     async with aiohttp.ClientSession() as session:
         assert await post(session, d, (FIXTURES / "batch_mixed.json").read_bytes()) == 200
         assert await post(session, d, (FIXTURES / "follow.json").read_bytes()) == 200
         assert await post(session, d, (FIXTURES / "text.json").read_bytes()) == 200
         assert await post(session, d, (FIXTURES / "edited.json").read_bytes()) == 200
-    deliveries = await d.consumer.wait_for(5)
+        assert await post(session, d, (FIXTURES / "unsend.json").read_bytes()) == 200
+    deliveries = await d.consumer.wait_for(6)
     events = [validate_event(r.body) for r in deliveries]
     keys = [r.routing_key for r in deliveries]
-    assert keys == ["demo.line.message.received"] * 4 + ["demo.line.message.edited"]
+    changes = ["demo.line.message.edited", "demo.line.message.deleted"]
+    assert keys == ["demo.line.message.received"] * 4 + changes
     texts = [e["message"]["text"] for e in events]
     assert texts[:2] == ["first", "second, another customer"]
     follow = events[2]
@@ -81,6 +85,9 @@ async def test_a_signed_delivery_gives_every_event_schema_valid(deploy: MakeDepl
     assert {"kind": "line", "value": CUSTOMER, "verified": True} in received["customer"]["identities"]
     assert received["provenance"]["signature_verified"] is True
     assert edit["message"]["edit_of"] == received["message"]["id"]
+    deleted = events[5]
+    assert deleted["message"]["delete_of"] == received["message"]["id"]
+    assert deleted["thread"]["id"] == received["thread"]["id"]
 
 
 async def test_the_same_webhook_event_three_times_at_once_is_one_event(deploy: MakeDeployment) -> None:

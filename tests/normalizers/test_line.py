@@ -32,6 +32,7 @@ def golden(message: CanonicalMessage) -> dict[str, Any]:
         "in_reply_to": message.in_reply_to,
         "thread_ref": message.thread_ref,
         "edit_of": message.edit_of,
+        "delete_of": message.delete_of,
     }
 
 
@@ -79,7 +80,8 @@ def test_an_edit_and_an_unsend_name_the_original_by_its_deterministic_id() -> No
     [original], [edit], [unsend] = load("text"), load("edited"), load("unsend")
     assert edit.edit_of == original.message_id()
     assert edit.idempotency_key() != original.idempotency_key()
-    assert unsend.kind == "event"
+    assert unsend.delete_of == original.message_id()
+    assert unsend.text is None
     assert unsend.extra["unsend"] == {"message_id": original.external_id, "message": original.message_id()}
 
 
