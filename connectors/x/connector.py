@@ -102,6 +102,7 @@ class XConnector:
         if table is None:
             return None
         apps: dict[str, App] = {}
+        routed: dict[str, str] = {}  # inbox -> the account that answers it
         for name, config in table.apps.items():
             where = f"channels.{CHANNEL}.apps.{name}"
             secret = _value(config.consumer_secret)
@@ -123,6 +124,13 @@ class XConnector:
                     key = f"{where}.consumer_key" if missing == "consumer_key" else f"{at}.{missing}"
                     raise ConfigError("is required to fetch media (or set fetch_media = false)",
                                       file=settings.source, key=key)
+                if account.inbox in routed:
+                    # One account per inbox: it is the one that fetches the media and sends the replies.
+                    raise ConfigError(
+                        f"inbox {account.inbox!r} is already routed from account {routed[account.inbox]}",
+                        file=settings.source, key=f"{at}.inbox",
+                    )
+                routed[account.inbox] = user_id
                 accounts[user_id] = Account(
                     user_id=user_id, inbox=account.inbox, fetch_media=account.fetch_media, auth=auth,
                     tenant=settings.inbox(account.inbox, key=f"{at}.inbox").tenant,

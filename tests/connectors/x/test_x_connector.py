@@ -130,6 +130,14 @@ def test_accounts_are_keyed_by_user_id_and_inboxes_must_exist() -> None:
         }))
     with pytest.raises(ConfigError):
         XConnector.from_settings(make_settings(account={"inbox": "nowhere", "fetch_media": False}))
+    two = {"consumer_secret": "s", "accounts": {
+        "1": {"inbox": "support", "fetch_media": False}, "2": {"inbox": "support", "fetch_media": False}}}
+    with pytest.raises(ConfigError, match="already routed") as caught:
+        XConnector.from_settings(Settings.model_validate({
+            "tenants": {"acme": {}}, "inboxes": {"support": {"tenant": "acme"}},
+            "channels": {"x": {"apps": {"a": two}}},
+        }))
+    assert caught.value.key == 'channels.x.apps.a.accounts."2".inbox'
 
 
 # --- CRC and verification -----------------------------------------------------------------------
