@@ -33,6 +33,8 @@ EXAMPLE_ENV = {
     "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
     "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
+    "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
+    "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
 }
 
 
