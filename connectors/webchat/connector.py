@@ -709,7 +709,7 @@ class _Handlers:
             },
             "replies": [reply_frame(item) for item in held],
         }
-        await ws.send_bytes(orjson.dumps(welcome))
+        await ws.send_str(orjson.dumps(welcome).decode())
         return session
 
     async def _held_for(self, inbox: _Inbox, session: tokens.Session) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ class Peer:
         if self.ws.closed:
             return False
         try:
-            await self.ws.send_bytes(orjson.dumps(frame))
+            await self.ws.send_str(orjson.dumps(frame).decode())
         except (ConnectionError, RuntimeError):
             return False
         return True

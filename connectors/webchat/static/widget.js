@@ -97,6 +97,8 @@
     "font-size:16px;font-weight:600;cursor:pointer;box-shadow:0 6px 20px rgba(15,23,42,.25)}",
     ".launcher:focus-visible,button:focus-visible,textarea:focus-visible,label.attach:focus-within",
     "{outline:3px solid #f59e0b;outline-offset:2px}",
+    ".badge[hidden]{display:none}",
+    "svg{width:22px;height:22px;fill:none;stroke:currentColor;stroke-width:2;stroke-linecap:round;stroke-linejoin:round}",
     ".badge{min-width:22px;height:22px;border-radius:11px;background:#dc2626;color:#fff;font-size:13px;",
     "display:inline-flex;align-items:center;justify-content:center;padding:0 6px}",
     ".panel{position:fixed;right:20px;bottom:88px;z-index:2147483000;width:360px;max-width:calc(100vw - 24px);",
@@ -118,6 +120,7 @@
     ".meta{display:block;font-size:11px;opacity:.8;margin-top:3px;text-align:right}",
     ".msg.agent .meta{text-align:left}",
     ".tick{margin-left:4px;font-weight:700}",
+    "svg.clip{width:14px;height:14px;vertical-align:-2px}",
     ".msg button.again{margin-left:6px;font-size:11px;border:1px solid currentColor;background:transparent;",
     "color:inherit;border-radius:4px;cursor:pointer}",
     ".typing{font-size:12px;color:#475569;padding:0 16px 4px;min-height:18px;background:#f8fafc}",
@@ -155,9 +158,21 @@
     return node;
   }
 
+  function icon(path) {
+    var ns = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("focusable", "false");
+    var shape = document.createElementNS(ns, "path");
+    shape.setAttribute("d", path);
+    svg.appendChild(shape);
+    return svg;
+  }
+
   var launcher = el("button", { type: "button", "class": "launcher", id: "tg-chat-launcher",
     "aria-expanded": "false", "aria-controls": "tg-chat-panel" });
-  var launcherIcon = el("span", { "aria-hidden": "true" }, "💬");
+  var launcherIcon = icon("M21 12a8 8 0 0 1-11.6 7.1L4 20.5l1.4-4.9A8 8 0 1 1 21 12z");
   var launcherText = el("span", {}, T.open);
   var badge = el("span", { "class": "badge", hidden: "" });
   launcher.appendChild(launcherIcon); launcher.appendChild(launcherText); launcher.appendChild(badge);
@@ -181,7 +196,8 @@
   var attach = el("label", { "class": "attach", title: T.attach });
   var attachText = el("span", { "class": "sr" }, T.attach);
   var fileInput = el("input", { type: "file", id: "tg-chat-file" });
-  attach.appendChild(el("span", { "aria-hidden": "true" }, "📎")); attach.appendChild(attachText);
+  attach.appendChild(icon("M21 11.5l-8.6 8.6a5 5 0 0 1-7.1-7.1l8.6-8.6a3.3 3.3 0 0 1 4.7 4.7l-8.6 8.6a1.7 1.7 0 0 1-2.4-2.4l7.9-7.9"));
+  attach.appendChild(attachText);
   attach.appendChild(fileInput);
   var sendButton = el("button", { type: "submit", "class": "send", id: "tg-chat-send" }, T.send);
   form.appendChild(inputLabel); form.appendChild(attach); form.appendChild(input); form.appendChild(sendButton);
@@ -216,12 +232,18 @@
     var who = el("span", { "class": "sr" }, (m.kind === "own" ? T.you : (m.name || T.agent)) + ": ");
     node.appendChild(who);
     node.appendChild(document.createTextNode(m.text || ""));
-    if (m.file) { node.appendChild(document.createTextNode((m.text ? "\n" : "") + "📎 " + m.file)); }
+    if (m.file) {
+      if (m.text) { node.appendChild(document.createTextNode("\n")); }
+      var clip = icon("M21 11.5l-8.6 8.6a5 5 0 0 1-7.1-7.1l8.6-8.6a3.3 3.3 0 0 1 4.7 4.7l-8.6 8.6a1.7 1.7 0 0 1-2.4-2.4l7.9-7.9");
+      clip.setAttribute("class", "clip");
+      node.appendChild(clip);
+      node.appendChild(document.createTextNode(" " + m.file));
+    }
     var meta = el("span", { "class": "meta" }, (m.kind === "agent" ? (m.name || T.agent) + " · " : "") + clock(m.at));
     if (m.kind === "own") {
       var label = m.status === "delivered" ? T.delivered : m.status === "failed" ? T.failed : T.pending;
       var tick = el("span", { "class": "tick", "aria-label": label, title: label },
-        m.status === "delivered" ? "✓" : m.status === "failed" ? "!" : "🕓");
+        m.status === "delivered" ? "✓" : m.status === "failed" ? "!" : "…");
       meta.appendChild(tick);
       if (m.status === "failed" && !m.file) {
         var again = el("button", { type: "button", "class": "again" }, T.retry);
