@@ -74,7 +74,8 @@ async def ticks(page: Page, count: int, timeout: float = 60_000) -> None:
             const root = document.querySelector('#ticketgate-chat').shadowRoot;
             return root.querySelectorAll('[data-client-id][data-status=delivered]').length >= n;
         }""",
-        arg=count, timeout=timeout,
+        arg=count,
+        timeout=timeout,
     )
 
 
@@ -104,8 +105,10 @@ async def test_messages_and_a_file_get_their_ticks_and_reach_the_bus_once(
     # The new messages are announced: they sit in the log's polite live region.
     assert await page.locator("#tg-chat-log").get_attribute("role") == "log"
     events = await wait_events(d, 3)
-    assert [e["message"]["text"] for e in events][:2] == ["Hello, my order #58213 has not arrived.",
-                                                           "Can you check it?"]
+    assert [e["message"]["text"] for e in events][:2] == [
+        "Hello, my order #58213 has not arrived.",
+        "Can you check it?",
+    ]
     [file_event] = [e for e in events if e["message"]["attachments"]]
     assert file_event["message"]["attachments"][0]["name"] == "receipt.png"
     assert len({e["thread"]["id"] for e in events}) == 1
@@ -117,7 +120,8 @@ async def test_messages_and_a_file_get_their_ticks_and_reach_the_bus_once(
     await send(page, "Still there?")
     await ticks(page, 4)
     events = await wait_events(d, 4)
-    assert len(events) == 4 and len({e["thread"]["id"] for e in events}) == 1
+    assert len(events) == 4
+    assert len({e["thread"]["id"] for e in events}) == 1
     # Keyboard: Escape closes the panel and gives the focus back to the launcher.
     await page.keyboard.press("Escape")
     assert await page.locator("#tg-chat-launcher").get_attribute("aria-expanded") == "false"
@@ -133,9 +137,15 @@ async def test_cut_network_and_server_restart_mid_send_lose_and_repeat_nothing(
     sent: list[str] = []
 
     async def offline(value: bool) -> None:
-        await cdp.send("Network.emulateNetworkConditions", {
-            "offline": value, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1,
-        })
+        await cdp.send(
+            "Network.emulateNetworkConditions",
+            {
+                "offline": value,
+                "latency": 0,
+                "downloadThroughput": -1,
+                "uploadThroughput": -1,
+            },
+        )
 
     await send(page, "first, online")
     sent.append("first, online")
@@ -166,13 +176,19 @@ async def test_cut_network_and_server_restart_mid_send_lose_and_repeat_nothing(
     await context.close()
 
 
-async def test_a_signed_in_visitor_joins_their_existing_thread(deploy: MakeDeployment, browser: Browser) -> None:
+async def test_a_signed_in_visitor_joins_their_existing_thread(
+    deploy: MakeDeployment, browser: Browser
+) -> None:
     d = await deploy(extra=CHAT)
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{d.gateway.url}/api/v1/messages", headers=AUTH, json={
-            "customer": {"external_id": "u-42", "email": "ada@example.com", "name": "Ada"},
-            "text": "My parcel has not arrived (order 58213).",
-        }) as response:
+        async with http.post(
+            f"{d.gateway.url}/api/v1/messages",
+            headers=AUTH,
+            json={
+                "customer": {"external_id": "u-42", "email": "ada@example.com", "name": "Ada"},
+                "text": "My parcel has not arrived (order 58213).",
+            },
+        ) as response:
             assert response.status == 202
             placed = await response.json()
     context, page = await open_chat(
