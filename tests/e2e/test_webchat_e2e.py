@@ -180,17 +180,19 @@ async def test_a_signed_in_visitor_joins_their_existing_thread(
     deploy: MakeDeployment, browser: Browser
 ) -> None:
     d = await deploy(extra=CHAT)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
             f"{d.gateway.url}/api/v1/messages",
             headers=AUTH,
             json={
                 "customer": {"external_id": "u-42", "email": "ada@example.com", "name": "Ada"},
                 "text": "My parcel has not arrived (order 58213).",
             },
-        ) as response:
-            assert response.status == 202
-            placed = await response.json()
+        ) as response,
+    ):
+        assert response.status == 202
+        placed = await response.json()
     context, page = await open_chat(
         browser, f"{d.gateway.url}/chat/demo?user_id=u-42&email=ada%40example.com&name=Ada"
     )
