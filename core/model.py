@@ -188,6 +188,9 @@ class CanonicalMessage:
     dedupe_key: str | None = None
     # The id of the message this one edits (a Telegram edited_message): its event is message.edited.
     edit_of: str | None = None
+    # The id of the message the customer deleted (a Slack message_deleted): its event is
+    # message.deleted; the deletion carries no text of its own.
+    delete_of: str | None = None
 
     def idempotency_key(self) -> str:
         """The key claimed atomically in the store; the same provider message always maps to it."""
@@ -221,6 +224,9 @@ class CanonicalMessage:
             [[a.name, a.content_type, a.sha256] for a in self.attachments],
             [[m.kind, m.ref] for m in self.media],
         ]
+        if self.delete_of is not None:
+            # Only when set: fingerprints kept before the field existed stay valid.
+            parts.append(["delete_of", self.delete_of])
         digest = hashlib.sha256()
         for part in parts:
             digest.update(repr(part).encode("utf-8", "surrogatepass"))

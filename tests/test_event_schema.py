@@ -64,10 +64,37 @@ def _edited_message() -> Event:
     return _minimal_message(edit)
 
 
+def _deleted_message() -> Event:
+    original = CanonicalMessage(
+        channel="slack", tenant="acme", inbox="ws", external_id="C1:1764000000.000100", received_at=NOW,
+    )
+    deletion = replace(original, delete_of=original.message_id(), dedupe_key="delete:C1:1764000000.000100")
+    return _minimal_message(deletion)
+
+
+REPLY = events.ReplyView(
+    id="rpl_019a0000000070008000000000000001", command_id="desk-42", tenant="acme", thread_id="th-1",
+    thread_number=7, customer_id="c-1", channel="email", inbox="support", attempts=1, requested_at=NOW,
+    provider_message_id="rpl_019a0000000070008000000000000001@acme.test",
+)
+REFUSED = replace(REPLY, thread_number=None, customer_id=None, channel=None, inbox=None, attempts=0,
+                  provider_message_id=None)
+
+
 BUILDERS: dict[str, Callable[[], Event]] = {
+    "reply.sent": lambda: events.reply_event(events.REPLY_SENT, REPLY, occurred_at=NOW),
+    "reply.failed": lambda: events.reply_event(
+        events.REPLY_FAILED, REPLY, occurred_at=NOW, reason="window_closed", detail="48 h passed"
+    ),
+    "reply.failed (refused command)": lambda: events.reply_event(
+        events.REPLY_FAILED, REFUSED, occurred_at=NOW, reason="recipient_unreachable", detail="unknown thread"
+    ),
+    "reply.delivered": lambda: events.reply_event(events.REPLY_DELIVERED, REPLY, occurred_at=NOW, at=NOW),
+    "reply.read": lambda: events.reply_event(events.REPLY_READ, REPLY, occurred_at=NOW, at=NOW),
     "message.received (full)": _full_message,
     "message.received (minimal)": _minimal_message,
     "message.edited": _edited_message,
+    "message.deleted": _deleted_message,
     "message.quarantined": lambda: events.message_quarantined(
         quarantine_id="q-1", tenant="acme", channel="whatsapp", inbox="+15550100", reason="bad json",
         raw_ref="sha256:cd", size=123, received_at=NOW, occurred_at=NOW,
@@ -136,7 +163,7 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
 @pytest.mark.parametrize(
     ("case", "mutate"),
     [
-        ("unknown type", _set("type", "message.deleted")),
+        ("unknown type", _set("type", "message.exploded")),
         ("wrong schema version", _set("schema", "ticketgate.event/2")),
         ("event_id not a uuid", _set("event_id", "42")),
         ("occurred_at not a date-time", _set("occurred_at", "yesterday")),
@@ -164,6 +191,23 @@ def test_an_edit_names_the_message_it_edits_and_a_received_message_cannot() -> N
         validate_event(_broken(_drop("message.edit_of"), _edited_message))
     with pytest.raises(jsonschema.ValidationError):
         validate_event(_broken(_set("message.edit_of", body["message"]["edit_of"])))
+
+
+def test_a_deletion_names_the_message_it_deletes_and_nothing_else_can() -> None:
+    body = validate_event(_deleted_message().body)
+    assert body["type"] == "message.deleted"
+    assert body["message"]["delete_of"] != body["message"]["id"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_event(_broken(_drop("message.delete_of"), _deleted_message))
+    with pytest.raises(jsonschema.ValidationError):
+        validate_event(_broken(_set("message.delete_of", body["message"]["delete_of"]), _edited_message))
+
+
+def test_a_deletion_fingerprint_differs_but_older_fingerprints_do_not_move() -> None:
+    message = CanonicalMessage(channel="slack", tenant="acme", inbox="ws", external_id="x", received_at=NOW)
+    assert replace(message, delete_of="d").fingerprint() != message.fingerprint()
+    # The field joins the digest only when set: a key claimed before it existed still matches.
+    assert message.fingerprint() == replace(message, delete_of=None).fingerprint()
 
 
 def test_extra_is_open_but_other_objects_are_closed() -> None:
