@@ -49,12 +49,14 @@ from connectors.webchat.settings import WebchatInboxSettings, WebchatSettings
 from core.channel import ChannelEndpoint, DeliveryStatus, SenderSpec
 from core.errors import ConfigError, InvalidInput
 from core.http import (
+    BearerKeys,
     ClientAddress,
     RateLimiter,
     ingest_within,
     json_error,
     json_response,
     read_body,
+    refuse_credentials,
     request_envelope,
     retry_after_value,
 )
@@ -100,6 +102,7 @@ class _Inbox:
     allow_missing_origin: bool
     demo_page: bool
     upload_types: tuple[str, ...]
+    has_agent_keys: bool
 
     def upload_allowed(self, content_type: str) -> bool:
         kind = content_type.split(";", 1)[0].strip().lower()
@@ -116,6 +119,7 @@ class _Config:
     client_ip: ClientAddress
     public_url: str | None
     public_host: str | None
+    agent_keys: BearerKeys[str]
 
 
 def _secret_bytes(*secrets_: Any) -> tuple[bytes, ...]:
@@ -152,7 +156,10 @@ class WebchatConnector:
                 key="channels.webchat.max_sockets",
             )
         inboxes: dict[str, _Inbox] = {}
+        agent_keys: BearerKeys[str] = BearerKeys(what="a web chat agent key", source=settings.source)
         for inbox_id, config in channel.inboxes.items():
+            for key in config.agent_keys:
+                agent_keys.add(key, inbox_id, where=f"channels.webchat.inboxes.{inbox_id}.agent_keys")
             if not inbox_id or "/" in inbox_id:
                 raise ConfigError(
                     "web chat inbox ids must be non-empty and contain no '/'",
@@ -171,6 +178,7 @@ class WebchatConnector:
                 client_ip=ClientAddress(settings.server.trusted_proxies),
                 public_url=public_url,
                 public_host=urlsplit(public_url).netloc.lower() if public_url else None,
+                agent_keys=agent_keys,
             )
         )
 
@@ -194,6 +202,9 @@ class WebchatConnector:
         sub.router.add_get("/{inbox}/ws", handlers.socket)
         sub.router.add_post("/{inbox}/messages", handlers.post_message)
         sub.router.add_route("OPTIONS", "/{inbox}/messages", handlers.preflight)
+        sub.router.add_post("/{inbox}/agent/typing", handlers.agent_typing)
+        sub.router.add_post("/{inbox}/agent/read", handlers.agent_read)
+        sub.router.add_get("/{inbox}/agent/activity", handlers.agent_activity)
         sub.on_shutdown.append(handlers.shutdown)
 
         async def stop_sender(_app: web.Application) -> None:
@@ -221,6 +232,7 @@ def _inbox(inbox_id: str, tenant: str, name: str | None, config: WebchatInboxSet
         allow_missing_origin=config.allow_missing_origin,
         demo_page=config.demo_page,
         upload_types=tuple(t.lower() for t in config.upload_types),
+        has_agent_keys=bool(config.agent_keys),
     )
 
 
@@ -259,6 +271,10 @@ class _Handlers:
             per_minute=channel.connects_per_minute, burst=channel.connect_burst, max_keys=keys
         )
         self._reports: set[asyncio.Task[None]] = set()
+        # Desks watching the visitors' typing and read receipts, per inbox (bounded queues).
+        self._watchers: dict[str, set[asyncio.Queue[str]]] = {}
+        self._desks: set[web.WebSocketResponse] = set()
+        self._agent_failures = RateLimiter(per_minute=10.0, burst=20, max_keys=keys)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -750,14 +766,19 @@ class _Handlers:
                 logger.exception("webchat %s: could not record a %s receipt", inbox.id, kind)
                 return
             self._report(moved, status)
+            if kind == "read" and moved:
+                self._tell_desk(
+                    inbox.id, {"type": "read", "conversation": session.conversation, "reply_ids": moved}
+                )
             if kind == "read":
                 # The visitor's other tabs stop showing these as unread.
                 await self._conversations.push(
                     inbox.id, session.conversation, {"type": "read", "ids": moved}, skip=peer
                 )
         elif kind == "typing":
-            # Not a ticket: counted, and shown on the visitor's other tabs only.
+            # Not a ticket: counted, and streamed to the desks watching this inbox.
             self._metrics.event("visitor_typing", inbox=inbox.id)
+            self._tell_desk(inbox.id, {"type": "typing", "conversation": session.conversation})
         else:
             await peer.send(
                 {"type": "error", "code": "unknown_frame", "reason": f"unknown frame type {kind!r}"}
@@ -822,17 +843,116 @@ class _Handlers:
                 skip=peer,
             )
 
+    # -- the desk's side: agent typing and read receipts, and the visitors' activity ---------------
+
+    def _agent(self, request: web.Request, inbox: _Inbox) -> web.Response | None:
+        """``None`` when the request carries an agent key of this inbox; else the refusal."""
+        if not inbox.has_agent_keys:
+            raise web.HTTPNotFound(text="this chat has no agent keys (agent_keys)")
+        if self._c.agent_keys.lookup(request) == inbox.id:
+            return None
+        remote = self._c.client_ip(request)
+        logger.warning("webchat %s: agent request without a valid key from %s", inbox.id, remote)
+        refusal = refuse_credentials(
+            self._agent_failures,
+            remote,
+            present="Authorization" in request.headers,
+            challenge='Bearer realm="webchat"',
+            required="an agent key of this chat",
+        )
+        self._metrics.refused("rate_limit" if refusal.status == 429 else "auth", inbox=inbox.id)
+        return refusal
+
+    async def _agent_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            body = orjson.loads(await read_body(request, 16 * 1024))
+        except (InvalidInput, orjson.JSONDecodeError):
+            raise web.HTTPBadRequest(text="send a JSON object of at most 16 KiB") from None
+        if not isinstance(body, dict) or not isinstance(body.get("conversation"), str):
+            raise web.HTTPBadRequest(text='the body needs "conversation" (message.extra.conversation)')
+        return body
+
+    async def agent_typing(self, request: web.Request) -> web.Response:
+        """An agent is typing: the visitor's widgets show it for a few seconds."""
+        inbox = self._inbox(request)
+        if (refusal := self._agent(request, inbox)) is not None:
+            return refusal
+        body = await self._agent_body(request)
+        frame = {"type": "typing", "agent": _short(body.get("agent"), 100)}
+        pushed = await self._conversations.push(inbox.id, body["conversation"], frame)
+        return json_response({"sockets": pushed})
+
+    async def agent_read(self, request: web.Request) -> web.Response:
+        """An agent read the visitor's messages (by message id): the widget marks them read."""
+        inbox = self._inbox(request)
+        if (refusal := self._agent(request, inbox)) is not None:
+            return refusal
+        body = await self._agent_body(request)
+        ids = body.get("message_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > 500:
+            raise web.HTTPBadRequest(text='"message_ids" must be a list of at most 500 message ids')
+        pushed = await self._conversations.push(
+            inbox.id, body["conversation"], {"type": "seen", "message_ids": ids}
+        )
+        return json_response({"sockets": pushed})
+
+    def _tell_desk(self, inbox: str, event: Mapping[str, Any]) -> None:
+        text = orjson.dumps(event).decode()
+        for queue in self._watchers.get(inbox, ()):
+            try:
+                queue.put_nowait(text)
+            except asyncio.QueueFull:
+                self._metrics.event("activity_dropped", inbox=inbox)
+
+    async def agent_activity(self, request: web.Request) -> web.StreamResponse:
+        """A WebSocket for the desk: the visitors' typing and read receipts of this inbox, as they
+        happen (``{"type": "typing"|"read", "conversation", ...}``). Not stored: a desk that is
+        not connected misses them (the read state also reaches the bus as ``reply.read``)."""
+        inbox = self._inbox(request)
+        if (refusal := self._agent(request, inbox)) is not None:
+            return refusal
+        ws = web.WebSocketResponse(heartbeat=self._c.channel.heartbeat, max_msg_size=4096)
+        await ws.prepare(request)
+        queue: asyncio.Queue[str] = asyncio.Queue(maxsize=1000)
+        watchers = self._watchers.setdefault(inbox.id, set())
+        watchers.add(queue)
+        self._desks.add(ws)
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(ws.receive())
+        getter = loop.create_task(queue.get())
+        try:
+            while not ws.closed:
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await ws.send_str(getter.result())
+                    getter = loop.create_task(queue.get())
+                if reader in done:
+                    if reader.result().type in _CLOSED:
+                        break
+                    reader = loop.create_task(ws.receive())  # the desk has nothing to say; ignored
+        finally:
+            reader.cancel()
+            getter.cancel()
+            watchers.discard(queue)
+            self._desks.discard(ws)
+            with contextlib.suppress(Exception):
+                await ws.close()
+        return ws
+
     async def shutdown(self, _app: web.Application) -> None:
         """Going away: every widget reconnects (to another instance, or to this one restarted)."""
-        peers = list(self._conversations.all())
+        sockets = [p.ws for p in self._conversations.all()] + list(self._desks)
         await asyncio.gather(
-            *(p.ws.close(code=WSCloseCode.GOING_AWAY, message=b"restarting") for p in peers),
+            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"restarting") for ws in sockets),
             return_exceptions=True,
         )
         for task in list(self._reports):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._reports, return_exceptions=True)
+
+
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 def _json_frame(message: Any) -> Mapping[str, Any] | None:

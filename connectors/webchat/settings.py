@@ -57,6 +57,9 @@ class WebchatInboxSettings(ChannelSettings):
     greeting: str | None = None
     greeting_zh: str | None = None
     upload_types: tuple[str, ...] = DEFAULT_UPLOAD_TYPES
+    # Bearer keys of the desk for /chat/<inbox>/agent/*: agent typing and read receipts to the
+    # widget, and the visitors' typing and read receipts as a stream. Unset: those routes answer 404.
+    agent_keys: tuple[Secret, ...] = ()
 
     @field_validator("allowed_origins")
     @classmethod

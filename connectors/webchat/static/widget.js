@@ -241,9 +241,9 @@
     }
     var meta = el("span", { "class": "meta" }, (m.kind === "agent" ? (m.name || T.agent) + " · " : "") + clock(m.at));
     if (m.kind === "own") {
-      var label = m.status === "delivered" ? T.delivered : m.status === "failed" ? T.failed : T.pending;
+      var label = m.status === "read" ? T.read : m.status === "delivered" ? T.delivered : m.status === "failed" ? T.failed : T.pending;
       var tick = el("span", { "class": "tick", "aria-label": label, title: label },
-        m.status === "delivered" ? "✓" : m.status === "failed" ? "!" : "…");
+        m.status === "read" ? "✓✓" : m.status === "delivered" ? "✓" : m.status === "failed" ? "!" : "…");
       meta.appendChild(tick);
       if (m.status === "failed" && !m.file) {
         var again = el("button", { type: "button", "class": "again" }, T.retry);
@@ -385,7 +385,7 @@
         m = { kind: "own", id: frame.client_id, text: frame.text || "", at: new Date().toISOString() };
         state.messages.push(m);
       }
-      if (m) { m.status = "delivered"; m.message_id = frame.message_id; render(m); }
+      if (m) { if (m.status !== "read") { m.status = "delivered"; } m.message_id = frame.message_id; render(m); }
       removeFromQueue(frame.client_id);
       save();
       if (frame.type === "ack" && frame.client_id === inFlight) { settle(); }
@@ -397,6 +397,14 @@
       var ids = frame.ids || [];
       for (var i = 0; i < ids.length; i++) { var r = findMessage(ids[i]); if (r) { r.status = "read"; } }
       save(); updateBadge();
+    } else if (frame.type === "seen") {
+      // An agent read these of the visitor's messages (by the gateway's message id).
+      var seen = frame.message_ids || [];
+      for (var k = 0; k < state.messages.length; k++) {
+        var own = state.messages[k];
+        if (own.kind === "own" && own.message_id && seen.indexOf(own.message_id) >= 0) { own.status = "read"; render(own); }
+      }
+      save();
     } else if (frame.type === "typing") {
       typing.textContent = frame.agent ? frame.agent + " …" : T.typing;
       clearTimeout(typing._timer);

@@ -393,3 +393,44 @@ async def test_the_demo_page_and_the_widget_are_served(make_chat: MakeChat) -> N
 
 def test_descriptor_is_installed() -> None:
     assert Registry.installed().get("webchat") is DESCRIPTOR
+
+
+async def test_typing_and_read_receipts_go_both_ways_and_are_not_tickets(make_chat: MakeChat) -> None:
+    chat = await make_chat(inbox={"agent_keys": ["test-agent-key-0001"]})
+    agent = {"Authorization": "Bearer test-agent-key-0001"}
+    desk = await chat.client.ws_connect("/chat/demo/agent/activity", headers=agent)
+    sock = await chat.socket()
+    welcome = await sock.hello()
+    conversation = f"s:{welcome['session']}"
+    ack = await sock.say("client-0501", "is anyone there?")
+    await sock.send({"type": "typing"})
+    typing = orjson.loads((await desk.receive(timeout=5)).data)
+    assert typing == {"type": "typing", "conversation": conversation}
+    typed = await chat.client.post(
+        "/chat/demo/agent/typing", headers=agent, json={"conversation": conversation, "agent": "Mei"}
+    )
+    assert (await typed.json()) == {"sockets": 1}
+    assert (await sock.until("typing")) == {"type": "typing", "agent": "Mei"}
+    read = await chat.client.post(
+        "/chat/demo/agent/read",
+        headers=agent,
+        json={"conversation": conversation, "message_ids": [ack["message_id"]]},
+    )
+    assert read.status == 200
+    assert (await sock.until("seen"))["message_ids"] == [ack["message_id"]]
+    sender = chat.senders["webchat"].sender
+    [event] = await chat.events()
+    await sender.send(reply("r-0501", event["message"]["extra"]))
+    await sock.until("reply")
+    await sock.send({"type": "read", "ids": ["r-0501"]})
+    seen = orjson.loads((await desk.receive(timeout=5)).data)
+    assert seen == {"type": "read", "conversation": conversation, "reply_ids": ["r-0501"]}
+    forged = await chat.client.post(
+        "/chat/demo/agent/typing",
+        headers={"Authorization": "Bearer nope-nope"},
+        json={"conversation": conversation},
+    )
+    assert forged.status == 401
+    assert len(await chat.events()) == 1  # typing and receipts made no ticket
+    await desk.close()
+    await sock.close()
