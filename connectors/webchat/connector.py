@@ -202,6 +202,7 @@ class WebchatConnector:
         sub.router.add_get("/{inbox}/ws", handlers.socket)
         sub.router.add_post("/{inbox}/messages", handlers.post_message)
         sub.router.add_route("OPTIONS", "/{inbox}/messages", handlers.preflight)
+        sub.router.add_get("/{inbox}/files/{sha256}", handlers.reply_file)
         sub.router.add_post("/{inbox}/agent/typing", handlers.agent_typing)
         sub.router.add_post("/{inbox}/agent/read", handlers.agent_read)
         sub.router.add_get("/{inbox}/agent/activity", handlers.agent_activity)
@@ -587,6 +588,39 @@ class _Handlers:
         if isinstance(text, str) and len(text) > self._c.channel.max_text_chars:
             raise InvalidInput(f"the message is over {self._c.channel.max_text_chars} characters", status=413)
         return client_id
+
+    async def reply_file(self, request: web.Request) -> web.StreamResponse:
+        """A file an agent attached to a reply, for the visitor it was sent to (session token as a
+        bearer credential; only files of the conversation's held replies)."""
+        inbox = self._inbox(request)
+        cors = self._cors(inbox, request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        session = self._open(inbox, token.strip()) if scheme.lower() == "bearer" else None
+        if session is None:
+            self._metrics.refused("signature", inbox=inbox.id)
+            return json_error(
+                401,
+                "unauthorized",
+                "a valid chat session token is required",
+                headers={**cors, "WWW-Authenticate": "Bearer"},
+            )
+        sha256 = request.match_info["sha256"]
+        held = await self._held_for(inbox, session)
+        found = next((f for item in held for f in item.get("files", ()) if f.get("sha256") == sha256), None)
+        data = await self._ctx.blobs.read(sha256) if found is not None else None
+        if found is None or data is None:
+            return json_error(404, "not_found", "no such file in this conversation", headers=cors)
+        name = str(found.get("name") or "file")
+        return web.Response(
+            body=data,
+            content_type=str(found.get("type") or "application/octet-stream"),
+            headers={
+                **cors,
+                "Cache-Control": "private, max-age=3600",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}",
+            },
+        )
 
     # -- the socket ------------------------------------------------------------------------------
 

@@ -121,6 +121,9 @@
     ".msg.agent .meta{text-align:left}",
     ".tick{margin-left:4px;font-weight:700}",
     "svg.clip{width:14px;height:14px;vertical-align:-2px}",
+    "button.file{display:flex;align-items:center;gap:4px;margin-top:6px;border:1px solid #cbd5e1;",
+    "background:#f1f5f9;color:#1e3a8a;border-radius:8px;padding:4px 8px;font-size:13px;cursor:pointer}",
+    "button.file svg{width:14px;height:14px}",
     ".msg button.again{margin-left:6px;font-size:11px;border:1px solid currentColor;background:transparent;",
     "color:inherit;border-radius:4px;cursor:pointer}",
     ".typing{font-size:12px;color:#475569;padding:0 16px 4px;min-height:18px;background:#f8fafc}",
@@ -232,6 +235,9 @@
     var who = el("span", { "class": "sr" }, (m.kind === "own" ? T.you : (m.name || T.agent)) + ": ");
     node.appendChild(who);
     node.appendChild(document.createTextNode(m.text || ""));
+    if (m.files) {
+      for (var f = 0; f < m.files.length; f++) { node.appendChild(fileLink(m.files[f])); }
+    }
     if (m.file) {
       if (m.text) { node.appendChild(document.createTextNode("\n")); }
       var clip = icon("M21 11.5l-8.6 8.6a5 5 0 0 1-7.1-7.1l8.6-8.6a3.3 3.3 0 0 1 4.7 4.7l-8.6 8.6a1.7 1.7 0 0 1-2.4-2.4l7.9-7.9");
@@ -253,6 +259,23 @@
     }
     node.appendChild(meta);
     if (fresh) { log.appendChild(node); log.scrollTop = log.scrollHeight; }
+  }
+  // An agent's file: fetched with the session token (it is not a public URL), then saved.
+  function fileLink(f) {
+    var link = el("button", { type: "button", "class": "file" }, f.name);
+    link.insertBefore(icon("M21 11.5l-8.6 8.6a5 5 0 0 1-7.1-7.1l8.6-8.6a3.3 3.3 0 0 1 4.7 4.7l-8.6 8.6a1.7 1.7 0 0 1-2.4-2.4l7.9-7.9"), link.firstChild);
+    link.addEventListener("click", function () {
+      fetch(base + "/files/" + f.sha256, { headers: { Authorization: "Bearer " + state.token } })
+        .then(function (response) { if (!response.ok) { throw new Error(String(response.status)); } return response.blob(); })
+        .then(function (blob) {
+          var a = document.createElement("a");
+          a.href = URL.createObjectURL(blob); a.download = f.name;
+          document.body.appendChild(a); a.click(); a.remove();
+          setTimeout(function () { URL.revokeObjectURL(a.href); }, 10000);
+        })
+        .catch(function () { setStatusNote(T.failed); });
+    });
+    return link;
   }
   function renderAll() {
     for (var i = 0; i < state.messages.length; i++) { render(state.messages[i]); }
@@ -441,7 +464,7 @@
       if (known) { if (r.status === "read" && known.status !== "read") { known.status = "read"; } continue; }
       var m = { kind: "agent", id: r.id, text: r.text || "", at: r.at, name: r.agent || null,
         status: r.status === "read" ? "read" : "delivered" };
-      if (r.files && r.files.length) { m.file = r.files.map(function (f) { return f.name; }).join(", "); }
+      if (r.files && r.files.length) { m.files = r.files; }
       state.messages.push(m);
       render(m);
       if (r.status === "sent") { fresh.push(r.id); }
@@ -470,7 +493,10 @@
     inFlight = id;
     clearTimeout(inFlightTimer);
     // No answer in 15 s: the connection is presumed dead; reconnecting sends it again (same id).
-    inFlightTimer = setTimeout(function () { if (inFlight === id) { dropSocket(); scheduleReconnect(); } }, 15000);
+    inFlightTimer = setTimeout(function () { if (inFlight === id) { dropSocket(); scheduleReconnect(); } }, m.file ? 120000 : 15000);
+    if (m.files) {
+      for (var f = 0; f < m.files.length; f++) { node.appendChild(fileLink(m.files[f])); }
+    }
     if (m.file) { upload(m); return; }
     ws.send(JSON.stringify({ type: "message", client_id: id, text: m.text, sent_at: m.at }));
   }

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from connectors.webchat import DESCRIPTOR, tokens
-from core.channel import OutboundReply, SendError, SenderSpec
+from core.channel import OutboundAttachment, OutboundReply, SendError, SenderSpec
 from core.model import Identity
 from core.settings import Settings
 from gateway.channels import GatewayContext, Registry
@@ -433,4 +433,44 @@ async def test_typing_and_read_receipts_go_both_ways_and_are_not_tickets(make_ch
     assert forged.status == 401
     assert len(await chat.events()) == 1  # typing and receipts made no ticket
     await desk.close()
+    await sock.close()
+
+
+async def test_a_reply_file_is_served_to_its_visitor_only(make_chat: MakeChat, tmp_path: Path) -> None:
+    chat = await make_chat()
+    sender = chat.senders["webchat"].sender
+    sock = await chat.socket()
+    welcome = await sock.hello()
+    upload = aiohttp.FormData()
+    upload.add_field("client_id", "client-0601")
+    upload.add_field("file", b"%PDF-1.4 invoice", filename="invoice.pdf", content_type="application/pdf")
+    stored = await chat.client.post(
+        "/chat/demo/messages",
+        data=upload,
+        headers={"Authorization": f"Bearer {welcome['token']}", "Origin": ORIGIN},
+    )
+    assert stored.status == 202
+    [event] = await chat.events()
+    [attachment] = event["message"]["attachments"]
+    file = OutboundAttachment(
+        name="发票.pdf", content_type="application/pdf", size=attachment["size"], sha256=attachment["sha256"]
+    )
+    await sender.send(dataclasses.replace(reply("r-0601", event["message"]["extra"]), attachments=(file,)))
+    pushed = await sock.until("reply")
+    assert pushed["files"] == [
+        {
+            "name": "发票.pdf",
+            "type": "application/pdf",
+            "size": attachment["size"],
+            "sha256": attachment["sha256"],
+        }
+    ]
+    path = f"/chat/demo/files/{attachment['sha256']}"
+    served = await chat.client.get(path, headers={"Authorization": f"Bearer {welcome['token']}"})
+    assert served.status == 200
+    assert await served.read() == b"%PDF-1.4 invoice"
+    assert "filename*=UTF-8''%E5%8F%91%E7%A5%A8.pdf" in served.headers["Content-Disposition"]
+    other = await chat.client.get(path, headers={"Authorization": f"Bearer {token_for('someone-else')}"})
+    assert other.status == 404
+    assert (await chat.client.get(path)).status == 401
     await sock.close()
