@@ -167,6 +167,12 @@ class WebchatConnector:
                     key="channels.webchat.inboxes",
                 )
             inbox = settings.inbox(inbox_id, key=f"channels.webchat.inboxes.{inbox_id}")
+            if config.demo_page and config.identity_secret is not None:
+                # The demo page signs whatever user id its URL names: anyone can be anyone there.
+                logger.warning(
+                    "webchat %s: demo_page signs any ?user_id= with the identity secret; development only",
+                    inbox_id,
+                )
             inboxes[inbox_id] = _inbox(inbox_id, inbox.tenant, inbox.name, config)
         public_url = (settings.server.public_url or "").rstrip("/") or None
         return cls(

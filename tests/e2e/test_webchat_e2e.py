@@ -228,3 +228,26 @@ async def test_screenshots_of_the_widget(
     if os.environ.get("TICKETGATE_UPDATE_SCREENSHOTS") == "1":
         shutil.copyfile(shot, ROOT / "docs" / name)
     await context.close()
+
+
+async def test_the_widget_works_from_the_keyboard_alone(deploy: MakeDeployment, browser: Browser) -> None:
+    d = await deploy(extra=CHAT)
+    context = await browser.new_context(locale="en-US")
+    page = await context.new_page()
+    await page.goto(f"{d.gateway.url}/chat/demo")
+    await page.keyboard.press("Tab")  # the launcher is the page's first control
+    assert await page.evaluate("document.activeElement.id") == "ticketgate-chat"
+    await page.keyboard.press("Enter")  # opens the panel and puts the focus in the message box
+    await page.locator("#tg-chat-status[data-state=online]").wait_for()
+    focused = await page.evaluate("document.querySelector('#ticketgate-chat').shadowRoot.activeElement.id")
+    assert focused == "tg-chat-input"
+    await page.keyboard.type("Typed without a mouse")
+    await page.keyboard.press("Enter")
+    await ticks(page, 1)
+    tick = page.locator("[data-client-id] .tick")
+    assert await tick.get_attribute("aria-label") == "Delivered"
+    await page.keyboard.press("Escape")
+    assert await page.locator("#tg-chat-launcher").get_attribute("aria-expanded") == "false"
+    [event] = await wait_events(d, 1)
+    assert event["message"]["text"] == "Typed without a mouse"
+    await context.close()
