@@ -38,6 +38,7 @@ from connectors.form.i18n import pick_language
 from connectors.webchat import tokens
 from connectors.webchat.i18n import STRINGS
 from connectors.webchat.live import (
+    Bulletin,
     Conversations,
     HeldReplies,
     Peer,
@@ -200,7 +201,11 @@ class WebchatConnector:
     def setup(self, ctx: ChannelContext) -> None:
         conversations = Conversations()
         held = HeldReplies(ctx.state, self._config.channel.held_replies)
-        sender = WebchatSender(held, conversations, ctx.clock.now)
+        bulletin = Bulletin(ctx.state, held, conversations)
+        sender = WebchatSender(held, conversations, ctx.clock.now, bulletin)
+        inboxes = tuple(self._config.inboxes)
+        interval = self._config.channel.bulletin_interval
+        ctx.spawn("reply-bulletin", lambda: bulletin.watch(inboxes, interval), restart_after=interval)
         handlers = _Handlers(self._config, ctx, conversations, held)
         sub = web.Application()
         sub.router.add_get("/{inbox}", handlers.demo)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -200,16 +201,95 @@ def conversation_of(reply: OutboundReply) -> str | None:
     return None
 
 
+class Bulletin:
+    """Where every instance learns of replies sent by another (several gateways on one store).
+
+    The sender appends ``(seq, conversation, reply_id)`` to one small record per inbox in the
+    channel's shared state; each instance reads that record every ``interval`` and pushes the
+    replies of the conversations it has sockets for, unless it pushed them itself. One state read per
+    inbox per interval, whatever the number of sockets."""
+
+    KEEP = 500
+
+    def __init__(self, state: ChannelState, held: HeldReplies, conversations: Conversations) -> None:
+        self._state = state
+        self._held = held
+        self._conversations = conversations
+        self._seen: dict[str, int] = {}  # inbox -> last seq looked at
+        self._pushed: OrderedDict[str, None] = OrderedDict()  # reply ids this instance pushed
+
+    @staticmethod
+    def _key(inbox: str) -> str:
+        return f"bulletin/{inbox}"
+
+    def pushed_here(self, reply_id: str) -> None:
+        self._pushed[reply_id] = None
+        while len(self._pushed) > 4 * self.KEEP:
+            self._pushed.popitem(last=False)
+
+    async def post(self, inbox: str, conversation: str, reply_id: str) -> None:
+        key = self._key(inbox)
+        for _ in range(50):
+            raw = await self._state.get(key)
+            board: dict[str, Any] = orjson.loads(raw) if raw else {"seq": 0, "items": []}
+            seq = int(board["seq"]) + 1
+            items = [*board["items"], [seq, conversation, reply_id]][-self.KEEP :]
+            if await self._state.compare_and_set(key, raw, orjson.dumps({"seq": seq, "items": items})):
+                return
+        raise StoreError("webchat: the reply bulletin kept changing under the update")
+
+    async def check(self, inboxes: Iterable[str]) -> int:
+        """Push what other instances sent since the last check; how many replies were pushed."""
+        pushed = 0
+        for inbox in inboxes:
+            raw = await self._state.get(self._key(inbox))
+            if raw is None:
+                self._seen.setdefault(inbox, 0)
+                continue
+            board = orjson.loads(raw)
+            last = self._seen.get(inbox)
+            self._seen[inbox] = int(board["seq"])
+            if last is None:
+                continue  # the first look: what was sent before this instance started is held
+            for seq, conversation, reply_id in board["items"]:
+                if (
+                    seq <= last
+                    or reply_id in self._pushed
+                    or not self._conversations.peers(inbox, conversation)
+                ):
+                    continue
+                item = next(
+                    (i for i in await self._held.items(inbox, conversation) if i.get("id") == reply_id), None
+                )
+                if item is not None:
+                    self.pushed_here(reply_id)
+                    pushed += await self._conversations.push(inbox, conversation, reply_frame(item))
+        return pushed
+
+    async def watch(self, inboxes: Sequence[str], interval: float) -> None:
+        """Run for the gateway's lifetime (a supervised task)."""
+        while True:
+            await self.check(inboxes)
+            await asyncio.sleep(interval)
+
+
 class WebchatSender:
     """Holds a reply for the visitor, then pushes it to their open widgets.
 
     Idempotent: the reply id is the held item's id, so a retried send holds nothing twice and the
     widget drops a repeat by id."""
 
-    def __init__(self, held: HeldReplies, conversations: Conversations, now: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        held: HeldReplies,
+        conversations: Conversations,
+        now: Callable[[], datetime],
+        bulletin: Bulletin | None = None,
+    ) -> None:
         self._held = held
         self._conversations = conversations
         self._now = now
+        self._bulletin = bulletin
         self._pushes: set[asyncio.Task[None]] = set()
 
     async def send(self, reply: OutboundReply) -> Sent:
@@ -235,6 +315,9 @@ class WebchatSender:
             ]
         try:
             await self._held.hold(reply.inbox, conversation, item)
+            if self._bulletin is not None:
+                self._bulletin.pushed_here(reply.reply_id)
+                await self._bulletin.post(reply.inbox, conversation, reply.reply_id)
         except StoreError as exc:
             raise SendError(
                 "provider_error", f"could not hold the reply: {exc}", permanent=False, retry_after=5.0

@@ -103,6 +103,9 @@ class WebchatSettings(ChannelSettings):
     ingest_timeout: Duration = 8.0
     # Agent replies kept per conversation for a visitor who comes back (the oldest go first).
     held_replies: int = Field(200, ge=1)
+    # How often an instance looks for replies another instance sent to a visitor connected here
+    # (several gateways on one store); one store read per inbox each time.
+    bulletin_interval: Duration = Field(0.5, gt=0)
     inboxes: dict[str, WebchatInboxSettings] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -70,9 +70,10 @@ MakeChat = Callable[..., Awaitable[Chat]]
 async def make_chat(tmp_path: Path) -> AsyncIterator[MakeChat]:
     clients: list[Client] = []
 
-    async def make(settings: Settings | None = None, **chat: Any) -> Chat:
+    async def make(settings: Settings | None = None, shared: Store | None = None, **chat: Any) -> Chat:
+        """A gateway; ``shared``: another instance on the same store (as on PostgreSQL)."""
         settings = settings or settings_for(tmp_path, **chat)
-        store = build_store(settings)
+        store = shared or build_store(settings)
         metrics = Metrics()
         pipeline = Pipeline(settings, store, metrics)
         app = web.Application()
@@ -82,7 +83,8 @@ async def make_chat(tmp_path: Path) -> AsyncIterator[MakeChat]:
             yield
             await store.close()
 
-        app.cleanup_ctx.append(store_ctx)
+        if shared is None:
+            app.cleanup_ctx.append(store_ctx)
         senders: dict[str, SenderSpec] = {}
         made = Chat(client=None, store=store, metrics=metrics, senders=senders)  # type: ignore[arg-type]
 
@@ -473,4 +475,22 @@ async def test_a_reply_file_is_served_to_its_visitor_only(make_chat: MakeChat, t
     other = await chat.client.get(path, headers={"Authorization": f"Bearer {token_for('someone-else')}"})
     assert other.status == 404
     assert (await chat.client.get(path)).status == 401
+    await sock.close()
+
+
+async def test_a_reply_sent_by_another_instance_reaches_the_socket_here(make_chat: MakeChat) -> None:
+    first = await make_chat(bulletin_interval=0.05)
+    second = await make_chat(shared=first.store, bulletin_interval=0.05)
+    sock = await second.socket()  # the visitor is connected to the second instance
+    await sock.hello()
+    await sock.say("client-0701", "hello from instance two")
+    [event] = await first.events()
+    await asyncio.sleep(0.2)  # both instances have looked at the bulletin once
+    await first.senders["webchat"].sender.send(
+        reply("r-0701", event["message"]["extra"])
+    )  # sent by the first
+    pushed = await sock.until("reply", timeout=2.0)
+    assert pushed["id"] == "r-0701"
+    await sock.send({"type": "ping"})
+    assert (await sock.receive())["type"] == "pong"  # and only once: no second reply frame came first
     await sock.close()
