@@ -10,20 +10,24 @@ thread. ``TICKETGATE_UPDATE_SCREENSHOTS=1`` rewrites docs/webchat-en.png and doc
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from tests.e2e.browser import launch_chromium
 from tests.e2e.conftest import Deployment, MakeDeployment
 from tests.e2e.harness import ROOT
+from tests.support.rabbitmq import Janitor
 from tests.support.schema import validate_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -250,4 +254,79 @@ async def test_the_widget_works_from_the_keyboard_alone(deploy: MakeDeployment, 
     assert await page.locator("#tg-chat-launcher").get_attribute("aria-expanded") == "false"
     [event] = await wait_events(d, 1)
     assert event["message"]["text"] == "Typed without a mouse"
+    await context.close()
+
+
+def replies_config(control_queue: str) -> str:
+    return f"""{CHAT}
+[control]
+queue = "{control_queue}"
+
+[replies]
+poll_interval = "0.2s"
+"""
+
+
+async def publish_reply(amqp_url: str, queue: str, thread_id: str, command_id: str, text: str) -> None:
+    """As a desk answers: ``reply.requested`` on the control queue (persistent, default exchange)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+        command = {
+            "type": "reply.requested",
+            "command_id": command_id,
+            "thread_id": thread_id,
+            "tenant": "demo",
+            "text": text,
+            "agent_name": "Mei",
+        }
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                orjson.dumps(command),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=queue,
+        )
+
+
+def reply_events(d: Deployment, kind: str) -> list[dict[str, Any]]:
+    return [validate_event(r.body) for r in d.consumer.distinct() if r.type == kind]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gateway.replies") is None, reason="no reply dispatcher yet")
+async def test_an_agents_reply_appears_in_the_widget_and_waits_for_a_visitor_who_left(
+    deploy: MakeDeployment, browser: Browser, amqp_url: str, amqp_names: Janitor
+) -> None:
+    queue = amqp_names.queue("control")
+    d = await deploy(extra=replies_config(queue))
+    context, page = await open_chat(browser, f"{d.gateway.url}/chat/demo")
+    await send(page, "Is my refund approved?")
+    await ticks(page, 1)
+    [event] = await wait_events(d, 1)
+    thread_id = event["thread"]["id"]
+    started = time.monotonic()
+    await publish_reply(amqp_url, queue, thread_id, "desk-webchat-1", "Yes: the refund was approved today.")
+    reply = page.locator("[data-reply-id]")
+    await reply.wait_for(timeout=30_000)
+    print(f"reply.requested published -> shown in the widget: {time.monotonic() - started:.2f} s")
+    assert "the refund was approved today" in (await reply.text_content() or "")
+    # The panel is open and visible: the widget confirms receipt and reading.
+    await d.consumer.wait_until(lambda: bool(reply_events(d, "reply.read")), within=30)
+    [sent] = reply_events(d, "reply.sent")
+    assert sent["reply"]["command_id"] == "desk-webchat-1"
+    assert reply_events(d, "reply.delivered")
+    # The visitor leaves; the next reply waits and is shown when they come back.
+    await page.close()
+    await publish_reply(amqp_url, queue, thread_id, "desk-webchat-2", "Anything else we can do?")
+    await d.consumer.wait_until(lambda: len(reply_events(d, "reply.sent")) >= 2, within=30)
+    assert len(reply_events(d, "reply.delivered")) == 1
+    page = await context.new_page()
+    await page.goto(f"{d.gateway.url}/chat/demo")
+    await page.locator("#tg-chat-launcher").click()
+    await page.locator("[data-reply-id]").nth(1).wait_for(timeout=30_000)
+    await d.consumer.wait_until(lambda: len(reply_events(d, "reply.delivered")) >= 2, within=30)
     await context.close()
