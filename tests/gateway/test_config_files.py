@@ -46,6 +46,8 @@ EXAMPLE_ENV = {
     "X_ACME_ACCESS_TOKEN_SECRET": "x-access-token-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
     "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
+    "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
+    "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
 }
 
 
