@@ -32,6 +32,8 @@ EXAMPLE_ENV = {
     "TICKETGATE_DESK_KEY_ACME": "acme-desk-key-for-tests",
     "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
     "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
+    "SLACK_ACME_SIGNING_SECRET": "slack-signing-secret-for-tests",
+    "SLACK_ACME_BOT_TOKEN": "xoxb-slack-bot-token-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
 }
 
