@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from core.channel import ChannelMetrics, MediaQueue
+from core.events import media_path
 from core.media import MediaFetch
+from core.model import CanonicalMessage
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,23 @@ Download = Callable[[MediaFetch], Awaitable[Fetched]]
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def fetches_for(
+    messages: Sequence[CanonicalMessage], *, now: datetime, account: str | None = None
+) -> list[MediaFetch]:
+    """The fetches committed messages announce, one per media ref; ``account`` names the
+    credentials that fetch them (the message's inbox when not given)."""
+    fetches: dict[str, MediaFetch] = {}
+    for message in messages:
+        for media in message.media:
+            key = media_path(message.channel, message.inbox, media.ref)
+            fetches[key] = MediaFetch(
+                key=key, channel=message.channel, inbox=message.inbox, account=account or message.inbox,
+                ref=media.ref, kind=media.kind, name=media.name, content_type=media.content_type,
+                created_at=now, next_attempt_at=now,
+            )
+    return list(fetches.values())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,8 +139,11 @@ class MediaFetcher:
             if fetched:
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wait completes, and the fetcher would outlive the shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.policy.idle_poll)
+                async with asyncio.timeout(self.policy.idle_poll):
+                    await self._wake.wait()
 
     async def _fetch(self, fetch: MediaFetch) -> None:
         self._in_flight.add(fetch.key)

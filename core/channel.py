@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 
 from core.media import MediaFetch
 from core.model import CanonicalMessage, Identity, IngestResult, RawEnvelope
@@ -40,6 +40,8 @@ Normalizer = Callable[[RawEnvelope], Sequence[CanonicalMessage]]
 """raw envelope -> canonical messages; pure (see ``normalizers.base``)."""
 
 ENTRY_POINT_GROUP = "ticketgate.channels"
+
+_T = TypeVar("_T")
 
 
 class Clock(Protocol):
@@ -332,6 +334,14 @@ class ChannelContext(Protocol):
 
     def add_sender(self, spec: SenderSpec) -> None:
         """This channel answers replies through ``spec``; call during ``setup``, at most once."""
+        ...
+
+    def shared(self, key: str, build: Callable[[], _T]) -> _T:
+        """The object kept under ``key`` for every channel of this gateway, built by ``build()`` the
+        first time any channel asks; call during ``setup``. Channels that share one provider
+        endpoint (WhatsApp, Messenger and Instagram behind one Meta app) meet here: the first one
+        builds and mounts the route, the others register on it. Keys are global: prefix them with
+        the family's name."""
         ...
 
     async def report_delivery(

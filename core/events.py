@@ -30,9 +30,21 @@ MESSAGE_DELETED = "message.deleted"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
+# The way back: the outcome of a desk's reply command, and what the provider later reported.
+REPLY_SENT = "reply.sent"
+REPLY_FAILED = "reply.failed"
+REPLY_DELIVERED = "reply.delivered"
+REPLY_READ = "reply.read"
+REPLY_TYPES = (REPLY_SENT, REPLY_FAILED, REPLY_DELIVERED, REPLY_READ)
 EVENT_TYPES = (
-    MESSAGE_RECEIVED, MESSAGE_QUARANTINED, THREAD_MERGED, CUSTOMER_MERGED, CUSTOMER_UNMERGED, MESSAGE_EDITED,
+    MESSAGE_RECEIVED,
+    MESSAGE_QUARANTINED,
+    THREAD_MERGED,
+    CUSTOMER_MERGED,
+    CUSTOMER_UNMERGED,
+    MESSAGE_EDITED,
     MESSAGE_DELETED,
+    *REPLY_TYPES,
 )
 
 _uuid7_lock = threading.Lock()
@@ -339,4 +351,63 @@ def customer_merged(
         channel="identity",
         payload=payload,
         occurred_at=occurred_at,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyView:
+    """A reply as its events show it (the ledger's row, at the moment of the event)."""
+
+    id: str
+    command_id: str
+    tenant: str
+    thread_id: str
+    thread_number: int | None
+    customer_id: str | None
+    channel: str | None
+    inbox: str | None
+    attempts: int
+    requested_at: datetime
+    provider_message_id: str | None = None
+
+
+def reply_event(
+    event_type: str,
+    reply: ReplyView,
+    *,
+    occurred_at: datetime,
+    reason: str | None = None,
+    detail: str | None = None,
+    at: datetime | None = None,
+) -> Event:
+    """``reply.sent`` / ``reply.failed`` / ``reply.delivered`` / ``reply.read`` for one reply.
+
+    ``at`` is when the provider says it happened (a delivery report), ``occurred_at`` when the
+    gateway recorded it. A reply that never reached a channel (refused, unreachable) is routed as
+    channel ``desk``.
+    """
+    if event_type not in REPLY_TYPES:
+        raise ValueError(f"not a reply event: {event_type}")
+    payload = {
+        "reply": {
+            "id": reply.id,
+            "command_id": reply.command_id,
+            "channel": reply.channel,
+            "inbox": reply.inbox,
+            "attempts": reply.attempts,
+            "requested_at": isoformat(reply.requested_at),
+            "provider_message_id": reply.provider_message_id,
+            "at": isoformat(at or occurred_at),
+            **({"reason": reason, "detail": detail} if event_type == REPLY_FAILED else {}),
+        },
+        "thread": {"id": reply.thread_id, "number": reply.thread_number},
+        "customer": {"id": reply.customer_id},
+    }
+    return _event(
+        event_type=event_type,
+        tenant=reply.tenant,
+        channel=reply.channel or "desk",
+        payload=payload,
+        occurred_at=occurred_at,
+        thread_id=reply.thread_id,
     )

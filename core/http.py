@@ -6,6 +6,7 @@ Everything here is transport plumbing with no channel knowledge; connectors deci
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import ipaddress
@@ -111,6 +112,25 @@ class RateLimiter:
 def retry_after_value(seconds: float) -> str:
     """Retry-After takes whole seconds; round up so a client never comes back too early."""
     return str(max(1, math.ceil(seconds)))
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """A provider's ``Retry-After``: delay-seconds or an HTTP-date, as seconds from now (never
+    negative); ``None`` when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def json_response(

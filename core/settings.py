@@ -99,6 +99,29 @@ class ServerSettings(_Section):
     normalizer_process: bool = True
 
 
+class AdminSettings(_Section):
+    """``[admin]``: the status page at ``/status`` (docs/operations.md). No token, no page."""
+
+    # Typed once into the page's login form (or sent as ``Authorization: Bearer`` by a script);
+    # never a desk, API or blob key: the page can replay quarantined messages.
+    token: Secret | None = None
+    # How long a login lasts; the session cookie is signed with a key derived from the token, so
+    # changing the token ends every session, on every instance.
+    session_lifetime: Duration = Field(12 * 3600.0, gt=0)
+    # Failed logins per client IP, as for API keys: past the burst, 429 until the rate refills.
+    auth_failures_per_minute: float = Field(10.0, gt=0)
+    auth_failures_burst: int = Field(10, ge=1)
+    # How often the open page asks for fresh figures.
+    refresh_interval: Duration = Field(5.0, ge=1.0)
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 12:
+            raise ValueError("the admin token must be at least 12 characters (use a long random one)")
+        return value
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -279,6 +302,7 @@ class Settings(_Section):
     source: str | None = Field(default=None, exclude=True)
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
 
     @model_validator(mode="after")
     def _inboxes_name_tenants(self) -> Settings:

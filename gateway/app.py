@@ -25,7 +25,7 @@ from gateway.control import control_ctx
 from gateway.desk import DeskApi
 from gateway.enrich import Enricher
 from gateway.health import setup_health
-from gateway.keys import CHANNELS, METRICS, PIPELINE, RELAY, SETTINGS, STORE
+from gateway.keys import CHANNELS, METRICS, PIPELINE, REGISTRY, RELAY, SETTINGS, STORE
 from gateway.media import setup_media
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker
@@ -34,6 +34,7 @@ from gateway.publisher import AmqpPublisher, Publisher
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
 from gateway.startup import http_base_url
+from gateway.status import setup_status
 from gateway.store import build_store
 from gateway.store.base import Store
 
@@ -120,17 +121,20 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))
     setup_health(app)
     setup_media(app)
+    if setup_status(app):
+        logger.info("status page enabled at /status")
     desk = DeskApi.from_settings(settings)
     if desk is not None:
         desk.setup(app, store)
         logger.info("desk API enabled")
+    registry = app[REGISTRY] = overrides.registry or Registry.installed()
     app[CHANNELS] = setup_channels(
         app,
         settings,
         ingest=pipeline.ingest,
         store=store,
         metrics=metrics,
-        registry=overrides.registry,
+        registry=registry,
         base_url=http_base_url(settings),
     )
     return app

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiohttp
 from aiohttp import web
@@ -51,6 +51,8 @@ from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """The pipeline's ingest (or a test's stand-in)."""
 
@@ -59,6 +61,10 @@ Deliveries = Callable[[str, str, DeliveryStatus, datetime, ReplyFailure | None, 
 
 # Tables under [channels] that are not channels: the desk API is the daemon's own.
 NOT_CHANNELS = frozenset({"identity"})
+
+# What channels share (``ctx.shared``), one mapping per gateway app, so every context set up on the
+# same app meets the same objects.
+SHARED = web.AppKey("channel_shared", dict[str, Any])
 
 
 class Registry:
@@ -267,6 +273,9 @@ class GatewayContext:
         deliveries: Deliveries | None = None,
     ) -> None:
         self._app = app
+        if SHARED not in app:
+            app[SHARED] = {}
+        self._shared: dict[str, Any] = app[SHARED]
         self._senders = senders if senders is not None else {}
         self._deliveries = deliveries
         self._descriptor = descriptor
@@ -365,6 +374,11 @@ class GatewayContext:
             raise RuntimeError(f"{self.channel}: a sender is already registered")
         self._senders[self.channel] = spec
 
+    def shared(self, key: str, build: Callable[[], _T]) -> _T:
+        if key not in self._shared:
+            self._shared[key] = build()
+        return cast(_T, self._shared[key])
+
     async def report_delivery(
         self,
         provider_message_id: str,
@@ -402,10 +416,12 @@ async def _supervise(name: str, run: Callable[[], Awaitable[None]], restart_afte
 
 @dataclass(frozen=True, slots=True)
 class EnabledChannel:
-    """A channel that was set up, with the endpoints its connector describes (``None``: it does not)."""
+    """A channel that was set up, with the endpoints its connector describes (``None``: it does not)
+    and how long its provider waits for an answer (``ChannelDescriptor.deadline``)."""
 
     name: str
     endpoints: Sequence[ChannelEndpoint] | None
+    deadline: float = 10.0
 
 
 def setup_channels(
@@ -429,5 +445,7 @@ def setup_channels(
         described = None
         if isinstance(connector, DescribesEndpoints):
             described = connector.describe_endpoints(base_url)
-        enabled.append(EnabledChannel(descriptor.name, described))
+            for endpoint in described:
+                metrics.recent.declare(descriptor.name, endpoint.inbox)
+        enabled.append(EnabledChannel(descriptor.name, described, descriptor.deadline))
     return enabled

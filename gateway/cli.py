@@ -155,7 +155,9 @@ async def _outbox_status(settings: Settings, out: TextIO) -> int:
 
 async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     from core.events import isoformat
+    from gateway import quarantine
     from gateway.channels import Registry
+    from gateway.enrich import Enricher
     from gateway.metrics import Metrics
     from gateway.pipeline import Pipeline
     from gateway.store import build_store
@@ -164,50 +166,39 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
     await store.open()
     try:
         if args.action == "list":
-            records = await store.quarantine_list(limit=args.limit)
+            records = await quarantine.list_records(store, limit=args.limit)
             for r in records:
-                state = f"replayed {isoformat(r.replayed_at)}: {r.replay_result}" if r.replayed_at else "held"
                 print(
-                    f"{r.id}  {isoformat(r.received_at)}  {r.channel}/{r.inbox}  {r.size} B  {state}",
+                    f"{r.id}  {isoformat(r.received_at)}  {r.channel}/{r.inbox}  {r.size} B  "
+                    f"{quarantine.state_text(r)}",
                     file=out,
                 )
                 print(f"    {r.reason}", file=out)
             if not records:
                 print("quarantine is empty", file=out)
             return 0
-        found = await store.quarantine_get(args.id)
-        if found is None:
-            print(f"no quarantined message {args.id!r}", file=sys.stderr)
-            return 1
-        record, envelope = found
         if args.action == "show":
-            info = {
-                "id": record.id,
-                "channel": record.channel,
-                "inbox": record.inbox,
-                "tenant": record.tenant,
-                "reason": record.reason,
-                "raw_ref": record.raw_ref,
-                "size": record.size,
-                "received_at": isoformat(record.received_at),
-                "replayed_at": isoformat(record.replayed_at),
-                "replay_result": record.replay_result,
-                "content_type": envelope.content_type,
-            }
+            found = await quarantine.show(store, args.id)
+            if found is None:
+                print(f"no quarantined message {args.id!r}", file=sys.stderr)
+                return 1
+            record, envelope = found
+            info = quarantine.record_info(record, envelope)
             print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode(), file=out)
             if args.raw:
                 sys.stdout.flush()
                 os.write(sys.stdout.fileno(), envelope.body)
             return 0
         # replay: the events land in the outbox; the running gateway's relay publishes them.
-        from gateway.enrich import Enricher
-
+        registry = Registry.installed()
         pipeline = Pipeline(settings, store, Metrics(), enrich=Enricher.from_settings(settings).enrich)
-        result = await pipeline.replay(envelope, Registry.installed().normalizer(envelope.channel, settings))
-        summary = result.outcome.value + (f": {result.reason}" if result.reason else "")
-        if result.stored:
-            await store.quarantine_mark_replayed(record.id, summary)
-        print(f"{record.id}: {summary}", file=out)
+        result = await quarantine.replay(
+            store, pipeline, lambda channel: registry.normalizer(channel, settings), args.id
+        )
+        if result is None:
+            print(f"no quarantined message {args.id!r}", file=sys.stderr)
+            return 1
+        print(f"{result.id}: {result.summary}", file=out)
         return 0 if result.stored else 1
     finally:
         await store.close()

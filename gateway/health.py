@@ -32,7 +32,7 @@ async def readyz(request: web.Request) -> web.Response:
     heartbeating: a stalled connection is dropped by the publisher) or the backlog is under its bound."""
     app = request.app
     problems: list[str] = []
-    store_problem = await _probe_store(app)
+    store_problem = await probe_store(app)
     if store_problem is not None:
         problems.append(f"store: {store_problem}")
     status = await app[STORE].outbox_status()
@@ -52,7 +52,7 @@ async def readyz(request: web.Request) -> web.Response:
 _PROBE: web.AppKey[dict[str, asyncio.Task[None]]] = web.AppKey("ready_probe", dict)
 
 
-async def _probe_store(app: web.Application) -> str | None:
+async def probe_store(app: web.Application) -> str | None:
     """Run the store's write probe for at most READY_PROBE_TIMEOUT; the reason it failed, or None.
 
     A probe that outlives its bound keeps running (a write to a hung disk cannot be taken back), and

@@ -11,7 +11,7 @@ from core.settings import Settings
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
-    from gateway.channels import EnabledChannel
+    from gateway.channels import EnabledChannel, Registry
     from gateway.pipeline import Pipeline
     from gateway.relay import Relay
     from gateway.store.base import Store
@@ -23,3 +23,5 @@ PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline")
 RELAY: web.AppKey[Relay] = web.AppKey("relay")
 # The channels set up, with the endpoints they describe (for the start-up summary).
 CHANNELS: web.AppKey[Sequence[EnabledChannel]] = web.AppKey("channels")
+# The channels installed (quarantine replay takes each channel's live normalizer from it).
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")

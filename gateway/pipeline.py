@@ -56,7 +56,7 @@ class Pipeline:
         self._metrics.message_received(channel)
         result = await self._ingest(envelope, normalize)
         ack_seconds = time.perf_counter() - started if result.stored else None
-        self._metrics.message_done(channel, result.outcome.value, ack_seconds)
+        self._metrics.message_done(channel, result.outcome.value, ack_seconds, inbox=envelope.inbox)
         if result.stored and self._on_commit is not None:
             self._on_commit()
         return result

@@ -211,6 +211,10 @@ def summary_lines(
     control = settings.control
     lines.append(f"control  {control.queue!r}" if control.enabled else "control  off")
     lines.append(f"store    {store_address(settings)}")
+    if settings.admin.token is not None:
+        lines.append(f"status   {http_base_url(settings)}/status")
+    else:
+        lines.append("status   off (no [admin] table: docs/operations.md, Status page)")
     lines.append(f"relay    {settings.outbox.relay}")
     return lines
 

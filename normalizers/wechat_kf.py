@@ -136,6 +136,8 @@ def item_message(envelope: RawEnvelope, item: KfItem, corp_id: str) -> Canonical
     else:
         extra["item"] = dict(item)  # unknown type: kept whole
 
+    # The way back (kf/send_msg) needs the customer's external_userid beside open_kfid.
+    extra["external_userid"] = external
     msgid = _str(item.get("msgid"))
     identities: tuple[Identity, ...] = ()
     if external:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure the local services ticketgate needs are reachable; start them, or install them from
-# Debian's packages when they are missing. Usage: ensure-services.sh rabbitmq [postgresql] [chromium] [promtool] ...
+# Debian's packages when they are missing. Usage: ensure-services.sh rabbitmq [postgresql] [chromium] [promtool] [cjk-fonts] ...
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -41,6 +41,11 @@ ensure_postgresql() {
   fi
 }
 
+ensure_cjk_fonts() {  # a font with Chinese glyphs, so browser tests and screenshots render 中文
+  command -v fc-list >/dev/null && [ -n "$(fc-list :lang=zh family 2>/dev/null)" ] && return 0
+  apt_install fonts-noto-cjk fontconfig
+}
+
 ensure_package() {  # ensure_package <command> <debian package>...
   command -v "$1" >/dev/null && return 0
   shift; apt_install "$@"
@@ -55,6 +60,8 @@ for service in "$@"; do
     dovecot) ensure_package /usr/sbin/dovecot dovecot-imapd ;;
     # promtool checks and unit-tests the alert rules under deploy/prometheus/.
     promtool) ensure_package promtool prometheus ;;
+    # Chinese glyphs for the status page's zh screenshot (the tests skip CJK checks without it).
+    cjk-fonts) ensure_cjk_fonts ;;
     *) echo "ensure-services: unknown service $service" >&2; exit 2 ;;
   esac
 done

@@ -72,7 +72,25 @@ def _deleted_message() -> Event:
     return _minimal_message(deletion)
 
 
+REPLY = events.ReplyView(
+    id="rpl_019a0000000070008000000000000001", command_id="desk-42", tenant="acme", thread_id="th-1",
+    thread_number=7, customer_id="c-1", channel="email", inbox="support", attempts=1, requested_at=NOW,
+    provider_message_id="rpl_019a0000000070008000000000000001@acme.test",
+)
+REFUSED = replace(REPLY, thread_number=None, customer_id=None, channel=None, inbox=None, attempts=0,
+                  provider_message_id=None)
+
+
 BUILDERS: dict[str, Callable[[], Event]] = {
+    "reply.sent": lambda: events.reply_event(events.REPLY_SENT, REPLY, occurred_at=NOW),
+    "reply.failed": lambda: events.reply_event(
+        events.REPLY_FAILED, REPLY, occurred_at=NOW, reason="window_closed", detail="48 h passed"
+    ),
+    "reply.failed (refused command)": lambda: events.reply_event(
+        events.REPLY_FAILED, REFUSED, occurred_at=NOW, reason="recipient_unreachable", detail="unknown thread"
+    ),
+    "reply.delivered": lambda: events.reply_event(events.REPLY_DELIVERED, REPLY, occurred_at=NOW, at=NOW),
+    "reply.read": lambda: events.reply_event(events.REPLY_READ, REPLY, occurred_at=NOW, at=NOW),
     "message.received (full)": _full_message,
     "message.received (minimal)": _minimal_message,
     "message.edited": _edited_message,

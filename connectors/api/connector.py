@@ -13,12 +13,14 @@ import re
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Self
+from urllib.parse import urlsplit
 
 from aiohttp import web
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
+from connectors.api.callback import Callback, CallbackSender
 from connectors.base import ChannelContext, ChannelMetrics, Ingest
-from core.channel import ChannelEndpoint
+from core.channel import ChannelEndpoint, SenderSpec
 from core.errors import InvalidInput
 from core.http import (
     MIN_KEY_LENGTH,
@@ -47,11 +49,20 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
 _CHALLENGE = 'Bearer realm="ticketgate"'
 
 
+# A callback secret signs what the app trusts as the desk's words: as long as a random key.
+MIN_CALLBACK_SECRET_LENGTH = 16
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class ApiInboxSettings(ChannelSettings):
     """``[channels.api.inboxes.<inbox id>]``."""
 
     keys: tuple[Secret, ...] = Field(min_length=1)
     trust_identities: bool = False
+    # The way back: replies to this inbox's customers are POSTed here, signed with every secret of
+    # callback_secrets (the current one first; two while the app moves to a new one).
+    callback_url: str | None = None
+    callback_secrets: tuple[Secret, ...] = ()
 
     @field_validator("keys")
     @classmethod
@@ -59,6 +70,27 @@ class ApiInboxSettings(ChannelSettings):
         if any(len(key.get_secret_value()) < MIN_KEY_LENGTH for key in value):
             raise ValueError(f"every API key needs at least {MIN_KEY_LENGTH} characters")
         return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+            return value  # a receiver on this machine (development, tests)
+        raise ValueError("must be an https:// URL (plain http only to this machine)")
+
+    @model_validator(mode="after")
+    def _signed(self) -> ApiInboxSettings:
+        if self.callback_url is not None and not self.callback_secrets:
+            raise ValueError("callback_url needs callback_secrets (replies are always signed)")
+        short = [s for s in self.callback_secrets if len(s.get_secret_value()) < MIN_CALLBACK_SECRET_LENGTH]
+        if short:
+            raise ValueError(f"every callback secret needs at least {MIN_CALLBACK_SECRET_LENGTH} characters")
+        return self
 
 
 class ApiChannelSettings(ChannelSettings):
@@ -77,6 +109,10 @@ class ApiChannelSettings(ChannelSettings):
     rate_limit_max_clients: int = Field(100_000, ge=1)
     # Below the channel's deadline (30 s): a store that does not answer by then gets a 503, not a hang.
     ingest_timeout: Duration = 25.0
+    # The way back: how long an app's callback gets to answer, and replies per second per inbox.
+    callback_timeout: Duration = Field(10.0, gt=0)
+    callback_rate: float = Field(20.0, gt=0)
+    callback_burst: int = Field(50, ge=1)
     inboxes: dict[str, ApiInboxSettings] = Field(min_length=1)
 
 
@@ -139,6 +175,27 @@ class ApiConnector:
         sub.router.add_post("/messages", handlers.messages)
         sub.router.add_get("/openapi.yaml", handlers.openapi)
         ctx.add_app(PREFIX, sub)
+        callbacks = self.callbacks()
+        if callbacks:
+            channel = self._config.channel
+            http = ctx.http(next(iter(callbacks.values())).url, timeout=channel.callback_timeout + 5.0)
+            sender = CallbackSender(
+                callbacks, http, blobs=ctx.blobs, clock=ctx.clock, timeout=channel.callback_timeout
+            )
+            # The app is asked to drop a repeated reply_id, but nothing makes it: not idempotent.
+            spec = SenderSpec(sender=sender, rate=channel.callback_rate, burst=channel.callback_burst)
+            ctx.add_sender(spec)
+
+    def callbacks(self) -> dict[str, Callback]:
+        """The inboxes that take replies at a callback URL."""
+        return {
+            inbox: Callback(
+                url=config.callback_url,
+                secrets=tuple(s.get_secret_value() for s in config.callback_secrets),
+            )
+            for inbox, config in self._config.channel.inboxes.items()
+            if config.callback_url is not None
+        }
 
 
 class _Handlers:

@@ -12,28 +12,11 @@ from __future__ import annotations
 
 import mimetypes
 import posixpath
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping
 
-from connectors.media import Download, Fetched, MediaGone, MediaUnavailable
+from connectors.media import Download, Fetched, MediaGone, MediaUnavailable, fetches_for
 from connectors.telegram.api import BotApi, BotApiError
-from core.events import media_path
 from core.media import MediaFetch
-from core.model import CanonicalMessage
-
-
-def fetches_for(messages: Sequence[CanonicalMessage], *, now: datetime) -> list[MediaFetch]:
-    """The files of committed messages; the bot (the inbox) is the account that fetches them."""
-    fetches: dict[str, MediaFetch] = {}
-    for message in messages:
-        for media in message.media:
-            key = media_path(message.channel, message.inbox, media.ref)
-            fetches[key] = MediaFetch(
-                key=key, channel=message.channel, inbox=message.inbox, account=message.inbox,
-                ref=media.ref, kind=media.kind, name=media.name, content_type=media.content_type,
-                created_at=now, next_attempt_at=now,
-            )
-    return list(fetches.values())
 
 
 def downloader(apis: Mapping[str, BotApi], *, max_bytes: int) -> Download:
@@ -59,3 +42,6 @@ def downloader(apis: Mapping[str, BotApi], *, max_bytes: int) -> Download:
         return Fetched(data=data, content_type=content_type, filename=fetch.name or basename or None)
 
     return download
+
+
+__all__ = ["downloader", "fetches_for"]

@@ -35,9 +35,17 @@ from connectors.wechat.security import (
     Flavor,
     extract_encrypt,
 )
+from connectors.wechat.sender import (
+    WINDOW_48H,
+    Account,
+    ApiPool,
+    OfficialAccountSender,
+    WeChatSender,
+    WeComSender,
+)
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
-from core.channel import ChannelEndpoint, Lifecycle, Refusal
+from core.channel import ChannelEndpoint, ChannelState, Lifecycle, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
@@ -90,6 +98,12 @@ RUNTIME = web.AppKey("wechat_callback_runtime", _Runtime)
 class _CallbackConnector:
     name: ClassVar[str]
     flavor: ClassVar[Flavor]
+    sender_class: ClassVar[type[WeChatSender]]
+    # The reply window (WeChat: 48 h after the follower's last message) and the sends per second
+    # per inbox, under the provider's quotas (see connectors.wechat.sender).
+    reply_window: ClassVar[float | None] = None
+    reply_rate: ClassVar[float] = 10.0
+    reply_burst: ClassVar[int] = 20
 
     def __init__(
         self,
@@ -113,8 +127,8 @@ class _CallbackConnector:
         return callback_urls(base_url, self.name, self.endpoints)
 
     def setup(self, ctx: ChannelContext) -> None:
-        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher and the
-        unionid lookups."""
+        """Mount the sub-app under ``/{name}``; with API credentials also the media fetcher, the
+        unionid lookups and the reply sender."""
         fetcher = self.media_fetcher()
         resolver = self.unionid_resolver()
         sub = self.build_subapp(ctx.ingest, media=fetcher, unionid=resolver, metrics=ctx.metrics)
@@ -123,7 +137,33 @@ class _CallbackConnector:
             fetcher.bind(ctx.media, ctx.metrics)
             if resolver is not None:
                 resolver.bind(ctx.state, ctx.identities)
-            ctx.add_lifecycle(self._api_lifecycle(ctx, fetcher, resolver))
+            pool = self.api_pool(ctx)
+            ctx.add_lifecycle(self._api_lifecycle(pool, fetcher, resolver))
+            ctx.add_sender(
+                SenderSpec(
+                    sender=self.sender(pool, ctx),
+                    window=self.reply_window,
+                    rate=self.reply_rate,
+                    burst=self.reply_burst,
+                )
+            )
+
+    def api_pool(self, ctx: ChannelContext) -> ApiPool:
+        """The accounts' API clients on one HTTP client, their tokens shared through the store."""
+        # Each account's credentials carry their API base (WeChatApi joins it); the client pools
+        # the connections of every account.
+        bases = sorted(e.credentials.api_base for e in self.endpoints.values() if e.credentials is not None)
+        http = ctx.http(bases[0], timeout=self.api_timeout + 5.0)
+        return ApiPool(lambda: self.apis(http.session, state=ctx.state))
+
+    def sender(self, pool: ApiPool, ctx: ChannelContext) -> WeChatSender:
+        """The reply sender of the accounts that have API credentials."""
+        accounts = {
+            name: Account(name=name, inbox=e.inbox, app_id=e.security.receive_id, agent_id=e.agent_id)
+            for name, e in self.endpoints.items()
+            if e.credentials is not None
+        }
+        return self.sender_class(accounts, pool, blobs=ctx.blobs, state=ctx.state)
 
     def media_fetcher(self) -> WeChatMedia | None:
         """A fetcher for the accounts that have API credentials; ``None`` when none has."""
@@ -139,26 +179,26 @@ class _CallbackConnector:
         }
         return UnionIdResolver(accounts, clock=self.clock) if accounts else None
 
-    def apis(self, session: aiohttp.ClientSession) -> dict[str, WeChatApi]:
+    def apis(
+        self, session: aiohttp.ClientSession, *, state: ChannelState | None = None
+    ) -> dict[str, WeChatApi]:
+        """A client per account with credentials; with ``state`` their tokens are shared by every
+        instance through the store."""
         return {
-            name: WeChatApi(session, e.credentials, timeout=self.api_timeout)
+            name: WeChatApi(session, e.credentials, timeout=self.api_timeout, state=state)
             for name, e in self.endpoints.items()
             if e.credentials is not None
         }
 
     def _api_lifecycle(
-        self, ctx: ChannelContext, fetcher: WeChatMedia, resolver: UnionIdResolver | None
+        self, pool: ApiPool, fetcher: WeChatMedia, resolver: UnionIdResolver | None
     ) -> Lifecycle:
-        # Each account's credentials carry their API base (WeChatApi joins it); the client pools
-        # the connections of every account.
-        bases = sorted(e.credentials.api_base for e in self.endpoints.values() if e.credentials is not None)
-        http = ctx.http(bases[0], timeout=self.api_timeout + 5.0)
-
         @contextlib.asynccontextmanager
         async def running() -> AsyncIterator[None]:
-            # One client (so one access token) per account, shared by media and unionid lookups.
+            # One client (so one access token) per account, shared by media and unionid lookups
+            # and the sender.
             async with contextlib.AsyncExitStack() as stack:
-                apis = self.apis(http.session)
+                apis = pool.get()
                 await stack.enter_async_context(fetcher.running(apis))
                 if resolver is not None:
                     await stack.enter_async_context(resolver.running(apis))
@@ -200,6 +240,10 @@ class WeChatConnector(_CallbackConnector):
 
     name = "wechat"
     flavor = "official_account"
+    sender_class = OfficialAccountSender
+    reply_window = WINDOW_48H
+    # The customer-service API allows 500 000 calls a day per account (~5.8/s).
+    reply_rate = 5.0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock = time.time) -> Self | None:
@@ -240,6 +284,10 @@ class WeComConnector(_CallbackConnector):
 
     name = "wecom"
     flavor = "wecom"
+    sender_class = WeComSender
+    # WeCom allows an API 10 000 calls a minute and 150 000 an hour per corp (~40/s), and 30
+    # messages a minute to one member; 10/s per app stays well inside.
+    reply_rate = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock = time.time) -> Self | None:

@@ -44,8 +44,9 @@ from connectors.wechat.app import (
 )
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
+from connectors.wechat.sender import WINDOW_48H, Account, ApiPool, KfSender
 from connectors.wechat.settings import WeChatKfSettings
-from core.channel import ChannelEndpoint, ChannelState
+from core.channel import ChannelEndpoint, ChannelState, SenderSpec
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope
@@ -289,11 +290,20 @@ class WeChatKfConnector:
             self.apps, ingest, media, limit=self.table.sync_limit, poll_interval=self.table.poll_interval
         )
 
-    def apis(self, session: aiohttp.ClientSession) -> dict[str, WeChatApi]:
+    def apis(
+        self, session: aiohttp.ClientSession, *, state: ChannelState | None = None
+    ) -> dict[str, WeChatApi]:
+        """A client per app; with ``state`` their tokens are shared by every instance through the store."""
         return {
-            name: WeChatApi(session, app.credentials, timeout=self.table.api_timeout)
+            name: WeChatApi(session, app.credentials, timeout=self.table.api_timeout, state=state)
             for name, app in self.apps.items()
         }
+
+    def sender(self, pool: ApiPool, ctx: ChannelContext) -> KfSender:
+        accounts = {
+            name: Account(name=name, inbox=app.inbox, app_id=app.corp_id) for name, app in self.apps.items()
+        }
+        return KfSender(accounts, pool, blobs=ctx.blobs, state=ctx.state)
 
     def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
         """The callback URL of every app (what the 微信客服 admin is given)."""
@@ -309,10 +319,16 @@ class WeChatKfConnector:
         # Each app's credentials carry their API base (WeChatApi joins it); one client pools them.
         bases = sorted(app.credentials.api_base for app in self.apps.values())
         http = ctx.http(bases[0], timeout=self.table.api_timeout + 5.0)
+        # One client per app (so one token, shared through the store) for the syncer, the media
+        # fetcher and the sender.
+        pool = ApiPool(lambda: self.apis(http.session, state=ctx.state))
+        # 微信客服 takes 5 messages within 48 hours of the customer's last message (95001 after).
+        ctx.add_sender(SenderSpec(sender=self.sender(pool, ctx), window=WINDOW_48H, rate=10.0, burst=20,
+                                  idempotent=True))
 
         @contextlib.asynccontextmanager
         async def syncing() -> AsyncIterator[None]:
-            apis = self.apis(http.session)
+            apis = pool.get()
             syncer.start(apis)
             async with fetcher.running(apis):
                 poller = asyncio.create_task(syncer.run(), name="ticketgate-kf-poll")

@@ -11,10 +11,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from core.channel import DeliveryStatus, ReplyFailure
 from core.events import CustomerView, Event
 from core.media import MediaFetch
 from core.model import CanonicalMessage, Placement, RawEnvelope
 from dedupe.policy import PlacementPolicy
+from gateway.store.replies import (
+    ReplyBacklog,
+    ReplyContext,
+    ReplyOutcome,
+    ReplyRecord,
+    ReplyRequest,
+    ReplyRequested,
+)
 
 if TYPE_CHECKING:
     from dedupe.tx import TxWork
@@ -195,3 +204,46 @@ class Store(Protocol):
     async def media_get(self, key: str) -> MediaFetch | None:
         """The fetch record by key (for the media endpoint), or ``None``."""
         ...
+
+    # -- the reply ledger (gateway.store.replies) -------------------------------------------------
+
+    async def reply_request(self, request: ReplyRequest) -> ReplyRequested:
+        """Record a desk's reply command, once per ``(tenant, command_id)``: ``created``, or
+        ``duplicate`` (same fingerprint: nothing changes), ``conflict`` (another body: refused),
+        ``unknown_thread`` (no such thread in that tenant). Committed when it returns."""
+        ...
+
+    async def reply_get(self, reply_id: str) -> ReplyRecord | None: ...
+
+    async def reply_by_command(self, tenant: str, command_id: str) -> ReplyRecord | None: ...
+
+    async def reply_list(self, thread_id: str) -> list[ReplyRecord]:
+        """The replies of a thread, in their order."""
+        ...
+
+    async def reply_claim(self, now: datetime, limit: int, lease: float, owner: str) -> list[ReplyRecord]:
+        """Lease up to ``limit`` due replies, each the first unfinished one of its thread, until
+        ``now + lease`` seconds; ``owner`` is the lease's token, new for every call."""
+        ...
+
+    async def reply_context(self, reply_id: str) -> ReplyContext | None:
+        """The thread, its messages and the customer's channels, to resolve one reply."""
+        ...
+
+    async def reply_finish(self, outcome: ReplyOutcome) -> bool:
+        """Record an attempt's outcome and (sent, failed) its event in one commit."""
+        ...
+
+    async def reply_report(
+        self,
+        channel: str,
+        provider_message_id: str,
+        status: DeliveryStatus,
+        at: datetime,
+        reason: ReplyFailure | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """A provider's delivery report; ``False`` when no reply of ``channel`` has that id."""
+        ...
+
+    async def reply_backlog(self) -> ReplyBacklog: ...

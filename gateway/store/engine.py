@@ -48,6 +48,7 @@ from dedupe.tx import (
 )
 from gateway.store.base import EventBuilder, OutboxRow, QuarantineRecord
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
+from gateway.store.replies import ROUTE_INSERT, ReplyLedger
 
 T = TypeVar("T")
 # A blob file written for a job: (sha256, size, content type or None for a raw body).
@@ -786,7 +787,7 @@ class SqlTx:
 # -- the store ------------------------------------------------------------------------------------
 
 
-class SqlStore(abc.ABC):
+class SqlStore(ReplyLedger, abc.ABC):
     """The :class:`gateway.store.base.Store` methods both backends share.
 
     A backend supplies how a job reaches the database (:meth:`_write`, :meth:`_read`), how the
@@ -821,6 +822,29 @@ class SqlStore(abc.ABC):
     @abc.abstractmethod
     def _count_published(self, conn: Connection, rows: int) -> None:
         """Count ``rows`` events just marked published."""
+
+    def _add_events(self, conn: Connection, events: Sequence[Event], now: datetime) -> None:
+        _insert_events(self.dialect, conn, events, now)
+        self._count_events(conn, len(events), bounded=False)
+
+    def _add_reply_route(self, conn: Connection, message: CanonicalMessage, placement: Placement) -> None:
+        """What answering ``message`` needs (``gateway.store.replies``), in the message's transaction."""
+        d = self.dialect
+        conn.execute(
+            d.sql(ROUTE_INSERT),
+            (
+                placement.message_id,
+                message.tenant,
+                placement.thread_id,
+                placement.customer_id,
+                message.channel,
+                message.inbox,
+                _safe_text(message.external_id) if message.external_id is not None else None,
+                _json_text(_safe_json(_identity_rows(message.identities))),
+                _json_text(_safe_json(dict(message.extra))),
+                d.ts(message.received_at),
+            ),
+        )
 
     # -- disk and blobs ---------------------------------------------------------------------------
 
@@ -918,6 +942,7 @@ class SqlStore(abc.ABC):
                     events.append(
                         build_event(message, placed.placement, placed.customer, placed.thread_subject, ref)
                     )
+                    self._add_reply_route(conn, message, placed.placement)
                 placements.append(placed.placement)
             _insert_events(d, conn, events, now)
             # Counted where the rows are known, so duplicates (which enqueue nothing) still get

@@ -190,6 +190,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     ALTER TABLE idempotency_keys ADD COLUMN fingerprint text;
     """,
+        # the way back: reply routes, reply commands and their state, delivery reports.
+        """
+    {replies}
+    """,
     ),
 )
 

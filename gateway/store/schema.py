@@ -167,6 +167,62 @@ SHARED: Mapping[str, str] = {
     CREATE INDEX claimed_links_other ON claimed_links (other_customer_id);""",
     # Blob files keep the content type they were stored with, so /blobs serves it.
     "blob_content_type": "ALTER TABLE blob_files ADD COLUMN content_type {text};",
+    # The way back (gateway.replies): what each stored customer message says about answering it
+    # (channel, inbox, identities, the normalizer's extra), the reply commands of desks with their
+    # state, and the delivery reports of providers. Rows name their thread and customer, so erasing
+    # a customer can find them.
+    "replies": """CREATE TABLE reply_routes (
+        message_id {text} PRIMARY KEY,
+        tenant {text} NOT NULL,
+        thread_id {text} NOT NULL,
+        customer_id {text} NOT NULL,
+        channel {text} NOT NULL,
+        inbox {text} NOT NULL,
+        external_id {text},
+        identities {document} NOT NULL,
+        extra {document} NOT NULL,
+        received_at {time} NOT NULL
+    );
+    CREATE INDEX reply_routes_thread ON reply_routes (thread_id, received_at);
+    CREATE INDEX reply_routes_customer ON reply_routes (customer_id);
+
+    CREATE TABLE replies (
+        id {text} PRIMARY KEY,
+        tenant {text} NOT NULL,
+        command_id {text} NOT NULL,
+        fingerprint {text} NOT NULL,
+        thread_id {text} NOT NULL,
+        customer_id {text} NOT NULL,
+        position {bigint} NOT NULL,
+        command {document} NOT NULL,
+        requested_channel {text},
+        channel {text},
+        inbox {text},
+        status {text} NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'sending', 'sent', 'failed')),
+        attempts {int} NOT NULL DEFAULT 0,
+        next_attempt_at {time} NOT NULL,
+        lease_owner {text},
+        provider_message_id {text},
+        reason {text},
+        detail {text},
+        created_at {time} NOT NULL,
+        updated_at {time} NOT NULL,
+        UNIQUE (tenant, command_id),
+        UNIQUE (thread_id, position)
+    );
+    CREATE INDEX replies_due ON replies (next_attempt_at) WHERE status IN ('pending', 'sending');
+    CREATE INDEX replies_customer ON replies (customer_id);
+    CREATE INDEX replies_provider ON replies (channel, provider_message_id)
+        WHERE provider_message_id IS NOT NULL;
+
+    CREATE TABLE reply_reports (
+        reply_id {text} NOT NULL REFERENCES replies (id),
+        status {text} NOT NULL,
+        at {time} NOT NULL,
+        reason {text},
+        detail {text},
+        PRIMARY KEY (reply_id, status)
+    );""",
 }
 
 

@@ -160,6 +160,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     ALTER TABLE idempotency_keys ADD COLUMN fingerprint TEXT;
     """,
+        # 10: the way back: reply routes, reply commands and their state, delivery reports.
+        """
+    {replies}
+    """,
     ),
 )
 

@@ -15,6 +15,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "config"
 # Every secret the example reads from the environment.
 EXAMPLE_ENV = {
     "TICKETGATE_BLOB_TOKEN": "blob-token-for-tests",
+    "TICKETGATE_ADMIN_TOKEN": "admin-token-for-tests",
     "TICKETGATE_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
     "TICKETGATE_API_KEY_ACME": "an-api-key-long-enough",
     "WECHAT_ACME_TOKEN": "token",

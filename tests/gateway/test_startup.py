@@ -156,6 +156,7 @@ def test_the_summary_names_listeners_every_inbox_endpoint_the_bus_and_the_store(
         f"control  '{env['TICKETGATE__CONTROL__QUEUE']}'",
         f"store    sqlite {tmp_path / 'ticketgate.db'}",
         "broker   amqp://guest@127.0.0.1:5672/ connected",
+        f"status   {public}/status",
     ):
         assert expected in summary, f"{expected!r} not in the summary:\n{summary}"
     for secret in EXAMPLE_ENV.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from core.channel import ChannelDescriptor, Connector
+from core.channel import ChannelDescriptor, Connector, SenderSpec
 from core.settings import Settings
 from gateway.channels import GatewayContext, Ingest, Registry
 from gateway.metrics import Metrics
@@ -30,9 +30,11 @@ def set_up(
     store: Store | None = None,
     metrics: Metrics | None = None,
     descriptor: ChannelDescriptor | None = None,
+    senders: dict[str, SenderSpec] | None = None,
 ) -> GatewayContext:
     """``connector.setup`` with a context around ``ingest`` (a fake or the real pipeline's);
-    ``descriptor`` replaces the installed one (a test's recording normalizer)."""
+    ``descriptor`` replaces the installed one (a test's recording normalizer); ``senders`` receives
+    what the channel registers with ``ctx.add_sender``."""
     ctx = GatewayContext(
         app,
         descriptor or descriptor_of(connector),
@@ -40,6 +42,7 @@ def set_up(
         ingest=ingest,
         store=store,
         metrics=metrics or Metrics(),
+        senders=senders,
     )
     connector.setup(ctx)
     return ctx

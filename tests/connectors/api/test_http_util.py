@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from core.http import ClientAddress, RateLimiter, result_status
+from core.http import ClientAddress, RateLimiter, parse_retry_after, result_status
 from core.model import IngestResult, Outcome
 
 
@@ -69,3 +71,14 @@ def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
 ])
 def test_result_status(result: IngestResult, status: int) -> None:
     assert result_status(result) == status
+
+
+def test_a_providers_retry_after_is_seconds_or_an_http_date() -> None:
+    now = datetime(2026, 12, 5, 8, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("Sat, 05 Dec 2026 08:00:30 GMT", now=now) == 30.0
+    # A date in the past means "now"; garbage, absence and non-numbers mean "not said".
+    assert parse_retry_after("Sat, 05 Dec 2026 07:00:00 GMT", now=now) == 0.0
+    for unreadable in (None, "", "soon", "nan", "inf"):
+        assert parse_retry_after(unreadable, now=now) is None
