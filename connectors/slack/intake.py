@@ -10,9 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from connectors.media import MediaFetcher
+from connectors.media import MediaFetcher, fetches_for
 from connectors.slack.api import AUTH_ERRORS, Profile, SlackError, WebApi
-from connectors.slack.media import fetches_for
 from connectors.slack.settings import SlackSettings, policy_of
 from connectors.slack.workspace import Workspace
 from core.channel import ChannelContext, Clock

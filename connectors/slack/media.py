@@ -1,4 +1,4 @@
-"""Slack files: what a committed message announces, and how the bot token downloads one.
+"""Slack files: how the bot token downloads one (the shared media queue and fetcher do the rest).
 
 A message names its files by id; the callback is answered once the message is committed and its
 fetches are queued (insert-if-absent, so a redelivery adds nothing). The shared
@@ -13,31 +13,14 @@ fixed); a deleted file, one past ``media_max_bytes`` or on another host fails fo
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Mapping
 
 from connectors.media import Download, Fetched, MediaGone, MediaUnavailable
 from connectors.slack.api import AUTH_ERRORS, SlackError, WebApi
-from core.events import media_path
 from core.media import MediaFetch
-from core.model import CanonicalMessage
 
 GONE = frozenset({"file_not_found", "file_deleted", "host_not_allowed", "too_large", "no_file_object",
                   "no_url"})
-
-
-def fetches_for(messages: Sequence[CanonicalMessage], *, now: datetime) -> list[MediaFetch]:
-    """The files of committed messages; the installation (the inbox) is the account that fetches them."""
-    fetches: dict[str, MediaFetch] = {}
-    for message in messages:
-        for media in message.media:
-            key = media_path(message.channel, message.inbox, media.ref)
-            fetches[key] = MediaFetch(
-                key=key, channel=message.channel, inbox=message.inbox, account=message.inbox,
-                ref=media.ref, kind=media.kind, name=media.name, content_type=media.content_type,
-                created_at=now, next_attempt_at=now,
-            )
-    return list(fetches.values())
 
 
 def downloader(apis: Mapping[str, WebApi], *, max_bytes: int, hosts: frozenset[str]) -> Download:
