@@ -14,9 +14,10 @@ What becomes a message (``Policy``, per inbox from the settings):
   ``message_deleted`` as a deletion (``delete_of``, event ``message.deleted``) of such a message.
 
 Everything else (reactions, joins, ``app_home_opened``, ``tokens_revoked`` ...) yields nothing and
-is answered as accepted. Messages of bots are never tickets: ``bot_id``, ``subtype = bot_message``
-or the app's own bot user (``authorizations[].user_id`` with ``is_bot``), so the gateway's own
-replies cannot loop back.
+is answered as accepted. Messages of bots are never tickets: ``bot_id`` (every message a bot token
+posts, the gateway's own replies included), ``subtype = bot_message``, or our own ``app_id``, so
+the gateway's replies cannot loop back. (``authorizations`` says whom an event is visible to, not
+who the bot is: it is not used for this.)
 
 Idempotency: ``{channel}:{ts}`` is the external id. Slack's ``event_id`` names one delivery of one
 event; a mention in a channel the app follows arrives twice (``message`` and ``app_mention``, two
@@ -173,14 +174,6 @@ def our_team(callback: Callback) -> str | None:
             return authorization["team_id"]
     team = callback.get("team_id")
     return team if isinstance(team, str) else None
-
-
-def our_bot_users(callback: Callback) -> frozenset[str]:
-    """The app's own bot user ids (its messages are never tickets)."""
-    return frozenset(
-        a["user_id"] for a in callback.get("authorizations") or ()
-        if isinstance(a, dict) and a.get("is_bot") is True and isinstance(a.get("user_id"), str)
-    )
 
 
 def read(callback: Callback, policy: Policy = ACCEPT_ALL) -> Reading:
@@ -351,9 +344,12 @@ def _inner(event: Event, name: str) -> Message:
 
 
 def _by_bot(message: Message, callback: Callback) -> bool:
+    """A bot's message: ``bot_id`` (every message a bot token posts has one, ours included),
+    ``subtype = bot_message`` (classic bots, webhooks), or one our own app posted (``app_id``)."""
     if message.get("bot_id") or message.get("subtype") == "bot_message":
         return True
-    return message.get("user") in our_bot_users(callback)
+    app = cast(dict[str, Any], message).get("app_id")
+    return isinstance(app, str) and app == callback.get("api_app_id")
 
 
 def _really_edited(event: Event) -> bool:
