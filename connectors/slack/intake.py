@@ -122,7 +122,8 @@ class Intake:
         except NormalizationError:
             reading = None  # the pipeline quarantines it; nobody to look up
         if reading is not None and reading.author is None:
-            self._ctx.metrics.event(f"event_{reading.kind.replace(':', '_')}", inbox=ws.inbox)
+            # One name: the ignored kinds come from the payload, and labels must stay bounded.
+            self._ctx.metrics.event("event_ignored", inbox=ws.inbox)
         if reading is not None and reading.author is not None and ws.profile_emails:
             profile = await self._profiles.lookup(ws.inbox, reading.author, self._table.profile_timeout)
             if profile is not None and profile.as_meta():

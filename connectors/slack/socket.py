@@ -73,7 +73,7 @@ class SocketRunner:
             return
         inbox = self._ws.inbox
         if kind != "events_api":
-            self._ctx.metrics.event(f"socket_{kind}_ignored", inbox=inbox)
+            self._ctx.metrics.event("socket_envelope_ignored", inbox=inbox)
             await self._ack(client, envelope_id)
             return
         body = raw.encode("utf-8") if raw is not None else orjson.dumps(message)
