@@ -126,7 +126,7 @@ class SlackConnector:
             if ws.mode == "socket":
                 runner = SocketRunner(ctx, ws, intake, table)
                 ctx.spawn(f"socket-{inbox}", runner.run, restart_after=5.0)
-        ctx.add_sender(SlackSender.spec(apis, self.workspaces))
+        ctx.add_sender(SlackSender.spec(apis, self.workspaces, ctx.blobs))
 
 
 def _workspace(settings: Settings, inbox: str, config: SlackInboxSettings) -> Workspace:

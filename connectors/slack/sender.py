@@ -11,7 +11,8 @@ commit can send a reply twice (``idempotent = False``). Its errors are sorted fo
 ``ratelimited`` (429, ``Retry-After``) is retried after the pause Slack asks for; a channel that is
 gone, archived or without the app is permanent (``recipient_unreachable``); a refused token is
 ``auth`` (retried, so that replies go out once the token is fixed); text Slack refuses is
-``rejected`` or ``too_large``.
+``rejected`` or ``too_large``. A reply with attachments is one files upload (slack-sdk's
+``files_upload_v2``) whose comment is the text; its id names the files, Slack gives no message ts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from connectors.slack.api import AUTH_ERRORS, SlackError, WebApi
 from connectors.slack.workspace import Workspace
-from core.channel import OutboundReply, SendError, SenderSpec, Sent
+from core.channel import Blobs, OutboundReply, SendError, SenderSpec, Sent
 from core.model import IdentityKind
 from normalizers.html import to_text
 
@@ -39,14 +40,20 @@ MAX_TEXT = 40_000  # Slack truncates longer text; refuse instead of sending a cu
 class SlackSender:
     """chat.postMessage with the inbox's bot token."""
 
-    def __init__(self, apis: Mapping[str, WebApi], workspaces: Mapping[str, Workspace]) -> None:
+    def __init__(
+        self, apis: Mapping[str, WebApi], workspaces: Mapping[str, Workspace], blobs: Blobs
+    ) -> None:
         self._apis = apis
         self._workspaces = workspaces
+        self._blobs = blobs
 
     @classmethod
-    def spec(cls, apis: Mapping[str, WebApi], workspaces: Mapping[str, Workspace]) -> SenderSpec:
+    def spec(
+        cls, apis: Mapping[str, WebApi], workspaces: Mapping[str, Workspace], blobs: Blobs
+    ) -> SenderSpec:
         # Slack allows about one message per second per channel, with short bursts.
-        return SenderSpec(sender=cls(apis, workspaces), window=None, rate=1.0, burst=5, idempotent=False)
+        sender = cls(apis, workspaces, blobs)
+        return SenderSpec(sender=sender, window=None, rate=1.0, burst=5, idempotent=False)
 
     async def send(self, reply: OutboundReply) -> Sent:
         api = self._apis.get(reply.inbox)
@@ -54,18 +61,15 @@ class SlackSender:
         if api is None or ws is None:
             raise SendError("unsupported", f"inbox {reply.inbox!r} has no Slack installation", permanent=True)
         text = reply.text or (to_text(reply.html) if reply.html else None)
-        if reply.attachments:
-            # Uploading files takes files.getUploadURLExternal + completeUploadExternal: not done yet.
-            raise SendError(
-                "unsupported", "replies with attachments are not sent to Slack yet", permanent=True
-            )
-        if not text or not text.strip():
+        if (not text or not text.strip()) and not reply.attachments:
             raise SendError("rejected", "the reply has no text", permanent=True)
-        if len(text) > MAX_TEXT:
+        if text and len(text) > MAX_TEXT:
             raise SendError("too_large", f"Slack takes at most {MAX_TEXT} characters", permanent=True)
         channel, thread_ts = self._target(reply, ws)
         if channel is None:
             channel = await self._open_dm(api, reply)
+        if reply.attachments:
+            return await self._upload(api, reply, channel, thread_ts, text)
         payload: dict[str, Any] = {"channel": channel, "text": text, "unfurl_links": False}
         if thread_ts:
             payload["thread_ts"] = thread_ts
@@ -79,6 +83,35 @@ class SlackSender:
         answered = data.get("channel") if isinstance(data.get("channel"), str) else channel
         return Sent(provider_message_id=f"{answered}:{ts}",
                     detail={"channel": answered, "ts": ts, "thread_ts": thread_ts})
+
+    async def _upload(
+        self, api: WebApi, reply: OutboundReply, channel: str, thread_ts: str | None, text: str | None
+    ) -> Sent:
+        """The files with the text as their comment: files.getUploadURLExternal, the uploads, then one
+        files.completeUploadExternal that shares them in the conversation (slack-sdk's files_upload_v2)."""
+        uploads: list[dict[str, Any]] = []
+        for attachment in reply.attachments:
+            content = await self._blobs.read(attachment.sha256)
+            if content is None:
+                raise SendError("rejected", f"attachment {attachment.name!r} is not in the blob store",
+                                permanent=True)
+            uploads.append({"file": content, "filename": attachment.name, "title": attachment.name})
+        arguments: dict[str, Any] = {"file_uploads": uploads, "channel": channel}
+        if text and text.strip():
+            arguments["initial_comment"] = text
+        if thread_ts:
+            arguments["thread_ts"] = thread_ts
+        try:
+            data = await api.call("files.upload_v2", **arguments)
+        except SlackError as exc:
+            raise _send_error(exc) from None
+        shared = data.get("files")
+        files: list[Any] = shared if isinstance(shared, list) else []
+        ids = [f["id"] for f in files if isinstance(f, dict) and isinstance(f.get("id"), str)]
+        if not ids:
+            raise SendError("provider_error", "files.completeUploadExternal named no file", permanent=False)
+        return Sent(provider_message_id=f"{channel}:files:{','.join(ids)}",
+                    detail={"channel": channel, "files": ids, "thread_ts": thread_ts})
 
     @staticmethod
     def _target(reply: OutboundReply, ws: Workspace) -> tuple[str | None, str | None]:

@@ -31,6 +31,8 @@ class FakeSlack:
     errors: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
     posted: list[dict[str, Any]] = field(default_factory=list)
+    uploaded: dict[str, bytes] = field(default_factory=dict)
+    completed: list[dict[str, Any]] = field(default_factory=list)
     # Socket Mode
     to_send: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     acks: list[str] = field(default_factory=list)
@@ -43,6 +45,7 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._method)
         app.router.add_get("/files/{file_id}", self._file)
         app.router.add_get("/link", self._socket)
+        app.router.add_post("/upload/{file_id}", self._upload)
         return app
 
     async def wait(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
@@ -102,11 +105,26 @@ class FakeSlack:
             ts = f"1764990000.{next(self._ts):06d}"
             return web.json_response({"ok": True, "channel": args["channel"], "ts": ts,
                                       "message": {"text": args.get("text"), "ts": ts, "bot_id": "B0TICKETS"}})
+        if method == "files.getUploadURLExternal":
+            file_id = f"F0UP{next(self._ts):06d}"
+            upload_url = f"{self.base}/upload/{file_id}"
+            return web.json_response({"ok": True, "file_id": file_id, "upload_url": upload_url})
+        if method == "files.completeUploadExternal":
+            files = args["files"] if isinstance(args["files"], list) else orjson.loads(args["files"])
+            self.completed.append({**args, "files": files})
+            if any(f["id"] not in self.uploaded for f in files):
+                return web.json_response({"ok": False, "error": "file_not_found"})
+            shared = [{"id": f["id"], "title": f.get("title")} for f in files]
+            return web.json_response({"ok": True, "files": shared})
         if method == "conversations.open":
             return web.json_response({"ok": True, "channel": {"id": f"D0{str(args.get('users'))[2:]}"}})
         if method == "apps.connections.open":
             return web.json_response({"ok": True, "url": f"{self.base.replace('http', 'ws', 1)}/link"})
         return web.json_response({"ok": False, "error": "unknown_method"}, status=404)
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        self.uploaded[request.match_info["file_id"]] = await request.read()
+        return web.Response(text="OK - 1", content_type="text/plain")
 
     async def _file(self, request: web.Request) -> web.Response:
         self.calls["download"] += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,10 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from connectors.slack import SlackConnector
-from core.channel import OutboundReply, SendError, SenderSpec
+from core.channel import OutboundAttachment, OutboundReply, SendError, SenderSpec
 from core.model import Identity, IdentityKind
-from core.settings import Settings
+from core.settings import OutboxSettings, Settings, StoreSettings
 from gateway.channels import GatewayContext
+from gateway.store.blobs import BlobDir
+from gateway.store.sqlite import SQLiteStore
 from tests.connectors.slack.fake_slack import BOT_TOKEN, FakeSlack
 from tests.support.channels import set_up
 
@@ -28,7 +31,7 @@ async def slack(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeSla
 
 
 @contextlib.asynccontextmanager
-async def sender_at(api_base: str) -> AsyncIterator[SenderSpec]:
+async def sender_at(api_base: str, store: SQLiteStore | None = None) -> AsyncIterator[SenderSpec]:
     """The sender the Slack channel registers on its real context, calling ``api_base``."""
     settings = Settings.model_validate({
         "tenants": {"acme": {}},
@@ -44,7 +47,9 @@ async def sender_at(api_base: str) -> AsyncIterator[SenderSpec]:
         raise AssertionError("no ingest in sender tests")
 
     specs: dict[str, SenderSpec] = {}
-    ctx: GatewayContext = set_up(web.Application(), connector, ingest, settings=settings, senders=specs)
+    ctx: GatewayContext = set_up(
+        web.Application(), connector, ingest, settings=settings, store=store, senders=specs
+    )
     try:
         yield specs["slack"]
     finally:
@@ -53,8 +58,19 @@ async def sender_at(api_base: str) -> AsyncIterator[SenderSpec]:
 
 
 @pytest.fixture
-async def spec(slack: FakeSlack) -> AsyncIterator[SenderSpec]:
-    async with sender_at(f"{slack.base}/api") as made:
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    settings = StoreSettings.model_validate(
+        {"path": tmp_path / "slack.db", "blob_dir": tmp_path / "blobs", "min_free_disk_mb": 0}
+    )
+    instance = SQLiteStore(settings, OutboxSettings())
+    await instance.open()
+    yield instance
+    await instance.close()
+
+
+@pytest.fixture
+async def spec(slack: FakeSlack, store: SQLiteStore) -> AsyncIterator[SenderSpec]:
+    async with sender_at(f"{slack.base}/api", store) as made:
         yield made
 
 
@@ -105,6 +121,33 @@ async def test_a_dm_is_answered_in_the_dm_and_without_a_conversation_one_is_open
     await spec.sender.send(reply(answering={}))
     assert slack.calls["conversations.open"] == 1
     assert slack.posted[1]["channel"] == "D0CUSTOMER"
+
+
+async def test_attachments_are_one_upload_shared_in_the_thread_with_the_text(
+    spec: SenderSpec, slack: FakeSlack, tmp_path: Path
+) -> None:
+    pdf = b"%PDF-1.7 invoice"
+    sha = BlobDir(tmp_path / "blobs").put(pdf)
+    attachment = OutboundAttachment(
+        name="invoice.pdf", content_type="application/pdf", size=len(pdf), sha256=sha
+    )
+    sent = await spec.sender.send(reply(text="Here is the corrected invoice.", attachments=(attachment,)))
+    [completed] = slack.completed
+    assert completed["channel_id"] == "C0SUPPORT"
+    assert completed["thread_ts"] == "1764921700.000200"
+    assert completed["initial_comment"] == "Here is the corrected invoice."
+    [file_id] = slack.uploaded
+    assert slack.uploaded[file_id] == pdf
+    assert sent.provider_message_id == f"C0SUPPORT:files:{file_id}"
+    assert slack.posted == []  # one provider action: the upload carries the text
+
+
+async def test_an_attachment_missing_from_the_blob_store_is_refused(spec: SenderSpec) -> None:
+    missing = OutboundAttachment(name="a.pdf", content_type="application/pdf", size=1, sha256="0" * 64)
+    with pytest.raises(SendError) as raised:
+        await spec.sender.send(reply(attachments=(missing,)))
+    assert raised.value.reason == "rejected"
+    assert raised.value.permanent
 
 
 async def test_html_only_replies_are_sent_as_text(spec: SenderSpec, slack: FakeSlack) -> None:
