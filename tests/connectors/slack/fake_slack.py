@@ -30,6 +30,8 @@ class FakeSlack:
     # method -> answers to give first, in order: (HTTP status, body, headers)
     errors: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = field(default_factory=dict)
     calls: Counter[str] = field(default_factory=Counter)
+    delays: dict[str, float] = field(default_factory=dict)  # method -> seconds before answering
+    answered: Counter[str] = field(default_factory=Counter)
     posted: list[dict[str, Any]] = field(default_factory=list)
     uploaded: dict[str, bytes] = field(default_factory=dict)
     completed: list[dict[str, Any]] = field(default_factory=list)
@@ -65,9 +67,11 @@ class FakeSlack:
     async def _method(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         self.calls[method] += 1
+        await asyncio.sleep(self.delays.get(method, 0.0))
         try:
             return await self._answer(request, method)
         finally:
+            self.answered[method] += 1
             await self._notify()
 
     async def _answer(self, request: web.Request, method: str) -> web.Response:

@@ -142,6 +142,26 @@ async def test_a_message_its_retries_and_the_profile_email(
     assert len(bus.published) == 2
 
 
+async def test_a_slow_users_info_does_not_hold_the_answer_and_fills_the_cache(
+    aiohttp_client: MakeClient, tmp_path: Path, slack: FakeSlack
+) -> None:
+    slack.users["U000000008"] = {"id": "U000000008", "profile": {"email": "bo@customer.example"}}
+    slack.delays["users.info"] = 1.5  # three times profile_timeout
+    bus = MemoryPublisher()
+    client = await gateway(aiohttp_client, settings_for(tmp_path, slack.base), bus)
+    assert await post(client, body(dm(8, "first", user="U000000008"))) == 200
+    # Slack was answered while users.info was still thinking; the lookup finishes in the background.
+    assert slack.calls["users.info"] == 1
+    assert slack.answered["users.info"] == 0
+    await slack.wait(lambda: slack.answered["users.info"] == 1)
+    assert await post(client, body(dm(9, "second", user="U000000008"))) == 200
+    first, second = await published(bus, 2)
+    assert all(i["kind"] == "slack" for i in first["customer"]["identities"])
+    email = {"kind": "email", "value": "bo@customer.example", "verified": False}
+    assert email in second["customer"]["identities"]
+    assert slack.calls["users.info"] == 1
+
+
 async def test_a_token_without_the_email_scope_is_not_asked_again(
     aiohttp_client: MakeClient, tmp_path: Path, slack: FakeSlack
 ) -> None:
