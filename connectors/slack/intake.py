@@ -34,12 +34,16 @@ class Profiles:
     """users.info answers, cached per author for ``ttl``; one call in flight per author.
 
     A lookup that takes longer than the caller may wait goes on in the background and fills the
-    cache for the next message (or Slack's retry). An installation whose token lacks the scope is
-    not asked again for ``ttl``.
+    cache for later messages. For ``GIVE_UP_WINDOW`` after such a timeout the author's deliveries go
+    on without a profile, even once it has arrived: Slack sends a mention as two events at once and
+    retries a slow answer at once, and every copy of one message must carry the same identities
+    (a redelivery with other content is quarantined as a reused key). An installation whose token
+    lacks the scope is not asked again for ``ttl``.
     """
 
     MAX_ENTRIES = 50_000
     FAILURE_TTL = 300.0  # a transient failure is not asked again for five minutes
+    GIVE_UP_WINDOW = 10.0
 
     def __init__(self, apis: Mapping[str, WebApi], *, ttl: float, clock: Clock) -> None:
         self._apis = apis
@@ -48,10 +52,16 @@ class Profiles:
         self._cache: dict[tuple[str, str, str], tuple[float, Profile | None]] = {}
         self._in_flight: dict[tuple[str, str, str], asyncio.Task[Profile | None]] = {}
         self._off_until: dict[str, float] = {}
+        self._gave_up: dict[tuple[str, str, str], float] = {}
 
     async def lookup(self, inbox: str, author: Author, within: float) -> Profile | None:
         key = (inbox, author.team, author.user)
         now = self._clock.monotonic()
+        gave_up = self._gave_up.get(key)
+        if gave_up is not None:
+            if now - gave_up < self.GIVE_UP_WINDOW:
+                return None
+            del self._gave_up[key]
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
@@ -65,6 +75,9 @@ class Profiles:
         try:
             return await asyncio.wait_for(asyncio.shield(task), within)
         except TimeoutError:
+            if len(self._gave_up) >= self.MAX_ENTRIES:
+                self._gave_up.pop(next(iter(self._gave_up)))
+            self._gave_up[key] = self._clock.monotonic()
             return None
 
     async def _fetch(self, key: tuple[str, str, str], author: Author) -> Profile | None:

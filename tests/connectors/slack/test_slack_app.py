@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from connectors.slack.intake import Profiles
 from core.settings import Settings
 from gateway.app import Overrides, create_app
 from gateway.publisher import MemoryPublisher
@@ -143,19 +144,26 @@ async def test_a_message_its_retries_and_the_profile_email(
 
 
 async def test_a_slow_users_info_does_not_hold_the_answer_and_fills_the_cache(
-    aiohttp_client: MakeClient, tmp_path: Path, slack: FakeSlack
+    aiohttp_client: MakeClient, tmp_path: Path, slack: FakeSlack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slack.users["U000000008"] = {"id": "U000000008", "profile": {"email": "bo@customer.example"}}
     slack.delays["users.info"] = 1.5  # three times profile_timeout
     bus = MemoryPublisher()
     client = await gateway(aiohttp_client, settings_for(tmp_path, slack.base), bus)
-    assert await post(client, body(dm(8, "first", user="U000000008"))) == 200
+    mention = dm(8, "first", user="U000000008")
+    assert await post(client, body(mention)) == 200
     # Slack was answered while users.info was still thinking; the lookup finishes in the background.
     assert slack.calls["users.info"] == 1
     assert slack.answered["users.info"] == 0
     await slack.wait(lambda: slack.answered["users.info"] == 1)
+    # The same message again at once (Slack's app_mention twin, or its immediate retry): still no
+    # email, so both copies are the same message and neither is quarantined as a reused key.
+    twin = {**mention, "event_id": "Ev0TWIN", "event": {**mention["event"], "type": "app_mention"}}
+    assert await post(client, body(twin)) == 200
+    monkeypatch.setattr(Profiles, "GIVE_UP_WINDOW", 0.0)
     assert await post(client, body(dm(9, "second", user="U000000008"))) == 200
     first, second = await published(bus, 2)
+    assert "idempotency_key_reused" not in await (await client.get("/metrics")).text()
     assert all(i["kind"] == "slack" for i in first["customer"]["identities"])
     email = {"kind": "email", "value": "bo@customer.example", "verified": False}
     assert email in second["customer"]["identities"]
