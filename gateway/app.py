@@ -23,7 +23,7 @@ from core.channel import SenderSpec
 from core.events import CustomerView, ReplyChannel, reply_options
 from core.http import json_errors
 from core.model import CanonicalMessage
-from core.settings import Settings
+from core.settings import RetentionSettings, Settings
 from gateway.channels import Registry, setup_channels
 from gateway.control import control_ctx
 from gateway.desk import DeskApi
@@ -94,7 +94,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         purge = asyncio.create_task(
             _purge_loop(
                 store, settings.dedupe.duplicate_window, orphan_min_age=settings.store.orphan_min_age,
-                orphans_every=settings.store.orphan_sweep_interval,
+                orphans_every=settings.store.orphan_sweep_interval, retention=settings.retention,
+                idempotency_retention=settings.store.idempotency_retention,
             ),
             name="ticketgate-purge",
         )
@@ -225,11 +226,14 @@ async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -
 async def _purge_loop(
     store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0, *,
     orphan_min_age: float = 3600.0, orphans_every: float = 3600.0,
+    retention: RetentionSettings | None = None, idempotency_retention: float = 8 * 86400.0,
 ) -> None:
     """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
-    idempotency keys; at start and every ``orphans_every``: blob files no commit named that are
-    older than ``orphan_min_age``. A failure is logged and tried again next time."""
-    keys_purged_at = orphans_swept_at = -math.inf
+    idempotency keys; every ``retention.interval``: what ``[retention]`` lets go (bounded batches,
+    then SQLite's incremental vacuum); at start and every ``orphans_every``: blob files no commit
+    named that are older than ``orphan_min_age``. A failure is logged and tried again next time."""
+    retention = retention or RetentionSettings()
+    keys_purged_at = orphans_swept_at = retained_at = -math.inf
     while True:
         now = datetime.now(UTC)
         try:
@@ -239,14 +243,54 @@ async def _purge_loop(
         except Exception:
             logger.exception("sweeping old recent texts failed")
         keys_purged_at = await _when_due(
-            keys_purged_at, keys_every, functools.partial(store.purge_expired, now),
+            keys_purged_at, keys_every,
+            functools.partial(purge_kinds, store, {"keys": idempotency_retention}, now, retention),
             "purging expired idempotency keys", "purged %d expired idempotency keys",
+        )
+        retained_at = await _when_due(
+            retained_at, retention.interval,
+            functools.partial(purge_retention, store, retention, now, idempotency_retention),
+            "purging content past its retention", "purged %d rows past their retention",
         )
         orphans_swept_at = await _when_due(
             orphans_swept_at, orphans_every, functools.partial(store.sweep_orphans, orphan_min_age),
             "sweeping orphaned blob files", "removed %d blob files that no committed message names",
         )
         await asyncio.sleep(interval)
+
+
+async def purge_kinds(
+    store: Store, ages: dict[str, float], now: datetime, retention: RetentionSettings
+) -> int:
+    """For each kind, remove rows older than its age (seconds) in batches of ``retention.batch``,
+    at most ``retention.max_batches`` of them; each batch is its own transaction."""
+    total = 0
+    for kind, age in ages.items():
+        before = now - timedelta(seconds=age)
+        for _ in range(retention.max_batches):
+            removed = await store.purge_retained(kind, before, retention.batch)
+            total += removed
+            if removed < retention.batch:
+                break
+    return total
+
+
+async def purge_retention(
+    store: Store, retention: RetentionSettings, now: datetime, idempotency_retention: float
+) -> int:
+    """One retention round: published events, then messages, raw bodies and blob files past their
+    retention; then free pages go back to the file system (SQLite)."""
+    ages = {
+        "events": retention.events if retention.events is not None else idempotency_retention,
+        "messages": retention.messages,
+        "raw_bodies": retention.raw_bodies,
+        "blobs": retention.blobs,
+    }
+    removed = await purge_kinds(store, {k: v for k, v in ages.items() if v is not None}, now, retention)
+    freed = await store.reclaim_space(retention.vacuum_pages)
+    if freed:
+        logger.info("gave %d free database pages back to the file system", freed)
+    return removed
 
 
 async def _when_due(

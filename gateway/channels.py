@@ -59,8 +59,9 @@ Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 Deliveries = Callable[[str, str, DeliveryStatus, datetime, ReplyFailure | None, str | None], Awaitable[bool]]
 """(channel, provider message id, status, at, reason, detail) -> whether a reply of ours had that id."""
 
-# Tables under [channels] that are not channels: the desk API is the daemon's own.
-NOT_CHANNELS = frozenset({"identity"})
+# Tables under [channels] that are not channels: the desk API is the daemon's own; [channels.meta]
+# holds the Meta apps that WhatsApp, Messenger and Instagram share.
+NOT_CHANNELS = frozenset({"identity", "meta"})
 
 # What channels share (``ctx.shared``), one mapping per gateway app, so every context set up on the
 # same app meets the same objects.

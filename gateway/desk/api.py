@@ -8,6 +8,9 @@ Routes (documented in docs/identity-api.md), each behind ``Authorization: Bearer
   other customers (and ``customer_id``) merge those customers into this one, recorded and
   reversible, and ``customer.merged`` goes out through the outbox in the same commit;
 - ``POST /api/v1/merges/{id}/undo``: reverses a merge; ``customer.unmerged`` goes out;
+- ``POST /api/v1/customers/{id}/erase``: erases the customer's personal data (PIPL / GDPR), as
+  ``ticketgate customer erase`` does; an optional ``{"actor": "..."}`` names who asked in the audit
+  record; ``customer.erased`` goes out through the outbox; erasing again answers 200 again;
 - ``GET  /api/v1/threads/{id}``: a thread's status (open / closed, merged into, previous thread),
   e.g. to see that a ``thread.closed`` sent on the control queue was applied;
 - ``POST /api/v1/threads/{id}/replies``: a reply command (docs/replies.md), the same fields as
@@ -34,7 +37,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError, InvalidInput, RetryableError, validation_reason
-from core.events import Event
+from core.events import Event, isoformat
 from core.http import (
     MIN_KEY_LENGTH,
     BearerKeys,
@@ -52,7 +55,7 @@ from dedupe import graph
 from dedupe.identities import normalize
 from dedupe.tx import ClaimedLink, MergeRecord, ThreadRecord, Tx, TxWork
 from gateway.reply_commands import CommandError, ReplyIntake, parse_command, record_command
-from gateway.store.base import Store
+from gateway.store.base import Erasure, Store
 from gateway.store.replies import ReplyRecord
 
 logger = logging.getLogger(__name__)
@@ -159,6 +162,7 @@ class DeskApi:
         customers = web.Application()
         customers.router.add_get("/{customer_id}", handlers.authorized(handlers.customer))
         customers.router.add_post("/{customer_id}/link", handlers.authorized(handlers.link))
+        customers.router.add_post("/{customer_id}/erase", handlers.authorized(handlers.erase))
         merges = web.Application()
         merges.router.add_post("/{merge_id}/undo", handlers.authorized(handlers.undo))
         threads = web.Application()
@@ -197,6 +201,26 @@ class LinkRequest(_Strict):
         if not self.identities and self.customer_id is None:
             raise ValueError("give identities, customer_id or both")
         return self
+
+
+class EraseRequest(_Strict):
+    """``POST /api/v1/customers/{id}/erase`` (the body is optional)."""
+
+    # Who asked (a desk user, a ticket of the privacy team): kept in the audit record.
+    actor: str | None = Field(None, max_length=200)
+
+
+def parse_erase(body: bytes) -> EraseRequest:
+    if not body.strip():
+        return EraseRequest()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("the body is not valid JSON") from None
+    try:
+        return EraseRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(validation_reason(exc.errors()), status=422) from None
 
 
 def parse_link(body: bytes) -> tuple[LinkRequest, list[Identity]]:
@@ -259,6 +283,21 @@ def summary_json(summary: graph.CustomerSummary) -> dict[str, Any]:
         "identities": [_identity_json(i) for i in summary.identities],
         "merges": [merge_json(m) for m in summary.merges],
         "claimed_links": [_link_json(link) for link in summary.claimed_links],
+    }
+
+
+def erasure_json(erasure: Erasure) -> dict[str, object]:
+    """An erasure's audit record as the CLI prints it and the desk API answers it."""
+    return {
+        "id": erasure.id,
+        "tenant": erasure.tenant,
+        "customer_id": erasure.customer_id,
+        "merged_customers": list(erasure.merged_customers),
+        "threads": list(erasure.threads),
+        "requested_by": erasure.requested_by,
+        "requested_at": isoformat(erasure.requested_at),
+        "counts": dict(erasure.counts),
+        "digest": erasure.digest,
     }
 
 
@@ -438,6 +477,20 @@ class _Handlers:
             "added": [_identity_json(i) for i in result.added],
         }
         return json_response(answer)
+
+    async def erase(self, request: web.Request, grant: _Grant) -> web.Response:
+        customer_id = self._id(request, "customer_id", "customer")
+        body = await read_body(request, self._c.body_limit)
+        if body.strip() and request.content_type != "application/json":
+            raise InvalidInput("the body must be application/json", status=415)
+        parsed = parse_erase(body)
+        scope = f" tenant={grant.tenant}" if grant.tenant is not None else ""
+        by = f"desk-api{scope}" + (f" actor={parsed.actor}" if parsed.actor else "")
+        erasure = await self._store.erase_customer(customer_id, requested_by=by, tenant=grant.tenant)
+        if erasure is None:
+            raise graph.GraphError("not_found", f"unknown customer {customer_id}")
+        logger.info("desk api: customer %s erased (%s, %s)", erasure.customer_id, erasure.id, by)
+        return json_response(erasure_json(erasure))
 
     async def undo(self, request: web.Request, grant: _Grant) -> web.Response:
         merge_id = self._id(request, "merge_id", "merge")
