@@ -314,3 +314,13 @@ async def thread_number(d: Deployment, thread_id: str) -> int:
     ):
         assert resp.status == 200
         return int((await resp.json())["number"])
+
+
+def test_the_desk_in_the_guide_is_python_that_compiles() -> None:
+    """docs/replies.md's desk is meant to be copied: it must at least be valid Python."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "replies.md").read_text(encoding="utf-8")
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(block, "docs/replies.md", "exec")
+    assert "reply.requested" in block
