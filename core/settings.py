@@ -311,6 +311,29 @@ class ControlSettings(_Section):
     retry_delay: Duration = 1.0
 
 
+class ReplySettings(_Section):
+    """``[replies]``: how desks' replies go out (``gateway.replies``; docs/replies.md)."""
+
+    enabled: bool = True
+    # Replies sent at once by one instance (each is one provider call or SMTP transaction).
+    concurrency: int = Field(8, gt=0)
+    # How often the ledger is asked for due replies when nothing wakes the dispatcher.
+    poll_interval: Duration = Field(1.0, gt=0)
+    # A claimed reply is this instance's for so long; past it (a crash, a hung call) it is due
+    # again. Longer than the longest provider call (the SMTP transaction, an attachment upload).
+    lease: Duration = Field(120.0, gt=0)
+    # Retries: capped exponential backoff with jitter, a transient failure after another until
+    # max_attempts calls or max_age since the command; then reply.failed with reason "expired".
+    max_attempts: int = Field(8, ge=1)
+    backoff_base: Duration = Field(2.0, gt=0)
+    backoff_cap: Duration = Field(600.0, gt=0)
+    max_age: Duration = Field(24 * 3600.0, gt=0)
+    # Attachments a command names by https URL are fetched when the reply goes out, up to these.
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_attachments: int = Field(10, ge=0)
+    fetch_timeout: Duration = Field(30.0, gt=0)
+
+
 class RoutingSettings(_Section):
     rules: tuple[RoutingRule, ...] = ()
 
@@ -333,6 +356,7 @@ class Settings(_Section):
     source: str | None = Field(default=None, exclude=True)
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    replies: ReplySettings = Field(default_factory=ReplySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
 

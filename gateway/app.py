@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from core.channel import SenderSpec
 from core.http import json_errors
 from core.settings import RetentionSettings, Settings
 from gateway.channels import Registry, setup_channels
@@ -25,7 +26,7 @@ from gateway.control import control_ctx
 from gateway.desk import DeskApi
 from gateway.enrich import Enricher
 from gateway.health import setup_health
-from gateway.keys import CHANNELS, METRICS, PIPELINE, REGISTRY, RELAY, SETTINGS, STORE
+from gateway.keys import CHANNELS, METRICS, PIPELINE, REGISTRY, RELAY, REPLIES, SETTINGS, STORE
 from gateway.media import setup_media
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker
@@ -33,6 +34,8 @@ from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
+from gateway.replies import Dispatcher
+from gateway.reply_commands import ReplyIntake
 from gateway.startup import http_base_url
 from gateway.status import setup_status
 from gateway.store import build_store
@@ -118,15 +121,24 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     if inline is not None:
         app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
-    # Desks report threads closed / reopened; applied to the store, so it stops before the store.
-    app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))
+    # Replies: channels register their senders during setup; the dispatcher sends through them.
+    senders: dict[str, SenderSpec] = {}
+    kinds: dict[str, frozenset[str]] = {}
+    dispatcher = Dispatcher(settings.replies, store, metrics, senders, kinds=kinds, on_event=relay.wake)
+    intake = None
+    if settings.replies.enabled:
+        intake = ReplyIntake(settings=settings.replies, wake=dispatcher.wake)
+    app[REPLIES] = dispatcher
+    # Desks report threads closed / reopened and ask for replies; applied to the store, so it
+    # stops before the store.
+    app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store, intake))
     setup_health(app)
     setup_media(app)
     if setup_status(app):
         logger.info("status page enabled at /status")
     desk = DeskApi.from_settings(settings)
     if desk is not None:
-        desk.setup(app, store)
+        desk.setup(app, store, replies=intake)
         logger.info("desk API enabled")
     registry = app[REGISTRY] = overrides.registry or Registry.installed()
     app[CHANNELS] = setup_channels(
@@ -137,7 +149,21 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         metrics=metrics,
         registry=registry,
         base_url=http_base_url(settings),
+        senders=senders,
+        kinds=kinds,
+        deliveries=dispatcher.report,
     )
+
+    async def replies_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Registered after the channels: started once their senders can send, stopped before
+        # their sessions close; replies in flight at a stop are left to their leases.
+        if settings.replies.enabled:
+            await dispatcher.start()
+            logger.info("replies: senders for %s", ", ".join(sorted(senders)) or "no channel")
+        yield
+        await dispatcher.close(timeout=min(settings.server.shutdown_timeout, 5.0))
+
+    app.cleanup_ctx.append(replies_ctx)
     return app
 
 

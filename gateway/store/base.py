@@ -160,6 +160,10 @@ class Store(Protocol):
         ``None`` for a raw body, an unknown hash, or a blob stored before types were kept."""
         ...
 
+    async def blob_put(self, data: bytes, content_type: str | None) -> str:
+        """Durably keep ``data`` as a blob (indexed, so the orphan sweep keeps it); its sha256."""
+        ...
+
     async def purge_expired(self, now: datetime) -> int:
         """Drop idempotency keys older than the retention; returns how many."""
         ...

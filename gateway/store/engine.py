@@ -1302,6 +1302,16 @@ class SqlStore(ReplyLedger, abc.ABC):
 
         return await self._read(read)
 
+    async def blob_put(self, data: bytes, content_type: str | None) -> str:
+        """Keep ``data`` in the blob store (a reply's attachment fetched by URL); its sha256."""
+        digest = await asyncio.to_thread(self._blobs.put, data)
+
+        def job(conn: Connection) -> None:
+            self._index_files(conn, [(digest, len(data), content_type)], self._clock())
+
+        await self._write(job)
+        return digest
+
     # -- media fetch queue (see Store.media_*) ----------------------------------------------------
 
     async def media_enqueue(self, fetches: Sequence[MediaFetch]) -> None:
