@@ -277,3 +277,20 @@ async def test_erasure_finds_the_content_of_messages_stored_before_content_links
         assert await sqlite.read_blob(file.sha256) is None
     finally:
         await sqlite.close()
+
+
+async def test_erasure_removes_connector_state_keyed_by_the_customer(store: Store) -> None:
+    openid = Identity(kind="wechat_openid", value="wx0123456789abcdef:oAbCdEfGhIjKlMnOp", verified=True)
+    wechat = dataclasses.replace(message("w1", channel="wechat"), identities=(openid,))
+    (placed,) = await accept(store, wechat)
+    await store.state_put("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp", b'{"unionid": null}')
+    await store.state_put(f"wechat/reply:{placed.thread_id}", b'{"sent": 1}')
+    await store.state_put("telegram/bot/cursor", b"1234567")
+
+    erasure = await store.erase_customer(placed.customer_id)
+
+    assert erasure is not None
+    assert erasure.counts["state"] == 2
+    assert await store.state_get("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp") is None
+    assert await store.state_get(f"wechat/reply:{placed.thread_id}") is None
+    assert await store.state_get("telegram/bot/cursor") == b"1234567"
