@@ -434,13 +434,31 @@ def setup_channels(
     metrics: Metrics,
     registry: Registry | None = None,
     base_url: str = "",
+    senders: dict[str, SenderSpec] | None = None,
+    kinds: dict[str, frozenset[str]] | None = None,
+    deliveries: Deliveries | None = None,
 ) -> list[EnabledChannel]:
     """Build and set up every configured channel; returns them with the endpoints their connectors
-    describe under ``base_url`` (where the HTTP server is reached)."""
+    describe under ``base_url`` (where the HTTP server is reached).
+
+    ``senders`` receives the :class:`SenderSpec` each channel registers (by channel name) and
+    ``kinds`` each channel's identity kinds; ``deliveries`` takes the channels' delivery reports
+    (the reply dispatcher's)."""
     registry = registry or Registry.installed()
     enabled: list[EnabledChannel] = []
     for descriptor, connector in registry.configured(settings):
-        ctx = GatewayContext(app, descriptor, settings=settings, ingest=ingest, store=store, metrics=metrics)
+        if kinds is not None:
+            kinds[descriptor.name] = descriptor.identity_kinds
+        ctx = GatewayContext(
+            app,
+            descriptor,
+            settings=settings,
+            ingest=ingest,
+            store=store,
+            metrics=metrics,
+            senders=senders,
+            deliveries=deliveries,
+        )
         connector.setup(ctx)
         metrics.declare_channel(descriptor.name)
         described = None

@@ -38,7 +38,18 @@ EXAMPLE_ENV = {
     "WHATSAPP_ACME_TOKEN": "whatsapp-token-for-tests",
     "MESSENGER_ACME_PAGE_TOKEN": "messenger-token-for-tests",
     "INSTAGRAM_ACME_TOKEN": "instagram-token-for-tests",
+    "LINE_ACME_CHANNEL_SECRET": "line-channel-secret-for-tests",
+    "LINE_ACME_CHANNEL_ACCESS_TOKEN": "line-channel-access-token-for-tests",
+    "X_ACME_CONSUMER_KEY": "x-consumer-key-for-tests",
+    "X_ACME_CONSUMER_SECRET": "x-consumer-secret-for-tests",
+    "X_ACME_ACCESS_TOKEN": "1432107654321098752-x-access-token-for-tests",
+    "X_ACME_ACCESS_TOKEN_SECRET": "x-access-token-secret-for-tests",
+    "SLACK_ACME_SIGNING_SECRET": "slack-signing-secret-for-tests",
+    "SLACK_ACME_BOT_TOKEN": "xoxb-slack-bot-token-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
+    "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
+    "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
+    "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
 }
 
 
