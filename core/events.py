@@ -30,6 +30,8 @@ MESSAGE_DELETED = "message.deleted"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
+# A customer's personal data was erased (``ticketgate customer erase``, the desk API): desks erase too.
+CUSTOMER_ERASED = "customer.erased"
 # The way back: the outcome of a desk's reply command, and what the provider later reported.
 REPLY_SENT = "reply.sent"
 REPLY_FAILED = "reply.failed"
@@ -45,6 +47,7 @@ EVENT_TYPES = (
     MESSAGE_EDITED,
     MESSAGE_DELETED,
     *REPLY_TYPES,
+    CUSTOMER_ERASED,
 )
 
 _uuid7_lock = threading.Lock()
@@ -347,6 +350,31 @@ def customer_merged(
     }
     return _event(
         event_type=CUSTOMER_UNMERGED if unmerge else CUSTOMER_MERGED,
+        tenant=tenant,
+        channel="identity",
+        payload=payload,
+        occurred_at=occurred_at,
+    )
+
+
+def customer_erased(
+    *,
+    tenant: str,
+    customer_id: str,
+    merged_customers: Sequence[str],
+    threads: Sequence[str],
+    erasure_id: str,
+    counts: Mapping[str, int],
+    digest: str,
+    occurred_at: datetime,
+) -> Event:
+    """``customer.erased``: the gateway erased a customer; names only ids, never personal data."""
+    payload = {
+        "customer": {"id": customer_id, "merged": list(merged_customers)},
+        "erasure": {"id": erasure_id, "threads": list(threads), "counts": dict(counts), "digest": digest},
+    }
+    return _event(
+        event_type=CUSTOMER_ERASED,
         tenant=tenant,
         channel="identity",
         payload=payload,

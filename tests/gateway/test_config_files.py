@@ -33,6 +33,11 @@ EXAMPLE_ENV = {
     "TICKETGATE_DESK_KEY_ACME": "acme-desk-key-for-tests",
     "TELEGRAM_ACME_BOT_TOKEN": "123456789:telegram-bot-token-for-tests",
     "TELEGRAM_ACME_SECRET_TOKEN": "telegram-secret-for-tests",
+    "META_ACME_APP_SECRET": "meta-app-secret-for-tests",
+    "META_ACME_VERIFY_TOKEN": "meta-verify-for-tests",
+    "WHATSAPP_ACME_TOKEN": "whatsapp-token-for-tests",
+    "MESSENGER_ACME_PAGE_TOKEN": "messenger-token-for-tests",
+    "INSTAGRAM_ACME_TOKEN": "instagram-token-for-tests",
     "LINE_ACME_CHANNEL_SECRET": "line-channel-secret-for-tests",
     "LINE_ACME_CHANNEL_ACCESS_TOKEN": "line-channel-access-token-for-tests",
     "X_ACME_CONSUMER_KEY": "x-consumer-key-for-tests",
@@ -40,6 +45,7 @@ EXAMPLE_ENV = {
     "X_ACME_ACCESS_TOKEN": "1432107654321098752-x-access-token-for-tests",
     "X_ACME_ACCESS_TOKEN_SECRET": "x-access-token-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
+    "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
 }
 
 
