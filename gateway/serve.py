@@ -12,7 +12,8 @@ descriptors, and then new API requests hang and the SMTP listener cannot accept.
   after it opened or after its last response (aiohttp's keep-alive timer, which partial headers do
   not reset: slow headers and idle keep-alives alike);
 * ``server.request_timeout`` bounds a request from its headers to its answer, so a body trickled in
-  byte by byte ends with ``408``;
+  byte by byte ends with ``408``; a WebSocket upgrade is the exception (a chat lasts as long as the
+  visitor stays), bounded by its channel instead;
 * SIGTERM / SIGINT stop the listener, let requests finish (``server.shutdown_timeout``), run the
   cleanup (relay drain, store close), and the whole of it is bounded: past
   ``shutdown_timeout + outbox.drain_timeout + SHUTDOWN_MARGIN`` the process logs what it was waiting
@@ -104,6 +105,14 @@ class BoundedServer(web.Server):
     async def _bounded(self, request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
         self._idle.pop(protocol, None)
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            # A socket lives as long as its conversation: its handler bounds the handshake, pings
+            # and idleness itself (the web chat's hello_timeout, heartbeat and idle_timeout).
+            try:
+                return await self._inner(request)
+            finally:
+                if protocol.transport is not None:
+                    self._idle[protocol] = None
         try:
             async with asyncio.timeout(self._request_timeout):
                 return await self._inner(request)

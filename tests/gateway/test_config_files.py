@@ -44,8 +44,12 @@ EXAMPLE_ENV = {
     "X_ACME_CONSUMER_SECRET": "x-consumer-secret-for-tests",
     "X_ACME_ACCESS_TOKEN": "1432107654321098752-x-access-token-for-tests",
     "X_ACME_ACCESS_TOKEN_SECRET": "x-access-token-secret-for-tests",
+    "SLACK_ACME_SIGNING_SECRET": "slack-signing-secret-for-tests",
+    "SLACK_ACME_BOT_TOKEN": "xoxb-slack-bot-token-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
     "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
+    "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
+    "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
 }
 
 
