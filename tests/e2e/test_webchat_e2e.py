@@ -59,8 +59,10 @@ async def browser() -> AsyncIterator[Browser]:
             await launched.close()
 
 
-async def open_chat(browser: Browser, url: str, *, locale: str = "en-US") -> tuple[BrowserContext, Page]:
-    context = await browser.new_context(locale=locale, viewport={"width": 1000, "height": 720})
+async def open_chat(
+    browser: Browser, url: str, *, locale: str = "en-US", height: int = 720
+) -> tuple[BrowserContext, Page]:
+    context = await browser.new_context(locale=locale, viewport={"width": 1000, "height": height})
     page = await context.new_page()
     await page.goto(url)
     await page.locator("#tg-chat-launcher").click()
@@ -222,7 +224,7 @@ async def test_screenshots_of_the_widget(
 ) -> None:
     queue = amqp_names.queue("control")
     d = await deploy(extra=replies_config(queue) if DISPATCHER else CHAT)
-    context, page = await open_chat(browser, f"{d.gateway.url}/chat/demo", locale=locale)
+    context, page = await open_chat(browser, f"{d.gateway.url}/chat/demo", locale=locale, height=800)
     texts, answer = {
         "en-US": (
             ["Hi! My order #58213 arrived damaged.", "The box was crushed; photo attached."],
