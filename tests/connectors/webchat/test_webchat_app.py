@@ -391,6 +391,14 @@ async def test_the_demo_page_and_the_widget_are_served(make_chat: MakeChat) -> N
     assert widget.status == 200
     assert widget.content_type == "application/javascript"
     assert (await chat.client.get("/chat/nope/widget.js")).status == 404
+    # A site that embeds the widget may upload and fetch reply files with the token (CORS).
+    for path in ("/chat/demo/messages", "/chat/demo/files/" + "0" * 64):
+        allowed = await chat.client.options(path, headers={"Origin": ORIGIN})
+        assert allowed.status == 204
+        assert allowed.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+        refused = await chat.client.options(path, headers={"Origin": "https://evil.example"})
+        assert refused.status == 403
 
 
 def test_descriptor_is_installed() -> None:
