@@ -708,11 +708,11 @@ class _Handlers:
                     self._metrics.event("socket_idle_closed", inbox=inbox.id)
                     await ws.close(code=CLOSE_IDLE, message=b"idle")
                     return
-                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    return
                 if message.type is WSMsgType.ERROR:
-                    if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+                    if getattr(message.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
                         self._metrics.refused("size", inbox=inbox.id)
+                    return
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                     return
                 frame = _json_frame(message)
                 if frame is None:
