@@ -335,6 +335,8 @@ class ReplySettings(_Section):
     max_attachment_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_attachments: int = Field(10, ge=0)
     fetch_timeout: Duration = Field(30.0, gt=0)
+    # Verify the servers of attachment URLs against this CA file instead of the system's CAs.
+    fetch_ca_file: Path | None = None
 
 
 class RoutingSettings(_Section):
