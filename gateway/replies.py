@@ -49,7 +49,8 @@ from gateway.store.replies import ReplyContext, ReplyOutcome, ReplyRecord, Reply
 
 logger = logging.getLogger(__name__)
 
-# Time kept from the lease for recording the outcome: a call that runs past the rest is a timeout.
+# Time kept from the lease for recording the outcome (at most a quarter of it): a call that runs
+# past the rest is a timeout.
 _LEASE_MARGIN = 5.0
 
 
@@ -276,8 +277,9 @@ class Dispatcher:
             await self._fail(record, route.channel, route.inbox, "window_closed", detail)
             return
         await self._bucket(route.channel, route.inbox, spec).acquire()
-        budget = self._settings.lease - _LEASE_MARGIN - (time.monotonic() - started)
-        if budget < 1.0:
+        lease = self._settings.lease
+        budget = lease - min(_LEASE_MARGIN, lease / 4) - (time.monotonic() - started)
+        if budget <= 0:
             # The lease is (nearly) gone waiting for the rate limit: another instance may hold the
             # reply by now; sending anyway could send it twice. Due again at once instead.
             await self._requeue(record, route)

@@ -73,9 +73,15 @@ def _build(m: CanonicalMessage, p: Placement, c: CustomerView, subject: str | No
 
 
 async def inbound(
-    store: SQLiteStore, external_id: str, *, channel: str = "email", at: datetime = NOW, **extra: Any
+    store: SQLiteStore,
+    external_id: str,
+    *,
+    channel: str = "email",
+    at: datetime = NOW,
+    customer: str = "li.lei@example.com",
+    **extra: Any,
 ) -> Placement:
-    identities = (Identity(kind="email", value="li.lei@example.com", verified=True),)
+    identities = (Identity(kind="email", value=customer, verified=True),)
     if channel == "wechat":
         identities = (Identity(kind="wechat_openid", value="o-li"),)
     message = CanonicalMessage(
@@ -323,6 +329,7 @@ async def https_files(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     from tests.connectors.email.email_kit import self_signed
 
     cert, key = self_signed(tmp_path)
+
     async def invoice(request: web.Request) -> web.Response:
         return web.Response(body=b"%PDF-1.4 invoice")
 
@@ -374,3 +381,20 @@ async def test_attachments_by_blob_and_by_https_url_with_caps(
         ("lost", "reply.failed", "rejected"),
     ]
     await dispatcher.close()
+
+
+async def test_a_reply_that_waits_out_its_lease_for_the_rate_limit_is_not_sent_late(
+    store: SQLiteStore, make: Make
+) -> None:
+    one = await inbound(store, "m1@example.com")
+    other = await inbound(store, "m2@example.com", customer="han.meimei@example.com")
+    sender = Recorder()
+    # One send per 4 s from the inbox and a 2 s lease: the second reply would go out after its
+    # lease ran out (another instance may hold it by then), so it is put back instead.
+    dispatcher = make({"email": SenderSpec(sender=sender, rate=0.25, burst=1)}, lease=2.0)
+    await command(store, one.thread_id, "first")
+    await command(store, other.thread_id, "second")
+    assert await dispatcher.run_once() == 2
+    assert [r.command_id for r in sender.sent] == ["first"]
+    [waiting] = await store.reply_list(other.thread_id)
+    assert (waiting.status, waiting.reason) == ("pending", "rate_limited")
