@@ -306,6 +306,10 @@ class ControlSettings(_Section):
     # exchange are possible but off by default: a desk queue bound to "#" would receive them too.
     bindings: tuple[str, ...] = ()
     quorum: bool = False
+    # One consumer at a time (RabbitMQ's single active consumer; the other instances stand by):
+    # with several instances, the replies a desk publishes for one thread keep their order. It is
+    # a declaration argument, so a queue declared without it must be deleted once to turn it on.
+    single_active_consumer: bool = False
     prefetch: int = Field(32, gt=0)
     # A message that cannot be applied because the store is down is requeued after this pause.
     retry_delay: Duration = 1.0
