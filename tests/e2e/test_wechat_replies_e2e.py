@@ -40,6 +40,18 @@ tenant = "demo"
 [inboxes.kf-demo]
 tenant = "demo"
 
+[inboxes.wecom-demo]
+tenant = "demo"
+
+[channels.wecom.apps.desk]
+inbox = "wecom-demo"
+corp_id = "{CORP_ID}"
+agent_id = 1000002
+corp_secret = "{CORP_SECRET}"
+token = "{TOKEN}"
+encoding_aes_key = "{AES_KEY}"
+api_base = "{api_base}"
+
 [channels.wechat.accounts.demo]
 inbox = "wechat-demo"
 app_id = "{APP_ID}"
@@ -179,3 +191,23 @@ async def test_a_wechat_kf_reply_goes_out_with_its_msgid(
     assert endpoint == "kf_send"
     assert (body["touser"], body["open_kfid"]) == (EXTERNAL, KFID)
     assert sent["reply"]["provider_message_id"] == body["msgid"]
+
+
+async def test_a_wecom_member_gets_the_reply_as_an_app_message(
+    deploy: MakeDeployment, wechat: FakeWeChatApi, amqp_url: str, amqp_names: Janitor
+) -> None:
+    d, control = await start(deploy, wechat, amqp_names)
+    plaintext = text_xml("报销单号 4711 还没批", openid="zhangsan", msg_id=7101, agent_id=1000002)
+    query, body = build_callback(plaintext, app_id=CORP_ID)
+    async with aiohttp.ClientSession() as session, session.post(
+        f"{d.gateway.url}/wecom/desk?{query}", data=body
+    ) as resp:
+        assert resp.status == 200
+    [received] = await events(d, "message.received", 1)
+    await desk_replies(amqp_url, control, received["thread"]["id"], "已催财务，今天内处理。")
+
+    [sent] = await events(d, "reply.sent", 1)
+    [(endpoint, sent_body)] = wechat.sent
+    assert endpoint == "message_send"
+    assert (sent_body["touser"], sent_body["agentid"]) == ("zhangsan", 1000002)
+    assert sent["reply"]["provider_message_id"] == "wecom-msg-1"
