@@ -225,6 +225,11 @@ async def summary(app: web.Application) -> dict[str, Any]:
     # The same refresh /metrics does, so a scrape and the page read the same gauges.
     metrics.outbox_status(status.backlog, age)
     metrics.broker_connected.set(1 if relay.connected else 0)
+    waiting_for = (
+        (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
+        if replies.oldest_requested_at is not None else None
+    )
+    metrics.reply_status(replies.pending + replies.sending, waiting_for)
     failures = {
         labels["reason"]: int(value) for labels, value in _counter(metrics, "ticketgate_publish_failures")
     }
@@ -267,10 +272,7 @@ async def summary(app: web.Application) -> dict[str, Any]:
             "waiting": replies.pending + replies.sending,
             "pending": replies.pending,
             "sending": replies.sending,
-            "oldest_waiting_age": (
-                (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
-                if replies.oldest_requested_at is not None else None
-            ),
+            "oldest_waiting_age": waiting_for,
             **reply_figures(metrics),
         },
         "quarantine": {
