@@ -437,3 +437,19 @@ async def test_on_postgresql_the_page_reads_the_shared_store(
         assert after["quarantine"]["held"] == 0
         assert after["replies"]["waiting"] == 0
         await client.close()
+
+
+def test_a_session_holds_on_every_instance_with_the_token_and_ends_with_a_new_token() -> None:
+    from core.settings import AdminSettings, ServerSettings
+    from gateway.status.auth import AdminAuth
+
+    server = ServerSettings()
+    one = AdminAuth(AdminSettings.model_validate({"token": TOKEN}), server)
+    other_instance = AdminAuth(AdminSettings.model_validate({"token": TOKEN}), server)
+    rotated = AdminAuth(AdminSettings.model_validate({"token": TOKEN + "-rotated"}), server)
+    session = one.new_session()
+    assert other_instance.session_valid(session)
+    assert other_instance.csrf_token(session) == one.csrf_token(session)
+    assert not rotated.session_valid(session)
+    assert not one.session_valid(session.replace(".", "..", 1))
+    assert not one.session_valid("")
