@@ -216,9 +216,9 @@ async def summary(app: web.Application) -> dict[str, Any]:
     metrics = app[METRICS]
     store = app[STORE]
     relay = app[RELAY].status
-    status, problem, held, replies = await asyncio.gather(
+    status, problem, held, counts, replies = await asyncio.gather(
         store.outbox_status(), _store_problem(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
-        store.reply_backlog(),
+        store.quarantine_counts(), store.reply_backlog(),
     )
     oldest = status.oldest_created_at
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
@@ -277,7 +277,8 @@ async def summary(app: web.Application) -> dict[str, Any]:
         },
         "quarantine": {
             "shown": QUARANTINE_SHOWN,
-            "held": sum(1 for r in held if r.replayed_at is None),
+            "held": counts.held,
+            "total": counts.total,
             "items": [
                 {**quarantine.record_info(r), "state": "held" if r.replayed_at is None else "replayed"}
                 for r in held

@@ -90,6 +90,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "q_close": "Close",
         "q_raw": "Raw message (first {n} bytes, as text)",
         "q_shown": "the newest {n}",
+        "q_total": "{total} in all, {replayed} replayed",
         "confirm_title": "Replay this message?",
         "confirm_text": "It is normalized again with the channel's current code and, if it is accepted, "
         "its event is published to the desks. The same as `ticketgate quarantine replay {id}`.",
@@ -177,6 +178,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "q_close": "关闭",
         "q_raw": "原始消息（前 {n} 字节，按文本显示）",
         "q_shown": "最新 {n} 条",
+        "q_total": "共 {total} 条，已重放 {replayed} 条",
         "confirm_title": "重放这条消息？",
         "confirm_text": "将用该渠道当前的代码重新解析；若被接受，其事件将发布给工单系统。"
         "与 `ticketgate quarantine replay {id}` 相同。",

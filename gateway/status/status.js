@@ -83,7 +83,7 @@
         `${o.oldest_age !== null ? t("oldest", { age: duration(o.oldest_age) }) + " · " : ""}${t("of_bound", { bound: number.format(o.bound) })} · ${t("published")} ${number.format(o.published_total)}`,
         "tg-outbox"),
       tile(`${t("quarantine")} · ${t("held")}`, number.format(q.held), q.held ? "warn" : "ok",
-        t("q_shown", { n: q.shown }), "tg-q-tile"),
+        t("q_total", { total: number.format(q.total), replayed: number.format(q.total - q.held) }), "tg-q-tile"),
     ];
     if (d.replies) {
       const r = d.replies;
@@ -278,7 +278,8 @@
 
   function quarantine(d) {
     const q = d.quarantine;
-    document.getElementById("tg-q-note").textContent = q.items.length ? `(${t("q_shown", { n: q.shown })})` : "";
+    document.getElementById("tg-q-note").textContent =
+      q.total > q.items.length ? `(${t("q_shown", { n: q.shown })}; ticketgate quarantine list)` : "";
     const box = document.getElementById("tg-quarantine");
     if (!q.items.length) { box.replaceChildren(el("p", { cls: "muted", text: t("q_empty") })); return; }
     const table = el("table", { cls: "quarantine" }, el("tr", {},

@@ -195,6 +195,8 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 await page.locator("#tg-confirm-yes").click()
                 await expect(page.locator("#tg-q-result")).to_contain_text(f"Replayed {replay_id}: accepted")
                 await expect(held_row).to_have_attribute("data-state", "replayed")
+                await expect(page.locator("#tg-q-tile .value")).to_have_text("1")
+                await expect(page.locator("#tg-q-tile .detail")).to_have_text("2 in all, 1 replayed")
                 await expect(page.locator(f'tr[data-id="{held_id}"]')).to_have_attribute("data-state", "held")
 
                 await d.consumer.wait_until(
