@@ -15,6 +15,7 @@ Bearer <admin token>``; 401 (429 past the failure limit) otherwise.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from urllib.parse import parse_qs
 
@@ -51,6 +52,16 @@ def _remember_lang(request: web.Request, response: web.StreamResponse) -> None:
     chosen = request.query.get("lang")
     if chosen in LANGUAGES:
         response.set_cookie(LANG_COOKIE, chosen, max_age=365 * 86400, path="/status", samesite="Lax")
+
+
+async def _form_field(request: web.Request, name: str) -> str | None:
+    """One field of a small urlencoded form; ``None`` when the body is too large or not a form."""
+    try:
+        body = await read_body(request, _LOGIN_BODY_LIMIT)
+        fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
+    except (TooLarge, ValueError):
+        return None
+    return (fields.get(name) or [""])[0]
 
 
 def _auth(request: web.Request) -> AdminAuth:
@@ -91,12 +102,7 @@ async def login_form(request: web.Request) -> web.StreamResponse:
 async def login(request: web.Request) -> web.StreamResponse:
     auth = _auth(request)
     lang = _lang(request)
-    try:
-        body = await read_body(request, _LOGIN_BODY_LIMIT)
-    except TooLarge:
-        return login_page(lang, error=STRINGS[lang]["login_wrong"], status=413)
-    fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
-    given = (fields.get("token") or [""])[0]
+    given = await _form_field(request, "token")
     if given and auth.token_matches(given):
         logger.info("status page: signed in from %s", auth.client(request))
         response = web.HTTPSeeOther(f"/status?lang={lang}")
@@ -114,9 +120,8 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     auth = _auth(request)
     session = auth.session(request)
-    body = await read_body(request, _LOGIN_BODY_LIMIT)
-    csrf = (parse_qs(body.decode("utf-8", "replace")).get("csrf") or [""])[0]
-    if session is not None and csrf != auth.csrf_token(session):
+    csrf = await _form_field(request, "csrf") or ""
+    if session is not None and not hmac.compare_digest(csrf.encode(), auth.csrf_token(session).encode()):
         return json_error(403, "forbidden", "sign out from the status page itself")
     response = web.HTTPSeeOther(f"/status/login?lang={_lang(request)}")
     auth.clear_session(response)

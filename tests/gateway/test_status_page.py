@@ -453,3 +453,15 @@ def test_a_session_holds_on_every_instance_with_the_token_and_ends_with_a_new_to
     assert not rotated.session_valid(session)
     assert not one.session_valid(session.replace(".", "..", 1))
     assert not one.session_valid("")
+
+
+async def test_odd_sign_in_bodies_are_a_wrong_token_not_an_error(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client, _ = await started(aiohttp_client, tmp_path)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"x" * 10_000, b"&".join(b"a=%d" % i for i in range(50)), b"token=%ff%fe"):
+        response = await client.post("/status/login", data=body, headers=form, allow_redirects=False)
+        assert response.status in (401, 429), body[:20]
+    assert (await client.post("/status/logout", data=b"y" * 10_000, headers=form,
+                              allow_redirects=False)).status == 303
