@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from core.errors import ConfigError, TooLarge
+from core.errors import ConfigError, StoreError, TooLarge
 from core.http import json_error, json_response, read_body, refuse_credentials, retry_after_value
 from core.settings import Settings
 from gateway import quarantine
@@ -137,7 +137,11 @@ async def summary(request: web.Request) -> web.Response:
 async def quarantine_show(request: web.Request) -> web.Response:
     if not _auth(request).allowed(request):
         return _refusal(request)
-    found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    try:
+        found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    except StoreError as exc:
+        logger.error("status page: quarantined %s cannot be read: %s", request.match_info["id"], exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if found is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     record, envelope = found
@@ -154,7 +158,11 @@ async def quarantine_show(request: web.Request) -> web.Response:
 async def quarantine_raw(request: web.Request) -> web.Response:
     if not _auth(request).allowed(request):
         return _refusal(request)
-    found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    try:
+        found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    except StoreError as exc:
+        logger.error("status page: quarantined %s cannot be read: %s", request.match_info["id"], exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if found is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     record, envelope = found

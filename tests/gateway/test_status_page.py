@@ -465,3 +465,18 @@ async def test_odd_sign_in_bodies_are_a_wrong_token_not_an_error(
         assert response.status in (401, 429), body[:20]
     assert (await client.post("/status/logout", data=b"y" * 10_000, headers=form,
                               allow_redirects=False)).status == 303
+
+
+async def test_a_quarantined_message_whose_raw_bytes_are_gone_is_a_clear_503(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client, _ = await started(aiohttp_client, tmp_path)
+    qid = await quarantined(client, b"x" * (300 * 1024))  # past store.inline_raw_max: a blob file
+    for path in (tmp_path / "blobs").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for url in (f"/status/api/quarantine/{qid}", f"/status/api/quarantine/{qid}/raw"):
+        response = await client.get(url, headers=auth)
+        assert response.status == 503
+        assert "missing" in (await response.json())["reason"]
