@@ -197,9 +197,13 @@ async def quarantine_replay(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     registry = app[REGISTRY]
-    result = await quarantine.replay(
-        app[STORE], app[PIPELINE], lambda channel: registry.normalizer(channel, settings), quarantine_id
-    )
+    try:
+        result = await quarantine.replay(
+            app[STORE], app[PIPELINE], lambda channel: registry.normalizer(channel, settings), quarantine_id
+        )
+    except StoreError as exc:
+        logger.error("status page: replay of %s failed: %s", quarantine_id, exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if result is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     logger.info("status page: replayed %s from %s: %s", quarantine_id, auth.client(request), result.summary)

@@ -480,3 +480,6 @@ async def test_a_quarantined_message_whose_raw_bytes_are_gone_is_a_clear_503(
         response = await client.get(url, headers=auth)
         assert response.status == 503
         assert "missing" in (await response.json())["reason"]
+    replay = await client.post(f"/status/api/quarantine/{qid}/replay", json={"confirm": qid}, headers=auth)
+    assert replay.status == 503
+    assert "missing" in (await replay.json())["reason"]
