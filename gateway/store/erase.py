@@ -261,10 +261,15 @@ def _outbox_matches(d: Dialect, conn: Connection, scope: Scope, after: int) -> t
                 (after, until),
             )
         }
+    # Events of no thread (merges, unmerges) that name them. Another customer's message that merely
+    # mentions their address is that customer's message: it is neither withheld nor changed.
     for start in range(0, len(scope.needles), 50):
         needles = scope.needles[start : start + 50]
         test = " OR ".join([d.words["contains"]] * len(needles))
-        sql = d.sql(f"SELECT position FROM outbox WHERE position > ? AND position <= ? AND ({test})")  # noqa: S608
+        sql = d.sql(
+            "SELECT position FROM outbox WHERE position > ? AND position <= ? AND thread_id IS NULL"  # noqa: S608
+            f" AND ({test})"
+        )
         found |= {r[0] for r in conn.execute(sql, [after, until, *needles]).fetchall()}
     return sorted(found), int(until)
 

@@ -104,7 +104,9 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     await accept(store, ada, env=big)
     customer, thread = await _ids(store)
     await accept(store, message("a2", email="ada@example.com", text="Ada again, second message"))
-    await accept(store, message("b1", email="bob@example.com", name="Bob", attachments=(shared,)))
+    # Bob mentions Ada's address: his message is his, and reaches the desks unchanged.
+    await accept(store, message("b1", email="bob@example.com", name="Bob", attachments=(shared,),
+                                text="Please also answer ada@example.com"))  # fmt: skip
     published = await store.outbox_fetch(100)
     await store.outbox_mark_published([published[0].position])  # one published, two waiting
 
@@ -118,6 +120,7 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     rows = await store.outbox_fetch(100)
     assert [r.type for r in rows] == ["message.received", "customer.erased"]
     assert b"bob@example.com" in rows[0].body
+    assert b"Please also answer ada@example.com" in rows[0].body
     erased = orjson.loads(rows[1].body)
     assert erased["customer"]["id"] == customer
     assert erased["erasure"]["id"] == erasure.id
