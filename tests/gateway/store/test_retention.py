@@ -25,6 +25,7 @@ from dedupe import graph
 from dedupe.engine import new_id
 from dedupe.tx import Tx
 from gateway.app import purge_kinds, purge_retention, sweep_recent_texts
+from gateway.metrics import Metrics
 from gateway.store.base import Store
 from gateway.store.blobs import BlobDir, sha256_hex
 from gateway.store.replies import ReplyRequest
@@ -68,11 +69,13 @@ async def test_retention_removes_old_content_and_keeps_young_and_idempotency(
     held = await store.quarantine(envelope(b"\x00 quarantined, old"), "unreadable")
     clock.advance(40 * DAY)
     young_file = Attachment(name="young.txt", content_type="text/plain", data=b"young attachment")
-    await accept(store, message("young", attachments=(young_file,)), env=envelope(b'{"text": "young"}'))
+    young = dataclasses.replace(message("young", attachments=(young_file,)), received_at=clock())
+    await accept(store, young, env=envelope(b'{"text": "young"}'))
     _age_files(blobs.path(sha256_hex(old_env.body)), blobs.path(old_file.sha256))
 
     retention = RetentionSettings(raw_bodies=30 * DAY, blobs=30 * DAY, messages=30 * DAY, batch=1)
-    removed = await purge_retention(store, retention, clock(), 8 * DAY)
+    metrics = Metrics()
+    removed = await purge_retention(store, retention, clock(), 8 * DAY, metrics)
 
     assert removed >= 5  # 2 messages, 2 raw bodies (one inline, one file), 1 attachment
     assert await store.read_blob(sha256_hex(old_env.body)) is None
@@ -82,6 +85,10 @@ async def test_retention_removes_old_content_and_keeps_young_and_idempotency(
     assert await store.read_blob(young_file.sha256) == young_file.data
     assert await store.read_blob(sha256_hex(b'{"text": "young"}')) == b'{"text": "young"}'
     assert await store.quarantine_get(held.id) is not None  # a quarantined body waits for its replay
+    samples = metrics.samples("ticketgate_retention_purged")
+    purged = {labels["kind"]: value for name, labels, value in samples if name.endswith("_total")}
+    assert purged == {"messages": 2, "raw_bodies": 2, "blobs": 1}
+    assert next(metrics.samples("ticketgate_retention_last_round_timestamp_seconds"))[2] > 0
     # The idempotency key outlives the message row: a late retry is still a repeat.
     (again,) = await accept(store, message("young"))
     assert again.duplicate
