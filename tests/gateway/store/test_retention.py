@@ -24,7 +24,7 @@ from core.settings import RetentionSettings
 from dedupe import graph
 from dedupe.engine import new_id
 from dedupe.tx import Tx
-from gateway.app import purge_kinds, purge_retention, sweep_recent_texts
+from gateway.app import _purge_loop, purge_kinds, purge_retention, sweep_recent_texts
 from gateway.metrics import Metrics
 from gateway.store.base import Store
 from gateway.store.blobs import BlobDir, sha256_hex
@@ -304,3 +304,45 @@ async def test_erasure_removes_connector_state_keyed_by_the_customer(store: Stor
     assert await store.state_get("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp") is None
     assert await store.state_get(f"wechat/reply:{placed.thread_id}") is None
     assert await store.state_get("telegram/bot/cursor") == b"1234567"
+
+
+async def test_the_daemon_runs_retention_rounds(store: Store) -> None:
+    """The purge loop the daemon starts removes what [retention] lets go (here everything stored at
+    the test clock's 2025 date is months old) and records the round in the metrics."""
+    env = envelope(b'{"text": "months old"}')
+    await accept(store, message("m-old"), env=env)
+    metrics = Metrics()
+    retention = RetentionSettings(raw_bodies=DAY, interval=0.05)
+    loop = asyncio.create_task(
+        _purge_loop(store, duplicate_window=900, interval=0.05, retention=retention, metrics=metrics)
+    )
+    try:
+        for _ in range(200):
+            if await store.read_blob(sha256_hex(env.body)) is None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert await store.read_blob(sha256_hex(env.body)) is None
+    assert next(metrics.samples("ticketgate_retention_last_round_timestamp_seconds"))[2] > 0
+
+
+async def test_an_old_sqlite_file_is_named_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tg.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE made_by_an_older_ticketgate (x)")  # auto_vacuum NONE, for good
+        conn.commit()
+    old = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await old.open()
+    await old.close()
+    assert "ticketgate store vacuum" in caplog.text
+    vacuum_file(path)
+    caplog.clear()
+    rebuilt = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await rebuilt.open()
+    await rebuilt.close()
+    assert "ticketgate store vacuum" not in caplog.text
