@@ -19,7 +19,7 @@ import test_store_contract as contract
 from storekit import Clock, envelope, message, outbox_settings, store_settings
 
 from core.events import Event
-from core.model import Attachment, Identity, MediaRef
+from core.model import Attachment, Identity, MediaRef, Placement
 from core.settings import RetentionSettings
 from dedupe import graph
 from dedupe.engine import new_id
@@ -346,3 +346,29 @@ async def test_an_old_sqlite_file_is_named_at_start_up(
     await rebuilt.open()
     await rebuilt.close()
     assert "ticketgate store vacuum" not in caplog.text
+
+
+async def test_messages_arriving_during_an_erasure_are_erased_or_start_afresh(store: Store) -> None:
+    (first,) = await accept(store, message("c-0", email="busy@example.com"))
+
+    async def more(n: int) -> Placement:
+        (placed,) = await accept(store, message(f"c-{n}", email="busy@example.com", text=f"message {n}"))
+        return placed
+
+    placed, erasure = await asyncio.gather(
+        asyncio.gather(*(more(n) for n in range(1, 21))), store.erase_customer(first.customer_id)
+    )
+
+    assert erasure is not None
+
+    def check(tx: Tx, now: datetime) -> tuple[Any, Sequence[Event]]:
+        return (tx.customer_identities(first.customer_id), [tx.get_thread(t) for t in erasure.threads]), ()
+
+    identities, threads = await store.transact(check)
+    assert identities == ()  # nothing of the erased customer came back
+    assert all(t is not None and t.subject is None for t in threads)
+    survivors = {p.customer_id for p in placed} - {first.customer_id}
+    assert len(survivors) <= 1  # messages after the erasure make one new customer
+    rows = await store.outbox_fetch(1000)
+    received = [orjson.loads(r.body) for r in rows if r.type == "message.received"]
+    assert all(e["customer"]["id"] != first.customer_id for e in received)
