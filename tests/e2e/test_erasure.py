@@ -204,7 +204,7 @@ async def test_erased_customer_leaves_no_trace_in_the_store(
         if kind == "sqlite":  # the operator's command, beside the running gateway
             done = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "gateway.cli", "customer", "erase", customer, "--by", "dpo",
+                [sys.executable, "-m", "gateway.cli", "customer", "erase", customer, "--by", "dpo", "--yes",
                  "--config", str(d.gateway.config)],
                 cwd=ROOT, capture_output=True, timeout=60, check=False,
             )  # fmt: skip

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 import pytest
 import test_store_contract as contract
-from storekit import Clock, envelope, message, outbox_settings, store_settings
+from storekit import T0, Clock, envelope, message, outbox_settings, store_settings
 
 from core.events import Event
+from core.media import MediaFetch
 from core.model import Attachment, Identity, MediaRef, Placement
 from core.settings import RetentionSettings
 from dedupe import graph
@@ -110,6 +111,11 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     ada = dataclasses.replace(ada, attachments=(shared, own), media=(MediaRef(kind="image", ref="m-ada"),))
     await accept(store, ada, env=big)
     customer, thread = await _ids(store)
+    # The connector fetched the image the message announced (WeChat media_id).
+    media_key = "form/support/m-ada"
+    await store.media_enqueue([MediaFetch(key=media_key, channel="form", inbox="support", account="a",
+                                          ref="m-ada", kind="image", created_at=T0)])  # fmt: skip
+    media_sha = await store.media_done(media_key, b"Ada's photo bytes", content_type="image/jpeg", name=None)
     await accept(store, message("a2", email="ada@example.com", text="Ada again, second message"))
     # Bob mentions Ada's address: his message is his, and reaches the desks unchanged.
     await accept(store, message("b1", email="bob@example.com", name="Bob", attachments=(shared,),
@@ -137,6 +143,9 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     assert await store.read_blob(own.sha256) is None
     assert not BlobDir(tmp_path / "blobs").path(own.sha256).exists()
     assert await store.read_blob(shared.sha256) == shared.data  # Bob's message names it too
+    assert await store.media_get(media_key) is None
+    assert await store.read_blob(media_sha) is None
+    assert not BlobDir(tmp_path / "blobs").path(media_sha).exists()
 
     def summary(tx: Tx, now: datetime) -> tuple[Any, Sequence[Event]]:
         return (tx.find_customer(customer), tx.customer_identities(customer), tx.get_thread(thread)), ()
