@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -191,10 +191,15 @@ def message_received(
     public_url: str | None,
     occurred_at: datetime,
     duplicate_of: str | None = None,
+    reply: Mapping[str, Any] | None = None,
 ) -> Event:
     """Build the ``message.received`` event for a message the store has just placed; for an edit
     (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``; for
-    a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``."""
+    a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``.
+
+    ``reply`` says how the thread can be answered (:func:`reply_options`); without it the event
+    says no channel can answer."""
+    number = placement.thread_number
     payload = {
         "thread": {
             "id": placement.thread_id,
@@ -202,7 +207,10 @@ def message_received(
             "sequence": placement.sequence,
             "subject": thread_subject,
             "previous_id": placement.previous_thread_id,
+            "number": number,
+            "tag": ticket_tag(number) if number is not None else None,
         },
+        "reply": dict(reply) if reply is not None else {"default_channel": None, "channels": []},
         "customer": {
             "id": customer.id,
             "identities": [
@@ -280,6 +288,48 @@ def _message_event_type(message: CanonicalMessage) -> str:
     if message.delete_of is not None:
         return MESSAGE_DELETED
     return MESSAGE_RECEIVED if message.edit_of is None else MESSAGE_EDITED
+
+
+def ticket_tag(number: int) -> str:
+    """The subject tag of thread ``number``, which an email (or any text) refers to it by."""
+    return f"[#TG-{number}]"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyChannel:
+    """A channel that can answer: its sender's window (``None``: none) and the identity kinds it
+    sends to."""
+
+    name: str
+    window: float | None
+    identity_kinds: frozenset[str]
+
+
+def reply_options(
+    message: CanonicalMessage, customer: CustomerView, channels: Sequence[ReplyChannel]
+) -> dict[str, Any]:
+    """``message.received``'s ``reply`` block: the channels that can answer this customer (a sender
+    and an identity the channel sends to; the message's own channel first) with the window's end
+    where one applies (known for the message's own channel: it counts from this message), and the
+    channel a reply without ``channel`` goes out on."""
+    kinds = {i.kind for i in (*customer.identities, *message.identities)}
+    found: list[dict[str, Any]] = []
+    for channel in sorted(channels, key=lambda c: (c.name != message.channel, c.name)):
+        own = channel.name == message.channel
+        if not own and not kinds & channel.identity_kinds:
+            continue
+        ends = None
+        if own and channel.window is not None:
+            ends = isoformat(message.received_at + timedelta(seconds=channel.window))
+        found.append(
+            {
+                "channel": channel.name,
+                "inbox": message.inbox if own else None,
+                "window_seconds": channel.window,
+                "window_ends_at": ends,
+            }
+        )
+    return {"default_channel": found[0]["channel"] if found else None, "channels": found}
 
 
 def message_quarantined(

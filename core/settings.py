@@ -179,9 +179,6 @@ class RetentionSettings(_Section):
     max_batches: int = Field(100, gt=0)
     # SQLite: pages handed back to the file system after each round (PRAGMA incremental_vacuum).
     vacuum_pages: int = Field(10_000, ge=0)
-    # SQLite: deleted content is overwritten with zeros (PRAGMA secure_delete), so an erased
-    # customer's bytes do not linger in free pages.
-    secure_delete: bool = True
 
     @field_validator("raw_bodies", "blobs", "messages", "events")
     @classmethod

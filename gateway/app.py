@@ -12,14 +12,17 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
 from core.channel import SenderSpec
+from core.events import CustomerView, ReplyChannel, reply_options
 from core.http import json_errors
+from core.model import CanonicalMessage
 from core.settings import RetentionSettings, Settings
 from gateway.channels import Registry, setup_channels
 from gateway.control import control_ctx
@@ -67,6 +70,10 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         publisher, inline = None, None
         relay = RelayProcess(settings, metrics, store)
     offload = NormalizeWorker(settings) if settings.server.normalizer_process else None
+    # Replies: channels register their senders during setup; the dispatcher sends through them,
+    # and every message.received says which of them can answer its customer.
+    senders: dict[str, SenderSpec] = {}
+    kinds: dict[str, frozenset[str]] = {}
     pipeline = Pipeline(
         settings,
         store,
@@ -74,6 +81,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         enrich=Enricher.from_settings(settings).enrich,
         on_commit=relay.wake,
         offload=offload,
+        answering=functools.partial(_answering, senders, kinds),
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -121,9 +129,6 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     if inline is not None:
         app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
-    # Replies: channels register their senders during setup; the dispatcher sends through them.
-    senders: dict[str, SenderSpec] = {}
-    kinds: dict[str, frozenset[str]] = {}
     dispatcher = Dispatcher(settings.replies, store, metrics, senders, kinds=kinds, on_event=relay.wake)
     intake = None
     if settings.replies.enabled:
@@ -165,6 +170,19 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
 
     app.cleanup_ctx.append(replies_ctx)
     return app
+
+
+def _answering(
+    senders: Mapping[str, SenderSpec],
+    kinds: Mapping[str, frozenset[str]],
+    message: CanonicalMessage,
+    customer: CustomerView,
+) -> dict[str, Any]:
+    channels = [
+        ReplyChannel(name=name, window=spec.window, identity_kinds=kinds.get(name, frozenset()))
+        for name, spec in senders.items()
+    ]
+    return reply_options(message, customer, channels)
 
 
 async def drain_and_report(store: Store, relay: Relay, timeout: float) -> None:  # noqa: ASYNC109

@@ -190,6 +190,8 @@ def read(callback: Callback, policy: Policy = ACCEPT_ALL) -> Reading:
     if not isinstance(channel, str) or not channel:
         raise NormalizationError(f"the {event_type} event has no channel")
     subtype = event.get("subtype")
+    if subtype is not None and not isinstance(subtype, str):
+        raise NormalizationError(f"the {event_type} event's subtype is not a string")
     if event_type == "app_mention":
         if not policy.mentions:
             return Reading(kind="ignored:mentions_off", event=event)
@@ -358,7 +360,10 @@ def _really_edited(event: Event) -> bool:
         return True
     if not isinstance(old, dict) or not isinstance(new, dict):
         return True
-    return new.get("text") != old.get("text") or len(new.get("files") or ()) != len(old.get("files") or ())
+    files_now, files_before = new.get("files"), old.get("files")
+    count_now = len(files_now) if isinstance(files_now, list) else 0
+    count_before = len(files_before) if isinstance(files_before, list) else 0
+    return new.get("text") != old.get("text") or count_now != count_before
 
 
 def _author_team(message: Message, event: Event, callback: Callback) -> str | None:
@@ -387,10 +392,11 @@ def _files(message: Message, extra: dict[str, Any]) -> tuple[MediaRef, ...]:
     """The message's files, fetched by id after the commit; tombstones are listed in ``extra``."""
     refs: list[MediaRef] = []
     skipped: list[dict[str, Any]] = []
-    for file in message.get("files") or ():
+    files = message.get("files")
+    for file in files if isinstance(files, list) else ():
         if not isinstance(file, dict) or not isinstance(file.get("id"), str):
             continue
-        if file.get("mode") in UNFETCHABLE_FILE_MODES:
+        if isinstance(file.get("mode"), str) and file.get("mode") in UNFETCHABLE_FILE_MODES:
             skipped.append({"id": file["id"], "reason": file.get("mode")})
             continue
         mimetype = file.get("mimetype")

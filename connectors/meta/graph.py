@@ -101,6 +101,7 @@ class MediaInfo:
     url: str
     mime_type: str | None
     file_size: int | None
+    sha256: str | None = None  # hex, as the Graph API gives it
 
 
 class GraphApi:
@@ -172,10 +173,12 @@ class GraphApi:
             raise GraphError("media", 502, None, None, "the answer names no url")
         size = answer.get("file_size")
         mime = answer.get("mime_type")
+        digest = answer.get("sha256")
         return MediaInfo(
             url=url,
             mime_type=mime if isinstance(mime, str) else None,
             file_size=int(size) if isinstance(size, int | str) and str(size).isdigit() else None,
+            sha256=digest.lower() if isinstance(digest, str) and len(digest) == 64 else None,
         )
 
     async def download(self, url: str, *, max_bytes: int, authorized: bool) -> tuple[bytes, str | None]:

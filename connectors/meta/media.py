@@ -9,6 +9,7 @@ capped backoff; an unknown or expired id, a refused token or a file past the bou
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 from collections.abc import Mapping
 
@@ -43,6 +44,9 @@ def whatsapp_downloader(apis: Mapping[str, GraphApi], *, max_bytes: int) -> Down
             data, served_type = await api.download(info.url, max_bytes=max_bytes, authorized=True)
         except GraphError as exc:
             raise _sorted(exc) from exc
+        if info.sha256 is not None and hashlib.sha256(data).hexdigest() != info.sha256:
+            # A truncated or corrupted download: WhatsApp said what the file's digest is.
+            raise MediaUnavailable("the download does not match the sha256 WhatsApp gave")
         content_type = (
             fetch.content_type or info.mime_type or _plain(served_type) or "application/octet-stream"
         )

@@ -15,7 +15,6 @@ from connectors.slack.api import AUTH_ERRORS, Profile, SlackError, WebApi
 from connectors.slack.settings import SlackSettings, policy_of
 from connectors.slack.workspace import Workspace
 from core.channel import ChannelContext, Clock
-from core.errors import NormalizationError
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.slack import CHANNEL, Author, Callback, Policy, normalize_with, read
@@ -132,8 +131,8 @@ class Intake:
             meta["retry_reason"] = retry_reason
         try:
             reading = read(callback, ws.policy)
-        except NormalizationError:
-            reading = None  # the pipeline quarantines it; nobody to look up
+        except Exception:  # the normalizer meets it again, and the pipeline quarantines it
+            reading = None
         if reading is not None and reading.author is None:
             # One name: the ignored kinds come from the payload, and labels must stay bounded.
             self._ctx.metrics.event("event_ignored", inbox=ws.inbox)

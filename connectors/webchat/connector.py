@@ -213,6 +213,7 @@ class WebchatConnector:
         sub.router.add_get("/{inbox}/ws", handlers.socket)
         sub.router.add_post("/{inbox}/messages", handlers.post_message)
         sub.router.add_route("OPTIONS", "/{inbox}/messages", handlers.preflight)
+        sub.router.add_route("OPTIONS", "/{inbox}/files/{sha256}", handlers.preflight)
         sub.router.add_get("/{inbox}/files/{sha256}", handlers.reply_file)
         sub.router.add_post("/{inbox}/agent/typing", handlers.agent_typing)
         sub.router.add_post("/{inbox}/agent/read", handlers.agent_read)
@@ -494,7 +495,7 @@ class _Handlers:
             status=204,
             headers={
                 "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Allow-Methods": "GET, POST",
                 "Access-Control-Allow-Headers": "Authorization, Content-Type",
                 "Access-Control-Max-Age": "600",
                 "Vary": "Origin",
@@ -707,11 +708,11 @@ class _Handlers:
                     self._metrics.event("socket_idle_closed", inbox=inbox.id)
                     await ws.close(code=CLOSE_IDLE, message=b"idle")
                     return
-                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    return
                 if message.type is WSMsgType.ERROR:
-                    if ws.close_code == WSCloseCode.MESSAGE_TOO_BIG:
+                    if getattr(message.data, "code", None) == WSCloseCode.MESSAGE_TOO_BIG:
                         self._metrics.refused("size", inbox=inbox.id)
+                    return
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                     return
                 frame = _json_frame(message)
                 if frame is None:

@@ -476,7 +476,8 @@ class SqlTx:
         # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
         select = (
             "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
-            " previous_thread_id, fingerprint FROM idempotency_keys WHERE key = ?"
+            " previous_thread_id, fingerprint, (SELECT number FROM threads t WHERE t.id = k.thread_id)"
+            " FROM idempotency_keys k WHERE key = ?"
         )
         row = self._x(select, (key,)).fetchone() or self._x(select, (tombstone,)).fetchone()
         if row is None or row[1] is None:
@@ -493,6 +494,7 @@ class SqlTx:
             previous_thread_id=row[6],
             # A key claimed before fingerprints were kept (NULL) matches anything.
             conflict=fingerprint is not None and row[7] is not None and row[7] != fingerprint,
+            thread_number=int(row[8]) if row[8] is not None else None,
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:
@@ -688,9 +690,17 @@ class SqlTx:
         )
 
     def find_thread_by_rfc822(self, tenant: str, rfc822_message_id: str) -> ThreadRecord | None:
-        return self._thread(
+        found = self._thread(
             f"SELECT {_THREAD_COLUMNS_T} FROM messages m JOIN threads t ON t.id = m.thread_id"  # noqa: S608
             " WHERE m.rfc822_message_id = ? AND t.tenant = ? ORDER BY m.received_at DESC LIMIT 1",
+            (rfc822_message_id, tenant),
+        )
+        if found is not None:
+            return found
+        # A reply of ours by email: its Message-ID is the provider id the ledger keeps.
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS_T} FROM replies r JOIN threads t ON t.id = r.thread_id"  # noqa: S608
+            " WHERE r.channel = 'email' AND r.provider_message_id = ? AND t.tenant = ? LIMIT 1",
             (rfc822_message_id, tenant),
         )
 

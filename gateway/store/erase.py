@@ -193,6 +193,7 @@ class Scope:
     customers: list[str]  # it and every customer merged into it
     threads: list[str]
     needles: list[bytes]  # byte strings whose presence in an outbox event names the customer
+    values: list[str] = field(default_factory=list)  # identity values
 
     def same(self, other: Scope) -> bool:
         return (self.customers, self.threads, self.needles) == (other.customers, other.threads, other.needles)
@@ -239,8 +240,9 @@ def find_scope(d: Dialect, conn: Connection, customer_id: str, tenant: str | Non
     # As the values appear inside a JSON event body (orjson writes UTF-8, escapes quotes).
     needles = [c.encode() for c in customers] + [orjson.dumps(v)[1:-1] for v in values if len(v) >= 3]
     return Scope(
-        tenant=str(row[0]), customer_id=current, customers=customers, threads=threads, needles=needles
-    )
+        tenant=str(row[0]), customer_id=current, customers=customers, threads=threads, needles=needles,
+        values=values,
+    )  # fmt: skip
 
 
 def _outbox_matches(d: Dialect, conn: Connection, scope: Scope, after: int) -> tuple[list[int], int]:
@@ -381,6 +383,7 @@ def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
         else 0
     )
     counts["merges"] = d.erase_merges(conn, scope.customers)
+    counts["state"] = _erase_state(d, conn, scope)
     counts["links"] = _delete_in(
         d, conn, "DELETE FROM claimed_links WHERE customer_id {each}", scope.customers
     )
@@ -412,6 +415,28 @@ def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
         files=files,
         unpublished=unpublished,
     )
+
+
+def _state_names(scope: Scope) -> list[str]:
+    """What marks a connector-state key as this customer's: their ids and thread ids (opaque, so
+    exact), their identity values and, for values such as ``app_id:openid``, the part after the
+    colon (connectors key by it: ``unionid/{app_id}/{openid}``) when long enough not to be common."""
+    names = {*scope.customers, *scope.threads}
+    for value in scope.values:
+        names.add(value)
+        tail = value.split(":", 1)[-1]
+        if len(tail) >= 8:
+            names.add(tail)
+    return sorted(n for n in names if len(n) >= 8)
+
+
+def _erase_state(d: Dialect, conn: Connection, scope: Scope) -> int:
+    """Delete connector state keyed by the customer (a web-chat visitor's held replies, a WeChat
+    unionid lookup, a reply's send record); state shared by many customers is the channel's."""
+    keys = [r[0] for r in conn.execute(d.sql("SELECT key FROM state")).fetchall()]
+    names = _state_names(scope)
+    theirs = [k for k in keys if any(n in k for n in names)]
+    return _delete_in(d, conn, "DELETE FROM state WHERE key {each}", theirs)
 
 
 def _content_of_event(body: bytes) -> set[tuple[str, str]]:

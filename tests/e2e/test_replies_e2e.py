@@ -140,6 +140,14 @@ async def test_a_mail_answered_through_the_bus_threads_and_the_answer_joins_the_
         [received] = await wait_events(d, "message.received", 1)
         thread = received["thread"]
         number = await thread_number(d, thread["id"])
+        # The event says how to answer: the thread's number and tag, email reachable, no window.
+        assert (thread["number"], thread["tag"]) == (number, f"[#TG-{number}]")
+        assert received["reply"] == {
+            "default_channel": "email",
+            "channels": [
+                {"channel": "email", "inbox": "demo", "window_seconds": None, "window_ends_at": None}
+            ],
+        }
 
         await publish(amqp_url, queue, command(thread["id"], "desk-1"))
         [mail] = await sink.wait_for(1)
@@ -166,6 +174,14 @@ async def test_a_mail_answered_through_the_bus_threads_and_the_answer_joins_the_
         _, second = await wait_events(d, "message.received", 2)
         assert second["thread"]["id"] == thread["id"]
         assert second["thread"]["is_new"] is False
+        # From another address, with only In-Reply-To (our Message-ID) and no tag: the same thread,
+        # found by the reply's Message-ID alone.
+        bare = customer_mail(
+            "parcel-3@example.com", subject="Thanks!", **{"In-Reply-To": message["Message-ID"]}
+        ).replace(b"li.lei@example.com", b"li.lei@work.example")
+        await asyncio.to_thread(send_mail, smtp_port, bare)
+        third = (await wait_events(d, "message.received", 3))[2]
+        assert third["thread"]["id"] == thread["id"]
     finally:
         await sink.close()
 
@@ -298,3 +314,13 @@ async def thread_number(d: Deployment, thread_id: str) -> int:
     ):
         assert resp.status == 200
         return int((await resp.json())["number"])
+
+
+def test_the_desk_in_the_guide_is_python_that_compiles() -> None:
+    """docs/replies.md's desk is meant to be copied: it must at least be valid Python."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "replies.md").read_text(encoding="utf-8")
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(block, "docs/replies.md", "exec")
+    assert "reply.requested" in block

@@ -31,10 +31,14 @@ ADMIN = "e2e-admin-token-0001"
 CHART = 'svg.chart[data-channel="api"][data-inbox="demo"]'
 AUTH = {"Authorization": "Bearer e2e-test-key-0001"}
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+DESK = "e2e-desk-key-000001"
 EXTRA = f"""
 [admin]
 token = "{ADMIN}"
 refresh_interval = 1
+
+[channels.identity]
+keys = ["{DESK}"]
 """
 
 
@@ -66,9 +70,17 @@ async def quarantine_before_start(config: Path, bodies: list[dict[str, Any]]) ->
 
 
 async def send(session: aiohttp.ClientSession, url: str, text: str, *, key: dict[str, str] = AUTH) -> int:
+    status, _ = await send_for_thread(session, url, text, key=key)
+    return status
+
+
+async def send_for_thread(
+    session: aiohttp.ClientSession, url: str, text: str, *, key: dict[str, str] = AUTH
+) -> tuple[int, str | None]:
     body = {"customer": {"email": "mei.chen@example.com", "name": "陈美"}, "subject": "订单", "text": text}
     async with session.post(f"{url}/api/v1/messages", json=body, headers=key) as resp:
-        return resp.status
+        answer = await resp.json()
+        return resp.status, answer.get("thread_id")
 
 
 async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantine(
@@ -119,8 +131,11 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 await expect(page.locator("#tg-store .value")).to_have_text("writable")
 
                 # Live traffic: the chart grows from the polled JSON, without a reload.
+                thread_id = None
                 for i in range(5):
-                    assert await send(session, url, f"第 {i} 条：订单 12345 什么时候到？") == 202
+                    text = f"第 {i} 条：订单 12345 什么时候到？"
+                    status, thread_id = await send_for_thread(session, url, text)
+                    assert status == 202
                 wrong = {"Authorization": "Bearer wrong-0000000"}
                 assert await send(session, url, "wrong key", key=wrong) == 401
                 async with session.post(f"{url}/api/v1/messages", data=b"{not json",
@@ -145,6 +160,16 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 row = page.locator('#tg-channel-api tr[data-inbox="demo"] td.last')
                 await expect(row).not_to_have_text("none yet")
                 await expect(page.locator("#tg-channel-api .latency")).to_contain_text("answered in time")
+
+                # A desk's reply the API inbox cannot deliver (it has no callback URL): failed, by reason.
+                command = {"command_id": "e2e-reply-1", "tenant": "demo", "text": "已发货"}
+                async with session.post(f"{url}/api/v1/threads/{thread_id}/replies", json=command,
+                                        headers={"Authorization": f"Bearer {DESK}"}) as resp:
+                    assert resp.status in (201, 202), await resp.text()
+                failed = page.locator("#tg-replies-failed")
+                await expect(failed.locator(".value")).to_have_text("1", timeout=15_000)
+                await expect(failed.locator(".detail")).to_contain_text("recipient_unreachable")
+                await expect(page.locator("#tg-replies-waiting .value")).to_have_text("0")
 
                 # Show: the raw bytes, as `ticketgate quarantine show --raw`.
                 held_row = page.locator(f'tr[data-id="{replay_id}"]')

@@ -44,6 +44,8 @@ title = "Demo support"
 title_zh = "演示客服"
 """
 AUTH = {"Authorization": "Bearer e2e-test-key-0001"}
+# The reply dispatcher (gateway/replies.py) answers reply.requested; the tests of replies wait for it.
+DISPATCHER = importlib.util.find_spec("gateway.replies") is not None
 OWN = "[data-client-id]"
 
 
@@ -57,8 +59,10 @@ async def browser() -> AsyncIterator[Browser]:
             await launched.close()
 
 
-async def open_chat(browser: Browser, url: str, *, locale: str = "en-US") -> tuple[BrowserContext, Page]:
-    context = await browser.new_context(locale=locale, viewport={"width": 1000, "height": 720})
+async def open_chat(
+    browser: Browser, url: str, *, locale: str = "en-US", height: int = 720
+) -> tuple[BrowserContext, Page]:
+    context = await browser.new_context(locale=locale, viewport={"width": 1000, "height": height})
     page = await context.new_page()
     await page.goto(url)
     await page.locator("#tg-chat-launcher").click()
@@ -210,13 +214,26 @@ async def test_a_signed_in_visitor_joins_their_existing_thread(
 
 @pytest.mark.parametrize(("locale", "name"), [("en-US", "webchat-en.png"), ("zh-CN", "webchat-zh.png")])
 async def test_screenshots_of_the_widget(
-    deploy: MakeDeployment, browser: Browser, tmp_path: Path, locale: str, name: str
+    deploy: MakeDeployment,
+    browser: Browser,
+    tmp_path: Path,
+    amqp_url: str,
+    amqp_names: Janitor,
+    locale: str,
+    name: str,
 ) -> None:
-    d = await deploy(extra=CHAT)
-    context, page = await open_chat(browser, f"{d.gateway.url}/chat/demo", locale=locale)
-    texts = {
-        "en-US": ["Hi! My order #58213 arrived damaged.", "The box was crushed; photo attached."],
-        "zh-CN": ["你好，我的订单 58213 收到时已经破损。", "外包装被压坏了，照片在附件里。"],
+    queue = amqp_names.queue("control")
+    d = await deploy(extra=replies_config(queue) if DISPATCHER else CHAT)
+    context, page = await open_chat(browser, f"{d.gateway.url}/chat/demo", locale=locale, height=800)
+    texts, answer = {
+        "en-US": (
+            ["Hi! My order #58213 arrived damaged.", "The box was crushed; photo attached."],
+            "Sorry about that! A replacement ships today; you will get the tracking number by SMS.",
+        ),
+        "zh-CN": (
+            ["你好，我的订单 58213 收到时已经破损。", "外包装被压坏了，照片在附件里。"],
+            "非常抱歉！我们今天为您补发，物流单号会通过短信发给您。",
+        ),
     }[locale]
     for text in texts:
         await send(page, text)
@@ -224,6 +241,10 @@ async def test_screenshots_of_the_widget(
     photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
     await page.locator("#tg-chat-file").set_input_files(str(photo))
     await ticks(page, len(texts) + 1)
+    if DISPATCHER:
+        [first, *_] = await wait_events(d, len(texts) + 1)
+        await publish_reply(amqp_url, queue, first["thread"]["id"], f"desk-shot-{locale}", answer)
+        await page.locator("[data-reply-id]").wait_for(timeout=30_000)
     title = await page.locator("#tg-chat-title").text_content()
     assert title == ("演示客服" if locale == "zh-CN" else "Demo support")
     shot = tmp_path / name
@@ -297,7 +318,7 @@ def reply_events(d: Deployment, kind: str) -> list[dict[str, Any]]:
     return [validate_event(r.body) for r in d.consumer.distinct() if r.type == kind]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gateway.replies") is None, reason="no reply dispatcher yet")
+@pytest.mark.skipif(not DISPATCHER, reason="no reply dispatcher yet")
 async def test_an_agents_reply_appears_in_the_widget_and_waits_for_a_visitor_who_left(
     deploy: MakeDeployment, browser: Browser, amqp_url: str, amqp_names: Janitor
 ) -> None:

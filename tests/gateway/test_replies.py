@@ -278,3 +278,36 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1
     assert backoff(1, settings, retry_after=30.0) == 30.0
+
+
+def test_message_received_says_which_channels_can_answer_and_until_when() -> None:
+    message = CanonicalMessage(
+        channel="wechat", tenant="demo", inbox="oa", external_id="1", received_at=NOW,
+        identities=(Identity(kind="wechat_openid", value="o-li"),),
+    )  # fmt: skip
+    customer = CustomerView(
+        id="cus_1",
+        identities=(Identity(kind="wechat_openid", value="o-li"), Identity(kind="email", value="li@e.com")),
+        display_name=None,
+    )
+    channels = [
+        events.ReplyChannel(name="email", window=None, identity_kinds=frozenset({"email"})),
+        events.ReplyChannel(name="wechat", window=48 * 3600.0, identity_kinds=frozenset({"wechat_openid"})),
+        events.ReplyChannel(name="whatsapp", window=24 * 3600.0, identity_kinds=frozenset({"wa_id"})),
+    ]
+    block = events.reply_options(message, customer, channels)
+    assert block["default_channel"] == "wechat"
+    assert block["channels"] == [
+        {"channel": "wechat", "inbox": "oa", "window_seconds": 172800.0,
+         "window_ends_at": events.isoformat(NOW + timedelta(hours=48))},
+        {"channel": "email", "inbox": None, "window_seconds": None, "window_ends_at": None},
+    ]  # fmt: skip
+    placement = Placement(message_id=message.message_id(), thread_id="thr_1", customer_id="cus_1", sequence=1,
+                          is_new_thread=True, thread_number=7)  # fmt: skip
+    event = events.message_received(
+        message, placement=placement, customer=customer, thread_subject=None, raw_ref=None,
+        signature_verified=True, retry=0, public_url=None, occurred_at=NOW, reply=block,
+    )  # fmt: skip
+    body = validate_event(event.body)
+    assert (body["thread"]["number"], body["thread"]["tag"]) == (7, "[#TG-7]")
+    assert body["reply"] == block

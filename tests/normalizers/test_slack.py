@@ -192,3 +192,23 @@ def test_the_socket_envelope_is_the_same_message_as_the_request() -> None:
     [from_socket] = load("socket_envelope", transport="socket")
     [from_request] = load("dm_text")
     assert replace(from_socket, extra={}) == replace(from_request, extra={})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"subtype": ["not", "a", "string"]},
+        {"channel": 42},
+        {"ts": "not-a-number"},
+        {"files": 7, "subtype": "file_share"},
+        {"files": [{"id": "F1", "mode": ["x"]}], "subtype": "file_share"},
+    ],
+)
+def test_odd_shapes_are_quarantined_or_tolerated_never_a_crash(change: dict[str, Any]) -> None:
+    callback: dict[str, Any] = orjson.loads((FIXTURES / "channel_message.json").read_bytes())
+    callback["event"].update(change)
+    try:
+        messages = normalize(envelope(orjson.dumps(callback)))
+    except NormalizationError:
+        return
+    assert len(messages) <= 1

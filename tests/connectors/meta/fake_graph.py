@@ -3,6 +3,7 @@ Cloud API's and the Send API's ``/messages``, a CDN for attachment URLs, and Met
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class FakeGraph:
     failures: dict[str, deque[int]] = field(default_factory=dict)
     # The next /messages answers: errors to give before accepting.
     send_errors: deque[web.Response] = field(default_factory=deque)
+    # Downloads to truncate, per media id.
+    corrupt: dict[str, int] = field(default_factory=dict)
     sent: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[tuple[str, bytes, str]] = field(default_factory=list)
     cdn_authorization: list[str | None] = field(default_factory=list)
@@ -91,7 +94,7 @@ class FakeGraph:
                 "messaging_product": "whatsapp",
                 "url": f"{self.base}download/{media_id}",
                 "mime_type": mime,
-                "sha256": "0" * 64,
+                "sha256": hashlib.sha256(data).hexdigest(),
                 "file_size": len(data),
                 "id": media_id,
             }
@@ -102,6 +105,9 @@ class FakeGraph:
         if not self._authorized(request):
             return web.Response(status=401)
         data, mime = self.media[media_id]
+        if self.corrupt.get(media_id, 0) > 0:
+            self.corrupt[media_id] -= 1
+            data = data[: len(data) // 2]  # a truncated transfer
         return web.Response(body=data, content_type=mime)
 
     async def cdn_get(self, request: web.Request) -> web.Response:

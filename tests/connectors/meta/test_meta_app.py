@@ -176,6 +176,7 @@ async def test_media_failing_twice_then_stored_and_failing_for_good_is_marked(
     fake, base = graph
     fake.media["1583929765780123"] = (b"\xff\xd8\xffjpeg bytes", "image/jpeg")
     fake.failures["1583929765780123"] = deque([503, 429])
+    fake.corrupt["1583929765780123"] = 1  # and then one truncated download
     bus = MemoryPublisher()
     app = create_app(settings_for(tmp_path, base), Overrides(publisher=bus))
     client = await aiohttp_client(app)
@@ -185,7 +186,7 @@ async def test_media_failing_twice_then_stored_and_failing_for_good_is_marked(
     first, second = await published(bus, 2)
     status, data = await served(client, first["message"]["media"][0]["url"])
     assert (status, data) == (200, b"\xff\xd8\xffjpeg bytes")
-    assert fake.calls.count("media_info 1583929765780123") == 3
+    assert fake.calls.count("media_info 1583929765780123") == 4
     status, _ = await served(client, second["message"]["media"][0]["url"])
     assert status == 410  # failed for good: the desk is told, the message was published
     metrics = await (await client.get("/metrics")).text()

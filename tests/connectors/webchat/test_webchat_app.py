@@ -391,6 +391,14 @@ async def test_the_demo_page_and_the_widget_are_served(make_chat: MakeChat) -> N
     assert widget.status == 200
     assert widget.content_type == "application/javascript"
     assert (await chat.client.get("/chat/nope/widget.js")).status == 404
+    # A site that embeds the widget may upload and fetch reply files with the token (CORS).
+    for path in ("/chat/demo/messages", "/chat/demo/files/" + "0" * 64):
+        allowed = await chat.client.options(path, headers={"Origin": ORIGIN})
+        assert allowed.status == 204
+        assert allowed.headers["Access-Control-Allow-Origin"] == ORIGIN
+        assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+        refused = await chat.client.options(path, headers={"Origin": "https://evil.example"})
+        assert refused.status == 403
 
 
 def test_descriptor_is_installed() -> None:
@@ -494,3 +502,16 @@ async def test_a_reply_sent_by_another_instance_reaches_the_socket_here(make_cha
     await sock.send({"type": "ping"})
     assert (await sock.receive())["type"] == "pong"  # and only once: no second reply frame came first
     await sock.close()
+
+
+async def test_an_oversized_frame_closes_the_socket_and_is_counted(make_chat: MakeChat) -> None:
+    chat = await make_chat(max_frame_bytes=2048)
+    sock = await chat.socket()
+    await sock.hello()
+    await sock.ws.send_str('{"type": "message", "client_id": "client-0801", "text": "' + "x" * 4096 + '"}')
+    closed = await sock.ws.receive(timeout=5)
+    assert closed.type is aiohttp.WSMsgType.CLOSE
+    assert closed.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    await asyncio.sleep(0.05)
+    assert chat.refusals() == {"size": 1.0}
+    assert await chat.events() == []

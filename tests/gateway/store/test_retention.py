@@ -254,3 +254,43 @@ def test_retention_settings_refuse_less_than_a_day(days: int) -> None:
     with pytest.raises(ValueError, match="at least 1 day"):
         RetentionSettings(raw_bodies=days * DAY - 1)
     assert RetentionSettings(raw_bodies=timedelta(days=days).total_seconds()).raw_bodies == DAY
+
+
+async def test_erasure_finds_the_content_of_messages_stored_before_content_links(tmp_path: Path) -> None:
+    """A message stored by an older ticketgate has no message_content rows; its outbox event (kept
+    for store.idempotency_retention) still names its raw body and files."""
+    sqlite = SQLiteStore(store_settings(tmp_path, inline_raw_max=16), outbox_settings())
+    await sqlite.open()
+    try:
+        file = Attachment(name="a.txt", content_type="text/plain", data=b"an older attachment")
+        env = envelope(b'{"text": "an older raw body"}')
+        (placed,) = await accept(sqlite, message("old", attachments=(file,)), env=env)
+        with contextlib.closing(sqlite3.connect(tmp_path / "tg.db")) as conn:
+            conn.execute("DELETE FROM message_content")
+            conn.commit()
+
+        erasure = await sqlite.erase_customer(placed.customer_id)
+
+        assert erasure is not None
+        assert (erasure.counts["raw_bodies"], erasure.counts["files"]) == (0, 2)  # both are files here
+        assert await sqlite.read_blob(sha256_hex(env.body)) is None
+        assert await sqlite.read_blob(file.sha256) is None
+    finally:
+        await sqlite.close()
+
+
+async def test_erasure_removes_connector_state_keyed_by_the_customer(store: Store) -> None:
+    openid = Identity(kind="wechat_openid", value="wx0123456789abcdef:oAbCdEfGhIjKlMnOp", verified=True)
+    wechat = dataclasses.replace(message("w1", channel="wechat"), identities=(openid,))
+    (placed,) = await accept(store, wechat)
+    await store.state_put("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp", b'{"unionid": null}')
+    await store.state_put(f"wechat/reply:{placed.thread_id}", b'{"sent": 1}')
+    await store.state_put("telegram/bot/cursor", b"1234567")
+
+    erasure = await store.erase_customer(placed.customer_id)
+
+    assert erasure is not None
+    assert erasure.counts["state"] == 2
+    assert await store.state_get("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp") is None
+    assert await store.state_get(f"wechat/reply:{placed.thread_id}") is None
+    assert await store.state_get("telegram/bot/cursor") == b"1234567"
