@@ -250,10 +250,12 @@ def _inbox(inbox_id: str, tenant: str, name: str | None, config: WebchatInboxSet
 
 
 def _origin_of(request: web.Request) -> str | None:
-    origin = request.headers.get("Origin")
-    if origin and origin != "null":
-        return origin.strip().lower()
-    return None
+    """The page's origin; ``None`` for none, an opaque ``null`` or a ``file://`` page (an app's H5
+    page in a WebView), which only ``allow_missing_origin`` admits."""
+    origin = (request.headers.get("Origin") or "").strip().lower()
+    if not origin or origin == "null" or origin.startswith("file:"):
+        return None
+    return origin
 
 
 def _short(value: object, limit: int) -> str | None:

@@ -61,6 +61,21 @@
   state.messages = state.messages || [];   // the transcript: {kind, id, text, at, status, name}
   state.queue = state.queue || [];         // client ids of own messages not yet acknowledged
   function save() {
+    // Another tab of the same site may have queued messages meanwhile: keep theirs too. Two tabs
+    // sending one queued message is harmless (same client id: the gateway stores it once).
+    var stored = load();
+    if (stored && stored.messages && (stored.user || null) === (state.user || null) && stored !== state) {
+      var known = {};
+      for (var i = 0; i < state.messages.length; i++) { known[state.messages[i].id] = true; }
+      for (var j = 0; j < stored.messages.length; j++) {
+        var other = stored.messages[j];
+        if (!known[other.id]) {
+          state.messages.push(other);
+          if (log) { render(other); }
+          if ((stored.queue || []).indexOf(other.id) >= 0 && state.queue.indexOf(other.id) < 0) { state.queue.push(other.id); }
+        }
+      }
+    }
     if (state.messages.length > 200) { state.messages = state.messages.slice(-200); }
     try { window.localStorage.setItem(storeKey, JSON.stringify(state)); } catch (e) { memory = state; }
   }
@@ -590,7 +605,10 @@
       }
       dropSocket(); connect();
     },
-    reset: function () { identity = null; state = { messages: [], queue: [], user: null }; save(); dropSocket(); log.textContent = ""; log.appendChild(greeting); },
+    reset: function () {
+      identity = null; state = { messages: [], queue: [], user: null };
+      try { window.localStorage.removeItem(storeKey); } catch (e) { memory = {}; }
+      save(); dropSocket(); log.textContent = ""; log.appendChild(greeting); },
     inbox: inbox
   };
 })();
