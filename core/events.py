@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -30,6 +30,8 @@ MESSAGE_DELETED = "message.deleted"
 THREAD_MERGED = "thread.merged"
 CUSTOMER_MERGED = "customer.merged"
 CUSTOMER_UNMERGED = "customer.unmerged"
+# A customer's personal data was erased (``ticketgate customer erase``, the desk API): desks erase too.
+CUSTOMER_ERASED = "customer.erased"
 # The way back: the outcome of a desk's reply command, and what the provider later reported.
 REPLY_SENT = "reply.sent"
 REPLY_FAILED = "reply.failed"
@@ -45,6 +47,7 @@ EVENT_TYPES = (
     MESSAGE_EDITED,
     MESSAGE_DELETED,
     *REPLY_TYPES,
+    CUSTOMER_ERASED,
 )
 
 _uuid7_lock = threading.Lock()
@@ -188,10 +191,15 @@ def message_received(
     public_url: str | None,
     occurred_at: datetime,
     duplicate_of: str | None = None,
+    reply: Mapping[str, Any] | None = None,
 ) -> Event:
     """Build the ``message.received`` event for a message the store has just placed; for an edit
     (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``; for
-    a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``."""
+    a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``.
+
+    ``reply`` says how the thread can be answered (:func:`reply_options`); without it the event
+    says no channel can answer."""
+    number = placement.thread_number
     payload = {
         "thread": {
             "id": placement.thread_id,
@@ -199,7 +207,10 @@ def message_received(
             "sequence": placement.sequence,
             "subject": thread_subject,
             "previous_id": placement.previous_thread_id,
+            "number": number,
+            "tag": ticket_tag(number) if number is not None else None,
         },
+        "reply": dict(reply) if reply is not None else {"default_channel": None, "channels": []},
         "customer": {
             "id": customer.id,
             "identities": [
@@ -279,6 +290,48 @@ def _message_event_type(message: CanonicalMessage) -> str:
     return MESSAGE_RECEIVED if message.edit_of is None else MESSAGE_EDITED
 
 
+def ticket_tag(number: int) -> str:
+    """The subject tag of thread ``number``, which an email (or any text) refers to it by."""
+    return f"[#TG-{number}]"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyChannel:
+    """A channel that can answer: its sender's window (``None``: none) and the identity kinds it
+    sends to."""
+
+    name: str
+    window: float | None
+    identity_kinds: frozenset[str]
+
+
+def reply_options(
+    message: CanonicalMessage, customer: CustomerView, channels: Sequence[ReplyChannel]
+) -> dict[str, Any]:
+    """``message.received``'s ``reply`` block: the channels that can answer this customer (a sender
+    and an identity the channel sends to; the message's own channel first) with the window's end
+    where one applies (known for the message's own channel: it counts from this message), and the
+    channel a reply without ``channel`` goes out on."""
+    kinds = {i.kind for i in (*customer.identities, *message.identities)}
+    found: list[dict[str, Any]] = []
+    for channel in sorted(channels, key=lambda c: (c.name != message.channel, c.name)):
+        own = channel.name == message.channel
+        if not own and not kinds & channel.identity_kinds:
+            continue
+        ends = None
+        if own and channel.window is not None:
+            ends = isoformat(message.received_at + timedelta(seconds=channel.window))
+        found.append(
+            {
+                "channel": channel.name,
+                "inbox": message.inbox if own else None,
+                "window_seconds": channel.window,
+                "window_ends_at": ends,
+            }
+        )
+    return {"default_channel": found[0]["channel"] if found else None, "channels": found}
+
+
 def message_quarantined(
     *,
     quarantine_id: str,
@@ -347,6 +400,31 @@ def customer_merged(
     }
     return _event(
         event_type=CUSTOMER_UNMERGED if unmerge else CUSTOMER_MERGED,
+        tenant=tenant,
+        channel="identity",
+        payload=payload,
+        occurred_at=occurred_at,
+    )
+
+
+def customer_erased(
+    *,
+    tenant: str,
+    customer_id: str,
+    merged_customers: Sequence[str],
+    threads: Sequence[str],
+    erasure_id: str,
+    counts: Mapping[str, int],
+    digest: str,
+    occurred_at: datetime,
+) -> Event:
+    """``customer.erased``: the gateway erased a customer; names only ids, never personal data."""
+    payload = {
+        "customer": {"id": customer_id, "merged": list(merged_customers)},
+        "erasure": {"id": erasure_id, "threads": list(threads), "counts": dict(counts), "digest": digest},
+    }
+    return _event(
+        event_type=CUSTOMER_ERASED,
         tenant=tenant,
         channel="identity",
         payload=payload,

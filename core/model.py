@@ -263,6 +263,9 @@ class Placement:
     # A duplicate whose content differs from the first delivery's (CanonicalMessage.fingerprint):
     # the key was reused for another message, which was not stored.
     conflict: bool = False
+    # The thread's number in its tenant (the n of the [#TG-n] tag), for the event; derived from the
+    # thread, so not part of what makes two placements the same.
+    thread_number: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -157,6 +157,37 @@ class StoreSettings(_Section):
         return self
 
 
+class RetentionSettings(_Section):
+    """``[retention]``: how long stored content is kept; unset (the default) keeps it for ever.
+
+    Idempotency keys are not here: ``store.idempotency_retention`` (at least 8 days) keeps them,
+    and thread records and customers are kept for threading and identity linking.
+    """
+
+    # Raw bodies as received (inline in the database or a file), quarantined ones excepted.
+    raw_bodies: Duration | None = None
+    # Attachment and fetched-media files (and their media fetch records).
+    blobs: Duration | None = None
+    # Message rows (the index email threading reads: Message-ID -> thread) and their content links.
+    messages: Duration | None = None
+    # Published events in the outbox; unset: ``store.idempotency_retention``, as before.
+    events: Duration | None = None
+    # Rows removed per transaction, so ingest commits between the batches.
+    batch: int = Field(1000, gt=0)
+    # Seconds between purge rounds (each removes at most ``max_batches`` batches per kind).
+    interval: Duration = Field(300.0, gt=0)
+    max_batches: int = Field(100, gt=0)
+    # SQLite: pages handed back to the file system after each round (PRAGMA incremental_vacuum).
+    vacuum_pages: int = Field(10_000, ge=0)
+
+    @field_validator("raw_bodies", "blobs", "messages", "events")
+    @classmethod
+    def _at_least_a_day(cls, value: float | None) -> float | None:
+        if value is not None and value < 86400:
+            raise ValueError("must be at least 1 day (desks fetch raw bodies and files after the event)")
+        return value
+
+
 class QueueSettings(_Section):
     name: str
     bindings: tuple[str, ...] = ("#",)
@@ -280,6 +311,29 @@ class ControlSettings(_Section):
     retry_delay: Duration = 1.0
 
 
+class ReplySettings(_Section):
+    """``[replies]``: how desks' replies go out (``gateway.replies``; docs/replies.md)."""
+
+    enabled: bool = True
+    # Replies sent at once by one instance (each is one provider call or SMTP transaction).
+    concurrency: int = Field(8, gt=0)
+    # How often the ledger is asked for due replies when nothing wakes the dispatcher.
+    poll_interval: Duration = Field(1.0, gt=0)
+    # A claimed reply is this instance's for so long; past it (a crash, a hung call) it is due
+    # again. Longer than the longest provider call (the SMTP transaction, an attachment upload).
+    lease: Duration = Field(120.0, gt=0)
+    # Retries: capped exponential backoff with jitter, a transient failure after another until
+    # max_attempts calls or max_age since the command; then reply.failed with reason "expired".
+    max_attempts: int = Field(8, ge=1)
+    backoff_base: Duration = Field(2.0, gt=0)
+    backoff_cap: Duration = Field(600.0, gt=0)
+    max_age: Duration = Field(24 * 3600.0, gt=0)
+    # Attachments a command names by https URL are fetched when the reply goes out, up to these.
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_attachments: int = Field(10, ge=0)
+    fetch_timeout: Duration = Field(30.0, gt=0)
+
+
 class RoutingSettings(_Section):
     rules: tuple[RoutingRule, ...] = ()
 
@@ -302,6 +356,8 @@ class Settings(_Section):
     source: str | None = Field(default=None, exclude=True)
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    replies: ReplySettings = Field(default_factory=ReplySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
 
     @model_validator(mode="after")

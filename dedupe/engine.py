@@ -112,6 +112,7 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
         is_new_thread=choice.is_new,
         duplicate_of=choice.duplicate_of,
         previous_thread_id=thread.previous_id,
+        thread_number=thread.number,
     )
     tx.complete_claim(key, placement)
     view = CustomerView(

@@ -12,20 +12,24 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
+from core.channel import SenderSpec
+from core.events import CustomerView, ReplyChannel, reply_options
 from core.http import json_errors
-from core.settings import Settings
+from core.model import CanonicalMessage
+from core.settings import RetentionSettings, Settings
 from gateway.channels import Registry, setup_channels
 from gateway.control import control_ctx
 from gateway.desk import DeskApi
 from gateway.enrich import Enricher
 from gateway.health import setup_health
-from gateway.keys import CHANNELS, METRICS, PIPELINE, REGISTRY, RELAY, SETTINGS, STORE
+from gateway.keys import CHANNELS, METRICS, PIPELINE, REGISTRY, RELAY, REPLIES, SETTINGS, STORE
 from gateway.media import setup_media
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker
@@ -33,6 +37,8 @@ from gateway.pipeline import Pipeline
 from gateway.publisher import AmqpPublisher, Publisher
 from gateway.relay import OutboxRelay, Relay
 from gateway.relay_process import RelayProcess
+from gateway.replies import Dispatcher
+from gateway.reply_commands import ReplyIntake
 from gateway.startup import http_base_url
 from gateway.status import setup_status
 from gateway.store import build_store
@@ -64,6 +70,10 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         publisher, inline = None, None
         relay = RelayProcess(settings, metrics, store)
     offload = NormalizeWorker(settings) if settings.server.normalizer_process else None
+    # Replies: channels register their senders during setup; the dispatcher sends through them,
+    # and every message.received says which of them can answer its customer.
+    senders: dict[str, SenderSpec] = {}
+    kinds: dict[str, frozenset[str]] = {}
     pipeline = Pipeline(
         settings,
         store,
@@ -71,6 +81,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         enrich=Enricher.from_settings(settings).enrich,
         on_commit=relay.wake,
         offload=offload,
+        answering=functools.partial(_answering, senders, kinds),
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -83,7 +94,8 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         purge = asyncio.create_task(
             _purge_loop(
                 store, settings.dedupe.duplicate_window, orphan_min_age=settings.store.orphan_min_age,
-                orphans_every=settings.store.orphan_sweep_interval,
+                orphans_every=settings.store.orphan_sweep_interval, retention=settings.retention,
+                idempotency_retention=settings.store.idempotency_retention,
             ),
             name="ticketgate-purge",
         )
@@ -117,15 +129,21 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     if inline is not None:
         app.cleanup_ctx.append(publisher_ctx)
     app.cleanup_ctx.append(relay_ctx)
-    # Desks report threads closed / reopened; applied to the store, so it stops before the store.
-    app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store))
+    dispatcher = Dispatcher(settings.replies, store, metrics, senders, kinds=kinds, on_event=relay.wake)
+    intake = None
+    if settings.replies.enabled:
+        intake = ReplyIntake(settings=settings.replies, wake=dispatcher.wake)
+    app[REPLIES] = dispatcher
+    # Desks report threads closed / reopened and ask for replies; applied to the store, so it
+    # stops before the store.
+    app.cleanup_ctx.append(control_ctx(settings.control, settings.broker, store, intake))
     setup_health(app)
     setup_media(app)
     if setup_status(app):
         logger.info("status page enabled at /status")
     desk = DeskApi.from_settings(settings)
     if desk is not None:
-        desk.setup(app, store)
+        desk.setup(app, store, replies=intake)
         logger.info("desk API enabled")
     registry = app[REGISTRY] = overrides.registry or Registry.installed()
     app[CHANNELS] = setup_channels(
@@ -136,8 +154,35 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         metrics=metrics,
         registry=registry,
         base_url=http_base_url(settings),
+        senders=senders,
+        kinds=kinds,
+        deliveries=dispatcher.report,
     )
+
+    async def replies_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Registered after the channels: started once their senders can send, stopped before
+        # their sessions close; replies in flight at a stop are left to their leases.
+        if settings.replies.enabled:
+            await dispatcher.start()
+            logger.info("replies: senders for %s", ", ".join(sorted(senders)) or "no channel")
+        yield
+        await dispatcher.close(timeout=min(settings.server.shutdown_timeout, 5.0))
+
+    app.cleanup_ctx.append(replies_ctx)
     return app
+
+
+def _answering(
+    senders: Mapping[str, SenderSpec],
+    kinds: Mapping[str, frozenset[str]],
+    message: CanonicalMessage,
+    customer: CustomerView,
+) -> dict[str, Any]:
+    channels = [
+        ReplyChannel(name=name, window=spec.window, identity_kinds=kinds.get(name, frozenset()))
+        for name, spec in senders.items()
+    ]
+    return reply_options(message, customer, channels)
 
 
 async def drain_and_report(store: Store, relay: Relay, timeout: float) -> None:  # noqa: ASYNC109
@@ -181,11 +226,14 @@ async def sweep_recent_texts(store: Store, before: datetime, chunk: int = 500) -
 async def _purge_loop(
     store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0, *,
     orphan_min_age: float = 3600.0, orphans_every: float = 3600.0,
+    retention: RetentionSettings | None = None, idempotency_retention: float = 8 * 86400.0,
 ) -> None:
     """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
-    idempotency keys; at start and every ``orphans_every``: blob files no commit named that are
-    older than ``orphan_min_age``. A failure is logged and tried again next time."""
-    keys_purged_at = orphans_swept_at = -math.inf
+    idempotency keys; every ``retention.interval``: what ``[retention]`` lets go (bounded batches,
+    then SQLite's incremental vacuum); at start and every ``orphans_every``: blob files no commit
+    named that are older than ``orphan_min_age``. A failure is logged and tried again next time."""
+    retention = retention or RetentionSettings()
+    keys_purged_at = orphans_swept_at = retained_at = -math.inf
     while True:
         now = datetime.now(UTC)
         try:
@@ -195,14 +243,54 @@ async def _purge_loop(
         except Exception:
             logger.exception("sweeping old recent texts failed")
         keys_purged_at = await _when_due(
-            keys_purged_at, keys_every, functools.partial(store.purge_expired, now),
+            keys_purged_at, keys_every,
+            functools.partial(purge_kinds, store, {"keys": idempotency_retention}, now, retention),
             "purging expired idempotency keys", "purged %d expired idempotency keys",
+        )
+        retained_at = await _when_due(
+            retained_at, retention.interval,
+            functools.partial(purge_retention, store, retention, now, idempotency_retention),
+            "purging content past its retention", "purged %d rows past their retention",
         )
         orphans_swept_at = await _when_due(
             orphans_swept_at, orphans_every, functools.partial(store.sweep_orphans, orphan_min_age),
             "sweeping orphaned blob files", "removed %d blob files that no committed message names",
         )
         await asyncio.sleep(interval)
+
+
+async def purge_kinds(
+    store: Store, ages: dict[str, float], now: datetime, retention: RetentionSettings
+) -> int:
+    """For each kind, remove rows older than its age (seconds) in batches of ``retention.batch``,
+    at most ``retention.max_batches`` of them; each batch is its own transaction."""
+    total = 0
+    for kind, age in ages.items():
+        before = now - timedelta(seconds=age)
+        for _ in range(retention.max_batches):
+            removed = await store.purge_retained(kind, before, retention.batch)
+            total += removed
+            if removed < retention.batch:
+                break
+    return total
+
+
+async def purge_retention(
+    store: Store, retention: RetentionSettings, now: datetime, idempotency_retention: float
+) -> int:
+    """One retention round: published events, then messages, raw bodies and blob files past their
+    retention; then free pages go back to the file system (SQLite)."""
+    ages = {
+        "events": retention.events if retention.events is not None else idempotency_retention,
+        "messages": retention.messages,
+        "raw_bodies": retention.raw_bodies,
+        "blobs": retention.blobs,
+    }
+    removed = await purge_kinds(store, {k: v for k, v in ages.items() if v is not None}, now, retention)
+    freed = await store.reclaim_space(retention.vacuum_pages)
+    if freed:
+        logger.info("gave %d free database pages back to the file system", freed)
+    return removed
 
 
 async def _when_due(

@@ -59,8 +59,9 @@ Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 Deliveries = Callable[[str, str, DeliveryStatus, datetime, ReplyFailure | None, str | None], Awaitable[bool]]
 """(channel, provider message id, status, at, reason, detail) -> whether a reply of ours had that id."""
 
-# Tables under [channels] that are not channels: the desk API is the daemon's own.
-NOT_CHANNELS = frozenset({"identity"})
+# Tables under [channels] that are not channels: the desk API is the daemon's own; [channels.meta]
+# holds the Meta apps that WhatsApp, Messenger and Instagram share.
+NOT_CHANNELS = frozenset({"identity", "meta"})
 
 # What channels share (``ctx.shared``), one mapping per gateway app, so every context set up on the
 # same app meets the same objects.
@@ -433,13 +434,31 @@ def setup_channels(
     metrics: Metrics,
     registry: Registry | None = None,
     base_url: str = "",
+    senders: dict[str, SenderSpec] | None = None,
+    kinds: dict[str, frozenset[str]] | None = None,
+    deliveries: Deliveries | None = None,
 ) -> list[EnabledChannel]:
     """Build and set up every configured channel; returns them with the endpoints their connectors
-    describe under ``base_url`` (where the HTTP server is reached)."""
+    describe under ``base_url`` (where the HTTP server is reached).
+
+    ``senders`` receives the :class:`SenderSpec` each channel registers (by channel name) and
+    ``kinds`` each channel's identity kinds; ``deliveries`` takes the channels' delivery reports
+    (the reply dispatcher's)."""
     registry = registry or Registry.installed()
     enabled: list[EnabledChannel] = []
     for descriptor, connector in registry.configured(settings):
-        ctx = GatewayContext(app, descriptor, settings=settings, ingest=ingest, store=store, metrics=metrics)
+        if kinds is not None:
+            kinds[descriptor.name] = descriptor.identity_kinds
+        ctx = GatewayContext(
+            app,
+            descriptor,
+            settings=settings,
+            ingest=ingest,
+            store=store,
+            metrics=metrics,
+            senders=senders,
+            deliveries=deliveries,
+        )
         connector.setup(ctx)
         metrics.declare_channel(descriptor.name)
         described = None

@@ -204,6 +204,44 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
         await store.close()
 
 
+async def _customer_erase(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
+    """Erase a customer; the running gateway's relay publishes ``customer.erased``."""
+    import getpass
+
+    from gateway.desk.api import erasure_json
+    from gateway.store import build_store
+
+    store = build_store(settings)
+    await store.open()
+    try:
+        by = args.by or f"cli:{getpass.getuser()}"
+        erasure = await store.erase_customer(args.id, requested_by=by, tenant=args.tenant)
+    finally:
+        await store.close()
+    if erasure is None:
+        print(f"ticketgate: no customer {args.id!r}" + (f" in tenant {args.tenant!r}" if args.tenant else ""),
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(orjson.dumps(erasure_json(erasure), option=orjson.OPT_INDENT_2).decode(), file=out)
+    return 0
+
+
+def _store_vacuum(settings: Settings, out: TextIO) -> int:
+    """One full VACUUM of the SQLite file so freed pages can go back to the file system later."""
+    from gateway.store.sqlite import vacuum_file
+
+    if settings.store.backend != "sqlite":
+        print("ticketgate: PostgreSQL reclaims space with autovacuum; nothing to do here", file=out)
+        return 0
+    path = settings.store.path
+    if not path.exists():
+        print(f"ticketgate: no database at {path}", file=sys.stderr)
+        return 1
+    before, after = vacuum_file(path)
+    print(f"{path}: auto_vacuum = INCREMENTAL; {before} -> {after} bytes", file=out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ticketgate", description=__doc__)
     parser.add_argument(
@@ -234,8 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     qshow.add_argument("--raw", action="store_true", help="also write the raw bytes to stdout")
     qreplay = qsub.add_parser("replay")
     qreplay.add_argument("id")
+    customer = sub.add_parser("customer", help="act on a customer (erase their personal data)")
+    csub = customer.add_subparsers(dest="action", required=True)
+    cerase = csub.add_parser(
+        "erase", help="erase a customer's messages, raw bodies, files and identities; publish customer.erased"
+    )
+    cerase.add_argument("id", help="the customer id (cus_...), as in the events")
+    cerase.add_argument("--tenant", help="refuse unless the customer belongs to this tenant")
+    cerase.add_argument("--by", help="who asked, for the audit record (default: cli:<user>)")
+    store = sub.add_parser("store", help="store maintenance")
+    ssub = store.add_subparsers(dest="action", required=True)
+    ssub.add_parser(
+        "vacuum", help="SQLite: rebuild the file once so retention can give space back (gateway stopped)"
+    )
     # --config is accepted after the subcommand too: `ticketgate run --config PATH`.
-    for p in (*sub.choices.values(), qlist, qshow, qreplay):
+    for p in (*sub.choices.values(), qlist, qshow, qreplay, cerase, *ssub.choices.values()):
         p.add_argument("--config", "-c", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -254,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         if args.command == "outbox":
             return asyncio.run(_outbox_status(settings, sys.stdout))
+        if args.command == "customer":
+            return asyncio.run(_customer_erase(settings, args, sys.stdout))
+        if args.command == "store":
+            return _store_vacuum(settings, sys.stdout)
         return asyncio.run(_quarantine(settings, args, sys.stdout))
     except ConfigError as exc:
         print(f"ticketgate: configuration error: {exc}", file=sys.stderr)

@@ -1,11 +1,15 @@
-"""The control queue: desks report threads closed or reopened; the gateway applies it to the store.
+"""The control queue: desks report threads closed or reopened, and ask for replies; the gateway
+applies it to the store.
 
-A message is ``{"type": "thread.closed" | "thread.reopened", "thread_id", "tenant", "at"}`` (JSON) on
+A message is ``{"type": "thread.closed" | "thread.reopened", "thread_id", "tenant", "at"}`` or a
+reply command ``{"type": "reply.requested", ...}`` (:mod:`gateway.reply_commands`) (JSON) on
 the durable queue ``[control] queue`` (default ``ticketgate.control``), which desks publish to through
 the default exchange (routing key = the queue's name); ``[control] bindings`` can also bind it to the
 events exchange. It is acknowledged only after the store committed the change; an unknown thread is
 logged and acknowledged (nothing to do); a malformed message is rejected without requeue (dead
-letter it with a queue policy if you want to keep it); a store fault requeues it.
+letter it with a queue policy if you want to keep it); a store fault requeues it. A reply command
+that names another tenant's thread, or reuses a command id with another body, is acknowledged and
+answered with ``reply.failed`` (reason ``rejected``) on the bus.
 """
 
 from __future__ import annotations
@@ -19,12 +23,21 @@ from typing import Any, Literal
 
 import aio_pika
 import aio_pika.abc
+import orjson
 from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from yarl import URL
 
 from core.settings import BrokerSettings, ControlSettings
 from dedupe import graph
+from gateway.reply_commands import (
+    COMMAND_TYPE,
+    CommandError,
+    ReplyIntake,
+    announce_refusal,
+    parse_command,
+    record_command,
+)
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -45,14 +58,22 @@ class ControlMessage(BaseModel):
 class Applied(enum.StrEnum):
     APPLIED = "applied"  # ack
     UNKNOWN_THREAD = "unknown_thread"  # ack, logged
+    REFUSED = "refused"  # ack, answered with reply.failed on the bus
     MALFORMED = "malformed"  # reject, no requeue
     RETRY = "retry"  # nack, requeue
 
 
-async def apply_control(store: Store, body: bytes) -> Applied:
+async def apply_control(store: Store, body: bytes, replies: ReplyIntake | None = None) -> Applied:
     """Parse and apply one control message; what to answer the broker follows from the result."""
     try:
-        command = ControlMessage.model_validate_json(body)
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        logger.warning("control: malformed message rejected (body: not JSON)")
+        return Applied.MALFORMED
+    if isinstance(data, dict) and data.get("type") == COMMAND_TYPE:
+        return await _apply_reply(store, data, replies)
+    try:
+        command = ControlMessage.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
@@ -78,13 +99,49 @@ async def apply_control(store: Store, body: bytes) -> Applied:
     return Applied.APPLIED
 
 
+async def _apply_reply(store: Store, data: dict[str, Any], replies: ReplyIntake | None) -> Applied:
+    if replies is None:
+        logger.warning("control: reply.requested rejected: replies are disabled ([replies] enabled)")
+        return Applied.MALFORMED
+    try:
+        command = parse_command(
+            data,
+            max_attachments=replies.settings.max_attachments,
+            max_attachment_bytes=replies.settings.max_attachment_bytes,
+        )
+    except CommandError as exc:
+        logger.warning("control: malformed reply.requested rejected (%s)", exc.reason)
+        return Applied.MALFORMED
+    try:
+        result = await record_command(store, command, wake=replies.wake)
+        if result.outcome == "unknown_thread":
+            await announce_refusal(store, command, f"unknown thread {command.thread_id}")
+            return Applied.REFUSED
+        if result.outcome == "conflict":
+            await announce_refusal(
+                store, command, f"command_id {command.command_id} reused with another body"
+            )
+            return Applied.REFUSED
+    except Exception:
+        logger.exception("control: cannot store reply command %s now", command.command_id)
+        return Applied.RETRY
+    return Applied.APPLIED
+
+
 class ControlConsumer:
     """Consumes the control queue with manual acks; reconnects through aio-pika's robust connection."""
 
-    def __init__(self, settings: ControlSettings, broker: BrokerSettings, store: Store) -> None:
+    def __init__(
+        self,
+        settings: ControlSettings,
+        broker: BrokerSettings,
+        store: Store,
+        replies: ReplyIntake | None = None,
+    ) -> None:
         self._settings = settings
         self._broker = broker
         self._store = store
+        self._replies = replies
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self.handled: dict[Applied, int] = dict.fromkeys(Applied, 0)
@@ -153,7 +210,7 @@ class ControlConsumer:
         logger.info("control: consuming %r", self._settings.queue)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        result = await apply_control(self._store, message.body)
+        result = await apply_control(self._store, message.body, self._replies)
         self.handled[result] += 1
         if result is Applied.MALFORMED:
             await message.reject(requeue=False)
@@ -165,12 +222,12 @@ class ControlConsumer:
 
 
 def control_ctx(
-    settings: ControlSettings, broker: BrokerSettings, store: Store
+    settings: ControlSettings, broker: BrokerSettings, store: Store, replies: ReplyIntake | None = None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A ``cleanup_ctx`` entry running the control consumer (register it after the store's)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        consumer = ControlConsumer(settings, broker, store)
+        consumer = ControlConsumer(settings, broker, store, replies)
         if settings.enabled:
             await consumer.start()
         yield

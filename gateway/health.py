@@ -81,6 +81,12 @@ async def metrics(request: web.Request) -> web.Response:
     registry = app[METRICS]
     registry.outbox_status(status.backlog, age)
     registry.broker_connected.set(1 if app[RELAY].status.connected else 0)
+    replies = await app[STORE].reply_backlog()
+    oldest_reply = replies.oldest_requested_at
+    registry.reply_status(
+        replies.pending + replies.sending,
+        (datetime.now(UTC) - oldest_reply).total_seconds() if oldest_reply is not None else None,
+    )
     return web.Response(body=registry.exposition(), content_type="text/plain", charset="utf-8")
 
 

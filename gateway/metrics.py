@@ -190,6 +190,36 @@ class Metrics:
             registry=r,
         )
 
+        # The way back (gateway.replies).
+        self.replies_sent = Counter(
+            "ticketgate_replies_sent", "Replies a provider accepted", ["channel", "inbox"], registry=r
+        )
+        self.replies_failed = Counter(
+            "ticketgate_replies_failed",
+            "Replies that ended without going out, by reason (window_closed, rejected, expired, ...)",
+            ["channel", "reason"],
+            registry=r,
+        )
+        self.reply_attempts = Counter(
+            "ticketgate_reply_attempts",
+            "Provider calls for replies, by result (sent, failed, retry)",
+            ["channel", "result"],
+            registry=r,
+        )
+        self.reply_latency = Histogram(
+            "ticketgate_reply_latency_seconds",
+            "From the stored command to the provider's acceptance",
+            ["channel"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0),
+            registry=r,
+        )
+        self.reply_backlog = Gauge(
+            "ticketgate_reply_backlog", "Replies not finished yet (pending or being sent)", registry=r
+        )
+        self.reply_oldest_age = Gauge(
+            "ticketgate_reply_oldest_age_seconds", "Age of the oldest unfinished reply command", registry=r
+        )
+
         # Labelled children, looked up once: ``labels()`` takes a lock and rebuilds the key per call.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -242,6 +272,24 @@ class Metrics:
     def outbox_status(self, backlog: int, oldest_age: float | None) -> None:
         self.outbox_backlog.set(backlog)
         self.outbox_oldest_age.set(oldest_age or 0.0)
+
+    # The reply dispatcher reports through these.
+    def reply_sent(self, channel: str, inbox: str, seconds: float) -> None:
+        self._child(self.replies_sent, channel, inbox).inc()
+        self._child(self.reply_attempts, channel, "sent").inc()
+        self._child(self.reply_latency, channel).observe(seconds)
+
+    def reply_failed(self, channel: str | None, reason: str, *, attempted: bool) -> None:
+        self._child(self.replies_failed, channel or "", reason).inc()
+        if attempted:
+            self._child(self.reply_attempts, channel or "", "failed").inc()
+
+    def reply_retry(self, channel: str) -> None:
+        self._child(self.reply_attempts, channel, "retry").inc()
+
+    def reply_status(self, backlog: int, oldest_age: float | None) -> None:
+        self.reply_backlog.set(backlog)
+        self.reply_oldest_age.set(oldest_age or 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

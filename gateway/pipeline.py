@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from core import events
 from core.errors import InvalidInput, NormalizationError, RetryableError
@@ -26,6 +27,8 @@ from normalizers.content import normalized
 logger = logging.getLogger(__name__)
 
 Enrich = Callable[[CanonicalMessage], CanonicalMessage]
+Answering = Callable[[CanonicalMessage, CustomerView], Mapping[str, Any]]
+"""(message, customer) -> message.received's ``reply`` block (:func:`core.events.reply_options`)."""
 
 
 class Pipeline:
@@ -40,6 +43,7 @@ class Pipeline:
         enrich: Enrich | None = None,
         on_commit: Callable[[], None] | None = None,
         offload: NormalizeWorker | None = None,
+        answering: Answering | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -48,6 +52,8 @@ class Pipeline:
         self._on_commit = on_commit
         # Parses (and enriches, from the same settings) what a normalizer marks heavy.
         self._offload = offload
+        # How a thread can be answered (message.received's reply block), from the registered senders.
+        self._answering = answering
 
     async def ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
         """Process one envelope; the result tells the connector what to answer."""
@@ -186,6 +192,7 @@ class Pipeline:
 
     def _build_event(self, envelope: RawEnvelope) -> Callable[..., Event]:
         public_url = self._settings.server.public_url
+        answering = self._answering
 
         def build(
             message: CanonicalMessage,
@@ -204,6 +211,7 @@ class Pipeline:
                 retry=envelope.retry,
                 public_url=public_url,
                 occurred_at=datetime.now(UTC),
+                reply=answering(message, customer) if answering is not None else None,
             )
 
         return build

@@ -40,6 +40,7 @@ def write_secrets(directory: Path) -> dict[str, str]:
         "amqp_url": f"amqp://ticketgate:{rabbitmq}@rabbitmq:5672/",
         "postgres_dsn": f"postgresql://ticketgate:{postgres}@postgres:5432/ticketgate",
         "api_key": secrets.token_urlsafe(24),
+        "admin_token": secrets.token_urlsafe(24),
     }
     directory.chmod(0o755)
     for name, value in values.items():

@@ -111,6 +111,10 @@ BUILDERS: dict[str, Callable[[], Event]] = {
         tenant="acme", surviving_customer="c-1", merged_customers=["c-2"], evidence={}, merge_id="m-1",
         occurred_at=NOW, unmerge=True,
     ),
+    "customer.erased": lambda: events.customer_erased(
+        tenant="acme", customer_id="c-1", merged_customers=["c-2"], threads=["th-1"], erasure_id="era-1",
+        counts={"messages": 3, "identities": 2}, digest="0" * 64, occurred_at=NOW,
+    ),
 }
 
 

@@ -1,4 +1,5 @@
-"""The email channel: an SMTP listener and IMAP mailboxes, both feeding ``normalizers.email``.
+"""The email channel: an SMTP listener and IMAP mailboxes, both feeding ``normalizers.email``, and
+replies out through a smarthost (:mod:`connectors.email.sender`).
 
 ``[channels.email]`` is validated by :class:`connectors.email.settings.EmailSettings`; the SMTP
 listener and each IMAP poller are ``cleanup_ctx`` entries of the gateway's application.
@@ -11,6 +12,7 @@ from typing import Self
 from connectors.base import ChannelContext
 from connectors.email.envelope import EnvelopeFactory
 from connectors.email.imap import ImapPollers, Observer, pollers_for, setup_imap
+from connectors.email.sender import EmailSender, setup_sender
 from connectors.email.settings import EmailSettings
 from connectors.email.smtp import SmtpListener, setup_smtp
 from connectors.email.state import JsonState
@@ -40,6 +42,7 @@ class EmailConnector:
         self._observer = observer
         self.smtp: SmtpListener | None = None
         self.imap: ImapPollers | None = None
+        self.sender: EmailSender | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self | None:
@@ -82,6 +85,8 @@ class EmailConnector:
                 pollers_for(self.email, factory, JsonState(ctx.state), ctx.ingest, normalize, self._observer)
             )
             setup_imap(ctx, self.imap, timeout)
+        # Replies out through the smarthost, when one is configured.
+        self.sender = setup_sender(ctx, self.settings, self.email)
 
 
 def _host_port(host: str, port: int) -> str:

@@ -141,10 +141,51 @@ class ImapAccountSettings(ChannelSettings):
         return self.port if self.port is not None else (993 if self.tls else 143)
 
 
+class SmarthostSettings(ChannelSettings):
+    """``[channels.email.smarthost]``: where replies are sent (the organisation's outgoing MTA)."""
+
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    # "starttls": upgrade the plain connection and refuse to send without it (submission, 587);
+    # "tls": TLS from the first byte (smtps, 465); "none": plain (a relay on the same host only).
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    # Verify the server certificate against this CA file instead of the system store.
+    ca_file: Path | None = None
+    username: str | None = None
+    password: Secret | None = Field(None, repr=False)
+    # The sender of replies; the inbox's first address when unset (docs/replies.md).
+    from_address: str | None = None
+    # The name shown with it ("Demo support"); with an agent's name: "Ada (Demo support)".
+    from_name: str | None = None
+    # Domain of the Message-IDs of replies: the from address's when unset.
+    message_id_domain: str | None = None
+    timeout: Duration = Field(30.0, gt=0)
+    # Sends per second and burst per inbox (the smarthost's own limit, e.g. 14/s for SES).
+    rate: float = Field(10.0, gt=0)
+    burst: int = Field(10, ge=1)
+
+    @field_validator("from_address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not _ADDRESS.match(value):
+            raise ValueError(f"not an email address: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _auth(self) -> SmarthostSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password for AUTH, or neither")
+        if self.password is not None and self.security == "none":
+            raise ValueError("AUTH sends the password: use security = 'starttls' or 'tls'")
+        return self
+
+
 class EmailSettings(ChannelSettings):
     """``[channels.email]``."""
 
     smtp: SmtpSettings | None = None
+    # Replies out (gateway.replies); without it email threads cannot be answered through ticketgate.
+    smarthost: SmarthostSettings | None = None
     inboxes: dict[str, EmailInboxSettings] = Field(default_factory=dict)
     imap: dict[str, ImapAccountSettings] = Field(default_factory=dict)
     # Default authserv-id whose Authentication-Results are believed (SMTP: from trusted relays only).

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Protocol, Self
 
 import aiohttp
 import orjson
@@ -46,7 +46,7 @@ from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import CallbackSecurity, Clock
 from connectors.wechat.sender import WINDOW_48H, Account, ApiPool, KfSender
 from connectors.wechat.settings import WeChatKfSettings
-from core.channel import ChannelEndpoint, ChannelState, SenderSpec
+from core.channel import ChannelEndpoint, ChannelState, DeliveryStatus, ReplyFailure, SenderSpec
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope
@@ -57,6 +57,20 @@ from normalizers.wechat_kf import normalize_kf
 logger = logging.getLogger(__name__)
 
 CHANNEL = "wechat_kf"
+
+# msg_send_fail's fail_type -> reply.failed reason: 4 session expired (48 h), 5 session closed,
+# 6 the 5-message limit, 10 the customer refuses messages, 1 account deleted, 2 app closed.
+SEND_FAIL_REASONS: dict[int, ReplyFailure] = {
+    1: "recipient_unreachable", 2: "auth", 4: "window_closed", 5: "window_closed", 6: "window_closed",
+    10: "blocked",
+}
+
+
+class Report(Protocol):
+    async def __call__(
+        self, provider_message_id: str, status: DeliveryStatus, *, reason: ReplyFailure | None = None,
+        detail: str | None = None,
+    ) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,13 +111,17 @@ class KfSyncer:
         self._limit = limit
         self._poll_interval = poll_interval
         self._state: ChannelState | None = None
+        self._report: Report | None = None
         self._apis: Mapping[str, WeChatApi] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._wanted: dict[tuple[str, str], str | None] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
-    def bind(self, state: ChannelState) -> None:
+    def bind(self, state: ChannelState, report: Report | None = None) -> None:
+        """The durable state (cursors), and where WeChat's reports on our replies go
+        (``ctx.report_delivery``)."""
         self._state = state
+        self._report = report
 
     def start(self, apis: Mapping[str, WeChatApi]) -> None:
         self._apis = apis
@@ -185,6 +203,7 @@ class KfSyncer:
                     if not result.stored:
                         raise RetryableError(f"page not stored: {result.reason}", retry_after=5.0)
                     handed += len(items)
+                    await self._report_failures(items)
                 next_cursor = page.get("next_cursor")
                 if isinstance(next_cursor, str) and next_cursor and next_cursor != cursor:
                     # Only now: every message of the page is committed. Another instance that
@@ -196,6 +215,30 @@ class KfSyncer:
                     raw, cursor = next_cursor.encode(), next_cursor
                 if not page.get("has_more"):
                     return handed
+
+    async def _report_failures(self, items: list[Any]) -> None:
+        """``msg_send_fail`` events name a reply of ours WeChat did not deliver: ``reply.failed``.
+        Reported after the page's commit; a page pulled again reports again (the ledger keeps one
+        outcome per reply)."""
+        if self._report is None:
+            return
+        for item in items:
+            event = item.get("event") if isinstance(item, dict) else None
+            if not isinstance(event, dict) or event.get("event_type") != "msg_send_fail":
+                continue
+            msgid = event.get("fail_msgid")
+            if not isinstance(msgid, str) or not msgid:
+                continue
+            fail_type = event.get("fail_type")
+            reason: ReplyFailure = "provider_error"
+            if isinstance(fail_type, int):
+                reason = SEND_FAIL_REASONS.get(fail_type, reason)
+            try:
+                detail = f"msg_send_fail fail_type {fail_type}"
+                await self._report(msgid, "failed", reason=reason, detail=detail)
+            except Exception:
+                # The event itself is stored and published; only the reply's outcome is missing.
+                logger.exception("%s: reporting the failure of reply message %s failed", CHANNEL, msgid)
 
     async def run(self) -> None:
         """Sync every known account at start and every ``poll_interval``."""
@@ -314,7 +357,7 @@ class WeChatKfConnector:
         fetcher = self.media_fetcher()
         syncer = self.syncer(ctx.ingest, fetcher)
         fetcher.bind(ctx.media, ctx.metrics)
-        syncer.bind(ctx.state)
+        syncer.bind(ctx.state, ctx.report_delivery)
         ctx.add_app(f"/{CHANNEL}", self.build_subapp(ctx.ingest, syncer, metrics=ctx.metrics))
         # Each app's credentials carry their API base (WeChatApi joins it); one client pools them.
         bases = sorted(app.credentials.api_base for app in self.apps.values())

@@ -8,6 +8,7 @@
   attachment, uploaded with ``uploadimg``). No files: a reply carrying one is ``unsupported``.
 * WeCom app: ``POST /cgi-bin/message/send`` with the app's ``agentid`` to the member's userid;
   text, image, voice, video and file. No window. External contacts cannot be written to this way.
+  WeCom's duplicate check (30 minutes) drops a resend of the same content.
 * 微信客服: ``POST /cgi-bin/kf/send_msg`` with ``open_kfid`` and the customer's ``external_userid``
   (both kept by the normalizer in the message's ``extra``) and ``msgid`` derived from the reply id,
   so WeChat keeps one message per id however often a send is repeated. 48 hours and 5 messages
@@ -26,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -48,6 +49,7 @@ from normalizers.html import to_text
 logger = logging.getLogger(__name__)
 
 WINDOW_48H = 48 * 3600.0
+WECOM_DUPLICATE_CHECK = 1800  # seconds (WeCom allows up to 4 hours)
 MAX_TEXT_BYTES = 2048
 MiB = 1024 * 1024
 PartKind = Literal["text", "image", "voice", "video", "file", "news"]
@@ -268,7 +270,16 @@ class WeChatSender:
         """The provider messages of ``reply``, checked before anything is sent."""
         text = reply.text or (to_text(reply.html) if reply.html else None)
         parts = [Part(kind="text", text=piece) for piece in split_text(text or "")]
-        for attachment in reply.attachments:
+        parts += self.attachment_parts(reply.attachments)
+        if not parts:
+            raise SendError("rejected", "the reply has neither text nor attachments", permanent=True)
+        return parts
+
+    def attachment_parts(self, attachments: Sequence[OutboundAttachment]) -> list[Part]:
+        """One message per attachment, by its type; one this channel cannot send, or past its cap,
+        fails the reply before anything is sent."""
+        parts = []
+        for attachment in attachments:
             kind = self.media_kinds.get(attachment.content_type.split(";")[0].strip().lower())
             if kind is None:
                 if not self.files:
@@ -284,8 +295,6 @@ class WeChatSender:
                     permanent=True,
                 )
             parts.append(Part(kind=kind, attachment=attachment))
-        if not parts:
-            raise SendError("rejected", "the reply has neither text nor attachments", permanent=True)
         return parts
 
     async def upload(self, api: WeChatApi, part: Part) -> str | None:
@@ -356,14 +365,20 @@ class OfficialAccountSender(WeChatSender):
         url = news.get("url")
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
             raise SendError("rejected", "options.news needs a url", permanent=True)
-        images = [a for a in reply.attachments if self.media_kinds.get(a.content_type) == "image"]
         card = {
             "title": str(news.get("title") or reply.subject or "")[:64],
             "description": str(news.get("description") or reply.text or "")[:512],
             "url": url,
             "picurl": news.get("picurl") if isinstance(news.get("picurl"), str) else None,
         }
-        return [Part(kind="news", news=card, attachment=images[0] if images and not card["picurl"] else None)]
+        rest = list(reply.attachments)
+        picture = None
+        if not card["picurl"]:
+            picture = next((a for a in rest if self.media_kinds.get(a.content_type) == "image"), None)
+            if picture is not None:
+                rest.remove(picture)
+        # The card, then any other attachment as its own message.
+        return [Part(kind="news", news=card, attachment=picture), *self.attachment_parts(rest)]
 
     async def deliver(
         self, api: WeChatApi, account: Account, to: str, part: Part, media: str | None, reply: OutboundReply,
@@ -405,7 +420,16 @@ class WeComSender(WeChatSender):
         self, api: WeChatApi, account: Account, to: str, part: Part, media: str | None, reply: OutboundReply,
         index: int,
     ) -> str | None:
-        body = {"touser": to, "agentid": account.agent_id, "safe": 0, **_payload(part, media)}
+        # WeCom drops the same content to the same member within the interval: a resend after a
+        # crash between WeCom's acceptance and our commit (at most a lease later) is absorbed.
+        body = {
+            "touser": to,
+            "agentid": account.agent_id,
+            "safe": 0,
+            "enable_duplicate_check": 1,
+            "duplicate_check_interval": WECOM_DUPLICATE_CHECK,
+            **_payload(part, media),
+        }
         answer = await api.post_json("/cgi-bin/message/send", body, retries=0)
         if to in str(answer.get("invaliduser") or "").split("|"):
             raise SendError("recipient_unreachable", f"invaliduser: {to}", permanent=True)

@@ -8,8 +8,15 @@ Routes (documented in docs/identity-api.md), each behind ``Authorization: Bearer
   other customers (and ``customer_id``) merge those customers into this one, recorded and
   reversible, and ``customer.merged`` goes out through the outbox in the same commit;
 - ``POST /api/v1/merges/{id}/undo``: reverses a merge; ``customer.unmerged`` goes out;
+- ``POST /api/v1/customers/{id}/erase``: erases the customer's personal data (PIPL / GDPR), as
+  ``ticketgate customer erase`` does; an optional ``{"actor": "..."}`` names who asked in the audit
+  record; ``customer.erased`` goes out through the outbox; erasing again answers 200 again;
 - ``GET  /api/v1/threads/{id}``: a thread's status (open / closed, merged into, previous thread),
-  e.g. to see that a ``thread.closed`` sent on the control queue was applied.
+  e.g. to see that a ``thread.closed`` sent on the control queue was applied;
+- ``POST /api/v1/threads/{id}/replies``: a reply command (docs/replies.md), the same fields as
+  ``reply.requested`` on the control queue (``thread_id`` and ``tenant`` may be left out); ``202``
+  once it is stored, the same answer for a repeat, ``409`` for a ``command_id`` reused with another
+  body; ``GET`` lists the thread's replies and their state.
 
 Keys in ``[channels.identity] keys`` may act on every tenant; keys in
 ``[channels.identity.tenants.<tenant>] keys`` only on that tenant's customers, merges and threads
@@ -30,7 +37,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError, InvalidInput, RetryableError, validation_reason
-from core.events import Event
+from core.events import Event, isoformat
 from core.http import (
     MIN_KEY_LENGTH,
     BearerKeys,
@@ -47,7 +54,9 @@ from core.settings import ChannelSettings, Secret, Settings
 from dedupe import graph
 from dedupe.identities import normalize
 from dedupe.tx import ClaimedLink, MergeRecord, ThreadRecord, Tx, TxWork
-from gateway.store.base import Store
+from gateway.reply_commands import CommandError, ReplyIntake, parse_command, record_command
+from gateway.store.base import Erasure, Store
+from gateway.store.replies import ReplyRecord
 
 logger = logging.getLogger(__name__)
 
@@ -146,16 +155,21 @@ class DeskApi:
             )
         )
 
-    def setup(self, app: web.Application, store: Store) -> None:
-        """Mount the routes; the desk API ingests nothing, it works on the store."""
-        handlers = _Handlers(self._config, store)
+    def setup(self, app: web.Application, store: Store, *, replies: ReplyIntake | None = None) -> None:
+        """Mount the routes; the desk API ingests nothing, it works on the store. ``replies``: how
+        reply commands are taken (``None``: replies are off and their routes answer 404)."""
+        handlers = _Handlers(self._config, store, replies)
         customers = web.Application()
         customers.router.add_get("/{customer_id}", handlers.authorized(handlers.customer))
         customers.router.add_post("/{customer_id}/link", handlers.authorized(handlers.link))
+        customers.router.add_post("/{customer_id}/erase", handlers.authorized(handlers.erase))
         merges = web.Application()
         merges.router.add_post("/{merge_id}/undo", handlers.authorized(handlers.undo))
         threads = web.Application()
         threads.router.add_get("/{thread_id}", handlers.authorized(handlers.thread))
+        if replies is not None:
+            threads.router.add_post("/{thread_id}/replies", handlers.authorized(handlers.reply))
+            threads.router.add_get("/{thread_id}/replies", handlers.authorized(handlers.replies))
         app.add_subapp(f"{PREFIX}/customers", customers)
         app.add_subapp(f"{PREFIX}/merges", merges)
         app.add_subapp(f"{PREFIX}/threads", threads)
@@ -187,6 +201,26 @@ class LinkRequest(_Strict):
         if not self.identities and self.customer_id is None:
             raise ValueError("give identities, customer_id or both")
         return self
+
+
+class EraseRequest(_Strict):
+    """``POST /api/v1/customers/{id}/erase`` (the body is optional)."""
+
+    # Who asked (a desk user, a ticket of the privacy team): kept in the audit record.
+    actor: str | None = Field(None, max_length=200)
+
+
+def parse_erase(body: bytes) -> EraseRequest:
+    if not body.strip():
+        return EraseRequest()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("the body is not valid JSON") from None
+    try:
+        return EraseRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(validation_reason(exc.errors()), status=422) from None
 
 
 def parse_link(body: bytes) -> tuple[LinkRequest, list[Identity]]:
@@ -249,6 +283,21 @@ def summary_json(summary: graph.CustomerSummary) -> dict[str, Any]:
         "identities": [_identity_json(i) for i in summary.identities],
         "merges": [merge_json(m) for m in summary.merges],
         "claimed_links": [_link_json(link) for link in summary.claimed_links],
+    }
+
+
+def erasure_json(erasure: Erasure) -> dict[str, object]:
+    """An erasure's audit record as the CLI prints it and the desk API answers it."""
+    return {
+        "id": erasure.id,
+        "tenant": erasure.tenant,
+        "customer_id": erasure.customer_id,
+        "merged_customers": list(erasure.merged_customers),
+        "threads": list(erasure.threads),
+        "requested_by": erasure.requested_by,
+        "requested_at": isoformat(erasure.requested_at),
+        "counts": dict(erasure.counts),
+        "digest": erasure.digest,
     }
 
 
@@ -344,9 +393,10 @@ Handler = Callable[[web.Request, _Grant], Awaitable[web.Response]]
 
 
 class _Handlers:
-    def __init__(self, config: _Config, store: Store) -> None:
+    def __init__(self, config: _Config, store: Store, replies: ReplyIntake | None = None) -> None:
         self._c = config
         self._store = store
+        self._replies = replies
         channel = config.channel
         self._failures = RateLimiter(
             per_minute=channel.auth_failures_per_minute,
@@ -428,6 +478,20 @@ class _Handlers:
         }
         return json_response(answer)
 
+    async def erase(self, request: web.Request, grant: _Grant) -> web.Response:
+        customer_id = self._id(request, "customer_id", "customer")
+        body = await read_body(request, self._c.body_limit)
+        if body.strip() and request.content_type != "application/json":
+            raise InvalidInput("the body must be application/json", status=415)
+        parsed = parse_erase(body)
+        scope = f" tenant={grant.tenant}" if grant.tenant is not None else ""
+        by = f"desk-api{scope}" + (f" actor={parsed.actor}" if parsed.actor else "")
+        erasure = await self._store.erase_customer(customer_id, requested_by=by, tenant=grant.tenant)
+        if erasure is None:
+            raise graph.GraphError("not_found", f"unknown customer {customer_id}")
+        logger.info("desk api: customer %s erased (%s, %s)", erasure.customer_id, erasure.id, by)
+        return json_response(erasure_json(erasure))
+
     async def undo(self, request: web.Request, grant: _Grant) -> web.Response:
         merge_id = self._id(request, "merge_id", "merge")
         record = await self._store.transact(undo_work(merge_id, grant))
@@ -438,3 +502,73 @@ class _Handlers:
         thread_id = self._id(request, "thread_id", "thread")
         thread = await self._store.transact(thread_work(thread_id, grant))
         return json_response(thread_json(thread))
+
+    async def reply(self, request: web.Request, grant: _Grant) -> web.Response:
+        """``POST /api/v1/threads/{id}/replies``: store a reply command; 202 once committed."""
+        assert self._replies is not None
+        thread_id = self._id(request, "thread_id", "thread")
+        body = await self._json_body(request)
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("the body must be a JSON object", status=422)
+        if data.setdefault("thread_id", thread_id) != thread_id:
+            raise InvalidInput("thread_id: differs from the thread in the path", status=422)
+        if "tenant" not in data:
+            # A key of one tenant speaks for it; a key of every tenant takes the thread's.
+            thread = await self._store.transact(thread_work(thread_id, grant))
+            data["tenant"] = grant.tenant or thread.tenant
+        if not isinstance(data["tenant"], str) or not grant.allows(data["tenant"]):
+            raise graph.GraphError("not_found", f"unknown thread {thread_id}")
+        settings = self._replies.settings
+        try:
+            command = parse_command(
+                data,
+                max_attachments=settings.max_attachments,
+                max_attachment_bytes=settings.max_attachment_bytes,
+            )
+        except CommandError as exc:
+            raise InvalidInput(exc.reason, status=exc.status) from None
+        result = await record_command(self._store, command, wake=self._replies.wake)
+        if result.outcome == "unknown_thread":
+            raise graph.GraphError("not_found", f"unknown thread {thread_id}")
+        assert result.record is not None
+        if result.outcome == "conflict":
+            return json_error(
+                409, "conflict", f"command_id {command.command_id} was used for another reply body"
+            )
+        logger.info(
+            "desk api: reply %s for thread %s %s",
+            result.record.id,
+            thread_id,
+            "stored" if result.outcome == "created" else "repeated",
+        )
+        return json_response(reply_json(result.record), status=202)
+
+    async def replies(self, request: web.Request, grant: _Grant) -> web.Response:
+        """``GET /api/v1/threads/{id}/replies``: the thread's replies in order, with their state."""
+        thread_id = self._id(request, "thread_id", "thread")
+        await self._store.transact(thread_work(thread_id, grant))  # 404 outside the key's tenant
+        records = await self._store.reply_list(thread_id)
+        return json_response({"thread_id": thread_id, "replies": [reply_json(r) for r in records]})
+
+
+def reply_json(record: ReplyRecord) -> dict[str, Any]:
+    """A reply as the desk API shows it."""
+    return {
+        "reply_id": record.id,
+        "command_id": record.command_id,
+        "thread_id": record.thread_id,
+        "tenant": record.tenant,
+        "status": record.status,
+        "attempts": record.attempts,
+        "channel": record.channel,
+        "inbox": record.inbox,
+        "provider_message_id": record.provider_message_id,
+        "reason": record.reason,
+        "detail": record.detail,
+        "requested_at": record.created_at,
+        "updated_at": record.updated_at,
+    }

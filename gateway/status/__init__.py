@@ -229,6 +229,7 @@ def setup_status(app: web.Application) -> bool:
         return False
     _check_token_is_its_own(settings)
     app[STATUS_AUTH] = AdminAuth(settings.admin, settings.server)
+    data.setup_data(app)
     app.router.add_get("/status", page)
     app.router.add_get("/status/login", login_form)
     app.router.add_post("/status/login", login)

@@ -34,6 +34,10 @@ QUARANTINE_SHOWN = 50
 # The refusal reasons a channel may give (core.channel.Refusal), shown even at 0.
 REFUSALS = ("signature", "auth", "size", "rate_limit", "malformed")
 STORED = (Outcome.ACCEPTED.value, Outcome.DUPLICATE.value, Outcome.QUARANTINED.value)
+# The store probe is a real write with fsync (as /readyz does it); every open page polling every
+# few seconds need not add one each: a result this recent is shown again.
+PROBE_REUSE = 10.0
+_PROBED: web.AppKey[dict[str, tuple[float, str | None]]] = web.AppKey("status_store_probe", dict)
 
 
 def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -168,14 +172,53 @@ def _sqlite_bytes(path: Path) -> int | None:
     return total
 
 
+def reply_figures(metrics: Metrics) -> dict[str, Any]:
+    """Replies sent and failed since start, from the counters the reply sender exports
+    (``ticketgate_replies_sent{channel,inbox}``, ``ticketgate_replies_failed{channel,reason}``);
+    zeros where it does not run."""
+    sent: dict[str, int] = defaultdict(int)
+    for labels, value in _counter(metrics, "ticketgate_replies_sent"):
+        sent[labels.get("channel", "")] += int(value)
+    failed_by_reason: dict[str, int] = defaultdict(int)
+    failed_by_channel: dict[str, int] = defaultdict(int)
+    for labels, value in _counter(metrics, "ticketgate_replies_failed"):
+        failed_by_reason[labels.get("reason", "")] += int(value)
+        failed_by_channel[labels.get("channel", "")] += int(value)
+    return {
+        "sent": sum(sent.values()),
+        "sent_by_channel": dict(sent),
+        "failed": sum(failed_by_reason.values()),
+        "failed_by_reason": {k: v for k, v in sorted(failed_by_reason.items()) if v},
+        "failed_by_channel": {k: v for k, v in sorted(failed_by_channel.items()) if v},
+    }
+
+
+async def _store_problem(app: web.Application) -> str | None:
+    """The readiness probe's answer, at most ``PROBE_REUSE`` seconds old."""
+    cache = app.get(_PROBED)
+    if cache is None:
+        return await probe_store(app)
+    last = cache.get("store")
+    if last is not None and time.monotonic() - last[0] < PROBE_REUSE:
+        return last[1]
+    problem = await probe_store(app)
+    cache["store"] = (time.monotonic(), problem)
+    return problem
+
+
+def setup_data(app: web.Application) -> None:
+    app[_PROBED] = {}
+
+
 async def summary(app: web.Application) -> dict[str, Any]:
     """Everything the page shows, read now."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
     store = app[STORE]
     relay = app[RELAY].status
-    status, problem, held = await asyncio.gather(
-        store.outbox_status(), probe_store(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN)
+    status, problem, held, replies = await asyncio.gather(
+        store.outbox_status(), _store_problem(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
+        store.reply_backlog(),
     )
     oldest = status.oldest_created_at
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
@@ -218,6 +261,17 @@ async def summary(app: web.Application) -> dict[str, Any]:
             "ok": problem is None,
             "problem": problem,
             "size_bytes": size,
+        },
+        "replies": {
+            # Waiting: in the ledger, shared by every instance; sent and failed: this instance's.
+            "waiting": replies.pending + replies.sending,
+            "pending": replies.pending,
+            "sending": replies.sending,
+            "oldest_waiting_age": (
+                (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
+                if replies.oldest_requested_at is not None else None
+            ),
+            **reply_figures(metrics),
         },
         "quarantine": {
             "shown": QUARANTINE_SHOWN,

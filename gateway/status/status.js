@@ -86,28 +86,36 @@
         t("q_shown", { n: q.shown }), "tg-q-tile"),
     ];
     if (d.replies) {
-      tiles.push(tile(`${t("replies")} · ${t("replies_waiting")}`, number.format(d.replies.waiting), d.replies.waiting ? "warn" : "ok",
-        d.replies.oldest_waiting_age !== null && d.replies.oldest_waiting_age !== undefined
-          ? t("oldest", { age: duration(d.replies.oldest_waiting_age) }) : "", "tg-replies-waiting"));
-      tiles.push(tile(`${t("replies")} · ${t("replies_failed")}`, number.format(d.replies.failed), d.replies.failed ? "bad" : "ok",
-        Object.entries(d.replies.failed_by_reason || {}).map(([k, v]) => `${k} ${v}`).join(" · "), "tg-replies-failed"));
+      const r = d.replies;
+      const waitingAge = r.oldest_waiting_age !== null ? t("oldest", { age: duration(r.oldest_waiting_age) }) : "";
+      tiles.push(tile(`${t("replies")} · ${t("replies_waiting")}`, number.format(r.waiting),
+        r.waiting ? (r.oldest_waiting_age > 300 ? "bad" : "warn") : "ok", waitingAge, "tg-replies-waiting"));
+      const reasons = Object.entries(r.failed_by_reason).map(([k, v]) => `${k} ${number.format(v)}`).join(" · ");
+      tiles.push(tile(`${t("replies")} · ${t("replies_failed")}`, number.format(r.failed), r.failed ? "bad" : "ok",
+        reasons || t("replies_since", { sent: number.format(r.sent), failed: number.format(r.failed) }),
+        "tg-replies-failed"));
     }
     box.replaceChildren(...tiles);
   }
 
   // 60 stacked bars, one a minute, oldest on the left: stored, refused, retry.
   function chart(row, channel) {
-    const m = row.minutes, n = m.stored.length, w = 4, h = 36;
+    const m = row.minutes, n = m.stored.length, w = 4, h = 36, axis = 11;
     const totals = m.stored.map((v, i) => v + m.rejected[i] + m.retry[i]);
     const max = Math.max(1, ...totals);
     const sum = totals.reduce((a, b) => a + b, 0);
     const root = svg("svg", {
-      class: "chart", width: n * w, height: h + 1, viewBox: `0 0 ${n * w} ${h + 1}`, role: "img",
+      class: "chart", width: n * w, height: h + 1 + axis, viewBox: `0 0 ${n * w} ${h + 1 + axis}`, role: "img",
       "data-total": sum, "data-stored": m.stored.reduce((a, b) => a + b, 0),
       "data-channel": channel, "data-inbox": row.inbox,
       "aria-label": `${channel}/${row.inbox || "-"}: ${sum} ${t("last_hour")}`,
     });
     root.append(svg("line", { x1: 0, x2: n * w, y1: h + 0.5, y2: h + 0.5, stroke: "var(--line)" }));
+    for (const [x, anchor, key] of [[0, "start", "chart_start"], [n * w, "end", "chart_end"]]) {
+      const label = svg("text", { x, y: h + axis, "text-anchor": anchor, "font-size": 9, fill: "var(--muted)" });
+      label.textContent = t(key);
+      root.append(label);
+    }
     const end = row.minute_end * 1000;
     totals.forEach((total, i) => {
       if (!total) return;
@@ -147,7 +155,7 @@
     box.append(el("div", { cls: a.share_within !== null && a.share_within < 0.99 ? "bad" : "" ,
       text: `p50 ${duration(a.p50)} · p99 ${duration(a.p99)} · ${t("in_time", { share })}` }));
     if (a.worst_last_hour !== null) {
-      box.append(el("div", { cls: "muted", text: `${t("worst_hour")}: ${duration(a.worst_last_hour)}` }));
+      box.append(el("div", { cls: "muted", text: t("worst_hour", { value: duration(a.worst_last_hour) }) }));
     }
     return box;
   }
@@ -171,8 +179,15 @@
     const box = document.getElementById("tg-channels");
     if (!d.channels.length) { box.replaceChildren(el("p", { cls: "muted", text: t("no_channels") })); return; }
     box.replaceChildren(...d.channels.map((ch) => {
-      const totals = Object.entries(ch.totals).filter(([, v]) => v).map(([k, v]) => `${k} ${number.format(v)}`).join(" · ");
-      const rows = el("table", { cls: "inboxes" }, el("tr", {},
+      let totals = Object.entries(ch.totals).filter(([, v]) => v)
+        .map(([k, v]) => `${t(`outcome_${k}`)} ${number.format(v)}`).join(" · ");
+      const sent = (d.replies.sent_by_channel || {})[ch.name] || 0;
+      const failed = (d.replies.failed_by_channel || {})[ch.name] || 0;
+      if (sent || failed) {
+        totals += ` · ${t("replies")}: ${t("replies_sent")} ${number.format(sent)}, ${t("replies_failed")} ${number.format(failed)}`;
+      }
+      const rows = el("table", { cls: "inboxes" }, el("colgroup", {}, el("col", { cls: "c-inbox" }),
+        el("col", { cls: "c-chart" }), el("col", { cls: "c-count" }), el("col", { cls: "c-last" })), el("tr", {},
         el("th", { text: t("inbox") }), el("th", { text: t("messages_hour") }), el("th", { text: t("last_hour") }),
         el("th", { text: t("last_message") })));
       for (const row of ch.inboxes) {

@@ -6,7 +6,7 @@ Every write method is one durable transaction: when it returns, the data is comm
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -72,6 +72,25 @@ class QuarantineRecord:
     received_at: datetime
     replayed_at: datetime | None = None
     replay_result: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Erasure:
+    """The audit record of one erasure: no personal data, only ids, counts and a digest.
+
+    ``digest`` is the SHA-256 of the manifest of what was removed (customer, thread, message,
+    blob and event ids, key tombstones), so an auditor holding a copy can check it.
+    """
+
+    id: str
+    tenant: str
+    customer_id: str
+    merged_customers: tuple[str, ...]
+    threads: tuple[str, ...]
+    requested_by: str | None
+    requested_at: datetime
+    counts: Mapping[str, int]
+    digest: str
 
 
 class Store(Protocol):
@@ -141,6 +160,10 @@ class Store(Protocol):
         ``None`` for a raw body, an unknown hash, or a blob stored before types were kept."""
         ...
 
+    async def blob_put(self, data: bytes, content_type: str | None) -> str:
+        """Durably keep ``data`` as a blob (indexed, so the orphan sweep keeps it); its sha256."""
+        ...
+
     async def purge_expired(self, now: datetime) -> int:
         """Drop idempotency keys older than the retention; returns how many."""
         ...
@@ -151,6 +174,28 @@ class Store(Protocol):
         Texts past the duplicate window are never compared again; without this sweep, those of
         every customer who wrote once would stay for good (text included).
         """
+        ...
+
+    async def purge_retained(self, kind: str, before: datetime, limit: int) -> int:
+        """Remove up to ``limit`` of the oldest rows of ``kind`` older than ``before`` in one
+        transaction, then their blob files; returns how many rows went. Kinds
+        (:data:`gateway.store.erase.RETAINED_KINDS`): ``keys`` (idempotency keys), ``events``
+        (published outbox rows), ``messages`` (message rows), ``raw_bodies``, ``blobs``
+        (attachment and fetched-media files)."""
+        ...
+
+    async def reclaim_space(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the file system (SQLite's incremental vacuum);
+        returns how many. PostgreSQL leaves this to autovacuum (0)."""
+        ...
+
+    async def erase_customer(
+        self, customer_id: str, *, requested_by: str | None = None, tenant: str | None = None
+    ) -> Erasure | None:
+        """Erase a customer (followed to the customer it was merged into, with every customer merged
+        into that one): see :mod:`gateway.store.erase`. Publishes ``customer.erased`` through the
+        outbox in the same commit. ``None`` when the customer is unknown (or not of ``tenant``).
+        Erasing again is harmless: it finds nothing more and announces the erasure again."""
         ...
 
     async def sweep_orphans(self, min_age: float) -> int:

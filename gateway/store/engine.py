@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import orjson
 
 from core.errors import BacklogFull, StoreError
-from core.events import Event, message_quarantined
+from core.events import Event, customer_erased, message_quarantined
 from core.media import MediaFetch
 from core.model import Attachment, CanonicalMessage, Identity, Placement, RawEnvelope, plain_text
 from core.settings import OutboxSettings, StoreSettings
@@ -46,8 +46,17 @@ from dedupe.tx import (
     ThreadRecord,
     TxWork,
 )
-from gateway.store.base import EventBuilder, OutboxRow, QuarantineRecord
+from gateway.store.base import Erasure, EventBuilder, OutboxRow, QuarantineRecord
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
+from gateway.store.erase import (
+    RETAINED_KINDS,
+    audit_row,
+    erase,
+    erase_scan,
+    erased_key,
+    purge_batch,
+    record_content,
+)
 from gateway.store.replies import ROUTE_INSERT, ReplyLedger
 
 T = TypeVar("T")
@@ -120,6 +129,21 @@ class Dialect:
     words: ClassVar[Mapping[str, str]]
     #: A write that fails when the database cannot write (readiness).
     ping_sql: ClassVar[str]
+    #: Per retained kind (:mod:`gateway.store.erase`), the keys of up to ``?2`` rows older than
+    #: ``?1``, oldest first; parameters (before, limit). These read a time index; a backend may
+    #: find old rows another way (SQLite: the head of the table in rowid order).
+    oldest_sql: ClassVar[Mapping[str, str]] = {
+        "keys": "SELECT key FROM idempotency_keys WHERE created_at < ? ORDER BY created_at LIMIT ?",
+        "events": "SELECT position FROM outbox WHERE published_at < ? ORDER BY published_at LIMIT ?",
+        "messages": "SELECT message_id FROM messages WHERE received_at < ? ORDER BY received_at LIMIT ?",
+        "raw_bodies": "SELECT sha256 FROM raw_archive WHERE created_at < ? ORDER BY created_at LIMIT ?",
+        "raw_bodies_files": "SELECT sha256 FROM blob_files WHERE coalesce(used_at, created_at) < ?"
+        " AND content_type IS NULL ORDER BY coalesce(used_at, created_at) LIMIT ?",
+        "blobs": "SELECT sha256 FROM blob_files WHERE coalesce(used_at, created_at) < ?"
+        " AND content_type IS NOT NULL ORDER BY coalesce(used_at, created_at) LIMIT ?",
+        # Finished replies: far fewer rows than messages, so no time index.
+        "replies": "SELECT id FROM replies WHERE status IN ('sent', 'failed') AND updated_at < ? LIMIT ?",
+    }
 
     def __init__(self) -> None:
         self._cache: dict[str, str] = {}
@@ -187,6 +211,17 @@ class Dialect:
     def add_merge_members(self, conn: Connection, merge: MergeRecord) -> None:
         """Index a merge by its customers where the merge row itself cannot be searched by them
         (the ``{merges_of}`` word reads that index)."""
+
+    def erase_merges(self, conn: Connection, customer_ids: Sequence[str]) -> int:
+        """Delete the merge records naming any of ``customer_ids``; how many."""
+        sql = self.sql("SELECT id FROM {merges} WHERE {merges_of}")
+        ids: set[str] = set()
+        marks = self.words["merges_of"].count("?")
+        for customer in customer_ids:
+            ids |= {r[0] for r in conn.execute(sql, (customer,) * marks).fetchall()}
+        if ids:
+            self.for_each(conn, "DELETE FROM {merges} WHERE id {each}", (), sorted(ids))
+        return len(ids)
 
     def add_recent_text(self, conn: Connection, row: Sequence[Any]) -> None:
         """Insert a recent text, then cap its customer's channel (see :meth:`SqlTx.add_recent_text`).
@@ -365,6 +400,7 @@ def outbox_rows(d: Dialect, conn: Connection, after: int, limit: int) -> list[Ou
 
 
 _SHARDS = tuple(f"{i:02x}" for i in range(256))
+_PURGE_BATCH = 5000
 _SWEEP_BATCH = 500
 
 
@@ -427,19 +463,23 @@ class SqlTx:
     def claim_key(
         self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
     ) -> Placement | None:
+        # Not claimed when the key's tombstone is there: its customer was erased, and a retry of
+        # their message must not bring it back (gateway.store.erase).
+        tombstone = erased_key(key)
         cur = self._x(
-            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (key) DO NOTHING",
-            (key, message_id, self._d.ts(now), fingerprint),
+            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) SELECT ?, ?, ?, ?"
+            " WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?) ON CONFLICT (key) DO NOTHING",
+            (key, message_id, self._d.ts(now), fingerprint, tombstone),
         )
         if cur.rowcount == 1:
             return None
         # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
-        row = self._x(
+        select = (
             "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
-            " previous_thread_id, fingerprint FROM idempotency_keys WHERE key = ?",
-            (key,),
-        ).fetchone()
+            " previous_thread_id, fingerprint, (SELECT number FROM threads t WHERE t.id = k.thread_id)"
+            " FROM idempotency_keys k WHERE key = ?"
+        )
+        row = self._x(select, (key,)).fetchone() or self._x(select, (tombstone,)).fetchone()
         if row is None or row[1] is None:
             # Claimed but never completed: only possible if a caller broke the engine's order.
             raise StoreError(f"idempotency key claimed without a placement: {key!r}")
@@ -454,6 +494,7 @@ class SqlTx:
             previous_thread_id=row[6],
             # A key claimed before fingerprints were kept (NULL) matches anything.
             conflict=fingerprint is not None and row[7] is not None and row[7] != fingerprint,
+            thread_number=int(row[8]) if row[8] is not None else None,
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:
@@ -649,9 +690,17 @@ class SqlTx:
         )
 
     def find_thread_by_rfc822(self, tenant: str, rfc822_message_id: str) -> ThreadRecord | None:
-        return self._thread(
+        found = self._thread(
             f"SELECT {_THREAD_COLUMNS_T} FROM messages m JOIN threads t ON t.id = m.thread_id"  # noqa: S608
             " WHERE m.rfc822_message_id = ? AND t.tenant = ? ORDER BY m.received_at DESC LIMIT 1",
+            (rfc822_message_id, tenant),
+        )
+        if found is not None:
+            return found
+        # A reply of ours by email: its Message-ID is the provider id the ledger keeps.
+        return self._thread(
+            f"SELECT {_THREAD_COLUMNS_T} FROM replies r JOIN threads t ON t.id = r.thread_id"  # noqa: S608
+            " WHERE r.channel = 'email' AND r.provider_message_id = ? AND t.tenant = ? LIMIT 1",
             (rfc822_message_id, tenant),
         )
 
@@ -905,7 +954,9 @@ class SqlStore(ReplyLedger, abc.ABC):
             d.sql(
                 "INSERT INTO blob_files (sha256, size, created_at, content_type) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (sha256) DO UPDATE"
-                " SET content_type = COALESCE(blob_files.content_type, excluded.content_type)"
+                " SET content_type = COALESCE(blob_files.content_type, excluded.content_type),"
+                # Stored again: retention counts from now (the file was touched by BlobDir.put).
+                " used_at = excluded.created_at"
             ),
             [(digest, size, d.ts(now), content_type) for digest, size, content_type in files],
         )
@@ -936,6 +987,8 @@ class SqlStore(ReplyLedger, abc.ABC):
             events: list[Event] = []
             for message, policy in zip(messages, policies, strict=True):
                 placed = place(tx, message, policy, now=now)
+                if not placed.placement.duplicate:
+                    record_content(d, conn, message, placed.placement, digest)
                 # Merge events first: a desk learns of the merged thread before the message on it.
                 events.extend(placed.events)
                 if placed.customer is not None:
@@ -1074,20 +1127,82 @@ class SqlStore(ReplyLedger, abc.ABC):
         await self._write(job)
 
     async def purge_expired(self, now: datetime) -> int:
-        """Drop idempotency keys past the retention, and published outbox rows just as old."""
+        """Drop idempotency keys past the retention, and published outbox rows just as old, in
+        batches; how many keys went."""
+        cutoff = now - timedelta(seconds=self._settings.idempotency_retention)
+        purged = 0
+        for kind in ("keys", "events"):
+            while True:
+                done = await self.purge_retained(kind, cutoff, _PURGE_BATCH)
+                purged += done if kind == "keys" else 0
+                if done < _PURGE_BATCH:
+                    break
+        return purged
+
+    async def purge_retained(self, kind: str, before: datetime, limit: int) -> int:
+        if kind not in RETAINED_KINDS:
+            raise ValueError(f"not a retained kind: {kind!r}")
         d = self.dialect
-        cutoff = d.ts(now - timedelta(seconds=self._settings.idempotency_retention))
+        # A file touched this recently may be about to be named by a commit (see BlobDir.put): it
+        # stays on disk, and the orphan sweep removes it later if nothing names it.
+        file_cutoff = time.time() - self._settings.orphan_min_age
+        purged = await self._write(lambda conn: purge_batch(d, conn, kind, d.ts(before), limit))
+        if purged.files:
+            await asyncio.to_thread(self._blobs.remove_stale, purged.files, file_cutoff)
+        return purged.rows
 
-        def job(conn: Connection) -> int:
-            purged = conn.execute(
-                d.sql("DELETE FROM idempotency_keys WHERE created_at < ?"), (cutoff,)
-            ).rowcount
+    async def reclaim_space(self, pages: int) -> int:
+        return 0
+
+    async def _after_erase(self) -> None:
+        """What a backend does once an erasure is committed (SQLite: scrub the WAL and free pages)."""
+
+    async def erase_customer(
+        self, customer_id: str, *, requested_by: str | None = None, tenant: str | None = None
+    ) -> Erasure | None:
+        d = self.dialect
+        started = time.time()
+        # The scans (outbox bodies, idempotency keys) run on a reader, off the writer's path; the
+        # erasing transaction looks again only at what was added since.
+        scan = await self._read(lambda conn: erase_scan(d, conn, customer_id, tenant, d.ts(self._clock())))
+        if scan is None:
+            return None
+        erasure_id = new_id("era")
+
+        def job(conn: Connection) -> tuple[Erasure, list[str]]:
+            now = self._clock()
+            erased = erase(d, conn, scan, d.ts(now))
+            if erased.unpublished:
+                self._count_published(conn, erased.unpublished)
             conn.execute(
-                d.sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < ?"), (cutoff,)
+                d.sql(
+                    "INSERT INTO erasures (id, tenant, customer_id, requested_by, counts, digest,"
+                    " requested_at) VALUES (?, ?, ?, ?, ?{json}, ?, ?)"
+                ),
+                (*audit_row(erased, erasure_id, requested_by), d.ts(now)),
             )
-            return max(purged, 0)
+            scope = erased.scope
+            merged = tuple(c for c in scope.customers if c != scope.customer_id)
+            record = Erasure(
+                id=erasure_id, tenant=scope.tenant, customer_id=scope.customer_id, merged_customers=merged,
+                threads=tuple(scope.threads), requested_by=requested_by, requested_at=now,
+                counts=erased.counts, digest=erased.digest,
+            )  # fmt: skip
+            event = customer_erased(
+                tenant=scope.tenant, customer_id=scope.customer_id, merged_customers=merged,
+                threads=scope.threads, erasure_id=erasure_id, counts=erased.counts, digest=erased.digest,
+                occurred_at=now,
+            )  # fmt: skip
+            _insert_events(d, conn, [event], now)
+            self._count_events(conn, 1, bounded=False)
+            return record, erased.files
 
-        return await self._write(job)
+        record, files = await self._write(job, events=True)
+        if files:
+            # Files stored again since the erasure began belong to a message committed meanwhile.
+            await asyncio.to_thread(self._blobs.remove_stale, files, started)
+        await self._after_erase()
+        return record
 
     async def purge_recent_texts(self, before: datetime, limit: int = 500) -> int:
         d = self.dialect
@@ -1196,6 +1311,16 @@ class SqlStore(ReplyLedger, abc.ABC):
             return bytes(row[0]) if row is not None else None
 
         return await self._read(read)
+
+    async def blob_put(self, data: bytes, content_type: str | None) -> str:
+        """Keep ``data`` in the blob store (a reply's attachment fetched by URL); its sha256."""
+        digest = await asyncio.to_thread(self._blobs.put, data)
+
+        def job(conn: Connection) -> None:
+            self._index_files(conn, [(digest, len(data), content_type)], self._clock())
+
+        await self._write(job)
+        return digest
 
     # -- media fetch queue (see Store.media_*) ----------------------------------------------------
 

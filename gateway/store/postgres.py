@@ -194,6 +194,13 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {replies}
     """,
+        # Retention and erasure (message content links, erased customers, the erasure audit), and
+        # the time indexes the retention purge reads oldest first.
+        """
+    {erasure}
+    CREATE INDEX messages_received ON messages (received_at);
+    CREATE INDEX raw_archive_created ON raw_archive (created_at);
+    """,
     ),
 )
 
@@ -240,6 +247,7 @@ class PostgresDialect(Dialect):
         "merges": "customer_merges",
         "merges_of": "surviving_customer = ? OR merged_customers @> ARRAY[?]::text[]",  # GIN-indexed
         "recent_text_key": "ctid",
+        "contains": "position(?::bytea IN body) > 0",
     }
     # A write, so a read-only standby or a full disk makes the instance unready.
     ping_sql = "UPDATE counters SET value = value WHERE name = 'ping'"

@@ -223,6 +223,31 @@ SHARED: Mapping[str, str] = {
         detail {text},
         PRIMARY KEY (reply_id, status)
     );""",
+    # Retention and erasure: what each message's raw body, attachments and media are (so an erasure
+    # finds them, and knows when another customer's message still needs the same bytes), when a blob
+    # file was last stored again (retention counts from then), erased customers, and the audit of
+    # erasures (no personal data: who asked, when, counts, a digest of what was removed).
+    "erasure": """CREATE TABLE message_content (
+        message_id {text} NOT NULL,
+        kind {text} NOT NULL CHECK (kind IN ('raw', 'blob', 'media')),
+        ref {text} NOT NULL,
+        PRIMARY KEY (message_id, kind, ref)
+    ){without_rowid};
+    CREATE INDEX message_content_ref ON message_content (ref);
+    ALTER TABLE customers ADD COLUMN erased_at {time};
+    CREATE INDEX customers_merged_into ON customers (merged_into) WHERE merged_into IS NOT NULL;
+    ALTER TABLE blob_files ADD COLUMN used_at {time};
+    CREATE INDEX blob_files_age ON blob_files ((coalesce(used_at, created_at)));
+    CREATE TABLE erasures (
+        id {text} PRIMARY KEY,
+        tenant {text} NOT NULL,
+        customer_id {text} NOT NULL,
+        requested_by {text},
+        requested_at {time} NOT NULL,
+        counts {document} NOT NULL,
+        digest {text} NOT NULL
+    );
+    CREATE INDEX erasures_customer ON erasures (customer_id);""",
 }
 
 

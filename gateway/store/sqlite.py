@@ -56,6 +56,7 @@ _WAL_AUTOCHECKPOINT_PAGES = 16_384
 # The writer's page cache: with SQLite's default (2 MiB) every placement re-reads index pages of
 # idempotency keys, messages and the outbox once the database outgrows it. Readers keep the default.
 _WRITER_CACHE_KIB = 32 * 1024
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
 # Words of the shared schema (gateway.store.schema): times are integer microseconds; the
@@ -164,6 +165,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {replies}
     """,
+        # 11: retention and erasure (message content links, erased customers, the erasure audit).
+        # Old rows are found by their rowid order (insertion order), so no time index is needed.
+        """
+    {erasure}
+    """,
     ),
 )
 
@@ -207,6 +213,19 @@ class SQLiteDialect(Dialect):
         "merges": "merges",
         "merges_of": "id IN (SELECT merge_id FROM merge_members WHERE customer_id = ?)",
         "recent_text_key": "customer_id, at, message_id",  # the primary key (WITHOUT ROWID)
+        "contains": "instr(body, ?) > 0",
+    }
+    # Rows are appended in time order, so the old ones are at the head of the table in rowid
+    # order: a look at the first ``limit`` rows finds them without a time index (which would cost
+    # every message its bytes). A straggler behind a younger row goes in a later round.
+    oldest_sql: ClassVar[Mapping[str, str]] = {
+        **Dialect.oldest_sql,
+        "events": "SELECT position FROM (SELECT position, published_at FROM outbox"
+        " ORDER BY position LIMIT ?2) WHERE published_at < ?1",
+        "messages": "SELECT message_id FROM (SELECT message_id, received_at FROM messages"
+        " ORDER BY rowid LIMIT ?2) WHERE received_at < ?1",
+        "raw_bodies": "SELECT sha256 FROM (SELECT sha256, created_at FROM raw_archive"
+        " ORDER BY rowid LIMIT ?2) WHERE created_at < ?1",
     }
     # A write (committed with fsync), not a read: readiness asks whether the store can store.
     ping_sql = (
@@ -218,6 +237,14 @@ class SQLiteDialect(Dialect):
     dt = staticmethod(_dt)
     load_json = staticmethod(orjson.loads)
     text_array = staticmethod(_json_list)
+
+    def erase_merges(self, conn: Connection, customer_ids: Sequence[str]) -> int:
+        sql = "SELECT merge_id FROM merge_members WHERE customer_id = ?"
+        ids = sorted({r[0] for c in customer_ids for r in conn.execute(sql, (c,)).fetchall()})
+        if ids:
+            executemany(conn, "DELETE FROM merge_members WHERE merge_id = ?", [(i,) for i in ids])
+            executemany(conn, "DELETE FROM merges WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
 
     def add_merge_members(self, conn: Connection, merge: MergeRecord) -> None:
         # merged_customers is JSON text here: merge_members finds a customer's merges.
@@ -311,6 +338,12 @@ class SQLiteStore(SqlStore):
         )
         self._open = True
         logger.info("store open at %s (outbox backlog %d)", self._settings.path, backlog)
+        if not await asyncio.to_thread(self._incremental):
+            logger.warning(
+                "store %s cannot give freed space back to the file system (auto_vacuum is not"
+                " INCREMENTAL): stop the gateway and run `ticketgate store vacuum` once",
+                self._settings.path,
+            )
 
     async def close(self) -> None:
         if not self._open:
@@ -336,7 +369,15 @@ class SQLiteStore(SqlStore):
         conn = sqlite3.connect(self._settings.path, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA busy_timeout = 5000")
         if not readonly:
+            # Takes effect only in a new (empty) file; an older file needs one full VACUUM
+            # (``ticketgate store vacuum``, see vacuum_file) before freed pages can be given back.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
+            # After a checkpoint the WAL shrinks back to this, instead of keeping its largest size.
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
+            # Deleted content (retention, erasure) is overwritten with zeros, in the pages and in
+            # free pages, so an erased customer's bytes do not linger in the file.
+            conn.execute("PRAGMA secure_delete = ON")
             # The checkpointer thread copies the WAL back so commits do not stall on it; this
             # larger automatic threshold only bounds the WAL should that thread fall behind.
             conn.execute(f"PRAGMA wal_autocheckpoint = {_WAL_AUTOCHECKPOINT_PAGES}")
@@ -361,6 +402,52 @@ class SQLiteStore(SqlStore):
                 f"BEGIN IMMEDIATE;\n{MIGRATIONS[version - 1]}\nPRAGMA user_version = {version};\nCOMMIT;"
             )
             logger.info("store schema migrated to version %d", version)
+
+    def _incremental(self) -> bool:
+        conn = sqlite3.connect(self._settings.path, isolation_level=None)
+        try:
+            return int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2  # INCREMENTAL
+        finally:
+            conn.close()
+
+    async def reclaim_space(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the file system (PRAGMA incremental_vacuum).
+
+        On a connection of its own, outside the writer's batches: the pragma must run outside a
+        transaction. It takes the write lock briefly; the writer waits (busy_timeout) meanwhile.
+        """
+        if not self._open or pages <= 0:
+            return 0
+        return await asyncio.to_thread(self._vacuum, pages)
+
+    def _vacuum(self, pages: int) -> int:
+        conn = self._connect(readonly=False)
+        try:
+            before = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            if before:
+                # executescript steps the pragma to its end (execute would free one page only).
+                conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+            return before - int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        finally:
+            conn.close()
+
+    async def _after_erase(self) -> None:
+        """Copy the WAL into the database and truncate it (its old frames hold the erased rows as
+        they were), then give every free page back (they are zeroed: secure_delete)."""
+        await asyncio.to_thread(self._truncate_wal)
+        await self.reclaim_space(2**31 - 1)
+
+    def _truncate_wal(self) -> None:
+        conn = self._connect(readonly=False)
+        try:
+            for _ in range(50):
+                busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+                time.sleep(0.1)  # a reader's snapshot holds the WAL; it ends with its read
+            logger.warning("store: WAL not truncated after an erasure (readers busy)")
+        finally:
+            conn.close()
 
     def _run_checkpointer(self) -> None:
         """Copy the WAL into the database now and then, off the writer's path (PASSIVE never blocks it)."""
@@ -586,6 +673,25 @@ class SQLiteStore(SqlStore):
             )
 
         return await self._read(read)
+
+
+def vacuum_file(path: Path) -> tuple[int, int]:
+    """Rebuild the database file once with ``auto_vacuum = INCREMENTAL`` (a full VACUUM), so
+    retention's freed pages can be given back later; (bytes before, bytes after).
+
+    Run with the gateway stopped: VACUUM holds the write lock for its whole run and needs free disk
+    space for a copy of the database. Idempotent.
+    """
+    before = path.stat().st_size
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return before, path.stat().st_size
 
 
 def _as_store_error(exc: Exception) -> Exception:

@@ -54,6 +54,10 @@ from normalizers.html import to_text as html_to_text
 
 DEFAULT_TICKET_REF = r"\[#TG-(?P<number>\d+)\]"
 DEFAULT_LOOP_MARKER = "ticketgate"
+# The header every reply ticketgate sends carries (connectors/email/sender.py), with the reply id.
+# Such a mail coming in is our own reply looped back (a smarthost or a forward that delivers it to
+# us): it is quarantined with that reason, never made a customer's message.
+REPLY_HEADER = "X-Ticketgate-Reply"
 
 _BOUNDARY_OR_DELIMITER = re.compile(
     rb"""boundary\s*=\s*(?:"([^"\r\n]{1,200})"|([^\s;"]{1,200}))|^--([^\r\n]{1,202})""",
@@ -550,6 +554,11 @@ def _normalize(envelope: RawEnvelope, limits: EmailLimits) -> CanonicalMessage:
 
     def raw_values(name: str) -> list[str]:
         return list(index.get(name.lower(), ()))
+
+    own = raw_values(REPLY_HEADER)
+    if own:
+        reply_id = headers.unfold(own[0]).strip()[:100]
+        raise NormalizationError(f"loop: ticketgate's own reply {reply_id} came back; not a customer's mail")
 
     hint = next((c for c in body.charsets if c not in {"ascii", "utf-8"}), None)
     subject_values = raw_values("Subject")

@@ -30,7 +30,7 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_CONFIG = DEPLOY / "ticketgate.compose.toml"
 UNIT = DEPLOY / "ticketgate.service"
-SECRETS = ("rabbitmq_password", "postgres_password", "amqp_url", "postgres_dsn", "api_key")
+SECRETS = ("rabbitmq_password", "postgres_password", "amqp_url", "postgres_dsn", "api_key", "admin_token")
 
 
 def compose_missing() -> str | None:
@@ -57,6 +57,7 @@ def secret_dir(tmp_path: Path) -> Path:
         "amqp_url": "amqp://ticketgate:pw@rabbitmq:5672/",
         "postgres_dsn": "postgresql://ticketgate:pw@postgres:5432/ticketgate",
         "api_key": "a-long-enough-api-key-for-tests",
+        "admin_token": "a-long-enough-admin-token-for-tests",
     }
     for name in SECRETS:
         (directory / name).write_text(values.get(name, "pw") + "\n")

@@ -29,7 +29,10 @@ pytestmark = pytest.mark.integration
 GUIDES = ROOT / "docs" / "channels"
 MARKER = "# against config/ticketgate.dev.toml (make run)"
 # Distinct message.received events each guide's commands make (repeats and forgeries make none).
-EXPECTED = {"api": 1, "form": 1, "email": 1, "wechat": 2, "wecom": 1, "telegram": 1, "webchat": 1}
+EXPECTED = {
+    "api": 1, "form": 1, "email": 1, "wechat": 2, "wecom": 1, "telegram": 1, "whatsapp": 1, "messenger": 1,
+    "instagram": 1, "line": 1, "x": 1, "webchat": 1, "slack": 1,
+}
 # Guides without a dev-config block, and why.
 NOT_RUNNABLE = {"wechat_kf": "the gateway would call Tencent's API at start-up", "README": "the index"}
 
@@ -102,6 +105,7 @@ def metric(url: str, name: str, labels: str) -> float:
 async def test_the_try_it_commands_of_every_guide_make_their_events(dev_gateway: DevGateway) -> None:
     require_tool("curl", "curl")
     require_tool("swaks", "swaks")
+    require_tool("openssl", "openssl")
     gateway = dev_gateway.process
     for name in EXPECTED:
         for block in runnable_blocks(GUIDES / f"{name}.md"):
@@ -126,6 +130,6 @@ async def test_the_try_it_commands_of_every_guide_make_their_events(dev_gateway:
     # Every URL the guides send to is one the start-up summary printed.
     log = gateway.log()
     for path in ("/api/v1/messages", "/forms/demo", "/forms/demo/embed.js", "/wechat/demo", "/wecom/demo",
-                 "/telegram/demo", "/chat/demo/widget.js"):
+                 "/telegram/demo", "/meta/demo", "/chat/demo/widget.js", "/slack/demo/events"):
         assert f"http://127.0.0.1:{gateway.port}{path}" in log, path
     assert f"smtp://127.0.0.1:{dev_gateway.smtp_port} for support@demo.localhost" in log

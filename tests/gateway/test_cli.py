@@ -155,3 +155,33 @@ async def test_health_exit_codes_follow_the_gateway_s_answers(
         assert (code, out.strip()) == (1, f"http://127.0.0.1:{unused_tcp_port}/readyz: 503")
     finally:
         await runner.cleanup()
+
+
+async def test_customer_erase_and_store_vacuum(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.gateway.store.storekit import POLICY, build_event, envelope, message
+
+    config = write_config(tmp_path)
+    settings = load_settings(config)
+    store = SQLiteStore(settings.store, settings.outbox)
+    await store.open()
+    try:
+        (placed,) = await store.accept(
+            envelope(tenant="demo", inbox="demo"), [message("m-1", tenant="demo", inbox="demo")],
+            policies=[POLICY], build_event=build_event,
+        )  # fmt: skip
+    finally:
+        await store.close()
+    argv = ["customer", "erase", placed.customer_id, "--by", "dpo", "--config", str(config)]
+
+    code, out = await asyncio.to_thread(run, argv, capsys)
+
+    assert code == 0
+    erased = orjson.loads(out)
+    assert (erased["customer_id"], erased["requested_by"], erased["counts"]["messages"]) == (
+        placed.customer_id, "dpo", 1,
+    )  # fmt: skip
+    code, _ = await asyncio.to_thread(run, [*argv[:3], "--tenant", "other", "--config", str(config)], capsys)
+    assert code == 1
+    code, out = await asyncio.to_thread(run, ["store", "vacuum", "--config", str(config)], capsys)
+    assert code == 0
+    assert "auto_vacuum = INCREMENTAL" in out

@@ -124,7 +124,7 @@ def summary_of(lines: list[str]) -> list[str]:
 
 def test_every_installed_channel_describes_its_endpoints() -> None:
     registry = Registry.installed()
-    for name in ("api", "form", "email", "wechat", "wecom", "wechat_kf", "telegram"):
+    for name in ("api", "form", "email", "wechat", "wecom", "wechat_kf", "telegram", "slack"):
         connector = registry.get(name).connector
         assert callable(getattr(connector, "describe_endpoints", None)), name
 

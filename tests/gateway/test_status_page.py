@@ -140,7 +140,8 @@ async def test_the_json_reads_the_same_figures_as_metrics(aiohttp_client: MakeCl
     [api] = [c for c in after["channels"] if c["name"] == "api"]
     rows = {row["inbox"]: row for row in api["inboxes"]}
     assert sum(rows["shop"]["minutes"]["stored"]) == 2
-    assert rows["shop"]["minutes"]["stored"][-1] == 2  # this minute, the last bar
+    # This minute's bar is the last (the previous one when a minute turned meanwhile).
+    assert sum(rows["shop"]["minutes"]["stored"][-2:]) == 2
     assert rows["shop"]["last_message_at"] is not None
     # The wrong key is refused before an inbox is known: the "" row, reason auth.
     assert rows[""]["refusals"]["auth"] == 1
@@ -160,7 +161,7 @@ async def test_the_json_reads_the_same_figures_as_metrics(aiohttp_client: MakeCl
     assert after["store"] == {**after["store"], "backend": "sqlite", "ok": True}
     assert after["store"]["size_bytes"] > 0
     assert after["broker"]["connected"] is True
-    assert after["broker"]["publish_confirms"] >= 2
+    assert after["broker"]["publish_confirms"] >= 1  # the relay counts a confirm after the bus took it
 
 
 async def test_the_page_is_one_document_with_no_external_asset(
@@ -319,3 +320,120 @@ def test_quantile_and_deadline_share_follow_prometheus() -> None:
     assert within(30.0, buckets) == (100, 100)
     # Past the last finite bound: Prometheus answers that bound.
     assert quantile(1.0, [(1.0, 1.0), (float("inf"), 3.0)]) == 1.0
+
+
+async def test_replies_waiting_from_the_ledger_and_failed_from_the_dispatcher(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+
+    client, _ = await started(aiohttp_client, tmp_path)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    empty = (await (await client.get("/status/api/summary", headers=auth)).json())["replies"]
+    assert (empty["waiting"], empty["failed"], empty["oldest_waiting_age"]) == (0, 0, None)
+
+    posted = await client.post(
+        "/api/v1/messages", json={"customer": {"email": "ada@example.com"}, "text": "where is it?"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    thread_id = (await posted.json())["thread_id"]
+    # A desk's reply: the API inbox has no callback URL, so the dispatcher fails it for good.
+    desk = {"Authorization": f"Bearer {DESK_KEY}"}
+    command = {"command_id": "cmd-1", "tenant": "acme", "text": "on its way"}
+    requested = await client.post(f"/api/v1/threads/{thread_id}/replies", json=command, headers=desk)
+    assert requested.status in (201, 202), await requested.text()
+
+    async def failed() -> dict[str, Any]:
+        while True:
+            replies: dict[str, Any] = (await (await client.get("/status/api/summary", headers=auth)).json())[
+                "replies"
+            ]
+            if replies["failed"]:
+                return replies
+            await asyncio.sleep(0.05)  # the dispatcher runs in the app: poll its outcome
+
+    async with asyncio.timeout(10):
+        replies = await failed()
+    assert replies["failed"] == 1
+    assert replies["waiting"] == 0
+    [(reason, count)] = replies["failed_by_reason"].items()
+    assert count == 1
+    assert reason == "recipient_unreachable", replies
+    # Failed while resolving (no channel could reach the customer): channel "", as /metrics has it.
+    assert replies["failed_by_channel"] == {"": 1}
+    metrics = await (await client.get("/metrics")).text()
+    assert 'ticketgate_replies_failed_total{channel="",reason="recipient_unreachable"} 1.0' in metrics
+
+
+
+async def test_replies_waiting_are_the_ledgers_unfinished_commands(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    from dedupe.engine import new_id
+    from gateway.store.replies import ReplyRequest
+
+    # No dispatcher on this instance: what desks asked for waits in the ledger.
+    settings = settings_for(tmp_path).model_copy(update={"replies": Settings.model_validate(
+        {"replies": {"enabled": False}}).replies})
+    client = await aiohttp_client(create_app(settings, Overrides(publisher=MemoryPublisher())))
+    posted = await client.post(
+        "/api/v1/messages", json={"customer": {"email": "ada@example.com"}, "text": "where is it?"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    thread_id = (await posted.json())["thread_id"]
+    for n in (1, 2):
+        await client.app[STORE].reply_request(ReplyRequest(
+            reply_id=new_id("rpl"), tenant="acme", command_id=f"cmd-{n}", thread_id=thread_id,
+            fingerprint=f"fp:{n}", command={"text": f"answer {n}"},
+        ))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    replies = (await (await client.get("/status/api/summary", headers=auth)).json())["replies"]
+    assert replies["waiting"] == replies["pending"] == 2
+    assert 0 <= replies["oldest_waiting_age"] < 60
+
+
+async def test_a_hostile_reason_cannot_close_the_pages_script(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client, _ = await started(aiohttp_client, tmp_path)
+    await sign_in(client)
+    envelope = RawEnvelope(
+        channel="api", tenant="acme", inbox="shop", body=b"x", received_at=datetime.now(UTC),
+        signature_verified=True,
+    )
+    hostile = "</script><script>alert(document.cookie)</script>"
+    await client.app[STORE].quarantine(envelope, f"normalizer error: {hostile}")
+    text = await (await client.get("/status")).text()
+    assert hostile not in text
+    initial = re.search(r'<script type="application/json" id="tg-initial">(.*?)</script>', text, re.S)
+    assert initial is not None
+    assert hostile in orjson.loads(initial.group(1))["quarantine"]["items"][0]["reason"]
+
+
+@pytest.mark.integration
+async def test_on_postgresql_the_page_reads_the_shared_store(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    from tests.support.postgres import store_table
+
+    with store_table("postgresql") as table:
+        base = settings_for(tmp_path)
+        dsn = Settings.model_validate({"store": table}).store.dsn
+        settings = base.model_copy(update={"store": base.store.model_copy(
+            update={"backend": "postgresql", "dsn": dsn}
+        )})
+        client = await aiohttp_client(create_app(settings, Overrides(publisher=MemoryPublisher())))
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        qid = await quarantined(client, orjson.dumps({"customer": {"email": "pg@example.com"}, "text": "pg"}))
+        before = await (await client.get("/status/api/summary", headers=auth)).json()
+        assert before["store"]["backend"] == "postgresql"
+        assert before["store"]["ok"] is True
+        assert before["store"]["size_bytes"] is None
+        assert before["store"]["address"].startswith("postgresql ")
+        assert before["quarantine"]["held"] == 1
+        url = f"/status/api/quarantine/{qid}/replay"
+        replayed = await client.post(url, json={"confirm": qid}, headers=auth)
+        assert (await replayed.json())["stored"] is True
+        after = await (await client.get("/status/api/summary", headers=auth)).json()
+        assert after["quarantine"]["held"] == 0
+        assert after["replies"]["waiting"] == 0
+        await client.close()

@@ -61,6 +61,8 @@ def test_every_item_of_a_page_in_order_with_types() -> None:
     assert [m.external_id for m in messages] == [str(n) for n in range(1, 13)]
     assert messages[0].text == "你好"
     assert messages[0].extra["menu_id"] == "101"
+    # What the way back (kf/send_msg) needs: the customer service account and the customer.
+    assert (messages[0].extra["open_kfid"], messages[0].extra["external_userid"]) == ("wkX", USER)
     assert [(m.media[0].kind, m.media[0].ref) for m in messages[1:5]] == [
         ("image", "IMG"),
         ("voice", "VOC"),

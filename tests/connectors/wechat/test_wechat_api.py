@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 from fake_api import APP_ID, APP_SECRET, CORP_ID, CORP_SECRET, FakeMedia, FakeWeChatApi
@@ -15,6 +16,7 @@ from connectors.wechat.api import (
     ApiError,
     ApiUnavailable,
     Credentials,
+    SharedTokens,
     TooLargeMedia,
     WeChatApi,
 )
@@ -192,3 +194,65 @@ async def test_unreachable_api_is_unavailable(session: aiohttp.ClientSession) ->
         await WeChatApi(session, creds, sleep=pauses, retries=1).token()
     assert "127.0.0.1" not in raised.value.reason  # URLs carry tokens and secrets: never in errors
     assert pauses.taken == [1.0]
+
+
+class MemoryState:
+    """The channel state's contract (get / put / compare_and_set) over a dict: one 'store'."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        return self.values.get(key)
+
+    async def put(self, key: str, value: bytes) -> None:
+        self.values[key] = value
+
+    async def compare_and_set(self, key: str, expected: bytes | None, value: bytes) -> bool:
+        if self.values.get(key) != expected:
+            return False
+        self.values[key] = value
+        return True
+
+
+async def test_shared_token_is_fetched_by_one_instance_and_read_by_the_others(
+    fake: FakeWeChatApi, session: aiohttp.ClientSession
+) -> None:
+    state = MemoryState()
+    first, second = client(fake, session, state=state), client(fake, session, state=state)
+    assert await first.token() == await second.token() == "ACCESS_TOKEN_1"
+    assert len(fake.stable_calls()) == 1
+    # The secret is never stored, only a hash that tells two secrets of one corp apart.
+    [(key, record)] = state.values.items()
+    assert APP_SECRET not in key
+    assert APP_SECRET.encode() not in record
+
+
+async def test_a_lease_left_by_a_dead_instance_is_taken_over(
+    fake: FakeWeChatApi, session: aiohttp.ClientSession
+) -> None:
+    clock, state = Clock(), MemoryState()
+
+    async def pass_time(seconds: float) -> None:
+        clock.now += seconds
+
+    dead = SharedTokens(state, clock=clock)
+    key = dead.key(Credentials(flavor="official_account", api_base="", app_id=APP_ID, secret=APP_SECRET))
+    state.values[key] = orjson.dumps({"lease_until": clock.now + 30, "lease": "dead"})
+    api = client(fake, session, state=state, clock=clock, sleep=pass_time)
+    assert await api.token() == "ACCESS_TOKEN_1"
+    assert clock.now >= 1030  # it waited for the lease to run out, then refreshed itself
+    assert orjson.loads(state.values[key])["token"] == "ACCESS_TOKEN_1"
+
+
+async def test_a_failed_refresh_gives_the_lease_back(
+    fake: FakeWeChatApi, session: aiohttp.ClientSession
+) -> None:
+    state = MemoryState()
+    fake.fail_next("token", {"errcode": 40164, "errmsg": "invalid ip, not in whitelist"})
+    api = client(fake, session, state=state)
+    with pytest.raises(ApiError):
+        await api.token()
+    [record] = state.values.values()
+    assert "lease_until" not in orjson.loads(record)
+    assert await client(fake, session, state=state).token() == "ACCESS_TOKEN_1"  # no wait for a lease

@@ -275,3 +275,25 @@ async def test_missing_secret_refuses_to_start(fake: FakeWeChatApi, tmp_path: Pa
 
     with pytest.raises(ConfigError, match="secret"):
         WeChatKfConnector.from_settings(Settings.model_validate(raw))
+
+
+async def test_msg_send_fail_reports_our_reply_failed(rig: Rig, fake: FakeWeChatApi) -> None:
+    reports: list[tuple[str, str, Any, Any]] = []
+
+    async def report(msgid: str, status: str, *, reason: Any = None, detail: Any = None) -> bool:
+        reports.append((msgid, status, reason, detail))
+        return True
+
+    fake.kf_messages[:] = [
+        item(1),
+        {**item(2, "event", event_type="msg_send_fail", fail_msgid="5f1c0d2e9a8b7c6d5e4f3a2b1c0d9e8f",
+                fail_type=4), "origin": 4},
+    ]
+    syncer = rig.syncer()
+    syncer.bind(rig.ctx.state, report)
+    assert await syncer.sync("service", KFID) == 2
+    # The event is published as any other, and the reply it names has failed: session expired.
+    assert await rig.published_msgids() == ["msg-1", "msg-2"]
+    assert reports == [
+        ("5f1c0d2e9a8b7c6d5e4f3a2b1c0d9e8f", "failed", "window_closed", "msg_send_fail fail_type 4")
+    ]

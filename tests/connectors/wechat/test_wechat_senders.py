@@ -412,3 +412,39 @@ def test_kf_msgid_is_stable_short_and_distinct_per_part() -> None:
     assert len(ids) == 3
     assert all(len(i) == 32 for i in ids)
     assert kf_msgid(long) == kf_msgid(long)
+
+
+async def test_an_html_only_reply_goes_as_its_text(rig: Rig, fake: FakeWeChatApi) -> None:
+    await rig.send("wechat", oa_reply(text=None, html="<p>您好，<b>已退款</b>。</p><p>谢谢！</p>"))
+    [body] = sends(fake, "custom_send")
+    assert "已退款" in body["text"]["content"]
+    assert "<" not in body["text"]["content"]
+
+
+async def test_an_account_without_its_secret_registers_no_sender(
+    fake: FakeWeChatApi, store: SQLiteStore
+) -> None:
+    config = Settings.model_validate({
+        "tenants": {"acme": {}},
+        "inboxes": {"wx": {"tenant": "acme"}},
+        "channels": {"wechat": {"accounts": {"demo": {
+            "inbox": "wx", "app_id": APP_ID, "token": TOKEN, "encoding_aes_key": AES_KEY,
+        }}}},
+    })
+    connector = WeChatConnector.from_settings(config)
+    assert connector is not None
+    specs: dict[str, SenderSpec] = {}
+
+    async def ingest(*_: Any) -> Any:
+        raise AssertionError("no ingest")
+
+    set_up(web.Application(), connector, ingest, settings=config, store=store, senders=specs)
+    assert specs == {}
+
+
+async def test_news_sends_its_other_attachments_after_the_card(rig: Rig, fake: FakeWeChatApi) -> None:
+    cover = rig.blobs.put(PNG, "cover.png", "image/png")
+    photo = rig.blobs.put(PNG + b"2", "photo.png", "image/png")
+    news = {"title": "退款进度", "url": "https://shop.example.com/orders/4711"}
+    await rig.send("wechat", oa_reply(attachments=(cover, photo), options={"news": news}))
+    assert [b["msgtype"] for b in sends(fake, "custom_send")] == ["news", "image"]

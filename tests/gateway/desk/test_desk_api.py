@@ -405,3 +405,40 @@ async def test_desk_routes_live_beside_the_api_channel(
     assert len(ingest.envelopes) == 1
     assert (desk.status, (await desk.json())["error"]) == (404, "not_found")
     assert (await store.transact(graph.customer_summary("cus_x"))) is None
+
+
+# -- erasure --------------------------------------------------------------------------------------
+
+
+async def test_erase_with_a_tenant_key_and_again(client: Client, store: SQLiteStore) -> None:
+    acme = await accept(store, msg("1", email("ada@example.com", verified=True)))
+    globex = await accept(store, msg("2", email("ada@example.com"), tenant="globex", inbox="g"))
+    path = f"/api/v1/customers/{acme.customer_id}/erase"
+
+    refused = await client.post(path, headers=auth(GLOBEX_KEY))
+    assert refused.status == 404  # another tenant's customer: as if unknown
+    assert (await client.post(path, data=b"actor=x", headers=auth())).status == 415
+    bad = await client.post(path, json={"actor": "x", "extra": 1}, headers=auth())
+    assert bad.status == 422
+
+    response = await client.post(path, json={"actor": "privacy-team ticket 42"}, headers=auth())
+    assert response.status == 200
+    answer = await response.json()
+    assert answer["customer_id"] == acme.customer_id
+    assert answer["threads"] == [acme.thread_id]
+    assert answer["counts"]["messages"] == 1
+    assert answer["requested_by"] == "desk-api actor=privacy-team ticket 42"
+    (erased,) = await events_of(store, "customer.erased")
+    assert erased["customer"]["id"] == acme.customer_id
+    assert erased["erasure"]["digest"] == answer["digest"]
+    summary = await (await client.get(f"/api/v1/customers/{acme.customer_id}", headers=auth())).json()
+    assert (summary["identities"], summary["display_name"]) == ([], None)
+    # Erasing again is fine (nothing more to remove); the other tenant's customer is untouched.
+    again = await client.post(path, headers=auth())
+    assert again.status == 200
+    assert (await again.json())["counts"]["messages"] == 0
+    other = await (await client.get(f"/api/v1/customers/{globex.customer_id}", headers=auth())).json()
+    assert other["identities"] == [{"kind": "email", "value": "ada@example.com", "verified": False}]
+    scoped = await client.post(f"/api/v1/customers/{globex.customer_id}/erase", headers=auth(GLOBEX_KEY))
+    assert scoped.status == 200
+    assert (await scoped.json())["requested_by"] == "desk-api tenant=globex"

@@ -1,0 +1,313 @@
+"""The reply dispatcher on a real SQLite store with a recording sender: order, window, retries,
+permanent refusals, channel choice, delivery reports; and the command over the control queue's
+``apply_control``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from core import events
+from core.channel import OutboundReply, SendError, SenderSpec, Sent
+from core.events import CustomerView, Event
+from core.model import CanonicalMessage, Identity, Placement, RawEnvelope
+from core.settings import OutboxSettings, ReplySettings, StoreSettings
+from dedupe.policy import PlacementPolicy
+from gateway.control import Applied, apply_control
+from gateway.metrics import Metrics
+from gateway.replies import Dispatcher, TokenBucket, backoff
+from gateway.reply_commands import ReplyIntake
+from gateway.store.sqlite import SQLiteStore
+from tests.support.schema import validate_event
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+class Recorder:
+    """A sender that records replies and answers from a script (an exception or a Sent)."""
+
+    def __init__(self, *script: Exception) -> None:
+        self.sent: list[OutboundReply] = []
+        self.script = list(script)
+
+    async def send(self, reply: OutboundReply) -> Sent:
+        self.sent.append(reply)
+        if self.script:
+            raise self.script.pop(0)
+        return Sent(provider_message_id=f"pm-{len(self.sent)}")
+
+
+class Clock:
+    """The dispatcher's clock; it starts a little after the store's (which is the real one)."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC) + timedelta(seconds=5)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    instance = SQLiteStore(
+        StoreSettings.model_validate(
+            {"path": tmp_path / "tg.db", "blob_dir": tmp_path / "blobs", "min_free_disk_mb": 0}
+        ),
+        OutboxSettings(),
+    )
+    await instance.open()
+    yield instance
+    await instance.close()
+
+
+def _build(m: CanonicalMessage, p: Placement, c: CustomerView, subject: str | None, ref: str | None) -> Event:
+    return events.message_received(
+        m, placement=p, customer=c, thread_subject=subject, raw_ref=ref, signature_verified=True, retry=0,
+        public_url=None, occurred_at=m.received_at,
+    )  # fmt: skip
+
+
+async def inbound(
+    store: SQLiteStore, external_id: str, *, channel: str = "email", at: datetime = NOW, **extra: Any
+) -> Placement:
+    identities = (Identity(kind="email", value="li.lei@example.com", verified=True),)
+    if channel == "wechat":
+        identities = (Identity(kind="wechat_openid", value="o-li"),)
+    message = CanonicalMessage(
+        channel=channel, tenant="demo", inbox="demo", external_id=external_id, received_at=at,
+        identities=identities, subject="Where is my order?", text=f"text {external_id}", extra=extra,
+    )  # fmt: skip
+    envelope = RawEnvelope(
+        channel=channel, tenant="demo", inbox="demo", body=external_id.encode(), received_at=at
+    )
+    (placement,) = await store.accept(
+        envelope, [message], policies=[PlacementPolicy(window=86400.0)], build_event=_build
+    )
+    return placement
+
+
+Make = Callable[..., Dispatcher]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make(store: SQLiteStore, clock: Clock) -> Make:
+    def build(senders: dict[str, SenderSpec], **settings: Any) -> Dispatcher:
+        kinds = {"email": frozenset({"email"}), "wechat": frozenset({"wechat_openid"})}
+        config = ReplySettings.model_validate({"backoff_base": 1.0, "backoff_cap": 8.0, **settings})
+        return Dispatcher(config, store, Metrics(), senders, kinds=kinds, now=clock)
+
+    return build
+
+
+async def command(store: SQLiteStore, thread_id: str, command_id: str, **fields: Any) -> Applied:
+    body = {"type": "reply.requested", "command_id": command_id, "thread_id": thread_id, "tenant": "demo"}
+    body.setdefault("text", f"answer {command_id}")
+    body.update(fields)
+    return await apply_control(store, orjson.dumps(body), ReplyIntake(settings=ReplySettings()))
+
+
+async def reply_events(store: SQLiteStore) -> list[dict[str, Any]]:
+    rows = await store.outbox_fetch(1000)
+    return [validate_event(r.body) for r in rows if r.type.startswith("reply.")]
+
+
+async def test_replies_go_out_in_thread_order_with_what_answering_needs(
+    store: SQLiteStore, make: Make
+) -> None:
+    first = await inbound(store, "m1@example.com", reply_to=["orders@example.com"])
+    second = await inbound(store, "m2@example.com", at=NOW + timedelta(seconds=1))
+    sender = Recorder()
+    dispatcher = make({"email": SenderSpec(sender=sender)})
+    for n in range(3):
+        assert await command(store, first.thread_id, f"c{n}", agent_name="Ada") is Applied.APPLIED
+    assert await command(store, first.thread_id, "c0", agent_name="Ada") is Applied.APPLIED  # a repeat
+
+    while await dispatcher.run_once():
+        pass
+
+    assert [r.command_id for r in sender.sent] == ["c0", "c1", "c2"]
+    out = sender.sent[0]
+    assert (out.channel, out.inbox, out.recipient.value, out.agent_name) == (
+        "email",
+        "demo",
+        "li.lei@example.com",
+        "Ada",
+    )
+    assert out.thread_number == 1
+    assert out.answering_external_id == "m2@example.com"
+    assert out.references == ("m1@example.com", "m2@example.com")
+    assert sender.sent[1].references[-1] == "pm-1"  # our earlier reply in the thread
+    assert second.thread_id == first.thread_id
+    sent = await reply_events(store)
+    assert [e["type"] for e in sent] == ["reply.sent"] * 3
+    assert [e["reply"]["provider_message_id"] for e in sent] == ["pm-1", "pm-2", "pm-3"]
+
+
+async def test_outside_the_window_the_reply_fails_without_a_call(
+    store: SQLiteStore, make: Make, clock: Clock
+) -> None:
+    placed = await inbound(store, "o-1", channel="wechat", at=NOW - timedelta(hours=49))
+    sender = Recorder()
+    templates: list[OutboundReply] = []
+    spec = SenderSpec(
+        sender=sender,
+        window=48 * 3600.0,
+        outside_window=lambda r: bool(templates.append(r)) or r.options.get("template") is not None,
+    )
+    dispatcher = make({"wechat": spec})
+    await command(store, placed.thread_id, "late")
+    await command(store, placed.thread_id, "template", options={"template": "shipping_update"})
+    while await dispatcher.run_once():
+        pass
+    assert [r.command_id for r in sender.sent] == ["template"]
+    [failed, sent] = await reply_events(store)
+    assert (failed["type"], failed["reply"]["reason"]) == ("reply.failed", "window_closed")
+    assert (failed["reply"]["attempts"], failed["reply"]["channel"]) == (1, "wechat")
+    assert sent["type"] == "reply.sent"
+
+
+async def test_transient_failures_are_retried_with_backoff_then_sent(
+    store: SQLiteStore, make: Make, clock: Clock
+) -> None:
+    placed = await inbound(store, "m1@example.com")
+    sender = Recorder(
+        SendError("provider_error", "451 try later", permanent=False),
+        SendError("rate_limited", "421 slow down", permanent=False, retry_after=30.0),
+    )
+    dispatcher = make({"email": SenderSpec(sender=sender)})
+    await command(store, placed.thread_id, "c")
+    assert await dispatcher.run_once() == 1
+    assert await dispatcher.run_once() == 0  # waits for its backoff
+    clock.now += timedelta(seconds=1.1)
+    assert await dispatcher.run_once() == 1
+    clock.now += timedelta(seconds=10)
+    assert await dispatcher.run_once() == 0  # the provider asked for 30 s
+    clock.now += timedelta(seconds=25)
+    assert await dispatcher.run_once() == 1
+    [sent] = await reply_events(store)
+    assert (sent["type"], sent["reply"]["attempts"]) == ("reply.sent", 3)
+    assert len(sender.sent) == 3
+
+
+async def test_retries_run_out_and_permanent_refusals_end_the_reply(
+    store: SQLiteStore, make: Make, clock: Clock
+) -> None:
+    placed = await inbound(store, "m1@example.com")
+    transient = SendError("provider_error", "451", permanent=False)
+    sender = Recorder(transient, transient, SendError("rejected", "554 spam", permanent=True))
+    dispatcher = make({"email": SenderSpec(sender=sender)}, max_attempts=2)
+    await command(store, placed.thread_id, "a")
+    await command(store, placed.thread_id, "b")
+    for _ in range(4):
+        await dispatcher.run_once()
+        clock.now += timedelta(seconds=10)
+    expired, rejected = await reply_events(store)
+    assert (expired["reply"]["command_id"], expired["reply"]["reason"]) == ("a", "expired")
+    assert "451" in expired["reply"]["detail"]
+    assert (rejected["reply"]["command_id"], rejected["reply"]["reason"]) == ("b", "rejected")
+    assert rejected["reply"]["detail"] == "554 spam"
+
+
+async def test_the_desk_chooses_among_the_customers_channels(store: SQLiteStore, make: Make) -> None:
+    placed = await inbound(store, "m1@example.com")
+    dispatcher = make({"email": SenderSpec(sender=Recorder())})
+    await command(store, placed.thread_id, "wx", channel="wechat")
+    await dispatcher.run_once()
+    [failed] = await reply_events(store)
+    assert (failed["reply"]["reason"], failed["reply"]["channel"]) == ("unsupported", "wechat")
+
+
+async def test_refused_commands_are_answered_on_the_bus(store: SQLiteStore) -> None:
+    placed = await inbound(store, "m1@example.com")
+    body = {
+        "type": "reply.requested",
+        "command_id": "x",
+        "thread_id": placed.thread_id,
+        "tenant": "other",
+        "text": "hi",
+    }
+    intake = ReplyIntake(settings=ReplySettings())
+    assert await apply_control(store, orjson.dumps(body), intake) is Applied.REFUSED
+    assert await command(store, placed.thread_id, "same") is Applied.APPLIED
+    assert await command(store, placed.thread_id, "same", text="another body") is Applied.REFUSED
+    assert await command(store, placed.thread_id, "none", text="") is Applied.MALFORMED
+    assert await apply_control(store, orjson.dumps({**body, "tenant": "demo"}), None) is Applied.MALFORMED
+    refusals = await reply_events(store)
+    assert [(e["tenant"], e["reply"]["reason"]) for e in refusals] == [
+        ("other", "rejected"),
+        ("demo", "rejected"),
+    ]
+    assert len(await store.reply_list(placed.thread_id)) == 1
+
+
+async def test_delivery_reports_become_events_once(store: SQLiteStore, make: Make) -> None:
+    placed = await inbound(store, "m1@example.com")
+    dispatcher = make({"email": SenderSpec(sender=Recorder())})
+    await command(store, placed.thread_id, "c")
+    await dispatcher.run_once()
+    assert await dispatcher.report("email", "pm-1", "delivered", NOW, None, None)
+    assert await dispatcher.report("email", "pm-1", "read", NOW, None, None)
+    assert not await dispatcher.report("email", "pm-unknown", "read", NOW, None, None)
+    assert [e["type"] for e in await reply_events(store)] == ["reply.sent", "reply.delivered", "reply.read"]
+
+
+async def test_token_bucket_spaces_sends_after_the_burst() -> None:
+    ticks = [0.0]
+    bucket = TokenBucket(rate=2.0, burst=2, clock=lambda: ticks[0])
+    await bucket.acquire()
+    await bucket.acquire()
+    ticks[0] = 0.5  # one token back
+    await bucket.acquire()
+    assert bucket._tokens < 1.0
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    settings = ReplySettings(backoff_base=2.0, backoff_cap=60.0)
+    for attempt, ceiling in [(1, 2.0), (2, 4.0), (3, 8.0), (10, 60.0)]:
+        delays = [backoff(attempt, settings) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert len(set(delays)) > 1
+    assert backoff(1, settings, retry_after=30.0) == 30.0
+
+
+def test_message_received_says_which_channels_can_answer_and_until_when() -> None:
+    message = CanonicalMessage(
+        channel="wechat", tenant="demo", inbox="oa", external_id="1", received_at=NOW,
+        identities=(Identity(kind="wechat_openid", value="o-li"),),
+    )  # fmt: skip
+    customer = CustomerView(
+        id="cus_1",
+        identities=(Identity(kind="wechat_openid", value="o-li"), Identity(kind="email", value="li@e.com")),
+        display_name=None,
+    )
+    channels = [
+        events.ReplyChannel(name="email", window=None, identity_kinds=frozenset({"email"})),
+        events.ReplyChannel(name="wechat", window=48 * 3600.0, identity_kinds=frozenset({"wechat_openid"})),
+        events.ReplyChannel(name="whatsapp", window=24 * 3600.0, identity_kinds=frozenset({"wa_id"})),
+    ]
+    block = events.reply_options(message, customer, channels)
+    assert block["default_channel"] == "wechat"
+    assert block["channels"] == [
+        {"channel": "wechat", "inbox": "oa", "window_seconds": 172800.0,
+         "window_ends_at": events.isoformat(NOW + timedelta(hours=48))},
+        {"channel": "email", "inbox": None, "window_seconds": None, "window_ends_at": None},
+    ]  # fmt: skip
+    placement = Placement(message_id=message.message_id(), thread_id="thr_1", customer_id="cus_1", sequence=1,
+                          is_new_thread=True, thread_number=7)  # fmt: skip
+    event = events.message_received(
+        message, placement=placement, customer=customer, thread_subject=None, raw_ref=None,
+        signature_verified=True, retry=0, public_url=None, occurred_at=NOW, reply=block,
+    )  # fmt: skip
+    body = validate_event(event.body)
+    assert (body["thread"]["number"], body["thread"]["tag"]) == (7, "[#TG-7]")
+    assert body["reply"] == block
