@@ -350,6 +350,11 @@ async def test_an_agents_reply_appears_in_the_widget_and_waits_for_a_visitor_who
     await page.locator("#tg-chat-launcher").click()
     await page.locator("[data-reply-id]").nth(1).wait_for(timeout=30_000)
     await d.consumer.wait_until(lambda: len(reply_events(d, "reply.delivered")) >= 2, within=30)
+    # With the panel closed, a reply is counted on the launcher and announced to screen readers.
+    await page.keyboard.press("Escape")
+    await publish_reply(amqp_url, queue, thread_id, "desk-webchat-3", "We are here when you need us.")
+    await page.locator("#tg-chat-notice", has_text="New reply from support").wait_for(timeout=30_000)
+    assert await page.locator("#tg-chat-launcher .badge").text_content() == "1"
     await context.close()
 
 

@@ -221,7 +221,9 @@
   form.appendChild(inputLabel); form.appendChild(attach); form.appendChild(input); form.appendChild(sendButton);
   panel.appendChild(header); panel.appendChild(status); panel.appendChild(log); panel.appendChild(typing);
   panel.appendChild(form);
-  root.appendChild(launcher); root.appendChild(panel);
+  // Announces a reply while the panel is closed (the log's live region is inside the hidden panel).
+  var notice = el("div", { "class": "sr", role: "status", "aria-live": "polite", id: "tg-chat-notice" });
+  root.appendChild(launcher); root.appendChild(panel); root.appendChild(notice);
 
   // -- rendering ---------------------------------------------------------------------------------
   function clock(iso) {
@@ -399,7 +401,9 @@
     // The gateway pings too; this notices a dead network from our side within ~30 s.
     clearInterval(pingTimer);
     pingTimer = setInterval(function () {
-      if (!ws || !ready) { return; }
+      // A hidden tab stays quiet, so the gateway's idle timeout closes abandoned tabs' sockets; the
+      // widget reconnects (and gets what was held) when the tab is shown again.
+      if (!ws || !ready || document.hidden) { return; }
       ws.send('{"type":"ping"}');
       clearTimeout(pongTimer);
       pongTimer = setTimeout(function () { dropSocket(); scheduleReconnect(); }, 10000);
@@ -486,7 +490,10 @@
     }
     save();
     if (fresh.length && ws && ready) { ws.send(JSON.stringify({ type: "received", ids: fresh })); }
-    if (fresh.length) { typing.textContent = ""; }
+    if (fresh.length) {
+      typing.textContent = "";
+      if (!isOpen()) { notice.textContent = ""; notice.textContent = T.new_reply; }
+    }
     markRead();
     updateBadge();
   }
