@@ -368,6 +368,17 @@ async def test_a_reply_reaches_the_open_widget_and_waits_for_one_that_is_gone(ma
     assert [(r["id"], r["status"]) for r in resumed["replies"]] == [("r-0001", "read"), ("r-0002", "sent")]
     await back.close()
     assert ack["type"] == "ack"
+    # An HTML-only reply is shown as its text: no agent HTML runs in the customer's page.
+    await sender.send(
+        dataclasses.replace(
+            reply("r-0004", answering), text=None, html="<p>See <b>step 2</b><script>alert(1)</script></p>"
+        )
+    )
+    back = await chat.socket()
+    html_only = (await back.hello(welcome["token"]))["replies"][-1]
+    assert html_only["text"].split() == ["See", "step", "2"]
+    assert "html" not in html_only
+    await back.close()
     with pytest.raises(SendError) as nowhere:
         await sender.send(
             dataclasses.replace(reply("r-0003", {}), recipient=Identity(kind="email", value="a@b.c"))
