@@ -667,7 +667,12 @@ class _Handlers:
                 compress=False,
             )
             await ws.prepare(request)
-            await self._converse(request, ws, inbox, remote)
+            # Open sockets = socket_opened - socket_closed (ticketgate_channel_events_total).
+            self._metrics.event("socket_opened", inbox=inbox.id)
+            try:
+                await self._converse(request, ws, inbox, remote)
+            finally:
+                self._metrics.event("socket_closed", inbox=inbox.id)
             return ws
         finally:
             self._conversations.release(remote)

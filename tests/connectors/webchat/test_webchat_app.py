@@ -285,6 +285,15 @@ async def test_sockets_are_capped_per_ip(make_chat: MakeChat) -> None:
     third = await chat.socket()  # a closed socket frees its place
     await third.close()
     await second.close()
+    await asyncio.sleep(0.05)
+    events = {
+        s.labels["event"]: s.value
+        for f in chat.metrics.registry.collect()
+        for s in f.samples
+        if s.name == "ticketgate_channel_events_total" and s.labels["channel"] == "webchat"
+    }
+    assert events["socket_opened"] == events["socket_closed"] == 3
+    assert events["socket_refused_full"] == 1
 
 
 async def test_an_upload_is_a_message_with_its_file(make_chat: MakeChat) -> None:
