@@ -259,6 +259,16 @@ def _origin_of(request: web.Request) -> str | None:
     return origin
 
 
+def _page(value: object) -> str | None:
+    """The page the visitor is on, without its query and fragment (they may carry a site's tokens)."""
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value.strip()[:2000])
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
 def _short(value: object, limit: int) -> str | None:
     return value.strip()[:limit] or None if isinstance(value, str) else None
 
@@ -550,7 +560,7 @@ class _Handlers:
             content_type,
             remote,
             {
-                "page": _short(request.headers.get("Referer"), 2000),
+                "page": _page(request.headers.get("Referer")),
             },
         )
         result = await self._deliver(envelope)
@@ -696,7 +706,7 @@ class _Handlers:
         peer = Peer(ws, inbox.id, session.conversation)
         self._conversations.add(peer)
         meta = {
-            "page": _short(hello.get("page"), 2000),
+            "page": _page(hello.get("page")),
             "name": _short(hello.get("name"), 200),
             "lang": _short(hello.get("lang"), 20),
         }

@@ -359,7 +359,7 @@
     try { ws = new WebSocket(wsBase + "/ws"); } catch (e) { scheduleReconnect(); return; }
     var socket = ws;
     socket.onopen = function () {
-      var hello = { type: "hello", token: state.token || null, lang: lang, page: String(location.href).slice(0, 2000) };
+      var hello = { type: "hello", token: state.token || null, lang: lang, page: String(location.origin + location.pathname).slice(0, 2000) };
       if (identity) { hello.identity = identity; if (identity.name) { hello.name = identity.name; } }
       socket.send(JSON.stringify(hello));
     };

@@ -144,7 +144,7 @@ async def test_a_message_is_acknowledged_after_the_commit_and_a_resend_makes_no_
 ) -> None:
     chat = await make_chat()
     sock = await chat.socket()
-    welcome = await sock.hello()
+    welcome = await sock.hello(page="https://shop.example/orders/58213?reset_token=secret#top")
     assert welcome["verified"] is False
     assert welcome["token"]
     assert welcome["replies"] == []
@@ -173,6 +173,7 @@ async def test_a_message_is_acknowledged_after_the_commit_and_a_resend_makes_no_
         first["customer"]["identities"]
     )
     assert first["message"]["extra"]["conversation"] == f"s:{welcome['session']}"
+    assert first["message"]["extra"]["page"] == "https://shop.example/orders/58213"  # no query, no fragment
 
 
 async def test_a_signed_in_visitor_joins_the_existing_customer_and_thread(
