@@ -22,8 +22,6 @@ RULES = DEPLOY / "prometheus" / "alerts.yml"
 RULE_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 DASHBOARD = DEPLOY / "grafana" / "ticketgate.json"
 
-# Named by a rule before the gateway exports it (none now: the reply dispatcher exports its
-# counters). The dashboard may name only what exists today.
 # Named by a rule before the gateway exports it (none now). The dashboard may name only what exists.
 ANNOUNCED: set[str] = set()
 _METRIC = re.compile(r"\bticketgate_[a-z0-9_]+")
@@ -38,8 +36,6 @@ def exposition() -> str:
     metrics.refused("telegram", "acme", "signature")
     metrics.publish_confirmed(1)
     metrics.publish_failed("timeout")
-    metrics.reply_sent("email", "support", 0.5)
-    metrics.reply_failed("wechat", "window_closed", attempted=False)
     metrics.outbox_status(1, 2.0)
     metrics.broker_connected.set(1)
     metrics.reply_sent("email", "demo", 0.2)
