@@ -165,7 +165,6 @@ class Dispatcher:
         self._now = now or _utcnow
         self._instance = new_id("disp")
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
