@@ -131,6 +131,9 @@ def resolve(
     route = candidates[0]
     wanted = kinds.get(route.channel, frozenset())
     recipient = next((i for i in route.identities if not wanted or i.kind in wanted), None)
+    if recipient is None and wanted:
+        # A route without identities (a message stored before the ledger): the customer's own.
+        recipient = next((i for i in context.customer_identities if i.kind in wanted), None)
     if recipient is None:
         raise Unresolvable("recipient_unreachable", f"no {route.channel} identity of the customer")
     # The window counts from the customer's latest message on this channel and inbox.

@@ -123,6 +123,9 @@ class ReplyContext:
     thread_routes: tuple[ReplyRoute, ...]
     customer_routes: tuple[ReplyRoute, ...]
     sent: tuple[tuple[str, str], ...]
+    # The customer's identities now: whom to answer when a route does not say (a message stored
+    # before the ledger had none).
+    customer_identities: tuple[Identity, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -426,7 +429,17 @@ class ReplyLedger(abc.ABC):
                 ),
                 (thread_id, reply_id),
             ).fetchall()
+            identities = conn.execute(
+                d.sql(
+                    "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
+                    " ORDER BY created_at, kind, value"
+                ),
+                (customer_id,),
+            ).fetchall()
             return ReplyContext(
+                customer_identities=tuple(
+                    Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in identities
+                ),
                 thread_id=thread_id,
                 tenant=row[1],
                 number=int(row[2]),
