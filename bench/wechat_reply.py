@@ -98,6 +98,7 @@ async def run(replies: int, concurrency: int) -> None:
             ctx = GatewayContext(app, descriptor, settings=config, ingest=no_ingest,
                                  store=store, metrics=Metrics(), senders=specs)
             connector.setup(ctx)
+        app.freeze()
         await app.startup()  # the channels' lifecycles: HTTP sessions, fetchers, the 微信客服 poller
         try:
             for channel in ("wechat", "wecom", "wechat_kf"):
