@@ -297,6 +297,10 @@ class _Handlers:
             per_minute=channel.connects_per_minute, burst=channel.connect_burst, max_keys=keys
         )
         self._reports: set[asyncio.Task[None]] = set()
+        # Every frame of a visitor's sockets (messages have their own, lower limit too).
+        self._frame_rate = RateLimiter(
+            per_minute=channel.frames_per_minute, burst=channel.frame_burst, max_keys=keys
+        )
         # Desks watching the visitors' typing and read receipts, per inbox (bounded queues).
         self._watchers: dict[str, set[asyncio.Queue[str]]] = {}
         self._desks: set[web.WebSocketResponse] = set()
@@ -724,6 +728,11 @@ class _Handlers:
                         self._metrics.refused("size", inbox=inbox.id)
                     return
                 if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    return
+                if self._frame_rate.acquire(f"{inbox.id}/{session.session}") > 0:
+                    # Receipts and typing cost store reads and desk pushes: a flood ends the socket.
+                    self._metrics.refused("rate_limit", inbox=inbox.id)
+                    await ws.close(code=CLOSE_RATE, message=b"too many frames")
                     return
                 frame = _json_frame(message)
                 if frame is None:
