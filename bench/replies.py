@@ -126,27 +126,12 @@ async def run(args: argparse.Namespace) -> None:
             channel = await connection.channel(publisher_confirms=True)
             await channel.declare_queue(control, durable=True)
             published: dict[str, float] = {}
-            started = time.perf_counter()
-            pause = 1.0 / args.rate if args.rate > 0 else 0.0
-            for n in range(args.replies):
-                command_id = f"bench-{tag}-{n}"
-                body: dict[str, Any] = {
-                    "type": "reply.requested", "command_id": command_id,
-                    "thread_id": threads[n % len(threads)], "tenant": "demo",
-                    "text": f"Your parcel {n} is on its way.", "agent_name": "Bench",
-                }  # fmt: skip
-                published[command_id] = time.perf_counter()
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        orjson.dumps(body), content_type="application/json",
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=control,
-                )  # fmt: skip
-                if pause:
-                    await asyncio.sleep(max(0.0, started + (n + 1) * pause - time.perf_counter()))
-            arrived: dict[str, float] = {}
+            wall: dict[str, float] = {}  # the same moments on the wall clock the gateway stamps with
+            arrived: dict[str, float] = {}  # stamped as the consumer receives (it wakes the predicate)
+            seen: set[str | None] = set()
+            failed: list[dict[str, Any]] = []
             ledger: list[float] = []
+            intake: list[float] = []
 
             def collect() -> bool:
                 for delivery in consumer.received:
@@ -162,11 +147,32 @@ async def run(args: argparse.Namespace) -> None:
                         occurred = event["occurred_at"].replace("Z", "+00:00")
                         gap = datetime.fromisoformat(occurred) - datetime.fromisoformat(requested)
                         ledger.append(gap.total_seconds())
+                        stored = datetime.fromisoformat(requested).timestamp()
+                        intake.append(stored - wall[event["reply"]["command_id"]])
                 return len(arrived) >= args.replies
 
-            seen: set[str | None] = set()
-            failed: list[dict[str, Any]] = []
-            await consumer.wait_until(collect, within=args.timeout)
+            waiting = asyncio.create_task(consumer.wait_until(collect, within=args.timeout))
+            started = time.perf_counter()
+            pause = 1.0 / args.rate if args.rate > 0 else 0.0
+            for n in range(args.replies):
+                command_id = f"bench-{tag}-{n}"
+                body: dict[str, Any] = {
+                    "type": "reply.requested", "command_id": command_id,
+                    "thread_id": threads[n % len(threads)], "tenant": "demo",
+                    "text": f"Your parcel {n} is on its way.", "agent_name": "Bench",
+                }  # fmt: skip
+                published[command_id] = time.perf_counter()
+                wall[command_id] = time.time()
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        orjson.dumps(body), content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=control,
+                )  # fmt: skip
+                if pause:
+                    await asyncio.sleep(max(0.0, started + (n + 1) * pause - time.perf_counter()))
+            await waiting
             elapsed = max(arrived.values()) - started
             latencies = [arrived[c] - published[c] for c in arrived]
             mode = "burst" if not args.rate else f"{args.rate:g}/s"
@@ -188,6 +194,12 @@ async def run(args: argparse.Namespace) -> None:
                     f"  stored command -> reply.sent committed (the gateway's clock):"
                     f" p50 {statistics.median(ledger) * 1000:7.1f} ms"
                     f"  p99 {percentile(ledger, 0.99) * 1000:7.1f} ms"
+                )
+            if intake:
+                print(
+                    f"  command published -> stored (the control queue):"
+                    f" p50 {statistics.median(intake) * 1000:7.1f} ms"
+                    f"  p99 {percentile(intake, 0.99) * 1000:7.1f} ms"
                 )
         finally:
             await gateway.stop()

@@ -306,6 +306,10 @@ class ControlSettings(_Section):
     # exchange are possible but off by default: a desk queue bound to "#" would receive them too.
     bindings: tuple[str, ...] = ()
     quorum: bool = False
+    # One consumer at a time (RabbitMQ's single active consumer; the other instances stand by):
+    # with several instances, the replies a desk publishes for one thread keep their order. It is
+    # a declaration argument, so a queue declared without it must be deleted once to turn it on.
+    single_active_consumer: bool = False
     prefetch: int = Field(32, gt=0)
     # A message that cannot be applied because the store is down is requeued after this pause.
     retry_delay: Duration = 1.0
@@ -332,6 +336,8 @@ class ReplySettings(_Section):
     max_attachment_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_attachments: int = Field(10, ge=0)
     fetch_timeout: Duration = Field(30.0, gt=0)
+    # Verify the servers of attachment URLs against this CA file instead of the system's CAs.
+    fetch_ca_file: Path | None = None
 
 
 class RoutingSettings(_Section):

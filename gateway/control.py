@@ -113,7 +113,8 @@ async def _apply_reply(store: Store, data: dict[str, Any], replies: ReplyIntake 
         logger.warning("control: malformed reply.requested rejected (%s)", exc.reason)
         return Applied.MALFORMED
     try:
-        result = await record_command(store, command, wake=replies.wake)
+        async with replies.order.hold(command.thread_id):
+            result = await record_command(store, command, wake=replies.wake)
         if result.outcome == "unknown_thread":
             await announce_refusal(store, command, f"unknown thread {command.thread_id}")
             return Applied.REFUSED
@@ -203,6 +204,8 @@ class ControlConsumer:
             self._broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         arguments: dict[str, Any] = {"x-queue-type": "quorum"} if self._settings.quorum else {}
+        if self._settings.single_active_consumer:
+            arguments["x-single-active-consumer"] = True
         queue = await channel.declare_queue(self._settings.queue, durable=True, arguments=arguments)
         for pattern in self._settings.bindings:
             await queue.bind(exchange, routing_key=pattern)

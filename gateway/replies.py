@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ from gateway.store.replies import ReplyContext, ReplyOutcome, ReplyRecord, Reply
 
 logger = logging.getLogger(__name__)
 
-# Time kept from the lease for recording the outcome: a call that runs past the rest is a timeout.
+# Time kept from the lease for recording the outcome (at most a quarter of it): a call that runs
+# past the rest is a timeout.
 _LEASE_MARGIN = 5.0
 
 
@@ -275,7 +277,13 @@ class Dispatcher:
             await self._fail(record, route.channel, route.inbox, "window_closed", detail)
             return
         await self._bucket(route.channel, route.inbox, spec).acquire()
-        budget = max(self._settings.lease - _LEASE_MARGIN - (time.monotonic() - started), 1.0)
+        lease = self._settings.lease
+        budget = lease - min(_LEASE_MARGIN, lease / 4) - (time.monotonic() - started)
+        if budget <= 0:
+            # The lease is (nearly) gone waiting for the rate limit: another instance may hold the
+            # reply by now; sending anyway could send it twice. Due again at once instead.
+            await self._requeue(record, route)
+            return
         try:
             async with asyncio.timeout(budget):
                 sent = await spec.sender.send(reply)
@@ -353,6 +361,24 @@ class Dispatcher:
             )
         )
 
+    async def _requeue(self, record: ReplyRecord, route: ReplyRoute) -> None:
+        assert record.lease_owner is not None
+        logger.info(
+            "replies: %s waited out its lease for the %s rate limit; due again", record.id, route.channel
+        )
+        await self._store.reply_finish(
+            ReplyOutcome(
+                reply_id=record.id,
+                lease_owner=record.lease_owner,
+                kind="retry",
+                channel=route.channel,
+                inbox=route.inbox,
+                reason="rate_limited",
+                detail="waited for the inbox's rate limit past the lease",
+                retry_at=self._now(),
+            )
+        )
+
     async def _fail(
         self,
         record: ReplyRecord,
@@ -422,8 +448,11 @@ class Dispatcher:
         if not url.lower().startswith("https://"):
             raise SendError("rejected", f"attachments.{index}: only https URLs", permanent=True)
         if self._http is None or self._http.closed:
+            ca_file = self._settings.fetch_ca_file
+            tls = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
             self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._settings.fetch_timeout)
+                timeout=aiohttp.ClientTimeout(total=self._settings.fetch_timeout),
+                connector=aiohttp.TCPConnector(ssl=tls),
             )
         try:
             async with self._http.get(url, allow_redirects=True, max_redirects=3) as response:

@@ -9,11 +9,13 @@ Unknown fields are ignored (and are not part of the body's fingerprint).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
 
@@ -136,12 +138,41 @@ def parse_command(
     return command
 
 
+class ThreadOrder:
+    """Commands of one thread are stored one at a time, in the order they arrived.
+
+    The control queue's deliveries are handled concurrently (aio-pika runs a task per message), and
+    so are HTTP requests: without this, two commands for one thread could commit in either order,
+    and replies go out in the order they were stored. ``asyncio.Lock`` serves waiters first come,
+    first served; commands of different threads do not wait for each other.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, thread_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(thread_id, (asyncio.Lock(), 0))
+        self._locks[thread_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[thread_id]
+            if users <= 1:
+                del self._locks[thread_id]
+            else:
+                self._locks[thread_id] = (lock, users - 1)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReplyIntake:
-    """How reply commands are taken (queue and HTTP): their bounds, and who to wake once stored."""
+    """How reply commands are taken (queue and HTTP): their bounds, who to wake once stored, and
+    the order of each thread's commands."""
 
     settings: ReplySettings
     wake: Callable[[], None] | None = None
+    order: ThreadOrder = field(default_factory=ThreadOrder)
 
 
 Recorded = Literal["created", "duplicate", "conflict", "unknown_thread"]

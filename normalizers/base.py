@@ -13,11 +13,24 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from core.channel import Normalizer
 from core.errors import InvalidInput
 from core.model import CanonicalMessage, plain_text
 
-__all__ = ["Normalizer", "storable"]
+__all__ = ["Normalizer", "json_object", "storable"]
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A webhook body that must be one JSON object; ``InvalidInput`` (400) otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the body is not a JSON object")
+    return data
 
 
 def storable(message: CanonicalMessage) -> CanonicalMessage:

@@ -11,8 +11,9 @@ verification code.
 
 The app's answer decides the outcome: 2xx is sent (its ``id`` or ``message_id`` when it returns
 one, else our reply id); 408, 429 and 5xx, a timeout or no connection are retried (after
-``Retry-After`` when given); any other answer ends the reply (401/403 ``auth``, 404/410
-``recipient_unreachable``, 413 ``too_large``, the rest ``rejected``). Redirects are not followed.
+``Retry-After`` when given), and so are 401/403 (``auth``: the secret is being fixed); any
+other answer ends the reply (404/410 ``recipient_unreachable``, 413 ``too_large``, the rest
+``rejected``). Redirects are not followed.
 The app should drop a repeated ``reply_id`` (also sent as ``Idempotency-Key``): a crash between its
 2xx and our commit sends the reply once more.
 """
@@ -166,7 +167,8 @@ class CallbackSender:
         if status >= 500:
             raise SendError("provider_error", detail, permanent=False, retry_after=retry_after)
         if status in (401, 403):
-            raise SendError("auth", detail, permanent=True)
+            # Retried: the app's secret (or its check) gets fixed, and the reply still goes.
+            raise SendError("auth", detail, permanent=False, retry_after=retry_after or 300.0)
         if status in (404, 410):
             raise SendError("recipient_unreachable", detail, permanent=True)
         if status == 413:

@@ -17,9 +17,12 @@ the password and the replies still go out, within the retry budget).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr
 from typing import Any
@@ -56,6 +59,9 @@ class EmailSender:
         self._senders = senders  # inbox -> From address
         self._ctx = ctx
         self._loop_marker = loop_marker
+        # Idle connections to the smarthost with when they went idle, newest last: a reply reuses
+        # one (TLS and AUTH done once), as MTAs expect of a client sending many mails.
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []
         self._tls: ssl.SSLContext | None = None
         if smarthost.security != "none":
             self._tls = ssl.create_default_context(
@@ -111,20 +117,15 @@ class EmailSender:
 
     async def send(self, reply: OutboundReply) -> Sent:
         mail, sender, recipient = await self.build(reply)
-        host = self._smarthost
-        client = aiosmtplib.SMTP(
-            hostname=host.host,
-            port=host.port,
-            use_tls=host.security == "tls",
-            start_tls=host.security == "starttls",
-            tls_context=self._tls,
-            timeout=host.timeout,
-        )
         try:
-            async with client:
-                if host.username is not None and host.password is not None:
-                    await client.login(host.username, host.password.get_secret_value())
+            client = await self._connection()
+            try:
                 refused, answer = await client.send_message(mail, sender=sender, recipients=[recipient])
+            except BaseException:
+                # Reused only after a clean transaction: after a refusal, a timeout or a cancel the
+                # server's state (or the stream) is unclear.
+                _close(client)
+                raise
         except aiosmtplib.SMTPRecipientsRefused as exc:
             first = exc.recipients[0] if exc.recipients else None
             raise _smtp_error(
@@ -137,10 +138,62 @@ class EmailSender:
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SendError("provider_error", f"{type(exc).__name__}: {exc}", permanent=False) from exc
         if refused:
+            _close(client)
             code, message = next(iter(refused.values()))
             raise _smtp_error(code, message, rcpt=True)
+        await self._release(client)
         message_id = self.message_id(reply.reply_id, sender)
         return Sent(provider_message_id=message_id, detail={"smtp": answer[:200]})
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """An idle connection that still answers (``RSET``), or a new one (connected, TLS, AUTH)."""
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if now - since > self._smarthost.idle_timeout or not client.is_connected:
+                await _quit(client)
+                continue
+            try:
+                await client.rset()  # the server may have dropped it meanwhile: nothing was sent yet
+                return client
+            except (aiosmtplib.SMTPException, OSError):
+                _close(client)
+        host = self._smarthost
+        client = aiosmtplib.SMTP(
+            hostname=host.host,
+            port=host.port,
+            use_tls=host.security == "tls",
+            start_tls=host.security == "starttls",
+            tls_context=self._tls,
+            timeout=host.timeout,
+            username=host.username,
+            password=host.password.get_secret_value() if host.password is not None else None,
+        )
+        await client.connect()
+        return client
+
+    async def _release(self, client: aiosmtplib.SMTP) -> None:
+        if len(self._idle) < self._smarthost.connections and client.is_connected:
+            self._idle.append((client, time.monotonic()))
+        else:
+            await _quit(client)
+
+    async def close(self) -> None:
+        """Say QUIT on the idle connections (at shutdown)."""
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(_quit(client) for client, _ in idle))
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        if client.is_connected:
+            await client.quit()
+    _close(client)
+
+
+def _close(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(Exception):
+        client.close()
 
 
 def _smtp_error(code: int, message: str, *, rcpt: bool = False) -> SendError:
@@ -215,6 +268,15 @@ def setup_sender(ctx: ChannelContext, settings: Settings, email: EmailSettings) 
         )
     sender = EmailSender(smarthost, senders, ctx=ctx, loop_marker=email.loop_marker or DEFAULT_LOOP_MARKER)
     ctx.add_sender(SenderSpec(sender=sender, rate=smarthost.rate, burst=smarthost.burst))
+
+    @contextlib.asynccontextmanager
+    async def connections() -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await sender.close()
+
+    ctx.add_lifecycle(connections)
     return sender
 
 

@@ -160,6 +160,10 @@ class SmarthostSettings(ChannelSettings):
     # Domain of the Message-IDs of replies: the from address's when unset.
     message_id_domain: str | None = None
     timeout: Duration = Field(30.0, gt=0)
+    # Connections kept open between replies (TLS and AUTH once), and how long one may stay idle
+    # (below the server's own idle timeout; Postfix drops a client after 300 s).
+    connections: int = Field(4, ge=0)
+    idle_timeout: Duration = Field(30.0, ge=0)
     # Sends per second and burst per inbox (the smarthost's own limit, e.g. 14/s for SES).
     rate: float = Field(10.0, gt=0)
     burst: int = Field(10, ge=1)

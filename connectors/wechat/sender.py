@@ -59,6 +59,9 @@ _WECOM_MEDIA: Mapping[str, PartKind] = {
 }
 _KF_MSGID = re.compile(r"^[0-9A-Za-z_-]{1,32}$")
 
+# Refused credentials are retried (later, AUTH_RETRY at the earliest): an operator who fixes the
+# secret, the IP allow-list or the permission sees the reply go out.
+AUTH_RETRY = 300.0
 # errcode -> (reason, permanent, retry_after). The codes the three APIs share (the global return
 # codes of the Official Account platform and of WeCom agree on these).
 _COMMON: dict[int, tuple[ReplyFailure, bool, float | None]] = {
@@ -66,14 +69,14 @@ _COMMON: dict[int, tuple[ReplyFailure, bool, float | None]] = {
     40001: ("auth", False, 60.0),  # token refused again after one refresh (or a wrong secret)
     40014: ("auth", False, 60.0),
     42001: ("auth", False, 60.0),
-    40013: ("auth", True, None),  # invalid AppID / CorpID
-    40125: ("auth", True, None),  # invalid AppSecret
-    40164: ("auth", True, None),  # caller's IP not on the account's allow-list
-    60020: ("auth", True, None),  # WeCom: caller's IP not on the app's trusted IPs
-    48001: ("auth", True, None),  # API not authorized for this account (e.g. not verified)
-    48002: ("auth", True, None),  # WeCom: API forbidden for this app
-    301002: ("auth", True, None),  # WeCom: no right to this app
-    40056: ("auth", True, None),  # WeCom: invalid agentid
+    40013: ("auth", False, AUTH_RETRY),  # invalid AppID / CorpID
+    40125: ("auth", False, AUTH_RETRY),  # invalid AppSecret
+    40164: ("auth", False, AUTH_RETRY),  # caller's IP not on the account's allow-list
+    60020: ("auth", False, AUTH_RETRY),  # WeCom: caller's IP not on the app's trusted IPs
+    48001: ("auth", False, AUTH_RETRY),  # API not authorized for this account (e.g. not verified)
+    48002: ("auth", False, AUTH_RETRY),  # WeCom: API forbidden for this app
+    301002: ("auth", False, AUTH_RETRY),  # WeCom: no right to this app
+    40056: ("auth", False, AUTH_RETRY),  # WeCom: invalid agentid
     40003: ("recipient_unreachable", True, None),  # invalid openid / userid
     40096: ("recipient_unreachable", True, None),  # invalid external_userid
     81013: ("recipient_unreachable", True, None),  # WeCom: user, party and tag all invalid

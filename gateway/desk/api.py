@@ -531,7 +531,8 @@ class _Handlers:
             )
         except CommandError as exc:
             raise InvalidInput(exc.reason, status=exc.status) from None
-        result = await record_command(self._store, command, wake=self._replies.wake)
+        async with self._replies.order.hold(command.thread_id):
+            result = await record_command(self._store, command, wake=self._replies.wake)
         if result.outcome == "unknown_thread":
             raise graph.GraphError("not_found", f"unknown thread {thread_id}")
         assert result.record is not None

@@ -15,12 +15,13 @@ Bearer <admin token>``; 401 (429 past the failure limit) otherwise.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-from core.errors import ConfigError, TooLarge
+from core.errors import ConfigError, StoreError, TooLarge
 from core.http import json_error, json_response, read_body, refuse_credentials, retry_after_value
 from core.settings import Settings
 from gateway import quarantine
@@ -51,6 +52,16 @@ def _remember_lang(request: web.Request, response: web.StreamResponse) -> None:
     chosen = request.query.get("lang")
     if chosen in LANGUAGES:
         response.set_cookie(LANG_COOKIE, chosen, max_age=365 * 86400, path="/status", samesite="Lax")
+
+
+async def _form_field(request: web.Request, name: str) -> str | None:
+    """One field of a small urlencoded form; ``None`` when the body is too large or not a form."""
+    try:
+        body = await read_body(request, _LOGIN_BODY_LIMIT)
+        fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
+    except (TooLarge, ValueError):
+        return None
+    return (fields.get(name) or [""])[0]
 
 
 def _auth(request: web.Request) -> AdminAuth:
@@ -91,12 +102,7 @@ async def login_form(request: web.Request) -> web.StreamResponse:
 async def login(request: web.Request) -> web.StreamResponse:
     auth = _auth(request)
     lang = _lang(request)
-    try:
-        body = await read_body(request, _LOGIN_BODY_LIMIT)
-    except TooLarge:
-        return login_page(lang, error=STRINGS[lang]["login_wrong"], status=413)
-    fields = parse_qs(body.decode("utf-8", "surrogateescape"), max_num_fields=8)
-    given = (fields.get("token") or [""])[0]
+    given = await _form_field(request, "token")
     if given and auth.token_matches(given):
         logger.info("status page: signed in from %s", auth.client(request))
         response = web.HTTPSeeOther(f"/status?lang={lang}")
@@ -114,9 +120,8 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     auth = _auth(request)
     session = auth.session(request)
-    body = await read_body(request, _LOGIN_BODY_LIMIT)
-    csrf = (parse_qs(body.decode("utf-8", "replace")).get("csrf") or [""])[0]
-    if session is not None and csrf != auth.csrf_token(session):
+    csrf = await _form_field(request, "csrf") or ""
+    if session is not None and not hmac.compare_digest(csrf.encode(), auth.csrf_token(session).encode()):
         return json_error(403, "forbidden", "sign out from the status page itself")
     response = web.HTTPSeeOther(f"/status/login?lang={_lang(request)}")
     auth.clear_session(response)
@@ -132,7 +137,11 @@ async def summary(request: web.Request) -> web.Response:
 async def quarantine_show(request: web.Request) -> web.Response:
     if not _auth(request).allowed(request):
         return _refusal(request)
-    found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    try:
+        found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    except StoreError as exc:
+        logger.error("status page: quarantined %s cannot be read: %s", request.match_info["id"], exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if found is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     record, envelope = found
@@ -149,7 +158,11 @@ async def quarantine_show(request: web.Request) -> web.Response:
 async def quarantine_raw(request: web.Request) -> web.Response:
     if not _auth(request).allowed(request):
         return _refusal(request)
-    found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    try:
+        found = await quarantine.show(request.app[STORE], request.match_info["id"])
+    except StoreError as exc:
+        logger.error("status page: quarantined %s cannot be read: %s", request.match_info["id"], exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if found is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     record, envelope = found
@@ -184,9 +197,13 @@ async def quarantine_replay(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     registry = app[REGISTRY]
-    result = await quarantine.replay(
-        app[STORE], app[PIPELINE], lambda channel: registry.normalizer(channel, settings), quarantine_id
-    )
+    try:
+        result = await quarantine.replay(
+            app[STORE], app[PIPELINE], lambda channel: registry.normalizer(channel, settings), quarantine_id
+        )
+    except StoreError as exc:
+        logger.error("status page: replay of %s failed: %s", quarantine_id, exc.reason)
+        return json_error(503, "store_error", exc.reason)
     if result is None:
         return json_error(404, "not_found", "no quarantined message has this id")
     logger.info("status page: replayed %s from %s: %s", quarantine_id, auth.client(request), result.summary)

@@ -216,15 +216,20 @@ async def summary(app: web.Application) -> dict[str, Any]:
     metrics = app[METRICS]
     store = app[STORE]
     relay = app[RELAY].status
-    status, problem, held, replies = await asyncio.gather(
+    status, problem, held, counts, replies = await asyncio.gather(
         store.outbox_status(), _store_problem(app), quarantine.list_records(store, limit=QUARANTINE_SHOWN),
-        store.reply_backlog(),
+        store.quarantine_counts(), store.reply_backlog(),
     )
     oldest = status.oldest_created_at
     age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
     # The same refresh /metrics does, so a scrape and the page read the same gauges.
     metrics.outbox_status(status.backlog, age)
     metrics.broker_connected.set(1 if relay.connected else 0)
+    waiting_for = (
+        (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
+        if replies.oldest_requested_at is not None else None
+    )
+    metrics.reply_status(replies.pending + replies.sending, waiting_for)
     failures = {
         labels["reason"]: int(value) for labels, value in _counter(metrics, "ticketgate_publish_failures")
     }
@@ -267,15 +272,13 @@ async def summary(app: web.Application) -> dict[str, Any]:
             "waiting": replies.pending + replies.sending,
             "pending": replies.pending,
             "sending": replies.sending,
-            "oldest_waiting_age": (
-                (datetime.now(UTC) - replies.oldest_requested_at).total_seconds()
-                if replies.oldest_requested_at is not None else None
-            ),
+            "oldest_waiting_age": waiting_for,
             **reply_figures(metrics),
         },
         "quarantine": {
             "shown": QUARANTINE_SHOWN,
-            "held": sum(1 for r in held if r.replayed_at is None),
+            "held": counts.held,
+            "total": counts.total,
             "items": [
                 {**quarantine.record_info(r), "state": "held" if r.replayed_at is None else "replayed"}
                 for r in held

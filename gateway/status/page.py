@@ -57,6 +57,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "no_acks": "no acks yet",
         "worst_hour": "slowest in the last hour: {value}",
         "refusals": "Refusals",
+        "refusals_title": "refusals by reason: since start (last hour)",
+        "channel": "Channel",
         "reason_signature": "signature",
         "reason_auth": "auth",
         "reason_size": "size",
@@ -88,6 +90,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "q_close": "Close",
         "q_raw": "Raw message (first {n} bytes, as text)",
         "q_shown": "the newest {n}",
+        "q_total": "{total} in all, {replayed} replayed",
         "confirm_title": "Replay this message?",
         "confirm_text": "It is normalized again with the channel's current code and, if it is accepted, "
         "its event is published to the desks. The same as `ticketgate quarantine replay {id}`.",
@@ -142,6 +145,8 @@ STRINGS: dict[str, dict[str, str]] = {
         "no_acks": "尚无确认",
         "worst_hour": "近一小时最慢：{value}",
         "refusals": "拒收",
+        "refusals_title": "按原因拒收：启动以来（近一小时）",
+        "channel": "渠道",
         "reason_signature": "签名",
         "reason_auth": "认证",
         "reason_size": "过大",
@@ -173,6 +178,7 @@ STRINGS: dict[str, dict[str, str]] = {
         "q_close": "关闭",
         "q_raw": "原始消息（前 {n} 字节，按文本显示）",
         "q_shown": "最新 {n} 条",
+        "q_total": "共 {total} 条，已重放 {replayed} 条",
         "confirm_title": "重放这条消息？",
         "confirm_text": "将用该渠道当前的代码重新解析；若被接受，其事件将发布给工单系统。"
         "与 `ticketgate quarantine replay {id}` 相同。",

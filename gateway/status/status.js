@@ -83,7 +83,7 @@
         `${o.oldest_age !== null ? t("oldest", { age: duration(o.oldest_age) }) + " · " : ""}${t("of_bound", { bound: number.format(o.bound) })} · ${t("published")} ${number.format(o.published_total)}`,
         "tg-outbox"),
       tile(`${t("quarantine")} · ${t("held")}`, number.format(q.held), q.held ? "warn" : "ok",
-        t("q_shown", { n: q.shown }), "tg-q-tile"),
+        t("q_total", { total: number.format(q.total), replayed: number.format(q.total - q.held) }), "tg-q-tile"),
     ];
     if (d.replies) {
       const r = d.replies;
@@ -135,24 +135,24 @@
     return root;
   }
 
-  // Ack latency against the provider's deadline: a bar to the deadline, p50 and p99 on it.
+  // Ack latency against the provider's deadline: a bar to the deadline (log scale), p50 and p99 on it.
   function latency(ch) {
-    const a = ch.ack, width = 260, deadline = ch.deadline;
+    const a = ch.ack, width = 160, deadline = ch.deadline;
     const scale = (v) => Math.min(width, (Math.log10(1 + v * 1000) / Math.log10(1 + deadline * 1000)) * width);
-    const box = el("div", { cls: "latency" }, el("strong", { text: t("ack") }), " ",
-      el("span", { cls: "muted", text: t("deadline", { deadline: duration(deadline) }) }));
+    const box = el("div", { cls: "latency" },
+      el("div", { cls: "muted", text: t("deadline", { deadline: duration(deadline) }) }));
     if (!a.count) { box.append(el("div", { cls: "muted", text: t("no_acks") })); return box; }
-    const root = svg("svg", { width: width + 2, height: 18, role: "img", "data-p99": a.p99 ?? "",
+    const root = svg("svg", { width: width + 2, height: 14, role: "img", "data-p99": a.p99 ?? "",
       "aria-label": `p50 ${duration(a.p50)}, p99 ${duration(a.p99)} / ${duration(deadline)}` });
-    root.append(svg("rect", { x: 0, y: 6, width, height: 6, rx: 3, fill: "var(--line)" }));
+    root.append(svg("rect", { x: 0, y: 4, width, height: 6, rx: 3, fill: "var(--line)" }));
     const p99 = a.p99 ?? 0;
-    root.append(svg("rect", { x: 0, y: 6, width: Math.max(2, scale(p99)), height: 6, rx: 3,
+    root.append(svg("rect", { x: 0, y: 4, width: Math.max(2, scale(p99)), height: 6, rx: 3,
       fill: p99 > deadline ? "var(--bad)" : p99 > deadline / 2 ? "var(--warn)" : "var(--ok)" }));
-    if (a.p50 !== null) root.append(svg("rect", { x: scale(a.p50), y: 2, width: 2, height: 14, fill: "var(--text)" }));
-    root.append(svg("rect", { x: width, y: 0, width: 2, height: 18, fill: "var(--bad)" }));
+    if (a.p50 !== null) root.append(svg("rect", { x: scale(a.p50), y: 1, width: 2, height: 12, fill: "var(--text)" }));
+    root.append(svg("rect", { x: width, y: 0, width: 2, height: 14, fill: "var(--bad)" }));
     box.append(root);
     const share = a.share_within === null ? "–" : percent.format(a.share_within);
-    box.append(el("div", { cls: a.share_within !== null && a.share_within < 0.99 ? "bad" : "" ,
+    box.append(el("div", { cls: a.share_within !== null && a.share_within < 0.99 ? "bad" : "",
       text: `p50 ${duration(a.p50)} · p99 ${duration(a.p99)} · ${t("in_time", { share })}` }));
     if (a.worst_last_hour !== null) {
       box.append(el("div", { cls: "muted", text: t("worst_hour", { value: duration(a.worst_last_hour) }) }));
@@ -160,52 +160,72 @@
     return box;
   }
 
-  function refusals(ch) {
-    const table = el("table", { cls: "refusals", "data-channel": ch.name });
-    table.append(el("tr", {}, el("th", { text: t("refusals") }), el("th", { text: t("total") }),
-      el("th", { text: t("last_hour") })));
+  // Refusals of one inbox by reason: since start, and the last hour in brackets; only the nonzero.
+  function refusals(row) {
+    const cell = el("td", { cls: "refusals", title: t("refusals_title") });
     for (const reason of REASONS) {
-      const total = ch.refusals[reason] || 0;
-      const hour = ch.inboxes.reduce((sum, row) => sum + ((row.refusals_last_hour || {})[reason] || 0), 0);
-      table.append(el("tr", { "data-reason": reason },
-        el("td", { text: t(`reason_${reason}`) }),
-        el("td", { cls: total ? "nonzero" : "", text: number.format(total) }),
-        el("td", { text: number.format(hour) })));
+      const total = row.refusals[reason] || 0;
+      const hour = (row.refusals_last_hour || {})[reason] || 0;
+      if (!total && !hour) continue;
+      cell.append(el("span", { cls: "refusal", "data-reason": reason, "data-total": total },
+        el("span", { text: t(`reason_${reason}`) }), " ", el("b", { text: number.format(total) }),
+        hour ? el("span", { cls: "muted", text: ` (${number.format(hour)})` }) : null));
     }
-    return table;
+    if (!cell.childNodes.length) cell.append(el("span", { cls: "muted", text: "–" }));
+    return cell;
   }
 
+  function channelCell(ch, d) {
+    const totals = Object.entries(ch.totals).filter(([, v]) => v)
+      .map(([k, v]) => `${t(`outcome_${k}`)} ${number.format(v)}`).join(" · ");
+    const cell = el("td", { cls: "ch" }, el("div", { cls: "name", text: ch.name }),
+      el("div", { cls: "muted", text: totals }));
+    const sent = (d.replies.sent_by_channel || {})[ch.name] || 0;
+    const failed = (d.replies.failed_by_channel || {})[ch.name] || 0;
+    if (sent || failed) {
+      cell.append(el("div", { cls: failed ? "bad" : "muted",
+        text: `${t("replies")}: ${t("replies_sent")} ${number.format(sent)} · ${t("replies_failed")} ${number.format(failed)}` }));
+    }
+    return cell;
+  }
+
+  // One table: a row per inbox, the channel's name and ack latency spanning its inboxes.
   function channels(d) {
     const box = document.getElementById("tg-channels");
     if (!d.channels.length) { box.replaceChildren(el("p", { cls: "muted", text: t("no_channels") })); return; }
-    box.replaceChildren(...d.channels.map((ch) => {
-      let totals = Object.entries(ch.totals).filter(([, v]) => v)
-        .map(([k, v]) => `${t(`outcome_${k}`)} ${number.format(v)}`).join(" · ");
-      const sent = (d.replies.sent_by_channel || {})[ch.name] || 0;
-      const failed = (d.replies.failed_by_channel || {})[ch.name] || 0;
-      if (sent || failed) {
-        totals += ` · ${t("replies")}: ${t("replies_sent")} ${number.format(sent)}, ${t("replies_failed")} ${number.format(failed)}`;
-      }
-      const rows = el("table", { cls: "inboxes" }, el("colgroup", {}, el("col", { cls: "c-inbox" }),
-        el("col", { cls: "c-chart" }), el("col", { cls: "c-count" }), el("col", { cls: "c-last" })), el("tr", {},
-        el("th", { text: t("inbox") }), el("th", { text: t("messages_hour") }), el("th", { text: t("last_hour") }),
-        el("th", { text: t("last_message") })));
-      for (const row of ch.inboxes) {
-        const hour = Object.values(row.last_hour).reduce((a, b) => a + b, 0);
-        const label = row.inbox ? `${row.inbox}${row.name ? ` · ${row.name}` : ""}` : t("no_inbox");
-        rows.append(el("tr", { "data-inbox": row.inbox },
-          el("td", { text: label }), el("td", {}, chart(row, ch.name)),
-          el("td", { cls: "count", text: number.format(hour) }),
-          el("td", { title: row.last_message_at ? stamp.format(new Date(row.last_message_at)) : null,
-            cls: "last", text: ago(row.last_message_at) })));
-      }
-      const legend = el("div", { cls: "legend" }, el("i", { cls: "stored" }), t("stored"),
-        el("i", { cls: "rejected" }), t("rejected"), el("i", { cls: "retry" }), t("retry"));
-      return el("div", { cls: "card channel", id: `tg-channel-${ch.name}`, "data-channel": ch.name },
-        el("div", { cls: "channel-head" }, el("h3", { text: ch.name }), el("span", { cls: "muted", text: totals })),
-        el("div", { cls: "facts" }, latency(ch), refusals(ch)),
-        rows, legend);
-    }));
+    const head = el("tr", {}, ...["channel", "ack", "inbox", "messages_hour", "last_hour", "last_message", "refusals"]
+      .map((key) => el("th", { cls: `h-${key}`, text: t(key) })));
+    const table = el("table", { cls: "channels" }, el("thead", {}, head));
+    for (const ch of d.channels) {
+      const group = el("tbody", { id: `tg-channel-${ch.name}`, "data-channel": ch.name });
+      const rows = ch.inboxes.length ? ch.inboxes : [null];
+      rows.forEach((row, i) => {
+        const tr = el("tr", { "data-channel": ch.name, "data-inbox": row ? row.inbox : null });
+        if (i === 0) {
+          const name = channelCell(ch, d);
+          const ack = el("td", { cls: "ack" }, latency(ch));
+          name.rowSpan = ack.rowSpan = rows.length;
+          tr.append(name, ack);
+        }
+        if (row === null) {
+          tr.append(el("td", { colspan: 5, cls: "muted", text: "–" }));
+        } else {
+          const hour = Object.values(row.last_hour).reduce((a, b) => a + b, 0);
+          const label = row.inbox ? `${row.inbox}${row.name ? ` · ${row.name}` : ""}` : t("no_inbox");
+          tr.append(el("td", { cls: "inbox", text: label }), el("td", { cls: "chart-cell" }, chart(row, ch.name)),
+            el("td", { cls: "count", text: number.format(hour) }),
+            el("td", { title: row.last_message_at ? stamp.format(new Date(row.last_message_at)) : null,
+              cls: "last", text: ago(row.last_message_at) }),
+            refusals(row));
+        }
+        group.append(tr);
+      });
+      table.append(group);
+    }
+    const legend = el("div", { cls: "legend" }, el("i", { cls: "stored" }), t("stored"),
+      el("i", { cls: "rejected" }), t("rejected"), el("i", { cls: "retry" }), t("retry"),
+      el("span", { text: ` · ${t("refusals_title")}` }));
+    box.replaceChildren(el("div", { cls: "card scroll" }, table, legend));
   }
 
   async function api(path, options) {
@@ -258,7 +278,8 @@
 
   function quarantine(d) {
     const q = d.quarantine;
-    document.getElementById("tg-q-note").textContent = q.items.length ? `(${t("q_shown", { n: q.shown })})` : "";
+    document.getElementById("tg-q-note").textContent =
+      q.total > q.items.length ? `(${t("q_shown", { n: q.shown })}; ticketgate quarantine list)` : "";
     const box = document.getElementById("tg-quarantine");
     if (!q.items.length) { box.replaceChildren(el("p", { cls: "muted", text: t("q_empty") })); return; }
     const table = el("table", { cls: "quarantine" }, el("tr", {},

@@ -61,6 +61,12 @@ class OutboxStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QuarantineCounts:
+    held: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QuarantineRecord:
     id: str
     tenant: str
@@ -144,6 +150,10 @@ class Store(Protocol):
     async def outbox_status(self) -> OutboxStatus: ...
 
     async def quarantine_list(self, limit: int = 100) -> list[QuarantineRecord]: ...
+
+    async def quarantine_counts(self) -> QuarantineCounts:
+        """How many quarantined messages are held (never replayed into the store), of how many."""
+        ...
 
     async def quarantine_get(self, quarantine_id: str) -> tuple[QuarantineRecord, RawEnvelope] | None:
         """The record and the envelope rebuilt from the archived raw bytes (for replay)."""

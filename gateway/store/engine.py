@@ -46,7 +46,7 @@ from dedupe.tx import (
     ThreadRecord,
     TxWork,
 )
-from gateway.store.base import Erasure, EventBuilder, OutboxRow, QuarantineRecord
+from gateway.store.base import Erasure, EventBuilder, OutboxRow, QuarantineCounts, QuarantineRecord
 from gateway.store.blobs import BlobDir, is_sha256, parse_raw_ref, raw_ref, sha256_hex
 from gateway.store.erase import (
     RETAINED_KINDS,
@@ -1417,6 +1417,16 @@ class SqlStore(ReplyLedger, abc.ABC):
                 (limit,),
             ).fetchall()
             return [_quarantine_record(d, r) for r in rows]
+
+        return await self._read(read)
+
+    async def quarantine_counts(self) -> QuarantineCounts:
+        def read(conn: Connection) -> QuarantineCounts:
+            row = conn.execute(
+                "SELECT coalesce(sum(CASE WHEN replayed_at IS NULL THEN 1 ELSE 0 END), 0), count(*)"
+                " FROM quarantine"
+            ).fetchone()
+            return QuarantineCounts(held=int(row[0]), total=int(row[1]))
 
         return await self._read(read)
 

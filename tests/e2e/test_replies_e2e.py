@@ -296,6 +296,8 @@ async def test_sigkill_with_replies_in_flight_loses_none(
         copies = Counter(m.message["Message-ID"] for m in sink.mails)
         assert len(copies) == len(commands)  # none lost
         assert max(copies.values()) <= 2  # at most once more, after the crash
+        repeats = sum(n - 1 for n in copies.values())
+        print(f"SIGKILL: {len(commands)} replies, {at_kill} in the sink at the kill, {repeats} sent again")
         # Per thread (one customer each), the customer got the answers in the desk's order.
         for event in received:
             customer = f"{event['customer']['identities'][0]['value']}"

@@ -152,11 +152,13 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 assert int(await chart.get_attribute("data-stored") or "0") >= 5
                 bar = chart.locator('rect[data-kind="stored"]').last
                 assert float(await bar.get_attribute("height") or "0") > 0
-                refusals = page.locator('table.refusals[data-channel="api"]')
-                auth_refusals = refusals.locator('tr[data-reason="auth"] td').nth(1)
-                await expect(auth_refusals).to_have_text("1")
-                malformed = refusals.locator('tr[data-reason="malformed"] td').nth(1)
-                await expect(malformed).to_have_text("1")
+                # A wrong key is refused before the inbox is known; malformed JSON in the inbox.
+                unknown = page.locator('tr[data-channel="api"][data-inbox=""] .refusal[data-reason="auth"]')
+                await expect(unknown).to_have_attribute("data-total", "1")
+                await expect(unknown).to_contain_text("auth 1")
+                inbox_row = page.locator('tr[data-channel="api"][data-inbox="demo"]')
+                malformed = inbox_row.locator('.refusal[data-reason="malformed"]')
+                await expect(malformed).to_have_attribute("data-total", "1")
                 row = page.locator('#tg-channel-api tr[data-inbox="demo"] td.last')
                 await expect(row).not_to_have_text("none yet")
                 await expect(page.locator("#tg-channel-api .latency")).to_contain_text("answered in time")
@@ -193,6 +195,8 @@ async def test_the_status_page_shows_live_traffic_and_replays_from_the_quarantin
                 await page.locator("#tg-confirm-yes").click()
                 await expect(page.locator("#tg-q-result")).to_contain_text(f"Replayed {replay_id}: accepted")
                 await expect(held_row).to_have_attribute("data-state", "replayed")
+                await expect(page.locator("#tg-q-tile .value")).to_have_text("1")
+                await expect(page.locator("#tg-q-tile .detail")).to_have_text("2 in all, 1 replayed")
                 await expect(page.locator(f'tr[data-id="{held_id}"]')).to_have_attribute("data-state", "held")
 
                 await d.consumer.wait_until(

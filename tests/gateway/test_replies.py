@@ -73,9 +73,15 @@ def _build(m: CanonicalMessage, p: Placement, c: CustomerView, subject: str | No
 
 
 async def inbound(
-    store: SQLiteStore, external_id: str, *, channel: str = "email", at: datetime = NOW, **extra: Any
+    store: SQLiteStore,
+    external_id: str,
+    *,
+    channel: str = "email",
+    at: datetime = NOW,
+    customer: str = "li.lei@example.com",
+    **extra: Any,
 ) -> Placement:
-    identities = (Identity(kind="email", value="li.lei@example.com", verified=True),)
+    identities = (Identity(kind="email", value=customer, verified=True),)
     if channel == "wechat":
         identities = (Identity(kind="wechat_openid", value="o-li"),)
     message = CanonicalMessage(
@@ -311,3 +317,84 @@ def test_message_received_says_which_channels_can_answer_and_until_when() -> Non
     body = validate_event(event.body)
     assert (body["thread"]["number"], body["thread"]["tag"]) == (7, "[#TG-7]")
     assert body["reply"] == block
+
+
+@pytest.fixture
+async def https_files(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A local HTTPS server (self-signed) with a small file, a large one and a 404."""
+    import ssl
+
+    from aiohttp import web
+
+    from tests.connectors.email.email_kit import self_signed
+
+    cert, key = self_signed(tmp_path)
+
+    async def invoice(request: web.Request) -> web.Response:
+        return web.Response(body=b"%PDF-1.4 invoice")
+
+    async def huge(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 5000)
+
+    app = web.Application()
+    app.router.add_get("/invoice.pdf", invoice)
+    app.router.add_get("/huge.bin", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(str(cert), str(key))
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"https://localhost:{port}", cert
+    await runner.cleanup()
+
+
+async def test_attachments_by_blob_and_by_https_url_with_caps(
+    store: SQLiteStore, make: Make, https_files: tuple[str, Path]
+) -> None:
+    base, ca = https_files
+    placed = await inbound(store, "m1@example.com")
+    digest = await store.blob_put(b"kept before", "text/plain")
+    sender = Recorder()
+    dispatcher = make({"email": SenderSpec(sender=sender)}, fetch_ca_file=str(ca), max_attachment_bytes=1000)
+    attachments = [
+        {"name": "note.txt", "content_type": "text/plain", "sha256": digest},
+        {"name": "invoice.pdf", "content_type": "application/pdf", "url": f"{base}/invoice.pdf"},
+    ]
+    await command(store, placed.thread_id, "ok", attachments=attachments)
+    await command(store, placed.thread_id, "big", attachments=[{"name": "h.bin", "url": f"{base}/huge.bin"}])
+    await command(store, placed.thread_id, "gone", attachments=[{"name": "n.pdf", "url": f"{base}/nope.pdf"}])
+    await command(store, placed.thread_id, "lost", attachments=[{"name": "x", "sha256": "ab" * 32}])
+    while await dispatcher.run_once():
+        pass
+    [sent] = sender.sent
+    assert [(a.name, a.size) for a in sent.attachments] == [("note.txt", 11), ("invoice.pdf", 16)]
+    assert await store.read_blob(sent.attachments[1].sha256) == b"%PDF-1.4 invoice"
+    outcomes = [
+        (e["reply"]["command_id"], e["type"], e["reply"].get("reason")) for e in await reply_events(store)
+    ]
+    assert outcomes == [
+        ("ok", "reply.sent", None),
+        ("big", "reply.failed", "too_large"),
+        ("gone", "reply.failed", "rejected"),
+        ("lost", "reply.failed", "rejected"),
+    ]
+    await dispatcher.close()
+
+
+async def test_a_reply_that_waits_out_its_lease_for_the_rate_limit_is_not_sent_late(
+    store: SQLiteStore, make: Make
+) -> None:
+    one = await inbound(store, "m1@example.com")
+    other = await inbound(store, "m2@example.com", customer="han.meimei@example.com")
+    sender = Recorder()
+    # One send per 4 s from the inbox and a 2 s lease: the second reply would go out after its
+    # lease ran out (another instance may hold it by then), so it is put back instead.
+    dispatcher = make({"email": SenderSpec(sender=sender, rate=0.25, burst=1)}, lease=2.0)
+    await command(store, one.thread_id, "first")
+    await command(store, other.thread_id, "second")
+    assert await dispatcher.run_once() == 2
+    assert [r.command_id for r in sender.sent] == ["first"]
+    [waiting] = await store.reply_list(other.thread_id)
+    assert (waiting.status, waiting.reason) == ("pending", "rate_limited")

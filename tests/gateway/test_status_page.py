@@ -216,7 +216,7 @@ async def test_show_and_replay_with_the_confirmation(aiohttp_client: MakeClient,
     qid = await quarantined(client, body)
 
     listed = (await summary(client))["quarantine"]
-    assert listed["held"] == 1
+    assert (listed["held"], listed["total"]) == (1, 1)
     assert listed["items"][0]["id"] == qid
 
     shown = await client.get(f"/status/api/quarantine/{qid}")
@@ -249,7 +249,7 @@ async def test_show_and_replay_with_the_confirmation(aiohttp_client: MakeClient,
     [received] = [validate_event(m.body) for m in bus.published if m.type == "message.received"]
     assert received["message"]["text"] == "parked <b>message</b>"
     after = (await summary(client))["quarantine"]
-    assert after["held"] == 0
+    assert (after["held"], after["total"]) == (0, 1)
     assert after["items"][0]["state"] == "replayed"
     assert after["items"][0]["replay_result"] == "accepted"
     assert (await client.post("/status/api/quarantine/qua_nope/replay", json={"confirm": "qua_nope"},
@@ -437,3 +437,49 @@ async def test_on_postgresql_the_page_reads_the_shared_store(
         assert after["quarantine"]["held"] == 0
         assert after["replies"]["waiting"] == 0
         await client.close()
+
+
+def test_a_session_holds_on_every_instance_with_the_token_and_ends_with_a_new_token() -> None:
+    from core.settings import AdminSettings, ServerSettings
+    from gateway.status.auth import AdminAuth
+
+    server = ServerSettings()
+    one = AdminAuth(AdminSettings.model_validate({"token": TOKEN}), server)
+    other_instance = AdminAuth(AdminSettings.model_validate({"token": TOKEN}), server)
+    rotated = AdminAuth(AdminSettings.model_validate({"token": TOKEN + "-rotated"}), server)
+    session = one.new_session()
+    assert other_instance.session_valid(session)
+    assert other_instance.csrf_token(session) == one.csrf_token(session)
+    assert not rotated.session_valid(session)
+    assert not one.session_valid(session.replace(".", "..", 1))
+    assert not one.session_valid("")
+
+
+async def test_odd_sign_in_bodies_are_a_wrong_token_not_an_error(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client, _ = await started(aiohttp_client, tmp_path)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"x" * 10_000, b"&".join(b"a=%d" % i for i in range(50)), b"token=%ff%fe"):
+        response = await client.post("/status/login", data=body, headers=form, allow_redirects=False)
+        assert response.status in (401, 429), body[:20]
+    assert (await client.post("/status/logout", data=b"y" * 10_000, headers=form,
+                              allow_redirects=False)).status == 303
+
+
+async def test_a_quarantined_message_whose_raw_bytes_are_gone_is_a_clear_503(
+    aiohttp_client: MakeClient, tmp_path: Path
+) -> None:
+    client, _ = await started(aiohttp_client, tmp_path)
+    qid = await quarantined(client, b"x" * (300 * 1024))  # past store.inline_raw_max: a blob file
+    for path in (tmp_path / "blobs").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for url in (f"/status/api/quarantine/{qid}", f"/status/api/quarantine/{qid}/raw"):
+        response = await client.get(url, headers=auth)
+        assert response.status == 503
+        assert "missing" in (await response.json())["reason"]
+    replay = await client.post(f"/status/api/quarantine/{qid}/replay", json={"confirm": qid}, headers=auth)
+    assert replay.status == 503
+    assert "missing" in (await replay.json())["reason"]

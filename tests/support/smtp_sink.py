@@ -39,6 +39,8 @@ class SmtpSink:
     refuse_data: int = 0  # answer DATA with 451 this many times first
     refuse_rcpt: set[str] = field(default_factory=set)  # answer RCPT with 550 for these
     delay: float = 0.0  # seconds DATA takes (replies in flight for a kill)
+    drop_on_rset: bool = False  # close the connection instead of answering RSET (a stale client)
+    connections: int = 0  # sessions opened so far
     mails: list[Received] = field(default_factory=list)
     attempts: int = 0
     _server: asyncio.Server | None = None
@@ -51,8 +53,9 @@ class SmtpSink:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(str(self.tls_cert[0]), str(self.tls_cert[1]))
         factory = partial(
-            SMTP,
+            _Server,
             _Handler(self),
+            sink=self,
             hostname="sink.localhost",
             tls_context=tls,
             require_starttls=tls is not None,
@@ -85,6 +88,24 @@ class SmtpSink:
                 self._arrived.clear()
                 await self._arrived.wait()
         return list(self.mails)
+
+
+class _Server(SMTP):
+    """aiosmtpd's server, counting sessions and able to drop one on RSET."""
+
+    def __init__(self, handler: Any, *, sink: SmtpSink, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sink.connections += 1
+        super().connection_made(transport)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if self._sink.drop_on_rset and self.transport is not None:
+            self.transport.close()
+            return
+        await super().smtp_RSET(arg)
 
 
 class _Handler:

@@ -177,7 +177,7 @@ async def test_attachments_travel_inline(rig: Rig, receiver: Receiver, tmp_path:
     ("status", "reason", "permanent"),
     [
         (400, "rejected", True),
-        (401, "auth", True),
+        (401, "auth", False),  # retried: the secret gets fixed
         (404, "recipient_unreachable", True),
         (413, "too_large", True),
         (422, "rejected", True),

@@ -180,3 +180,22 @@ def test_the_subject_gets_the_tag_once_and_re_once() -> None:
     assert subject_for("Order late", 7) == "Re: Order late [#TG-7]"
     assert subject_for("Re: Order late [#TG-7]", 7) == "Re: Order late [#TG-7]"
     assert subject_for(None, 7) == "Re: [#TG-7]"
+
+
+async def test_connections_are_reused_checked_and_dropped_when_idle_or_stale(sink: SmtpSink) -> None:
+    out = sender(sink.port)
+    for n in range(3):
+        await out.send(reply(reply_id=f"rpl_{n:032x}"))
+    assert (len(sink.mails), sink.connections) == (3, 1)  # one session, RSET between mails
+
+    sink.drop_on_rset = True  # the server dropped the idle connection meanwhile
+    await out.send(reply(reply_id=f"rpl_{9:032x}"))
+    assert (len(sink.mails), sink.connections) == (4, 2)  # nothing lost: a fresh session
+
+    sink.drop_on_rset = False
+    fresh = sender(sink.port, idle_timeout=0)
+    await fresh.send(reply())
+    await fresh.send(reply())
+    assert sink.connections == 4  # past idle_timeout a connection is not reused
+    await out.close()
+    await fresh.close()

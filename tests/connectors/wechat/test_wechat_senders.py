@@ -193,8 +193,8 @@ async def test_official_account_45015_is_window_closed_and_permanent(rig: Rig, f
         (40003, "recipient_unreachable", True),
         (45002, "too_large", True),
         (87014, "rejected", True),
-        (48001, "auth", True),
-        (40164, "auth", True),
+        (48001, "auth", False),  # retried: an operator fixes the permission, the allow-list, the secret
+        (40164, "auth", False),
         (45009, "rate_limited", False),
         (-1, "provider_error", False),
         (12345, "provider_error", False),  # unknown: retried, then the gateway's retries end it
@@ -346,11 +346,12 @@ async def test_wecom_unknown_member_is_unreachable(rig: Rig, fake: FakeWeChatApi
     assert (raised.value.reason, raised.value.permanent) == ("recipient_unreachable", True)
 
 
-async def test_wecom_untrusted_ip_is_auth(rig: Rig, fake: FakeWeChatApi) -> None:
+async def test_wecom_untrusted_ip_is_auth_and_retried(rig: Rig, fake: FakeWeChatApi) -> None:
     fake.fail_next("message_send", {"errcode": 60020, "errmsg": "not allow to access from your ip"})
     with pytest.raises(SendError) as raised:
         await rig.send("wecom", wecom_reply())
-    assert (raised.value.reason, raised.value.permanent) == ("auth", True)
+    assert (raised.value.reason, raised.value.permanent) == ("auth", False)
+    assert raised.value.retry_after == 300.0
 
 
 async def test_wecom_cannot_write_to_an_external_contact(rig: Rig, fake: FakeWeChatApi) -> None:

@@ -318,6 +318,8 @@ async def test_quarantine_round_trip(store: Store) -> None:
     )
     assert record.raw_ref == f"blob:sha256:{sha256_hex(raw.body)}"
     assert [r.id for r in await store.quarantine_list()] == [record.id]
+    counts = await store.quarantine_counts()
+    assert (counts.held, counts.total) == (1, 1)
 
     got = await store.quarantine_get(record.id)
     assert got is not None
@@ -338,6 +340,8 @@ async def test_quarantine_round_trip(store: Store) -> None:
     (listed,) = await store.quarantine_list()
     assert listed.replay_result == "accepted"
     assert listed.replayed_at is not None
+    counts = await store.quarantine_counts()
+    assert (counts.held, counts.total) == (0, 1)
     assert await store.quarantine_get("qua_missing") is None
 
 
