@@ -251,10 +251,11 @@ def _inbox(inbox_id: str, tenant: str, name: str | None, config: WebchatInboxSet
 
 
 def _origin_of(request: web.Request) -> str | None:
-    """The page's origin; ``None`` for none, an opaque ``null`` or a ``file://`` page (an app's H5
-    page in a WebView), which only ``allow_missing_origin`` admits."""
+    """The page's origin; ``None`` for none, an opaque ``null`` or a page that is not on the web
+    (``file://``, an app's own scheme: an H5 page in a WebView), which only ``allow_missing_origin``
+    admits. A browser never lets a web page claim such an origin."""
     origin = (request.headers.get("Origin") or "").strip().lower()
-    if not origin or origin == "null" or origin.startswith("file:"):
+    if not origin.startswith(("http://", "https://")):
         return None
     return origin
 

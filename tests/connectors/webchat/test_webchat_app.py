@@ -239,6 +239,8 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     assert refused.value.status == 403
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await chat.socket(origin=None)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await chat.socket(origin="myapp://home")  # an app's page: only allow_missing_origin admits it
     sock = await chat.socket()
     await sock.hello()
     too_long = await sock.say("client-0201", "x" * 51)
@@ -256,7 +258,7 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     bad = await sock.say("client-0205", "")
     assert bad["type"] == "error"
     await sock.close()
-    assert chat.refusals()["auth"] == 2.0
+    assert chat.refusals()["auth"] == 3.0
     assert chat.refusals()["size"] == 1.0
     assert chat.refusals()["rate_limit"] >= 1.0
     assert len(await chat.events()) == 2
