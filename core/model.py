@@ -35,6 +35,8 @@ class IdentityKind(enum.StrEnum):
     X = "x"
     SLACK = "slack"  # value: "{team}:{user}"
     WEBCHAT_VISITOR = "webchat_visitor"
+    DOUYIN_OPEN_ID = "douyin_open_id"  # value: "{client_key}:{open_id}" (open_ids are per app)
+    WEIBO = "weibo"  # the Weibo uid
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
 
