@@ -38,7 +38,7 @@ class IdentityKind(enum.StrEnum):
     FEISHU_UNION_ID = "feishu_union_id"  # one person across the apps of one developer
     FEISHU_USER_ID = "feishu_user_id"  # value: "{tenant_key}:{user_id}" (the tenant's employee id)
     DINGTALK_STAFF_ID = "dingtalk_staff_id"  # value: "{corp_id}:{staff_id}" (the tenant's employee id)
-    DINGTALK_UNION_ID = "dingtalk_union_id"  # one person across the DingTalk organisations
+    DINGTALK_SENDER_ID = "dingtalk_sender_id"  # value: "{corp_id}:{senderId}" (robot messages' sender id)
     WEBCHAT_VISITOR = "webchat_visitor"
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
