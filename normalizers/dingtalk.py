@@ -19,7 +19,8 @@ both verified (the callback was signed, or came over our authenticated stream). 
 email is linked by the connector after the commit, from the organisation's directory.
 
 ``extra`` keeps what the way back needs: ``conversation_id``, ``conversation_type``,
-``robot_code``, ``session_webhook`` and its expiry ``session_webhook_expires`` (milliseconds).
+``robot_code``, ``session_webhook`` and its expiry ``session_webhook_expires`` (milliseconds; the
+sender posts to it only under the configured ``oapi_base``).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def normalize(envelope: RawEnvelope) -> Sequence[CanonicalMessage]:
     if isinstance(staff, str) and staff:
         extra["staff_id"] = staff
     webhook, expires = robot.get("sessionWebhook"), robot.get("sessionWebhookExpiredTime")
-    if isinstance(webhook, str) and webhook.startswith("https://") and isinstance(expires, int):
+    if isinstance(webhook, str) and webhook.startswith(("https://", "http://")) and isinstance(expires, int):
         extra["session_webhook"] = webhook
         extra["session_webhook_expires"] = expires
     nick = robot.get("senderNick")
