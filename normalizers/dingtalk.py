@@ -100,7 +100,7 @@ def normalize(envelope: RawEnvelope) -> Sequence[CanonicalMessage]:
     kind = str(robot.get("msgtype") or "")
     text, media, detail = _content(kind, robot, robot_code)
     extra: dict[str, Any] = {
-        "msg_id": msg_id,
+        "message_id": msg_id,
         "msgtype": kind,
         "conversation_id": robot.get("conversationId"),
         "conversation_type": "group" if group else "single",

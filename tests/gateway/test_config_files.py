@@ -49,6 +49,7 @@ EXAMPLE_ENV = {
     "FEISHU_ACME_APP_SECRET": "feishu-app-secret-for-tests",
     "FEISHU_ACME_VERIFICATION_TOKEN": "feishu-verification-token-for-tests",
     "FEISHU_ACME_ENCRYPT_KEY": "feishu-encrypt-key-for-tests",
+    "DINGTALK_ACME_APP_SECRET": "dingtalk-app-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
     "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
     "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
