@@ -104,6 +104,9 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> in
     """Run ``sql`` once per row (psycopg pipelines them); the rows changed, summed."""
     if not rows:
         return 0
+    if len(rows) == 1:
+        # The usual case on the hot path (one event, one content row): no cursor of its own.
+        return max(conn.execute(sql, rows[0]).rowcount, 0)
     cur = conn.cursor()
     try:
         cur.executemany(sql, rows)
