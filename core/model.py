@@ -53,6 +53,12 @@ class Identity:
     value: str
     verified: bool = False
 
+    def __post_init__(self) -> None:
+        # An IdentityKind member is kept as its plain str value, as every store and event keeps it:
+        # done once here, storable() need not rebuild the identity and its message for every message.
+        if type(self.kind) is not str and isinstance(self.kind, str):
+            object.__setattr__(self, "kind", str(self.kind))
+
     def key(self) -> tuple[str, str]:
         return (self.kind, self.value)
 
