@@ -33,8 +33,7 @@ MARKER = "# against config/ticketgate.dev.toml (make run)"
 EXPECTED = {
     "api": 1, "form": 1, "email": 1, "wechat": 2, "wecom": 1, "telegram": 1, "whatsapp": 1, "messenger": 1,
     "instagram": 1, "line": 1, "x": 1, "webchat": 1, "slack": 1, "miniprogram": 1, "douyin": 1,
-    "weibo": 1,
-    "instagram": 1, "line": 1, "x": 1, "webchat": 1, "slack": 1, "feishu": 1, "dingtalk": 1,
+    "weibo": 1, "feishu": 1, "dingtalk": 1,
 }
 # Guides without a dev-config block, and why.
 NOT_RUNNABLE = {"wechat_kf": "the gateway would call Tencent's API at start-up", "README": "the index"}
