@@ -104,14 +104,14 @@ def record_content(
         (placement.message_id, "media", media_path(message.channel, message.inbox, m.ref))
         for m in message.media
     ]
+    sql = d.sql("INSERT INTO message_content (message_id, kind, ref) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+    if len(rows) == 1:
+        # The usual case (a message with no attachment or media): no cursor of its own.
+        conn.execute(sql, rows[0])
+        return
     cur = conn.cursor()
     try:
-        cur.executemany(
-            d.sql(
-                "INSERT INTO message_content (message_id, kind, ref) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
-            ),
-            rows,
-        )
+        cur.executemany(sql, rows)
     finally:
         cur.close()
 
