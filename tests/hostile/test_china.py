@@ -61,3 +61,22 @@ async def test_non_utf8_weibo_query_parameters_are_refused_not_500(sqlite_gatewa
         ).encode()
         status, _ = await sqlite_gateway.raw_http(head, b'{"type": "text"}')
         assert status == 401, method
+
+
+async def test_the_accounts_own_message_is_answered_200_and_makes_nothing(sqlite_gateway: Gateway) -> None:
+    """im_send_msg (the brand's own message, our replies included) is understood, not a ticket."""
+    body = orjson.dumps(
+        {
+            "event": "im_send_msg",
+            "client_key": "awhostile",
+            "from_user_id": "_000brand",
+            "content": {"server_message_id": "@own==", "message_type": "text", "text": "您好"},
+        }
+    )
+    head = (
+        f"POST /douyin/{INBOX} HTTP/1.1\r\nHost: gateway.test\r\nContent-Type: application/json\r\n"
+        f"X-Douyin-Signature: {douyin_signature(DOUYIN_SECRET, body)}"
+    ).encode()
+    status, _ = await sqlite_gateway.raw_http(head, body)
+    assert status == 200
+    assert sqlite_gateway.bus.published == []
