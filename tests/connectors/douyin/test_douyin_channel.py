@@ -213,7 +213,7 @@ async def test_a_comment_is_answered_by_a_comment_reply_outside_the_window(
         (200, douyin_error(2190004, "应用未获得该能力"), "auth", True),
         (200, douyin_error(2100004, "系统繁忙"), "provider_error", False),
         (200, douyin_error(2100009, "用户被禁封"), "blocked", True),
-        (200, {"err_no": 28003017, "err_msg": "会话已过期", "log_id": "1"}, "window_closed", True),
+        (200, {"err_no": 2100004, "err_msg": "系统繁忙", "log_id": "1"}, "provider_error", False),
         (429, {}, "rate_limited", False),
         (502, {}, "provider_error", False),
     ],
