@@ -269,6 +269,9 @@ def _message_fields(
             thumb_url=_text(fields, "ThumbUrl"),
             thumb_media_id=_text(fields, "ThumbMediaId"),
         )
+        if extra["thumb_media_id"]:
+            # The card's cover, a temporary media file like an image message's.
+            media.append(MediaRef(kind="image", ref=extra["thumb_media_id"], name="thumbnail"))
         return "\n".join(p for p in (title, extra["page_path"]) if p) or None
     # Unknown message type: keep whatever text it has.
     content = fields.get("Content")
