@@ -71,6 +71,12 @@ class DouyinSender:
         if len(text) > MAX_TEXT:
             raise SendError("too_large", f"{len(text)} characters; Douyin takes {MAX_TEXT}", permanent=True)
         answering = reply.answering
+        brand = answering.get("to_user_id")
+        if isinstance(brand, str) and brand and app.account_open_id and brand != app.account_open_id:
+            # One app may be authorized by several accounts; only the configured one can answer
+            # (another account's conversation would be refused as 2190015 anyway).
+            raise SendError("unsupported", f"the customer wrote to Douyin account {brand}, not to "
+                            f"{app.account_open_id} whose token is configured", permanent=True)
         body: dict[str, Any]
         if answering.get("source") == "comment":
             path, body = "/item/comment/reply/", {

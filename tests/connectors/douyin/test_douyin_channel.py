@@ -238,3 +238,13 @@ async def test_attachments_and_overlong_text_fail_before_any_call(
         await rig.spec.sender.send(reply({**IM, "conversation_short_id": None}))
     assert missing.value.reason == "recipient_unreachable"
     assert fake[0].sent == []
+
+
+async def test_a_conversation_of_another_authorized_account_is_not_answered(
+    rig: Rig, fake: tuple[FakeDouyin, str]
+) -> None:
+    with pytest.raises(SendError) as raised:
+        await rig.spec.sender.send(reply({**IM, "to_user_id": "_000otherBrand"}))
+    assert (raised.value.reason, raised.value.permanent) == ("unsupported", True)
+    await rig.spec.sender.send(reply({**IM, "to_user_id": BRAND}))
+    assert len(fake[0].sent) == 1
