@@ -11,7 +11,12 @@ Prints, from one run (the machine is shared and noisy, so compare the ratios):
 - the gateway's peak RSS;
 - a bare aio-pika publisher (windowed confirms, no gateway) on the same broker, and the ratio.
 
-Usage: .venv/bin/python bench/ingest.py [--concurrency 64] [--seconds 10] [--rate 1000]
+With ``--store postgresql`` the gateway runs on a fresh database on the local PostgreSQL (the admin
+DSN the tests use, ``TICKETGATE_TEST_PG_DSN``, default ``postgresql://root@127.0.0.1:5432/postgres``;
+dropped afterwards), and PostgreSQL's own CPU per event is read from /proc of its processes.
+
+Usage: .venv/bin/python bench/ingest.py [--store sqlite|postgresql] [--concurrency 64] [--seconds 10]
+       [--rate 1000]
 """
 
 from __future__ import annotations
@@ -149,19 +154,37 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
 
 
-def _broker_pids() -> list[int]:
+def _pids_named(*names: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "beam.smp":
+                if (entry / "comm").read_text().strip() in names:
                     pids.append(int(entry.name))
     return pids
 
 
-def cpu_seconds(pid: int) -> dict[str, float]:
+def _postgres_cpu(database: str | None) -> float:
+    """CPU of the PostgreSQL server's processes: its backends serving ``database`` (their command
+    line names it) plus the shared ones (WAL writer, checkpointer, background writer). Other
+    databases' backends (other benchmarks, tests) are left out; a backend that ended meanwhile is
+    not counted (the gateway's pool keeps its connections)."""
+    if database is None:
+        return 0.0
+    total = 0.0
+    shared = (b"walwriter", b"checkpointer", b"background writer", b"wal writer")
+    for pid in _pids_named("postgres", "postmaster"):
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if database.encode() in cmdline or any(word in cmdline for word in shared):
+                total += task_cpu(Path(f"/proc/{pid}/stat"))
+    return total
+
+
+def cpu_seconds(pid: int, database: str | None = None) -> dict[str, float]:
     """CPU time (user + system) from /proc: the gateway's event loop thread, its other threads, its
-    child processes by name (the outbox relay), and the broker (when readable)."""
+    child processes by name (the outbox relay), the broker (when readable) and PostgreSQL serving
+    ``database``."""
     result: dict[str, float] = {"event loop": 0.0, "store writer and other threads": 0.0}
     for task in Path(f"/proc/{pid}/task").iterdir():
         name = "event loop" if task.name == str(pid) else "store writer and other threads"
@@ -170,9 +193,11 @@ def cpu_seconds(pid: int) -> dict[str, float]:
         with contextlib.suppress(OSError):
             name = child_name(child)
             result[name] = result.get(name, 0.0) + task_cpu(Path(f"/proc/{child}/stat"))
-    for broker in _broker_pids():
+    for broker in _pids_named("beam.smp"):
         with contextlib.suppress(OSError):
             result["broker"] = result.get("broker", 0.0) + task_cpu(Path(f"/proc/{broker}/stat"))
+    if database is not None:
+        result["postgresql"] = _postgres_cpu(database)
     return result
 
 
@@ -184,10 +209,28 @@ def peak_rss_mb(pid: int) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
+    if args.store == "postgresql":
+        from tests.support.postgres import admin_dsn, fresh_database, require_postgres
+
+        require_postgres(admin_dsn())
+        with fresh_database(admin_dsn(), prefix="tg_bench") as dsn:
+            await _run(args, dsn)
+    else:
+        await _run(args, None)
+
+
+async def _run(args: argparse.Namespace, dsn: str | None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tg-bench-", dir=args.dir))
     exchange, queue = f"bench.{uuid.uuid4().hex[:8]}", f"bench.desk.{uuid.uuid4().hex[:8]}"
     port = free_port()
-    config = gateway_config(tmp, port=port, amqp_url=args.url, exchange=exchange, queue=queue)
+    store = None
+    database = None
+    if dsn is not None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        database = str(conninfo_to_dict(dsn)["dbname"])
+        store = f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\nblob_dir = "{tmp / "data" / "blobs"}"\n'
+    config = gateway_config(tmp, port=port, amqp_url=args.url, exchange=exchange, queue=queue, store=store)
     text = config.read_text().replace('level = "INFO"', 'level = "WARNING"')
     config.write_text(text)
     gateway = GatewayProcess(config=config, port=port, log_path=tmp / "gateway.log")
@@ -214,7 +257,7 @@ async def run(args: argparse.Namespace) -> None:
         await counter.wait_for(1, within=30)
 
         before = len(counter.ids)
-        cpu_before = cpu_seconds(gateway.proc.pid)
+        cpu_before = cpu_seconds(gateway.proc.pid, database)
         own_before = time.process_time()
         t0 = time.perf_counter()
         closed = await loop.run_in_executor(
@@ -222,7 +265,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         acked = closed["statuses"].get(202, 0)
         await counter.wait_for(before + acked, within=120)
-        cpu_after = cpu_seconds(gateway.proc.pid)
+        cpu_after = cpu_seconds(gateway.proc.pid, database)
         cpu_after["consumer (this process)"] = time.process_time() - own_before
         cpu_after["load generator"] = closed["cpu"]
         events = len(counter.ids) - before
@@ -238,13 +281,12 @@ async def run(args: argparse.Namespace) -> None:
         await connection.close()
         await gateway.stop()
 
-    bare = await bare_publish_rate(args.url, args.bare_n, args.window)
+    bare = float("nan") if args.skip_bare else await bare_publish_rate(args.url, args.bare_n, args.window)
 
     lat_closed = closed["latencies"]
     lat_open = opened["latencies"]
-    print(
-        f"gateway: API -> SQLite group commit -> outbox relay -> RabbitMQ (confirms), pid {gateway.proc.pid}"
-    )
+    stored = "SQLite group commit" if dsn is None else "PostgreSQL"
+    print(f"gateway: API -> {stored} -> outbox relay -> RabbitMQ (confirms), pid {gateway.proc.pid}")
     print(f"closed loop, {args.concurrency} connections, {args.seconds:.0f} s:")
     print(f"  acked            {acked} requests ({ack_rate:,.0f}/s), statuses {closed['statuses']}")
     print(f"  on the queue     {events} events, {e2e_rate:,.0f} events/s end to end")
@@ -268,7 +310,7 @@ async def run(args: argparse.Namespace) -> None:
     budget = (os.cpu_count() or 1) * 1e6 / max(e2e_rate, 1)
     print(f"CPU per event in the closed loop (us; the machine has {budget:.0f} us per event at this rate):")
     print(f"  gateway          {gateway_cpu / max(events, 1) * 1e6:.0f} us in all")
-    for name in (*gateway_names, "broker", "consumer (this process)", "load generator"):
+    for name in (*gateway_names, "postgresql", "broker", "consumer (this process)", "load generator"):
         if name in cpu:
             print(f"    {name:<31}{cpu[name] / max(events, 1) * 1e6:6.0f}")
     print(f"  all measured     {sum(cpu.values()) / max(events, 1) * 1e6:.0f} us")
@@ -288,6 +330,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--bare-n", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--skip-bare", action="store_true", help="leave out the bare aio-pika baseline")
     parser.add_argument("--dir", default=None, help="where the gateway's data goes (default: a temp dir)")
     asyncio.run(run(parser.parse_args()))
 

@@ -194,6 +194,8 @@ async def load(visitors: int, messages: int) -> None:
             elapsed = time.perf_counter() - started
             await counter.wait_for(len(latencies), within=60)
             await asyncio.gather(*(v.ws.close() for v in opened))
+            on_bus = len(counter.ids)
+            api_rate, api_latencies = await api_baseline(process.url, visitors, messages)
         total = len(latencies)
         print(f"web chat load: {visitors} concurrent visitors x {messages} messages, one in flight each")
         print(
@@ -204,8 +206,37 @@ async def load(visitors: int, messages: int) -> None:
             f"  send -> delivery tick   p50 {statistics.median(latencies) * 1000:.1f} ms"
             f"  p99 {pct(latencies, 0.99) * 1000:.1f} ms  max {max(latencies) * 1000:.1f} ms"
         )
-        print(f"  events on the bus       {len(counter.ids)} distinct (expected {total})")
+        print(f"  events on the bus       {on_bus} distinct (expected {total})")
+        print(
+            f"  the same through the API, same gateway, right after: {api_rate:.0f} messages/s,"
+            f" p50 {statistics.median(api_latencies) * 1000:.1f} ms"
+            f" p99 {pct(api_latencies, 0.99) * 1000:.1f} ms (the machine's noise, for comparison)"
+        )
         print(f"  gateway RSS after       {rss_kib(process.proc.pid) / 1024:.0f} MiB" if process.proc else "")
+
+
+async def api_baseline(url: str, clients: int, each: int) -> tuple[float, list[float]]:
+    """As many messages through POST /api/v1/messages, ``clients`` at once, one in flight each."""
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def client(n: int) -> None:
+            for m in range(each):
+                started = time.perf_counter()
+                async with http.post(
+                    f"{url}/api/v1/messages",
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                    json={"customer": {"external_id": f"bench-{n}"}, "text": f"client {n} message {m}"},
+                ) as response:
+                    await response.read()
+                    if response.status == 202:
+                        latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(n) for n in range(clients)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies
 
 
 async def probe_latency(

@@ -40,6 +40,8 @@ class IdentityKind(enum.StrEnum):
     DINGTALK_STAFF_ID = "dingtalk_staff_id"  # value: "{corp_id}:{staff_id}" (the tenant's employee id)
     DINGTALK_SENDER_ID = "dingtalk_sender_id"  # value: "{corp_id}:{senderId}" (robot messages' sender id)
     WEBCHAT_VISITOR = "webchat_visitor"
+    DOUYIN_OPEN_ID = "douyin_open_id"  # value: "{client_key}:{open_id}" (open_ids are per app)
+    WEIBO = "weibo"  # the Weibo uid
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
 
@@ -50,6 +52,12 @@ class Identity:
     kind: str
     value: str
     verified: bool = False
+
+    def __post_init__(self) -> None:
+        # An IdentityKind member is kept as its plain str value, as every store and event keeps it:
+        # done once here, storable() need not rebuild the identity and its message for every message.
+        if type(self.kind) is not str and isinstance(self.kind, str):
+            object.__setattr__(self, "kind", str(self.kind))
 
     def key(self) -> tuple[str, str]:
         return (self.kind, self.value)

@@ -95,7 +95,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
             _purge_loop(
                 store, settings.dedupe.duplicate_window, orphan_min_age=settings.store.orphan_min_age,
                 orphans_every=settings.store.orphan_sweep_interval, retention=settings.retention,
-                idempotency_retention=settings.store.idempotency_retention,
+                idempotency_retention=settings.store.idempotency_retention, metrics=metrics,
             ),
             name="ticketgate-purge",
         )
@@ -227,6 +227,7 @@ async def _purge_loop(
     store: Store, duplicate_window: float, interval: float = 60.0, keys_every: float = 3600.0, *,
     orphan_min_age: float = 3600.0, orphans_every: float = 3600.0,
     retention: RetentionSettings | None = None, idempotency_retention: float = 8 * 86400.0,
+    metrics: Metrics | None = None,
 ) -> None:
     """Every ``interval``: recent texts past the duplicate window; every ``keys_every``: expired
     idempotency keys; every ``retention.interval``: what ``[retention]`` lets go (bounded batches,
@@ -244,12 +245,12 @@ async def _purge_loop(
             logger.exception("sweeping old recent texts failed")
         keys_purged_at = await _when_due(
             keys_purged_at, keys_every,
-            functools.partial(purge_kinds, store, {"keys": idempotency_retention}, now, retention),
+            functools.partial(purge_kinds, store, {"keys": idempotency_retention}, now, retention, metrics),
             "purging expired idempotency keys", "purged %d expired idempotency keys",
         )
         retained_at = await _when_due(
             retained_at, retention.interval,
-            functools.partial(purge_retention, store, retention, now, idempotency_retention),
+            functools.partial(purge_retention, store, retention, now, idempotency_retention, metrics),
             "purging content past its retention", "purged %d rows past their retention",
         )
         orphans_swept_at = await _when_due(
@@ -260,7 +261,8 @@ async def _purge_loop(
 
 
 async def purge_kinds(
-    store: Store, ages: dict[str, float], now: datetime, retention: RetentionSettings
+    store: Store, ages: dict[str, float], now: datetime, retention: RetentionSettings,
+    metrics: Metrics | None = None,
 ) -> int:
     """For each kind, remove rows older than its age (seconds) in batches of ``retention.batch``,
     at most ``retention.max_batches`` of them; each batch is its own transaction."""
@@ -270,13 +272,16 @@ async def purge_kinds(
         for _ in range(retention.max_batches):
             removed = await store.purge_retained(kind, before, retention.batch)
             total += removed
+            if metrics is not None and removed:
+                metrics.purged(kind, removed)
             if removed < retention.batch:
                 break
     return total
 
 
 async def purge_retention(
-    store: Store, retention: RetentionSettings, now: datetime, idempotency_retention: float
+    store: Store, retention: RetentionSettings, now: datetime, idempotency_retention: float,
+    metrics: Metrics | None = None,
 ) -> int:
     """One retention round: published events, then messages, raw bodies and blob files past their
     retention; then free pages go back to the file system (SQLite)."""
@@ -286,10 +291,13 @@ async def purge_retention(
         "raw_bodies": retention.raw_bodies,
         "blobs": retention.blobs,
     }
-    removed = await purge_kinds(store, {k: v for k, v in ages.items() if v is not None}, now, retention)
+    due = {kind: age for kind, age in ages.items() if age is not None}
+    removed = await purge_kinds(store, due, now, retention, metrics)
     freed = await store.reclaim_space(retention.vacuum_pages)
     if freed:
         logger.info("gave %d free database pages back to the file system", freed)
+    if metrics is not None:
+        metrics.retention_last_round.set(time.time())
     return removed
 
 

@@ -204,6 +204,20 @@ async def _quarantine(settings: Settings, args: argparse.Namespace, out: TextIO)
         await store.close()
 
 
+def _confirm_erase(args: argparse.Namespace) -> int | None:
+    """``None`` to go on; else the exit code (an erasure cannot be undone: ask, or want --yes)."""
+    if args.yes:
+        return None
+    if not sys.stdin.isatty():
+        print("ticketgate: erasing cannot be undone; add --yes to confirm", file=sys.stderr)
+        return 2
+    answer = input(f"Erase customer {args.id} and everything they said, for good? [y/N] ")
+    if answer.strip().lower() in ("y", "yes"):
+        return None
+    print("ticketgate: nothing erased", file=sys.stderr)
+    return 1
+
+
 async def _customer_erase(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     """Erase a customer; the running gateway's relay publishes ``customer.erased``."""
     import getpass
@@ -280,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     cerase.add_argument("id", help="the customer id (cus_...), as in the events")
     cerase.add_argument("--tenant", help="refuse unless the customer belongs to this tenant")
     cerase.add_argument("--by", help="who asked, for the audit record (default: cli:<user>)")
+    cerase.add_argument("--yes", action="store_true", help="do not ask (needed without a terminal)")
     store = sub.add_parser("store", help="store maintenance")
     ssub = store.add_subparsers(dest="action", required=True)
     ssub.add_parser(
@@ -306,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "outbox":
             return asyncio.run(_outbox_status(settings, sys.stdout))
         if args.command == "customer":
+            refused = _confirm_erase(args)
+            if refused is not None:
+                return refused
             return asyncio.run(_customer_erase(settings, args, sys.stdout))
         if args.command == "store":
             return _store_vacuum(settings, sys.stdout)

@@ -220,6 +220,20 @@ class Metrics:
             "ticketgate_reply_oldest_age_seconds", "Age of the oldest unfinished reply command", registry=r
         )
 
+        # Retention (gateway.app's purge loop): what went, and when the last round finished, so an
+        # alert can tell a purge that stopped running (the disk then fills again).
+        self.retention_purged = Counter(
+            "ticketgate_retention_purged",
+            "Rows removed because they outlived their retention (keys, events, messages, raw_bodies, blobs)",
+            ["kind"],
+            registry=r,
+        )
+        self.retention_last_round = Gauge(
+            "ticketgate_retention_last_round_timestamp_seconds",
+            "When the last retention round finished without an error (Unix time)",
+            registry=r,
+        )
+
         # Labelled children, looked up once: ``labels()`` takes a lock and rebuilds the key per call.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -290,6 +304,9 @@ class Metrics:
     def reply_status(self, backlog: int, oldest_age: float | None) -> None:
         self.reply_backlog.set(backlog)
         self.reply_oldest_age.set(oldest_age or 0.0)
+
+    def purged(self, kind: str, rows: int) -> None:
+        self._child(self.retention_purged, kind).inc(rows)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -105,7 +105,7 @@ class BoundedServer(web.Server):
     async def _bounded(self, request: web.BaseRequest) -> web.StreamResponse:
         protocol = request.protocol
         self._idle.pop(protocol, None)
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        if _websocket_upgrade(request):
             # A socket lives as long as its conversation: its handler bounds the handshake, pings
             # and idleness itself (the web chat's hello_timeout, heartbeat and idle_timeout).
             try:
@@ -132,6 +132,17 @@ class BoundedServer(web.Server):
         finally:
             if protocol.transport is not None:
                 self._idle[protocol] = None  # back at the end: idle since now
+
+
+def _websocket_upgrade(request: web.BaseRequest) -> bool:
+    """A WebSocket handshake: a GET asking for the upgrade, with no body a client could trickle
+    (a POST that merely says ``Upgrade: websocket`` stays under ``server.request_timeout``)."""
+    return (
+        request.method == "GET"
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+        and not request.content_length
+        and "Transfer-Encoding" not in request.headers
+    )
 
 
 class BoundedRunner(web.AppRunner):

@@ -11,13 +11,27 @@ from __future__ import annotations
 import dataclasses
 import unicodedata
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
+
+import orjson
 
 from core.channel import Normalizer
 from core.errors import InvalidInput
 from core.model import CanonicalMessage, plain_text
 
-__all__ = ["Normalizer", "storable"]
+__all__ = ["Normalizer", "json_object", "storable"]
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A webhook body that must be one JSON object; ``InvalidInput`` (400) otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the body is not a JSON object")
+    return data
 
 
 def storable(message: CanonicalMessage) -> CanonicalMessage:
@@ -30,7 +44,9 @@ def storable(message: CanonicalMessage) -> CanonicalMessage:
     """
     for identity in message.identities:
         for part in (identity.kind, identity.value):
-            if any(unicodedata.category(c) in ("Cc", "Cs") for c in part):
+            # isprintable() is False for every Cc and Cs character: the per-character look-up
+            # runs only for the rare identity that has some non-printable character.
+            if not part.isprintable() and any(unicodedata.category(c) in ("Cc", "Cs") for c in part):
                 raise InvalidInput(
                     f"the customer's {identity.kind} contains control characters", status=422
                 )
@@ -38,8 +54,52 @@ def storable(message: CanonicalMessage) -> CanonicalMessage:
     return cleaned if isinstance(cleaned, CanonicalMessage) else message
 
 
+# Values with no text inside: returned as they are without further type tests.
+_ATOMS = frozenset({type(None), bool, int, float, bytes, datetime})
+# Field names per dataclass type (dataclasses.fields() builds a tuple on every call).
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _clean(value: Any) -> Any:
-    """``value`` with its strings cleaned; the same object when nothing needed it (the usual case)."""
+    """``value`` with its strings cleaned; the same object when nothing needed it (the usual case).
+
+    Runs for every message on the event loop, so the usual types are tested by ``type() is`` first;
+    subclasses (a str enum, an ``istr``) take the general path below, as before.
+    """
+    cls = type(value)
+    if cls is str:
+        # ASCII text has no lone surrogate (plain_text would return it unchanged).
+        if value.isascii():
+            return value.replace("\x00", "") if "\x00" in value else value
+    elif cls in _ATOMS:
+        return value
+    elif cls is tuple or cls is list:
+        items = [_clean(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return tuple(items) if cls is tuple else items
+    elif cls is dict:
+        pairs = [(_clean(k), _clean(v)) for k, v in value.items()]
+        if all(k2 is k and v2 is v for (k2, v2), (k, v) in zip(pairs, value.items(), strict=True)):
+            return value
+        return dict(pairs)
+    else:
+        names = _FIELDS.get(cls)
+        if names is not None:
+            changes: dict[str, Any] = {}
+            for name in names:
+                before = getattr(value, name)
+                after = _clean(before)
+                if after is not before:
+                    changes[name] = after
+            return dataclasses.replace(value, **changes) if changes else value
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _FIELDS[cls] = tuple(spec.name for spec in dataclasses.fields(value))
+            return _clean(value)
+    return _clean_any(value)
+
+
+def _clean_any(value: Any) -> Any:
     if isinstance(value, str):
         text = plain_text(value)
         return text.replace("\x00", "") if "\x00" in text else text

@@ -34,10 +34,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict, cast
 
-import orjson
-
 from core.errors import InvalidInput, NormalizationError
 from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
+from normalizers.base import json_object
 
 CHANNEL = "line"
 MESSAGE_TYPES = frozenset({"text", "image", "video", "audio", "file", "location", "sticker"})
@@ -119,12 +118,7 @@ class Delivery(TypedDict, total=False):
 def parse_delivery(body: bytes) -> Delivery:
     """The request object; ``InvalidInput`` (400) when the body is not a JSON object with an
     ``events`` list."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body is not a JSON object")
+    data = json_object(body)
     if not isinstance(data.get("events"), list):
         raise InvalidInput("the body has no events list")
     return cast(Delivery, data)

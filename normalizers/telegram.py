@@ -25,11 +25,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict, cast
 
-import orjson
 import phonenumbers
 
-from core.errors import InvalidInput, NormalizationError
+from core.errors import NormalizationError
 from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
+from normalizers.base import json_object
 
 CHANNEL = "telegram"
 # The Bot API serves files of at most 20 MB through getFile; bigger ones cannot be fetched at all.
@@ -149,13 +149,7 @@ _MEDIA_FIELDS: tuple[tuple[str, MediaKind, str | None], ...] = (
 
 def parse_update(body: bytes) -> Update:
     """The update object; ``InvalidInput`` (400) when the body is not a JSON object at all."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body is not a JSON object")
-    return cast(Update, data)
+    return cast(Update, json_object(body))
 
 
 def update_kind(update: Update) -> str:

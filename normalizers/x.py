@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
 
-import orjson
-
-from core.errors import InvalidInput, NormalizationError
+from core.errors import NormalizationError
 from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEnvelope
+from normalizers.base import json_object
 
 CHANNEL = "x"
 DM_EVENTS = "direct_message_events"
@@ -84,13 +83,7 @@ class Delivery(TypedDict, total=False):
 
 def parse_delivery(body: bytes) -> Delivery:
     """The request object; ``InvalidInput`` (400) when the body is not a JSON object."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the body is not a JSON object")
-    return cast(Delivery, data)
+    return cast(Delivery, json_object(body))
 
 
 def activities(delivery: Delivery) -> list[str]:

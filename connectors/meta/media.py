@@ -2,9 +2,10 @@
 
 WhatsApp names media by id: ``GET /{media-id}`` gives a short-lived URL, which is downloaded with the
 access token. Messenger and Instagram give the attachment's CDN URL itself (signed, no token: the
-token is never sent to it). Unreachable, throttled and 5xx answers are retried with the fetcher's
-capped backoff; an unknown or expired id, a refused token or a file past the bound fails for good
-(``media_failed``). The message is on the bus either way.
+token is never sent to it). Unreachable, throttled and 5xx answers, and a refused WhatsApp token
+(fixed meanwhile, the id is still good), are retried with the fetcher's capped backoff; an unknown
+or expired id, an expired CDN URL or a file past the bound fails for good (``media_failed``). The
+message is on the bus either way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import mimetypes
 from collections.abc import Mapping
 
 from connectors.media import Download, Fetched, MediaGone, MediaPolicy, MediaUnavailable
-from connectors.meta.graph import GraphApi, GraphError
+from connectors.meta.graph import AUTH, GraphApi, GraphError
 from connectors.meta.settings import GraphSettings
 from core.media import MediaFetch
 
@@ -43,7 +44,7 @@ def whatsapp_downloader(apis: Mapping[str, GraphApi], *, max_bytes: int) -> Down
                 raise MediaGone(f"file of {info.file_size} bytes is over media_max_bytes")
             data, served_type = await api.download(info.url, max_bytes=max_bytes, authorized=True)
         except GraphError as exc:
-            raise _sorted(exc) from exc
+            raise _sorted(exc, token=True) from exc
         if info.sha256 is not None and hashlib.sha256(data).hexdigest() != info.sha256:
             # A truncated or corrupted download: WhatsApp said what the file's digest is.
             raise MediaUnavailable("the download does not match the sha256 WhatsApp gave")
@@ -76,9 +77,13 @@ def url_downloader(apis: Mapping[str, GraphApi], *, max_bytes: int) -> Download:
     return download
 
 
-def _sorted(exc: GraphError) -> Exception:
+def _sorted(exc: GraphError, *, token: bool = False) -> Exception:
     if exc.status == 413:
         return MediaGone(str(exc))
+    if token and (exc.code in AUTH or exc.status == 401):
+        # Our token expired or lost a permission: the media id stays valid for 30 days, so keep
+        # trying (within media_retry_for) while someone fixes the token; logged on every attempt.
+        return MediaUnavailable(str(exc))
     # 404 from a CDN whose signed URL has not propagated yet, as well as throttling, is worth a retry.
     if exc.transient or exc.status in (404, 408):
         return MediaUnavailable(str(exc))

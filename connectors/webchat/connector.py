@@ -24,6 +24,7 @@ import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from html import escape
 from importlib.resources import files
 from string import Template
@@ -53,12 +54,12 @@ from core.http import (
     BearerKeys,
     ClientAddress,
     RateLimiter,
+    envelope_headers,
     ingest_within,
     json_error,
     json_response,
     read_body,
     refuse_credentials,
-    request_envelope,
     retry_after_value,
 )
 from core.model import IngestResult, Outcome, RawEnvelope
@@ -250,10 +251,23 @@ def _inbox(inbox_id: str, tenant: str, name: str | None, config: WebchatInboxSet
 
 
 def _origin_of(request: web.Request) -> str | None:
-    origin = request.headers.get("Origin")
-    if origin and origin != "null":
-        return origin.strip().lower()
-    return None
+    """The page's origin; ``None`` for none, an opaque ``null`` or a page that is not on the web
+    (``file://``, an app's own scheme: an H5 page in a WebView), which only ``allow_missing_origin``
+    admits. A browser never lets a web page claim such an origin."""
+    origin = (request.headers.get("Origin") or "").strip().lower()
+    if not origin.startswith(("http://", "https://")):
+        return None
+    return origin
+
+
+def _page(value: object) -> str | None:
+    """The page the visitor is on, without its query and fragment (they may carry a site's tokens)."""
+    if not isinstance(value, str):
+        return None
+    parts = urlsplit(value.strip()[:2000])
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def _short(value: object, limit: int) -> str | None:
@@ -284,6 +298,10 @@ class _Handlers:
             per_minute=channel.connects_per_minute, burst=channel.connect_burst, max_keys=keys
         )
         self._reports: set[asyncio.Task[None]] = set()
+        # Every frame of a visitor's sockets (messages have their own, lower limit too).
+        self._frame_rate = RateLimiter(
+            per_minute=channel.frames_per_minute, burst=channel.frame_burst, max_keys=keys
+        )
         # Desks watching the visitors' typing and read receipts, per inbox (bounded queues).
         self._watchers: dict[str, set[asyncio.Queue[str]]] = {}
         self._desks: set[web.WebSocketResponse] = set()
@@ -341,6 +359,7 @@ class _Handlers:
         content_type: str,
         remote: str | None,
         extra_meta: Mapping[str, Any],
+        headers: Mapping[str, str] | None = None,
     ) -> RawEnvelope:
         meta: dict[str, Any] = {
             "session": session.session,
@@ -353,31 +372,22 @@ class _Handlers:
             meta["user_id"] = session.user_id
             if session.email is not None:
                 meta["email"] = session.email
-        envelope = request_envelope(
-            request,
+        if headers is None:
+            headers = envelope_headers(request)
+        # A socket frame arrives on the upgrade request: its content type is the frame's, not the
+        # request's, and the upgrade's headers are the same for every frame (read them once).
+        return RawEnvelope(
             channel=CHANNEL,
             tenant=inbox.tenant,
             inbox=inbox.id,
             body=body,
+            received_at=datetime.now(UTC),
+            content_type=content_type,
+            headers=headers,
             signature_verified=True,  # the session token is ours; the identity was checked
             remote=remote,
             meta=meta,
         )
-        if envelope.content_type != content_type:
-            # A socket frame arrives on the upgrade request, whose content type is not the frame's.
-            envelope = RawEnvelope(
-                channel=envelope.channel,
-                tenant=envelope.tenant,
-                inbox=envelope.inbox,
-                body=body,
-                received_at=envelope.received_at,
-                content_type=content_type,
-                headers=envelope.headers,
-                signature_verified=True,
-                remote=remote,
-                meta=envelope.meta,
-            )
-        return envelope
 
     async def _deliver(self, envelope: RawEnvelope) -> IngestResult:
         return await ingest_within(self._ingest, envelope, normalize_webchat, self._c.channel.ingest_timeout)
@@ -555,7 +565,7 @@ class _Handlers:
             content_type,
             remote,
             {
-                "page": _short(request.headers.get("Referer"), 2000),
+                "page": _page(request.headers.get("Referer")),
             },
         )
         result = await self._deliver(envelope)
@@ -672,7 +682,12 @@ class _Handlers:
                 compress=False,
             )
             await ws.prepare(request)
-            await self._converse(request, ws, inbox, remote)
+            # Open sockets = socket_opened - socket_closed (ticketgate_channel_events_total).
+            self._metrics.event("socket_opened", inbox=inbox.id)
+            try:
+                await self._converse(request, ws, inbox, remote)
+            finally:
+                self._metrics.event("socket_closed", inbox=inbox.id)
             return ws
         finally:
             self._conversations.release(remote)
@@ -696,10 +711,11 @@ class _Handlers:
         peer = Peer(ws, inbox.id, session.conversation)
         self._conversations.add(peer)
         meta = {
-            "page": _short(hello.get("page"), 2000),
+            "page": _page(hello.get("page")),
             "name": _short(hello.get("name"), 200),
             "lang": _short(hello.get("lang"), 20),
         }
+        headers = envelope_headers(request)  # the upgrade's: the same for every frame
         try:
             while True:
                 try:
@@ -714,13 +730,18 @@ class _Handlers:
                     return
                 if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                     return
+                if self._frame_rate.acquire(f"{inbox.id}/{session.session}") > 0:
+                    # Receipts and typing cost store reads and desk pushes: a flood ends the socket.
+                    self._metrics.refused("rate_limit", inbox=inbox.id)
+                    await ws.close(code=CLOSE_RATE, message=b"too many frames")
+                    return
                 frame = _json_frame(message)
                 if frame is None:
                     await peer.send(
                         {"type": "error", "code": "malformed", "reason": "frames are JSON objects"}
                     )
                     continue
-                await self._on_frame(request, peer, inbox, session, frame, message, remote, meta)
+                await self._on_frame(request, peer, inbox, session, frame, message, remote, meta, headers)
         finally:
             self._conversations.discard(peer)
 
@@ -791,10 +812,11 @@ class _Handlers:
         message: Any,
         remote: str,
         meta: Mapping[str, Any],
+        headers: Mapping[str, str],
     ) -> None:
         kind = frame.get("type")
         if kind == "message":
-            await self._on_message(request, peer, inbox, session, frame, message, remote, meta)
+            await self._on_message(request, peer, inbox, session, frame, message, remote, meta, headers)
         elif kind == "ping":
             await peer.send({"type": "pong"})
         elif kind in ("received", "read"):
@@ -840,6 +862,7 @@ class _Handlers:
         message: Any,
         remote: str,
         meta: Mapping[str, Any],
+        headers: Mapping[str, str],
     ) -> None:
         try:
             client_id = client_id_of(frame.get("client_id"))
@@ -875,7 +898,7 @@ class _Handlers:
         body = (
             message.data.encode("utf-8", "surrogatepass") if isinstance(message.data, str) else message.data
         )
-        envelope = self._envelope(request, inbox, session, body, "application/json", remote, meta)
+        envelope = self._envelope(request, inbox, session, body, "application/json", remote, meta, headers)
         result = await self._deliver(envelope)
         answer = self._outcome_frame(client_id, result)
         if result.outcome is Outcome.RETRY:

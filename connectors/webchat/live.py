@@ -37,6 +37,7 @@ from core.channel import (
 )
 from core.errors import StoreError
 from core.events import isoformat
+from normalizers import html as html_body
 
 logger = logging.getLogger(__name__)
 
@@ -298,14 +299,15 @@ class WebchatSender:
             raise SendError("recipient_unreachable", "no chat session to answer", permanent=True)
         if not (reply.text or reply.html or reply.attachments):
             raise SendError("rejected", "the reply has no text and no file", permanent=True)
+        # The widget shows text only (no agent HTML runs in a customer's page): an HTML-only reply is
+        # shown as the text of its sanitized HTML.
+        text = reply.text or (html_body.to_text(html_body.sanitize(reply.html)) if reply.html else "")
         item: dict[str, Any] = {
             "id": reply.reply_id,
-            "text": reply.text or "",
+            "text": text,
             "at": isoformat(self._now()),
             "status": "sent",
         }
-        if reply.html:
-            item["html"] = reply.html
         if reply.agent_name:
             item["agent"] = reply.agent_name
         if reply.attachments:

@@ -104,6 +104,9 @@ def executemany(conn: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> in
     """Run ``sql`` once per row (psycopg pipelines them); the rows changed, summed."""
     if not rows:
         return 0
+    if len(rows) == 1:
+        # The usual case on the hot path (one event, one content row): no cursor of its own.
+        return max(conn.execute(sql, rows[0]).rowcount, 0)
     cur = conn.cursor()
     try:
         cur.executemany(sql, rows)
@@ -466,12 +469,15 @@ class SqlTx:
         # Not claimed when the key's tombstone is there: its customer was erased, and a retry of
         # their message must not bring it back (gateway.store.erase).
         tombstone = erased_key(key)
-        cur = self._x(
+        # RETURNING, not rowcount: a pipelined placement (PostgreSQL) learns a statement's row count
+        # only once its results are read.
+        claimed = self._x(
             "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) SELECT ?, ?, ?, ?"
-            " WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?) ON CONFLICT (key) DO NOTHING",
+            " WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?) ON CONFLICT (key) DO NOTHING"
+            " RETURNING 1",
             (key, message_id, self._d.ts(now), fingerprint, tombstone),
-        )
-        if cur.rowcount == 1:
+        ).fetchone()
+        if claimed is not None:
             return None
         # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
         select = (
@@ -861,6 +867,11 @@ class SqlStore(ReplyLedger, abc.ABC):
     async def _write(self, fn: Callable[[Connection], T], *, events: bool = False) -> T:
         """Run ``fn`` in one durable transaction; ``events``: it may add outbox events."""
 
+    async def _write_placement(self, fn: Callable[[Connection], T]) -> T:
+        """Run an :meth:`accept` job (it adds events). A backend may run it differently: PostgreSQL
+        pipelines its statements. The job reads no ``rowcount`` (a pipelined cursor has none yet)."""
+        return await self._write(fn, events=True)
+
     @abc.abstractmethod
     async def _read(self, fn: Callable[[Connection], T]) -> T: ...
 
@@ -1003,7 +1014,7 @@ class SqlStore(ReplyLedger, abc.ABC):
             self._count_events(conn, len(events), bounded=True)
             return placements
 
-        return await self._write(job, events=True)
+        return await self._write_placement(job)
 
     async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
         self._check_disk()

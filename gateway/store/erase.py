@@ -47,6 +47,9 @@ class Dialect(Protocol):
     def placeholder(self) -> str: ...
 
     @property
+    def serialized(self) -> bool: ...
+
+    @property
     def words(self) -> Mapping[str, str]: ...
 
     @property
@@ -57,6 +60,8 @@ class Dialect(Protocol):
     def for_each(self, conn: Any, sql: str, head: Sequence[Any], values: Sequence[Any]) -> int: ...
 
     def erase_merges(self, conn: Any, customer_ids: Sequence[str]) -> int: ...
+
+    def lock_customers(self, conn: Any, customer_ids: Sequence[str]) -> None: ...
 
 ERASED_KEY_PREFIX = "erased:"
 # What retention can remove; "keys" are idempotency keys (store.idempotency_retention).
@@ -99,14 +104,14 @@ def record_content(
         (placement.message_id, "media", media_path(message.channel, message.inbox, m.ref))
         for m in message.media
     ]
+    sql = d.sql("INSERT INTO message_content (message_id, kind, ref) VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+    if len(rows) == 1:
+        # The usual case (a message with no attachment or media): no cursor of its own.
+        conn.execute(sql, rows[0])
+        return
     cur = conn.cursor()
     try:
-        cur.executemany(
-            d.sql(
-                "INSERT INTO message_content (message_id, kind, ref) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
-            ),
-            rows,
-        )
+        cur.executemany(sql, rows)
     finally:
         cur.close()
 
@@ -261,10 +266,15 @@ def _outbox_matches(d: Dialect, conn: Connection, scope: Scope, after: int) -> t
                 (after, until),
             )
         }
+    # Events of no thread (merges, unmerges) that name them. Another customer's message that merely
+    # mentions their address is that customer's message: it is neither withheld nor changed.
     for start in range(0, len(scope.needles), 50):
         needles = scope.needles[start : start + 50]
         test = " OR ".join([d.words["contains"]] * len(needles))
-        sql = d.sql(f"SELECT position FROM outbox WHERE position > ? AND position <= ? AND ({test})")  # noqa: S608
+        sql = d.sql(
+            "SELECT position FROM outbox WHERE position > ? AND position <= ? AND thread_id IS NULL"  # noqa: S608
+            f" AND ({test})"
+        )
         found |= {r[0] for r in conn.execute(sql, [after, until, *needles]).fetchall()}
     return sorted(found), int(until)
 
@@ -298,13 +308,21 @@ class Erased:
 def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
     """Erase inside one transaction; ``scan`` is the read-only pass (redone here if a merge changed
     whom it covers meanwhile)."""
+    # Placements lock their customers (dedupe.tx): holding the locks, no message of this customer
+    # commits meanwhile, and one that committed before is seen by every statement below.
+    d.lock_customers(conn, scan.scope.customers)
     scope = find_scope(d, conn, scan.scope.customer_id, scan.scope.tenant)
     if scope is None:  # pragma: no cover - customers are never deleted
         scope = scan.scope
+    joined = [c for c in scope.customers if c not in scan.scope.customers]
+    if joined:
+        d.lock_customers(conn, joined)
     if not scope.same(scan.scope):
         scan = erase_scan(d, conn, scope.customer_id, scope.tenant, scan.scanned_at) or scan
         scope = scan.scope
-    later, _ = _outbox_matches(d, conn, scope, scan.outbox_until)
+    # Only the rows added since the scan, when one writer commits them in position order (SQLite);
+    # with concurrent writers (PostgreSQL) a lower position may have committed after the scan.
+    later, _ = _outbox_matches(d, conn, scope, scan.outbox_until if d.serialized else 0)
     positions = sorted(set(scan.positions) | set(later))
     keys = set(scan.keys) | {
         r[0]
@@ -316,6 +334,9 @@ def erase(d: Dialect, conn: Connection, scan: Scan, now: Any) -> Erased:
             (scan.scanned_at,),
         )
     }
+    if not d.serialized:  # a claim that began before the scan may have committed after it
+        sql = "SELECT key FROM idempotency_keys WHERE customer_id IN (__IN__)"
+        keys |= {r[0] for r in _in(d, conn, sql, scope.customers)}
     keys = {k for k in keys if not k.startswith(ERASED_KEY_PREFIX)}
 
     messages = sorted(

@@ -201,6 +201,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
     CREATE INDEX messages_received ON messages (received_at);
     CREATE INDEX raw_archive_created ON raw_archive (created_at);
     """,
+        # Reply routes for the messages stored before the reply ledger.
+        """
+    {reply_routes_backfill}
+    """,
     ),
 )
 
@@ -430,15 +434,25 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
 
-    def _transact(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` in one transaction on a pooled connection; a deadlock victim runs again."""
+    def _transact(self, fn: Callable[[Connection], T], *, pipelined: bool = False) -> T:
+        """Run ``fn`` in one transaction on a pooled connection; a deadlock victim runs again.
+
+        ``pipelined``: in libpq's pipeline mode, statements whose results ``fn`` does not read are
+        sent without waiting for their answers, so a placement costs one round trip per read (and
+        the commit) instead of one per statement. An error of a queued statement is raised at the
+        next read or at the commit, still inside the transaction, which then rolls back.
+        """
         pool = self._pool
         if pool is None:
             raise StoreError("store is closed")
         for attempt in range(1, _TX_ATTEMPTS + 1):
             try:
-                with pool.connection() as conn, conn.transaction():
-                    return fn(conn)
+                with pool.connection() as conn:
+                    if pipelined:
+                        with conn.pipeline(), conn.transaction():
+                            return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
             except _RETRYABLE_TX as exc:
                 if attempt == _TX_ATTEMPTS:
                     raise StoreError(f"store write failed after {attempt} attempts: {exc}") from exc
@@ -454,6 +468,12 @@ class PostgresStore(SqlStore):
         """A transaction; when it may add outbox events, every listening relay hears of its commit."""
         value = await self._run(lambda: self._transact(fn))
         if events and self._committed is not None:
+            self._committed.set()
+        return value
+
+    async def _write_placement(self, fn: Callable[[Connection], T]) -> T:
+        value = await self._run(lambda: self._transact(fn, pipelined=True))
+        if self._committed is not None:
             self._committed.set()
         return value
 

@@ -350,4 +350,43 @@ async def test_an_agents_reply_appears_in_the_widget_and_waits_for_a_visitor_who
     await page.locator("#tg-chat-launcher").click()
     await page.locator("[data-reply-id]").nth(1).wait_for(timeout=30_000)
     await d.consumer.wait_until(lambda: len(reply_events(d, "reply.delivered")) >= 2, within=30)
+    # With the panel closed, a reply is counted on the launcher and announced to screen readers.
+    await page.keyboard.press("Escape")
+    await publish_reply(amqp_url, queue, thread_id, "desk-webchat-3", "We are here when you need us.")
+    await page.locator("#tg-chat-notice", has_text="New reply from support").wait_for(timeout=30_000)
+    assert await page.locator("#tg-chat-launcher .badge").text_content() == "1"
+    await context.close()
+
+
+async def test_an_app_webview_page_from_a_file_chats_on_a_phone_screen(
+    deploy: MakeDeployment, browser: Browser, tmp_path: Path
+) -> None:
+    # An app's H5 page loaded from a file: no usable Origin, so the inbox allows a missing one.
+    d = await deploy(extra=CHAT.replace("demo_page = true", "demo_page = true\nallow_missing_origin = true"))
+    page_file = tmp_path / "h5.html"
+    page_file.write_text(
+        '<!doctype html><html><head><meta name="viewport" content="width=device-width"></head><body>'
+        f'<h1>App help</h1><script src="{d.gateway.url}/chat/demo/widget.js" data-lang="zh"></script>'
+        "</body></html>",
+        encoding="utf-8",
+    )
+    context = await browser.new_context(
+        viewport={"width": 390, "height": 844},
+        is_mobile=True,
+        has_touch=True,
+        locale="zh-CN",
+        user_agent="Mozilla/5.0 (Linux; Android 14; Pixel 8; wv) AppleWebKit/537.36 (KHTML, like Gecko)"
+        " Version/4.0 Chrome/120.0.0.0 Mobile Safari/537.36",
+    )
+    page = await context.new_page()
+    await page.goto(page_file.as_uri())
+    await page.locator("#tg-chat-launcher").tap()
+    await page.locator("#tg-chat-status[data-state=online]").wait_for(timeout=15_000)
+    box = await page.locator("#tg-chat-panel").bounding_box()
+    assert box is not None
+    assert box["width"] == 390  # the panel takes the whole phone screen
+    await send(page, "手机里也能聊天吗？")
+    await ticks(page, 1)
+    [event] = await wait_events(d, 1)
+    assert event["message"]["text"] == "手机里也能聊天吗？"
     await context.close()

@@ -89,6 +89,13 @@ async def test_idle_and_half_sent_requests_time_out(deploy: MakeDeployment, ledg
         b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer e2e-test-key-0001\r\n"
         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"cust"
     )
+    # The same, saying it wants a WebSocket: only a bodiless GET handshake escapes the request bound.
+    sly_reader, sly_writer = await asyncio.open_connection("127.0.0.1", g.gateway.port)
+    sly_writer.write(
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer e2e-test-key-0001\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"cust"
+    )
     try:
         closed = await asyncio.gather(
             *(closed_by_server(reader, within=10.0) for reader, _ in [*held, *idle])
@@ -97,8 +104,11 @@ async def test_idle_and_half_sent_requests_time_out(deploy: MakeDeployment, ledg
         async with asyncio.timeout(10):
             status_line = await slow_reader.readline()
         assert status_line.startswith(b"HTTP/1.1 408"), status_line
+        async with asyncio.timeout(10):
+            status_line = await sly_reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 408"), status_line
         async with aiohttp.ClientSession() as session:
             assert await send_message(session, g.gateway.url, case) == 202
     finally:
-        await release([*held, *idle, (slow_reader, slow_writer)])
+        await release([*held, *idle, (slow_reader, slow_writer), (sly_reader, sly_writer)])
     await settle(case, g.consumer)

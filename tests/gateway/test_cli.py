@@ -172,6 +172,9 @@ async def test_customer_erase_and_store_vacuum(tmp_path: Path, capsys: pytest.Ca
     finally:
         await store.close()
     argv = ["customer", "erase", placed.customer_id, "--by", "dpo", "--config", str(config)]
+    code, _ = await asyncio.to_thread(run, argv, capsys)
+    assert code == 2  # irreversible: without a terminal to ask, --yes is needed
+    argv.append("--yes")
 
     code, out = await asyncio.to_thread(run, argv, capsys)
 
@@ -180,7 +183,8 @@ async def test_customer_erase_and_store_vacuum(tmp_path: Path, capsys: pytest.Ca
     assert (erased["customer_id"], erased["requested_by"], erased["counts"]["messages"]) == (
         placed.customer_id, "dpo", 1,
     )  # fmt: skip
-    code, _ = await asyncio.to_thread(run, [*argv[:3], "--tenant", "other", "--config", str(config)], capsys)
+    other = [*argv[:3], "--tenant", "other", "--yes", "--config", str(config)]
+    code, _ = await asyncio.to_thread(run, other, capsys)
     assert code == 1
     code, out = await asyncio.to_thread(run, ["store", "vacuum", "--config", str(config)], capsys)
     assert code == 0

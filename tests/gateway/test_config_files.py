@@ -54,6 +54,13 @@ EXAMPLE_ENV = {
     "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
     "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
     "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
+    "MINIPROGRAM_TOKEN": "miniprogram-token",
+    "MINIPROGRAM_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "MINIPROGRAM_APP_SECRET": "miniprogram-app-secret",
+    "DOUYIN_CLIENT_SECRET": "douyin-client-secret-for-tests",
+    "DOUYIN_ACCESS_TOKEN": "act.douyin-access-token-for-tests",
+    "WEIBO_APP_SECRET": "weibo-app-secret-for-tests",
+    "WEIBO_ACCESS_TOKEN": "2.00weibo-access-token-for-tests",
 }
 
 

@@ -61,6 +61,21 @@
   state.messages = state.messages || [];   // the transcript: {kind, id, text, at, status, name}
   state.queue = state.queue || [];         // client ids of own messages not yet acknowledged
   function save() {
+    // Another tab of the same site may have queued messages meanwhile: keep theirs too. Two tabs
+    // sending one queued message is harmless (same client id: the gateway stores it once).
+    var stored = load();
+    if (stored && stored.messages && (stored.user || null) === (state.user || null) && stored !== state) {
+      var known = {};
+      for (var i = 0; i < state.messages.length; i++) { known[state.messages[i].id] = true; }
+      for (var j = 0; j < stored.messages.length; j++) {
+        var other = stored.messages[j];
+        if (!known[other.id]) {
+          state.messages.push(other);
+          if (log) { render(other); }
+          if ((stored.queue || []).indexOf(other.id) >= 0 && state.queue.indexOf(other.id) < 0) { state.queue.push(other.id); }
+        }
+      }
+    }
     if (state.messages.length > 200) { state.messages = state.messages.slice(-200); }
     try { window.localStorage.setItem(storeKey, JSON.stringify(state)); } catch (e) { memory = state; }
   }
@@ -206,7 +221,9 @@
   form.appendChild(inputLabel); form.appendChild(attach); form.appendChild(input); form.appendChild(sendButton);
   panel.appendChild(header); panel.appendChild(status); panel.appendChild(log); panel.appendChild(typing);
   panel.appendChild(form);
-  root.appendChild(launcher); root.appendChild(panel);
+  // Announces a reply while the panel is closed (the log's live region is inside the hidden panel).
+  var notice = el("div", { "class": "sr", role: "status", "aria-live": "polite", id: "tg-chat-notice" });
+  root.appendChild(launcher); root.appendChild(panel); root.appendChild(notice);
 
   // -- rendering ---------------------------------------------------------------------------------
   function clock(iso) {
@@ -342,7 +359,7 @@
     try { ws = new WebSocket(wsBase + "/ws"); } catch (e) { scheduleReconnect(); return; }
     var socket = ws;
     socket.onopen = function () {
-      var hello = { type: "hello", token: state.token || null, lang: lang, page: String(location.href).slice(0, 2000) };
+      var hello = { type: "hello", token: state.token || null, lang: lang, page: String(location.origin + location.pathname).slice(0, 2000) };
       if (identity) { hello.identity = identity; if (identity.name) { hello.name = identity.name; } }
       socket.send(JSON.stringify(hello));
     };
@@ -384,7 +401,9 @@
     // The gateway pings too; this notices a dead network from our side within ~30 s.
     clearInterval(pingTimer);
     pingTimer = setInterval(function () {
-      if (!ws || !ready) { return; }
+      // A hidden tab stays quiet, so the gateway's idle timeout closes abandoned tabs' sockets; the
+      // widget reconnects (and gets what was held) when the tab is shown again.
+      if (!ws || !ready || document.hidden) { return; }
       ws.send('{"type":"ping"}');
       clearTimeout(pongTimer);
       pongTimer = setTimeout(function () { dropSocket(); scheduleReconnect(); }, 10000);
@@ -471,7 +490,10 @@
     }
     save();
     if (fresh.length && ws && ready) { ws.send(JSON.stringify({ type: "received", ids: fresh })); }
-    if (fresh.length) { typing.textContent = ""; }
+    if (fresh.length) {
+      typing.textContent = "";
+      if (!isOpen()) { notice.textContent = ""; notice.textContent = T.new_reply; }
+    }
     markRead();
     updateBadge();
   }
@@ -590,7 +612,10 @@
       }
       dropSocket(); connect();
     },
-    reset: function () { identity = null; state = { messages: [], queue: [], user: null }; save(); dropSocket(); log.textContent = ""; log.appendChild(greeting); },
+    reset: function () {
+      identity = null; state = { messages: [], queue: [], user: null };
+      try { window.localStorage.removeItem(storeKey); } catch (e) { memory = {}; }
+      save(); dropSocket(); log.textContent = ""; log.appendChild(greeting); },
     inbox: inbox
   };
 })();

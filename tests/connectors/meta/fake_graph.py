@@ -3,6 +3,7 @@ Cloud API's and the Send API's ``/messages``, a CDN for attachment URLs, and Met
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 from collections import deque
@@ -53,9 +54,12 @@ class FakeGraph:
     cdn_authorization: list[str | None] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     base: str = ""
+    # Notified on every call (made in app(), inside the running loop).
+    seen: asyncio.Condition | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def app(self) -> web.Application:
+        self.seen = asyncio.Condition()
         app = web.Application()
         app.router.add_get(f"/{VERSION}/{{media_id}}", self.media_info)
         app.router.add_get("/download/{media_id}", self.download)
@@ -79,6 +83,9 @@ class FakeGraph:
     async def media_info(self, request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
         self.calls.append(f"media_info {media_id}")
+        if self.seen is not None:
+            async with self.seen:
+                self.seen.notify_all()
         if not self._authorized(request):
             return graph_error(401, 190, "Error validating access token: Session has expired")
         failing = self._failing(media_id)

@@ -293,3 +293,22 @@ async def test_a_signed_body_of_a_broken_shape_is_quarantined_never_a_crash(
     assert await post(client, raw, sign(raw, SECRET)) == 200
     [event] = await published(bus, 1)
     assert event["type"] == "message.quarantined"
+
+
+async def test_a_refused_token_is_retried_until_it_is_fixed(
+    aiohttp_client: MakeClient, tmp_path: Path, graph: tuple[FakeGraph, str]
+) -> None:
+    fake, base = graph
+    fake.media["1583929765780123"] = (b"\xff\xd8\xffjpeg", "image/jpeg")
+    fake.token = "rotated-token"  # the gateway's token no longer works ...
+    bus = MemoryPublisher()
+    client = await aiohttp_client(create_app(settings_for(tmp_path, base), Overrides(publisher=bus)))
+    image = fixture("whatsapp/image")
+    assert await post(client, image, sign(image, SECRET)) == 200
+    [event] = await published(bus, 1)
+    assert fake.seen is not None
+    async with asyncio.timeout(10), fake.seen:
+        await fake.seen.wait_for(lambda: fake.calls.count("media_info 1583929765780123") >= 2)
+    fake.token = "graph-token"  # ... until someone fixes it
+    status, data = await served(client, event["message"]["media"][0]["url"])
+    assert (status, data) == (200, b"\xff\xd8\xffjpeg")

@@ -84,6 +84,10 @@ def test_the_signature_check() -> None:
     assert not app.signed("sha256=", body)
     assert not app.signed("sha256=zz", body)
     assert not app.signed(header(b"new")[:-2], body)
+    # Header bytes that are not UTF-8 reach us as surrogate escapes: refused, never an exception.
+    assert not app.signed("sha256=\udcff\udcfe", body)
+    assert not app.signed("sha256\udcff=" + header(b"new").partition("=")[2], body)
     assert app.verify_token_matches("v")
+    assert not app.verify_token_matches("v\udcff")
     assert not app.verify_token_matches("w")
     assert not app.verify_token_matches(None)

@@ -144,7 +144,7 @@ async def test_a_message_is_acknowledged_after_the_commit_and_a_resend_makes_no_
 ) -> None:
     chat = await make_chat()
     sock = await chat.socket()
-    welcome = await sock.hello()
+    welcome = await sock.hello(page="https://shop.example/orders/58213?reset_token=secret#top")
     assert welcome["verified"] is False
     assert welcome["token"]
     assert welcome["replies"] == []
@@ -173,6 +173,7 @@ async def test_a_message_is_acknowledged_after_the_commit_and_a_resend_makes_no_
         first["customer"]["identities"]
     )
     assert first["message"]["extra"]["conversation"] == f"s:{welcome['session']}"
+    assert first["message"]["extra"]["page"] == "https://shop.example/orders/58213"  # no query, no fragment
 
 
 async def test_a_signed_in_visitor_joins_the_existing_customer_and_thread(
@@ -238,6 +239,8 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     assert refused.value.status == 403
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await chat.socket(origin=None)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await chat.socket(origin="myapp://home")  # an app's page: only allow_missing_origin admits it
     sock = await chat.socket()
     await sock.hello()
     too_long = await sock.say("client-0201", "x" * 51)
@@ -255,7 +258,7 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     bad = await sock.say("client-0205", "")
     assert bad["type"] == "error"
     await sock.close()
-    assert chat.refusals()["auth"] == 2.0
+    assert chat.refusals()["auth"] == 3.0
     assert chat.refusals()["size"] == 1.0
     assert chat.refusals()["rate_limit"] >= 1.0
     assert len(await chat.events()) == 2
@@ -285,6 +288,15 @@ async def test_sockets_are_capped_per_ip(make_chat: MakeChat) -> None:
     third = await chat.socket()  # a closed socket frees its place
     await third.close()
     await second.close()
+    await asyncio.sleep(0.05)
+    events = {
+        s.labels["event"]: s.value
+        for f in chat.metrics.registry.collect()
+        for s in f.samples
+        if s.name == "ticketgate_channel_events_total" and s.labels["channel"] == "webchat"
+    }
+    assert events["socket_opened"] == events["socket_closed"] == 3
+    assert events["socket_refused_full"] == 1
 
 
 async def test_an_upload_is_a_message_with_its_file(make_chat: MakeChat) -> None:
@@ -368,6 +380,17 @@ async def test_a_reply_reaches_the_open_widget_and_waits_for_one_that_is_gone(ma
     assert [(r["id"], r["status"]) for r in resumed["replies"]] == [("r-0001", "read"), ("r-0002", "sent")]
     await back.close()
     assert ack["type"] == "ack"
+    # An HTML-only reply is shown as its text: no agent HTML runs in the customer's page.
+    await sender.send(
+        dataclasses.replace(
+            reply("r-0004", answering), text=None, html="<p>See <b>step 2</b><script>alert(1)</script></p>"
+        )
+    )
+    back = await chat.socket()
+    html_only = (await back.hello(welcome["token"]))["replies"][-1]
+    assert html_only["text"].split() == ["See", "step", "2"]
+    assert "html" not in html_only
+    await back.close()
     with pytest.raises(SendError) as nowhere:
         await sender.send(
             dataclasses.replace(reply("r-0003", {}), recipient=Identity(kind="email", value="a@b.c"))
@@ -515,3 +538,16 @@ async def test_an_oversized_frame_closes_the_socket_and_is_counted(make_chat: Ma
     await asyncio.sleep(0.05)
     assert chat.refusals() == {"size": 1.0}
     assert await chat.events() == []
+
+
+async def test_a_flood_of_frames_ends_the_socket(make_chat: MakeChat) -> None:
+    chat = await make_chat(frame_burst=5, frames_per_minute=1)
+    sock = await chat.socket()
+    await sock.hello()
+    for _ in range(10):
+        await sock.ws.send_str('{"type": "typing"}')
+    closed = await sock.ws.receive(timeout=5)
+    while closed.type is not aiohttp.WSMsgType.CLOSE:
+        closed = await sock.ws.receive(timeout=5)
+    assert closed.data == 4429
+    assert chat.refusals() == {"rate_limit": 1.0}

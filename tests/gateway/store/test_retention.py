@@ -16,15 +16,17 @@ from typing import Any
 import orjson
 import pytest
 import test_store_contract as contract
-from storekit import Clock, envelope, message, outbox_settings, store_settings
+from storekit import T0, Clock, envelope, message, outbox_settings, store_settings
 
 from core.events import Event
-from core.model import Attachment, Identity, MediaRef
+from core.media import MediaFetch
+from core.model import Attachment, Identity, MediaRef, Placement
 from core.settings import RetentionSettings
 from dedupe import graph
 from dedupe.engine import new_id
 from dedupe.tx import Tx
-from gateway.app import purge_kinds, purge_retention, sweep_recent_texts
+from gateway.app import _purge_loop, purge_kinds, purge_retention, sweep_recent_texts
+from gateway.metrics import Metrics
 from gateway.store.base import Store
 from gateway.store.blobs import BlobDir, sha256_hex
 from gateway.store.replies import ReplyRequest
@@ -68,11 +70,13 @@ async def test_retention_removes_old_content_and_keeps_young_and_idempotency(
     held = await store.quarantine(envelope(b"\x00 quarantined, old"), "unreadable")
     clock.advance(40 * DAY)
     young_file = Attachment(name="young.txt", content_type="text/plain", data=b"young attachment")
-    await accept(store, message("young", attachments=(young_file,)), env=envelope(b'{"text": "young"}'))
+    young = dataclasses.replace(message("young", attachments=(young_file,)), received_at=clock())
+    await accept(store, young, env=envelope(b'{"text": "young"}'))
     _age_files(blobs.path(sha256_hex(old_env.body)), blobs.path(old_file.sha256))
 
     retention = RetentionSettings(raw_bodies=30 * DAY, blobs=30 * DAY, messages=30 * DAY, batch=1)
-    removed = await purge_retention(store, retention, clock(), 8 * DAY)
+    metrics = Metrics()
+    removed = await purge_retention(store, retention, clock(), 8 * DAY, metrics)
 
     assert removed >= 5  # 2 messages, 2 raw bodies (one inline, one file), 1 attachment
     assert await store.read_blob(sha256_hex(old_env.body)) is None
@@ -82,6 +86,10 @@ async def test_retention_removes_old_content_and_keeps_young_and_idempotency(
     assert await store.read_blob(young_file.sha256) == young_file.data
     assert await store.read_blob(sha256_hex(b'{"text": "young"}')) == b'{"text": "young"}'
     assert await store.quarantine_get(held.id) is not None  # a quarantined body waits for its replay
+    samples = metrics.samples("ticketgate_retention_purged")
+    purged = {labels["kind"]: value for name, labels, value in samples if name.endswith("_total")}
+    assert purged == {"messages": 2, "raw_bodies": 2, "blobs": 1}
+    assert next(metrics.samples("ticketgate_retention_last_round_timestamp_seconds"))[2] > 0
     # The idempotency key outlives the message row: a late retry is still a repeat.
     (again,) = await accept(store, message("young"))
     assert again.duplicate
@@ -103,8 +111,15 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     ada = dataclasses.replace(ada, attachments=(shared, own), media=(MediaRef(kind="image", ref="m-ada"),))
     await accept(store, ada, env=big)
     customer, thread = await _ids(store)
+    # The connector fetched the image the message announced (WeChat media_id).
+    media_key = "form/support/m-ada"
+    await store.media_enqueue([MediaFetch(key=media_key, channel="form", inbox="support", account="a",
+                                          ref="m-ada", kind="image", created_at=T0)])  # fmt: skip
+    media_sha = await store.media_done(media_key, b"Ada's photo bytes", content_type="image/jpeg", name=None)
     await accept(store, message("a2", email="ada@example.com", text="Ada again, second message"))
-    await accept(store, message("b1", email="bob@example.com", name="Bob", attachments=(shared,)))
+    # Bob mentions Ada's address: his message is his, and reaches the desks unchanged.
+    await accept(store, message("b1", email="bob@example.com", name="Bob", attachments=(shared,),
+                                text="Please also answer ada@example.com"))  # fmt: skip
     published = await store.outbox_fetch(100)
     await store.outbox_mark_published([published[0].position])  # one published, two waiting
 
@@ -118,6 +133,7 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     rows = await store.outbox_fetch(100)
     assert [r.type for r in rows] == ["message.received", "customer.erased"]
     assert b"bob@example.com" in rows[0].body
+    assert b"Please also answer ada@example.com" in rows[0].body
     erased = orjson.loads(rows[1].body)
     assert erased["customer"]["id"] == customer
     assert erased["erasure"]["id"] == erasure.id
@@ -127,6 +143,9 @@ async def test_erasure_removes_the_customer_and_leaves_others(make_store: MakeSt
     assert await store.read_blob(own.sha256) is None
     assert not BlobDir(tmp_path / "blobs").path(own.sha256).exists()
     assert await store.read_blob(shared.sha256) == shared.data  # Bob's message names it too
+    assert await store.media_get(media_key) is None
+    assert await store.read_blob(media_sha) is None
+    assert not BlobDir(tmp_path / "blobs").path(media_sha).exists()
 
     def summary(tx: Tx, now: datetime) -> tuple[Any, Sequence[Event]]:
         return (tx.find_customer(customer), tx.customer_identities(customer), tx.get_thread(thread)), ()
@@ -294,3 +313,71 @@ async def test_erasure_removes_connector_state_keyed_by_the_customer(store: Stor
     assert await store.state_get("wechat/unionid/wx0123456789abcdef/oAbCdEfGhIjKlMnOp") is None
     assert await store.state_get(f"wechat/reply:{placed.thread_id}") is None
     assert await store.state_get("telegram/bot/cursor") == b"1234567"
+
+
+async def test_the_daemon_runs_retention_rounds(store: Store) -> None:
+    """The purge loop the daemon starts removes what [retention] lets go (here everything stored at
+    the test clock's 2025 date is months old) and records the round in the metrics."""
+    env = envelope(b'{"text": "months old"}')
+    await accept(store, message("m-old"), env=env)
+    metrics = Metrics()
+    retention = RetentionSettings(raw_bodies=DAY, interval=0.05)
+    loop = asyncio.create_task(
+        _purge_loop(store, duplicate_window=900, interval=0.05, retention=retention, metrics=metrics)
+    )
+    try:
+        for _ in range(200):
+            if await store.read_blob(sha256_hex(env.body)) is None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert await store.read_blob(sha256_hex(env.body)) is None
+    assert next(metrics.samples("ticketgate_retention_last_round_timestamp_seconds"))[2] > 0
+
+
+async def test_an_old_sqlite_file_is_named_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tg.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE made_by_an_older_ticketgate (x)")  # auto_vacuum NONE, for good
+        conn.commit()
+    old = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await old.open()
+    await old.close()
+    assert "ticketgate store vacuum" in caplog.text
+    vacuum_file(path)
+    caplog.clear()
+    rebuilt = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await rebuilt.open()
+    await rebuilt.close()
+    assert "ticketgate store vacuum" not in caplog.text
+
+
+async def test_messages_arriving_during_an_erasure_are_erased_or_start_afresh(store: Store) -> None:
+    (first,) = await accept(store, message("c-0", email="busy@example.com"))
+
+    async def more(n: int) -> Placement:
+        (placed,) = await accept(store, message(f"c-{n}", email="busy@example.com", text=f"message {n}"))
+        return placed
+
+    placed, erasure = await asyncio.gather(
+        asyncio.gather(*(more(n) for n in range(1, 21))), store.erase_customer(first.customer_id)
+    )
+
+    assert erasure is not None
+
+    def check(tx: Tx, now: datetime) -> tuple[Any, Sequence[Event]]:
+        return (tx.customer_identities(first.customer_id), [tx.get_thread(t) for t in erasure.threads]), ()
+
+    identities, threads = await store.transact(check)
+    assert identities == ()  # nothing of the erased customer came back
+    assert all(t is not None and t.subject is None for t in threads)
+    survivors = {p.customer_id for p in placed} - {first.customer_id}
+    assert len(survivors) <= 1  # messages after the erasure make one new customer
+    rows = await store.outbox_fetch(1000)
+    received = [orjson.loads(r.body) for r in rows if r.type == "message.received"]
+    assert all(e["customer"]["id"] != first.customer_id for e in received)
