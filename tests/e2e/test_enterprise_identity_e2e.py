@@ -13,9 +13,12 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.connectors.dingtalk.fake_dingtalk import APP_KEY, APP_SECRET as DINGTALK_SECRET, FakeDingTalk
-from tests.connectors.dingtalk.kit import STAFF, robot, signed_headers as dingtalk_headers
-from tests.connectors.feishu.fake_feishu import APP_SECRET as FEISHU_SECRET, FakeFeishu
+from tests.connectors.dingtalk.fake_dingtalk import APP_KEY, FakeDingTalk
+from tests.connectors.dingtalk.fake_dingtalk import APP_SECRET as DINGTALK_SECRET
+from tests.connectors.dingtalk.kit import STAFF, robot
+from tests.connectors.dingtalk.kit import signed_headers as dingtalk_headers
+from tests.connectors.feishu.fake_feishu import APP_SECRET as FEISHU_SECRET
+from tests.connectors.feishu.fake_feishu import FakeFeishu
 from tests.connectors.feishu.kit import APP_ID, EMPLOYEE, event, sealed, signed_headers
 from tests.e2e.conftest import MakeDeployment
 from tests.e2e.harness import free_port
