@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.wechat_send "我的订单在哪里？"
     .venv/bin/python -m bench.wechat_send --wecom "报销单号 4711 还没批"
+    .venv/bin/python -m bench.wechat_send --miniprogram "退款什么时候到账？"
 
 Defaults match the demo account and the demo WeCom app of config/ticketgate.dev.toml
 (/wechat/demo and /wecom/demo, token devtoken, EncodingAESKey
@@ -14,6 +15,7 @@ CorpID in place of the AppID) sends it.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import secrets
 import sys
@@ -31,6 +33,7 @@ DEV_APP_ID = "wx0123456789abcdef"
 DEV_WECOM_URL = "http://127.0.0.1:8080/wecom/demo"
 DEV_CORP_ID = "ww0123456789abcdef"
 DEV_AGENT_ID = 1000002
+DEV_MINIPROGRAM_URL = "http://127.0.0.1:8080/miniprogram/demo"
 
 
 def text_xml(
@@ -45,6 +48,21 @@ def text_xml(
         f"<CreateTime>{created}</CreateTime><MsgType><![CDATA[text]]></MsgType>"
         f"<Content><![CDATA[{content}]]></Content><MsgId>{msg_id}</MsgId>{agent}</xml>"
     )
+
+
+def text_json(text: str, *, openid: str, msg_id: int, create_time: int | None = None) -> str:
+    """A Mini Program text message in the JSON data format (数据格式 JSON)."""
+    created = create_time if create_time is not None else int(time.time())
+    return json.dumps({"ToUserName": "gh_demo_mini", "FromUserName": openid, "CreateTime": created,
+                       "MsgType": "text", "Content": text, "MsgId": msg_id}, ensure_ascii=False)
+
+
+def as_json_callback(body: bytes) -> bytes:
+    """A safe-mode XML body as the JSON body a Mini Program in JSON format receives."""
+    encrypt = re.search(rb"<Encrypt><!\[CDATA\[(.*?)\]\]>", body)
+    if encrypt is None:
+        raise RuntimeError("no Encrypt element")
+    return json.dumps({"ToUserName": "gh_demo_mini", "Encrypt": encrypt.group(1).decode()}).encode()
 
 
 def build_callback(
@@ -79,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("text", nargs="?", default="你好，我的订单还没有到。")
     parser.add_argument("--wecom", action="store_true", help="a WeCom app callback (the dev app's defaults)")
-    parser.add_argument("--url", default=None, help=f"default {DEV_URL}, with --wecom {DEV_WECOM_URL}")
+    parser.add_argument("--miniprogram", action="store_true",
+                        help="a Mini Program customer-service push in JSON format (the dev Mini Program)")
+    parser.add_argument("--url", default=None, help=f"default {DEV_URL}, with --wecom {DEV_WECOM_URL}, "
+                        f"with --miniprogram {DEV_MINIPROGRAM_URL}")
     parser.add_argument("--token", default=DEV_TOKEN)
     parser.add_argument("--aes-key", default=DEV_AES_KEY)
     parser.add_argument("--app-id", default=None, help=f"AppID, or with --wecom the CorpID ({DEV_CORP_ID})")
@@ -87,14 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--openid", default=None, help="the sender: an openid, or with --wecom a userid")
     parser.add_argument("--msg-id", type=int, default=None, help="MsgId (repeat one to see the dedupe)")
     args = parser.parse_args(argv)
-    url = args.url or (DEV_WECOM_URL if args.wecom else DEV_URL)
+    url = args.url or (DEV_WECOM_URL if args.wecom else DEV_MINIPROGRAM_URL if args.miniprogram else DEV_URL)
     app_id = args.app_id or (DEV_CORP_ID if args.wecom else DEV_APP_ID)
     sender = args.openid or ("zhangsan" if args.wecom else "oDemoUser0001")
     msg_id = args.msg_id if args.msg_id is not None else int(time.time() * 1000)
     agent_id = args.agent_id if args.wecom else None
-    plaintext = text_xml(args.text, openid=sender, msg_id=msg_id, agent_id=agent_id)
+    if args.miniprogram:
+        plaintext = text_json(args.text, openid=sender, msg_id=msg_id)
+    else:
+        plaintext = text_xml(args.text, openid=sender, msg_id=msg_id, agent_id=agent_id)
     query, body = build_callback(plaintext, token=args.token, aes_key=args.aes_key, app_id=app_id)
-    request = Request(f"{url}?{query}", data=body, headers={"Content-Type": "text/xml"}, method="POST")
+    content_type = "text/xml"
+    if args.miniprogram:
+        body, content_type = as_json_callback(body), "application/json"
+    request = Request(f"{url}?{query}", data=body, headers={"Content-Type": content_type}, method="POST")
     started = time.perf_counter()
     try:
         with urlopen(request, timeout=10) as resp:

@@ -192,13 +192,15 @@ def message_received(
     occurred_at: datetime,
     duplicate_of: str | None = None,
     reply: Mapping[str, Any] | None = None,
+    retry_reason: str | None = None,
 ) -> Event:
     """Build the ``message.received`` event for a message the store has just placed; for an edit
     (``message.edit_of`` set) the ``message.edited`` event, the same shape plus ``message.edit_of``; for
     a deletion (``message.delete_of`` set) ``message.deleted``, plus ``message.delete_of``.
 
     ``reply`` says how the thread can be answered (:func:`reply_options`); without it the event
-    says no channel can answer."""
+    says no channel can answer. ``retry_reason`` is why the provider redelivered, when it says so
+    (Slack's ``X-Slack-Retry-Reason``); ``provenance.retry_reason`` only appears then."""
     number = placement.thread_number
     payload = {
         "thread": {
@@ -271,6 +273,7 @@ def message_received(
             "signature_verified": signature_verified,
             "retry": retry,
             "raw_ref": raw_ref,
+            **({"retry_reason": retry_reason} if retry_reason else {}),
         },
     }
     return _event(

@@ -34,7 +34,14 @@ class IdentityKind(enum.StrEnum):
     LINE = "line"
     X = "x"
     SLACK = "slack"  # value: "{team}:{user}"
+    FEISHU_OPEN_ID = "feishu_open_id"  # value: "{app_id}:{open_id}" (open_ids are per app)
+    FEISHU_UNION_ID = "feishu_union_id"  # one person across the apps of one developer
+    FEISHU_USER_ID = "feishu_user_id"  # value: "{tenant_key}:{user_id}" (the tenant's employee id)
+    DINGTALK_STAFF_ID = "dingtalk_staff_id"  # value: "{corp_id}:{staff_id}" (the tenant's employee id)
+    DINGTALK_SENDER_ID = "dingtalk_sender_id"  # value: "{corp_id}:{senderId}" (robot messages' sender id)
     WEBCHAT_VISITOR = "webchat_visitor"
+    DOUYIN_OPEN_ID = "douyin_open_id"  # value: "{client_key}:{open_id}" (open_ids are per app)
+    WEIBO = "weibo"  # the Weibo uid
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
 

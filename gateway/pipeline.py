@@ -209,9 +209,16 @@ class Pipeline:
                 raw_ref=raw_ref,
                 signature_verified=envelope.signature_verified,
                 retry=envelope.retry,
+                # A channel that knows why the provider redelivered keeps it in meta["retry_reason"].
+                retry_reason=_retry_reason(envelope),
                 public_url=public_url,
                 occurred_at=datetime.now(UTC),
                 reply=answering(message, customer) if answering is not None else None,
             )
 
         return build
+
+
+def _retry_reason(envelope: RawEnvelope) -> str | None:
+    reason = envelope.meta.get("retry_reason")
+    return reason[:200] if isinstance(reason, str) and reason else None

@@ -45,7 +45,7 @@ from core.settings import ReplySettings
 from dedupe.engine import new_id
 from gateway.metrics import Metrics
 from gateway.store.base import Store
-from gateway.store.replies import ReplyContext, ReplyOutcome, ReplyRecord, ReplyRoute
+from gateway.store.replies import ReplyContext, ReplyOutcome, ReplyRecord, ReplyRoute, owned
 
 logger = logging.getLogger(__name__)
 
@@ -114,23 +114,28 @@ def resolve(
     kinds: Mapping[str, frozenset[str]],
 ) -> Resolved:
     """Choose the route: the desk's channel among the customer's, else the channel the customer
-    last wrote on in this thread that has a sender, else their latest such channel anywhere."""
+    last wrote on in this thread that has a sender, else their latest such channel anywhere.
+    Messages of someone else in the thread (who wrote into it by its tag) are never answered."""
+    mine = [r for r in reversed(context.thread_routes) if owned(r, context.customer_identities)]
     if requested is not None:
         if requested not in senders:
             raise Unresolvable("unsupported", f"channel {requested} cannot send replies here")
-        in_thread = [r for r in reversed(context.thread_routes) if r.channel == requested]
+        in_thread = [r for r in mine if r.channel == requested]
         anywhere = [r for r in context.customer_routes if r.channel == requested]
         candidates = in_thread[:1] + anywhere
         if not candidates:
             raise Unresolvable("recipient_unreachable", f"the customer never wrote on {requested}")
     else:
-        candidates = [r for r in reversed(context.thread_routes) if r.channel in senders]
+        candidates = [r for r in mine if r.channel in senders]
         candidates += [r for r in context.customer_routes if r.channel in senders]
         if not candidates:
             raise Unresolvable("recipient_unreachable", "no channel with a sender reaches this customer")
     route = candidates[0]
     wanted = kinds.get(route.channel, frozenset())
     recipient = next((i for i in route.identities if not wanted or i.kind in wanted), None)
+    if recipient is None and wanted:
+        # A route without identities (a message stored before the ledger): the customer's own.
+        recipient = next((i for i in context.customer_identities if i.kind in wanted), None)
     if recipient is None:
         raise Unresolvable("recipient_unreachable", f"no {route.channel} identity of the customer")
     # The window counts from the customer's latest message on this channel and inbox.
@@ -165,7 +170,6 @@ class Dispatcher:
         self._now = now or _utcnow
         self._instance = new_id("disp")
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.concurrency)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None

@@ -26,11 +26,15 @@ from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEn
 DEFAULT_MAX_XML_BYTES = 256 * 1024
 MAX_DEPTH = 8  # WeChat nests at most three levels (SendPicsInfo/PicList/item)
 
-MESSAGE_TYPES = frozenset({"text", "image", "voice", "video", "shortvideo", "location", "link", "file"})
+MESSAGE_TYPES = frozenset(
+    {"text", "image", "voice", "video", "shortvideo", "location", "link", "file", "miniprogrampage"}
+)
 KNOWN_EVENTS = frozenset(
     {
         "subscribe", "unsubscribe", "scan", "click", "view", "location",
         "kf_create_session", "kf_close_session", "kf_switch_session",
+        # Mini Program customer service: the user opened the chat (SessionFrom: the button's session-from).
+        "user_enter_tempsession",
     }
 )
 _VOICE_TYPES = {"amr": "audio/amr", "speex": "audio/speex", "mp3": "audio/mpeg", "silk": "audio/silk"}
@@ -253,6 +257,17 @@ def _message_fields(
         if ref:
             media.append(MediaRef(kind="file", ref=ref, name=title))
         return None
+    if msg_type == "miniprogrampage":
+        # A Mini Program card the user sent from a page (小程序卡片): its title, page and thumbnail.
+        title = _text(fields, "Title")
+        extra.update(
+            title=title,
+            card_app_id=_text(fields, "AppId"),
+            page_path=_text(fields, "PagePath"),
+            thumb_url=_text(fields, "ThumbUrl"),
+            thumb_media_id=_text(fields, "ThumbMediaId"),
+        )
+        return "\n".join(p for p in (title, extra["page_path"]) if p) or None
     # Unknown message type: keep whatever text it has.
     content = fields.get("Content")
     return content if isinstance(content, str) and content else None
@@ -283,6 +298,8 @@ def _event_fields(
         extra["change_type"] = _text(fields, "ChangeType")
         extra["staff_userid"] = _text(fields, "UserID")
         extra["external_userid"] = _text(fields, "ExternalUserID")
+    elif event == "user_enter_tempsession":
+        extra["session_from"] = _text(fields, "SessionFrom")
     elif event == "kf_switch_session":
         extra["from_kf_account"] = _text(fields, "FromKfAccount")
         extra["to_kf_account"] = _text(fields, "ToKfAccount")

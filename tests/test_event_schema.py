@@ -39,6 +39,7 @@ def _full_message() -> Event:
     return events.message_received(
         message, placement=placement, customer=customer, thread_subject="Order", raw_ref="sha256:ab",
         signature_verified=True, retry=2, public_url="https://gw.acme.test", occurred_at=NOW,
+        retry_reason="http_timeout",
         duplicate_of=None,
     )
 

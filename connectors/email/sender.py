@@ -83,7 +83,9 @@ class EmailSender:
         """The mail, its envelope sender and its recipient."""
         sender = self.from_address(reply.inbox)
         answering = reply.answering
-        recipient = _reply_to(answering) or reply.recipient.value
+        # The customer's Reply-To only when their From is verified (DMARC/DKIM of a trusted relay):
+        # otherwise a forged From with the forger's Reply-To would get the real customer's answer.
+        recipient = (_reply_to(answering) if reply.recipient.verified else None) or reply.recipient.value
         mail = EmailMessage()
         mail["From"] = formataddr((_display_name(self._smarthost.from_name, reply.agent_name), sender))
         mail["To"] = recipient

@@ -5,12 +5,13 @@ body, HMAC-SHA256, within 5 minutes of the gateway's clock) checked by slack-sdk
 ``SignatureVerifier`` against every configured signing secret (two during a rotation) before the body
 is parsed; a missing, wrong or stale signature is 401, logged and counted, and nothing is parsed.
 ``url_verification`` is answered with its challenge. An ``event_callback`` is handed to the pipeline
-with Slack's ``X-Slack-Retry-Num`` as the envelope's retry count (provenance) and its
-``X-Slack-Retry-Reason`` in ``meta``; Slack gets 200 only once it is stored (or understood as
-nothing to store), 400 with ``X-Slack-No-Retry: 1`` for content no retry can fix, and 503 when the
-store cannot take it now. Slack retries a callback it has no answer for within 3 s, so the profile
-lookup and the store get ``profile_timeout`` + ``ingest_timeout`` (at most 3 s) and a slower commit
-is answered 503 but not cancelled: the retry finds it stored.
+with Slack's ``X-Slack-Retry-Num`` as the envelope's retry count and its ``X-Slack-Retry-Reason`` in
+``meta["retry_reason"]`` (the event's ``provenance.retry`` and ``provenance.retry_reason``); Slack
+gets 200 only once it is stored (or understood as nothing to store), 400 with ``X-Slack-No-Retry: 1``
+for content no retry can fix, and 503 when the store cannot take it now. Slack retries a callback it
+has no answer for within 3 s, so the profile lookup and the store get ``profile_timeout`` +
+``ingest_timeout`` (at most 2.7 s) and a slower commit is answered 503 but not cancelled: the retry
+finds it stored.
 
 Socket Mode (``mode = "socket"``): slack-sdk's aiohttp ``SocketModeClient`` opens the WebSocket with
 the app-level token (apps.connections.open) and reconnects on ``disconnect`` and on a dead socket;

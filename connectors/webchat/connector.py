@@ -251,10 +251,11 @@ def _inbox(inbox_id: str, tenant: str, name: str | None, config: WebchatInboxSet
 
 
 def _origin_of(request: web.Request) -> str | None:
-    """The page's origin; ``None`` for none, an opaque ``null`` or a ``file://`` page (an app's H5
-    page in a WebView), which only ``allow_missing_origin`` admits."""
+    """The page's origin; ``None`` for none, an opaque ``null`` or a page that is not on the web
+    (``file://``, an app's own scheme: an H5 page in a WebView), which only ``allow_missing_origin``
+    admits. A browser never lets a web page claim such an origin."""
     origin = (request.headers.get("Origin") or "").strip().lower()
-    if not origin or origin == "null" or origin.startswith("file:"):
+    if not origin.startswith(("http://", "https://")):
         return None
     return origin
 
@@ -297,6 +298,10 @@ class _Handlers:
             per_minute=channel.connects_per_minute, burst=channel.connect_burst, max_keys=keys
         )
         self._reports: set[asyncio.Task[None]] = set()
+        # Every frame of a visitor's sockets (messages have their own, lower limit too).
+        self._frame_rate = RateLimiter(
+            per_minute=channel.frames_per_minute, burst=channel.frame_burst, max_keys=keys
+        )
         # Desks watching the visitors' typing and read receipts, per inbox (bounded queues).
         self._watchers: dict[str, set[asyncio.Queue[str]]] = {}
         self._desks: set[web.WebSocketResponse] = set()
@@ -724,6 +729,11 @@ class _Handlers:
                         self._metrics.refused("size", inbox=inbox.id)
                     return
                 if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    return
+                if self._frame_rate.acquire(f"{inbox.id}/{session.session}") > 0:
+                    # Receipts and typing cost store reads and desk pushes: a flood ends the socket.
+                    self._metrics.refused("rate_limit", inbox=inbox.id)
+                    await ws.close(code=CLOSE_RATE, message=b"too many frames")
                     return
                 frame = _json_frame(message)
                 if frame is None:

@@ -95,6 +95,10 @@ class WebchatSettings(ChannelSettings):
     message_burst: int = Field(10, ge=1)
     ip_messages_per_minute: float = Field(600.0, gt=0)
     ip_message_burst: int = Field(100, ge=1)
+    # Every frame of a visitor (messages, typing, receipts, pings); past it the socket is closed
+    # (code 4429) and the widget reconnects after a pause.
+    frames_per_minute: float = Field(300.0, gt=0)
+    frame_burst: int = Field(60, ge=1)
     # New sockets and sessions per client IP.
     connects_per_minute: float = Field(60.0, gt=0)
     connect_burst: int = Field(30, ge=1)

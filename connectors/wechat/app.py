@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
@@ -93,6 +93,7 @@ class _Runtime:
 
 
 RUNTIME = web.AppKey("wechat_callback_runtime", _Runtime)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class _CallbackConnector:
@@ -206,6 +207,12 @@ class _CallbackConnector:
 
         return running
 
+    def handlers(self) -> tuple[Handler, Handler]:
+        """The URL-verification (GET) and callback (POST) handlers of this flavor."""
+        if self.flavor == "wecom":
+            return _wecom_handshake, _wecom_callback
+        return _oa_handshake, _oa_callback
+
     def build_subapp(
         self,
         ingest: Ingest,
@@ -226,9 +233,7 @@ class _CallbackConnector:
             unionid=unionid,
             metrics=metrics,
         )
-        handshake, callback = (
-            (_wecom_handshake, _wecom_callback) if self.flavor == "wecom" else (_oa_handshake, _oa_callback)
-        )
+        handshake, callback = self.handlers()
         sub.router.add_get("/{name}", handshake, allow_head=False)
         sub.router.add_post("/{name}", callback)
         sub.on_cleanup.append(_drain)
@@ -517,11 +522,12 @@ def _envelope(
 
 
 async def _deliver(
-    runtime: _Runtime, endpoint: Endpoint, envelope: RawEnvelope, *, ok_body: str
+    runtime: _Runtime, endpoint: Endpoint, envelope: RawEnvelope, *, ok_body: str,
+    normalizer: Normalizer = normalize,
 ) -> web.Response:
     """Await the pipeline (and the media queue) within the deadline; map the result to WeChat's answer."""
     task: asyncio.Future[IngestResult] = asyncio.ensure_future(
-        commit(runtime.ingest, envelope, normalize, runtime.media, endpoint.name, unionid=runtime.unionid)
+        commit(runtime.ingest, envelope, normalizer, runtime.media, endpoint.name, unionid=runtime.unionid)
     )
     runtime.pending.add(task)
     task.add_done_callback(runtime.pending.discard)

@@ -27,6 +27,9 @@ Flavor = Literal["official_account", "wecom"]
 # The Encrypt element of a callback body, found without an XML parser so that the signature can be
 # checked before the body is parsed. Its value is base64, so the pattern is exact.
 _ENCRYPT = re.compile(rb"<Encrypt>\s*(?:<!\[CDATA\[([A-Za-z0-9+/=]+)\]\]>|([A-Za-z0-9+/=]+))\s*</Encrypt>")
+# The same for a JSON body (Mini Programs in JSON format): {"ToUserName": ..., "Encrypt": "..."}.
+# A JSON encoder may escape "/" as "\/" (JSON allows both): accepted and unescaped.
+_JSON_ENCRYPT = re.compile(rb'"Encrypt"\s*:\s*"((?:[A-Za-z0-9+/=]|\\/)+)"')
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _DIGITS = re.compile(r"^\d{1,12}$")
 
@@ -54,6 +57,19 @@ def extract_encrypt(body: bytes) -> str:
     value = (match.group(1) or match.group(2)).decode("ascii")
     if len(value) % 4 or not _BASE64.match(value):
         raise InvalidInput("Encrypt element is not base64")
+    return value
+
+
+def extract_json_encrypt(body: bytes) -> str:
+    """The single ``Encrypt`` value of a JSON callback body, without parsing it as JSON."""
+    if body.count(b'"Encrypt"') != 1:
+        raise InvalidInput("expected exactly one Encrypt member")
+    match = _JSON_ENCRYPT.search(body)
+    if match is None:
+        raise InvalidInput("Encrypt member is not base64")
+    value = match.group(1).decode("ascii").replace("\\/", "/")
+    if len(value) % 4 or not _BASE64.match(value):
+        raise InvalidInput("Encrypt member is not base64")
     return value
 
 

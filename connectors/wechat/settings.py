@@ -122,6 +122,34 @@ class WeChatKfAppSettings(_Credentials):
         return _check_api_base(value)
 
 
+class MiniProgramAppSettings(_Credentials):
+    """``[channels.miniprogram.apps.<name>]``: the customer-service message push of one Mini Program
+    (小程序客服消息), set in the Mini Program admin under 开发 > 开发管理 > 消息推送."""
+
+    app_id: str = Field(min_length=1)
+    # The Mini Program's AppSecret: images are fetched and replies sent with it.
+    app_secret: Secret | None = None
+    api_base: str = OFFICIAL_ACCOUNT_API
+    # The 数据格式 chosen in the console. Both are accepted whatever is set (the body tells them
+    # apart); the setting documents what the console says and picks the format of test tools.
+    data_format: Literal["json", "xml"] = "json"
+    mode: Mode = "safe"
+    allow_plaintext: bool = False
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        return _check_api_base(value)
+
+    @model_validator(mode="after")
+    def _plaintext_needs_opt_in(self) -> MiniProgramAppSettings:
+        if self.mode == "plaintext" and not self.allow_plaintext:
+            raise ValueError(
+                "mode 'plaintext' needs allow_plaintext = true (its signature does not cover the body)"
+            )
+        return self
+
+
 class _ChannelTable(ChannelSettings):
     # Bounds the raw POST body; the decrypted XML is always smaller than the body.
     max_body_bytes: int = Field(256 * 1024, gt=0)
@@ -181,5 +209,16 @@ class WeChatKfSettings(_ChannelTable):
 
     @model_validator(mode="after")
     def _names(self) -> WeChatKfSettings:
+        _check_names(list(self.apps))
+        return self
+
+
+class MiniProgramSettings(_ChannelTable):
+    """``[channels.miniprogram]``."""
+
+    apps: dict[str, MiniProgramAppSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> MiniProgramSettings:
         _check_names(list(self.apps))
         return self

@@ -201,6 +201,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
     CREATE INDEX messages_received ON messages (received_at);
     CREATE INDEX raw_archive_created ON raw_archive (created_at);
     """,
+        # Reply routes for the messages stored before the reply ledger.
+        """
+    {reply_routes_backfill}
+    """,
     ),
 )
 

@@ -123,6 +123,9 @@ class ReplyContext:
     thread_routes: tuple[ReplyRoute, ...]
     customer_routes: tuple[ReplyRoute, ...]
     sent: tuple[tuple[str, str], ...]
+    # The customer's identities now: whom to answer when a route does not say (a message stored
+    # before the ledger had none).
+    customer_identities: tuple[Identity, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -415,10 +418,21 @@ class ReplyLedger(abc.ABC):
                 ),
                 (customer_id, _ROUTES_READ),
             ).fetchall()
+            identities = tuple(
+                Identity(kind=k, value=v, verified=bool(verified))
+                for k, v, verified in conn.execute(
+                    d.sql(
+                        "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
+                        " ORDER BY created_at, kind, value"
+                    ),
+                    (customer_id,),
+                ).fetchall()
+            )
             latest: dict[tuple[str, str], ReplyRoute] = {}
             for each in customer_rows:
                 route = _route(d, each)
-                latest.setdefault((route.channel, route.inbox), route)
+                if owned(route, identities):
+                    latest.setdefault((route.channel, route.inbox), route)
             sent = conn.execute(
                 d.sql(
                     "SELECT channel, provider_message_id FROM replies WHERE thread_id = ? AND status = 'sent'"
@@ -427,6 +441,7 @@ class ReplyLedger(abc.ABC):
                 (thread_id, reply_id),
             ).fetchall()
             return ReplyContext(
+                customer_identities=identities,
                 thread_id=thread_id,
                 tenant=row[1],
                 number=int(row[2]),
@@ -550,6 +565,16 @@ class ReplyLedger(abc.ABC):
             return ReplyBacklog(pending=int(row[0]), sending=int(row[1]), oldest_requested_at=oldest)
 
         return await self._read(read)
+
+
+def owned(route: ReplyRoute, identities: Sequence[Identity]) -> bool:
+    """Whether ``route`` is a message of the customer with ``identities`` (or cannot tell: a route
+    without identities, a customer whose identities are unknown). Someone else can write into a
+    customer's thread (a guessed ``[#TG-n]`` tag, a forwarded mail): a reply must not go to them."""
+    if not route.identities or not identities:
+        return True
+    keys = {(i.kind, i.value) for i in identities}
+    return any((i.kind, i.value) in keys for i in route.identities)
 
 
 def _repeat(known: ReplyRecord, request: ReplyRequest) -> ReplyRequested:

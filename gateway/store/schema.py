@@ -248,6 +248,16 @@ SHARED: Mapping[str, str] = {
         digest {text} NOT NULL
     );
     CREATE INDEX erasures_customer ON erasures (customer_id);""",
+    # Messages stored before the reply ledger get their reply routes from what the messages table
+    # and the thread know (no identities or extra: the dispatcher then answers to the customer's
+    # identities), so a desk can answer threads that began before the upgrade.
+    "reply_routes_backfill": """INSERT INTO reply_routes (message_id, tenant, thread_id, customer_id, channel,
+        inbox, external_id, identities, extra, received_at)
+    SELECT m.message_id, t.tenant, m.thread_id, m.customer_id, m.channel, t.inbox, m.external_id,
+        CAST('[]' AS {document}), CAST('{{}}' AS {document}), m.received_at
+    FROM messages m JOIN threads t ON t.id = m.thread_id
+    WHERE true
+    ON CONFLICT (message_id) DO NOTHING;""",
 }
 
 

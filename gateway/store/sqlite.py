@@ -170,6 +170,10 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {erasure}
     """,
+        # 12: reply routes for the messages stored before the reply ledger (migration 10).
+        """
+    {reply_routes_backfill}
+    """,
     ),
 )
 

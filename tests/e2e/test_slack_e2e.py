@@ -65,7 +65,9 @@ async def test_a_signed_message_is_one_schema_valid_event(deploy: MakeDeployment
     assert event["message"]["text"] == "The export is empty"
     assert event["message"]["external_id"] == "C0SUPPORT:1764930001.000001"
     assert {"kind": "slack", "value": f"{TEAM}:U0E2E", "verified": True} in event["customer"]["identities"]
-    assert event["provenance"] == {**event["provenance"], "signature_verified": True, "retry": 1}
+    assert event["provenance"] == {
+        **event["provenance"], "signature_verified": True, "retry": 1, "retry_reason": "http_timeout"
+    }
     assert event["message"]["extra"]["retry"] == {"num": 1, "reason": "http_timeout"}
 
 

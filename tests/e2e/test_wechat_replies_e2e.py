@@ -5,6 +5,8 @@ WeChat (tests/connectors/wechat/fake_api.py), errors included."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sqlite3
 import uuid
 from pathlib import Path
@@ -29,10 +31,13 @@ KFID = "wkAJ2GCAAASSm4_FhToWMFea0xAFfd3Q"
 EXTERNAL = "wmAJ2GCAAAme1XQRC-NI-q0_ZM9ukoAw"
 
 
-def config(api_base: str, control_queue: str) -> str:
+def config(api_base: str, control_queue: str, lease: str = "120s") -> str:
     return f"""
 [control]
 queue = "{control_queue}"
+
+[replies]
+lease = "{lease}"
 
 [inboxes.wechat-demo]
 tenant = "demo"
@@ -82,9 +87,11 @@ async def wechat(aiohttp_server: Any) -> FakeWeChatApi:
     return fake
 
 
-async def start(deploy: MakeDeployment, wechat: FakeWeChatApi, amqp_names: Janitor) -> tuple[Deployment, str]:
+async def start(
+    deploy: MakeDeployment, wechat: FakeWeChatApi, amqp_names: Janitor, lease: str = "120s"
+) -> tuple[Deployment, str]:
     control_queue = amqp_names.queue("control")
-    d = await deploy(extra=config(wechat.base_url, control_queue))
+    d = await deploy(extra=config(wechat.base_url, control_queue, lease))
     return d, control_queue
 
 
@@ -211,3 +218,29 @@ async def test_a_wecom_member_gets_the_reply_as_an_app_message(
     assert endpoint == "message_send"
     assert (sent_body["touser"], sent_body["agentid"]) == ("zhangsan", 1000002)
     assert sent["reply"]["provider_message_id"] == "wecom-msg-1"
+
+
+async def test_a_kf_reply_resent_after_a_crash_is_one_message(
+    deploy: MakeDeployment, wechat: FakeWeChatApi, amqp_url: str, amqp_names: Janitor
+) -> None:
+    wechat.kf_messages.append({
+        "msgid": "kf-in-2", "open_kfid": KFID, "external_userid": EXTERNAL, "send_time": 1764900000,
+        "origin": 3, "msgtype": "text", "text": {"content": "发票开了吗？"},
+    })
+    d, control = await start(deploy, wechat, amqp_names, lease="6s")
+    [received] = await events(d, "message.received", 1)
+    # WeChat takes the message, and the gateway dies before it hears so (and before its commit).
+    wechat.kf_answer_gate = asyncio.Event()
+    await desk_replies(amqp_url, control, received["thread"]["id"], "已开，请查收邮箱。")
+    await asyncio.wait_for(wechat.send_received.wait(), 30)
+    d.gateway.signal(signal.SIGKILL)
+    assert await d.gateway.wait() == -signal.SIGKILL
+    wechat.kf_answer_gate.set()
+    wechat.kf_answer_gate = None
+
+    await d.gateway.start()  # the reply is due again once its lease ran out: sent again
+    [sent] = await events(d, "reply.sent", 1, within=60)
+    attempts = [body for name, body in wechat.calls if name == "kf_send"]
+    assert len(attempts) == 2
+    assert attempts[0]["msgid"] == attempts[1]["msgid"] == sent["reply"]["provider_message_id"]
+    assert len(wechat.sent) == 1  # one message for the customer

@@ -46,10 +46,21 @@ EXAMPLE_ENV = {
     "X_ACME_ACCESS_TOKEN_SECRET": "x-access-token-secret-for-tests",
     "SLACK_ACME_SIGNING_SECRET": "slack-signing-secret-for-tests",
     "SLACK_ACME_BOT_TOKEN": "xoxb-slack-bot-token-for-tests",
+    "FEISHU_ACME_APP_SECRET": "feishu-app-secret-for-tests",
+    "FEISHU_ACME_VERIFICATION_TOKEN": "feishu-verification-token-for-tests",
+    "FEISHU_ACME_ENCRYPT_KEY": "feishu-encrypt-key-for-tests",
+    "DINGTALK_ACME_APP_SECRET": "dingtalk-app-secret-for-tests",
     "TICKETGATE_PG_DSN": "postgresql://ticketgate@127.0.0.1:5432/ticketgate",
     "SMARTHOST_PASSWORD": "smarthost-password-for-tests",
     "WEBCHAT_SESSION_SECRET": "webchat-session-secret-for-tests",
     "WEBCHAT_ACME_IDENTITY_SECRET": "webchat-identity-secret-for-tests",
+    "MINIPROGRAM_TOKEN": "miniprogram-token",
+    "MINIPROGRAM_AES_KEY": "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+    "MINIPROGRAM_APP_SECRET": "miniprogram-app-secret",
+    "DOUYIN_CLIENT_SECRET": "douyin-client-secret-for-tests",
+    "DOUYIN_ACCESS_TOKEN": "act.douyin-access-token-for-tests",
+    "WEIBO_APP_SECRET": "weibo-app-secret-for-tests",
+    "WEIBO_ACCESS_TOKEN": "2.00weibo-access-token-for-tests",
 }
 
 

@@ -398,3 +398,44 @@ async def test_a_reply_that_waits_out_its_lease_for_the_rate_limit_is_not_sent_l
     assert [r.command_id for r in sender.sent] == ["first"]
     [waiting] = await store.reply_list(other.thread_id)
     assert (waiting.status, waiting.reason) == ("pending", "rate_limited")
+
+
+def test_a_route_without_identities_is_answered_to_the_customers_identity() -> None:
+    from gateway.replies import resolve
+    from gateway.store.replies import ReplyContext, ReplyRoute
+
+    route = ReplyRoute(
+        message_id="m", thread_id="thr_1", channel="email", inbox="demo", external_id="a@example.com",
+        identities=(), extra={}, received_at=NOW,
+    )  # fmt: skip
+    context = ReplyContext(  # a message stored before the ledger: its route knows no identity
+        thread_id="thr_1", tenant="demo", number=1, subject=None, customer_id="cus_1",
+        thread_routes=(route,), customer_routes=(route,), sent=(),
+        customer_identities=(Identity(kind="phone", value="+8613"), Identity(kind="email", value="l@e.c")),
+    )  # fmt: skip
+    senders = {"email": SenderSpec(sender=Recorder())}
+    resolved = resolve(context, requested=None, senders=senders, kinds={"email": frozenset({"email"})})
+    assert resolved.recipient.value == "l@e.c"
+
+
+def test_someone_else_writing_into_the_thread_is_not_answered() -> None:
+    from gateway.replies import resolve
+    from gateway.store.replies import ReplyContext, ReplyRoute
+
+    def route(message_id: str, address: str, minute: int) -> ReplyRoute:
+        return ReplyRoute(
+            message_id=message_id, thread_id="thr_1", channel="email", inbox="demo",
+            external_id=f"{message_id}@example.com", identities=(Identity(kind="email", value=address),),
+            extra={}, received_at=NOW + timedelta(minutes=minute),
+        )  # fmt: skip
+
+    customer = route("m1", "li@example.com", 0)
+    outsider = route("m2", "guess@evil.example", 1)  # wrote "Re: ... [#TG-1]" into the thread
+    context = ReplyContext(
+        thread_id="thr_1", tenant="demo", number=1, subject=None, customer_id="cus_1",
+        thread_routes=(customer, outsider), customer_routes=(customer,), sent=(),
+        customer_identities=(Identity(kind="email", value="li@example.com"),),
+    )  # fmt: skip
+    senders = {"email": SenderSpec(sender=Recorder())}
+    resolved = resolve(context, requested=None, senders=senders, kinds={"email": frozenset({"email"})})
+    assert (resolved.route.message_id, resolved.recipient.value) == ("m1", "li@example.com")

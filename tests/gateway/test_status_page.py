@@ -347,7 +347,10 @@ async def test_replies_waiting_from_the_ledger_and_failed_from_the_dispatcher(
             replies: dict[str, Any] = (await (await client.get("/status/api/summary", headers=auth)).json())[
                 "replies"
             ]
-            if replies["failed"]:
+            # The summary reads the ledger (waiting) and the metrics (failed) one after the
+            # other: a poll between the two can see the failure counted and the reply still
+            # waiting, so wait for both.
+            if replies["failed"] and not replies["waiting"]:
                 return replies
             await asyncio.sleep(0.05)  # the dispatcher runs in the app: poll its outcome
 

@@ -105,6 +105,7 @@ async def test_html_attachments_and_reply_to(sink: SmtpSink) -> None:
             html="<p>See <b>attached</b>.</p>",
             attachments=(attachment,),
             answering={"reply_to": ["orders@example.com"]},
+            recipient=Identity(kind="email", value="li.lei@example.com", verified=True),
         )
     )
     message = sink.mails[0].message
@@ -199,3 +200,9 @@ async def test_connections_are_reused_checked_and_dropped_when_idle_or_stale(sin
     assert sink.connections == 4  # past idle_timeout a connection is not reused
     await out.close()
     await fresh.close()
+
+
+async def test_an_unverified_sender_is_answered_at_from_not_at_its_reply_to(sink: SmtpSink) -> None:
+    # A forged From with the forger's Reply-To must not get the real customer's answer.
+    await sender(sink.port).send(reply(answering={"reply_to": ["forger@evil.example"]}))
+    assert sink.mails[0].rcpt_tos == ["li.lei@example.com"]

@@ -132,6 +132,8 @@ async def test_a_message_its_retries_and_the_profile_email(
     one, two = await published(bus, 2)
     assert one["type"] == "message.received"
     assert one["provenance"]["retry"] == 2
+    assert one["provenance"]["retry_reason"] == "http_timeout"
+    assert "retry_reason" not in two["provenance"]  # a first delivery has none
     assert one["message"]["extra"]["retry"] == {"num": 2, "reason": "http_timeout"}
     email = {"kind": "email", "value": "ana@customer.example", "verified": False}
     assert email in one["customer"]["identities"]

@@ -113,6 +113,7 @@ async def test_envelopes_are_acknowledged_after_the_commit_and_survive_a_reconne
     _, retried = await published(bus, 2)
     assert retried["message"]["text"] == "while the store is down"
     assert retried["provenance"]["retry"] == 1
+    assert retried["provenance"]["retry_reason"] == "timeout"
     assert retried["message"]["extra"]["retry"] == {"num": 1, "reason": "timeout"}
 
     # Slack asks the client to reconnect: a new URL from apps.connections.open, a new socket.

@@ -239,6 +239,8 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     assert refused.value.status == 403
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await chat.socket(origin=None)
+    with pytest.raises(aiohttp.WSServerHandshakeError):
+        await chat.socket(origin="myapp://home")  # an app's page: only allow_missing_origin admits it
     sock = await chat.socket()
     await sock.hello()
     too_long = await sock.say("client-0201", "x" * 51)
@@ -256,7 +258,7 @@ async def test_origins_sizes_and_rates_are_bounded(make_chat: MakeChat) -> None:
     bad = await sock.say("client-0205", "")
     assert bad["type"] == "error"
     await sock.close()
-    assert chat.refusals()["auth"] == 2.0
+    assert chat.refusals()["auth"] == 3.0
     assert chat.refusals()["size"] == 1.0
     assert chat.refusals()["rate_limit"] >= 1.0
     assert len(await chat.events()) == 2
@@ -536,3 +538,16 @@ async def test_an_oversized_frame_closes_the_socket_and_is_counted(make_chat: Ma
     await asyncio.sleep(0.05)
     assert chat.refusals() == {"size": 1.0}
     assert await chat.events() == []
+
+
+async def test_a_flood_of_frames_ends_the_socket(make_chat: MakeChat) -> None:
+    chat = await make_chat(frame_burst=5, frames_per_minute=1)
+    sock = await chat.socket()
+    await sock.hello()
+    for _ in range(10):
+        await sock.ws.send_str('{"type": "typing"}')
+    closed = await sock.ws.receive(timeout=5)
+    while closed.type is not aiohttp.WSMsgType.CLOSE:
+        closed = await sock.ws.receive(timeout=5)
+    assert closed.data == 4429
+    assert chat.refusals() == {"rate_limit": 1.0}

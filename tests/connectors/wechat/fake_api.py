@@ -62,6 +62,9 @@ class FakeWeChatApi:
     # WeCom message/send: userids the corp does not have (answered in "invaliduser", errcode 0)
     unknown_users: set[str] = field(default_factory=set)
     kf_msgids: dict[str, str] = field(default_factory=dict)
+    # When set, kf/send_msg takes the message and then waits for it before answering (a crash of
+    # the caller between WeChat's acceptance and its own commit).
+    kf_answer_gate: asyncio.Event | None = None
     send_received: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail_next(self, endpoint: str, *answers: dict[str, Any]) -> None:
@@ -166,6 +169,8 @@ class FakeWeChatApi:
         msgid = msgid or f"kf-msg-{len(self.sent) + 1}"
         self.kf_msgids[msgid] = body.get("touser", "")
         self._delivered("kf_send", body)
+        if self.kf_answer_gate is not None:
+            await self.kf_answer_gate.wait()
         return web.json_response({"errcode": 0, "errmsg": "ok", "msgid": msgid})
 
     async def _upload(self, request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from aiohttp.test_utils import TestServer
 
 from connectors.wechat.security import CallbackSecurity, Flavor, signature
@@ -141,7 +142,47 @@ class KfProbe(WeComProbe):
         await asyncio.gather(*syncs, return_exceptions=True)
 
 
+class MiniProgramProbe(WeChatProbe):
+    """A Mini Program in JSON format and safe mode: ``{"ToUserName", "Encrypt"}`` bodies."""
+
+    key = "apps"
+
+    def __init__(self) -> None:
+        super().__init__("miniprogram", "official_account", APP_ID, "success")
+
+    def table(self) -> dict[str, Any]:
+        return {**super().table(), "data_format": "json"}
+
+    def message(self, n: int, text: str | None = None) -> str:
+        return orjson.dumps({
+            "ToUserName": "gh_contract", "FromUserName": f"oMiniUser{n}", "CreateTime": int(time.time()),
+            "MsgType": "text", "Content": text or f"message {n}", "MsgId": 24700000000000000 + n,
+        }).decode()
+
+    def _callback(self, plaintext: str, *, tail: str = "", sign: bool = True) -> HttpDelivery:
+        encrypt = self.security.encrypt(plaintext)
+        timestamp, nonce = str(int(time.time())), "nonce"
+        msg_signature = signature(TOKEN, timestamp, nonce, encrypt) if sign else "0" * 40
+        body = f'{{"ToUserName": "gh_contract", "Encrypt": "{encrypt}"{tail}}}'
+        query = {
+            "msg_signature": msg_signature, "timestamp": timestamp, "nonce": nonce, "encrypt_type": "aes"
+        }
+        return HttpDelivery(path="/miniprogram/demo", body=body.encode(), query=query,
+                            headers={"Content-Type": "application/json"})
+
+    def forged(self, n: int) -> HttpDelivery:
+        # Broken JSON after the Encrypt member: a handler that parsed before verifying answers 400.
+        return self._callback(self.message(n), tail=', "MsgType": [', sign=False)
+
+    def oversized(self) -> HttpDelivery:
+        return self._callback(self.message(1), tail=', "Pad": "' + "x" * LIMIT + '"')
+
+    def malformed(self) -> HttpDelivery:
+        return self._callback('{"MsgType": "text", ')
+
+
 PROBES = {
+    "miniprogram": MiniProgramProbe(),
     "wechat": WeChatProbe("wechat", "official_account", APP_ID, "success"),
     "wecom": WeComProbe("wecom", "wecom", CORP_ID, ""),
     "wechat_kf": KfProbe(),

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from storekit import Clock, message
 
 from core.model import CanonicalMessage
 from dedupe.engine import new_id
 from gateway.store.base import Store
+from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
 from gateway.store.replies import ReplyOutcome, ReplyRecord, ReplyRequest
+from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from tests.gateway.store import test_store_contract as contract
 from tests.gateway.store.test_store_contract import MakeStore, accept
 
@@ -237,3 +242,33 @@ async def test_two_instances_never_lease_one_reply_twice(
     ids = [r.id for batch in claims for r in batch]
     assert len(ids) == len(set(ids))
     assert len({r.thread_id for batch in claims for r in batch}) == len(ids)  # one per thread
+
+
+async def test_messages_from_before_the_ledger_get_routes_and_are_answered_to_the_customer(
+    make_store: MakeStore, backend: str, backend_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """The backfill migration: a message stored before migration 10 had no reply route."""
+    first = make_store()
+    await first.open()
+    (placed,) = await accept(first, message("old-1"))
+    await first.close()
+    migrations = SQLITE_MIGRATIONS if backend == "sqlite" else PG_MIGRATIONS
+    statements = ["DELETE FROM reply_routes", migrations[-1]]  # as if stored before, then upgraded
+    if backend == "sqlite":
+        with sqlite3.connect(tmp_path / "tg.db") as conn:
+            conn.executescript(";".join(statements))
+    else:
+        with psycopg.connect(backend_settings["dsn"], autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+    again = make_store()
+    await again.open()
+    created = (await again.reply_request(request(placed.thread_id))).record
+    assert created is not None
+    context = await again.reply_context(created.id)
+    assert context is not None
+    [route] = context.thread_routes
+    assert (route.message_id, route.channel, route.inbox, route.identities, route.extra) == (
+        placed.message_id, "form", "support", (), {},
+    )  # fmt: skip
+    assert [i.value for i in context.customer_identities] == ["ada@example.com"]

@@ -1,0 +1,177 @@
+"""Weibo fan-service pushes at ``/weibo/{account}``.
+
+The URL is verified with a GET carrying ``signature``, ``timestamp``, ``nonce`` and ``echostr``;
+every push (POST) carries the same three parameters (https://open.weibo.com/wiki/消息推送服务). The
+signature is SHA-1 over the sorted app secret, timestamp and nonce: it does not cover the body, so
+the timestamp must lie within ``replay_window`` as well. Both are checked, the signature in
+constant time, before the body is read; the body is then read within ``max_body_bytes`` and
+parsed with orjson, its depth bounded.
+
+A push is answered 200 (empty: no passive reply) only once it is stored; 503 when the store cannot
+take it within ``ingest_timeout`` (Weibo's retry finds it as a duplicate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Self
+
+from aiohttp import web
+
+from connectors.weibo.account import Account
+from connectors.weibo.sender import WeiboSender
+from connectors.weibo.settings import WeiboSettings
+from core.channel import ChannelContext, ChannelEndpoint, Refusal, SenderSpec
+from core.errors import ConfigError, InvalidInput
+from core.http import envelope_headers, read_body, retry_after_value
+from core.model import IngestResult, Outcome, RawEnvelope
+from core.settings import Settings
+from normalizers.weibo import CHANNEL, normalize, parse_body
+
+logger = logging.getLogger(__name__)
+
+PREFIX = f"/{CHANNEL}"
+
+
+class WeiboConnector:
+    """Mounts ``/weibo/{account}`` and, for accounts with an access token, the sender."""
+
+    def __init__(self, table: WeiboSettings, accounts: Mapping[str, Account]) -> None:
+        self.table = table
+        self.accounts = dict(accounts)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self | None:
+        table = settings.channel(CHANNEL, WeiboSettings)
+        if table is None:
+            return None
+        accounts: dict[str, Account] = {}
+        for name, config in table.accounts.items():
+            where = f"channels.{CHANNEL}.accounts.{name}"
+            secret = _secret(config.app_secret)
+            if not secret:
+                raise ConfigError("is required (pushes cannot be verified without it)",
+                                  file=settings.source, key=f"{where}.app_secret")
+            previous = _secret(config.previous_app_secret)
+            accounts[name] = Account(
+                name=name,
+                inbox=config.inbox,
+                tenant=settings.inbox(config.inbox, key=f"{where}.inbox").tenant,
+                secrets=tuple(s for s in (secret, previous) if s),
+                access_token=_secret(config.access_token) or None,
+                replay_window=config.replay_window,
+            )
+        return cls(table, accounts)
+
+    def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
+        """The URL to enter in the fan-service developer mode."""
+        return [
+            ChannelEndpoint(inbox=account.inbox, kind="webhook", address=f"{base_url}{PREFIX}/{name}")
+            for name, account in self.accounts.items()
+        ]
+
+    def setup(self, ctx: ChannelContext) -> None:
+        table = self.table
+        sending = {name: a for name, a in self.accounts.items() if a.access_token}
+        if sending:
+            sender = WeiboSender(sending, ctx.http(table.api_base, timeout=table.api_timeout), ctx.state)
+            ctx.add_sender(SenderSpec(sender=sender, window=table.reply_window, rate=table.send_rate,
+                                      burst=max(1, int(table.send_rate))))
+        push = Push(ctx, self.accounts, table)
+        sub = web.Application()
+        sub.router.add_get("/{name}", push.handshake, allow_head=False)
+        sub.router.add_post("/{name}", push.handle)
+        sub.on_cleanup.append(push.drain)
+        ctx.add_app(PREFIX, sub)
+
+
+def _secret(secret: object) -> str:
+    return str(getattr(secret, "get_secret_value", lambda: "")())
+
+
+class Push:
+    def __init__(self, ctx: ChannelContext, accounts: Mapping[str, Account], table: WeiboSettings) -> None:
+        self._ctx = ctx
+        self._accounts = accounts
+        self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
+        self._timeout = table.ingest_timeout
+        self._pending: set[asyncio.Future[IngestResult]] = set()
+
+    def _verified(self, request: web.Request) -> tuple[Account, web.Response | None]:
+        account = self._accounts.get(request.match_info["name"])
+        if account is None:
+            raise web.HTTPNotFound(text="no Weibo account of this name")
+        query = request.query
+        timestamp, nonce = query.get("timestamp", ""), query.get("nonce", "")
+        if not account.verifies(query.get("signature", ""), timestamp, nonce):
+            return account, self._refuse(account, request, "signature", 401, "signature does not match")
+        if not account.fresh(timestamp, self._ctx.clock.time()):
+            return account, self._refuse(account, request, "signature", 403, "timestamp outside the window")
+        return account, None
+
+    async def handshake(self, request: web.Request) -> web.Response:
+        """URL verification: echo ``echostr`` when the signature verifies."""
+        account, refused = self._verified(request)
+        if refused is not None:
+            return refused
+        echostr = request.query.get("echostr", "")
+        if not echostr:
+            return self._refuse(account, request, "malformed", 400, "echostr missing")
+        return web.Response(text=echostr)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        account, refused = self._verified(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await read_body(request, self._limit)
+            parse_body(body)  # verified (as far as Weibo signs): bounded parse, depth checked
+        except InvalidInput as exc:
+            reason: Refusal = "size" if exc.status == 413 else "malformed"
+            return self._refuse(account, request, reason, exc.status, exc.reason)
+        envelope = RawEnvelope(
+            channel=CHANNEL,
+            tenant=account.tenant,
+            inbox=account.inbox,
+            body=body,
+            received_at=self._ctx.clock.now(),
+            content_type=request.headers.get("Content-Type"),
+            headers=envelope_headers(request),
+            signature_verified=True,
+            remote=request.remote,
+            meta={"account": account.name},
+        )
+        task = asyncio.ensure_future(self._ctx.ingest(envelope, normalize))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
+        except TimeoutError:
+            logger.warning("weibo %s: store did not answer within %.1f s; answering 503", account.name,
+                           self._timeout)
+            return _retry(5.0)
+        if result.stored:
+            return web.Response(text="")
+        if result.outcome is Outcome.REJECTED:
+            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
+            return web.Response(status=status, text=result.reason or "rejected")
+        logger.warning("weibo %s: cannot store a push now: %s", account.name, result.reason)
+        return _retry(result.retry_after or 5.0)
+
+    def _refuse(
+        self, account: Account, request: web.Request, reason: Refusal, status: int, why: str
+    ) -> web.Response:
+        logger.warning("weibo %s: refused %s from %s (%d): %s", account.name, request.method, request.remote,
+                       status, why)
+        self._ctx.metrics.refused(reason, inbox=account.inbox)
+        return web.Response(status=status, text=why)
+
+    async def drain(self, _: web.Application) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=10.0)
+
+
+def _retry(seconds: float) -> web.Response:
+    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
