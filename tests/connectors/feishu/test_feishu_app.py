@@ -217,3 +217,19 @@ def test_an_app_without_an_encrypt_key_refuses_to_start(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, "http://127.0.0.1:9", encrypt_key="", previous_encrypt_key="")
     with pytest.raises(ConfigError, match="encrypt_key"):
         create_app(settings)
+
+
+def test_lark_apps_use_the_international_host_and_ws_apps_need_no_key(tmp_path: Path) -> None:
+    from connectors.feishu import FeishuConnector
+
+    settings = settings_for(tmp_path, "", host="lark")
+    connector = FeishuConnector.from_settings(settings)
+    assert connector is not None
+    assert connector.apps["it-desk"].api_base == "https://open.larksuite.com"
+    ws = settings_for(tmp_path, "", mode="ws", verification_token="", encrypt_key="", previous_encrypt_key="")
+    made = FeishuConnector.from_settings(ws)
+    assert made is not None
+    assert made.describe_endpoints("http://gw")[0].kind == "socket"
+    with pytest.raises(ConfigError, match="app_secret"):
+        FeishuConnector.from_settings(settings_for(tmp_path, "", mode="ws", app_secret="", fetch_media=False,
+                                                   directory_emails=False))
