@@ -166,6 +166,14 @@ class FakeFeishu:
             await self.drop()
         return message_id
 
+    async def redeliver(self) -> None:
+        """Feishu's redelivery of what was not answered 200, on the open connection."""
+        socket = self._socket
+        if socket is not None and not socket.closed:
+            for frames in list(self.unanswered.values()):
+                for frame in frames:
+                    await socket.send_bytes(encode(frame))
+
     async def drop(self) -> None:
         socket = self._socket
         if socket is not None:

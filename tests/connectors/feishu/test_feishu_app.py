@@ -231,5 +231,6 @@ def test_lark_apps_use_the_international_host_and_ws_apps_need_no_key(tmp_path: 
     assert made is not None
     assert made.describe_endpoints("http://gw")[0].kind == "socket"
     with pytest.raises(ConfigError, match="app_secret"):
-        FeishuConnector.from_settings(settings_for(tmp_path, "", mode="ws", app_secret="", fetch_media=False,
-                                                   directory_emails=False))
+        FeishuConnector.from_settings(
+            settings_for(tmp_path, "", mode="ws", app_secret="", fetch_media=False, directory_emails=False)
+        )
