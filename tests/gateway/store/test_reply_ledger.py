@@ -253,7 +253,9 @@ async def test_messages_from_before_the_ledger_get_routes_and_are_answered_to_th
     (placed,) = await accept(first, message("old-1"))
     await first.close()
     migrations = SQLITE_MIGRATIONS if backend == "sqlite" else PG_MIGRATIONS
-    statements = ["DELETE FROM reply_routes", migrations[-1]]  # as if stored before, then upgraded
+    # The backfill by its content: later migrations are appended after it.
+    backfill = next(m for m in migrations if "INSERT INTO reply_routes" in m)
+    statements = ["DELETE FROM reply_routes", backfill]  # as if stored before, then upgraded
     if backend == "sqlite":
         with sqlite3.connect(tmp_path / "tg.db") as conn:
             conn.executescript(";".join(statements))
