@@ -325,6 +325,13 @@ class ReplyFallback(_Section):
     after: Duration = Field(900.0, gt=0)
     email_inbox: str | None = None
 
+    @field_validator("channel")
+    @classmethod
+    def _not_email(cls, value: str) -> str:
+        if value == "email":
+            raise ValueError("a reply sent by email needs no mail fallback")
+        return value
+
     def matches(self, channel: str, inbox: str) -> bool:
         return self.channel == channel and self.inbox in (None, inbox)
 

@@ -266,3 +266,5 @@ def test_a_rule_matches_its_channel_and_inbox() -> None:
     assert not rule.matches("webchat", "demo")
     assert not rule.matches("email", "shop")
     assert ReplySettings().fallback == ()
+    with pytest.raises(ValueError, match="needs no mail fallback"):
+        ReplySettings.model_validate({"fallback": [{"channel": "email"}]})
