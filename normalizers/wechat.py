@@ -26,9 +26,10 @@ from core.model import CanonicalMessage, Identity, IdentityKind, MediaRef, RawEn
 DEFAULT_MAX_XML_BYTES = 256 * 1024
 MAX_DEPTH = 8  # WeChat nests at most three levels (SendPicsInfo/PicList/item)
 
-MESSAGE_TYPES = frozenset(
-    {"text", "image", "voice", "video", "shortvideo", "location", "link", "file", "miniprogrampage"}
-)
+MESSAGE_TYPES = frozenset({"text", "image", "voice", "video", "shortvideo", "location", "link", "file"})
+# A Mini Program's customer-service chat also carries cards (小程序卡片); an Official Account never
+# documents them, so there they stay unknown (kept with the raw XML).
+MINIPROGRAM_MESSAGE_TYPES = MESSAGE_TYPES | {"miniprogrampage"}
 KNOWN_EVENTS = frozenset(
     {
         "subscribe", "unsubscribe", "scan", "click", "view", "location",
@@ -163,8 +164,9 @@ def message_from_fields(envelope: RawEnvelope, fields: Mapping[str, Any], raw_xm
             dedupe_key += ":" + ":".join(subject)
         external_id = None
     else:
-        text = _message_fields(extra, fields, msg_type, media)
-        if msg_type not in MESSAGE_TYPES:
+        known = MINIPROGRAM_MESSAGE_TYPES if envelope.channel == "miniprogram" else MESSAGE_TYPES
+        text = _message_fields(extra, fields, msg_type if msg_type in known else "", media)
+        if msg_type not in known:
             extra["xml"] = raw_xml
         if external_id is None:
             dedupe_key = f"message:{sender}:{create_time}:{msg_type}"
@@ -267,6 +269,9 @@ def _message_fields(
             thumb_url=_text(fields, "ThumbUrl"),
             thumb_media_id=_text(fields, "ThumbMediaId"),
         )
+        if extra["thumb_media_id"]:
+            # The card's cover, a temporary media file like an image message's.
+            media.append(MediaRef(kind="image", ref=extra["thumb_media_id"], name="thumbnail"))
         return "\n".join(p for p in (title, extra["page_path"]) if p) or None
     # Unknown message type: keep whatever text it has.
     content = fields.get("Content")

@@ -32,19 +32,20 @@ from normalizers.html import to_text
 
 logger = logging.getLogger(__name__)
 
-MAX_TEXT = 500  # characters of one private message (longer text is refused, not cut)
-# Douyin's common error codes (状态码排查): code -> (reason, permanent, retry_after).
+# Our bound on one reply's characters (refused past it, not cut): a conservative choice, not a
+# documented platform limit.
+MAX_TEXT = 500
+# Douyin's common error codes (状态码排查 / OpenAPI 通用错误码): code -> (reason, permanent,
+# retry_after). Only codes whose meaning the platform's table states; any other code is a provider
+# error the gateway retries and then gives up on.
 ERRORS: Mapping[int, tuple[ReplyFailure, bool, float | None]] = {
     2190002: ("auth", True, None),  # access_token invalid
     2190008: ("auth", True, None),  # access_token expired: the account must authorize again
     2190015: ("auth", True, None),  # access_token and open_id do not match
-    2190004: ("auth", True, None),  # the app has no permission (scope not granted)
-    2190016: ("auth", True, None),  # the account did not authorize this scope
+    2190004: ("auth", True, None),  # the app has not been granted this capability (scope)
     2100004: ("provider_error", False, 5.0),  # system busy
     2100005: ("rejected", True, None),  # invalid parameter
-    2100009: ("blocked", True, None),  # the user is banned
-    2100007: ("rate_limited", False, 60.0),  # too many requests
-    28003017: ("window_closed", True, None),  # the conversation no longer allows replies
+    2100009: ("blocked", True, None),  # the user is banned from this operation
 }
 
 
@@ -70,6 +71,12 @@ class DouyinSender:
         if len(text) > MAX_TEXT:
             raise SendError("too_large", f"{len(text)} characters; Douyin takes {MAX_TEXT}", permanent=True)
         answering = reply.answering
+        brand = answering.get("to_user_id")
+        if isinstance(brand, str) and brand and app.account_open_id and brand != app.account_open_id:
+            # One app may be authorized by several accounts; only the configured one can answer
+            # (another account's conversation would be refused as 2190015 anyway).
+            raise SendError("unsupported", f"the customer wrote to Douyin account {brand}, not to "
+                            f"{app.account_open_id} whose token is configured", permanent=True)
         body: dict[str, Any]
         if answering.get("source") == "comment":
             path, body = "/item/comment/reply/", {

@@ -88,8 +88,11 @@ class FeishuApi:
                 raise
         raise AssertionError("unreachable")
 
-    async def _call(self, method: str, path: str, *, token: str | None, **kwargs: Any) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json; charset=utf-8"}
+    async def _call(
+        self, method: str, path: str, *, token: str | None, headers_extra: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json; charset=utf-8", **(headers_extra or {})}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         if "json" in kwargs:

@@ -12,6 +12,7 @@ class App:
 
     inbox: str
     tenant: str
+    mode: str
     host: str
     api_base: str
     app_id: str

@@ -39,6 +39,7 @@ from connectors.feishu.crypto import DecryptError, decrypt, signature_matches
 from connectors.feishu.media import downloader
 from connectors.feishu.sender import FeishuSender
 from connectors.feishu.settings import HOSTS, FeishuInboxSettings, FeishuSettings
+from connectors.feishu.ws import WsRunner
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
@@ -60,6 +61,7 @@ class FeishuConnector:
     def __init__(self, table: FeishuSettings, apps: Mapping[str, App]) -> None:
         self.table = table
         self.apps = dict(apps)
+        self.runners: dict[str, WsRunner] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self | None:
@@ -70,8 +72,12 @@ class FeishuConnector:
 
     def describe_endpoints(self, base_url: str) -> list[ChannelEndpoint]:
         """The Request URL for Events & Callbacks -> Event Configuration."""
-        return [ChannelEndpoint(inbox=inbox, kind="webhook", address=f"{base_url}{PREFIX}/{inbox}")
-                for inbox in self.apps]
+        return [
+            ChannelEndpoint(inbox=inbox, kind="webhook", address=f"{base_url}{PREFIX}/{inbox}")
+            if app.mode == "http"
+            else ChannelEndpoint(inbox=inbox, kind="socket", address=f"long connection via {app.api_base}")
+            for inbox, app in self.apps.items()
+        ]
 
     def setup(self, ctx: ChannelContext) -> None:
         table = self.table
@@ -102,6 +108,11 @@ class FeishuConnector:
         sub.router.add_post("/{inbox}", endpoint.handle)
         sub.on_cleanup.append(intake.drain)
         ctx.add_app(PREFIX, sub)
+        for inbox, app in self.apps.items():
+            if app.mode == "ws":
+                runner = WsRunner(ctx, app, apis[inbox], intake, table)
+                self.runners[inbox] = runner
+                ctx.spawn(f"ws-{inbox}", runner.run, restart_after=table.ws_first_backoff)
         if apis:
             ctx.add_sender(FeishuSender.spec(apis, self.apps, rate=table.send_rate))
 
@@ -110,13 +121,16 @@ def _app(settings: Settings, inbox: str, config: FeishuInboxSettings) -> App:
     where = f"channels.{CHANNEL}.inboxes.{inbox}"
     token = _secret(config.verification_token)
     key = _secret(config.encrypt_key)
-    if not token:
+    if config.mode == "http" and not token:
         raise ConfigError("is required (callbacks cannot be verified without it)", file=settings.source,
                           key=f"{where}.verification_token")
-    if not key:
+    if config.mode == "http" and not key:
         raise ConfigError("is required: set an Encrypt Key in the console, so that Feishu signs and encrypts "
                           "every callback", file=settings.source, key=f"{where}.encrypt_key")
     secret = _secret(config.app_secret)
+    if config.mode == "ws" and not (secret and config.app_id):
+        raise ConfigError("app_id and app_secret are required for the long connection", file=settings.source,
+                          key=f"{where}.app_secret")
     if (config.fetch_media or config.directory_emails) and not (secret and config.app_id):
         raise ConfigError("app_id and app_secret are required to fetch media, read the directory and reply "
                           "(or set fetch_media = false and directory_emails = false)", file=settings.source,
@@ -124,6 +138,7 @@ def _app(settings: Settings, inbox: str, config: FeishuInboxSettings) -> App:
     return App(
         inbox=inbox,
         tenant=settings.inbox(inbox, key=where).tenant,
+        mode=config.mode,
         host=config.host,
         api_base=(config.api_base or HOSTS[config.host]).rstrip("/"),
         app_id=config.app_id,
@@ -201,7 +216,7 @@ class EventEndpoint:
         self, ctx: ChannelContext, apps: Mapping[str, App], intake: Intake, table: FeishuSettings
     ) -> None:
         self._ctx = ctx
-        self._apps = apps
+        self._apps = {inbox: app for inbox, app in apps.items() if app.mode == "http"}
         self._intake = intake
         self._window = table.replay_window
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
@@ -322,7 +337,7 @@ class Intake:
         event_type = header.get("event_type") if isinstance(header, dict) else None
         if event_type != MESSAGE_EVENT:
             self._ctx.metrics.event("event_ignored", inbox=app.inbox)
-        meta: dict[str, Any] = {"transport": transport, "host": app.host, "encrypted": True}
+        meta: dict[str, Any] = {"transport": transport, "host": app.host, "encrypted": transport == "http"}
         if app.bot_open_id:
             meta["bot_open_id"] = app.bot_open_id
         if isinstance(header, dict) and isinstance(header.get("event_id"), str):

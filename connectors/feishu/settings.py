@@ -15,6 +15,9 @@ HOSTS = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com
 class FeishuInboxSettings(ChannelSettings):
     """``[channels.feishu.inboxes.<inbox id>]``: the custom app that receives for that inbox."""
 
+    # "http": Feishu POSTs events to /feishu/<inbox>; "ws": the gateway opens Feishu's long
+    # connection (长连接) with the App ID and Secret (no public URL needed).
+    mode: Literal["http", "ws"] = "http"
     # "feishu" (open.feishu.cn) or "lark" (open.larksuite.com, the international edition).
     host: Literal["feishu", "lark"] = "feishu"
     # The Open API base; empty for the host's. Tests point it at a local server.
@@ -55,6 +58,10 @@ class FeishuSettings(ChannelSettings):
     media_retry_for: Duration = 86400.0
     media_first_backoff: Duration = 10.0
     media_max_backoff: Duration = 3600.0
+    # Long connection: ping interval until Feishu's ClientConfig says otherwise; reconnect backoff.
+    ws_ping_interval: Duration = Field(120.0, gt=0)
+    ws_first_backoff: Duration = Field(1.0, gt=0)
+    ws_max_backoff: Duration = Field(60.0, gt=0)
     # Feishu allows 5 messages per second per bot to one chat; 50/s per app overall.
     send_rate: float = Field(5.0, gt=0)
     inboxes: dict[str, FeishuInboxSettings] = Field(min_length=1)

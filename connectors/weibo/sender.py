@@ -8,7 +8,8 @@ that time ("For user mentioning event, developers can reply only one time within
 the channel's state after Weibo accepts it, and a second is ``window_closed`` without a call.
 Errors come as ``{"error", "error_code", "request"}`` with an HTTP 4xx/5xx; Weibo's common codes
 are mapped (token expired or invalid, missing permission, rate limits, busy, unknown user).
-Weibo has no idempotency key. Text only (at most 300 characters: longer is ``too_large``).
+Weibo has no idempotency key. Text only, at most ``MAX_TEXT`` characters (``too_large`` past it;
+a conservative bound of ours, not a documented platform limit).
 """
 
 from __future__ import annotations

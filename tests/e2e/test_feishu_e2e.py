@@ -71,10 +71,12 @@ async def feishu(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeFe
     return fake
 
 
-async def post(session: aiohttp.ClientSession, d: Deployment, body: bytes, *, key: str = KEY,
-               at: float | None = None) -> int:
-    async with session.post(f"{d.gateway.url}/feishu/demo", data=body,
-                            headers=signed_headers(key, body, at=at)) as resp:
+async def post(
+    session: aiohttp.ClientSession, d: Deployment, body: bytes, *, key: str = KEY, at: float | None = None
+) -> int:
+    async with session.post(
+        f"{d.gateway.url}/feishu/demo", data=body, headers=signed_headers(key, body, at=at)
+    ) as resp:
         return resp.status
 
 
@@ -167,3 +169,40 @@ async def test_a_reply_goes_back_into_the_feishu_chat(
     assert feishu.calls["create"] == 2  # the rate limit first, then sent
     assert sent["reply"]["command_id"] == "desk-feishu-1"
     assert sent["reply"]["provider_message_id"] == "om_sent000001"
+
+
+async def test_the_long_connection_cut_mid_event_loses_and_duplicates_nothing_on_the_bus(
+    deploy: MakeDeployment, feishu: FakeFeishu
+) -> None:
+    d = await deploy(
+        extra=f"""
+[channels.feishu]
+ws_first_backoff = "100ms"
+ws_max_backoff = "500ms"
+
+[channels.feishu.inboxes.demo]
+mode = "ws"
+api_base = "{feishu.base}"
+app_id = "{APP_ID}"
+app_secret = "{APP_SECRET}"
+fetch_media = false
+directory_emails = false
+"""
+    )
+    await feishu.wait_for(lambda: feishu.connections == 1, within=20)
+    first = await feishu.push_event(event(51, "before the cut", token=TOKEN))
+    await feishu.wait_for(lambda: first not in feishu.unanswered, within=20)
+    feishu.drop_after_next_event = True
+    cut = await feishu.push_event(event(52, "cut mid-event", token=TOKEN), parts=2)
+    await feishu.wait_for(lambda: feishu.connections >= 2 and cut not in feishu.unanswered, within=20)
+    last = await feishu.push_event(event(53, "after the cut", token=TOKEN))
+    await feishu.wait_for(lambda: last not in feishu.unanswered, within=20)
+    await d.consumer.wait_for(3)
+    await asyncio.sleep(0.5)
+    assert [orjson.loads(r.body)["message"]["text"] for r in d.consumer.distinct()] == [
+        "before the cut",
+        "cut mid-event",
+        "after the cut",
+    ]
+    for r in d.consumer.distinct():
+        validate_event(r.body)

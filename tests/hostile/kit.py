@@ -29,6 +29,7 @@ from gateway.store.base import Store
 
 Client = TestClient[web.Request, web.Application]
 TENANT = INBOX = "demo"
+DOUYIN_SECRET, WEIBO_SECRET = "hostile-douyin-secret", "hostile-weibo-secret"
 API_KEY = "hostile-api-key-0123456789"
 DESK_KEY = "hostile-desk-key-0123456789"
 TG_SECRET = "hostile-telegram-secret"
@@ -70,6 +71,10 @@ def settings_for(tmp_path: Path, store: Mapping[str, Any], smtp_port: int) -> Se
             "wechat": {"accounts": {INBOX: {
                 "inbox": INBOX, "token": WX_TOKEN, "encoding_aes_key": WX_AES, "app_id": WX_APP,
             }}},
+            "douyin": {"apps": {INBOX: {
+                "inbox": INBOX, "client_key": "awhostile", "client_secret": DOUYIN_SECRET,
+            }}},
+            "weibo": {"accounts": {INBOX: {"inbox": INBOX, "app_secret": WEIBO_SECRET}}},
             "email": {
                 "smtp": {"host": "127.0.0.1", "port": smtp_port},
                 "inboxes": {INBOX: {"addresses": [MAILBOX]}},

@@ -213,7 +213,7 @@ async def test_a_comment_is_answered_by_a_comment_reply_outside_the_window(
         (200, douyin_error(2190004, "应用未获得该能力"), "auth", True),
         (200, douyin_error(2100004, "系统繁忙"), "provider_error", False),
         (200, douyin_error(2100009, "用户被禁封"), "blocked", True),
-        (200, {"err_no": 28003017, "err_msg": "会话已过期", "log_id": "1"}, "window_closed", True),
+        (200, {"err_no": 2100004, "err_msg": "系统繁忙", "log_id": "1"}, "provider_error", False),
         (429, {}, "rate_limited", False),
         (502, {}, "provider_error", False),
     ],
@@ -238,3 +238,13 @@ async def test_attachments_and_overlong_text_fail_before_any_call(
         await rig.spec.sender.send(reply({**IM, "conversation_short_id": None}))
     assert missing.value.reason == "recipient_unreachable"
     assert fake[0].sent == []
+
+
+async def test_a_conversation_of_another_authorized_account_is_not_answered(
+    rig: Rig, fake: tuple[FakeDouyin, str]
+) -> None:
+    with pytest.raises(SendError) as raised:
+        await rig.spec.sender.send(reply({**IM, "to_user_id": "_000otherBrand"}))
+    assert (raised.value.reason, raised.value.permanent) == ("unsupported", True)
+    await rig.spec.sender.send(reply({**IM, "to_user_id": BRAND}))
+    assert len(fake[0].sent) == 1
