@@ -87,7 +87,7 @@ class WebhookIntake:
             logger.info("%s %s: %s rejected: %s", self.channel, name, self._what, result.reason)
             status = result.status if result.status is not None and 400 <= result.status < 500 else 400
             return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("%s %s: cannot store a %s now: %s", self.channel, name, self._what, result.reason)
+        logger.warning("%s %s: cannot store the %s now: %s", self.channel, name, self._what, result.reason)
         return retry_response(result.retry_after or 5.0)
 
     async def respond(
