@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -78,15 +78,19 @@ class WebhookIntake:
             return IngestResult(outcome=Outcome.RETRY, reason=f"the {self._what} could not be handled now",
                                 retry_after=5.0)
 
-    def answer(self, result: IngestResult, *, name: str, ok: Callable[[], web.Response]) -> web.Response:
+    def answer(
+        self, result: IngestResult, *, name: str, ok: Callable[[], web.Response],
+        rejected_headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
         """The usual webhook answer: ``ok()`` once stored (never before), the rejection's 4xx with its
-        reason as text, 503 ``retry`` with ``Retry-After`` otherwise."""
+        reason as text (and ``rejected_headers``, e.g. Slack's no-retry), 503 ``retry`` with
+        ``Retry-After`` otherwise."""
         if result.stored:
             return ok()
         if result.outcome is Outcome.REJECTED:
             logger.info("%s %s: %s rejected: %s", self.channel, name, self._what, result.reason)
             status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
+            return web.Response(status=status, text=result.reason or "rejected", headers=rejected_headers)
         logger.warning("%s %s: cannot store the %s now: %s", self.channel, name, self._what, result.reason)
         return retry_response(result.retry_after or 5.0)
 
