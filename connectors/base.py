@@ -53,21 +53,23 @@ class WebhookIntake:
         self._drain_for = drain_for
         self._pending: set[asyncio.Future[Any]] = set()
 
-    async def shielded(self, work: Awaitable[T], within: float | None = None) -> T:
-        """``work`` as a task bounded by ``within`` (default: the intake's); raises ``TimeoutError``
-        when it is not done in time, while the task itself runs on and is drained at cleanup."""
+    async def shielded(self, work: Awaitable[T], within: float | None) -> T:
+        """``work`` as a task awaited for at most ``within`` seconds (``None``: however long it takes);
+        raises ``TimeoutError`` when it is not done in time, while the task runs on and is drained at
+        cleanup. Cancelling the caller does not cancel the task either."""
         task = asyncio.ensure_future(work)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation of the handler.
-        async with asyncio.timeout(self.within if within is None else within):
+        async with asyncio.timeout(within):
             return await asyncio.shield(task)
 
-    async def submit(self, work: Awaitable[IngestResult], *, name: str) -> IngestResult:
+    async def submit(self, work: Awaitable[IngestResult], *, name: str, wait: bool = False) -> IngestResult:
         """``work`` (``ctx.ingest`` and whatever must follow the commit, e.g. queueing media) within the
-        intake's time; a RETRY result when it is not done in time or fails after the commit."""
+        intake's time (``wait``: however long it takes, for a transport whose acknowledgement waits for
+        the commit); a RETRY result when it is not done in time or fails after the commit."""
         try:
-            return await self.shielded(work)
+            return await self.shielded(work, None if wait else self.within)
         except TimeoutError:
             logger.warning("%s %s: store did not answer within %.1f s; answering 503", self.channel, name,
                            self.within)
