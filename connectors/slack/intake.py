@@ -73,7 +73,9 @@ class Profiles:
             self._in_flight[key] = task
             task.add_done_callback(lambda _: self._in_flight.pop(key, None))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), within)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the handler's cancellation.
+            async with asyncio.timeout(within):
+                return await asyncio.shield(task)
         except TimeoutError:
             if len(self._gave_up) >= self.MAX_ENTRIES:
                 self._gave_up.pop(next(iter(self._gave_up)))
