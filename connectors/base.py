@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from core.channel import ChannelContext, ChannelMetrics, Connector
 from core.http import retry_after_value
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,24 @@ Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """``ctx.ingest`` as a handler holds it: the envelope and the normalizer to run."""
 
 __all__ = [
-    "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "WebhookIntake", "retry_response", "text_ok",
+    "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "WebhookIntake", "ingest_capturing",
+    "retry_response", "text_ok",
 ]
+
+
+async def ingest_capturing(
+    ingest: Ingest, envelope: RawEnvelope, normalize: Normalizer
+) -> tuple[IngestResult, list[CanonicalMessage]]:
+    """``ingest(envelope, normalize)`` and the messages ``normalize`` produced, for the work that
+    follows the commit (queueing media, counting ignored events)."""
+    produced: list[CanonicalMessage] = []
+
+    def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
+        messages = normalize(raw)
+        produced.extend(messages)
+        return messages
+
+    return await ingest(envelope, capturing), produced
 
 
 class WebhookIntake:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from connectors.base import WebhookIntake
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.dingtalk.api import DingTalkApi, DingTalkError
 from connectors.dingtalk.bot import Bot
 from connectors.dingtalk.settings import DingTalkSettings
@@ -111,14 +111,7 @@ class Intake:
         return await self.work.submit(self._ingest(envelope), name=bot.inbox, wait=wait)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if not produced:

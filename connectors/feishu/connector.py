@@ -27,13 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.feishu.api import FeishuApi, FeishuError
 from connectors.feishu.app import App
 from connectors.feishu.crypto import DecryptError, decrypt, signature_matches
@@ -345,14 +345,7 @@ class Intake:
         return await self.work.submit(self._ingest(envelope), name=app.inbox)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored or not produced:
             return result
         app = self._apps[envelope.inbox]

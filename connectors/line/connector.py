@@ -17,14 +17,14 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Self, cast
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, text_ok
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.line.api import LineApi
 from connectors.line.media import downloader
 from connectors.line.sender import LineSender
@@ -33,7 +33,7 @@ from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, read_body
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.line import CHANNEL, Delivery, is_redelivery, is_verify_request, normalize
 
@@ -202,14 +202,7 @@ class Webhook:
         return web.Response(status=401, text="signature required")
 
     async def _ingest(self, envelope: RawEnvelope, delivery: Delivery | None) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if delivery is not None and result.outcome is Outcome.ACCEPTED:

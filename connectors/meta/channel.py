@@ -22,11 +22,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, retry_response, text_ok
+from connectors.base import WebhookIntake, ingest_capturing, retry_response, text_ok
 from connectors.media import MediaFetcher, fetches_for
 from connectors.meta.hub import Delivery
 from core.channel import ChannelContext, DeliveryStatus, ReplyFailure
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -150,14 +150,7 @@ class MetaChannel:
             remote=delivery.remote,
             meta={"app": delivery.app.name, "part": not whole},
         )
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = self._normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, self._normalize)
         if not result.stored:
             return result
         if not produced and result.outcome is Outcome.ACCEPTED:

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from connectors.base import WebhookIntake
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.media import MediaFetcher, fetches_for
 from connectors.slack.api import AUTH_ERRORS, Profile, SlackError, WebApi
 from connectors.slack.settings import SlackSettings, policy_of
@@ -161,15 +161,7 @@ class Intake:
         return await self.work.submit(self._ingest(envelope), name=ws.inbox)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-        normalize = self._normalize
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, self._normalize)
         if not result.stored:
             return result
         ws = self.workspaces[envelope.inbox]

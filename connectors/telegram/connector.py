@@ -19,14 +19,14 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, text_ok
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
@@ -34,7 +34,7 @@ from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, read_body
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
 
@@ -178,14 +178,7 @@ class Intake:
         )
 
     async def __call__(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if not produced and result.outcome is Outcome.ACCEPTED:

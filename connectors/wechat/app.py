@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
@@ -24,7 +24,14 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from aiohttp import web
 
-from connectors.base import ChannelContext, ChannelMetrics, Ingest, WebhookIntake, retry_response
+from connectors.base import (
+    ChannelContext,
+    ChannelMetrics,
+    Ingest,
+    WebhookIntake,
+    ingest_capturing,
+    retry_response,
+)
 from connectors.wechat.api import Credentials, WeChatApi
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import (
@@ -47,7 +54,7 @@ from connectors.wechat.unionid import UnionIdResolver
 from core.channel import ChannelEndpoint, ChannelState, Lifecycle, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
-from core.model import CanonicalMessage, IngestResult, RawEnvelope
+from core.model import IngestResult, RawEnvelope
 from core.settings import Settings
 from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
@@ -558,14 +565,7 @@ async def commit(
     """Ingest, then durably queue the media of what was stored (also for a duplicate: the first
     delivery may have been committed by a process that died before queueing its media), and start
     the unionid lookups of its senders (in the background: they never delay the answer)."""
-    produced: list[CanonicalMessage] = []
-
-    def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-        messages = normalizer(raw)
-        produced.extend(messages)
-        return messages
-
-    result = await ingest(envelope, capturing)
+    result, produced = await ingest_capturing(ingest, envelope, normalizer)
     if media is not None and result.stored and produced:
         await media.enqueue(produced, account)
     if unionid is not None and result.stored and produced:

@@ -20,7 +20,7 @@ import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -28,7 +28,7 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, text_ok
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from connectors.x.api import XApi
 from connectors.x.media import downloader
@@ -38,7 +38,7 @@ from connectors.x.settings import XSettings
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, json_response, read_body
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.x import CHANNEL, DM_EVENTS, activities, normalize
 
@@ -244,14 +244,7 @@ class Webhook:
         return web.Response(status=401, text="signature required")
 
     async def _ingest(self, envelope: RawEnvelope, delivery: dict[str, Any] | None) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if delivery is not None and result.outcome is Outcome.ACCEPTED:
