@@ -450,6 +450,7 @@ class ReplyView:
     attempts: int
     requested_at: datetime
     provider_message_id: str | None = None
+    fallback_of: str | None = None
 
 
 def reply_event(
@@ -480,6 +481,7 @@ def reply_event(
             "provider_message_id": reply.provider_message_id,
             "at": isoformat(at or occurred_at),
             **({"reason": reason, "detail": detail} if event_type == REPLY_FAILED else {}),
+            **({"fallback_of": reply.fallback_of} if reply.fallback_of is not None else {}),
         },
         "thread": {"id": reply.thread_id, "number": reply.thread_number},
         "customer": {"id": reply.customer_id},

@@ -315,6 +315,27 @@ class ControlSettings(_Section):
     retry_delay: Duration = 1.0
 
 
+class ReplyFallback(_Section):
+    """``[[replies.fallback]]``: a reply sent on ``channel`` (an inbox of it, or any) that no
+    client received (no ``reply.delivered`` / ``reply.read``) within ``after`` goes again by email
+    from ``email_inbox`` (default: the inbox of the same name) to the customer's verified email."""
+
+    channel: str
+    inbox: str | None = None
+    after: Duration = Field(900.0, gt=0)
+    email_inbox: str | None = None
+
+    @field_validator("channel")
+    @classmethod
+    def _not_email(cls, value: str) -> str:
+        if value == "email":
+            raise ValueError("a reply sent by email needs no mail fallback")
+        return value
+
+    def matches(self, channel: str, inbox: str) -> bool:
+        return self.channel == channel and self.inbox in (None, inbox)
+
+
 class ReplySettings(_Section):
     """``[replies]``: how desks' replies go out (``gateway.replies``; docs/replies.md)."""
 
@@ -338,6 +359,8 @@ class ReplySettings(_Section):
     fetch_timeout: Duration = Field(30.0, gt=0)
     # Verify the servers of attachment URLs against this CA file instead of the system's CAs.
     fetch_ca_file: Path | None = None
+    # Mail fallbacks for replies a live channel (web chat) held for a visitor who never came back.
+    fallback: tuple[ReplyFallback, ...] = ()
 
 
 class RoutingSettings(_Section):

@@ -200,6 +200,13 @@ class Metrics:
             ["channel", "reason"],
             registry=r,
         )
+        self.reply_fallbacks = Counter(
+            "ticketgate_reply_fallbacks",
+            "Mail fallbacks of held replies: scheduled, sent, cancelled (delivered), or not sent"
+            " (no_verified_email, no_sender)",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.reply_attempts = Counter(
             "ticketgate_reply_attempts",
             "Provider calls for replies, by result (sent, failed, retry)",
@@ -297,6 +304,9 @@ class Metrics:
         self._child(self.replies_failed, channel or "", reason).inc()
         if attempted:
             self._child(self.reply_attempts, channel or "", "failed").inc()
+
+    def reply_fallback(self, channel: str, outcome: str) -> None:
+        self._child(self.reply_fallbacks, channel, outcome).inc()
 
     def reply_retry(self, channel: str) -> None:
         self._child(self.reply_attempts, channel, "retry").inc()

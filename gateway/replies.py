@@ -11,6 +11,12 @@ provider's id; a permanent :class:`~core.channel.SendError` ends the reply (``re
 transient one is retried with capped exponential backoff and jitter until ``max_attempts`` calls
 or ``max_age`` (then ``reply.failed`` ``expired``). Every outcome is committed with its event.
 
+A reply sent on a channel with a ``[[replies.fallback]]`` rule (web chat: held for a visitor who
+may be gone) schedules, in the commit of its ``reply.sent``, a mail fallback: a new reply of the
+thread, due after the rule's delay, to the customer's *verified* email. A ``reply.delivered`` or
+``reply.read`` of the original drops it; when it falls due it is claimed like any reply (so one
+instance sends it, and a restart keeps it), checked once more, and sent by the email sender.
+
 A crash between the provider's acceptance and our commit leaves the lease to run out; the reply is
 then sent once more with the same ``reply_id`` (which a provider with idempotency drops, and which
 is the email's Message-ID). docs/replies.md states the guarantee per channel.
@@ -41,11 +47,11 @@ from core.channel import (
     Sent,
 )
 from core.model import Identity
-from core.settings import ReplySettings
+from core.settings import ReplyFallback, ReplySettings
 from dedupe.engine import new_id
 from gateway.metrics import Metrics
 from gateway.store.base import Store
-from gateway.store.replies import ReplyContext, ReplyOutcome, ReplyRecord, ReplyRoute, owned
+from gateway.store.replies import FallbackPlan, ReplyContext, ReplyOutcome, ReplyRecord, ReplyRoute, owned
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +151,31 @@ def resolve(
     return Resolved(
         route=route, recipient=recipient, last_inbound_at=max(latest.received_at, route.received_at)
     )
+
+
+def verified_email(context: ReplyContext) -> Identity | None:
+    """The customer's email a fallback may go to: a verified one only (a web-chat visitor signed
+    in by the site's HMAC). An email an anonymous visitor typed is a claim anyone can make:
+    mailing an agent's answer there would hand the conversation to whoever wrote the address."""
+    return next((i for i in context.customer_identities if i.kind == "email" and i.verified), None)
+
+
+def resolve_fallback(context: ReplyContext, record: ReplyRecord) -> Resolved:
+    """Where a mail fallback goes: the email inbox it was scheduled for, the verified email."""
+    recipient = verified_email(context)
+    if recipient is None:
+        raise Unresolvable("recipient_unreachable", "the customer has no verified email")
+    route = ReplyRoute(
+        message_id=record.fallback_of or record.id,
+        thread_id=context.thread_id,
+        channel=record.channel or "email",
+        inbox=record.inbox or "",
+        external_id=None,
+        identities=(recipient,),
+        extra={},
+        received_at=record.created_at,
+    )
+    return Resolved(route=route, recipient=recipient, last_inbound_at=record.created_at)
 
 
 class Dispatcher:
@@ -259,9 +290,14 @@ class Dispatcher:
             await self._fail(record, None, None, "rejected", f"thread {record.thread_id} is gone")
             return
         try:
-            resolved = resolve(
-                context, requested=record.requested_channel, senders=self._senders, kinds=self._kinds
-            )
+            if record.fallback_of is not None:
+                resolved = await self._fallback_due(record, context)
+                if resolved is None:
+                    return
+            else:
+                resolved = resolve(
+                    context, requested=record.requested_channel, senders=self._senders, kinds=self._kinds
+                )
         except Unresolvable as exc:
             await self._fail(record, record.requested_channel, None, exc.reason, exc.detail)
             return
@@ -307,10 +343,57 @@ class Dispatcher:
                 record, route, SendError("provider_error", f"{type(exc).__name__}: {exc}", permanent=False)
             )
             return
-        await self._sent(record, route, sent)
+        await self._sent(record, route, sent, context)
 
-    async def _sent(self, record: ReplyRecord, route: ReplyRoute, sent: Sent) -> None:
+    # -- mail fallbacks ---------------------------------------------------------------------------
+
+    def _rule(self, channel: str, inbox: str) -> ReplyFallback | None:
+        return next((r for r in self._settings.fallback if r.matches(channel, inbox)), None)
+
+    def _plan(self, record: ReplyRecord, route: ReplyRoute, context: ReplyContext) -> FallbackPlan | None:
+        """The mail fallback a reply just sent on ``route`` gets, if a rule asks for one and
+        someone can be mailed (else the reason is logged and counted, and nothing is scheduled)."""
+        rule = self._rule(route.channel, route.inbox) if record.fallback_of is None else None
+        if rule is None:
+            return None
+        skipped = None
+        if "email" not in self._senders:
+            skipped = "no_sender"
+        elif verified_email(context) is None:
+            skipped = "no_verified_email"
+        if skipped is not None:
+            logger.info("replies: no mail fallback for %s on %s (%s)", record.id, route.channel, skipped)
+            self._metrics.reply_fallback(route.channel, skipped)
+            return None
+        return FallbackPlan(
+            reply_id=new_id("rpl"),
+            due_at=self._now() + timedelta(seconds=rule.after),
+            channel="email",
+            inbox=rule.email_inbox or route.inbox,
+        )
+
+    async def _fallback_due(self, record: ReplyRecord, context: ReplyContext) -> Resolved | None:
+        """A claimed mail fallback: where it goes, or ``None`` when it was dropped (the original
+        was delivered meanwhile, nobody to mail, no email sender)."""
+        assert record.fallback_of is not None
         assert record.lease_owner is not None
+        reason = None
+        if await self._store.reply_delivered(record.fallback_of):
+            reason = "cancelled"
+        elif (record.channel or "email") not in self._senders:
+            reason = "no_sender"
+        elif verified_email(context) is None:
+            reason = "no_verified_email"
+        if reason is None:
+            return resolve_fallback(context, record)
+        if await self._store.reply_fallback_drop(record.id, record.lease_owner):
+            logger.info("replies: mail fallback %s of %s dropped (%s)", record.id, record.fallback_of, reason)
+            self._metrics.reply_fallback(record.channel or "email", reason)
+        return None
+
+    async def _sent(self, record: ReplyRecord, route: ReplyRoute, sent: Sent, context: ReplyContext) -> None:
+        assert record.lease_owner is not None
+        plan = self._plan(record, route, context)
         recorded = await self._store.reply_finish(
             ReplyOutcome(
                 reply_id=record.id,
@@ -319,9 +402,18 @@ class Dispatcher:
                 channel=route.channel,
                 inbox=route.inbox,
                 provider_message_id=sent.provider_message_id,
+                fallback=plan,
             )
         )
         if recorded:
+            if plan is not None:
+                self._metrics.reply_fallback(route.channel, "scheduled")
+                logger.info(
+                    "replies: %s held on %s; mail fallback %s due at %s",
+                    record.id, route.channel, plan.reply_id, plan.due_at.isoformat(),
+                )  # fmt: skip
+            if record.fallback_of is not None:
+                self._metrics.reply_fallback(route.channel, "sent")
             seconds = (self._now() - record.created_at).total_seconds()
             self._metrics.reply_sent(route.channel, route.inbox, max(seconds, 0.0))
             logger.info(
@@ -494,6 +586,10 @@ class Dispatcher:
         known = await self._store.reply_report(channel, provider_message_id, status, at, reason, detail)
         if known:
             self._announce()
+            # A client has it: its mail fallback is not needed (checked again when due).
+            wanted = status in ("delivered", "read") and bool(self._settings.fallback)
+            if wanted and await self._store.reply_fallback_cancel(channel, provider_message_id):
+                self._metrics.reply_fallback(channel, "cancelled")
         return known
 
 

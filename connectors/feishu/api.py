@@ -153,6 +153,45 @@ class FeishuApi:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise FeishuError(path, -1, f"unreachable: {type(exc).__name__}") from exc
 
+    async def upload(self, kind: str, name: str, content_type: str, data: bytes) -> str:
+        """POST /open-apis/im/v1/images (``image``) or /files (``file``): the image_key or file_key."""
+        for attempt in (1, 2):
+            form = aiohttp.FormData()
+            if kind == "image":
+                path, key_name = "/open-apis/im/v1/images", "image_key"
+                form.add_field("image_type", "message")
+                form.add_field("image", data, filename=name, content_type=content_type)
+            else:
+                path, key_name = "/open-apis/im/v1/files", "file_key"
+                form.add_field("file_type", "stream")
+                form.add_field("file_name", name)
+                form.add_field("file", data, filename=name, content_type=content_type)
+            token = await self.token()
+            try:
+                async with self.http.session.post(
+                    self.http.url(path), data=form, headers={"Authorization": f"Bearer {token}"},
+                    timeout=aiohttp.ClientTimeout(total=self.timeout * 4),
+                ) as resp:
+                    raw, status, retry_after = await resp.read(), resp.status, _retry_after(resp.headers)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise FeishuError(path, -1, f"unreachable: {type(exc).__name__}") from exc
+            try:
+                answer = orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
+                answer = {}
+            code = answer.get("code") if isinstance(answer, dict) else None
+            if code in TOKEN_INVALID and attempt == 1:
+                self._token = None
+                continue
+            body = answer.get("data") if isinstance(answer, dict) else None
+            key = body.get(key_name) if isinstance(body, dict) else None
+            if status != 200 or code != 0 or not isinstance(key, str):
+                message = str(answer.get("msg") if isinstance(answer, dict) else "")
+                raise FeishuError(path, code if isinstance(code, int) else -3, message, status=status,
+                                  retry_after=retry_after)
+            return key
+        raise AssertionError("unreachable")
+
     async def employee(self, open_id: str) -> dict[str, Any] | None:
         """The contact API's user (name, email, enterprise_email), or ``None`` when unknown."""
         data = await self.call("GET", f"/open-apis/contact/v3/users/{open_id}",

@@ -115,7 +115,7 @@ class FeishuConnector:
                 self.runners[inbox] = runner
                 ctx.spawn(f"ws-{inbox}", runner.run, restart_after=table.ws_first_backoff)
         if apis:
-            ctx.add_sender(FeishuSender.spec(apis, self.apps, rate=table.send_rate))
+            ctx.add_sender(FeishuSender.spec(apis, self.apps, rate=table.send_rate, blobs=ctx.blobs))
 
 
 def _app(settings: Settings, inbox: str, config: FeishuInboxSettings) -> App:

@@ -26,7 +26,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
@@ -38,8 +39,8 @@ from connectors.feishu.frame import CONTROL, DATA, Frame, FrameError, decode, en
 from connectors.feishu.settings import FeishuSettings
 from core.channel import ChannelContext
 from core.errors import InvalidInput
-from core.model import Outcome
-from normalizers.feishu import parse
+from core.model import IngestResult, Outcome
+from normalizers.feishu import Callback, parse
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,26 @@ STABLE_AFTER = 30.0
 MAX_PARTIAL = 1000  # events being reassembled from parts at once
 
 
+class Delivers(Protocol):
+    """The intake shared with the HTTP endpoint (:class:`connectors.feishu.connector.Intake`)."""
+
+    async def deliver(
+        self,
+        app: App,
+        plain: bytes,
+        callback: Callback,
+        *,
+        transport: str,
+        headers: Mapping[str, str] | None = None,
+        remote: str | None = None,
+    ) -> IngestResult: ...
+
+
 class WsRunner:
     """One app's long connection for the gateway's lifetime."""
 
     def __init__(
-        self, ctx: ChannelContext, app: App, api: FeishuApi, intake: Any, table: FeishuSettings
+        self, ctx: ChannelContext, app: App, api: FeishuApi, intake: Delivers, table: FeishuSettings
     ) -> None:
         self._ctx = ctx
         self._app = app

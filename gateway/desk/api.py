@@ -572,4 +572,6 @@ def reply_json(record: ReplyRecord) -> dict[str, Any]:
         "detail": record.detail,
         "requested_at": record.created_at,
         "updated_at": record.updated_at,
+        # A mail fallback names the held web-chat reply it sends again (docs/replies.md).
+        "fallback_of": record.fallback_of,
     }

@@ -301,4 +301,17 @@ class Store(Protocol):
         """A provider's delivery report; ``False`` when no reply of ``channel`` has that id."""
         ...
 
+    async def reply_delivered(self, reply_id: str) -> bool:
+        """Whether a client reported ``reply_id`` delivered or read."""
+        ...
+
+    async def reply_fallback_cancel(self, channel: str, provider_message_id: str) -> int:
+        """Drop the mail fallbacks still waiting of the reply a client received; how many."""
+        ...
+
+    async def reply_fallback_drop(self, reply_id: str, lease_owner: str) -> bool:
+        """Drop a claimed mail fallback that must not go out (delivered meanwhile, nobody to
+        mail), under its lease; no event."""
+        ...
+
     async def reply_backlog(self) -> ReplyBacklog: ...

@@ -205,6 +205,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {reply_routes_backfill}
     """,
+        # Mail fallbacks of replies held for a visitor who never came back (gateway.replies).
+        """
+    ALTER TABLE replies ADD COLUMN fallback_of text;
+    CREATE INDEX replies_fallback ON replies (fallback_of) WHERE fallback_of IS NOT NULL;
+    """,
     ),
 )
 

@@ -83,6 +83,8 @@ class ReplyRecord:
     detail: str | None
     created_at: datetime
     updated_at: datetime
+    # A mail fallback: the reply (held for a web-chat visitor) this one sends again by email.
+    fallback_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +143,19 @@ class ReplyOutcome:
     reason: ReplyFailure | None = None
     detail: str | None = None
     retry_at: datetime | None = None
+    # With a "sent" outcome: the mail fallback to schedule in the same commit.
+    fallback: FallbackPlan | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackPlan:
+    """A mail fallback of a sent reply: a new reply (``reply_id``), pending until ``due_at``,
+    to go by email from ``inbox``; dropped if the original is delivered before."""
+
+    reply_id: str
+    due_at: datetime
+    channel: str
+    inbox: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -181,7 +196,7 @@ class _Dialect(Protocol):
 _COLUMNS = (
     "id, tenant, command_id, fingerprint, thread_id, customer_id, position, command, requested_channel,"
     " channel, inbox, status, attempts, next_attempt_at, lease_owner, provider_message_id, reason, detail,"
-    " created_at, updated_at"
+    " created_at, updated_at, fallback_of"
 )
 _ROUTE_COLUMNS = "message_id, thread_id, channel, inbox, external_id, identities, extra, received_at"
 _ROUTE_COLUMNS_R = ", ".join(f"r.{c.strip()}" for c in _ROUTE_COLUMNS.split(","))
@@ -233,6 +248,7 @@ def _record(d: _Dialect, row: Sequence[Any]) -> ReplyRecord:
         detail=row[17],
         created_at=d.dt(row[18]),
         updated_at=d.dt(row[19]),
+        fallback_of=row[20],
     )
 
 
@@ -264,6 +280,7 @@ def _view(record: ReplyRecord, number: int | None) -> ReplyView:
         attempts=record.attempts,
         requested_at=record.created_at,
         provider_message_id=record.provider_message_id,
+        fallback_of=record.fallback_of,
     )
 
 
@@ -379,7 +396,8 @@ class ReplyLedger(abc.ABC):
                     "SELECT r.id FROM replies r WHERE r.status IN ('pending', 'sending')"
                     " AND r.next_attempt_at <= ?"
                     " AND NOT EXISTS (SELECT 1 FROM replies e WHERE e.thread_id = r.thread_id"
-                    " AND e.position < r.position AND e.status IN ('pending', 'sending'))"
+                    " AND e.position < r.position AND e.status IN ('pending', 'sending')"
+                    " AND e.fallback_of IS NULL)"
                     " ORDER BY r.next_attempt_at LIMIT ?{skip_locked})"
                     f" RETURNING {_COLUMNS}"
                 ),
@@ -500,6 +518,8 @@ class ReplyLedger(abc.ABC):
             if row is None:
                 return False
             record = _record(d, row)
+            if outcome.kind == "sent" and outcome.fallback is not None:
+                self._add_fallback(conn, record, outcome.fallback, now)
             if outcome.kind != "retry":
                 view = _view(record, self._thread_number(conn, record.thread_id))
                 event_type = REPLY_SENT if outcome.kind == "sent" else REPLY_FAILED
@@ -508,6 +528,76 @@ class ReplyLedger(abc.ABC):
             return True
 
         return await self._write(job, events=outcome.kind != "retry")
+
+    def _add_fallback(
+        self, conn: _Connection, original: ReplyRecord, plan: FallbackPlan, now: datetime
+    ) -> None:
+        """The fallback row: the original's command under its own reply id and a derived command
+        id, after the thread's replies, requested (``created_at``) when it falls due."""
+        d = self.dialect
+        # The thread's row lock orders this with a command being stored (PostgreSQL).
+        conn.execute(d.sql("SELECT id FROM threads WHERE id = ?{for_update}"), (original.thread_id,))
+        row = conn.execute(
+            d.sql("SELECT coalesce(max(position), 0) FROM replies WHERE thread_id = ?"), (original.thread_id,)
+        ).fetchone()
+        conn.execute(
+            d.sql(
+                "INSERT INTO replies (id, tenant, command_id, fingerprint, thread_id, customer_id, position,"
+                " command, requested_channel, channel, inbox, status, attempts, next_attempt_at, created_at,"
+                " updated_at, fallback_of)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?{json}, ?, ?, ?, 'pending', 0, ?, ?, ?, ?)"
+                " ON CONFLICT (tenant, command_id) DO NOTHING"
+            ),
+            (
+                plan.reply_id, original.tenant, f"{original.command_id}#{plan.channel}-fallback",
+                original.fingerprint, original.thread_id, original.customer_id, int(row[0]) + 1,
+                orjson.dumps(dict(original.command)).decode(), plan.channel, plan.channel, plan.inbox,
+                d.ts(plan.due_at), d.ts(plan.due_at), d.ts(now), original.id,
+            ),
+        )  # fmt: skip
+
+    async def reply_delivered(self, reply_id: str) -> bool:
+        d = self.dialect
+
+        def read(conn: _Connection) -> bool:
+            row = conn.execute(
+                d.sql("SELECT 1 FROM reply_reports WHERE reply_id = ? AND status IN ('delivered', 'read')"),
+                (reply_id,),
+            ).fetchone()
+            return row is not None
+
+        return await self._read(read)
+
+    async def reply_fallback_cancel(self, channel: str, provider_message_id: str) -> int:
+        d = self.dialect
+
+        def job(conn: _Connection) -> int:
+            return conn.execute(
+                d.sql(
+                    "DELETE FROM replies WHERE status = 'pending' AND fallback_of IN"
+                    " (SELECT id FROM replies WHERE channel = ? AND provider_message_id = ?)"
+                ),
+                (channel, provider_message_id),
+            ).rowcount
+
+        return await self._write(job)
+
+    async def reply_fallback_drop(self, reply_id: str, lease_owner: str) -> bool:
+        d = self.dialect
+
+        def job(conn: _Connection) -> bool:
+            return (
+                conn.execute(
+                    d.sql(
+                        "DELETE FROM replies WHERE id = ? AND fallback_of IS NOT NULL AND status = 'sending'"
+                        " AND lease_owner = ?"
+                    ),
+                    (reply_id, lease_owner),
+                ).rowcount
+                == 1
+            )
+
+        return await self._write(job)
 
     async def reply_report(
         self,
@@ -559,7 +649,9 @@ class ReplyLedger(abc.ABC):
                     "SELECT coalesce(sum(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), 0),"
                     " coalesce(sum(CASE WHEN status = 'sending' THEN 1 ELSE 0 END), 0), min(created_at)"
                     " FROM replies WHERE status IN ('pending', 'sending')"
-                )
+                    " AND (fallback_of IS NULL OR created_at <= ?)"
+                ),
+                (d.ts(self._clock()),),
             ).fetchone()
             oldest = d.dt(row[2]) if row[2] is not None else None
             return ReplyBacklog(pending=int(row[0]), sending=int(row[1]), oldest_requested_at=oldest)

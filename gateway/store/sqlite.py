@@ -174,6 +174,11 @@ MIGRATIONS: tuple[str, ...] = migrations(
         """
     {reply_routes_backfill}
     """,
+        # 13: mail fallbacks of replies held for a visitor who never came back (gateway.replies).
+        """
+    ALTER TABLE replies ADD COLUMN fallback_of TEXT;
+    CREATE INDEX replies_fallback ON replies (fallback_of) WHERE fallback_of IS NOT NULL;
+    """,
     ),
 )
 

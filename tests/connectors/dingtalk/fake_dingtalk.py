@@ -166,6 +166,13 @@ class FakeDingTalk:
             await ws.send_str(orjson.dumps(frame).decode())
         return message_id
 
+    async def redeliver(self) -> None:
+        """DingTalk's redelivery of what was not acknowledged, on the open connection."""
+        ws = self._socket
+        if ws is not None and not ws.closed:
+            for frame in list(self.unacked.values()):
+                await ws.send_str(orjson.dumps(frame).decode())
+
     async def drop(self) -> None:
         ws = self._socket
         if ws is not None:

@@ -18,8 +18,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from core.settings import Settings
 from gateway.app import Overrides, create_app
 from gateway.publisher import MemoryPublisher
+from gateway.store import build_store
 from tests.connectors.dingtalk.fake_dingtalk import APP_KEY, APP_SECRET, FakeDingTalk
 from tests.connectors.dingtalk.kit import CORP, STAFF, robot, signed_headers
+from tests.contract.kit import ContractStore, StoreMode
 from tests.support.schema import validate_event
 
 Client = TestClient[web.Request, web.Application]
@@ -168,3 +170,22 @@ async def test_a_stream_connection_cut_mid_callback_loses_and_duplicates_nothing
     await asyncio.sleep(0.2)
     assert [e["message"]["text"] for e in events] == ["cut mid-callback", "sentinel"]
     assert len(bus.published) == 2
+
+
+async def test_a_stream_message_the_store_cannot_take_is_not_acknowledged_until_it_is_stored(
+    aiohttp_client: MakeClient, tmp_path: Path, dingtalk: FakeDingTalk
+) -> None:
+    bus = MemoryPublisher()
+    settings = settings_for(tmp_path, dingtalk, mode="stream", fetch_media=False, directory_emails=False)
+    store = ContractStore(build_store(settings), StoreMode.FAILING, stall=0.0)
+    await aiohttp_client(create_app(settings, Overrides(publisher=bus, store=store)))  # type: ignore[arg-type]
+    await dingtalk.wait_for(lambda: dingtalk.connections == 1)
+    pending = await dingtalk.callback(robot(31, "while the store is down"))
+    await asyncio.sleep(0.5)
+    assert pending in dingtalk.unacked
+    assert not [a for a in dingtalk.acks if a["headers"]["messageId"] == pending]
+    store.mode = StoreMode.OK
+    await dingtalk.redeliver()
+    await dingtalk.wait_for(lambda: pending not in dingtalk.unacked)
+    [event] = await published(bus, 1)
+    assert event["message"]["text"] == "while the store is down"

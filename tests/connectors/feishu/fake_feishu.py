@@ -35,6 +35,7 @@ class FakeFeishu:
     unanswered: dict[str, list[Frame]] = field(default_factory=dict)
     answers: list[Frame] = field(default_factory=list)
     pings: int = 0
+    uploads: dict[str, tuple[str, bytes, dict[str, str]]] = field(default_factory=dict)
     connections: int = 0
     drop_after_next_event: bool = False
     closing: bool = False
@@ -48,6 +49,8 @@ class FakeFeishu:
         app.router.add_get("/open-apis/im/v1/messages/{message_id}/resources/{key}", self.resource)
         app.router.add_post("/open-apis/im/v1/messages", self.create)
         app.router.add_post("/open-apis/im/v1/messages/{message_id}/reply", self.reply)
+        app.router.add_post("/open-apis/im/v1/images", self.upload_image)
+        app.router.add_post("/open-apis/im/v1/files", self.upload_file)
         app.router.add_post("/callback/ws/endpoint", self.ws_endpoint)
         app.router.add_get("/ws", self.ws)
         app.on_shutdown.append(self._shutdown)
@@ -64,6 +67,29 @@ class FakeFeishu:
     async def wait_for(self, predicate: Any, within: float = 10.0) -> None:
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(predicate)
+
+    async def _upload(self, request: web.Request, field_name: str, key_name: str) -> web.Response:
+        if (s := self._scripted(key_name)) is not None:
+            return s
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        form = await request.post()
+        upload = form.get(field_name)
+        if not isinstance(upload, web.FileField):
+            return web.json_response({"code": 234001, "msg": "Invalid request param."}, status=400)
+        key = f"{key_name}_{next(self._ids)}"
+        self.uploads[key] = (
+            upload.filename,
+            upload.file.read(),
+            {k: str(v) for k, v in form.items() if not isinstance(v, web.FileField)},
+        )
+        return web.json_response({"code": 0, "msg": "success", "data": {key_name: key}})
+
+    async def upload_image(self, request: web.Request) -> web.Response:
+        return await self._upload(request, "image", "image_key")
+
+    async def upload_file(self, request: web.Request) -> web.Response:
+        return await self._upload(request, "file", "file_key")
 
     async def ws_endpoint(self, request: web.Request) -> web.Response:
         if (s := self._scripted("ws_endpoint")) is not None:
@@ -139,6 +165,14 @@ class FakeFeishu:
             self.drop_after_next_event = False
             await self.drop()
         return message_id
+
+    async def redeliver(self) -> None:
+        """Feishu's redelivery of what was not answered 200, on the open connection."""
+        socket = self._socket
+        if socket is not None and not socket.closed:
+            for frames in list(self.unanswered.values()):
+                for frame in frames:
+                    await socket.send_bytes(encode(frame))
 
     async def drop(self) -> None:
         socket = self._socket

@@ -20,8 +20,13 @@ class FeishuProbe(HttpProbe):
     answer_within = 2.5  # ingest_timeout 1 s + directory_timeout 0.5 s, under Feishu's 3 s
 
     def tables(self) -> dict[str, Any]:
-        app = {"verification_token": TOKEN, "encrypt_key": KEY, "fetch_media": False,
-               "directory_emails": False, "api_base": "http://127.0.0.1:9"}
+        app = {
+            "verification_token": TOKEN,
+            "encrypt_key": KEY,
+            "fetch_media": False,
+            "directory_emails": False,
+            "api_base": "http://127.0.0.1:9",
+        }
         return {"feishu": {"max_body_bytes": LIMIT, "ingest_timeout": 1.0, "inboxes": {INBOX: app}}}
 
     def _post(self, body: bytes, key: str = KEY) -> HttpDelivery:

@@ -30,18 +30,32 @@ URL = "/feishu/it-desk"
 
 
 def settings_for(tmp_path: Path, api_base: str, table: dict[str, Any] | None = None, **app: Any) -> Settings:
-    return Settings.model_validate({
-        "server": {"normalizer_process": False, "public_url": "http://gateway.test"},
-        "store": {"path": str(tmp_path / "feishu.db"), "blob_dir": str(tmp_path / "blobs")},
-        "outbox": {"relay": "inline", "poll_interval": 0.05},
-        "control": {"enabled": False},
-        "tenants": {"acme": {}},
-        "inboxes": {"it-desk": {"tenant": "acme"}},
-        "channels": {"feishu": {**(table or {}), "inboxes": {"it-desk": {
-            "api_base": api_base, "app_id": APP_ID, "app_secret": APP_SECRET, "verification_token": TOKEN,
-            "encrypt_key": KEY, "previous_encrypt_key": OLD_KEY, **app,
-        }}}},
-    })
+    return Settings.model_validate(
+        {
+            "server": {"normalizer_process": False, "public_url": "http://gateway.test"},
+            "store": {"path": str(tmp_path / "feishu.db"), "blob_dir": str(tmp_path / "blobs")},
+            "outbox": {"relay": "inline", "poll_interval": 0.05},
+            "control": {"enabled": False},
+            "tenants": {"acme": {}},
+            "inboxes": {"it-desk": {"tenant": "acme"}},
+            "channels": {
+                "feishu": {
+                    **(table or {}),
+                    "inboxes": {
+                        "it-desk": {
+                            "api_base": api_base,
+                            "app_id": APP_ID,
+                            "app_secret": APP_SECRET,
+                            "verification_token": TOKEN,
+                            "encrypt_key": KEY,
+                            "previous_encrypt_key": OLD_KEY,
+                            **app,
+                        }
+                    },
+                }
+            },
+        }
+    )
 
 
 @pytest.fixture
@@ -58,8 +72,14 @@ async def published(bus: MemoryPublisher, count: int) -> list[dict[str, Any]]:
     return [validate_event(m.body) for m in bus.published]
 
 
-async def post(client: Client, body: bytes, *, key: str = KEY, at: float | None = None,
-               headers: dict[str, str] | None = None) -> int:
+async def post(
+    client: Client,
+    body: bytes,
+    *,
+    key: str = KEY,
+    at: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
     sent = {**signed_headers(key, body, at=at), **(headers or {})}
     response = await client.post(URL, data=body, headers=sent)
     await response.release()
@@ -89,8 +109,9 @@ async def test_forged_stale_unsigned_and_wrong_token_requests_are_refused_before
     aiohttp_client: MakeClient, tmp_path: Path, feishu: FakeFeishu
 ) -> None:
     bus = MemoryPublisher()
-    client = await gateway(aiohttp_client, settings_for(tmp_path, feishu.base, directory_emails=False,
-                                                        fetch_media=False), bus)
+    client = await gateway(
+        aiohttp_client, settings_for(tmp_path, feishu.base, directory_emails=False, fetch_media=False), bus
+    )
     body = sealed(event(1, "forged", token=TOKEN), KEY)
     assert await post(client, body, key="guessed-key") == 401
     assert await post(client, body, at=time.time() - 301) == 401  # outside the 5-minute window
@@ -113,8 +134,12 @@ async def test_forged_stale_unsigned_and_wrong_token_requests_are_refused_before
 async def test_concurrent_redeliveries_are_one_event_and_the_directory_email_is_linked(
     aiohttp_client: MakeClient, tmp_path: Path, feishu: FakeFeishu
 ) -> None:
-    feishu.users[EMPLOYEE] = {"open_id": EMPLOYEE, "name": "Wang Fang", "email": "wang.fang@example.com",
-                              "enterprise_email": "Wang.Fang@corp.example"}
+    feishu.users[EMPLOYEE] = {
+        "open_id": EMPLOYEE,
+        "name": "Wang Fang",
+        "email": "wang.fang@example.com",
+        "enterprise_email": "Wang.Fang@corp.example",
+    }
     bus = MemoryPublisher()
     client = await gateway(aiohttp_client, settings_for(tmp_path, feishu.base, fetch_media=False), bus)
     data = event(7, "VPN is down", token=TOKEN)
@@ -131,8 +156,9 @@ async def test_concurrent_redeliveries_are_one_event_and_the_directory_email_is_
     assert len(bus.published) == 2
     assert first["message"]["external_id"] == data["event"]["message"]["message_id"]
     assert first["message"]["extra"]["chat_type"] == "p2p"
-    assert {"kind": "feishu_open_id", "value": f"{APP_ID}:{EMPLOYEE}", "verified": True} in \
-        first["customer"]["identities"]
+    assert {"kind": "feishu_open_id", "value": f"{APP_ID}:{EMPLOYEE}", "verified": True} in first["customer"][
+        "identities"
+    ]
     email = {"kind": "email", "value": "wang.fang@corp.example", "verified": True}
     assert email in second["customer"]["identities"]
     assert second["customer"]["id"] == first["customer"]["id"]
@@ -168,8 +194,13 @@ async def test_a_group_message_not_for_the_bot_and_other_events_store_nothing_bu
     aiohttp_client: MakeClient, tmp_path: Path, feishu: FakeFeishu
 ) -> None:
     bus = MemoryPublisher()
-    settings = settings_for(tmp_path, feishu.base, directory_emails=False, fetch_media=False,
-                            bot_open_id="ou_bot0000000000000000000000000001")
+    settings = settings_for(
+        tmp_path,
+        feishu.base,
+        directory_emails=False,
+        fetch_media=False,
+        bot_open_id="ou_bot0000000000000000000000000001",
+    )
     client = await gateway(aiohttp_client, settings, bus)
     for n, fixture in enumerate(("group_without_mention", "app_sender", "bot_added", "text_group_mention")):
         if fixture == "bot_added":
@@ -186,3 +217,20 @@ def test_an_app_without_an_encrypt_key_refuses_to_start(tmp_path: Path) -> None:
     settings = settings_for(tmp_path, "http://127.0.0.1:9", encrypt_key="", previous_encrypt_key="")
     with pytest.raises(ConfigError, match="encrypt_key"):
         create_app(settings)
+
+
+def test_lark_apps_use_the_international_host_and_ws_apps_need_no_key(tmp_path: Path) -> None:
+    from connectors.feishu import FeishuConnector
+
+    settings = settings_for(tmp_path, "", host="lark")
+    connector = FeishuConnector.from_settings(settings)
+    assert connector is not None
+    assert connector.apps["it-desk"].api_base == "https://open.larksuite.com"
+    ws = settings_for(tmp_path, "", mode="ws", verification_token="", encrypt_key="", previous_encrypt_key="")
+    made = FeishuConnector.from_settings(ws)
+    assert made is not None
+    assert made.describe_endpoints("http://gw")[0].kind == "socket"
+    with pytest.raises(ConfigError, match="app_secret"):
+        FeishuConnector.from_settings(
+            settings_for(tmp_path, "", mode="ws", app_secret="", fetch_media=False, directory_emails=False)
+        )

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from connectors.feishu import FeishuConnector
-from core.channel import OutboundReply, SendError, SenderSpec
+from core.channel import OutboundAttachment, OutboundReply, SendError, SenderSpec
 from core.model import Identity, IdentityKind
-from core.settings import Settings
+from core.settings import OutboxSettings, Settings, StoreSettings
 from gateway.channels import GatewayContext
+from gateway.store.blobs import BlobDir
+from gateway.store.sqlite import SQLiteStore
 from tests.connectors.feishu.fake_feishu import APP_SECRET, FakeFeishu
 from tests.connectors.feishu.kit import APP_ID, EMPLOYEE
 from tests.support.channels import set_up
@@ -30,15 +34,29 @@ async def feishu(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeFe
 
 
 @contextlib.asynccontextmanager
-async def sender_at(api_base: str) -> AsyncIterator[SenderSpec]:
-    settings = Settings.model_validate({
-        "tenants": {"acme": {}},
-        "inboxes": {"it-desk": {"tenant": "acme"}},
-        "channels": {"feishu": {"api_timeout": 2, "inboxes": {"it-desk": {
-            "api_base": api_base, "app_id": APP_ID, "app_secret": APP_SECRET, "verification_token": "t",
-            "encrypt_key": "k", "fetch_media": False, "directory_emails": False,
-        }}}},
-    })
+async def sender_at(api_base: str, store: SQLiteStore | None = None) -> AsyncIterator[SenderSpec]:
+    settings = Settings.model_validate(
+        {
+            "tenants": {"acme": {}},
+            "inboxes": {"it-desk": {"tenant": "acme"}},
+            "channels": {
+                "feishu": {
+                    "api_timeout": 2,
+                    "inboxes": {
+                        "it-desk": {
+                            "api_base": api_base,
+                            "app_id": APP_ID,
+                            "app_secret": APP_SECRET,
+                            "verification_token": "t",
+                            "encrypt_key": "k",
+                            "fetch_media": False,
+                            "directory_emails": False,
+                        }
+                    },
+                }
+            },
+        }
+    )
     connector = FeishuConnector.from_settings(settings)
     assert connector is not None
 
@@ -46,7 +64,9 @@ async def sender_at(api_base: str) -> AsyncIterator[SenderSpec]:
         raise AssertionError("no ingest in sender tests")
 
     specs: dict[str, SenderSpec] = {}
-    ctx: GatewayContext = set_up(web.Application(), connector, ingest, settings=settings, senders=specs)
+    ctx: GatewayContext = set_up(
+        web.Application(), connector, ingest, settings=settings, store=store, senders=specs
+    )
     try:
         yield specs["feishu"]
     finally:
@@ -62,13 +82,21 @@ async def spec(feishu: FakeFeishu) -> AsyncIterator[SenderSpec]:
 
 def reply(text: str | None = "Your VPN profile was reset.", **kw: Any) -> OutboundReply:
     values: dict[str, Any] = {
-        "reply_id": "rpl_0190f3a8c1d27e6b9a4f5c3e2d1b0a98", "command_id": "cmd-1", "tenant": "acme",
-        "channel": "feishu", "inbox": "it-desk", "thread_id": "thr_0190f3a8c1d27e6b9a4f5c3e2d1b0a98",
-        "thread_number": 7, "subject": None,
+        "reply_id": "rpl_0190f3a8c1d27e6b9a4f5c3e2d1b0a98",
+        "command_id": "cmd-1",
+        "tenant": "acme",
+        "channel": "feishu",
+        "inbox": "it-desk",
+        "thread_id": "thr_0190f3a8c1d27e6b9a4f5c3e2d1b0a98",
+        "thread_number": 7,
+        "subject": None,
         "recipient": Identity(kind=IdentityKind.FEISHU_OPEN_ID, value=f"{APP_ID}:{EMPLOYEE}", verified=True),
         "text": text,
-        "answering": {"chat_id": "oc_5ad11d72b830411d72b836c20", "chat_type": "p2p",
-                      "message_id": "om_dc13264520392913993dd051dba20001"},
+        "answering": {
+            "chat_id": "oc_5ad11d72b830411d72b836c20",
+            "chat_type": "p2p",
+            "message_id": "om_dc13264520392913993dd051dba20001",
+        },
     }
     values.update(kw)
     return OutboundReply(**values)
@@ -115,18 +143,33 @@ async def test_an_expired_token_is_replaced_once(spec: SenderSpec, feishu: FakeF
     assert len(feishu.sent) == 2
 
 
-@pytest.mark.parametrize(("answer", "reason", "permanent", "retry_after"), [
-    ((429, {"code": 99991400, "msg": "request trigger frequency limit"}, {"x-ogw-ratelimit-reset": "3"}),
-     "rate_limited", False, 3.0),
-    ((400, {"code": 230002, "msg": "Bot is not in the chat."}, {}), "recipient_unreachable", True, None),
-    ((400, {"code": 230025, "msg": "message content too long"}, {}), "too_large", True, None),
-    ((400, {"code": 230001, "msg": "invalid message content"}, {}), "recipient_unreachable", True, None),
-    ((400, {"code": 9499, "msg": "Bad Request"}, {}), "rejected", True, None),
-    ((500, {"code": 1000, "msg": "internal error"}, {}), "provider_error", False, None),
-])
+@pytest.mark.parametrize(
+    ("answer", "reason", "permanent", "retry_after"),
+    [
+        (
+            (
+                429,
+                {"code": 99991400, "msg": "request trigger frequency limit"},
+                {"x-ogw-ratelimit-reset": "3"},
+            ),
+            "rate_limited",
+            False,
+            3.0,
+        ),
+        ((400, {"code": 230002, "msg": "Bot is not in the chat."}, {}), "recipient_unreachable", True, None),
+        ((400, {"code": 230025, "msg": "message content too long"}, {}), "too_large", True, None),
+        ((400, {"code": 230001, "msg": "invalid message content"}, {}), "recipient_unreachable", True, None),
+        ((400, {"code": 9499, "msg": "Bad Request"}, {}), "rejected", True, None),
+        ((500, {"code": 1000, "msg": "internal error"}, {}), "provider_error", False, None),
+    ],
+)
 async def test_feishu_errors_are_sorted_for_the_dispatcher(
-    spec: SenderSpec, feishu: FakeFeishu, answer: tuple[int, dict[str, Any], dict[str, str]], reason: str,
-    permanent: bool, retry_after: float | None,
+    spec: SenderSpec,
+    feishu: FakeFeishu,
+    answer: tuple[int, dict[str, Any], dict[str, str]],
+    reason: str,
+    permanent: bool,
+    retry_after: float | None,
 ) -> None:
     feishu.script("create", answer)
     with pytest.raises(SendError) as caught:
@@ -150,3 +193,37 @@ async def test_an_unreachable_api_is_retried(feishu: FakeFeishu) -> None:
         with pytest.raises(SendError) as caught:
             await spec.sender.send(reply())
     assert caught.value.permanent is False
+
+
+async def test_attachments_are_uploaded_and_sent_after_the_text_each_with_its_own_uuid(
+    feishu: FakeFeishu, tmp_path: Path
+) -> None:
+    settings = StoreSettings.model_validate(
+        {"path": tmp_path / "feishu.db", "blob_dir": tmp_path / "blobs", "min_free_disk_mb": 0}
+    )
+    store = SQLiteStore(settings, OutboxSettings())
+    await store.open()
+    try:
+        png, pdf = b"\x89PNG screenshot", b"%PDF-1.7 guide"
+        blobs = BlobDir(tmp_path / "blobs")
+        attachments = (
+            OutboundAttachment(
+                name="steps.png", content_type="image/png", size=len(png), sha256=blobs.put(png)
+            ),
+            OutboundAttachment(
+                name="vpn.pdf", content_type="application/pdf", size=len(pdf), sha256=blobs.put(pdf)
+            ),
+        )
+        async with sender_at(feishu.base, store) as spec:
+            sent = await spec.sender.send(reply(attachments=attachments))
+            again = await spec.sender.send(reply(attachments=attachments))  # a retry: nothing sent twice
+    finally:
+        await store.close()
+    text, image, file = feishu.sent
+    assert [m["msg_type"] for m in (text, image, file)] == ["text", "image", "file"]
+    assert len({m["uuid"] for m in (text, image, file)}) == 3
+    assert orjson.loads(image["content"])["image_key"] in feishu.uploads
+    name, data, fields = feishu.uploads[orjson.loads(file["content"])["file_key"]]
+    assert (name, data, fields["file_type"]) == ("vpn.pdf", pdf, "stream")
+    assert sent.detail["message_ids"] == again.detail["message_ids"]
+    assert len(feishu.sent) == 3

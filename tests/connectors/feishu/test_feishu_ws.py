@@ -17,9 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from connectors.feishu.frame import CONTROL, DATA, Frame, FrameError, decode, encode
 from gateway.app import Overrides, create_app
 from gateway.publisher import MemoryPublisher
+from gateway.store import build_store
 from tests.connectors.feishu.fake_feishu import FakeFeishu
 from tests.connectors.feishu.kit import event
 from tests.connectors.feishu.test_feishu_app import published, settings_for
+from tests.contract.kit import ContractStore, StoreMode
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -107,3 +109,22 @@ async def test_a_connection_dropped_mid_event_loses_and_duplicates_nothing(
     await asyncio.sleep(0.2)
     assert [e["message"]["text"] for e in events] == ["cut mid-event", "sentinel"]
     assert len(bus.published) == 2
+
+
+async def test_an_event_the_store_cannot_take_is_answered_500_and_stored_once_when_delivered_again(
+    aiohttp_client: MakeClient, tmp_path: Path, feishu: FakeFeishu
+) -> None:
+    bus = MemoryPublisher()
+    settings = ws_settings(tmp_path, feishu)
+    store = ContractStore(build_store(settings), StoreMode.FAILING, stall=0.0)
+    await aiohttp_client(create_app(settings, Overrides(publisher=bus, store=store)))  # type: ignore[arg-type]
+    await feishu.wait_for(lambda: feishu.connections == 1)
+    pending = await feishu.push_event(event(61, "while the store is down", token="t"))
+    await feishu.wait_for(lambda: len(feishu.answers) == 1)
+    assert orjson.loads(feishu.answers[0].payload)["code"] == 500
+    assert pending in feishu.unanswered
+    store.mode = StoreMode.OK
+    await feishu.redeliver()
+    await feishu.wait_for(lambda: answered(feishu, pending))
+    [received] = await published(bus, 1)
+    assert received["message"]["text"] == "while the store is down"

@@ -18,7 +18,7 @@ from core.model import CanonicalMessage
 from dedupe.engine import new_id
 from gateway.store.base import Store
 from gateway.store.postgres import MIGRATIONS as PG_MIGRATIONS
-from gateway.store.replies import ReplyOutcome, ReplyRecord, ReplyRequest
+from gateway.store.replies import FallbackPlan, ReplyOutcome, ReplyRecord, ReplyRequest
 from gateway.store.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from tests.gateway.store import test_store_contract as contract
 from tests.gateway.store.test_store_contract import MakeStore, accept
@@ -253,7 +253,9 @@ async def test_messages_from_before_the_ledger_get_routes_and_are_answered_to_th
     (placed,) = await accept(first, message("old-1"))
     await first.close()
     migrations = SQLITE_MIGRATIONS if backend == "sqlite" else PG_MIGRATIONS
-    statements = ["DELETE FROM reply_routes", migrations[-1]]  # as if stored before, then upgraded
+    # The backfill by its content: later migrations are appended after it.
+    backfill = next(m for m in migrations if "INSERT INTO reply_routes" in m)
+    statements = ["DELETE FROM reply_routes", backfill]  # as if stored before, then upgraded
     if backend == "sqlite":
         with sqlite3.connect(tmp_path / "tg.db") as conn:
             conn.executescript(";".join(statements))
@@ -272,3 +274,43 @@ async def test_messages_from_before_the_ledger_get_routes_and_are_answered_to_th
         placed.message_id, "form", "support", (), {},
     )  # fmt: skip
     assert [i.value for i in context.customer_identities] == ["ada@example.com"]
+
+
+async def test_a_mail_fallback_waits_its_delay_holds_nothing_back_and_a_delivery_cancels_it(
+    store: Store, clock: Clock
+) -> None:
+    """The fallback row is written with the original's reply.sent, due later; a report of
+    delivery drops it; a claimed one can be dropped under its lease only."""
+    thread = await a_thread(store)
+    ids = [(await store.reply_request(request(thread, f"c{i}"))).record.id for i in range(3)]  # type: ignore[union-attr]
+    due_at = clock() + timedelta(seconds=60)
+    plans = [FallbackPlan(reply_id=new_id("rpl"), due_at=due_at, channel="email", inbox="s") for _ in ids]
+    for plan in plans[:2]:
+        (record,) = await store.reply_claim(clock(), 10, LEASE, owner())
+        assert await finish(store, record, "sent", provider_message_id=f"pm-{record.id}", fallback=plan)
+    # Two fallbacks wait; the third reply is not held back by them.
+    (third,) = await store.reply_claim(clock(), 10, LEASE, owner())
+    assert third.id == ids[2]
+    backlog = await store.reply_backlog()
+    assert (backlog.pending, backlog.sending) == (0, 1)  # a fallback counts once it is due
+    waiting = [r for r in await store.reply_list(thread) if r.fallback_of is not None]
+    assert [(r.fallback_of, r.status, r.channel, r.inbox) for r in waiting] == [
+        (ids[0], "pending", "email", "s"),
+        (ids[1], "pending", "email", "s"),
+    ]
+    assert waiting[0].command_id == "c0#email-fallback"
+    # The first is delivered: its fallback goes.
+    assert await store.reply_report("form", f"pm-{ids[0]}", "delivered", clock())
+    assert await store.reply_delivered(ids[0])
+    assert not await store.reply_delivered(ids[1])
+    assert await store.reply_fallback_cancel("form", f"pm-{ids[0]}") == 1
+    assert await store.reply_fallback_cancel("form", f"pm-{ids[0]}") == 0
+    assert await finish(store, third, "sent", provider_message_id="pm-3")
+    # The second is due after the delay, claimed once, and dropped only under its lease.
+    later = clock() + timedelta(seconds=61)
+    (due,) = await store.reply_claim(later, 10, LEASE, owner())
+    assert (due.id, due.fallback_of, due.created_at) == (plans[1].reply_id, ids[1], plans[1].due_at)
+    assert await store.reply_claim(later, 10, LEASE, owner()) == []
+    assert not await store.reply_fallback_drop(due.id, owner())
+    assert await store.reply_fallback_drop(due.id, due.lease_owner or "")
+    assert all(r.fallback_of is None for r in await store.reply_list(thread))
