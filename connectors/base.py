@@ -10,13 +10,125 @@ with a :class:`~core.channel.ChannelContext`. It verifies, builds a
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from aiohttp import web
 
 from core.channel import ChannelContext, ChannelMetrics, Connector
-from core.model import IngestResult, RawEnvelope
+from core.http import retry_after_value
+from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """``ctx.ingest`` as a handler holds it: the envelope and the normalizer to run."""
 
-__all__ = ["ChannelContext", "ChannelMetrics", "Connector", "Ingest"]
+__all__ = [
+    "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "WebhookIntake", "ingest_capturing",
+    "retry_response", "text_ok",
+]
+
+
+async def ingest_capturing(
+    ingest: Ingest, envelope: RawEnvelope, normalize: Normalizer
+) -> tuple[IngestResult, list[CanonicalMessage]]:
+    """``ingest(envelope, normalize)`` and the messages ``normalize`` produced, for the work that
+    follows the commit (queueing media, counting ignored events)."""
+    produced: list[CanonicalMessage] = []
+
+    def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
+        messages = normalize(raw)
+        produced.extend(messages)
+        return messages
+
+    return await ingest(envelope, capturing), produced
+
+
+class WebhookIntake:
+    """Ingests that may outlive their webhook answer, and the plain-text answer most providers want.
+
+    A provider gives up on a webhook after a few seconds and redelivers. The commit runs as its own
+    task, shielded: the handler waits ``within`` seconds and then answers RETRY (503 +
+    ``Retry-After``), but the commit is never cancelled half-way; the provider's redelivery finds it
+    stored, as a duplicate. :meth:`drain` (an ``on_cleanup`` hook) lets such commits finish before
+    the store closes.
+    """
+
+    def __init__(
+        self, channel: str, within: float, *, what: str = "delivery", drain_for: float = 10.0
+    ) -> None:
+        self.channel = channel
+        self.within = within
+        self._what = what  # "delivery", "update", "push": the provider's word, for the logs
+        self._drain_for = drain_for
+        self._pending: set[asyncio.Future[Any]] = set()
+
+    async def shielded(self, work: Awaitable[T], within: float | None) -> T:
+        """``work`` as a task awaited for at most ``within`` seconds (``None``: however long it takes);
+        raises ``TimeoutError`` when it is not done in time, while the task runs on and is drained at
+        cleanup. Cancelling the caller does not cancel the task either."""
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation of the handler.
+        async with asyncio.timeout(within):
+            return await asyncio.shield(task)
+
+    async def submit(self, work: Awaitable[IngestResult], *, name: str, wait: bool = False) -> IngestResult:
+        """``work`` (``ctx.ingest`` and whatever must follow the commit, e.g. queueing media) within the
+        intake's time (``wait``: however long it takes, for a transport whose acknowledgement waits for
+        the commit); a RETRY result when it is not done in time or fails after the commit."""
+        try:
+            return await self.shielded(work, None if wait else self.within)
+        except TimeoutError:
+            logger.warning("%s %s: store did not answer within %.1f s; answering 503", self.channel, name,
+                           self.within)
+            return IngestResult(outcome=Outcome.RETRY, reason=f"the {self._what} was not stored within "
+                                f"{self.within:g} s", retry_after=5.0)
+        except Exception:
+            logger.exception("%s %s: handling the %s failed; answering 503", self.channel, name, self._what)
+            return IngestResult(outcome=Outcome.RETRY, reason=f"the {self._what} could not be handled now",
+                                retry_after=5.0)
+
+    def answer(
+        self, result: IngestResult, *, name: str, ok: Callable[[], web.Response],
+        rejected_headers: Mapping[str, str] | None = None,
+    ) -> web.Response:
+        """The usual webhook answer: ``ok()`` once stored (never before), the rejection's 4xx with its
+        reason as text (and ``rejected_headers``, e.g. Slack's no-retry), 503 ``retry`` with
+        ``Retry-After`` otherwise."""
+        if result.stored:
+            return ok()
+        if result.outcome is Outcome.REJECTED:
+            logger.info("%s %s: %s rejected: %s", self.channel, name, self._what, result.reason)
+            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
+            return web.Response(status=status, text=result.reason or "rejected", headers=rejected_headers)
+        logger.warning("%s %s: cannot store the %s now: %s", self.channel, name, self._what, result.reason)
+        return retry_response(result.retry_after or 5.0)
+
+    async def respond(
+        self, work: Awaitable[IngestResult], *, name: str, ok: Callable[[], web.Response]
+    ) -> web.Response:
+        """:meth:`submit` then :meth:`answer`."""
+        return self.answer(await self.submit(work, name=name), name=name, ok=ok)
+
+    async def drain(self, app: web.Application | None = None) -> None:
+        """Let work that outlived its answer finish before the store closes (an ``on_cleanup`` hook)."""
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=self._drain_for)
+
+
+def retry_response(seconds: float) -> web.Response:
+    """503 ``retry`` with ``Retry-After``: the provider redelivers later."""
+    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+
+
+def text_ok(text: str = "ok") -> Callable[[], web.Response]:
+    """An ``ok`` for :meth:`WebhookIntake.answer`: 200 with ``text``."""
+    return lambda: web.Response(status=200, text=text)

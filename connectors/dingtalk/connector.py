@@ -34,8 +34,7 @@ from connectors.dingtalk.stream import StreamRunner
 from connectors.media import MediaFetcher, MediaPolicy
 from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body, retry_after_value
-from core.model import Outcome
+from core.http import envelope_headers, read_body
 from core.settings import Settings
 from normalizers.dingtalk import CHANNEL, parse
 
@@ -179,15 +178,7 @@ class CallbackEndpoint:
         result = await self._intake.deliver(
             bot, body, transport="http", headers=headers, remote=request.remote
         )
-        if result.stored:
-            return web.json_response({})
-        if result.outcome is Outcome.REJECTED:
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("dingtalk %s: cannot store a callback now: %s", bot.inbox, result.reason)
-        return web.Response(
-            status=503, text="retry", headers={"Retry-After": retry_after_value(result.retry_after or 5.0)}
-        )
+        return self._intake.work.answer(result, name=bot.inbox, ok=lambda: web.json_response({}))
 
     def _verify(self, bot: Bot, timestamp: str | None, sign: str | None) -> str | None:
         if not timestamp or not sign:

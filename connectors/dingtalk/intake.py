@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.dingtalk.api import DingTalkApi, DingTalkError
 from connectors.dingtalk.bot import Bot
 from connectors.dingtalk.settings import DingTalkSettings
@@ -80,7 +80,8 @@ class Intake:
         self._table = table
         self._directory = directory
         self._fetcher = fetcher
-        self._pending: set[asyncio.Future[Any]] = set()
+        # The shielded, bounded ingest (and directory links); the HTTP callback answers with it too.
+        self.work = WebhookIntake(CHANNEL, table.ingest_timeout, what="callback")
 
     async def deliver(
         self,
@@ -106,29 +107,11 @@ class Intake:
             remote=remote,
             meta={"transport": transport},
         )
-        task = asyncio.ensure_future(self._ingest(envelope))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        if wait:
-            return await asyncio.shield(task)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; a retry finds it stored.
-            return await asyncio.wait_for(asyncio.shield(task), self._table.ingest_timeout)
-        except TimeoutError:
-            logger.warning(
-                "dingtalk %s: store did not answer within %.1f s", bot.inbox, self._table.ingest_timeout
-            )
-            return IngestResult(outcome=Outcome.RETRY, reason="the store is slow", retry_after=5.0)
+        # Shielded: cancelling a commit half-way helps nobody; a retry finds it stored.
+        return await self.work.submit(self._ingest(envelope), name=bot.inbox, wait=wait)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if not produced:
@@ -142,12 +125,9 @@ class Intake:
                 logger.exception("dingtalk %s: queueing the media of a stored message failed", envelope.inbox)
                 return IngestResult(outcome=Outcome.RETRY, reason="media not queued", retry_after=5.0)
         if bot.directory_emails:
-            link = asyncio.ensure_future(self._link(bot, produced[0]))
-            self._pending.add(link)
-            link.add_done_callback(self._pending.discard)
             # A slow directory goes on in the background; the next message finds it cached.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(link), self._table.directory_timeout)
+                await self.work.shielded(self._link(bot, produced[0]), self._table.directory_timeout)
         return result
 
     async def _link(self, bot: Bot, message: CanonicalMessage) -> None:
@@ -170,5 +150,4 @@ class Intake:
 
     async def drain(self, app: web.Application | None = None) -> None:
         await self._directory.close()
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self.work.drain(app)

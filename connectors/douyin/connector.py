@@ -15,7 +15,6 @@ events without one), 503 when the store cannot take it within ``ingest_timeout``
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Self
@@ -23,13 +22,14 @@ from typing import Self
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake
 from connectors.douyin.account import App
 from connectors.douyin.sender import DouyinSender
 from connectors.douyin.settings import DouyinSettings
 from core.channel import ChannelContext, ChannelEndpoint, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput
-from core.http import envelope_headers, read_body, retry_after_value
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.http import envelope_headers, read_body
+from core.model import RawEnvelope
 from core.settings import Settings
 from normalizers.douyin import CHANNEL, VERIFY_EVENT, content_of, normalize, parse_body
 
@@ -108,9 +108,7 @@ class Webhook:
         self._ctx = ctx
         self._apps = apps
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
-        self._timeout = table.ingest_timeout
-        # Ingests that outlived their answer; held so they finish before the store closes.
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        self._intake = WebhookIntake(CHANNEL, table.ingest_timeout, what="push")
 
     async def handle(self, request: web.Request) -> web.Response:
         app = self._apps.get(request.match_info["name"])
@@ -149,23 +147,8 @@ class Webhook:
             remote=request.remote,
             meta={"account": app.name, "client_key": app.client_key, "msg_id": msg_id},
         )
-        task = asyncio.ensure_future(self._ctx.ingest(envelope, normalize))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; Douyin's retry finds it stored.
-            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            logger.warning("douyin %s: store did not answer within %.1f s; answering 503", app.name,
-                           self._timeout)
-            return _retry(5.0)
-        if result.stored:
-            return web.Response(body=b'{"err_no":0}', content_type="application/json")
-        if result.outcome is Outcome.REJECTED:
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("douyin %s: cannot store a push now: %s", app.name, result.reason)
-        return _retry(result.retry_after or 5.0)
+        # Shielded: cancelling a commit half-way helps nobody; Douyin's retry finds it stored.
+        return await self._intake.respond(self._ctx.ingest(envelope, normalize), name=app.name, ok=_ok)
 
     def _refuse(self, app: App, request: web.Request, reason: Refusal, status: int, why: str) -> web.Response:
         logger.warning("douyin %s: refused a push from %s (%d): %s", app.name, request.remote, status, why)
@@ -174,9 +157,9 @@ class Webhook:
 
     async def drain(self, _: web.Application) -> None:
         """Let ingests that outlived their answer finish before the store closes."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self._intake.drain()
 
 
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+def _ok() -> web.Response:
+    """What Douyin expects once a push is stored."""
+    return web.Response(body=b'{"err_no":0}', content_type="application/json")

@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.feishu.api import FeishuApi, FeishuError
 from connectors.feishu.app import App
 from connectors.feishu.crypto import DecryptError, decrypt, signature_matches
@@ -43,7 +44,7 @@ from connectors.feishu.ws import WsRunner
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body, retry_after_value
+from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, Identity, IdentityKind, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.feishu import CHANNEL, MESSAGE_EVENT, Callback, normalize, parse
@@ -255,15 +256,7 @@ class EventEndpoint:
         headers = {k: v for k, v in envelope_headers(request).items() if k != SIGNATURE_HEADER.lower()}
         result = await self._intake.deliver(app, plain, callback, transport="http", headers=headers,
                                             remote=request.remote)
-        if result.stored:
-            return web.json_response({"code": 0})
-        if result.outcome is Outcome.REJECTED:
-            logger.info("feishu %s: event rejected: %s", app.inbox, result.reason)
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("feishu %s: cannot store an event now: %s", app.inbox, result.reason)
-        return web.Response(status=503, text="retry",
-                            headers={"Retry-After": retry_after_value(result.retry_after or 5.0)})
+        return self._intake.work.answer(result, name=app.inbox, ok=lambda: web.json_response({"code": 0}))
 
 
 class Directory:
@@ -329,7 +322,8 @@ class Intake:
         self._table = table
         self._directory = directory
         self._fetcher = fetcher
-        self._pending: set[asyncio.Future[Any]] = set()
+        # The shielded, bounded ingest (and directory links); the HTTP endpoint answers with it too.
+        self.work = WebhookIntake(CHANNEL, table.ingest_timeout, what="event")
 
     async def deliver(self, app: App, plain: bytes, callback: Callback, *, transport: str,
                       headers: Mapping[str, str] | None = None, remote: str | None = None) -> IngestResult:
@@ -347,26 +341,11 @@ class Intake:
             received_at=self._ctx.clock.now(), content_type="application/json", headers=headers or {},
             signature_verified=True, remote=remote, meta=meta,
         )
-        task = asyncio.ensure_future(self._ingest(envelope))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; Feishu's retry finds it stored.
-            return await asyncio.wait_for(asyncio.shield(task), self._table.ingest_timeout)
-        except TimeoutError:
-            logger.warning("feishu %s: store did not answer within %.1f s; Feishu will retry", app.inbox,
-                           self._table.ingest_timeout)
-            return IngestResult(outcome=Outcome.RETRY, reason="the store is slow", retry_after=5.0)
+        # Shielded: cancelling a commit half-way helps nobody; Feishu's retry finds it stored.
+        return await self.work.submit(self._ingest(envelope), name=app.inbox)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored or not produced:
             return result
         app = self._apps[envelope.inbox]
@@ -379,12 +358,9 @@ class Intake:
                 logger.exception("feishu %s: queueing the media of a stored message failed", envelope.inbox)
                 return IngestResult(outcome=Outcome.RETRY, reason="media not queued", retry_after=5.0)
         if app.directory_emails:
-            link = asyncio.ensure_future(self._link(app, produced[0]))
-            self._pending.add(link)
-            link.add_done_callback(self._pending.discard)
             # A slow directory goes on in the background; the next message finds it cached.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(link), self._table.directory_timeout)
+                await self.work.shielded(self._link(app, produced[0]), self._table.directory_timeout)
         return result
 
     async def _link(self, app: App, message: CanonicalMessage) -> None:
@@ -409,8 +385,7 @@ class Intake:
     async def drain(self, app: web.Application) -> None:
         """Let ingests that outlived their answer finish before the store closes."""
         await self._directory.close()
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self.work.drain(app)
 
 
 def challenge_body(challenge: str, token: str) -> bytes:

@@ -13,18 +13,18 @@ cancelled, and LINE's redelivery (when enabled in the console) finds it as a dup
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Self, cast
 
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.line.api import LineApi
 from connectors.line.media import downloader
 from connectors.line.sender import LineSender
@@ -32,8 +32,8 @@ from connectors.line.settings import LineSettings
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, header_bytes, read_body, retry_after_value
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.http import envelope_headers, header_bytes, read_body
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.line import CHANNEL, Delivery, is_redelivery, is_verify_request, normalize
 
@@ -160,9 +160,7 @@ class Webhook:
         self._fetcher = fetcher
         self._fetching = fetching
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
-        self._timeout = table.ingest_timeout
-        # Ingests that outlived their answer; held so they finish before the store closes.
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        self._intake = WebhookIntake(CHANNEL, table.ingest_timeout)
 
     async def handle(self, request: web.Request) -> web.Response:
         account = self._accounts.get(request.match_info["inbox"])
@@ -195,27 +193,8 @@ class Webhook:
             remote=request.remote,
             meta={"destination": delivery.get("destination")} if delivery is not None else {},
         )
-        task = asyncio.ensure_future(self._ingest(envelope, delivery))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; a redelivery finds it stored.
-            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            logger.warning("line %s: store did not answer within %.1f s; answering 503", account.inbox,
-                           self._timeout)
-            return _retry(5.0)
-        except Exception:
-            logger.exception("line %s: queueing the delivery's media failed", account.inbox)
-            return _retry(5.0)
-        if result.stored:
-            return web.Response(status=200, text="ok")
-        if result.outcome is Outcome.REJECTED:
-            logger.info("line %s: delivery rejected: %s", account.inbox, result.reason)
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("line %s: cannot store a delivery now: %s", account.inbox, result.reason)
-        return _retry(result.retry_after or 5.0)
+        # LINE's redelivery (when enabled) finds a commit that outlived its answer as a duplicate.
+        return await self._intake.respond(self._ingest(envelope, delivery), name=account.inbox, ok=text_ok())
 
     def _refuse(self, account: Account, request: web.Request, what: str) -> web.Response:
         logger.warning("line %s: %s X-Line-Signature from %s; refused", account.inbox, what, request.remote)
@@ -223,14 +202,7 @@ class Webhook:
         return web.Response(status=401, text="signature required")
 
     async def _ingest(self, envelope: RawEnvelope, delivery: Delivery | None) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if delivery is not None and result.outcome is Outcome.ACCEPTED:
@@ -248,8 +220,7 @@ class Webhook:
 
     async def drain(self, app: web.Application) -> None:
         """Let ingests that outlived their answer finish before the store closes."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self._intake.drain(app)
 
 
 def _peek(body: bytes) -> Delivery | None:
@@ -262,6 +233,3 @@ def _peek(body: bytes) -> Delivery | None:
         return cast(Delivery, data)
     return None
 
-
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})

@@ -15,18 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing, retry_response, text_ok
 from connectors.media import MediaFetcher, fetches_for
 from connectors.meta.hub import Delivery
 from core.channel import ChannelContext, DeliveryStatus, ReplyFailure
-from core.http import retry_after_value
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
 logger = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ class MetaChannel:
         self._fetcher = fetcher
         self._fetching = fetching
         self._timeout = timeout
-        # Ingests that outlived their answer; held so they finish before the store closes.
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._work = WebhookIntake(ctx.channel, timeout)
 
     def split(self, app: str, payload: Mapping[str, Any]) -> Split:
         raise NotImplementedError
@@ -103,36 +102,20 @@ class MetaChannel:
             )
             for _ in range(split.unrouted):
                 self._ctx.metrics.event("unrouted")
-        work = asyncio.ensure_future(self._process(delivery, split))
-        self._pending.add(work)
-        work.add_done_callback(self._pending.discard)
         try:
             # Shielded: a half-done commit helps nobody; Meta's redelivery finds it stored.
-            results = await asyncio.wait_for(asyncio.shield(work), self._timeout)
+            results = await self._work.shielded(self._process(delivery, split), self._timeout)
         except TimeoutError:
-            logger.warning(
-                "%s %s: store did not answer within %.1f s; answering 503",
-                channel,
-                delivery.app.name,
-                self._timeout,
-            )
-            return _retry(5.0)
+            logger.warning("%s %s: store did not answer within %.1f s; answering 503", channel,
+                           delivery.app.name, self._timeout)
+            return retry_response(5.0)
         except Exception:
             logger.exception("%s %s: processing a webhook failed", channel, delivery.app.name)
-            return _retry(5.0)
-        retry = [r for r in results if r.outcome is Outcome.RETRY]
-        if retry:
-            logger.warning("%s %s: cannot store now: %s", channel, delivery.app.name, retry[0].reason)
-            return _retry(max(r.retry_after or 5.0 for r in retry))
-        rejected = [r for r in results if r.outcome is Outcome.REJECTED]
-        if rejected:
-            logger.info("%s %s: rejected: %s", channel, delivery.app.name, rejected[0].reason)
-            status = rejected[0].status
-            return web.Response(
-                status=status if status and 400 <= status < 500 else 400,
-                text=rejected[0].reason or "rejected",
-            )
-        return web.Response(status=200, text="ok")
+            return retry_response(5.0)
+        worst = _worst(results)
+        if worst is None:  # every item was for no configured inbox: answered and dropped
+            return web.Response(status=200, text="ok")
+        return self._work.answer(worst, name=delivery.app.name, ok=text_ok())
 
     async def _process(self, delivery: Delivery, split: Split) -> list[IngestResult]:
         results = await asyncio.gather(
@@ -167,14 +150,7 @@ class MetaChannel:
             remote=delivery.remote,
             meta={"app": delivery.app.name, "part": not whole},
         )
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = self._normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, self._normalize)
         if not result.stored:
             return result
         if not produced and result.outcome is Outcome.ACCEPTED:
@@ -187,9 +163,14 @@ class MetaChannel:
 
     async def drain(self, app: web.Application) -> None:
         """Let work that outlived its answer finish before the store closes."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self._work.drain(app)
 
 
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+def _worst(results: Sequence[IngestResult]) -> IngestResult | None:
+    """The result that decides the answer for a delivery split by inbox: a retry (with the longest
+    wait) before a rejection before a stored part; success only when every part is stored."""
+    retry = [r for r in results if r.outcome is Outcome.RETRY]
+    if retry:
+        return replace(retry[0], retry_after=max(r.retry_after or 5.0 for r in retry))
+    rejected = [r for r in results if r.outcome is Outcome.REJECTED]
+    return rejected[0] if rejected else next(iter(results), None)

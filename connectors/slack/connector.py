@@ -43,8 +43,7 @@ from connectors.slack.socket import SocketRunner
 from connectors.slack.workspace import Workspace
 from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body, retry_after_value
-from core.model import Outcome
+from core.http import envelope_headers, read_body
 from core.settings import Settings
 from normalizers.slack import CHANNEL, parse
 
@@ -225,15 +224,7 @@ class EventsEndpoint:
             retry_reason=request.headers.get(RETRY_REASON_HEADER), headers=envelope_headers(request),
             remote=request.remote, content_type=request.headers.get("Content-Type"),
         )
-        if result.stored:
-            return web.Response(status=200)
-        if result.outcome is Outcome.REJECTED:
-            logger.info("slack %s: callback rejected: %s", ws.inbox, result.reason)
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected", headers=NO_RETRY)
-        logger.warning("slack %s: cannot store a callback now: %s", ws.inbox, result.reason)
-        seconds = result.retry_after or 5.0
-        return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+        return self._intake.work.answer(result, name=ws.inbox, ok=web.Response, rejected_headers=NO_RETRY)
 
     def _verify(self, ws: Workspace, body: bytes, timestamp: str | None, signature: str | None) -> str | None:
         """``None`` when one of the signing secrets signed ``body``, else why not (for the log)."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing
 from connectors.media import MediaFetcher, fetches_for
 from connectors.slack.api import AUTH_ERRORS, Profile, SlackError, WebApi
 from connectors.slack.settings import SlackSettings, policy_of
@@ -72,7 +73,9 @@ class Profiles:
             self._in_flight[key] = task
             task.add_done_callback(lambda _: self._in_flight.pop(key, None))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), within)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the handler's cancellation.
+            async with asyncio.timeout(within):
+                return await asyncio.shield(task)
         except TimeoutError:
             if len(self._gave_up) >= self.MAX_ENTRIES:
                 self._gave_up.pop(next(iter(self._gave_up)))
@@ -112,13 +115,13 @@ class Intake:
         profiles: Profiles, fetcher: MediaFetcher | None,
     ) -> None:
         self._ctx = ctx
-        self._workspaces = workspaces
+        self.workspaces = workspaces
         self._table = table
         self._profiles = profiles
         self._fetcher = fetcher
         self._normalize = configure(ctx.settings)
-        # Ingests that outlived their answer; held so they finish before the store closes.
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        # The shielded, bounded ingest; the Events API endpoint answers with it too.
+        self.work = WebhookIntake(CHANNEL, table.ingest_timeout, what="callback")
 
     async def deliver(
         self, ws: Workspace, body: bytes, callback: Callback, *, transport: str, retry: int = 0,
@@ -154,30 +157,14 @@ class Intake:
             remote=remote,
             meta=meta,
         )
-        task = asyncio.ensure_future(self._ingest(envelope))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; Slack's retry finds it stored.
-            return await asyncio.wait_for(asyncio.shield(task), self._table.ingest_timeout)
-        except TimeoutError:
-            logger.warning("slack %s: store did not answer within %.1f s; Slack will retry", ws.inbox,
-                           self._table.ingest_timeout)
-            return IngestResult(outcome=Outcome.RETRY, reason="the store is slow", retry_after=5.0)
+        # Shielded: cancelling a commit half-way helps nobody; Slack's retry finds it stored.
+        return await self.work.submit(self._ingest(envelope), name=ws.inbox)
 
     async def _ingest(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-        normalize = self._normalize
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, self._normalize)
         if not result.stored:
             return result
-        ws = self._workspaces[envelope.inbox]
+        ws = self.workspaces[envelope.inbox]
         # Also for a duplicate: the first delivery may have been committed by a process that died
         # before it queued the files; the queue is insert-if-absent.
         if self._fetcher is not None and produced and ws.fetch_files:
@@ -191,5 +178,4 @@ class Intake:
     async def drain(self, app: web.Application) -> None:
         """Let ingests that outlived their answer finish before the store closes."""
         await self._profiles.close()
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self.work.drain(app)

@@ -19,21 +19,22 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Self
 
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, header_bytes, read_body, retry_after_value
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.http import envelope_headers, header_bytes, read_body
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
 
@@ -177,14 +178,7 @@ class Intake:
         )
 
     async def __call__(self, envelope: RawEnvelope) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if not produced and result.outcome is Outcome.ACCEPTED:
@@ -204,9 +198,7 @@ class Webhook:
         self._bots = {inbox: bot for inbox, bot in bots.items() if bot.mode == "webhook"}
         self._intake = intake
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
-        self._timeout = table.ingest_timeout
-        # Ingests that outlived their answer; held so they finish before the store closes.
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        self._answers = WebhookIntake(CHANNEL, table.ingest_timeout, what="update")
 
     async def handle(self, request: web.Request) -> web.Response:
         bot = self._bots.get(request.match_info["inbox"])
@@ -229,36 +221,12 @@ class Webhook:
             bot, body, mode="webhook", headers=headers, remote=request.remote,
             content_type=request.headers.get("Content-Type"),
         )
-        task = asyncio.ensure_future(self._intake(envelope))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            # Shielded: cancelling a commit half-way helps nobody; Telegram's retry finds it stored.
-            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            logger.warning("telegram %s: store did not answer within %.1f s; answering 503", bot.inbox,
-                           self._timeout)
-            return _retry(5.0)
-        except Exception:
-            logger.exception("telegram %s: queueing the update's media failed", bot.inbox)
-            return _retry(5.0)
-        if result.stored:
-            return web.Response(status=200, text="ok")
-        if result.outcome is Outcome.REJECTED:
-            logger.info("telegram %s: update rejected: %s", bot.inbox, result.reason)
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("telegram %s: cannot store an update now: %s", bot.inbox, result.reason)
-        return _retry(result.retry_after or 5.0)
+        # Shielded: cancelling a commit half-way helps nobody; Telegram's retry finds it stored.
+        return await self._answers.respond(self._intake(envelope), name=bot.inbox, ok=text_ok())
 
     async def drain(self, app: web.Application) -> None:
         """Let ingests that outlived their answer finish before the store closes."""
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
-
-
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+        await self._answers.drain(app)
 
 
 class Poller:

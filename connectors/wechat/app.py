@@ -13,11 +13,10 @@ unionid of senders whose messages carry none after the answer (:mod:`connectors.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
@@ -25,7 +24,14 @@ from typing import Any, ClassVar, Self
 import aiohttp
 from aiohttp import web
 
-from connectors.base import ChannelContext, ChannelMetrics, Ingest
+from connectors.base import (
+    ChannelContext,
+    ChannelMetrics,
+    Ingest,
+    WebhookIntake,
+    ingest_capturing,
+    retry_response,
+)
 from connectors.wechat.api import Credentials, WeChatApi
 from connectors.wechat.media import MediaPolicy, WeChatMedia
 from connectors.wechat.security import (
@@ -48,7 +54,7 @@ from connectors.wechat.unionid import UnionIdResolver
 from core.channel import ChannelEndpoint, ChannelState, Lifecycle, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.model import IngestResult, RawEnvelope
 from core.settings import Settings
 from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
@@ -88,8 +94,11 @@ class _Runtime:
     media: WeChatMedia | None = None
     unionid: UnionIdResolver | None = None
     metrics: ChannelMetrics | None = None  # None in tests that build the sub-app alone
-    # Ingests that outlived their answer; held so they finish (and are awaited at cleanup).
-    pending: set[asyncio.Future[IngestResult]] = field(default_factory=set)
+    # The shielded, bounded ingest; what outlived its answer is awaited at cleanup.
+    intake: WebhookIntake = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.intake = WebhookIntake(self.channel, self.ingest_timeout, what="message")
 
 
 RUNTIME = web.AppKey("wechat_callback_runtime", _Runtime)
@@ -526,24 +535,22 @@ async def _deliver(
     normalizer: Normalizer = normalize,
 ) -> web.Response:
     """Await the pipeline (and the media queue) within the deadline; map the result to WeChat's answer."""
-    task: asyncio.Future[IngestResult] = asyncio.ensure_future(
-        commit(runtime.ingest, envelope, normalizer, runtime.media, endpoint.name, unionid=runtime.unionid)
-    )
-    runtime.pending.add(task)
-    task.add_done_callback(runtime.pending.discard)
+    work = commit(runtime.ingest, envelope, normalizer, runtime.media, endpoint.name, unionid=runtime.unionid)
     try:
         # Shielded: cancelling a commit half-way helps nobody; WeChat's retry will find it stored.
-        result = await asyncio.wait_for(asyncio.shield(task), runtime.ingest_timeout)
+        result = await runtime.intake.shielded(work, runtime.ingest_timeout)
     except TimeoutError:
         logger.warning("%s/%s: store did not answer within %.1f s; answering 503",
                        runtime.channel, endpoint.name, runtime.ingest_timeout)
-        return _unavailable(5.0)
+        return retry_response(5.0)
     except RetryableError as exc:
         logger.warning("%s/%s: temporary failure: %s", runtime.channel, endpoint.name, exc.reason)
-        return _unavailable(exc.retry_after)
+        return retry_response(exc.retry_after)
     except InvalidInput as exc:
         return web.Response(status=exc.status, text=exc.reason)
-    return _answer(result, ok_body)
+    # RETRY, or anything not known to be stored: WeChat retries a non-success answer.
+    return runtime.intake.answer(result, name=endpoint.name,
+                                 ok=lambda: web.Response(text=ok_body, content_type="text/plain"))
 
 
 async def commit(
@@ -558,14 +565,7 @@ async def commit(
     """Ingest, then durably queue the media of what was stored (also for a duplicate: the first
     delivery may have been committed by a process that died before queueing its media), and start
     the unionid lookups of its senders (in the background: they never delay the answer)."""
-    produced: list[CanonicalMessage] = []
-
-    def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-        messages = normalizer(raw)
-        produced.extend(messages)
-        return messages
-
-    result = await ingest(envelope, capturing)
+    result, produced = await ingest_capturing(ingest, envelope, normalizer)
     if media is not None and result.stored and produced:
         await media.enqueue(produced, account)
     if unionid is not None and result.stored and produced:
@@ -573,22 +573,6 @@ async def commit(
     return result
 
 
-def _answer(result: IngestResult, ok_body: str) -> web.Response:
-    if result.stored:
-        return web.Response(text=ok_body, content_type="text/plain")
-    if result.outcome is Outcome.REJECTED:
-        status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-        return web.Response(status=status, text=result.reason or "rejected")
-    # RETRY, or anything not known to be stored: WeChat retries a non-success answer.
-    return _unavailable(result.retry_after or 5.0)
-
-
-def _unavailable(retry_after: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": str(max(1, round(retry_after)))})
-
-
 async def _drain(app: web.Application) -> None:
     """Let ingests that outlived their answer finish before the store closes."""
-    pending = list(app[RUNTIME].pending)
-    if pending:
-        await asyncio.wait(pending, timeout=10.0)
+    await app[RUNTIME].intake.drain(app)

@@ -13,20 +13,20 @@ take it within ``ingest_timeout`` (Weibo's retry finds it as a duplicate).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Self
 
 from aiohttp import web
 
+from connectors.base import WebhookIntake, text_ok
 from connectors.weibo.account import Account
 from connectors.weibo.sender import WeiboSender
 from connectors.weibo.settings import WeiboSettings
 from core.channel import ChannelContext, ChannelEndpoint, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput
-from core.http import envelope_headers, read_body, retry_after_value
-from core.model import IngestResult, Outcome, RawEnvelope
+from core.http import envelope_headers, read_body
+from core.model import RawEnvelope
 from core.settings import Settings
 from normalizers.weibo import CHANNEL, normalize, parse_body
 
@@ -96,8 +96,7 @@ class Push:
         self._ctx = ctx
         self._accounts = accounts
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
-        self._timeout = table.ingest_timeout
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        self._intake = WebhookIntake(CHANNEL, table.ingest_timeout, what="push")
 
     def _verified(self, request: web.Request) -> tuple[Account, web.Response | None]:
         account = self._accounts.get(request.match_info["name"])
@@ -143,22 +142,8 @@ class Push:
             remote=request.remote,
             meta={"account": account.name},
         )
-        task = asyncio.ensure_future(self._ctx.ingest(envelope, normalize))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            logger.warning("weibo %s: store did not answer within %.1f s; answering 503", account.name,
-                           self._timeout)
-            return _retry(5.0)
-        if result.stored:
-            return web.Response(text="")
-        if result.outcome is Outcome.REJECTED:
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("weibo %s: cannot store a push now: %s", account.name, result.reason)
-        return _retry(result.retry_after or 5.0)
+        return await self._intake.respond(self._ctx.ingest(envelope, normalize), name=account.name,
+                                          ok=text_ok(""))
 
     def _refuse(
         self, account: Account, request: web.Request, reason: Refusal, status: int, why: str
@@ -169,9 +154,4 @@ class Push:
         return web.Response(status=status, text=why)
 
     async def drain(self, _: web.Application) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
-
-
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
+        await self._intake.drain()

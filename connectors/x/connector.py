@@ -16,12 +16,11 @@ Read receipts (``direct_message_mark_read_events``) of the customer are reported
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
@@ -29,6 +28,7 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
+from connectors.base import WebhookIntake, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for
 from connectors.x.api import XApi
 from connectors.x.media import downloader
@@ -37,8 +37,8 @@ from connectors.x.sender import XSender
 from connectors.x.settings import XSettings
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, header_bytes, json_response, read_body, retry_after_value
-from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
+from core.http import envelope_headers, header_bytes, json_response, read_body
+from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings
 from normalizers.x import CHANNEL, DM_EVENTS, activities, normalize
 
@@ -190,8 +190,7 @@ class Webhook:
         self._fetcher = fetcher
         self._fetching = fetching
         self._limit = min(table.max_body_bytes, ctx.settings.server.max_body_bytes)
-        self._timeout = table.ingest_timeout
-        self._pending: set[asyncio.Future[IngestResult]] = set()
+        self._intake = WebhookIntake(CHANNEL, table.ingest_timeout)
 
     async def crc(self, request: web.Request) -> web.Response:
         app = self._apps.get(request.match_info["app"])
@@ -236,25 +235,7 @@ class Webhook:
             headers=headers, signature_verified=True, remote=request.remote,
             meta={"app": app.name, "for_user_id": account.user_id},
         )
-        task = asyncio.ensure_future(self._ingest(envelope, delivery))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(task), self._timeout)
-        except TimeoutError:
-            logger.warning("x %s: store did not answer within %.1f s; answering 503", app.name, self._timeout)
-            return _retry(5.0)
-        except Exception:
-            logger.exception("x %s: queueing the delivery's media failed", app.name)
-            return _retry(5.0)
-        if result.stored:
-            return web.Response(status=200, text="ok")
-        if result.outcome is Outcome.REJECTED:
-            logger.info("x %s: delivery rejected: %s", app.name, result.reason)
-            status = result.status if result.status is not None and 400 <= result.status < 500 else 400
-            return web.Response(status=status, text=result.reason or "rejected")
-        logger.warning("x %s: cannot store a delivery now: %s", app.name, result.reason)
-        return _retry(result.retry_after or 5.0)
+        return await self._intake.respond(self._ingest(envelope, delivery), name=app.name, ok=text_ok())
 
     def _refuse(self, app: App, request: web.Request, what: str) -> web.Response:
         logger.warning("x %s: %s x-twitter-webhooks-signature from %s; refused", app.name, what,
@@ -263,14 +244,7 @@ class Webhook:
         return web.Response(status=401, text="signature required")
 
     async def _ingest(self, envelope: RawEnvelope, delivery: dict[str, Any] | None) -> IngestResult:
-        produced: list[CanonicalMessage] = []
-
-        def capturing(raw: RawEnvelope) -> Sequence[CanonicalMessage]:
-            messages = normalize(raw)
-            produced.extend(messages)
-            return messages
-
-        result = await self._ctx.ingest(envelope, capturing)
+        result, produced = await ingest_capturing(self._ctx.ingest, envelope, normalize)
         if not result.stored:
             return result
         if delivery is not None and result.outcome is Outcome.ACCEPTED:
@@ -302,8 +276,7 @@ class Webhook:
                 logger.exception("x %s: reporting a read receipt failed", envelope.inbox)
 
     async def drain(self, app: web.Application) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=10.0)
+        await self._intake.drain(app)
 
 
 def _peek(body: bytes) -> dict[str, Any] | None:
@@ -318,7 +291,3 @@ def _moment(milliseconds: object) -> datetime | None:
     if isinstance(milliseconds, str) and milliseconds.isdigit():
         return datetime.fromtimestamp(int(milliseconds) / 1000, UTC)
     return None
-
-
-def _retry(seconds: float) -> web.Response:
-    return web.Response(status=503, text="retry", headers={"Retry-After": retry_after_value(seconds)})
