@@ -18,8 +18,9 @@ import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol, Self
 
-from core.channel import ChannelMetrics, MediaQueue
+from core.channel import ChannelContext, ChannelMetrics, MediaQueue
 from core.events import media_path
 from core.media import MediaFetch
 from core.model import CanonicalMessage
@@ -79,6 +80,37 @@ class MediaPolicy:
     first_backoff: float = 10.0
     max_backoff: float = 3600.0
     idle_poll: float = 30.0  # the longest the fetcher sleeps when nothing wakes it
+
+    @classmethod
+    def from_table(cls, table: MediaSettings, *, api_calls: int, max_bytes: int | None = None) -> Self:
+        """The policy a channel table's ``media_*`` settings give; the lease covers ``api_calls``
+        provider calls of ``api_timeout`` each (a lookup and the download, say) with a minute of room.
+        ``max_bytes`` overrides ``media_max_bytes`` for a provider with a fixed limit."""
+        return cls(
+            concurrency=table.media_concurrency,
+            max_bytes=table.media_max_bytes if max_bytes is None else max_bytes,
+            retry_for=table.media_retry_for,
+            first_backoff=table.media_first_backoff,
+            max_backoff=table.media_max_backoff,
+            lease=table.api_timeout * api_calls + 60.0,
+        )
+
+
+class MediaSettings(Protocol):
+    """The media settings a channel's table carries (read-only, so frozen pydantic tables fit)."""
+
+    @property
+    def media_concurrency(self) -> int: ...
+    @property
+    def media_max_bytes(self) -> int: ...
+    @property
+    def media_retry_for(self) -> float: ...
+    @property
+    def media_first_backoff(self) -> float: ...
+    @property
+    def media_max_backoff(self) -> float: ...
+    @property
+    def api_timeout(self) -> float: ...
 
 
 class MediaFetcher:
@@ -201,6 +233,16 @@ class MediaFetcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def start_fetcher(ctx: ChannelContext, channel: str, policy: MediaPolicy, download: Download) -> MediaFetcher:
+    """A fetcher bound to the channel's media queue, downloading with ``download`` and run under
+    ``ctx.spawn`` for the gateway's lifetime; the intake hands it what it commits (``enqueue``)."""
+    fetcher = MediaFetcher(channel, policy, now=ctx.clock.now)
+    fetcher.bind(ctx.media, ctx.metrics)
+    fetcher.start(download)
+    ctx.spawn("media", fetcher.run)
+    return fetcher
 
 
 def _default_name(ref: str, content_type: str) -> str:

@@ -29,7 +29,7 @@ from connectors.line.api import LineApi
 from connectors.line.media import downloader
 from connectors.line.sender import LineSender
 from connectors.line.settings import LineSettings
-from connectors.media import MediaFetcher, MediaPolicy, fetches_for
+from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, read_body
@@ -120,18 +120,8 @@ class LineConnector:
         fetching = {inbox: api for inbox, api in apis.items() if self.accounts[inbox].fetch_media}
         fetcher = None
         if fetching:
-            policy = MediaPolicy(
-                concurrency=table.media_concurrency,
-                max_bytes=table.media_max_bytes,
-                retry_for=table.media_retry_for,
-                first_backoff=table.media_first_backoff,
-                max_backoff=table.media_max_backoff,
-                lease=table.api_timeout * 2 + 60.0,
-            )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(downloader(fetching, max_bytes=table.media_max_bytes))
-            ctx.spawn("media", fetcher.run)
+            download = downloader(fetching, max_bytes=table.media_max_bytes)
+            fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=2), download)
         if apis:
             with_token = {inbox: self.accounts[inbox].reply_with_token for inbox in apis}
             sender = LineSender(apis, reply_with_token=with_token, token_ttl=table.reply_token_ttl,
