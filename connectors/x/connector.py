@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from connectors.base import WebhookIntake, ingest_capturing, text_ok
-from connectors.media import MediaFetcher, MediaPolicy, fetches_for
+from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from connectors.x.api import XApi
 from connectors.x.media import downloader
 from connectors.x.oauth import OAuth1
@@ -154,15 +154,8 @@ class XConnector:
         fetching = {a.inbox: a.auth for a in accounts if a.fetch_media}
         fetcher = None
         if fetching:
-            policy = MediaPolicy(
-                concurrency=table.media_concurrency, max_bytes=table.media_max_bytes,
-                retry_for=table.media_retry_for, first_backoff=table.media_first_backoff,
-                max_backoff=table.media_max_backoff, lease=table.api_timeout * 2 + 60.0,
-            )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(downloader(api, fetching, hosts=table.media_hosts, max_bytes=table.media_max_bytes))
-            ctx.spawn("media", fetcher.run)
+            download = downloader(api, fetching, hosts=table.media_hosts, max_bytes=table.media_max_bytes)
+            fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=2), download)
         auths = {a.inbox: a.auth for a in accounts if a.auth is not None}
         if auths:
             # Not idempotent: X has no key that drops a repeated DM.
