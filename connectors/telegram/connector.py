@@ -27,7 +27,7 @@ import orjson
 from aiohttp import web
 
 from connectors.base import WebhookIntake, ingest_capturing, text_ok
-from connectors.media import MediaFetcher, MediaPolicy
+from connectors.media import MediaFetcher, MediaPolicy, start_fetcher
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
@@ -129,10 +129,7 @@ class TelegramConnector:
                 max_backoff=table.media_max_backoff,
                 lease=table.api_timeout * 2 + 60.0,  # getFile plus a 20 MB download, with room
             )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(downloader(fetching, max_bytes=MAX_DOWNLOAD_BYTES))
-            ctx.spawn("media", fetcher.run)
+            fetcher = start_fetcher(ctx, CHANNEL, policy, downloader(fetching, max_bytes=MAX_DOWNLOAD_BYTES))
         intake = Intake(ctx, fetcher, frozenset(fetching))
         webhook = Webhook(ctx, self.bots, intake, table)
         sub = web.Application()
