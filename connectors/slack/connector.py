@@ -33,7 +33,7 @@ from aiohttp import web
 from slack_sdk.signature import Clock as SlackClock
 from slack_sdk.signature import SignatureVerifier
 
-from connectors.media import MediaFetcher, MediaPolicy
+from connectors.media import MediaPolicy, start_fetcher
 from connectors.slack.api import WebApi
 from connectors.slack.intake import Intake, Profiles
 from connectors.slack.media import downloader
@@ -102,19 +102,11 @@ class SlackConnector:
         fetcher = None
         fetching = {inbox: api for inbox, api in apis.items() if self.workspaces[inbox].fetch_files}
         if fetching:
-            policy = MediaPolicy(
-                concurrency=table.media_concurrency,
-                max_bytes=table.media_max_bytes,
-                retry_for=table.media_retry_for,
-                first_backoff=table.media_first_backoff,
-                max_backoff=table.media_max_backoff,
-                lease=table.api_timeout * 3 + 60.0,  # files.info plus a large download, with room
-            )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
+            # files.info plus a large download: three calls' time for the lease.
+            policy = MediaPolicy.from_table(table, api_calls=3)
             hosts = frozenset(h.lower() for h in table.file_hosts)
-            fetcher.start(downloader(fetching, max_bytes=table.media_max_bytes, hosts=hosts))
-            ctx.spawn("media", fetcher.run)
+            download = downloader(fetching, max_bytes=table.media_max_bytes, hosts=hosts)
+            fetcher = start_fetcher(ctx, CHANNEL, policy, download)
         profiles = Profiles(apis, ttl=table.profile_ttl, clock=ctx.clock)
         intake = Intake(ctx, self.workspaces, table, profiles, fetcher)
         endpoint = EventsEndpoint(ctx, self.workspaces, intake, table)
