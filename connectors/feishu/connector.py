@@ -41,7 +41,7 @@ from connectors.feishu.media import downloader
 from connectors.feishu.sender import FeishuSender
 from connectors.feishu.settings import HOSTS, FeishuInboxSettings, FeishuSettings
 from connectors.feishu.ws import WsRunner
-from connectors.media import MediaFetcher, MediaPolicy, fetches_for
+from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
 from core.http import envelope_headers, read_body
@@ -93,15 +93,8 @@ class FeishuConnector:
         fetcher = None
         fetching = {inbox: api for inbox, api in apis.items() if self.apps[inbox].fetch_media}
         if fetching:
-            policy = MediaPolicy(
-                concurrency=table.media_concurrency, max_bytes=table.media_max_bytes,
-                retry_for=table.media_retry_for, first_backoff=table.media_first_backoff,
-                max_backoff=table.media_max_backoff, lease=table.api_timeout * 4 + 60.0,
-            )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(downloader(fetching, max_bytes=table.media_max_bytes))
-            ctx.spawn("media", fetcher.run)
+            download = downloader(fetching, max_bytes=table.media_max_bytes)
+            fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=4), download)
         directory = Directory(apis, ttl=table.directory_ttl, clock=ctx.clock)
         intake = Intake(ctx, self.apps, table, directory, fetcher)
         endpoint = EventEndpoint(ctx, self.apps, intake, table)
