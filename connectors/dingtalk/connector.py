@@ -31,7 +31,7 @@ from connectors.dingtalk.media import downloader
 from connectors.dingtalk.sender import DingTalkSender
 from connectors.dingtalk.settings import DingTalkInboxSettings, DingTalkSettings
 from connectors.dingtalk.stream import StreamRunner
-from connectors.media import MediaFetcher, MediaPolicy
+from connectors.media import MediaPolicy, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, InvalidInput, TooLarge
 from core.http import envelope_headers, read_body
@@ -83,18 +83,8 @@ class DingTalkConnector:
         fetcher = None
         fetching = {inbox: api for inbox, api in apis.items() if self.bots[inbox].fetch_media}
         if fetching:
-            policy = MediaPolicy(
-                concurrency=table.media_concurrency,
-                max_bytes=table.media_max_bytes,
-                retry_for=table.media_retry_for,
-                first_backoff=table.media_first_backoff,
-                max_backoff=table.media_max_backoff,
-                lease=table.api_timeout * 5 + 60.0,
-            )
-            fetcher = MediaFetcher(CHANNEL, policy, now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(downloader(fetching, max_bytes=table.media_max_bytes))
-            ctx.spawn("media", fetcher.run)
+            download = downloader(fetching, max_bytes=table.media_max_bytes)
+            fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=5), download)
         intake = Intake(
             ctx, self.bots, table, Directory(apis, ttl=table.directory_ttl, clock=ctx.clock), fetcher
         )
