@@ -14,21 +14,9 @@ import hashlib
 import mimetypes
 from collections.abc import Mapping
 
-from connectors.media import Download, Fetched, MediaGone, MediaPolicy, MediaUnavailable
+from connectors.media import Download, Fetched, MediaGone, MediaUnavailable
 from connectors.meta.graph import AUTH, GraphApi, GraphError
-from connectors.meta.settings import GraphSettings
 from core.media import MediaFetch
-
-
-def policy(table: GraphSettings) -> MediaPolicy:
-    return MediaPolicy(
-        concurrency=table.media_concurrency,
-        max_bytes=table.media_max_bytes,
-        retry_for=table.media_retry_for,
-        first_backoff=table.media_first_backoff,
-        max_backoff=table.media_max_backoff,
-        lease=table.api_timeout * 2 + 60.0,  # the lookup plus the download, with room
-    )
 
 
 def whatsapp_downloader(apis: Mapping[str, GraphApi], *, max_bytes: int) -> Download:

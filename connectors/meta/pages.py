@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from connectors.media import MediaFetcher
+from connectors.media import MediaPolicy, start_fetcher
 from connectors.meta.channel import MetaChannel, Receipt, Split
 from connectors.meta.graph import GraphApi
 from connectors.meta.hub import PREFIX, MetaHub, load_apps, meta_table, own_app_ids
-from connectors.meta.media import policy, url_downloader
+from connectors.meta.media import url_downloader
 from connectors.meta.sender import SendApiSender, send_api_spec
 from connectors.meta.settings import GraphSettings, InstagramSettings, MessengerSettings
 from core.channel import ChannelContext, ChannelEndpoint
@@ -105,10 +105,8 @@ class PagesConnector:
         fetching = frozenset(inbox for inbox, p in self.pages.items() if p.fetch_media)
         fetcher = None
         if fetching:
-            fetcher = MediaFetcher(channel, policy(table), now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(url_downloader({i: apis[i] for i in fetching}, max_bytes=table.media_max_bytes))
-            ctx.spawn("media", fetcher.run)
+            download = url_downloader({i: apis[i] for i in fetching}, max_bytes=table.media_max_bytes)
+            fetcher = start_fetcher(ctx, channel, MediaPolicy.from_table(table, api_calls=2), download)
         hub = MetaHub.shared(ctx)
         handler = PagesWebhook(
             ctx,

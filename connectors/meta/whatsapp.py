@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from connectors.media import MediaFetcher
+from connectors.media import MediaPolicy, start_fetcher
 from connectors.meta.channel import MetaChannel, Receipt, Split
 from connectors.meta.graph import GraphApi
 from connectors.meta.hub import PREFIX, MetaHub, load_apps, meta_table
-from connectors.meta.media import policy, whatsapp_downloader
+from connectors.meta.media import whatsapp_downloader
 from connectors.meta.sender import WhatsAppSender, whatsapp_spec
 from connectors.meta.settings import WhatsAppSettings
 from core.channel import ChannelContext, ChannelEndpoint, DeliveryStatus, ReplyFailure
@@ -119,12 +119,9 @@ class WhatsAppConnector:
         fetching = frozenset(inbox for inbox, n in self.numbers.items() if n.fetch_media)
         fetcher = None
         if fetching:
-            fetcher = MediaFetcher(CHANNEL, policy(table), now=ctx.clock.now)
-            fetcher.bind(ctx.media, ctx.metrics)
-            fetcher.start(
-                whatsapp_downloader({i: apis[i] for i in fetching}, max_bytes=table.media_max_bytes)
-            )
-            ctx.spawn("media", fetcher.run)
+            download = whatsapp_downloader({i: apis[i] for i in fetching}, max_bytes=table.media_max_bytes)
+            # The lease covers the media-id lookup plus the download.
+            fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=2), download)
         hub = MetaHub.shared(ctx)
         handler = WhatsAppWebhook(
             ctx,
