@@ -11,8 +11,9 @@ with a :class:`~core.channel.ChannelContext`. It verifies, builds a
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -25,9 +26,20 @@ from normalizers.base import Normalizer
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """``ctx.ingest`` as a handler holds it: the envelope and the normalizer to run."""
+
+
+def any_secret_matches(secrets: Iterable[S], expected: Callable[[S], bytes], given: bytes) -> bool:
+    """Whether ``given`` equals ``expected(secret)`` for one of ``secrets`` (the current and the
+    previous one during a rotation). Compares in constant time with every secret, never stopping
+    at a match, so the time taken tells neither which matched nor whether one did."""
+    matched = False
+    for secret in secrets:
+        matched |= hmac.compare_digest(expected(secret), given)
+    return matched
 
 __all__ = [
     "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "WebhookIntake", "ingest_capturing",

@@ -24,7 +24,7 @@ from typing import Self, cast
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
 from connectors.line.api import LineApi
 from connectors.line.media import downloader
 from connectors.line.sender import LineSender
@@ -62,10 +62,7 @@ class Account:
     def verifies(self, body: bytes, offered: str) -> bool:
         """Whether ``offered`` signs ``body`` with one of the secrets; compares with every one."""
         given = header_bytes(offered.strip())
-        matched = False
-        for secret in self.secrets:
-            matched |= hmac.compare_digest(signature(secret, body), given)
-        return matched
+        return any_secret_matches(self.secrets, lambda secret: signature(secret, body), given)
 
 
 class LineConnector:
