@@ -28,7 +28,7 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from connectors.x.api import XApi
 from connectors.x.media import downloader
@@ -75,10 +75,7 @@ class App:
     def verifies(self, body: bytes, offered: str) -> bool:
         """Whether ``offered`` signs ``body`` with one of the secrets; compares with every one."""
         given = header_bytes(offered.strip())
-        matched = False
-        for secret in self.secrets:
-            matched |= hmac.compare_digest(signature(secret, body), given)
-        return matched
+        return any_secret_matches(self.secrets, lambda secret: signature(secret, body), given)
 
     def crc(self, token: str) -> str:
         """The CRC response: always with the current secret (the one X now signs with)."""
