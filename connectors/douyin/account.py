@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 from dataclasses import dataclass, field
 
+from connectors.base import any_secret_matches
 from core.http import header_bytes
 
 
@@ -29,7 +29,4 @@ class App:
     def verifies(self, body: bytes, offered: str) -> bool:
         """Whether ``offered`` signs ``body`` with one of the secrets; compares with every one."""
         given = header_bytes(offered.strip().lower())
-        matched = False
-        for secret in self.secrets:
-            matched |= hmac.compare_digest(signature(secret, body).encode(), given)
-        return matched
+        return any_secret_matches(self.secrets, lambda secret: signature(secret, body).encode(), given)
