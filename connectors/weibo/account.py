@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 from dataclasses import dataclass, field
+
+from connectors.base import any_secret_matches
 
 _DIGITS = re.compile(r"^\d{1,16}$")
 
@@ -30,10 +31,9 @@ class Account:
         """Whether ``offered`` signs ``timestamp`` and ``nonce`` with one of the secrets; compares
         with every one, so the time taken does not tell which matched."""
         given = offered.strip().lower().encode("ascii", "replace")
-        matched = False
-        for secret in self.secrets:
-            matched |= hmac.compare_digest(signature(secret, timestamp, nonce).encode(), given)
-        return matched
+        return any_secret_matches(
+            self.secrets, lambda secret: signature(secret, timestamp, nonce).encode(), given
+        )
 
     def fresh(self, timestamp: str, now: float) -> bool:
         """Whether the signed timestamp (seconds, or milliseconds as in Weibo's own example) lies
