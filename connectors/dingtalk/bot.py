@@ -7,6 +7,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
+from connectors.base import any_secret_matches
+
 
 def sign(timestamp: str, secret: str) -> str:
     """DingTalk's ``sign`` header: base64(HMAC-SHA256(secret, timestamp + "\\n" + secret))."""
@@ -29,7 +31,4 @@ class Bot:
     def verifies(self, timestamp: str, offered: str) -> bool:
         """Whether ``offered`` signs ``timestamp`` with one of the secrets; compares with every one."""
         given = offered.strip().encode("ascii", "replace")
-        matched = False
-        for secret in self.secrets:
-            matched |= hmac.compare_digest(sign(timestamp, secret).encode(), given)
-        return matched
+        return any_secret_matches(self.secrets, lambda secret: sign(timestamp, secret).encode(), given)
