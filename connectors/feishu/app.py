@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass, field
+
+from connectors.base import any_secret_matches
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,7 +27,4 @@ class App:
 
     def token_matches(self, offered: object) -> bool:
         given = offered.encode() if isinstance(offered, str) else b""
-        matched = False
-        for token in self.tokens:
-            matched |= hmac.compare_digest(token.encode(), given)
-        return matched
+        return any_secret_matches(self.tokens, str.encode, given)
