@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Self
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, start_fetcher
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
@@ -64,10 +63,7 @@ class Bot:
     def accepts(self, offered: str | None) -> bool:
         """Whether ``offered`` is one of the secret tokens; compares with every one, never stopping early."""
         digest = hashlib.sha256(header_bytes(offered or "")).digest()
-        matched = False
-        for known in self.secrets:
-            matched |= hmac.compare_digest(digest, known)
-        return matched and offered is not None
+        return any_secret_matches(self.secrets, lambda known: known, digest) and offered is not None
 
 
 class TelegramConnector:
