@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from connectors.base import any_secret_matches
 from connectors.meta.settings import MetaSettings
 from core.channel import ChannelContext, ChannelMetrics
 from core.errors import ConfigError, TooLarge
@@ -68,11 +69,11 @@ class MetaApp:
             valid_form = False
         else:
             valid_form = True
-        matched = False
-        for secret in self.secrets:
-            expected = hmac.new(secret, body, hashlib.sha256).digest()
-            matched |= hmac.compare_digest(expected, offered)
-        return matched and valid_form
+
+        def expected(secret: bytes) -> bytes:
+            return hmac.new(secret, body, hashlib.sha256).digest()
+
+        return any_secret_matches(self.secrets, expected, offered) and valid_form
 
     def verify_token_matches(self, offered: str | None) -> bool:
         digest = hashlib.sha256(header_bytes(offered or "")).digest()
