@@ -10,13 +10,13 @@ receive id (AppID / CorpID) at the end of the plaintext.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from connectors.base import any_secret_matches
 from core.errors import InvalidInput, VerificationError
 
 logger = logging.getLogger(__name__)
@@ -89,13 +89,10 @@ class CallbackSecurity:
     clock: Clock = field(default=lambda: 0.0, repr=False)
 
     def _check(self, given: str, *parts: str) -> None:
-        matched = False
-        given_bytes = given.encode("ascii", "replace")
-        # Every token is tried, so the time taken does not tell which one matched.
-        for token in self.tokens:
-            expected = signature(token, *parts).encode("ascii")
-            matched |= hmac.compare_digest(expected, given_bytes)
-        if not matched:
+        def expected(token: str) -> bytes:
+            return signature(token, *parts).encode("ascii")
+
+        if not any_secret_matches(self.tokens, expected, given.encode("ascii", "replace")):
             raise BadSignature("signature does not match")
 
     def check_timestamp(self, timestamp: str) -> None:
