@@ -14,11 +14,11 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 
-from core.channel import ChannelContext, ChannelMetrics, Connector
+from core.channel import ChannelContext, ChannelMetrics, Clock, Connector
 from core.http import retry_after_value
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 S = TypeVar("S")
+K = TypeVar("K")
 
 Ingest = Callable[[RawEnvelope, Normalizer], Awaitable[IngestResult]]
 """``ctx.ingest`` as a handler holds it: the envelope and the normalizer to run."""
@@ -144,3 +145,60 @@ def retry_response(seconds: float) -> web.Response:
 def text_ok(text: str = "ok") -> Callable[[], web.Response]:
     """An ``ok`` for :meth:`WebhookIntake.answer`: 200 with ``text``."""
     return lambda: web.Response(status=200, text=text)
+
+
+class CachedLookup(Generic[K, T]):
+    """Values by key from a provider API (a directory's work email), cached for ``ttl`` seconds and,
+    after a lookup that raised one of ``failures``, ``None`` for ``failure_ttl`` (a directory that is
+    down is not asked again per message). One lookup in flight per key: concurrent messages of one
+    author wait for the same call. At most ``max_entries`` are kept, the oldest dropped first."""
+
+    def __init__(
+        self,
+        fetch: Callable[[K], Awaitable[T | None]],
+        *,
+        ttl: float,
+        clock: Clock,
+        failures: tuple[type[Exception], ...],
+        what: str,
+        failure_ttl: float = 300.0,
+        max_entries: int = 50_000,
+    ) -> None:
+        self._fetch = fetch
+        self._ttl = ttl
+        self._clock = clock
+        self._failures = failures
+        self._what = what
+        self._failure_ttl = failure_ttl
+        self._max_entries = max_entries
+        self._cache: dict[K, tuple[float, T | None]] = {}
+        self._in_flight: dict[K, asyncio.Task[T | None]] = {}
+
+    async def get(self, key: K) -> T | None:
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > self._clock.monotonic():
+            return cached[1]
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load(key))
+            self._in_flight[key] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        # Shielded: one waiter giving up (its request's deadline) does not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _load(self, key: K) -> T | None:
+        ttl = self._ttl
+        try:
+            value = await self._fetch(key)
+        except self._failures as exc:
+            logger.info("%s: lookup of %r failed: %s", self._what, key, exc)
+            value, ttl = None, self._failure_ttl
+        if len(self._cache) >= self._max_entries:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = (self._clock.monotonic() + ttl, value)
+        return value
+
+    async def close(self) -> None:
+        """Cancel lookups still in flight (at shutdown)."""
+        for task in list(self._in_flight.values()):
+            task.cancel()

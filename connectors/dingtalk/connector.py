@@ -26,7 +26,7 @@ from aiohttp import web
 
 from connectors.dingtalk.api import DingTalkApi
 from connectors.dingtalk.bot import Bot
-from connectors.dingtalk.intake import Directory, Intake
+from connectors.dingtalk.intake import Intake, directory
 from connectors.dingtalk.media import downloader
 from connectors.dingtalk.sender import DingTalkSender
 from connectors.dingtalk.settings import DingTalkInboxSettings, DingTalkSettings
@@ -86,7 +86,7 @@ class DingTalkConnector:
             download = downloader(fetching, max_bytes=table.media_max_bytes)
             fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=5), download)
         intake = Intake(
-            ctx, self.bots, table, Directory(apis, ttl=table.directory_ttl, clock=ctx.clock), fetcher
+            ctx, self.bots, table, directory(apis, ttl=table.directory_ttl, clock=ctx.clock), fetcher
         )
         endpoint = CallbackEndpoint(ctx, self.bots, intake, table)
         sub = web.Application()

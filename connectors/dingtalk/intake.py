@@ -3,14 +3,13 @@ the pipeline within the deadline, then the media queued and the directory email 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from connectors.base import WebhookIntake, ingest_capturing
+from connectors.base import CachedLookup, WebhookIntake, ingest_capturing
 from connectors.dingtalk.api import DingTalkApi, DingTalkError
 from connectors.dingtalk.bot import Bot
 from connectors.dingtalk.settings import DingTalkSettings
@@ -22,48 +21,18 @@ from normalizers.dingtalk import CHANNEL, normalize
 logger = logging.getLogger(__name__)
 
 
-class Directory:
-    """The directory's work email per employee, cached for ``ttl``; one lookup in flight each."""
+Directory = CachedLookup[tuple[str, str], str]
+"""The directory's work email by (inbox, staff id)."""
 
-    MAX_ENTRIES = 50_000
-    FAILURE_TTL = 300.0
 
-    def __init__(self, apis: Mapping[str, DingTalkApi], *, ttl: float, clock: Clock) -> None:
-        self._apis = apis
-        self._ttl = ttl
-        self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, str | None]] = {}
-        self._in_flight: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+def directory(apis: Mapping[str, DingTalkApi], *, ttl: float, clock: Clock) -> Directory:
+    """Work emails through each bot's DingTalk API, cached for ``ttl``."""
 
-    async def email(self, inbox: str, staff_id: str) -> str | None:
-        key = (inbox, staff_id)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > self._clock.monotonic():
-            return cached[1]
-        task = self._in_flight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch(key))
-            self._in_flight[key] = task
-            task.add_done_callback(lambda _: self._in_flight.pop(key, None))
-        return await asyncio.shield(task)
+    async def fetch(key: tuple[str, str]) -> str | None:
+        api = apis.get(key[0])
+        return None if api is None else await api.employee_email(key[1])
 
-    async def _fetch(self, key: tuple[str, str]) -> str | None:
-        api = self._apis.get(key[0])
-        email, ttl = None, self._ttl
-        if api is not None:
-            try:
-                email = await api.employee_email(key[1])
-            except DingTalkError as exc:
-                logger.info("dingtalk %s: directory lookup failed: %s", key[0], exc)
-                ttl = self.FAILURE_TTL
-        if len(self._cache) >= self.MAX_ENTRIES:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = (self._clock.monotonic() + ttl, email)
-        return email
-
-    async def close(self) -> None:
-        for task in list(self._in_flight.values()):
-            task.cancel()
+    return CachedLookup(fetch, ttl=ttl, clock=clock, failures=(DingTalkError,), what="dingtalk directory")
 
 
 class Intake:
@@ -136,7 +105,7 @@ class Intake:
             return
         staff_id = owner.value.split(":", 1)[1]
         try:
-            email = await self._directory.email(bot.inbox, staff_id)
+            email = await self._directory.get((bot.inbox, staff_id))
             if email is None:
                 return
             await self._ctx.identities.link_verified(

@@ -24,7 +24,6 @@ is linked to the customer as a verified identity.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ from typing import Any, Self
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, ingest_capturing
+from connectors.base import CachedLookup, WebhookIntake, ingest_capturing
 from connectors.feishu.api import FeishuApi, FeishuError
 from connectors.feishu.app import App
 from connectors.feishu.crypto import DecryptError, decrypt, signature_matches
@@ -95,8 +94,8 @@ class FeishuConnector:
         if fetching:
             download = downloader(fetching, max_bytes=table.media_max_bytes)
             fetcher = start_fetcher(ctx, CHANNEL, MediaPolicy.from_table(table, api_calls=4), download)
-        directory = Directory(apis, ttl=table.directory_ttl, clock=ctx.clock)
-        intake = Intake(ctx, self.apps, table, directory, fetcher)
+        lookup = directory(apis, ttl=table.directory_ttl, clock=ctx.clock)
+        intake = Intake(ctx, self.apps, table, lookup, fetcher)
         endpoint = EventEndpoint(ctx, self.apps, intake, table)
         sub = web.Application()
         sub.router.add_post("/{inbox}", endpoint.handle)
@@ -252,56 +251,26 @@ class EventEndpoint:
         return self._intake.work.answer(result, name=app.inbox, ok=lambda: web.json_response({"code": 0}))
 
 
-class Directory:
-    """The contact API's work email per employee, cached for ``ttl``; one lookup in flight each."""
+Directory = CachedLookup[tuple[str, str], str]
+"""The contact API's work email by (inbox, open_id)."""
 
-    MAX_ENTRIES = 50_000
-    FAILURE_TTL = 300.0
 
-    def __init__(self, apis: Mapping[str, FeishuApi], *, ttl: float, clock: Clock) -> None:
-        self._apis = apis
-        self._ttl = ttl
-        self._clock = clock
-        self._cache: dict[tuple[str, str], tuple[float, str | None]] = {}
-        self._in_flight: dict[tuple[str, str], asyncio.Task[str | None]] = {}
+def directory(apis: Mapping[str, FeishuApi], *, ttl: float, clock: Clock) -> Directory:
+    """Work emails through each app's contact API, cached for ``ttl``."""
 
-    async def email(self, inbox: str, open_id: str) -> str | None:
-        key = (inbox, open_id)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > self._clock.monotonic():
-            return cached[1]
-        task = self._in_flight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch(key))
-            self._in_flight[key] = task
-            task.add_done_callback(lambda _: self._in_flight.pop(key, None))
-        return await asyncio.shield(task)
+    async def fetch(key: tuple[str, str]) -> str | None:
+        api = apis.get(key[0])
+        user = None if api is None else await api.employee(key[1])
+        if user is None:
+            return None
+        # enterprise_email is the tenant-issued address; email the one the employee registered.
+        for field_name in ("enterprise_email", "email"):
+            value = user.get(field_name)
+            if isinstance(value, str) and "@" in value:
+                return value.strip().lower()
+        return None
 
-    async def _fetch(self, key: tuple[str, str]) -> str | None:
-        api = self._apis.get(key[0])
-        email: str | None = None
-        ttl = self._ttl
-        if api is not None:
-            try:
-                user = await api.employee(key[1])
-            except FeishuError as exc:
-                logger.info("feishu %s: contact API lookup failed: %s", key[0], exc)
-                user, ttl = None, self.FAILURE_TTL
-            if user is not None:
-                # enterprise_email is the tenant-issued address; email the one the employee registered.
-                for field_name in ("enterprise_email", "email"):
-                    value = user.get(field_name)
-                    if isinstance(value, str) and "@" in value:
-                        email = value.strip().lower()
-                        break
-        if len(self._cache) >= self.MAX_ENTRIES:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = (self._clock.monotonic() + ttl, email)
-        return email
-
-    async def close(self) -> None:
-        for task in list(self._in_flight.values()):
-            task.cancel()
+    return CachedLookup(fetch, ttl=ttl, clock=clock, failures=(FeishuError,), what="feishu contact API")
 
 
 class Intake:
@@ -362,7 +331,7 @@ class Intake:
             return
         open_id = owner.value.split(":", 1)[1]
         try:
-            email = await self._directory.email(app.inbox, open_id)
+            email = await self._directory.get((app.inbox, open_id))
             if email is None:
                 return
             outcome = await self._ctx.identities.link_verified(

@@ -12,6 +12,7 @@ are answered 200 and counted (``unrouted``); receipts on our replies go to ``ctx
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
@@ -56,7 +57,7 @@ class Split:
         self.parts.setdefault(inbox, []).append(entry)
 
 
-class MetaChannel:
+class MetaChannel(abc.ABC):
     """One Meta channel's webhook handler (WhatsApp, Messenger or Instagram) on the shared hub."""
 
     object_kind: str
@@ -78,6 +79,7 @@ class MetaChannel:
         self._timeout = timeout
         self._work = WebhookIntake(ctx.channel, timeout)
 
+    @abc.abstractmethod
     def split(self, app: str, payload: Mapping[str, Any]) -> Split:
         raise NotImplementedError
 

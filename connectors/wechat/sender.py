@@ -24,6 +24,7 @@ only. Every send is one attempt (``retries=0``): the gateway retries with its ow
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import re
@@ -194,7 +195,7 @@ def kf_msgid(reply_id: str, part: int = 0) -> str:
     return hashlib.sha256(basis.encode()).hexdigest()[:32]
 
 
-class WeChatSender:
+class WeChatSender(abc.ABC):
     """Sends a reply through one account's API (subclasses: the three channels)."""
 
     channel: ClassVar[str]
@@ -215,9 +216,11 @@ class WeChatSender:
 
     # -- what a channel says --------------------------------------------------------------------
 
+    @abc.abstractmethod
     def recipient(self, reply: OutboundReply, account: Account) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     async def deliver(
         self, api: WeChatApi, account: Account, to: str, part: Part, media: str | None, reply: OutboundReply,
         index: int,
