@@ -389,6 +389,8 @@ class ReplyLedger(abc.ABC):
         def job(conn: _Connection) -> list[ReplyRecord]:
             # Due (pending, or sending with a lapsed lease) and first of its thread among the
             # unfinished: an earlier reply of the thread still pending holds the later ones back.
+            # A waiting mail fallback holds back only later fallbacks (their mails keep the thread's
+            # order), never the thread's own replies.
             rows = conn.execute(
                 d.sql(
                     "UPDATE replies SET status = 'sending', attempts = attempts + 1, next_attempt_at = ?,"  # noqa: S608
@@ -397,7 +399,7 @@ class ReplyLedger(abc.ABC):
                     " AND r.next_attempt_at <= ?"
                     " AND NOT EXISTS (SELECT 1 FROM replies e WHERE e.thread_id = r.thread_id"
                     " AND e.position < r.position AND e.status IN ('pending', 'sending')"
-                    " AND e.fallback_of IS NULL)"
+                    " AND (e.fallback_of IS NULL OR r.fallback_of IS NOT NULL))"
                     " ORDER BY r.next_attempt_at LIMIT ?{skip_locked})"
                     f" RETURNING {_COLUMNS}"
                 ),
