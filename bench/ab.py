@@ -2,10 +2,10 @@
 
 This machine class differs 1.5-2x from one box to the next and from one minute to the next, so a
 figure means something only against another taken in the same session. This runs one benchmark
-script that prints ``bench/ingest.py``'s figures (``bench/ingest.py`` by default) from each tree in turn, A B A B ..., with this
-interpreter (the trees share one virtualenv; each run imports the code of its own tree, because the
-gateway child starts with its tree as the working directory), parses the figures every run prints
-and shows each round and the median ratio B/A.
+script that prints ``bench/ingest.py``'s figures (that script by default) from each tree in turn,
+A B A B ..., with this interpreter (the trees share one virtualenv; each run imports the code of its
+own tree, because the gateway child starts with its tree as the working directory), parses the
+figures every run prints and shows each round and the median ratio B/A.
 
 The baseline tree is usually a ``git archive`` of the commit before a change, with the current
 ``bench/`` copied in, so both sides are measured by the same script::
