@@ -243,11 +243,50 @@ def _parse(raw: bytes) -> Message:
     ends = [end for end in (crlf + 4 if crlf >= 0 else -1, lf + 2 if lf >= 0 else -1) if end >= 0]
     if ends:
         end = min(ends)
-        message = BytesParser(policy=compat32).parsebytes(raw[:end], headersonly=True)
+        message = _parse_header_block(raw[:end].decode("ascii", "surrogateescape"))
+        if message is None:
+            message = BytesParser(policy=compat32).parsebytes(raw[:end], headersonly=True)
         if message.get_payload() == "" and message.get_content_maintype() not in {"multipart", "message"}:
             message.set_payload(raw[end:].decode("ascii", "surrogateescape"))
             return message
     return BytesParser(policy=compat32).parsebytes(raw)
+
+
+# A field line as the stdlib's feedparser reads one (headerRE, minus the "From " envelope line and
+# a line starting with the colon, which it reads with a defect): a name of printable characters
+# other than the colon, then the colon.
+_FIELD_LINE = re.compile(r"[\041-\071\073-\176]+:")
+
+
+def _parse_header_block(head: str) -> Message | None:
+    """What ``Parser(policy=compat32).parsestr(head, headersonly=True)`` builds from a header block
+    that ends with its blank line, for a block whose every line is a field or its continuation and
+    ends with CRLF; ``None`` for any other block (the parser then reads it).
+
+    The stdlib's feedparser reads it through a generator, a line buffer and a regex per line:
+    ~35 us of a 5 KB mail's ~260 us. For such a block its result is the fields in order, each
+    value as ``compat32.header_source_parse`` makes it, and an empty payload; no defects.
+    """
+    if head.count("\r") != head.count("\n") or head.count("\r\n") != head.count("\n"):
+        return None  # a lone CR or LF ends a line too
+    lines = head.split("\r\n")
+    if lines[-2:] != ["", ""] or len(lines) < 3:
+        return None
+    message = Message(policy=compat32)
+    field: list[str] = []
+    for line in lines[:-2]:
+        if line[:1] in {" ", "\t"} and field:
+            field.append(line + "\r\n")
+            continue
+        if line.startswith("From ") or _FIELD_LINE.match(line) is None:
+            return None
+        if field:
+            message.set_raw(*compat32.header_source_parse(field))
+        field = [line + "\r\n"]
+    if field:
+        message.set_raw(*compat32.header_source_parse(field))
+    message.set_payload("")
+    return message
 
 
 def _check_headers(part: Message, limits: EmailLimits) -> None:
