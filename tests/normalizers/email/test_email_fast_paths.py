@@ -21,6 +21,7 @@ from normalizers.email.parse import (
     _BOUNDARY_OR_DELIMITER,
     EmailLimits,
     _boundaries_and_delimiters,
+    _content_charset,
     _parse,
     _parse_header_block,
     _prescan,
@@ -197,3 +198,31 @@ def test_cached_addresses_are_fresh_lists_and_depend_on_the_hint() -> None:
     raw = "\u00c4\u00e3 <a@example.com>"  # "Ää" as raw bytes C4 E3 in a compat32 value
     assert parse_sender([raw], hint="gb18030").name == "你"
     assert parse_sender([raw], hint="big5").name != "你"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain; charset=UTF-8",
+        'text/plain; charset="ISO-8859-1"',
+        "text/plain; charset=",
+        "text/plain; charset",
+        "text/plain; charset*=utf-8''ISO-8859-1",
+        "text/plain; charset*=x-unknown''latin1",
+        "text/plain; charset*=utf-8''caf%C3%A9",
+        "text/plain; charset=caf\udce9",
+    ],
+)
+def test_content_charset_is_the_stdlibs(content_type: str | None) -> None:
+    message = Message()
+    if content_type is not None:
+        message["Content-Type"] = content_type
+    assert _content_charset(message.get_param("charset")) == message.get_content_charset()
+
+
+def test_content_charset_is_the_stdlibs_for_every_corpus_part() -> None:
+    for path in email_corpus_mails():
+        for part in BytesParser(policy=compat32).parsebytes(path.read_bytes()).walk():
+            assert _content_charset(part.get_param("charset")) == part.get_content_charset(), path.name
