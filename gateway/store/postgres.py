@@ -350,7 +350,29 @@ class PostgresTx(SqlTx):
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
+# The relay's statements, one round trip each. Marking: the rows still unpublished among the
+# positions, the backlog and the published total moved by as many (parameters: now, positions, slot).
+_MARK_PUBLISHED = (
+    "WITH marked AS (UPDATE outbox SET published_at = %s WHERE published_at IS NULL"
+    " AND position = ANY(%s) RETURNING 1),"
+    " n AS (SELECT count(*) AS rows FROM marked),"
+    " backlog AS (UPDATE outbox_backlog SET unpublished = unpublished - (SELECT rows FROM n)"
+    " WHERE slot = %s AND (SELECT rows FROM n) > 0),"
+    " total AS (INSERT INTO counters (name, value) SELECT 'published_total', rows FROM n WHERE rows > 0"
+    " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value)"
+    " SELECT rows FROM n"
+)
+_OUTBOX_STATUS = (
+    "SELECT (SELECT coalesce(sum(unpublished), 0) FROM outbox_backlog),"
+    " (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT 1),"
+    " (SELECT value FROM counters WHERE name = 'published_total')"
+)
+
 _GROUP_MAX = 32  # placements per group transaction: a larger group holds its locks longer
+# Groups running at once: while one waits for the database (a read, its commit's WAL flush), the
+# next one's jobs run. They queue only where their messages meet (an identity, a customer, a new
+# thread's number).
+_GROUPS = 2
 _JOB_SAVEPOINT = "tg_job"
 # Locks of a group (PostgresStore._run_group): identity keys in array order, which is sorted; then
 # the customers owning the identities, given as (tenant, kind, value) columns, in id order.
@@ -590,39 +612,51 @@ class PostgresStore(SqlStore):
         return value
 
     async def _group_placements(self) -> None:
-        """Run the queued placements, all that wait (up to ``_GROUP_MAX``), in one transaction at
-        a time; until the store closes and the queue is empty.
+        """Whenever fewer than ``_GROUPS`` groups run, start one with the queued placements (all that
+        wait, up to ``_GROUP_MAX``); until the store closes and nothing is queued or running.
 
         One commit (one WAL flush, one NOTIFY) and one hand-off to a worker thread per group instead
         of per placement, and the hot rows a placement writes (a tenant's thread counter, a backlog
-        slot) are locked once per group: placements of one instance no longer queue for them.
+        slot) are locked once per group rather than once per placement.
         """
-        loop = asyncio.get_running_loop()
-        while self._open or self._queued:
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._queued_event.set()  # a group may start
+
+        while self._open or self._queued or running:
             await self._queued_event.wait()
             self._queued_event.clear()
-            while self._queued:
+            while self._queued and len(running) < _GROUPS:
                 group: list[_Queued] = []
                 while self._queued and len(group) < _GROUP_MAX:
                     queued = self._queued.popleft()
                     if not queued.future.cancelled():  # a caller that gave up before it ran
                         group.append(queued)
-                if not group:
-                    continue
-                try:
-                    outcomes = await loop.run_in_executor(self._workers, self._transact_group, group)
-                except Exception as exc:  # the group did not commit: no job in it did
-                    outcomes = [_not_committed(exc) for _ in group]
-                else:
-                    if self._committed is not None:
-                        self._committed.set()
-                for queued, outcome in zip(group, outcomes, strict=True):
-                    if queued.future.done():
-                        continue
-                    if isinstance(outcome, BaseException):
-                        queued.future.set_exception(outcome)
-                    else:
-                        queued.future.set_result(outcome)
+                if group:
+                    task = asyncio.create_task(self._commit_group(group), name="tg-pg-group")
+                    running.add(task)
+                    task.add_done_callback(done)
+
+    async def _commit_group(self, group: Sequence[_Queued]) -> None:
+        """Run one group on a worker thread and answer its callers."""
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._workers, self._transact_group, group
+            )
+        except Exception as exc:  # the group did not commit: no job in it did
+            outcomes = [_not_committed(exc) for _ in group]
+        else:
+            if self._committed is not None:
+                self._committed.set()
+        for queued, outcome in zip(group, outcomes, strict=True):
+            if queued.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                queued.future.set_exception(outcome)
+            else:
+                queued.future.set_result(outcome)
 
     def _transact_group(self, group: Sequence[_Queued]) -> list[Any]:
         return self._attempt(lambda conn: self._run_group(conn, group))
@@ -785,17 +819,20 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._lease_thread, fetch)
 
+    async def outbox_mark_published(self, positions: Sequence[int]) -> None:
+        """One statement, so one round trip and its own transaction (the relay marks every batch)."""
+        if not positions:
+            return
+        params = (self._clock(), list(positions), random.randrange(BACKLOG_SLOTS))  # noqa: S311 - load spreading
+        await self._run(lambda: self._attempt(lambda conn: conn.execute(_MARK_PUBLISHED, params)))
+
     async def outbox_status(self) -> OutboxStatus:
         def read(conn: Connection) -> OutboxStatus:
-            backlog = conn.execute("SELECT coalesce(sum(unpublished), 0) FROM outbox_backlog").fetchone()
-            oldest = conn.execute(
-                "SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT 1"
-            ).fetchone()
-            total = conn.execute("SELECT value FROM counters WHERE name = 'published_total'").fetchone()
+            backlog, oldest, total = conn.execute(_OUTBOX_STATUS).fetchone()
             return OutboxStatus(
-                backlog=int(backlog[0]) if backlog is not None else 0,
-                oldest_created_at=_utc(oldest[0]) if oldest is not None else None,
-                published_total=int(total[0]) if total is not None else 0,
+                backlog=int(backlog),
+                oldest_created_at=_utc(oldest) if oldest is not None else None,
+                published_total=int(total) if total is not None else 0,
             )
 
         return await self._read(read)
