@@ -54,6 +54,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import socket
 import threading
 import time
@@ -332,13 +333,11 @@ class PostgresDialect(Dialect):
         # One round trip; the DELETE sees the snapshot from before the INSERT (the new row is newer),
         # so the channel keeps RECENT_TEXTS_KEPT - 1 older rows.
         customer, channel = row[0], row[1]
-        conn.execute(
-            self.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}"),
-            (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 2, *row),
-        )
+        conn.execute(_RECENT_TEXT, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 2, *row))
 
 
 POSTGRES = PostgresDialect()
+_RECENT_TEXT = POSTGRES.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}")
 
 
 class PostgresTx(SqlTx):
@@ -420,6 +419,88 @@ class _GroupBacklog:
                     retry_after=retry_after,
                 )
         self.pending += rows
+
+
+_TOUCHED = re.compile(r"\b(?:INTO|UPDATE|FROM|JOIN)\s+(\w+)", re.IGNORECASE)
+
+
+def _held_write(sql: str) -> bool:
+    """Whether ``sql`` only writes (no rows come back), so :class:`_FoldedWrites` may hold it."""
+    if sql.startswith("WITH "):
+        return sql == _RECENT_TEXT  # the one write with a WITH of its own a placement makes
+    return sql.startswith(("INSERT INTO ", "UPDATE ", "DELETE FROM ")) and "RETURNING" not in sql
+
+
+class _HeldCursor:
+    """What ``execute`` returns for a write held by :class:`_FoldedWrites`: it has no rows."""
+
+    rowcount = -1  # as a pipelined cursor before its results are read
+
+    def fetchone(self) -> Any:
+        raise psycopg.ProgrammingError("a held write has no result")
+
+    def fetchall(self) -> list[Any]:
+        raise psycopg.ProgrammingError("a held write has no result")
+
+    def executemany(self, sql: str, rows: Any, /) -> Any:
+        raise psycopg.ProgrammingError("a held write is no cursor")
+
+    def close(self) -> None:
+        pass
+
+
+_HELD = _HeldCursor()
+
+
+class _FoldedWrites:
+    """The connection a job of a group sees: the writes whose results nobody reads are held and
+    sent as one statement (each a data-modifying ``WITH`` part of it) before the next read and at
+    the end of the job. A placement's tail (message, recent text, claim, content, reply route,
+    outbox row) costs one or two statements this way instead of seven: each statement is a
+    message to the server and a send() of its own in libpq's pipeline mode.
+
+    The parts of one statement see the same snapshot and not each other's rows, so a write is held
+    with others only when it touches none of their tables, or when it and they are all plain
+    inserts of values into the same table (a customer's identities); otherwise, and before
+    anything that reads (a ``SELECT``, ``RETURNING``, a cursor), the held writes go first. A
+    statement with a ``WITH`` of its own ends the statement they are folded into.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._held: list[tuple[str, Sequence[Any]]] = []
+        self._tables: dict[str, bool] = {}  # table -> whether only plain inserts of values touch it
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if not _held_write(sql):
+            self.flush()
+            return self._conn.execute(sql, params)
+        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql
+        tables = set(_TOUCHED.findall(sql))
+        if any(t in self._tables and not (plain and self._tables[t]) for t in tables):
+            self.flush()
+        self._held.append((sql, params))
+        for table in tables:
+            self._tables[table] = plain and self._tables.get(table, True)
+        if sql.startswith("WITH"):
+            self.flush()
+        return _HELD
+
+    def cursor(self) -> Any:
+        self.flush()
+        return self._conn.cursor()
+
+    def flush(self) -> None:
+        """Send the held writes (pipelined: their errors come with the next read or sync)."""
+        held, self._held = self._held, []
+        self._tables.clear()
+        if len(held) == 1:
+            self._conn.execute(*held[0])
+        elif held:
+            *parts, (last, _) = held
+            head = ", ".join(f"_w{n} AS ({sql})" for n, (sql, _) in enumerate(parts))
+            tail = f", {last[len('WITH ') :]}" if last.startswith("WITH ") else f" {last}"
+            self._conn.execute(f"WITH {head}{tail}", [p for _, params in held for p in params])
 
 
 class _GroupState(threading.local):
@@ -683,8 +764,10 @@ class PostgresStore(SqlStore):
                 for queued in group:
                     conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                     backlog.pending = 0
+                    backlog.conn = folded = _FoldedWrites(conn)
                     try:
-                        value = queued.fn(conn)
+                        value = queued.fn(folded)
+                        folded.flush()
                         pipeline.sync()  # the job's queued writes: an error raised here is the job's
                     except _RETRYABLE_TX:
                         raise
