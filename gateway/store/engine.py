@@ -897,10 +897,13 @@ class SqlStore(ReplyLedger, abc.ABC):
     async def _write(self, fn: Callable[[Connection], T], *, events: bool = False) -> T:
         """Run ``fn`` in one durable transaction; ``events``: it may add outbox events."""
 
-    async def _write_placement(self, fn: Callable[[Connection], T]) -> T:
-        """Run an :meth:`accept` job (it adds events). A backend may run it differently: PostgreSQL
-        pipelines its statements. The job reads no ``rowcount`` (a pipelined cursor has none yet).
-        The job writes customers, identities and threads only through :meth:`_tx`."""
+    async def _write_placement(
+        self, fn: Callable[[Connection], T], messages: Sequence[CanonicalMessage]
+    ) -> T:
+        """Run an :meth:`accept` job (it adds events) placing ``messages``. A backend may run it
+        differently: PostgreSQL groups concurrent jobs into one transaction and pipelines their
+        statements. The job reads no ``rowcount`` (a pipelined cursor has none yet). The job writes
+        customers, identities and threads only through :meth:`_tx`."""
         return await self._write(fn, events=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
@@ -1053,7 +1056,7 @@ class SqlStore(ReplyLedger, abc.ABC):
             self._count_events(conn, len(events), bounded=True)
             return placements
 
-        return await self._write_placement(job)
+        return await self._write_placement(job, messages)
 
     async def quarantine(self, envelope: RawEnvelope, reason: str) -> QuarantineRecord:
         self._check_disk()

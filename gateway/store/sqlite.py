@@ -26,6 +26,7 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 
 from core.errors import BacklogFull, StoreError
+from core.model import CanonicalMessage
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.tx import MergeRecord
 from gateway.store.base import OutboxRow, OutboxStatus
@@ -660,7 +661,9 @@ class SQLiteStore(SqlStore):
     async def _write(self, fn: Callable[[Connection], T], *, events: bool = False) -> T:
         return await self._submit(fn)
 
-    async def _write_placement(self, fn: Callable[[Connection], T]) -> T:
+    async def _write_placement(
+        self, fn: Callable[[Connection], T], messages: Sequence[CanonicalMessage]
+    ) -> T:
         return await self._submit(fn, keeps_hot_rows=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
