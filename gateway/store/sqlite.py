@@ -4,8 +4,9 @@ The event loop never touches the disk. One writer thread owns the write connecti
 queued jobs; the jobs that queued up while the previous commit was syncing are committed together
 (one transaction, one fsync). One failing job does not take its batch siblings down: a batch of
 placements and outbox marks runs without savepoints and, should a job fail, runs again with each
-job inside its own SAVEPOINT, as any other batch does at once. Results travel back to the awaiting coroutines through
-``loop.call_soon_threadsafe``. Reads run on a separate connection in one reader thread.
+job inside its own SAVEPOINT, as any other batch does at once. Results travel back to the
+awaiting coroutines through ``loop.call_soon_threadsafe``. Reads run on a separate connection in
+one reader thread.
 """
 
 from __future__ import annotations
