@@ -293,6 +293,23 @@ class StoreStats:
     largest_batch: int = 0
 
 
+class _OneCursor:
+    """The writer connection as a placement job sees it: its statements, each read before the next
+    runs, share one cursor (sqlite3 makes and tracks a new one for every Connection.execute)."""
+
+    __slots__ = ("_conn", "_cursor")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._cursor = conn.cursor()
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> sqlite3.Cursor:
+        return self._cursor.execute(sql, params)
+
+    def cursor(self) -> sqlite3.Cursor:
+        return self._conn.cursor()
+
+
 @dataclass(slots=True)
 class _Job:
     fn: WriteJob[Any]
@@ -724,7 +741,7 @@ class SQLiteStore(SqlStore):
     async def _write_placement(
         self, fn: Callable[[Connection], T], messages: Sequence[CanonicalMessage]
     ) -> T:
-        return await self._submit(fn, keeps_hot_rows=True)
+        return await self._submit(lambda conn: fn(_OneCursor(conn)), keeps_hot_rows=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
         return await self._submit(fn, keeps_hot_rows=True)
