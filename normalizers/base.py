@@ -89,6 +89,14 @@ def _clean(value: Any) -> Any:
             changes: dict[str, Any] = {}
             for name in names:
                 before = getattr(value, name)
+                kind = type(before)
+                # The usual field (an atom, ASCII text without NUL, an empty tuple or dict) is
+                # tested here: a call of _clean for each of a message's ~30 fields cost ~10 us.
+                if kind in _ATOMS or (
+                    (kind is str and before.isascii() and "\x00" not in before)
+                    or (not before and (kind is tuple or kind is dict))
+                ):
+                    continue
                 after = _clean(before)
                 if after is not before:
                     changes[name] = after
