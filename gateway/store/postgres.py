@@ -2,8 +2,11 @@
 
 The placement engine (:mod:`dedupe.engine`) is synchronous and runs against :class:`dedupe.tx.Tx`,
 so this store runs the very same engine as the SQLite store: every write is one transaction on a
-pooled psycopg 3 connection, executed on a bounded pool of worker threads. PostgreSQL groups the
-commits of concurrent connections into shared WAL flushes itself, so no writer queue is needed here.
+pooled psycopg 3 connection, executed on a bounded pool of worker threads. Placements (``accept``)
+are grouped: the jobs waiting when a group starts run in one transaction, each under a savepoint of
+its own, with their statements pipelined (libpq pipeline mode: a round trip per read, not per
+statement), so a burst of messages costs one commit, one WAL flush and one NOTIFY, and one hand-off
+to a worker thread (``_group_placements``). A job that fails is rolled back to its savepoint alone.
 
 Concurrency across instances:
 
@@ -16,8 +19,12 @@ Concurrency across instances:
   id order), so two messages of one customer arriving through different identities on different
   instances cannot open two threads. The locks end with the transaction, after its commit is
   visible, so the next holder reads (read committed: a fresh snapshot per statement) what the
-  previous one wrote. A transaction PostgreSQL picks as a deadlock victim (possible only when
-  merges lock customers in a second round) is rolled back and run again.
+  previous one wrote. A group of placements takes the identity locks of all its messages first,
+  in one global order (the lock keys, sorted), then row-locks the customers owning them, so its
+  jobs wait for no lock another group holds while holding one that group waits for. A transaction
+  (or group) PostgreSQL picks as a deadlock victim (possible when a merge or a concurrent
+  identity move makes a job lock a customer its group did not lock first) is rolled back and run
+  again.
 - ``advance_thread`` updates the thread row (a row lock held to commit), so sequences are strictly
   increasing without gaps, and a later message of a thread gets a later outbox position.
 - The outbox relay runs on one instance at a time: the holder of a session advisory lock (the
@@ -28,9 +35,10 @@ Concurrency across instances:
   ``OUTBOX_CHANNEL``: after such commits each instance sends a NOTIFY (one per burst, in a
   transaction of its own: see ``_notify_commits``), and the relay listens on a dedicated connection
   (``outbox_listen``). Polling stays the fallback, so a lost notification costs latency only.
-- The backlog bound is read from counter rows maintained in the accept transaction. The rows are
-  spread over slots so concurrent commits do not queue on one hot row; the bound can therefore be
-  overshot by at most the number of transactions committing at that moment (a few), never more.
+- The backlog bound is read from counter rows maintained in the accept transaction (a group reads
+  them once and adds its events once). The rows are spread over slots so concurrent commits do not
+  queue on one hot row; the bound can therefore be overshot by at most the events of the
+  transactions and groups committing at that moment on other instances, never more.
 
 Blobs: raw bodies up to ``inline_raw_max`` live in the database (same commit); larger bodies and
 attachments are content-addressed files under ``blob_dir``, written durably before the commit that
@@ -46,9 +54,13 @@ import hashlib
 import logging
 import os
 import random
+import re
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -58,7 +70,9 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.errors import BacklogFull, StoreError
+from core.model import CanonicalMessage
 from core.settings import OutboxSettings, StoreSettings
+from dedupe.identities import normalize_all
 from dedupe.tx import RECENT_TEXTS_KEPT
 from gateway.store.base import OutboxRow, OutboxStatus
 from gateway.store.engine import (
@@ -220,6 +234,11 @@ def lock_key(*parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def identity_lock(tenant: str, kind: str, value: str) -> int:
+    """The advisory lock key of one identity (see :mod:`dedupe.tx`)."""
+    return lock_key("identity", tenant, kind, value)
+
+
 _MIGRATION_LOCK = lock_key("migrations")
 RELAY_LEASE_LOCK = lock_key("relay-lease")
 
@@ -270,11 +289,11 @@ class PostgresDialect(Dialect):
         return max(conn.execute(self.sql(sql), (*head, list(values))).rowcount, 0)
 
     def lock_identities(self, conn: Connection, tenant: str, keys: Keys) -> None:
-        # One statement; its output columns are evaluated left to right, so locks follow ``keys``.
-        conn.execute(
-            self.sql("SELECT " + ", ".join(["pg_advisory_xact_lock(?)"] * len(keys))),
-            [lock_key("identity", tenant, kind, value) for kind, value in keys],
-        )
+        # One statement; its output columns are evaluated left to right, so the locks are taken in
+        # the order of their keys, the one order every transaction and every group of placements
+        # (PostgresStore._run_group) takes them in.
+        locks = sorted(identity_lock(tenant, kind, value) for kind, value in keys)
+        conn.execute(self.sql("SELECT " + ", ".join(["pg_advisory_xact_lock(?)"] * len(locks))), locks)
 
     def lock_customers(self, conn: Connection, customer_ids: Sequence[str]) -> None:
         # LockRows runs above the sort: rows are locked in this order, the same in every transaction.
@@ -314,13 +333,11 @@ class PostgresDialect(Dialect):
         # One round trip; the DELETE sees the snapshot from before the INSERT (the new row is newer),
         # so the channel keeps RECENT_TEXTS_KEPT - 1 older rows.
         customer, channel = row[0], row[1]
-        conn.execute(
-            self.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}"),
-            (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 2, *row),
-        )
+        conn.execute(_RECENT_TEXT, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 2, *row))
 
 
 POSTGRES = PostgresDialect()
+_RECENT_TEXT = POSTGRES.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}")
 
 
 class PostgresTx(SqlTx):
@@ -331,6 +348,181 @@ class PostgresTx(SqlTx):
 
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+# The relay's statements, one round trip each. Marking: the rows still unpublished among the
+# positions, the backlog and the published total moved by as many (parameters: now, positions, slot).
+_MARK_PUBLISHED = (
+    "WITH marked AS (UPDATE outbox SET published_at = %s WHERE published_at IS NULL"
+    " AND position = ANY(%s) RETURNING 1),"
+    " n AS (SELECT count(*) AS rows FROM marked),"
+    " backlog AS (UPDATE outbox_backlog SET unpublished = unpublished - (SELECT rows FROM n)"
+    " WHERE slot = %s AND (SELECT rows FROM n) > 0),"
+    " total AS (INSERT INTO counters (name, value) SELECT 'published_total', rows FROM n WHERE rows > 0"
+    " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value)"
+    " SELECT rows FROM n"
+)
+_OUTBOX_STATUS = (
+    "SELECT (SELECT coalesce(sum(unpublished), 0) FROM outbox_backlog),"
+    " (SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT 1),"
+    " (SELECT value FROM counters WHERE name = 'published_total')"
+)
+
+_GROUP_MAX = 32  # placements per group transaction: a larger group holds its locks longer
+# Groups running at once: while one waits for the database (a read, its commit's WAL flush), the
+# next one's jobs run. They queue only where their messages meet (an identity, a customer, a new
+# thread's number).
+_GROUPS = 2
+_JOB_SAVEPOINT = "tg_job"
+# Locks of a group (PostgresStore._run_group): identity keys in array order, which is sorted; then
+# the customers owning the identities, given as (tenant, kind, value) columns, in id order.
+_LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
+_LOCK_OWNERS = (
+    "SELECT id FROM customers WHERE id IN (SELECT i.customer_id FROM identities i"
+    " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
+    " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value)"
+    ' ORDER BY id COLLATE "C" FOR UPDATE'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A placement job waiting for its group: the job, the (tenant, kind, value) of its messages'
+    identities, and the caller's future."""
+
+    fn: Callable[[Connection], Any]
+    identities: set[tuple[str, str, str]]
+    future: asyncio.Future[Any]
+
+
+class _GroupBacklog:
+    """The outbox backlog within one group transaction: read once at its start, added to once at
+    its end. A bound is checked against the backlog read plus the events of the group so far, so
+    it may be overshot by the groups committing at that moment on other instances, not more."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        # Pipelined: its answer comes with the group's first read.
+        self._read = conn.execute("SELECT coalesce(sum(unpublished), 0) FROM outbox_backlog")
+        self._base: int | None = None
+        self.added = 0  # events of the jobs done in the group
+        self.pending = 0  # events of the job running
+
+    def count(self, rows: int, bound: int | None, retry_after: float) -> None:
+        if bound is not None:
+            if self._base is None:
+                row = self._read.fetchone()
+                self._base = int(row[0]) if row is not None else 0
+            backlog = self._base + self.added + self.pending
+            if backlog + rows > bound:
+                raise BacklogFull(
+                    f"outbox holds {backlog} unpublished events (max_backlog {bound})",
+                    retry_after=retry_after,
+                )
+        self.pending += rows
+
+
+_TOUCHED = re.compile(r"\b(?:INTO|UPDATE|FROM|JOIN)\s+(\w+)", re.IGNORECASE)
+
+
+def _held_write(sql: str) -> bool:
+    """Whether ``sql`` only writes (no rows come back), so :class:`_FoldedWrites` may hold it."""
+    if sql.startswith("WITH "):
+        return sql == _RECENT_TEXT  # the one write with a WITH of its own a placement makes
+    return sql.startswith(("INSERT INTO ", "UPDATE ", "DELETE FROM ")) and "RETURNING" not in sql
+
+
+class _HeldCursor:
+    """What ``execute`` returns for a write held by :class:`_FoldedWrites`: it has no rows."""
+
+    rowcount = -1  # as a pipelined cursor before its results are read
+
+    def fetchone(self) -> Any:
+        raise psycopg.ProgrammingError("a held write has no result")
+
+    def fetchall(self) -> list[Any]:
+        raise psycopg.ProgrammingError("a held write has no result")
+
+    def executemany(self, sql: str, rows: Any, /) -> Any:
+        raise psycopg.ProgrammingError("a held write is no cursor")
+
+    def close(self) -> None:
+        pass
+
+
+_HELD = _HeldCursor()
+
+
+class _FoldedWrites:
+    """The connection a job of a group sees: the writes whose results nobody reads are held and
+    sent as one statement (each a data-modifying ``WITH`` part of it) before the next read and at
+    the end of the job. A placement's tail (message, recent text, claim, content, reply route,
+    outbox row) costs one or two statements this way instead of seven: each statement is a
+    message to the server and a send() of its own in libpq's pipeline mode.
+
+    The parts of one statement see the same snapshot and not each other's rows, so a write is held
+    with others only when it touches none of their tables, or when it and they are all plain
+    inserts of values into the same table (a customer's identities); otherwise, and before
+    anything that reads (a ``SELECT``, ``RETURNING``, a cursor), the held writes go first. A
+    statement with a ``WITH`` of its own ends the statement they are folded into.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._held: list[tuple[str, Sequence[Any]]] = []
+        self._tables: dict[str, bool] = {}  # table -> whether only plain inserts of values touch it
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if not _held_write(sql):
+            self.flush()
+            return self._conn.execute(sql, params)
+        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql
+        tables = set(_TOUCHED.findall(sql))
+        if any(t in self._tables and not (plain and self._tables[t]) for t in tables):
+            self.flush()
+        self._held.append((sql, params))
+        for table in tables:
+            self._tables[table] = plain and self._tables.get(table, True)
+        if sql.startswith("WITH"):
+            self.flush()
+        return _HELD
+
+    def cursor(self) -> Any:
+        self.flush()
+        return self._conn.cursor()
+
+    def flush(self) -> None:
+        """Send the held writes (pipelined: their errors come with the next read or sync)."""
+        held, self._held = self._held, []
+        self._tables.clear()
+        if len(held) == 1:
+            self._conn.execute(*held[0])
+        elif held:
+            *parts, (last, _) = held
+            head = ", ".join(f"_w{n} AS ({sql})" for n, (sql, _) in enumerate(parts))
+            tail = f", {last[len('WITH ') :]}" if last.startswith("WITH ") else f" {last}"
+            self._conn.execute(f"WITH {head}{tail}", [p for _, params in held for p in params])
+
+
+class _GroupState(threading.local):
+    """What a worker thread knows of the group it runs, if any."""
+
+    backlog: _GroupBacklog | None = None
+
+
+def _job_error(exc: Exception) -> Exception:
+    """What the caller of a job that failed in a group gets."""
+    if isinstance(exc, psycopg.Error):
+        error = StoreError(f"store write failed: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _not_committed(exc: Exception) -> StoreError:
+    """One caller's error for a group that did not commit (each raises an object of its own)."""
+    error = StoreError(str(exc) or exc.__class__.__name__)
+    error.__cause__ = exc
+    return error
 
 
 class PostgresStore(SqlStore):
@@ -353,6 +545,11 @@ class PostgresStore(SqlStore):
         # Set after commits that add events; one task turns each burst of them into one NOTIFY.
         self._committed: asyncio.Event | None = None
         self._notifier: asyncio.Task[None] | None = None
+        # Placements wait here for the next group transaction (_group_placements).
+        self._queued: deque[_Queued] = deque()
+        self._queued_event = asyncio.Event()
+        self._grouper: asyncio.Task[None] | None = None
+        self._group = _GroupState()
         self._open = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -391,12 +588,18 @@ class PostgresStore(SqlStore):
         self._committed = asyncio.Event()
         self._notifier = asyncio.create_task(self._notify_commits(self._committed), name="tg-pg-notify")
         self._open = True
+        self._grouper = asyncio.create_task(self._group_placements(), name="tg-pg-placements")
         logger.info("PostgreSQL store open (schema version %d)", len(MIGRATIONS))
 
     async def close(self) -> None:
         if not self._open:
             return
         self._open = False
+        # The placements queued before now still run: their callers wait for an answer.
+        grouper, self._grouper = self._grouper, None
+        if grouper is not None:
+            self._queued_event.set()
+            await grouper
         notifier, self._notifier, self._committed = self._notifier, None, None
         if notifier is not None:
             notifier.cancel()
@@ -439,25 +642,25 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn)
 
-    def _transact(self, fn: Callable[[Connection], T], *, pipelined: bool = False) -> T:
-        """Run ``fn`` in one transaction on a pooled connection; a deadlock victim runs again.
+    def _transact(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in one transaction on a pooled connection; a deadlock victim runs again."""
 
-        ``pipelined``: in libpq's pipeline mode, statements whose results ``fn`` does not read are
-        sent without waiting for their answers, so a placement costs one round trip per read (and
-        the commit) instead of one per statement. An error of a queued statement is raised at the
-        next read or at the commit, still inside the transaction, which then rolls back.
-        """
+        def run(conn: Conn) -> T:
+            with conn.transaction():
+                return fn(conn)
+
+        return self._attempt(run)
+
+    def _attempt(self, run: Callable[[Conn], T]) -> T:
+        """``run`` a transaction on a pooled connection; run again from the start when PostgreSQL
+        chose it as a deadlock victim."""
         pool = self._pool
         if pool is None:
             raise StoreError("store is closed")
         for attempt in range(1, _TX_ATTEMPTS + 1):
             try:
                 with pool.connection() as conn:
-                    if pipelined:
-                        with conn.pipeline(), conn.transaction():
-                            return fn(conn)
-                    with conn.transaction():
-                        return fn(conn)
+                    return run(conn)
             except _RETRYABLE_TX as exc:
                 if attempt == _TX_ATTEMPTS:
                     raise StoreError(f"store write failed after {attempt} attempts: {exc}") from exc
@@ -476,11 +679,115 @@ class PostgresStore(SqlStore):
             self._committed.set()
         return value
 
-    async def _write_placement(self, fn: Callable[[Connection], T]) -> T:
-        value = await self._run(lambda: self._transact(fn, pipelined=True))
-        if self._committed is not None:
-            self._committed.set()
+    async def _write_placement(
+        self, fn: Callable[[Connection], T], messages: Sequence[CanonicalMessage]
+    ) -> T:
+        """Queue the job for the next group transaction (:meth:`_group_placements`)."""
+        if not self._open or self._grouper is None:
+            raise StoreError("store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        identities = {(m.tenant, *i.key()) for m in messages for i in normalize_all(m.identities)}
+        self._queued.append(_Queued(fn, identities, future))
+        self._queued_event.set()
+        value: T = await future
         return value
+
+    async def _group_placements(self) -> None:
+        """Whenever fewer than ``_GROUPS`` groups run, start one with the queued placements (all that
+        wait, up to ``_GROUP_MAX``); until the store closes and nothing is queued or running.
+
+        One commit (one WAL flush, one NOTIFY) and one hand-off to a worker thread per group instead
+        of per placement, and the hot rows a placement writes (a tenant's thread counter, a backlog
+        slot) are locked once per group rather than once per placement.
+        """
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._queued_event.set()  # a group may start
+
+        while self._open or self._queued or running:
+            await self._queued_event.wait()
+            self._queued_event.clear()
+            while self._queued and len(running) < _GROUPS:
+                group: list[_Queued] = []
+                while self._queued and len(group) < _GROUP_MAX:
+                    queued = self._queued.popleft()
+                    if not queued.future.cancelled():  # a caller that gave up before it ran
+                        group.append(queued)
+                if group:
+                    task = asyncio.create_task(self._commit_group(group), name="tg-pg-group")
+                    running.add(task)
+                    task.add_done_callback(done)
+
+    async def _commit_group(self, group: Sequence[_Queued]) -> None:
+        """Run one group on a worker thread and answer its callers."""
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._workers, self._transact_group, group
+            )
+        except Exception as exc:  # the group did not commit: no job in it did
+            outcomes = [_not_committed(exc) for _ in group]
+        else:
+            if self._committed is not None:
+                self._committed.set()
+        for queued, outcome in zip(group, outcomes, strict=True):
+            if queued.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                queued.future.set_exception(outcome)
+            else:
+                queued.future.set_result(outcome)
+
+    def _transact_group(self, group: Sequence[_Queued]) -> list[Any]:
+        return self._attempt(lambda conn: self._run_group(conn, group))
+
+    def _run_group(self, conn: Conn, group: Sequence[_Queued]) -> list[Any]:
+        """Each job of ``group`` under a savepoint of one transaction, pipelined; their outcomes
+        (a job's value, or the exception of a job rolled back to its savepoint).
+
+        Locks first, for all jobs at once: the identities of every message in one global order
+        (their lock keys, sorted), then the customers owning them (in id order). A job then takes
+        no identity or customer lock another group may hold while waiting for one this group holds,
+        so groups on several instances wait for each other instead of deadlocking (the rest, a
+        customer merged meanwhile, is a deadlock victim run again). A job failing (a full outbox,
+        an error of its statements) is rolled back alone; a deadlock runs the whole group again.
+        """
+        identities = sorted(set().union(*(q.identities for q in group)))
+        outcomes: list[Any] = []
+        with conn.pipeline() as pipeline, conn.transaction():
+            if identities:
+                conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
+                conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+            backlog = self._group.backlog = _GroupBacklog(conn)
+            try:
+                for queued in group:
+                    conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
+                    backlog.pending = 0
+                    backlog.conn = folded = _FoldedWrites(conn)
+                    try:
+                        value = queued.fn(folded)
+                        folded.flush()
+                        pipeline.sync()  # the job's queued writes: an error raised here is the job's
+                    except _RETRYABLE_TX:
+                        raise
+                    except Exception as exc:
+                        if conn.broken or conn.closed:
+                            raise
+                        with contextlib.suppress(psycopg.Error):  # the job's error, raised already
+                            pipeline.sync()
+                        conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
+                        conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
+                        outcomes.append(_job_error(exc))
+                        continue
+                    conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
+                    backlog.added += backlog.pending
+                    outcomes.append(value)
+                if backlog.added:
+                    self._add_backlog(conn, backlog.added)
+            finally:
+                self._group.backlog = None
+        return outcomes
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         def run() -> T:
@@ -503,6 +810,11 @@ class PostgresStore(SqlStore):
         """Count ``rows`` new unpublished events; refuse (rolling back) when they cross the bound."""
         if not rows:
             return
+        group = self._group.backlog
+        if group is not None and group.conn is conn:
+            # In a group: counted once for the group at its end, from the backlog read at its start.
+            group.count(rows, self._outbox.max_backlog if bounded else None, self._outbox.retry_after)
+            return
         slot = random.randrange(BACKLOG_SLOTS)  # noqa: S311 - load spreading, not crypto
         row = conn.execute(
             "WITH mine AS (UPDATE outbox_backlog SET unpublished = unpublished + %s WHERE slot = %s"
@@ -519,8 +831,12 @@ class PostgresStore(SqlStore):
             )
 
     def _count_published(self, conn: Connection, rows: int) -> None:
+        self._add_backlog(conn, -rows)
+
+    @staticmethod
+    def _add_backlog(conn: Connection, rows: int) -> None:
         conn.execute(
-            "UPDATE outbox_backlog SET unpublished = unpublished - %s WHERE slot = %s",
+            "UPDATE outbox_backlog SET unpublished = unpublished + %s WHERE slot = %s",
             (rows, random.randrange(BACKLOG_SLOTS)),  # noqa: S311 - load spreading, not crypto
         )
 
@@ -586,17 +902,20 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._lease_thread, fetch)
 
+    async def outbox_mark_published(self, positions: Sequence[int]) -> None:
+        """One statement, so one round trip and its own transaction (the relay marks every batch)."""
+        if not positions:
+            return
+        params = (self._clock(), list(positions), random.randrange(BACKLOG_SLOTS))  # noqa: S311 - load spreading
+        await self._run(lambda: self._attempt(lambda conn: conn.execute(_MARK_PUBLISHED, params)))
+
     async def outbox_status(self) -> OutboxStatus:
         def read(conn: Connection) -> OutboxStatus:
-            backlog = conn.execute("SELECT coalesce(sum(unpublished), 0) FROM outbox_backlog").fetchone()
-            oldest = conn.execute(
-                "SELECT created_at FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT 1"
-            ).fetchone()
-            total = conn.execute("SELECT value FROM counters WHERE name = 'published_total'").fetchone()
+            backlog, oldest, total = conn.execute(_OUTBOX_STATUS).fetchone()
             return OutboxStatus(
-                backlog=int(backlog[0]) if backlog is not None else 0,
-                oldest_created_at=_utc(oldest[0]) if oldest is not None else None,
-                published_total=int(total[0]) if total is not None else 0,
+                backlog=int(backlog),
+                oldest_created_at=_utc(oldest) if oldest is not None else None,
+                published_total=int(total) if total is not None else 0,
             )
 
         return await self._read(read)

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
 
-from core.errors import BacklogFull
+from core.errors import BacklogFull, StoreError
 from core.events import Event
 from core.model import CanonicalMessage, Identity, Placement
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
@@ -183,6 +183,61 @@ async def test_the_backlog_bound_holds_across_instances(make_store: MakeStore) -
     assert (await b.outbox_status()).backlog == 3
     with pytest.raises(BacklogFull):
         await accept(a, message("m5"))
+
+
+async def test_placements_waiting_together_commit_together_and_a_full_outbox_refuses_each_alone(
+    make_store: MakeStore, dsn: str
+) -> None:
+    store = make_store(max_backlog=3)
+    await store.open()
+    # Queued in one pass of the event loop: one group, in this order.
+    outcomes = await asyncio.gather(
+        *(accept(store, message(f"m{n}", email=f"c{n}@example.com")) for n in range(5)),
+        return_exceptions=True,
+    )
+
+    assert [type(o) for o in outcomes] == [list, list, list, BacklogFull, BacklogFull]
+    assert (await store.outbox_status()).backlog == 3
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT count(*) FROM outbox").fetchone(), conn.execute(
+            "SELECT external_id FROM messages ORDER BY sequence, external_id"
+        ).fetchall()
+        claimed = conn.execute("SELECT count(*) FROM idempotency_keys").fetchone()
+    assert stored == ((3,), [("m0",), ("m1",), ("m2",)])
+    assert claimed == (3,)  # the refused placements' claims were rolled back with them
+
+
+async def test_a_placement_whose_write_fails_in_a_group_is_rolled_back_alone(
+    make_store: MakeStore, dsn: str
+) -> None:
+    store = make_store()
+    await store.open()
+
+    def writes(key: str) -> Callable[[Any], int]:
+        def job(conn: Any) -> int:
+            conn.execute("INSERT INTO state (key, value, updated_at) VALUES (%s, 'x', now())", (key,))
+            return int(conn.execute("SELECT txid_current()").fetchone()[0])
+
+        return job
+
+    def fails(conn: Any) -> None:
+        conn.execute("INSERT INTO state (key, value, updated_at) VALUES ('second', 'x', now())")
+        # Queued, not read: its error comes with the job's last round trip, still the job's own.
+        conn.execute("INSERT INTO state (key, value, updated_at) VALUES ('first', 'x', now())")
+
+    first, failed, third = await asyncio.gather(
+        store._write_placement(writes("first"), ()),
+        store._write_placement(fails, ()),
+        store._write_placement(writes("third"), ()),
+        return_exceptions=True,
+    )
+
+    assert isinstance(failed, StoreError)
+    assert "duplicate key" in str(failed)
+    assert first == third  # one transaction
+    with psycopg.connect(dsn) as conn:
+        keys = [k for (k,) in conn.execute("SELECT key FROM state ORDER BY key")]
+    assert keys == ["first", "third"]
 
 
 async def poll(read: Callable[[], Any], *, within: float, interval: float = 0.05) -> Any:
