@@ -20,7 +20,6 @@ priority wins, tags are their union in rule order, the queue comes from the firs
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections.abc import Iterable
@@ -29,7 +28,7 @@ from typing import Self
 
 import phonenumbers
 
-from core.model import CanonicalMessage, Entity, Routing
+from core.model import CanonicalMessage, Entity, Routing, replace
 from core.settings import ExtractorSettings, RoutingRule, Settings
 
 MAX_ENTITIES = 32
@@ -207,7 +206,7 @@ class Enricher:
         routing = self._routing(message, folded)
         if entities == message.entities and routing == message.routing:
             return message
-        return dataclasses.replace(message, entities=entities, routing=routing)
+        return replace(message, entities=entities, routing=routing)
 
     def _entities(self, existing: tuple[Entity, ...], text: str, folded: str) -> tuple[Entity, ...]:
         found = list(existing)

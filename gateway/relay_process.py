@@ -11,9 +11,15 @@ The parent keeps a :class:`RelayProcess` with the surface the application uses f
 child and restarts it with backoff when it dies (nothing is lost meanwhile: events wait in the
 outbox). They talk over a socket pair, one JSON object per line:
 
-- parent to child: ``{"op": "wake"}`` after commits, ``{"op": "drain", "timeout": s}`` on shutdown;
+- parent to child: ``{"op": "wake"}`` after commits, ``{"op": "drain", "timeout": s}`` on shutdown,
+  ``{"op": "marked" | "unmarked", "positions": [...]}`` for the child's marks;
 - child to parent: ``{"op": "ready"}``, ``{"op": "status", ...}`` twice a second,
-  ``{"op": "drained", "emptied": bool}``.
+  ``{"op": "mark", "positions": [...]}``, ``{"op": "waiting"}``, ``{"op": "drained", "emptied": bool}``.
+
+A wake-up goes only to a child that said it is ``waiting`` (it has published everything it read
+and waits for work); commits made while it works are caught by its next round, or, when they came
+after that round's read, by a wake-up sent when it says ``waiting`` again. Under load the child
+never waits and the parent writes nothing per commit.
 
 When the parent dies, the child reads end-of-file and stops.
 """
@@ -71,6 +77,10 @@ class RelayProcess:
         self._emptied = False
         self._stopping = asyncio.Event()
         self._wake_queued = False
+        # The child waits for a wake-up (True), or works and will read what is committed meanwhile
+        # unless it started its last read before (``_missed``: wake it when it says it waits).
+        self._child_waiting = True
+        self._missed = False
         self._status = RelayStatus(
             running=False,
             connected=False,
@@ -96,8 +106,12 @@ class RelayProcess:
             logger.error("relay process not ready after %.0fs; events wait in the outbox", _READY_TIMEOUT)
 
     def wake(self) -> None:
-        """Something was committed: tell the child, at most once per loop iteration."""
-        if self._writer is not None and not self._wake_queued:
+        """Something was committed: tell a waiting child, at most once per loop iteration."""
+        if self._writer is None:
+            return
+        if not self._child_waiting:
+            self._missed = True
+        elif not self._wake_queued:
             self._wake_queued = True
             self._schedule_flush()
 
@@ -120,6 +134,7 @@ class RelayProcess:
             return
         if self._wake_queued and writer.transport.get_write_buffer_size() < _MAX_PENDING_WRITE:
             lines.append(b'{"op":"wake"}\n')
+            self._child_waiting = self._missed = False
         self._wake_queued = False
         if lines:
             writer.write(b"".join(lines))
@@ -183,6 +198,7 @@ class RelayProcess:
         self._process = process
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         self._writer = writer
+        self._child_waiting, self._missed = True, False
         try:
             # A write to a dead child (a wake-up) fails the transport: the reader then raises
             # instead of returning end-of-file. Both mean the child is gone.
@@ -201,6 +217,10 @@ class RelayProcess:
             self._to_mark.extend(int(p) for p in message["positions"])
             if self._marker is None:
                 self._marker = asyncio.create_task(self._mark_waiting())
+        elif op == "waiting":
+            self._child_waiting = True
+            if self._missed:
+                self.wake()
         elif op == "status":
             self._apply_status(message)
         elif op == "ready":
@@ -362,16 +382,27 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
     from gateway.store import build_store
 
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    outgoing: list[bytes] = []
+
+    def flush() -> None:
+        if outgoing and not writer.is_closing():
+            writer.write(b"".join(outgoing))
+        outgoing.clear()
 
     def send(message: dict[str, Any]) -> None:
-        writer.write(orjson.dumps(message, default=str) + b"\n")
+        # What one loop iteration sends (a mark, then "waiting") leaves in one write.
+        if not outgoing:
+            asyncio.get_running_loop().call_soon(flush)
+        outgoing.append(orjson.dumps(message, default=str) + b"\n")
 
     store = build_store(settings)
     await store.open()
     publisher = AmqpPublisher(settings.broker, connection_name="ticketgate relay")
     counts = _Counts()
     marker = MarkThroughParent(store, send) if settings.store.backend == "sqlite" else None
-    relay = OutboxRelay(marker or store, publisher, settings.outbox, counts)
+    relay = OutboxRelay(
+        marker or store, publisher, settings.outbox, counts, on_wait=lambda: send({"op": "waiting"})
+    )
     reporter: asyncio.Task[None] | None = None
     try:
         await publisher.start()
@@ -396,6 +427,7 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
                         **counts.take(),
                     }
                 )
+                flush()
                 await writer.drain()
                 await asyncio.sleep(_STATUS_INTERVAL)
 
@@ -411,6 +443,7 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
             elif message["op"] == "drain":
                 emptied = await relay.drain(float(message["timeout"]))
                 send({"op": "drained", "emptied": emptied})
+                flush()
                 await writer.drain()
                 break
         else:

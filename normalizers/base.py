@@ -18,7 +18,7 @@ import orjson
 
 from core.channel import Normalizer
 from core.errors import InvalidInput
-from core.model import CanonicalMessage, plain_text
+from core.model import CanonicalMessage, plain_text, replace
 
 __all__ = ["Normalizer", "json_object", "storable"]
 
@@ -100,7 +100,7 @@ def _clean(value: Any) -> Any:
                 after = _clean(before)
                 if after is not before:
                     changes[name] = after
-            return dataclasses.replace(value, **changes) if changes else value
+            return replace(value, **changes) if changes else value
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             _FIELDS[cls] = tuple(spec.name for spec in dataclasses.fields(value))
             return _clean(value)
@@ -128,5 +128,5 @@ def _clean_any(value: Any) -> Any:
             after = _clean(before)
             if after is not before:
                 changes[spec.name] = after
-        return dataclasses.replace(value, **changes) if changes else value
+        return replace(value, **changes) if changes else value
     return value
