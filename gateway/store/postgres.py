@@ -367,7 +367,9 @@ _OUTBOX_STATUS = (
     " (SELECT value FROM counters WHERE name = 'published_total')"
 )
 
-_GROUP_MAX = 32  # placements per group transaction: a larger group holds its locks longer
+# Placements per group transaction: a larger group holds its locks longer, and past 64 savepoints
+# that wrote, a backend's subtransactions overflow its cache and slow every snapshot on the server.
+_GROUP_MAX = 32
 # Groups running at once: while one waits for the database (a read, its commit's WAL flush), the
 # next one's jobs run. They queue only where their messages meet (an identity, a customer, a new
 # thread's number).
