@@ -1,6 +1,7 @@
 """SMTP ingest throughput: many concurrent sessions sending 5 KB and 200 KB mails.
 
     .venv/bin/python bench/smtp_ingest.py [--sessions 32] [--mails 4000] [--sizes 5 200] [--e2e]
+                                          [--skip-bare] [--no-normalizer-process]
                                           [--load auto|smtp-source|smtplib]
 
 In one run, for each size, the same load goes to three servers, each in a process of its own (the
@@ -336,8 +337,13 @@ async def measure(load: Load, port: int, pid: int, mails: int, size: int) -> Mea
 
 
 @asynccontextmanager
-async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, QueueCounter, Any]]:
-    """``ticketgate run`` on a config with the email channel; yields (smtp port, pid, counter, channel)."""
+async def gateway(
+    data: Path, url: str, *, normalizer_process: bool = True
+) -> AsyncIterator[tuple[int, int, QueueCounter, Any]]:
+    """``ticketgate run`` on a config with the email channel; yields (smtp port, pid, counter, channel).
+
+    ``normalizer_process=False`` sets ``server.normalizer_process = false``: mail parsed in the loop.
+    """
     import aio_pika
 
     from tests.e2e.harness import GatewayProcess, gateway_config
@@ -351,7 +357,10 @@ async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, QueueCo
         + f'\n[channels.email.inboxes.demo]\naddresses = ["{RCPT}"]\n'
     )
     config = gateway_config(data, port=port, amqp_url=url, exchange=exchange, queue=queue, extra=extra)
-    config.write_text(config.read_text().replace('level = "INFO"', 'level = "WARNING"'))
+    text = config.read_text().replace('level = "INFO"', 'level = "WARNING"')
+    if not normalizer_process:
+        text = text.replace("[server]\n", "[server]\nnormalizer_process = false\n", 1)
+    config.write_text(text)
     process = GatewayProcess(config=config, port=port, log_path=data / "gateway.log")
     await process.start()
     assert process.proc is not None
@@ -377,7 +386,12 @@ async def gateway(data: Path, url: str) -> AsyncIterator[tuple[int, int, QueueCo
 async def measure_e2e(load: Load, args: argparse.Namespace, size: int, data: Path) -> tuple[Measured, float]:
     """(events consumed end to end, SMTP-accepted mails/s) for the whole gateway."""
     url = os.environ.get("TICKETGATE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    async with gateway(data, url) as (port, pid, counter, _channel):
+    async with gateway(data, url, normalizer_process=args.normalizer_process) as (
+        port,
+        pid,
+        counter,
+        _channel,
+    ):
         # Warm-up: imports, caches, SQLite pages, the relay's connection.
         warm = await load.send(port, args.sessions * 4, size, uuid.uuid4().hex)
         await counter.wait_for(warm, within=60)
@@ -412,24 +426,24 @@ async def main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for size_kb in args.sizes:
                 size = size_kb * 1024
-                with server_process("bare", Path(tmp)) as (port, pid):
-                    await load.send(port, args.sessions, size, "warm")
-                    bare = await measure(load, port, pid, args.mails, size)
-                data = Path(tmp) / f"t{size_kb}"
-                data.mkdir()
-                with server_process("transport", data) as (port, pid):
-                    await load.send(port, args.sessions, size, "warm")
-                    ours = await measure(load, port, pid, args.mails, size)
-                print(row(size_kb, "bare aiosmtpd", bare, None))
-                print(row(size_kb, "transport only", ours, bare))
+                bare = None
+                if not args.skip_bare:
+                    with server_process("bare", Path(tmp)) as (port, pid):
+                        await load.send(port, args.sessions, size, "warm")
+                        bare = await measure(load, port, pid, args.mails, size)
+                    data = Path(tmp) / f"t{size_kb}"
+                    data.mkdir()
+                    with server_process("transport", data) as (port, pid):
+                        await load.send(port, args.sessions, size, "warm")
+                        ours = await measure(load, port, pid, args.mails, size)
+                    print(row(size_kb, "bare aiosmtpd", bare, None))
+                    print(row(size_kb, "transport only", ours, bare))
                 if args.e2e:
                     data = Path(tmp) / f"e{size_kb}"
                     data.mkdir()
                     e2e, accepted = await measure_e2e(load, args, size, data)
                     print(row(size_kb, "end to end", e2e, bare))
-                    print(
-                        f"      (events consumed from the queue; SMTP 250s came at {accepted:.0f} mails/s)"
-                    )
+                    print(f"      (events consumed from the queue; SMTP 250s came at {accepted:.0f} mails/s)")
     finally:
         load.close()
 
@@ -442,6 +456,15 @@ if __name__ == "__main__":
     parser.add_argument("--mails", type=int, default=4000)
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 200], help="mail sizes in KB")
     parser.add_argument("--e2e", action="store_true", help="also run the whole gateway against RabbitMQ")
+    parser.add_argument(
+        "--skip-bare", action="store_true", help="end to end only: no bare or transport-only server"
+    )
+    parser.add_argument(
+        "--no-normalizer-process",
+        dest="normalizer_process",
+        action="store_false",
+        help="end to end: parse mail in the gateway's event loop (server.normalizer_process = false)",
+    )
     parser.add_argument(
         "--load",
         choices=("auto", "smtp-source", "smtplib"),

@@ -5,7 +5,6 @@ Everything here is transport plumbing with no channel knowledge; connectors deci
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import hashlib
 import hmac
@@ -25,6 +24,7 @@ from pydantic import SecretStr
 from core.channel import Normalizer
 from core.errors import ConfigError, TooLarge
 from core.model import IngestResult, Outcome, RawEnvelope, plain_text
+from core.timeouts import shared_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -235,9 +235,10 @@ async def ingest_within(
 ) -> IngestResult:
     """``ingest`` bounded by ``within`` seconds: a store that does not answer in time is a RETRY (the
     caller answers 503 before its client gives up), never a hung request. A commit cut short is
-    found as a duplicate when the client retries."""
+    found as a duplicate when the client retries. The bound is shared by every request of the same
+    ``within`` (:mod:`core.timeouts`): one timer, not one per request."""
     try:
-        async with asyncio.timeout(within):
+        async with shared_timeout(within):
             return await ingest(envelope, normalize)
     except TimeoutError:
         return IngestResult(

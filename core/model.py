@@ -6,13 +6,16 @@ Everything here is frozen and slotted; normalizers build these, the pipeline enr
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import operator
+import types
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 # Namespace for deterministic message ids: uuid5(NAMESPACE, idempotency key).
 MESSAGE_NAMESPACE = uuid.UUID("6f1f4a5e-3c1b-4b7e-9a57-2f1d0c7d9b10")
@@ -115,7 +118,9 @@ def plain_text(value: object) -> str:
     A lone surrogate (aiohttp and aiosmtpd decode bytes that are not UTF-8 as ``\\udcNN``, JSON can
     spell ``"\\ud800"``) is kept visibly as the escape ``\\xNN`` (the byte) or ``\\uNNNN``.
     """
-    text = str(value)
+    text = value if type(value) is str else str(value)
+    if text.isascii():  # the usual text, tested in C: no surrogate can be in it
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -296,3 +301,65 @@ class IngestResult:
     def stored(self) -> bool:
         """True when the message is durably committed (acknowledging it is safe)."""
         return self.outcome in (Outcome.ACCEPTED, Outcome.DUPLICATE, Outcome.QUARANTINED)
+
+
+D = TypeVar("D")
+
+
+class _SlotCopier:
+    """Copies one frozen, slotted dataclass type slot by slot, with some fields changed."""
+
+    def __init__(self, cls: type) -> None:
+        names = tuple(spec.name for spec in dataclasses.fields(cls))
+        self.cls = cls
+        # Every field's value in one call (attrgetter of one name gives the value, not a tuple).
+        self.get_all: Callable[[object], tuple[Any, ...]] = (
+            operator.attrgetter(*names) if len(names) > 1 else lambda value: (getattr(value, names[0]),)
+        )
+        # A slot's member descriptor sets it without the frozen class's __setattr__.
+        self.setters: dict[str, Callable[[object, object], None]] = {
+            name: cls.__dict__[name].__set__ for name in names
+        }
+
+    @staticmethod
+    def fits(cls: type) -> bool:
+        """Whether a copy made slot by slot is what ``dataclasses.replace`` would make: every field
+        a slot given to ``__init__``, and nothing for ``__post_init__`` to redo."""
+        if not dataclasses.is_dataclass(cls) or hasattr(cls, "__post_init__"):
+            return False
+        return bool(dataclasses.fields(cls)) and all(
+            spec.init and isinstance(cls.__dict__.get(spec.name), types.MemberDescriptorType)
+            for spec in dataclasses.fields(cls)
+        )
+
+    def __call__(self, value: D, changes: dict[str, Any]) -> D:
+        new: D = object.__new__(self.cls)
+        for setter, current in zip(self.setters.values(), self.get_all(value), strict=True):
+            setter(new, current)
+        for name, changed in changes.items():
+            change = self.setters.get(name)
+            if change is None:
+                raise TypeError(f"{self.cls.__name__} has no field {name!r}")
+            change(new, changed)
+        return new
+
+
+_COPIERS: dict[type, _SlotCopier | None] = {}
+
+
+def replace(value: D, /, **changes: Any) -> D:
+    """``dataclasses.replace(value, **changes)``, about three times faster for the canonical types.
+
+    The pipeline copies every message two or three times (finishing, enrichment, storable) and
+    ``dataclasses.replace`` runs the whole ``__init__`` again, ~9 us for a :class:`CanonicalMessage`
+    on the 2-core machine. A frozen, slotted dataclass with no ``__post_init__`` is copied slot by
+    slot instead, which is the same object; any other type takes ``dataclasses.replace``.
+    """
+    cls = type(value)
+    copier = _COPIERS.get(cls)
+    if copier is None:
+        if cls in _COPIERS or not _SlotCopier.fits(cls):
+            _COPIERS[cls] = None
+            return dataclasses.replace(value, **changes)  # type: ignore[type-var]
+        copier = _COPIERS[cls] = _SlotCopier(cls)
+    return copier(value, changes)

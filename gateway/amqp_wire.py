@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 
 from pamqp import body as pamqp_body
 from pamqp import commands as spec
+from pamqp import encode as pamqp_encode
 from pamqp import frame as pamqp_frame
 from pamqp import header as pamqp_header
 from pamqp import heartbeat as pamqp_heartbeat
@@ -248,18 +251,11 @@ class PublishConnection(asyncio.Protocol):
         self._confirms[tag] = confirm
         if properties.message_id:
             self._tags_by_message_id[properties.message_id] = tag
-        frames = [
-            pamqp_frame.marshal(
-                spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), CHANNEL
-            ),
-            pamqp_frame.marshal(pamqp_header.ContentHeader(0, len(body), properties), CHANNEL),
-        ]
-        step = self._frame_max - _FRAME_OVERHEAD
-        frames.extend(
-            pamqp_frame.marshal(pamqp_body.ContentBody(body[i : i + step]), CHANNEL)
-            for i in range(0, len(body), step)
+        self._write(
+            publish_frame(exchange, routing_key, mandatory)
+            + content_header_frame(properties, len(body))
+            + body_frames(body, self._frame_max)
         )
-        self._write(b"".join(frames))
         return confirm
 
     # -- the wire ------------------------------------------------------------------------------
@@ -414,6 +410,106 @@ class PublishConnection(asyncio.Protocol):
             self._heartbeat_task.cancel()
         if notify and self._on_lost is not None:
             self._on_lost(error)
+
+
+# -- publishing frames ---------------------------------------------------------------------------
+# pamqp marshals a frame from a description of every field and type: ~24 us for the method and
+# content header of one event on the 2-core machine, a fifth of the relay's CPU per event. These
+# write the same bytes directly (tests/gateway/test_amqp_wire.py compares them with pamqp's).
+
+_BASIC = 60
+_PUBLISH = 40
+_FRAME_END = b"\xce"
+_HEAD = struct.Struct(">BHI")  # frame type, channel, payload size
+_METHOD = struct.Struct(">HHH")  # class, method, reserved (ticket)
+_CONTENT = struct.Struct(">HHQH")  # class, weight, body size, property flags
+_LONG = struct.Struct(">I")
+_LONGLONG = struct.Struct(">Q")
+
+
+def _frame(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(kind, CHANNEL, len(payload)) + payload + _FRAME_END
+
+
+def _shortstr(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > 255:
+        return pamqp_encode.short_string(value)  # raises as pamqp does
+    return bytes((len(data),)) + data
+
+
+def _table(value: dict[str, Any]) -> bytes:
+    if not value:
+        return b"\0\0\0\0"
+    parts = []
+    for key, item in sorted(value.items()):
+        if len(key) > 128 or not key.isascii():
+            return pamqp_encode.field_table(value)  # a long key is cut as pamqp cuts it
+        kind = type(item)
+        if kind is str:
+            data = item.encode("utf-8")
+            parts.append(b"%c%bS%b%b" % (len(key), key.encode(), _LONG.pack(len(data)), data))
+        elif kind is int and -128 <= item <= 127:
+            parts.append(b"%c%bb%b" % (len(key), key.encode(), item.to_bytes(1, "big", signed=True)))
+        else:
+            parts.append(_shortstr(key) + pamqp_encode.encode_table_value(item))
+    data = b"".join(parts)
+    return _LONG.pack(len(data)) + data
+
+
+def _timestamp(value: Any) -> bytes:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        return _LONGLONG.pack(int(value.timestamp()))
+    return pamqp_encode.timestamp(value)
+
+
+def _octet(value: int) -> bytes:
+    return bytes((value,))
+
+
+# The basic properties in wire order, with their flag bits and encoders.
+_PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = (
+    ("content_type", 1 << 15, _shortstr),
+    ("content_encoding", 1 << 14, _shortstr),
+    ("headers", 1 << 13, _table),
+    ("delivery_mode", 1 << 12, _octet),
+    ("priority", 1 << 11, _octet),
+    ("correlation_id", 1 << 10, _shortstr),
+    ("reply_to", 1 << 9, _shortstr),
+    ("expiration", 1 << 8, _shortstr),
+    ("message_id", 1 << 7, _shortstr),
+    ("timestamp", 1 << 6, _timestamp),
+    ("message_type", 1 << 5, _shortstr),
+    ("user_id", 1 << 4, _shortstr),
+    ("app_id", 1 << 3, _shortstr),
+    ("cluster_id", 1 << 2, _shortstr),
+)
+
+
+def publish_frame(exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    """The Basic.Publish method frame."""
+    payload = _METHOD.pack(_BASIC, _PUBLISH, 0) + _shortstr(exchange) + _shortstr(routing_key)
+    return _frame(1, payload + (b"\x01" if mandatory else b"\x00"))
+
+
+def content_header_frame(properties: spec.Basic.Properties, body_size: int) -> bytes:
+    """The content header frame of a message of ``body_size`` bytes with ``properties``."""
+    flags = 0
+    parts = []
+    for name, flag, encode in _PROPERTIES:
+        value = getattr(properties, name)
+        if value is not None and value != "":  # pamqp leaves both out
+            flags |= flag
+            parts.append(encode(value))
+    return _frame(2, _CONTENT.pack(_BASIC, 0, body_size, flags) + b"".join(parts))
+
+
+def body_frames(body: bytes, frame_max: int) -> bytes:
+    """``body`` in content body frames of at most ``frame_max`` bytes each."""
+    step = frame_max - _FRAME_OVERHEAD
+    return b"".join(_frame(3, body[i : i + step]) for i in range(0, len(body), step))
 
 
 def _frame_size(buffer: bytearray) -> int:

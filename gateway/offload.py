@@ -7,10 +7,12 @@ the hand-over would cost more than it saves. A normalizer opts in with a true ``
 attribute (the email normalizer does) and must pickle (plain data, no closures).
 
 Parent and child talk over a socket pair in frames (a 4-byte length, then a pickle):
-a call id (8 bytes) and ``(normalizer, envelope)`` one way, ``(call_id, ok, messages_or_exception)``
-back (the id travels outside the pickle so that a request the child cannot read is still answered).
-The
-child is one plain loop: read what has arrived, normalize and enrich each, send the answers.
+a call id (8 bytes) and ``(pickled normalizer, envelope)`` one way, ``(call_id, ok,
+messages_or_exception)`` back (the id travels outside the pickle so that a request the child cannot
+read is still answered). Envelopes and messages travel as flat tuples (gateway/offload_wire.py);
+each side keeps the few normalizers it has seen pickled, so a normalizer is pickled once, not per
+mail. The child is one plain loop: read what has arrived, normalize and enrich each, send the
+answers.
 
 Nothing is acknowledged on the child's word alone: it returns canonical messages, and the pipeline
 commits them as before. The child enriches with an :class:`~gateway.enrich.Enricher` built from
@@ -40,6 +42,7 @@ from core.errors import NormalizationError
 from core.model import CanonicalMessage, RawEnvelope
 from core.settings import Settings
 from gateway.enrich import Enricher
+from gateway.offload_wire import decode_envelope, decode_message, encode_envelope, encode_message
 from normalizers.base import Normalizer
 from normalizers.content import normalized
 
@@ -49,6 +52,9 @@ _HEADER = struct.Struct("!I")
 _CALL_ID = struct.Struct("!Q")
 _READY_TIMEOUT = 30.0
 _RESTART_DELAY = 1.0
+# Normalizers kept pickled (parent) and unpickled (child): one per channel configuration, and the
+# odd per-request one (normalizers.api); the table is emptied when it fills.
+_NORMALIZERS_KEPT = 64
 
 
 def offloadable(normalize: Normalizer) -> bool:
@@ -113,12 +119,13 @@ class NormalizeWorker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Future[list[CanonicalMessage]]] = {}
+        self._calls: dict[int, asyncio.Future[list[Any]]] = {}
         self._frames: _Frames | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._ready = asyncio.Event()
         self._closing = False
         self._restart: asyncio.Task[None] | None = None
+        self._normalizers: dict[Normalizer, bytes] = {}
 
     @property
     def pid(self) -> int | None:
@@ -162,16 +169,27 @@ class NormalizeWorker:
             return None
         call_id = next(self._ids)
         try:
-            payload = _CALL_ID.pack(call_id) + pickle.dumps(
-                (normalize, envelope), protocol=pickle.HIGHEST_PROTOCOL
-            )
+            payload = _CALL_ID.pack(call_id) + _dumps((self._pickled(normalize), encode_envelope(envelope)))
         except (pickle.PicklingError, TypeError, AttributeError):
             return None
         if not frames.send(payload):
             return None
-        future: asyncio.Future[list[CanonicalMessage]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        return await future
+        return [decode_message(message) for message in await future]
+
+    def _pickled(self, normalize: Normalizer) -> bytes:
+        """``normalize`` pickled, remembered for the next call with an equal normalizer."""
+        try:
+            pickled = self._normalizers.get(normalize)
+        except TypeError:  # not hashable: pickled each time
+            return _dumps(normalize)
+        if pickled is None:
+            pickled = _dumps(normalize)
+            if len(self._normalizers) >= _NORMALIZERS_KEPT:
+                self._normalizers.clear()
+            self._normalizers[normalize] = pickled
+        return pickled
 
     # -- the child's life ----------------------------------------------------------------------
 
@@ -269,29 +287,44 @@ def child_main(settings: Settings, sock: socket.socket) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(settings.log)
     enrich = Enricher.from_settings(settings).enrich
+    normalizers: dict[bytes, Normalizer] = {}
     gc.collect()
     gc.freeze()
     sock.setblocking(True)
     sock.sendall(_frame((0, True, None)))
     buffer = bytearray()
+    # Received into one buffer: recv(1 MB) allocates and frees a megabyte per call, ~20 us each.
+    chunk = memoryview(bytearray(1 << 20))
     with sock:
-        while data := sock.recv(1 << 20):
-            buffer += data
-            answers = [_answer(frame, enrich) for frame in _take_frames(buffer)]
+        while received := sock.recv_into(chunk):
+            buffer += chunk[:received]
+            answers = [_answer(frame, enrich, normalizers) for frame in _take_frames(buffer)]
             if answers:
                 sock.sendall(b"".join(answers))
 
 
-def _answer(frame: bytes, enrich: Callable[[CanonicalMessage], CanonicalMessage]) -> bytes:
+def _answer(
+    frame: bytes,
+    enrich: Callable[[CanonicalMessage], CanonicalMessage],
+    normalizers: dict[bytes, Normalizer],
+) -> bytes:
+    """The answer frame to one request; ``normalizers``: those seen so far, by their pickle."""
     (call_id,) = _CALL_ID.unpack_from(frame)
     try:
-        normalize, envelope = pickle.loads(memoryview(frame)[_CALL_ID.size :])  # noqa: S301 - from our parent
+        pickled, encoded = pickle.loads(memoryview(frame)[_CALL_ID.size :])  # noqa: S301 - from our parent
+        normalize = normalizers.get(pickled)
+        if normalize is None:
+            normalize = pickle.loads(pickled)  # noqa: S301 - from our parent
+            if len(normalizers) >= _NORMALIZERS_KEPT:
+                normalizers.clear()
+            normalizers[pickled] = normalize
+        envelope = decode_envelope(encoded)
     except Exception as exc:
         # Answered, not fatal: a request that kills the child would kill each one after it too.
         error = NormalizationError(f"the normalizer process could not read it: {exc}")
         return _frame((call_id, False, error))
     try:
-        messages = [enrich(message) for message in normalized(normalize, envelope)]
+        messages = [encode_message(enrich(message)) for message in normalized(normalize, envelope)]
     except Exception as exc:
         return _frame((call_id, False, _portable_error(exc)))
     try:
@@ -300,6 +333,10 @@ def _answer(frame: bytes, enrich: Callable[[CanonicalMessage], CanonicalMessage]
         return _frame((call_id, False, _portable_error(exc)))
 
 
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _frame(value: Any) -> bytes:
-    payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = _dumps(value)
     return _HEADER.pack(len(payload)) + payload

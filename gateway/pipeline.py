@@ -54,6 +54,7 @@ class Pipeline:
         self._offload = offload
         # How a thread can be answered (message.received's reply block), from the registered senders.
         self._answering = answering
+        self._policies: dict[tuple[str, str], PlacementPolicy] = {}
 
     async def ingest(self, envelope: RawEnvelope, normalize: Normalizer) -> IngestResult:
         """Process one envelope; the result tells the connector what to answer."""
@@ -179,16 +180,25 @@ class Pipeline:
         return IngestResult(outcome=Outcome.QUARANTINED, reason=reason, quarantine_id=record.id)
 
     def _policy(self, message: CanonicalMessage) -> PlacementPolicy:
+        """The placement policy of the message's channel and inbox, kept for a configured inbox (the
+        settings do not change while the pipeline runs; configured inboxes are a bounded set)."""
+        key = (message.channel, message.inbox)
+        policy = self._policies.get(key)
+        if policy is not None:
+            return policy
         inbox = self._settings.inboxes.get(message.inbox)
-        window = self._settings.threading.window_for(message.channel, inbox.thread_window if inbox else None)
+        threading = self._settings.threading
         dedupe = self._settings.dedupe
-        return PlacementPolicy(
-            window=window,
-            ticket_ref_pattern=self._settings.threading.ticket_ref_pattern,
+        policy = PlacementPolicy(
+            window=threading.window_for(message.channel, inbox.thread_window if inbox else None),
+            ticket_ref_pattern=threading.ticket_ref_pattern,
             duplicate_window=dedupe.duplicate_window,
             duplicate_threshold=dedupe.duplicate_threshold,
             duplicate_min_chars=dedupe.duplicate_min_chars,
         )
+        if inbox is not None:
+            self._policies[key] = policy
+        return policy
 
     def _build_event(self, envelope: RawEnvelope) -> Callable[..., Event]:
         public_url = self._settings.server.public_url

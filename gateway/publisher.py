@@ -27,6 +27,7 @@ from pamqp import commands as spec
 from core.errors import ConfigError, PublishError
 from core.events import SCHEMA
 from core.settings import BrokerSettings
+from core.timeouts import SharedTimeout
 from gateway.amqp_wire import Nacked, PublishConnection, Returned, WireError
 from gateway.store.base import OutboxRow
 
@@ -161,6 +162,8 @@ class AmqpPublisher:
         self._closing = False
         self.last_error: str | None = None
         self.reconnects = 0
+        # Every publish is bounded; the bounds share one timer (core.timeouts), not one per event.
+        self._publish_bound = SharedTimeout(settings.publish_timeout)
 
     @property
     def connected(self) -> bool:
@@ -303,7 +306,7 @@ class AmqpPublisher:
         try:
             confirm = connection.publish(exchange, row.routing_key, row.body, properties, mandatory=True)
             # A blocked or stalled broker must not hang the relay.
-            async with asyncio.timeout(self._settings.publish_timeout):
+            async with self._publish_bound():
                 await confirm
         except Returned as exc:
             raise _RowFailed(f"returned by the broker (unroutable {row.routing_key!r})", fatal=False) from exc

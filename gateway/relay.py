@@ -97,6 +97,7 @@ class OutboxRelay:
         *,
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -104,6 +105,9 @@ class OutboxRelay:
         self._metrics = metrics
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        # Told when the relay goes to wait for a wake-up with nothing left to publish: a relay in
+        # a child process tells its parent, which wakes it on the next commit (and not before).
+        self._on_wait = on_wait
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set while the last round found nothing to publish
@@ -205,6 +209,8 @@ class OutboxRelay:
                 continue  # more is waiting
             if fetched == 0:
                 self._idle.set()
+            if self._on_wait is not None and not self._wake.is_set():
+                self._on_wait()
             await self._wait_for_work()
 
     async def _round(self) -> int:

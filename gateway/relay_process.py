@@ -11,9 +11,15 @@ The parent keeps a :class:`RelayProcess` with the surface the application uses f
 child and restarts it with backoff when it dies (nothing is lost meanwhile: events wait in the
 outbox). They talk over a socket pair, one JSON object per line:
 
-- parent to child: ``{"op": "wake"}`` after commits, ``{"op": "drain", "timeout": s}`` on shutdown;
+- parent to child: ``{"op": "wake"}`` after commits, ``{"op": "drain", "timeout": s}`` on shutdown,
+  ``{"op": "marked" | "unmarked", "positions": [...]}`` for the child's marks;
 - child to parent: ``{"op": "ready"}``, ``{"op": "status", ...}`` twice a second,
-  ``{"op": "drained", "emptied": bool}``.
+  ``{"op": "mark", "positions": [...]}``, ``{"op": "waiting"}``, ``{"op": "drained", "emptied": bool}``.
+
+A wake-up goes only to a child that said it is ``waiting`` (it has published everything it read
+and waits for work); commits made while it works are caught by its next round, or, when they came
+after that round's read, by a wake-up sent when it says ``waiting`` again. Under load the child
+never waits and the parent writes nothing per commit.
 
 When the parent dies, the child reads end-of-file and stops.
 """
@@ -55,7 +61,14 @@ class RelayProcess:
         self._settings = settings
         self._metrics = metrics
         self._store = store
-        self._marking: set[asyncio.Task[None]] = set()
+        # Confirmations from the child wait here while the previous ones are being committed, and
+        # then go to the writer as one job: one job per commit, not one per relay round.
+        self._to_mark: list[int] = []
+        self._marker: asyncio.Task[None] | None = None
+        # Lines for the child, written together once per loop iteration (a write to the socket
+        # wakes the child: each one cost the event loop more than the line itself).
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
         self._process: multiprocessing.process.BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -63,7 +76,11 @@ class RelayProcess:
         self._drained = asyncio.Event()
         self._emptied = False
         self._stopping = asyncio.Event()
-        self._wake_scheduled = False
+        self._wake_queued = False
+        # The child waits for a wake-up (True), or works and will read what is committed meanwhile
+        # unless it started its last read before (``_missed``: wake it when it says it waits).
+        self._child_waiting = True
+        self._missed = False
         self._status = RelayStatus(
             running=False,
             connected=False,
@@ -89,20 +106,38 @@ class RelayProcess:
             logger.error("relay process not ready after %.0fs; events wait in the outbox", _READY_TIMEOUT)
 
     def wake(self) -> None:
-        """Something was committed: tell the child, at most once per loop iteration."""
-        if self._writer is not None and not self._wake_scheduled:
-            self._wake_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_wake)
+        """Something was committed: tell a waiting child, at most once per loop iteration."""
+        if self._writer is None:
+            return
+        if not self._child_waiting:
+            self._missed = True
+        elif not self._wake_queued:
+            self._wake_queued = True
+            self._schedule_flush()
 
-    def _send_wake(self) -> None:
-        self._wake_scheduled = False
+    def _send(self, line: bytes) -> None:
+        self._outgoing.append(line)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what this loop iteration has for the child, a wake-up included, in one write."""
+        self._flush_scheduled = False
+        lines, self._outgoing = self._outgoing, []
         writer = self._writer
-        if (
-            writer is not None
-            and not writer.is_closing()
-            and writer.transport.get_write_buffer_size() < _MAX_PENDING_WRITE
-        ):
-            writer.write(b'{"op":"wake"}\n')
+        if writer is None or writer.is_closing():
+            self._wake_queued = False
+            return
+        if self._wake_queued and writer.transport.get_write_buffer_size() < _MAX_PENDING_WRITE:
+            lines.append(b'{"op":"wake"}\n')
+            self._child_waiting = self._missed = False
+        self._wake_queued = False
+        if lines:
+            writer.write(b"".join(lines))
 
     async def drain(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 - the relay's API
         """Let the child publish for up to ``timeout`` seconds, then stop it. True when emptied."""
@@ -110,13 +145,14 @@ class RelayProcess:
         self._stopping.set()
         writer, process = self._writer, self._process
         if writer is not None and not writer.is_closing():
-            writer.write(orjson.dumps({"op": "drain", "timeout": limit}) + b"\n")
+            self._send(orjson.dumps({"op": "drain", "timeout": limit}) + b"\n")
+            self._flush()  # now, after what was queued before it
             with contextlib.suppress(TimeoutError, ConnectionError):
                 async with asyncio.timeout(limit + 5.0):
                     await self._drained.wait()
         # The child's last confirmations must be committed before the store closes after us.
-        if self._marking:
-            await asyncio.gather(*self._marking, return_exceptions=True)
+        if self._marker is not None:
+            await asyncio.gather(self._marker, return_exceptions=True)
         if process is not None:
             await asyncio.to_thread(process.join, 5.0)
             if process.is_alive():
@@ -162,6 +198,7 @@ class RelayProcess:
         self._process = process
         reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
         self._writer = writer
+        self._child_waiting, self._missed = True, False
         try:
             # A write to a dead child (a wake-up) fails the transport: the reader then raises
             # instead of returning end-of-file. Both mean the child is gone.
@@ -177,9 +214,13 @@ class RelayProcess:
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "mark":
-            task = asyncio.create_task(self._mark([int(p) for p in message["positions"]]))
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
+            self._to_mark.extend(int(p) for p in message["positions"])
+            if self._marker is None:
+                self._marker = asyncio.create_task(self._mark_waiting())
+        elif op == "waiting":
+            self._child_waiting = True
+            if self._missed:
+                self.wake()
         elif op == "status":
             self._apply_status(message)
         elif op == "ready":
@@ -188,6 +229,15 @@ class RelayProcess:
         elif op == "drained":
             self._emptied = bool(message.get("emptied"))
             self._drained.set()
+
+    async def _mark_waiting(self) -> None:
+        """Commit the waiting confirmations, and those that arrive meanwhile, until none wait."""
+        try:
+            while self._to_mark:
+                positions, self._to_mark = self._to_mark, []
+                await self._mark(positions)
+        finally:
+            self._marker = None
 
     async def _mark(self, positions: list[int]) -> None:
         """Commit the child's confirmations through this process's writer (SQLite has one writer)."""
@@ -199,9 +249,7 @@ class RelayProcess:
             reply = {"op": "unmarked", "positions": positions}
         else:
             reply = {"op": "marked", "positions": positions}
-        writer = self._writer
-        if writer is not None and not writer.is_closing():
-            writer.write(orjson.dumps(reply) + b"\n")
+        self._send(orjson.dumps(reply) + b"\n")
 
     def _apply_status(self, message: dict[str, Any]) -> None:
         last_error_at = message.get("last_error_at")
@@ -256,31 +304,58 @@ class MarkThroughParent:
     Reads go to the child's own read connection. Confirmations are sent to the parent, whose
     writer commits them with its own group commits, instead of competing for SQLite's single write
     lock. Until the parent reports them committed, their rows are hidden from the next fetch.
+
+    Fetches start after a floor below which every row is published or waiting for its mark, so a
+    round does not read the previous round's rows (bodies and all) again while the parent commits
+    their marks. Positions are given in commit order (one writer, AUTOINCREMENT), so a read sees
+    every unpublished row above where it starts, up to the last row it returns.
     """
 
     def __init__(self, store: Store, send: Callable[[dict[str, Any]], None]) -> None:
         self._store = store
         self._send = send
         self._pending: set[int] = set()
+        self._floor = 0
+        # The last read: where it started, and each row it saw with whether it was hidden.
+        self._read: tuple[int, list[tuple[int, bool]]] = (0, [])
 
     async def outbox_fetch(self, limit: int, after: int = 0) -> list[OutboxRow]:
+        start = max(after, self._floor)
         # Hide what was pending when the read started, even if the parent's "marked" arrives while
         # it runs: the read may predate the parent's commit and still show those rows unpublished.
-        hidden = set(self._pending)
-        rows = await self._store.outbox_fetch(limit + len(hidden), after)
+        hidden = {position for position in self._pending if position > start}
+        rows = await self._store.outbox_fetch(limit + len(hidden), start)
         hidden |= self._pending
+        self._read = (start, [(row.position, row.position in hidden) for row in rows])
         return [row for row in rows if row.position not in hidden][:limit]
 
     async def outbox_mark_published(self, positions: Sequence[int]) -> None:
         self._pending.update(positions)
+        self._raise_floor()
         self._send({"op": "mark", "positions": list(positions)})
+
+    def _raise_floor(self) -> None:
+        """Move the floor over the last read's rows that are now published or being marked: those
+        hidden then (pending; one that fails lowers the floor again) and those marked since."""
+        start, seen = self._read
+        if start != self._floor:
+            return  # a failed mark lowered the floor since that read: it must be read again
+        floor = start
+        for position, hidden in seen:
+            if not (hidden or position in self._pending):
+                break  # not confirmed, or not handed to the relay: fetched again next round
+            floor = position
+        self._floor = floor
 
     async def outbox_status(self) -> OutboxStatus:
         return await self._store.outbox_status()
 
-    def settled(self, positions: Sequence[int]) -> None:
-        """The parent committed (or gave up on) these marks; an unmarked row is fetched again."""
+    def settled(self, positions: Sequence[int], *, published: bool = False) -> None:
+        """The parent committed (``published``) or gave up on these marks; an unmarked row is
+        fetched again."""
         self._pending.difference_update(positions)
+        if not published and positions:
+            self._floor = min(self._floor, min(positions) - 1)
 
 
 def child_main(settings: Settings, sock: socket.socket) -> None:
@@ -307,16 +382,27 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
     from gateway.store import build_store
 
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    outgoing: list[bytes] = []
+
+    def flush() -> None:
+        if outgoing and not writer.is_closing():
+            writer.write(b"".join(outgoing))
+        outgoing.clear()
 
     def send(message: dict[str, Any]) -> None:
-        writer.write(orjson.dumps(message, default=str) + b"\n")
+        # What one loop iteration sends (a mark, then "waiting") leaves in one write.
+        if not outgoing:
+            asyncio.get_running_loop().call_soon(flush)
+        outgoing.append(orjson.dumps(message, default=str) + b"\n")
 
     store = build_store(settings)
     await store.open()
     publisher = AmqpPublisher(settings.broker, connection_name="ticketgate relay")
     counts = _Counts()
     marker = MarkThroughParent(store, send) if settings.store.backend == "sqlite" else None
-    relay = OutboxRelay(marker or store, publisher, settings.outbox, counts)
+    relay = OutboxRelay(
+        marker or store, publisher, settings.outbox, counts, on_wait=lambda: send({"op": "waiting"})
+    )
     reporter: asyncio.Task[None] | None = None
     try:
         await publisher.start()
@@ -341,6 +427,7 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
                         **counts.take(),
                     }
                 )
+                flush()
                 await writer.drain()
                 await asyncio.sleep(_STATUS_INTERVAL)
 
@@ -351,10 +438,12 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
             if message["op"] == "wake":
                 relay.wake()
             elif message["op"] in ("marked", "unmarked") and marker is not None:
-                marker.settled([int(p) for p in message["positions"]])
+                positions = [int(p) for p in message["positions"]]
+                marker.settled(positions, published=message["op"] == "marked")
             elif message["op"] == "drain":
                 emptied = await relay.drain(float(message["timeout"]))
                 send({"op": "drained", "emptied": emptied})
+                flush()
                 await writer.drain()
                 break
         else:

@@ -35,6 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from core.ratelog import RateLimitedLog
 from core.settings import Settings
+from core.timeouts import SharedTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class BoundedServer(web.Server):
         self._inner = handler
         self._limit = max_connections
         self._request_timeout = request_timeout
+        # One timer for every request's bound, not one per request (core.timeouts).
+        self._request_bound = SharedTimeout(request_timeout)
         # Connections not inside a request, oldest first: the ones to close when full.
         self._idle: collections.OrderedDict[RequestHandler, None] = collections.OrderedDict()
         self._shed_log = RateLimitedLog(logger)
@@ -114,7 +117,7 @@ class BoundedServer(web.Server):
                 if protocol.transport is not None:
                     self._idle[protocol] = None
         try:
-            async with asyncio.timeout(self._request_timeout):
+            async with self._request_bound():
                 return await self._inner(request)
         except TimeoutError:
             logger.info(

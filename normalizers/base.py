@@ -18,7 +18,7 @@ import orjson
 
 from core.channel import Normalizer
 from core.errors import InvalidInput
-from core.model import CanonicalMessage, plain_text
+from core.model import CanonicalMessage, plain_text, replace
 
 __all__ = ["Normalizer", "json_object", "storable"]
 
@@ -89,10 +89,18 @@ def _clean(value: Any) -> Any:
             changes: dict[str, Any] = {}
             for name in names:
                 before = getattr(value, name)
+                kind = type(before)
+                # The usual field (an atom, ASCII text without NUL, an empty tuple or dict) is
+                # tested here: a call of _clean for each of a message's ~30 fields cost ~10 us.
+                if kind in _ATOMS or (
+                    (kind is str and before.isascii() and "\x00" not in before)
+                    or (not before and (kind is tuple or kind is dict))
+                ):
+                    continue
                 after = _clean(before)
                 if after is not before:
                     changes[name] = after
-            return dataclasses.replace(value, **changes) if changes else value
+            return replace(value, **changes) if changes else value
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             _FIELDS[cls] = tuple(spec.name for spec in dataclasses.fields(value))
             return _clean(value)
@@ -120,5 +128,5 @@ def _clean_any(value: Any) -> Any:
             after = _clean(before)
             if after is not before:
                 changes[spec.name] = after
-        return dataclasses.replace(value, **changes) if changes else value
+        return replace(value, **changes) if changes else value
     return value

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 from collections.abc import Callable, Iterable
 
-from core.model import CanonicalMessage, RawEnvelope
+from core.model import CanonicalMessage, RawEnvelope, replace
 from normalizers import html as html_body
 from normalizers import language
 
@@ -29,7 +28,7 @@ def finish(message: CanonicalMessage) -> CanonicalMessage:
     guessed = message.language or language.detect(message.reply_text or text or message.subject or "")
     if (html, text, guessed) == (message.html, message.text, message.language):
         return message
-    return dataclasses.replace(message, html=html, text=text, language=guessed)
+    return replace(message, html=html, text=text, language=guessed)
 
 
 def normalized(

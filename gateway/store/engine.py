@@ -87,6 +87,8 @@ class Cursor(Protocol):
 
     def fetchall(self) -> list[Any]: ...
 
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
 
     def close(self) -> None: ...
@@ -239,10 +241,10 @@ class Dialect:
 
 # -- shared statements and row mappers ------------------------------------------------------------
 
-_THREAD_COLUMNS = (
+THREAD_COLUMNS = (
     "id, tenant, inbox, customer_id, subject, number, last_activity, status, merged_into, previous_id"
 )
-_THREAD_COLUMNS_T = ", ".join(f"t.{c.strip()}" for c in _THREAD_COLUMNS.split(","))
+_THREAD_COLUMNS_T = ", ".join(f"t.{c.strip()}" for c in THREAD_COLUMNS.split(","))
 _MERGE_COLUMNS = (
     "id, tenant, surviving_customer, merged_customers, identities, threads, evidence, created_at, undone_at"
 )
@@ -267,6 +269,17 @@ RECENT_TEXT_CAP = (
 _OUTBOX_INSERT = (
     "INSERT INTO outbox (event_id, type, routing_key, tenant, channel, thread_id, sequence, body,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The first placement of an idempotency key (parameter: the key).
+_KEY_SELECT = (
+    "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
+    " previous_thread_id, fingerprint, (SELECT number FROM threads t WHERE t.id = k.thread_id)"
+    " FROM idempotency_keys k WHERE key = ?"
+)
+# The same for a key and its tombstone, each row ending with its key (parameters: key, tombstone).
+# Two lookups in one statement; an IN list or an ORDER BY would build a temporary b-tree.
+_KEY_PROBE = " UNION ALL ".join(
+    [_KEY_SELECT.replace(" FROM idempotency_keys", ", key FROM idempotency_keys")] * 2
 )
 _OUTBOX_FETCH = (
     "SELECT position, event_id, type, routing_key, tenant, channel, thread_id, sequence, body, created_at"
@@ -303,7 +316,7 @@ def _identities(rows: Iterable[Sequence[Any]]) -> tuple[Identity, ...]:
     return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
 
 
-def _thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
+def thread_record(d: Dialect, row: Sequence[Any]) -> ThreadRecord:
     return ThreadRecord(
         id=row[0],
         tenant=row[1],
@@ -453,13 +466,15 @@ class SqlTx:
         self._conn = conn
         self._d = dialect
         self.serialized = dialect.serialized
+        # Keys claimed on a serialized store, not written yet: key -> (message id, time, fingerprint).
+        self._claims: dict[str, tuple[str, Any, str | None]] = {}
 
     def _x(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         return self._conn.execute(self._d.sql(sql), params)
 
     def _thread(self, sql: str, params: Sequence[Any]) -> ThreadRecord | None:
         row = self._x(sql, params).fetchone()
-        return _thread_record(self._d, row) if row is not None else None
+        return thread_record(self._d, row) if row is not None else None
 
     # -- idempotency ---------------------------------------------------------------------------
 
@@ -469,23 +484,28 @@ class SqlTx:
         # Not claimed when the key's tombstone is there: its customer was erased, and a retry of
         # their message must not bring it back (gateway.store.erase).
         tombstone = erased_key(key)
-        # RETURNING, not rowcount: a pipelined placement (PostgreSQL) learns a statement's row count
-        # only once its results are read.
-        claimed = self._x(
-            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint) SELECT ?, ?, ?, ?"
-            " WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?) ON CONFLICT (key) DO NOTHING"
-            " RETURNING 1",
-            (key, message_id, self._d.ts(now), fingerprint, tombstone),
-        ).fetchone()
-        if claimed is not None:
-            return None
-        # A concurrent claim (PostgreSQL) waited above for the first transaction and sees its row.
-        select = (
-            "SELECT message_id, thread_id, customer_id, sequence, is_new_thread, duplicate_of,"
-            " previous_thread_id, fingerprint, (SELECT number FROM threads t WHERE t.id = k.thread_id)"
-            " FROM idempotency_keys k WHERE key = ?"
-        )
-        row = self._x(select, (key,)).fetchone() or self._x(select, (tombstone,)).fetchone()
+        if self.serialized:
+            # The only writer: nothing can take the key between this look and complete_claim,
+            # which inserts the whole row (one write where claiming first costs two).
+            rows = self._x(_KEY_PROBE, (key, tombstone)).fetchall()
+            if not rows:
+                self._claims[key] = (message_id, self._d.ts(now), fingerprint)
+                return None
+            row = min(rows, key=lambda r: r[-1] != key)  # the key's own row before its tombstone
+        else:
+            # RETURNING, not rowcount: a pipelined placement (PostgreSQL) learns a statement's row
+            # count only once its results are read.
+            claimed = self._x(
+                "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint)"
+                " SELECT ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?)"
+                " ON CONFLICT (key) DO NOTHING RETURNING 1",
+                (key, message_id, self._d.ts(now), fingerprint, tombstone),
+            ).fetchone()
+            if claimed is not None:
+                return None
+            # A concurrent claim waited above for the first transaction and sees its row.
+            row = self._x(_KEY_SELECT, (key,)).fetchone()
+            row = row or self._x(_KEY_SELECT, (tombstone,)).fetchone()
         if row is None or row[1] is None:
             # Claimed but never completed: only possible if a caller broke the engine's order.
             raise StoreError(f"idempotency key claimed without a placement: {key!r}")
@@ -504,18 +524,28 @@ class SqlTx:
         )
 
     def complete_claim(self, key: str, placement: Placement) -> None:
+        placed = (
+            placement.thread_id,
+            placement.customer_id,
+            placement.sequence,
+            placement.is_new_thread,
+            placement.duplicate_of,
+            placement.previous_thread_id,
+        )
+        claim = self._claims.pop(key, None)
+        if claim is None:
+            self._x(
+                "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?,"
+                " duplicate_of = ?, previous_thread_id = ? WHERE key = ?",
+                (*placed, key),
+            )
+            return
+        # A plain INSERT: should the key exist after all, the placement fails instead of hiding it.
         self._x(
-            "UPDATE idempotency_keys SET thread_id = ?, customer_id = ?, sequence = ?, is_new_thread = ?,"
-            " duplicate_of = ?, previous_thread_id = ? WHERE key = ?",
-            (
-                placement.thread_id,
-                placement.customer_id,
-                placement.sequence,
-                placement.is_new_thread,
-                placement.duplicate_of,
-                placement.previous_thread_id,
-                key,
-            ),
+            "INSERT INTO idempotency_keys (key, message_id, created_at, fingerprint, thread_id,"
+            " customer_id, sequence, is_new_thread, duplicate_of, previous_thread_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, *claim, *placed),
         )
 
     # -- locks ---------------------------------------------------------------------------------
@@ -662,7 +692,7 @@ class SqlTx:
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> ThreadRecord | None:
         return self._thread(
-            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
+            f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608
             " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
             " ORDER BY last_activity DESC LIMIT 1",
             (customer_id, tenant, inbox, self._d.ts(active_since)),
@@ -672,26 +702,26 @@ class SqlTx:
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> list[ThreadRecord]:
         rows = self._x(
-            f"SELECT {_THREAD_COLUMNS} FROM threads"  # noqa: S608
+            f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608
             " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
             " ORDER BY number",
             (customer_id, tenant, inbox, self._d.ts(active_since)),
         ).fetchall()
-        return [_thread_record(self._d, r) for r in rows]
+        return [thread_record(self._d, r) for r in rows]
 
     def get_thread(self, thread_id: str) -> ThreadRecord | None:
-        return self._thread(f"SELECT {_THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,))  # noqa: S608
+        return self._thread(f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = ?", (thread_id,))  # noqa: S608
 
     def find_successor(self, thread_id: str) -> ThreadRecord | None:
         # The highest number is the newest: numbers are handed out in creation order per tenant.
         return self._thread(
-            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE previous_id = ? ORDER BY number DESC LIMIT 1",  # noqa: S608
+            f"SELECT {THREAD_COLUMNS} FROM threads WHERE previous_id = ? ORDER BY number DESC LIMIT 1",  # noqa: S608
             (thread_id,),
         )
 
     def find_thread_by_number(self, tenant: str, number: int) -> ThreadRecord | None:
         return self._thread(
-            f"SELECT {_THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
+            f"SELECT {THREAD_COLUMNS} FROM threads WHERE tenant = ? AND number = ?",  # noqa: S608
             (tenant, number),
         )
 
@@ -872,8 +902,17 @@ class SqlStore(ReplyLedger, abc.ABC):
     ) -> T:
         """Run an :meth:`accept` job (it adds events) placing ``messages``. A backend may run it
         differently: PostgreSQL groups concurrent jobs into one transaction and pipelines their
-        statements. The job reads no ``rowcount`` (a pipelined cursor has none yet)."""
+        statements. The job reads no ``rowcount`` (a pipelined cursor has none yet). The job writes
+        customers, identities and threads only through :meth:`_tx`."""
         return await self._write(fn, events=True)
+
+    async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
+        """Run an :meth:`outbox_mark_published` job: it writes the outbox and counters only."""
+        return await self._write(fn)
+
+    def _tx(self, conn: Connection) -> SqlTx:
+        """The placement engine's Tx over ``conn`` (a backend may keep rows it owns in memory)."""
+        return SqlTx(conn, self.dialect)
 
     @abc.abstractmethod
     async def _read(self, fn: Callable[[Connection], T]) -> T: ...
@@ -996,7 +1035,7 @@ class SqlStore(ReplyLedger, abc.ABC):
         def job(conn: Connection) -> list[Placement]:
             now = self._clock()
             self._archive(conn, envelope.body, digest, files, now)
-            tx = SqlTx(conn, d)
+            tx = self._tx(conn)
             placements: list[Placement] = []
             events: list[Event] = []
             for message, policy in zip(messages, policies, strict=True):
@@ -1089,7 +1128,7 @@ class SqlStore(ReplyLedger, abc.ABC):
         # Not bounded by max_backlog: desk and control operations record decisions already made.
         def job(conn: Connection) -> T:
             now = self._clock()
-            value, events = work(SqlTx(conn, self.dialect), now)
+            value, events = work(self._tx(conn), now)
             _insert_events(self.dialect, conn, events, now)
             self._count_events(conn, len(events), bounded=False)
             return value
@@ -1127,7 +1166,7 @@ class SqlStore(ReplyLedger, abc.ABC):
             )
 
         if positions:
-            await self._write(job)
+            await self._write_marks(job)
 
     async def quarantine_mark_replayed(self, quarantine_id: str, result: str) -> None:
         d = self.dialect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
 from typing import Any
@@ -200,3 +201,25 @@ async def test_form_from_a_foreign_origin_and_over_the_rate_limit_is_refused(dep
     received = await d.consumer.wait_for(accepted)
     assert len({validate_event(r.body)["message"]["id"] for r in received}) == accepted
     assert "rate limit" in d.gateway.log()
+
+
+async def test_events_go_out_on_the_wake_ups_of_commits_not_the_poll(deploy: MakeDeployment) -> None:
+    """The relay process is woken only while it waits; what is committed while it works must still
+    go out at once, not at its next poll (here a minute away): one message at a time, and bursts
+    that land while it publishes."""
+    d = await deploy(env={"TICKETGATE__OUTBOX__POLL_INTERVAL": "60"})
+    sent = 0
+    async with aiohttp.ClientSession() as session:
+        for i in range(5):
+            status, _ = await post_api(session, d.gateway.url, api_body(f"one at a time {i}"))
+            assert status == 202
+            sent += 1
+            await d.consumer.wait_for(sent, within=5)
+        for burst in range(4):
+            answers = await asyncio.gather(*(
+                post_api(session, d.gateway.url, api_body(f"burst {burst} message {i}", f"c{i}@example.com"))
+                for i in range(40)
+            ))
+            assert [status for status, _ in answers] == [202] * 40
+            sent += 40
+            await d.consumer.wait_for(sent, within=5)

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
+from pamqp import body as pamqp_body
 from pamqp import commands as spec
+from pamqp import frame as pamqp_frame
+from pamqp import header as pamqp_header
 
 from core.settings import BrokerSettings, QueueSettings
-from gateway.amqp_wire import Endpoint, PublishConnection, WireError
+from gateway.amqp_wire import (
+    CHANNEL,
+    Endpoint,
+    PublishConnection,
+    WireError,
+    body_frames,
+    content_header_frame,
+    publish_frame,
+)
 from gateway.publisher import AmqpPublisher
 from tests.support.consumer import Consumer
 from tests.support.outbox import row_from_event, thread_event
@@ -27,6 +40,60 @@ from tests.support.rabbitmq import Janitor
 )
 def test_endpoint_parses_amqp_urls(url: str, expected: Endpoint) -> None:
     assert Endpoint.parse(url) == expected
+
+
+_EVENT_PROPERTIES: dict[str, Any] = {
+    "delivery_mode": 2, "message_id": "01JD2Y3Q6XJ0M9Y4F3V8T7K5ZB", "correlation_id": "thread-1",
+    "message_type": "message.received", "content_type": "application/json",
+    "timestamp": datetime(2026, 11, 22, 8, 30, tzinfo=UTC), "app_id": "ticketgate",
+    "headers": {"schema": "ticketgate.event/1", "tenant": "acme", "channel": "api", "sequence": 7},
+}
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        _EVENT_PROPERTIES,
+        {**_EVENT_PROPERTIES, "correlation_id": None, "headers": {"schema": "s", "channel": "c"}},
+        {**_EVENT_PROPERTIES, "headers": {"sequence": 128, "tenant": "äcme", "big": 2**40, "neg": -129}},
+        {**_EVENT_PROPERTIES, "headers": {"nested": {"a": [1, "x"]}, "flag": True, "none": None, "f": 1.5}},
+        {**_EVENT_PROPERTIES, "headers": {}, "content_type": "", "message_id": "ü" * 40},
+        {**_EVENT_PROPERTIES, "timestamp": datetime(2026, 11, 22, 8, 30)},  # naive: taken as UTC
+        {**_EVENT_PROPERTIES, "timestamp": datetime(2026, 11, 22, 16, tzinfo=timezone(timedelta(hours=8)))},
+        {
+            "content_encoding": "gzip", "priority": 0, "reply_to": "r", "expiration": "60000",
+            "user_id": "guest", "headers": {"k" * 200: "long key"},
+        },
+        {},
+    ],
+)
+def test_frames_are_the_bytes_pamqp_writes(properties: dict[str, Any]) -> None:
+    props = spec.Basic.Properties(**properties)
+    assert content_header_frame(props, 2345) == pamqp_frame.marshal(
+        pamqp_header.ContentHeader(0, 2345, props), CHANNEL
+    )
+    for mandatory in (True, False):
+        publish = spec.Basic.Publish(exchange="ticketgate", routing_key="acme.api.message.received",
+                                     mandatory=mandatory)
+        assert publish_frame("ticketgate", "acme.api.message.received", mandatory) == pamqp_frame.marshal(
+            publish, CHANNEL
+        )
+
+
+def test_a_short_string_too_long_is_refused_as_pamqp_refuses_it() -> None:
+    with pytest.raises(TypeError, match="exceeds maximum length"):
+        content_header_frame(spec.Basic.Properties(message_id="x" * 256), 1)
+    with pytest.raises(TypeError, match="exceeds maximum length"):
+        publish_frame("ticketgate", "k" * 256, True)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4088, 4089, 10_000])
+def test_body_frames_are_the_bytes_pamqp_writes(size: int) -> None:
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    expected = b"".join(
+        pamqp_frame.marshal(pamqp_body.ContentBody(body[i : i + 4088]), CHANNEL) for i in range(0, size, 4088)
+    )
+    assert body_frames(body, 4096) == expected
 
 
 def test_endpoint_refuses_other_schemes() -> None:

@@ -322,3 +322,27 @@ async def test_relay_over_the_sqlite_store_through_an_outage(
         await consumer.close()
         await publisher.close()
         await store.close()
+
+
+async def test_on_wait_is_told_each_time_the_relay_has_published_all_and_waits(bus: MemoryPublisher) -> None:
+    outbox = FakeOutbox()
+    waits: list[int] = []
+    told = asyncio.Queue[None]()
+
+    def on_wait() -> None:
+        waits.append(len(bus.published))
+        told.put_nowait(None)
+
+    relay = OutboxRelay(outbox, bus, SETTINGS, on_wait=on_wait)
+    await relay.start()
+    try:
+        async with asyncio.timeout(5):
+            await told.get()
+        assert waits == [0]  # nothing to publish at start
+        await enqueue(outbox, threads=2, per_thread=20)  # more than one batch
+        relay.wake()
+        async with asyncio.timeout(5):
+            await told.get()
+        assert waits == [0, 40]  # said once, after the last batch, not after each one
+    finally:
+        await relay.stop()

@@ -9,8 +9,9 @@ of the shortcut: odd line ends, case folding, non-ASCII text, headers that end e
 from __future__ import annotations
 
 from email.message import Message
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 from email.policy import compat32
+from pathlib import Path
 
 import pytest
 
@@ -20,11 +21,17 @@ from normalizers.email.parse import (
     _BOUNDARY_OR_DELIMITER,
     EmailLimits,
     _boundaries_and_delimiters,
+    _charset_param,
+    _content_charset,
     _parse,
+    _parse_header_block,
     _prescan,
 )
 from normalizers.email.reply import extract_reply
 from normalizers.language import detect as _language
+from tests.support.corpora import email_corpus_mails
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "email"
 
 
 def _shape(message: Message) -> tuple[object, ...]:
@@ -67,6 +74,54 @@ def _flat(message: Message) -> bytes | str:
 )
 def test_parse_is_the_full_parse(raw: bytes) -> None:
     assert _shape(_parse(raw)) == _shape(BytesParser(policy=compat32).parsebytes(raw))
+
+
+def _headers_only(head: str) -> Message:
+    return Parser(policy=compat32).parsestr(head, headersonly=True)
+
+
+@pytest.mark.parametrize(
+    ("head", "read_here"),
+    [
+        ("From: a@example.com\r\nSubject: hi\r\n\r\n", True),
+        ("Subject:no space\r\nX-Empty:\r\nX-Spaces:   \t  \r\nTo: b@x\r\n\r\n", True),
+        ("Subject: folded\r\n  once\r\n\tand twice \r\nX: y\r\n\r\n", True),
+        ("Subject: =?utf-8?q?x?=\r\nX-8bit: caf\udce9\r\nX-Ctl: a\x00b\x0bc\x7f\r\n\r\n", True),
+        ("Subject: a: b: c\r\nX-Dup: 1\r\nX-Dup: 2\r\n\r\n", True),
+        # Read by the stdlib parser: an envelope line, a leading colon or continuation, a space
+        # before the colon, a name that is not ASCII, lone line ends, no blank line at the end.
+        ("From nobody Mon Jan 1 00:00:00 2024\r\nFrom: a@x\r\n\r\n", False),
+        (": no name\r\nSubject: x\r\n\r\n", False),
+        (" continued first\r\nSubject: x\r\n\r\n", False),
+        ("Subject : spaced\r\n\r\n", False),
+        ("Sub\udce9ject: x\r\n\r\n", False),
+        ("Subject: x\rX: lone CR\r\n\r\n", False),
+        ("Subject: x\nX: lone LF\r\n\r\n", False),
+        ("Subject: x\r\n", False),
+        ("\r\n\r\n", False),
+    ],
+)
+def test_header_block_is_read_as_the_stdlib_reads_it(head: str, read_here: bool) -> None:
+    message = _parse_header_block(head)
+    assert (message is not None) == read_here
+    if message is not None:
+        assert vars(message) == vars(_headers_only(head))
+
+
+def test_every_corpus_and_fixture_header_block_reads_as_the_stdlib_reads_it() -> None:
+    mails = [*email_corpus_mails(), *sorted(FIXTURES.glob("*.eml"))]
+    read_here = 0
+    for path in mails:
+        raw = path.read_bytes()
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            continue
+        head = raw[: end + 4].decode("ascii", "surrogateescape")
+        message = _parse_header_block(head)
+        if message is not None:
+            read_here += 1
+            assert vars(message) == vars(_headers_only(head)), path.name
+    assert read_here >= 10
 
 
 @pytest.mark.parametrize(
@@ -144,3 +199,68 @@ def test_cached_addresses_are_fresh_lists_and_depend_on_the_hint() -> None:
     raw = "\u00c4\u00e3 <a@example.com>"  # "Ää" as raw bytes C4 E3 in a compat32 value
     assert parse_sender([raw], hint="gb18030").name == "你"
     assert parse_sender([raw], hint="big5").name != "你"
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain; charset=UTF-8",
+        'text/plain; charset="ISO-8859-1"',
+        "text/plain; charset=",
+        "text/plain; charset",
+        "text/plain; charset*=utf-8''ISO-8859-1",
+        "text/plain; charset*=x-unknown''latin1",
+        "text/plain; charset*=utf-8''caf%C3%A9",
+        "text/plain; charset=caf\udce9",
+    ],
+)
+def test_content_charset_is_the_stdlibs(content_type: str | None) -> None:
+    message = Message()
+    if content_type is not None:
+        message["Content-Type"] = content_type
+    assert _content_charset(message.get_param("charset")) == message.get_content_charset()
+
+
+def test_content_charset_is_the_stdlibs_for_every_corpus_part() -> None:
+    for path in email_corpus_mails():
+        for part in BytesParser(policy=compat32).parsebytes(path.read_bytes()).walk():
+            assert _content_charset(part.get_param("charset")) == part.get_content_charset(), path.name
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "text/plain;charset=UTF-8",
+        'text/plain; CHARSET="iso-8859-1"',
+        "text/plain; charſet=utf-8",  # the long s: not "charset" to the stdlib, as to us
+        "text/plain; \u212aharset=utf-8",
+        "text/plain; charset=utf-8 ",
+        "text/plain; charset=utf-8;",
+        "text/plain; charset=utf-8; format=flowed",
+        "text/plain; format=flowed; charset=utf-8",
+        "text/plain;\r\n charset=utf-8",
+        'text/plain; charset="utf-8',
+        'text/plain; charset="a;b"',
+        "text/plain; charset=",
+        "text/plain; charset*=utf-8''latin1",
+        "text/plain; charset=caf\udce9",
+        "text/plain charset=utf-8",
+        "text/pl=ain; charset=utf-8",
+    ],
+)
+def test_charset_param_is_the_stdlibs(content_type: str | None) -> None:
+    message = Message()
+    if content_type is not None:
+        message["Content-Type"] = content_type
+    assert _charset_param(message) == message.get_param("charset")
+
+
+def test_charset_param_is_the_stdlibs_for_every_corpus_part() -> None:
+    for path in email_corpus_mails():
+        for part in BytesParser(policy=compat32).parsebytes(path.read_bytes()).walk():
+            assert _charset_param(part) == part.get_param("charset"), path.name

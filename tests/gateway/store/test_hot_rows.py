@@ -1,0 +1,275 @@
+"""The SQLite writer's hot rows (gateway.store.hotrows): a placement never acts on a row that is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
+
+from core.events import CustomerView, Event
+from core.model import CanonicalMessage, Placement
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText
+from gateway.store.engine import Connection, SqlTx
+from gateway.store.hotrows import HotRows, HotTx, _Customer
+from gateway.store.sqlite import SQLiteStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    instance = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await instance.open()
+    yield instance
+    await instance.close()
+
+
+async def accept(store: SQLiteStore, *messages: CanonicalMessage) -> list[Placement]:
+    policies = [POLICY] * len(messages)
+    return await store.accept(envelope(), messages, policies=policies, build_event=build_event)
+
+
+def broken_builder(
+    message: CanonicalMessage,
+    placement: Placement,
+    customer: CustomerView,
+    subject: str | None,
+    ref: str | None,
+) -> Event:
+    raise RuntimeError("builder bug")
+
+
+def owner_of(path: Path, email: str) -> str | None:
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute(
+            "SELECT i.customer_id FROM identities i JOIN customers c ON c.id = i.customer_id"
+            " WHERE i.kind = 'email' AND i.value = ?",
+            (email,),
+        ).fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
+async def test_a_job_rolled_back_in_the_middle_of_a_batch_leaves_nothing_in_memory(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    (known,) = await accept(store, message("m0", email="bob@example.com"))
+    store.gather_next_batch(4)
+    results = await asyncio.gather(
+        accept(store, message("m1", email="bob@example.com")),
+        # Creates a customer, its identity and a thread, and advances bob's thread; rolled back.
+        store.accept(
+            envelope(b"broken"),
+            [message("m2", email="carol@example.com")],
+            policies=[POLICY],
+            build_event=broken_builder,
+        ),
+        accept(store, message("m3", email="carol@example.com")),
+        accept(store, message("m4", email="bob@example.com")),
+        return_exceptions=True,
+    )
+
+    assert isinstance(results[1], RuntimeError)
+    first, carol, second = (r[0] for n, r in enumerate(results) if n != 1 and isinstance(r, list))
+    assert owner_of(tmp_path / "tg.db", "carol@example.com") == carol.customer_id
+    assert carol.is_new_thread
+    assert carol.sequence == 1
+    assert first.thread_id == second.thread_id == known.thread_id
+    assert [first.sequence, second.sequence] == [2, 3]
+
+
+async def test_an_erasure_by_another_process_is_seen_by_the_next_placement(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    (first,) = await accept(store, message("m1"))
+    # `ticketgate customer erase` opens a store of its own on the same file.
+    cli = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await cli.open()
+    try:
+        assert await cli.erase_customer(first.customer_id, requested_by="test") is not None
+    finally:
+        await cli.close()
+
+    (second,) = await accept(store, message("m2"))
+
+    assert second.customer_id != first.customer_id
+    assert second.is_new_thread
+    assert owner_of(tmp_path / "tg.db", "ada@example.com") == second.customer_id
+
+
+async def test_an_erasure_by_the_gateway_itself_is_seen_by_the_next_placement(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    (first,) = await accept(store, message("m1"))
+    assert await store.erase_customer(first.customer_id, requested_by="test") is not None
+
+    (second,) = await accept(store, message("m2"))
+
+    assert second.customer_id != first.customer_id
+    assert owner_of(tmp_path / "tg.db", "ada@example.com") == second.customer_id
+
+
+async def test_a_store_job_writing_rows_with_sql_of_its_own_is_seen_by_the_next_placement(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Erasure and retention write these tables with their own SQL on the writer (no other
+    connection notices); whatever the writer knew before such a job is forgotten."""
+    (first,) = await accept(store, message("m1"))
+
+    def unlink(conn: Connection) -> None:
+        conn.execute("DELETE FROM identities WHERE customer_id = ?", (first.customer_id,))
+
+    await store._write(unlink)
+    (second,) = await accept(store, message("m2"))
+
+    assert second.customer_id != first.customer_id
+    assert owner_of(tmp_path / "tg.db", "ada@example.com") == second.customer_id
+
+
+async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore) -> None:
+    (first,) = await accept(store, message("m1"))
+
+    def close(tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+        return tx.set_thread_status(first.thread_id, open=False, at=now), []
+
+    assert await store.transact(close)
+    (second,) = await accept(store, message("m2"))
+
+    assert second.is_new_thread
+    assert second.thread_id != first.thread_id
+    assert second.previous_thread_id == first.thread_id
+
+
+async def test_the_event_names_every_identity_of_the_customer_oldest_first(store: SQLiteStore) -> None:
+    await accept(store, message("m1", phone="+41 44 668 18 00"))
+    await store.close()
+    await store.open()  # nothing in memory: the identities are read back
+    (placed,) = await accept(store, message("m2", email="ada@example.com"))
+    await accept(store, message("m3", email="ada@example.com", phone="+41 44 668 18 01"))
+
+    events = [orjson.loads(e.body) for e in await store.outbox_fetch(10)]
+    identities = [[(i["kind"], i["value"]) for i in e["customer"]["identities"]] for e in events]
+    assert identities[1] == identities[0] == [("email", "ada@example.com"), ("phone", "+41446681800")]
+    assert identities[2] == [*identities[0], ("phone", "+41446681801")]
+    assert placed.sequence == 2
+
+
+def test_the_rows_kept_are_bounded_least_recently_used_first() -> None:
+    hot = HotRows(2)
+    for name in ("a", "b", "c"):
+        hot.add(
+            _Customer(
+                record=CustomerRecord(id=name, tenant="t", display_name=None),
+                identities={("t", "email", f"{name}@example.com"): (0, True)},
+                threads={},
+            )
+        )
+        if name == "b":
+            assert hot.get("a") is not None  # b is now the least recently used
+
+    assert len(hot) == 2
+    assert hot.get("b") is None
+    assert hot.owner(("t", "email", "b@example.com")) is None
+    assert hot.owner(("t", "email", "a@example.com")) is not None
+
+
+# Tx methods that write no customer, identity, thread or recent text row, or only read them (HotTx answers the
+# hot reads it overrides; the rest read the database).
+_NO_HOT_WRITES = {
+    "claim_key",
+    "complete_claim",
+    "lock_identities",
+    "lock_customers",
+    "get_customer",  # through find_customer
+    "add_merge",
+    "get_merge",
+    "mark_merge_undone",
+    "customer_merges",
+    "add_claimed_link",
+    "claimed_links",
+    "find_open_thread",
+    "get_thread",
+    "find_successor",
+    "find_thread_by_number",
+    "find_thread_by_rfc822",
+    "find_thread_by_key",
+    "add_thread_key",
+    "next_thread_number",
+    "add_message",
+}
+
+
+def test_every_tx_write_of_a_hot_row_keeps_the_rows_current_or_forgets_them() -> None:
+    public = {name for name, _ in inspect.getmembers(SqlTx, inspect.isfunction) if not name.startswith("_")}
+    overridden = {name for name in public if name in HotTx.__dict__}
+    # A new Tx method must be sorted into one of the two sets: does it write a row HotTx keeps?
+    assert public - overridden == _NO_HOT_WRITES
+
+
+
+async def test_a_key_repeated_within_one_envelope_is_placed_once(store: SQLiteStore) -> None:
+    # On SQLite the key's row is written when its placement completes: the repeat must see it.
+    first, repeat = await accept(store, message("m1"), message("m1"))
+
+    assert not first.duplicate
+    assert repeat.duplicate
+    assert (repeat.thread_id, repeat.sequence) == (first.thread_id, first.sequence)
+    assert len(await store.outbox_fetch(10)) == 1
+
+
+async def test_recent_texts_kept_in_memory_answer_and_cap_as_the_table_does(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    (placed,) = await accept(store, message("m1"))
+    customer = placed.customer_id
+    rng = random.Random(11)
+    start = datetime.now(UTC) + timedelta(days=1)  # after the placed message's own text
+    texts = [
+        RecentText(
+            customer_id=customer,
+            message_id=f"m{i:04}",
+            thread_id=placed.thread_id,
+            channel=rng.choice(("email",) * 8 + ("chat", "form")),
+            text=f"text {i}",
+            # Some share a moment: the order is then by message id, as in SQL.
+            at=start + timedelta(seconds=i // 3),
+        )
+        for i in range(300)
+    ]
+
+    def found(tx: SqlTx) -> dict[str, list[str]]:
+        return {
+            c: [t.message_id for t in tx.recent_texts(customer, start, not_channel=c)]
+            for c in ("email", "chat", "form", "sms")
+        }
+
+    def add_and_find(tx: SqlTx, now: datetime) -> tuple[dict[str, list[str]], list[Event]]:
+        assert tx.find_customer(customer) is not None
+        for text in texts:
+            tx.add_recent_text(text)
+        return found(tx), []
+
+    in_memory = await store.transact(add_and_find)
+    # The transact forgot the rows: this reads the table.
+    from_table = await store.transact(lambda tx, now: (found(tx), []))
+
+    newest_first = sorted(texts, key=lambda t: (t.at, t.message_id), reverse=True)
+    for channel in ("email", "chat", "form", "sms"):
+        expected = [t.message_id for t in newest_first if t.channel != channel][:RECENT_TEXTS_KEPT]
+        assert in_memory[channel] == from_table[channel] == expected
+    conn = sqlite3.connect(tmp_path / "tg.db")
+    try:
+        kept = dict(conn.execute("SELECT channel, count(*) FROM recent_texts GROUP BY channel").fetchall())
+    finally:
+        conn.close()
+    # The newest RECENT_TEXTS_KEPT, and those of the same moment as the last of them.
+    emails = [t.at for t in newest_first if t.channel == "email"]
+    assert kept["email"] == sum(1 for at in emails if at >= emails[RECENT_TEXTS_KEPT - 1]) < len(emails)
