@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from core.errors import StoreError
 from core.model import Identity
 from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText, StoredIdentity, ThreadRecord
 from gateway.store.engine import (
@@ -52,6 +53,12 @@ _Text = tuple[int, str, str, str, str]
 
 
 @dataclass(slots=True)
+class _Thread:
+    record: ThreadRecord
+    next_sequence: int
+
+
+@dataclass(slots=True)
 class _Customer:
     record: CustomerRecord
     # Every identity of the customer once read: key -> (created_at as stored, verified).
@@ -59,7 +66,7 @@ class _Customer:
     # ``identities`` oldest first (then kind, value), as Tx.customer_identities returns them.
     view: tuple[Identity, ...] | None = None
     # Every open thread of the customer once read (at most _OPEN_THREADS_KEPT), by id.
-    threads: dict[str, ThreadRecord] | None = None
+    threads: dict[str, _Thread] | None = None
     # (number, id) of every thread of the customer, open or not, once read; ascending.
     thread_ids: list[tuple[int, str]] | None = None
     # Every recent text of the customer once read (at most _TEXTS_KEPT), oldest first.
@@ -126,7 +133,7 @@ class HotRows:
         entry.view = None
         self._own_identities(entry)
 
-    def set_threads(self, entry: _Customer, threads: dict[str, ThreadRecord] | None) -> None:
+    def set_threads(self, entry: _Customer, threads: dict[str, _Thread] | None) -> None:
         for thread_id in entry.threads or ():
             del self._thread_owners[thread_id]
         entry.threads = threads if threads is None or len(threads) <= _OPEN_THREADS_KEPT else None
@@ -267,15 +274,16 @@ class HotTx(SqlTx):
         threads = entry.threads
         if threads is None:
             rows = self._x(
-                f"SELECT {THREAD_COLUMNS} FROM threads WHERE customer_id = ? AND status = 'open'",  # noqa: S608
+                f"SELECT {THREAD_COLUMNS}, next_sequence FROM threads"  # noqa: S608
+                " WHERE customer_id = ? AND status = 'open'",
                 (customer_id,),
             ).fetchall()
-            threads = {r[0]: thread_record(self._d, r) for r in rows}
+            threads = {r[0]: _Thread(record=thread_record(self._d, r), next_sequence=r[-1]) for r in rows}
             self._hot.set_threads(entry, threads)
         found = [
-            t
+            t.record
             for t in threads.values()
-            if t.tenant == tenant and t.inbox == inbox and t.last_activity >= active_since
+            if (t.record.tenant, t.record.inbox) == (tenant, inbox) and t.record.last_activity >= active_since
         ]
         return sorted(found, key=lambda t: t.number)
 
@@ -301,16 +309,24 @@ class HotTx(SqlTx):
             return
         # As it reads back: the stored time has microseconds in UTC.
         stored = replace(thread, last_activity=self._d.dt(self._d.ts(thread.last_activity)))
-        self._hot.set_threads(entry, {**entry.threads, thread.id: stored})
+        self._hot.set_threads(entry, {**entry.threads, thread.id: _Thread(record=stored, next_sequence=1)})
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
-        sequence = super().advance_thread(thread_id, now)
         entry = self._hot.thread_owner(thread_id)
-        if entry is not None and entry.threads is not None:
-            thread = entry.threads[thread_id]
-            at = self._d.dt(self._d.ts(now))
-            if at > thread.last_activity:
-                entry.threads[thread_id] = replace(thread, last_activity=at)
+        if entry is None or entry.threads is None:
+            return super().advance_thread(thread_id, now)
+        thread = entry.threads[thread_id]
+        sequence, at = thread.next_sequence, self._d.ts(now)
+        # The sequence is known: no RETURNING (SQLite buffers its rows in a temporary b-tree).
+        changed = self._x(
+            "UPDATE threads SET next_sequence = ?, last_activity = {greatest}(last_activity, ?) WHERE id = ?",
+            (sequence + 1, at, thread_id),
+        ).rowcount
+        if changed != 1:
+            raise StoreError(f"unknown thread {thread_id!r}")
+        thread.next_sequence = sequence + 1
+        if at > self._d.ts(thread.record.last_activity):
+            thread.record = replace(thread.record, last_activity=self._d.dt(at))
         return sequence
 
     # -- recent texts --------------------------------------------------------------------------
