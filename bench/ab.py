@@ -15,7 +15,11 @@ The baseline tree is usually a ``git archive`` of the commit before a change, wi
     .venv/bin/python bench/ab.py --a /tmp/base --b . --script bench/smtp_ingest.py -- \
         --e2e --sizes 5 --mails 2000 --skip-bare
 
-Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [-- args for the script]
+The same tree on two settings works too: ``--a . --b . --b-extra "--store postgresql"`` gives
+PostgreSQL against SQLite of one build.
+
+Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [--b-extra ARGS]
+       [-- args for the script]
 """
 
 from __future__ import annotations
@@ -75,13 +79,18 @@ def main() -> None:
     parser.add_argument("--b", type=Path, required=True, help="the tree under test")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--script", default="bench/ingest.py")
+    parser.add_argument(
+        "--b-extra",
+        default="",
+        help="arguments for B only, e.g. '--store postgresql' to set one store against the other",
+    )
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the script's own arguments")
     args = parser.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     rounds: list[tuple[dict[str, float], dict[str, float]]] = []
     for number in range(1, args.rounds + 1):
         a = run_once(args.a.resolve(), args.script, rest)
-        b = run_once(args.b.resolve(), args.script, rest)
+        b = run_once(args.b.resolve(), args.script, rest + args.b_extra.split())
         rounds.append((a, b))
         shown = ", ".join(f"{k} {a.get(k, float('nan')):g} -> {b.get(k, float('nan')):g}" for k in a)
         print(f"round {number}: {shown}", flush=True)
