@@ -15,10 +15,10 @@ The baseline tree is usually a ``git archive`` of the commit before a change, wi
     .venv/bin/python bench/ab.py --a /tmp/base --b . --script bench/smtp_ingest.py -- \
         --e2e --sizes 5 --mails 2000 --skip-bare
 
-The same tree on two settings works too: ``--a . --b . --b-extra "--store postgresql"`` gives
+The same tree on two settings works too: ``--a . --b . --b-extra="--store postgresql"`` (with the ``=``) gives
 PostgreSQL against SQLite of one build.
 
-Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [--b-extra ARGS]
+Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [--b-extra=ARGS]
        [-- args for the script]
 """
 
