@@ -76,7 +76,7 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
 
     events: list[Event] = []
     identities = normalize_all(message.identities)
-    customer = resolve_customer(
+    customer, created = resolve_customer(
         tx,
         message.tenant,
         identities,
@@ -86,7 +86,7 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
         events=events,
         merge_scope=(message.inbox, policy.window, message.channel),
     )
-    choice = assign_thread(tx, message, customer.id, policy, now=now, events=events)
+    choice = assign_thread(tx, message, customer.id, policy, now=now, events=events, new_customer=created)
     thread = choice.thread
     sequence = tx.advance_thread(thread.id, now)
     tx.add_message(
@@ -115,9 +115,10 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
         thread_number=thread.number,
     )
     tx.complete_claim(key, placement)
-    view = CustomerView(
-        id=customer.id, identities=tx.customer_identities(customer.id), display_name=customer.display_name
-    )
+    # A customer created here has exactly the identities just added, all of one time: what
+    # customer_identities would read back (ordered by time, kind, value).
+    owned = tuple(sorted(identities, key=Identity.key)) if created else tx.customer_identities(customer.id)
+    view = CustomerView(id=customer.id, identities=owned, display_name=customer.display_name)
     return Placed(placement=placement, customer=view, thread_subject=thread.subject, events=tuple(events))
 
 
@@ -134,8 +135,9 @@ def resolve_customer(
     events: list[Event],
     message_id: str | None = None,
     merge_scope: tuple[str, float, str] | None = None,
-) -> CustomerRecord:
-    """The customer of already-normalised ``identities``: found, merged, or created.
+) -> tuple[CustomerRecord, bool]:
+    """The customer of already-normalised ``identities``: found, merged, or created; and whether
+    it was created here.
 
     ``merge_scope`` (inbox, window, channel) lets a customer merge also merge the open threads of
     that inbox active within the window.
@@ -143,7 +145,9 @@ def resolve_customer(
     keys = sorted(i.key() for i in identities)
     tx.lock_identities(tenant, keys)
     known = tx.find_identities(tenant, identities)
-    for _ in range(0 if tx.serialized else 3):
+    # None known: no owner to lock, and none can appear meanwhile (adding an identity takes its
+    # lock, held here; a merge moves only stored ones).
+    for _ in range(0 if tx.serialized or not known else 3):
         owners = list(dict.fromkeys(s.customer_id for s in known))
         tx.lock_customers(sorted(owners))
         # A concurrent merge may have moved an identity between the read and the lock: read again.
@@ -158,7 +162,7 @@ def resolve_customer(
         tx.create_customer(customer, now)
         for identity in identities:
             tx.add_identity(tenant, customer.id, identity, now)
-        return customer
+        return customer, True
 
     given = {i.key(): i for i in identities}
     stored = {(s.kind, s.value): s for s in known}
@@ -220,7 +224,7 @@ def resolve_customer(
         elif found.customer_id == chosen and identity.verified and not found.verified:
             # The channel proved an identity that was only claimed before.
             tx.mark_verified(tenant, identity)
-    return customer
+    return customer, False
 
 
 def merge_customers(
@@ -327,8 +331,13 @@ def assign_thread(
     *,
     now: datetime,
     events: list[Event] | None = None,
+    new_customer: bool = False,
 ) -> _Choice:
-    """Reference, duplicate touchpoint, open thread within the window, or a new thread."""
+    """Reference, duplicate touchpoint, open thread within the window, or a new thread.
+
+    A ``new_customer`` (created by this placement) has no recent text and no thread yet: only a
+    reference can name an existing thread.
+    """
     events = events if events is not None else []
     referenced = referenced_threads(tx, message, policy)
     if referenced:
@@ -344,6 +353,8 @@ def assign_thread(
         if message.auto_generated:
             return _Choice(thread=closed, is_new=False)
         return _Choice(thread=_new_thread(tx, message, customer_id, now, previous=closed.id), is_new=True)
+    if new_customer:
+        return _Choice(thread=_new_thread(tx, message, customer_id, now), is_new=True)
 
     duplicate = _find_duplicate(tx, message, customer_id, policy, now=now)
     if duplicate is not None:

@@ -119,7 +119,7 @@ class NormalizeWorker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Future[list[CanonicalMessage]]] = {}
+        self._calls: dict[int, asyncio.Future[list[Any]]] = {}
         self._frames: _Frames | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._ready = asyncio.Event()
@@ -174,9 +174,9 @@ class NormalizeWorker:
             return None
         if not frames.send(payload):
             return None
-        future: asyncio.Future[list[CanonicalMessage]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
-        return await future
+        return [decode_message(message) for message in await future]
 
     def _pickled(self, normalize: Normalizer) -> bytes:
         """``normalize`` pickled, remembered for the next call with an equal normalizer."""
@@ -223,13 +223,10 @@ class NormalizeWorker:
         future = self._calls.pop(call_id, None)
         if future is None or future.done():
             return
-        if not ok:
+        if ok:
+            future.set_result(value)
+        else:
             future.set_exception(value)
-            return
-        try:
-            future.set_result([decode_message(message) for message in value])
-        except Exception as exc:  # quarantined, as a message that did not pickle in the child is
-            future.set_exception(NormalizationError(f"normalizer process answer unreadable: {exc}"))
 
     def _on_lost(self) -> None:
         self._ready.clear()

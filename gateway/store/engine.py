@@ -87,6 +87,8 @@ class Cursor(Protocol):
 
     def fetchall(self) -> list[Any]: ...
 
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Cursor: ...
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Any: ...
 
     def close(self) -> None: ...
@@ -304,6 +306,17 @@ def _safe_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_safe_json(v) for v in value]
     return value
+
+
+def _safe_json_text(value: Any) -> str:
+    """``_json_text(_safe_json(value))``; one orjson call when nothing needs making safe (only
+    JSON's own types, string keys, no lone surrogate, no NUL), which is nearly always."""
+    try:
+        text = orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError: another type, a non-string key, a surrogate
+        return _json_text(_safe_json(value))
+    # A NUL is written \u0000 (a backslash before "u0000" in the text is only a false alarm).
+    return _json_text(_safe_json(value)) if b"\\u0000" in text else text.decode()
 
 
 def _identity_rows(identities: Iterable[Identity]) -> list[list[Any]]:
@@ -940,8 +953,8 @@ class SqlStore(ReplyLedger, abc.ABC):
                 message.channel,
                 message.inbox,
                 _safe_text(message.external_id) if message.external_id is not None else None,
-                _json_text(_safe_json(_identity_rows(message.identities))),
-                _json_text(_safe_json(dict(message.extra))),
+                _safe_json_text(_identity_rows(message.identities)),
+                _safe_json_text(dict(message.extra)),
                 d.ts(message.received_at),
             ),
         )
@@ -1073,8 +1086,8 @@ class SqlStore(ReplyLedger, abc.ABC):
             size=len(envelope.body),
             received_at=d.dt(d.ts(envelope.received_at)),  # as it reads back
         )
-        headers = _json_text(_safe_json(envelope.headers))
-        meta = _json_text(_safe_json(envelope.meta))
+        headers = _safe_json_text(envelope.headers)
+        meta = _safe_json_text(envelope.meta)
         content_type = _safe_text(envelope.content_type) if envelope.content_type is not None else None
         remote = _safe_text(envelope.remote) if envelope.remote is not None else None
 

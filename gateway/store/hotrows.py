@@ -1,15 +1,17 @@
-"""The SQLite writer's hot rows: customers, their identities and open threads, kept in memory.
+"""The SQLite writer's hot rows: customers, their identities, threads and recent texts, in memory.
 
-A placement of a known customer read its identity, its customer, its open threads and its
-identity list for the event: four of its statements. One SQLite file has one writer thread, so
-what that thread read or wrote stays true until someone else writes, and that is watched:
+A placement of a known customer read its identity, its customer, its open threads, its recent
+texts and its identity list for the event, and capped its recent texts: six of its statements.
+One SQLite file has one writer thread, so what that thread read or wrote stays true until someone
+else writes, and that is watched:
 
 - other connections (``ticketgate customer erase`` or ``quarantine replay`` in another process, a
   vacuum): ``PRAGMA data_version``, read by the writer after it takes the write lock for a batch,
   moves when they commit; then everything is forgotten (:meth:`HotRows.check`);
 - the writer's own jobs: placements and outbox marks change these rows only through
   :class:`HotTx`, which keeps them current; any other job may write them with SQL of its own
-  (erasure, retention, desk and control operations), so everything is forgotten after it;
+  (erasure, retention, the recent-text sweep, desk and control operations), so everything is
+  forgotten after it;
 - a job rolled back to its savepoint, or a batch rolled back: forgotten too, rather than undone
   piece by piece.
 
@@ -19,19 +21,41 @@ kept is bounded; the least recently used go first.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
+from core.errors import StoreError
 from core.model import Identity
-from dedupe.tx import CustomerRecord, StoredIdentity, ThreadRecord
-from gateway.store.engine import THREAD_COLUMNS, Connection, Dialect, SqlTx, thread_record
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText, StoredIdentity, ThreadRecord
+from gateway.store.engine import (
+    RECENT_TEXT_CAP,
+    RECENT_TEXT_INSERT,
+    THREAD_COLUMNS,
+    Connection,
+    Cursor,
+    Dialect,
+    SqlTx,
+    thread_record,
+)
 
 # (tenant, kind, value) of an identity.
 _IdentityKey = tuple[str, str, str]
 # A customer with more open threads than this keeps them in the database only (it is rare: a
 # desk that never closes threads), so a placement never copies a long list.
 _OPEN_THREADS_KEPT = 16
+# Likewise for more recent texts than this (each channel keeps RECENT_TEXTS_KEPT).
+_TEXTS_KEPT = 4 * RECENT_TEXTS_KEPT
+# A recent text as stored: (at, message id, thread id, channel, normalised text).
+_Text = tuple[int, str, str, str, str]
+
+
+@dataclass(slots=True)
+class _Thread:
+    record: ThreadRecord
+    next_sequence: int
 
 
 @dataclass(slots=True)
@@ -42,7 +66,11 @@ class _Customer:
     # ``identities`` oldest first (then kind, value), as Tx.customer_identities returns them.
     view: tuple[Identity, ...] | None = None
     # Every open thread of the customer once read (at most _OPEN_THREADS_KEPT), by id.
-    threads: dict[str, ThreadRecord] | None = None
+    threads: dict[str, _Thread] | None = None
+    # (number, id) of every thread of the customer, open or not, once read; ascending.
+    thread_ids: list[tuple[int, str]] | None = None
+    # Every recent text of the customer once read (at most _TEXTS_KEPT), oldest first.
+    texts: list[_Text] | None = None
 
 
 class HotRows:
@@ -105,7 +133,7 @@ class HotRows:
         entry.view = None
         self._own_identities(entry)
 
-    def set_threads(self, entry: _Customer, threads: dict[str, ThreadRecord] | None) -> None:
+    def set_threads(self, entry: _Customer, threads: dict[str, _Thread] | None) -> None:
         for thread_id in entry.threads or ():
             del self._thread_owners[thread_id]
         entry.threads = threads if threads is None or len(threads) <= _OPEN_THREADS_KEPT else None
@@ -130,7 +158,8 @@ class HotRows:
 
 
 class HotTx(SqlTx):
-    """:class:`SqlTx` that answers the hot reads from :class:`HotRows` and keeps them current.
+    """:class:`SqlTx` that answers the hot reads from :class:`HotRows` and keeps them current; the
+    recent-text cap runs only when a channel has more than it keeps.
 
     A write this class does not keep current (a merge moving identities or threads, a thread
     closed, merged or reopened) forgets everything first.
@@ -139,6 +168,12 @@ class HotTx(SqlTx):
     def __init__(self, conn: Connection, dialect: Dialect, hot: HotRows) -> None:
         super().__init__(conn, dialect)
         self._hot = hot
+        # One cursor for the Tx's own statements, each read at once: sqlite3 makes (and tracks)
+        # a new cursor for every Connection.execute, a third of a short statement's cost.
+        self._cursor = conn.cursor()
+
+    def _x(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self._cursor.execute(self._d.sql(sql), params)
 
     # -- customers and identities --------------------------------------------------------------
 
@@ -164,8 +199,8 @@ class HotTx(SqlTx):
 
     def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
         super().create_customer(customer, now)
-        # New: no identities and no threads yet, and every later one goes through this Tx.
-        self._hot.add(_Customer(record=customer, identities={}, threads={}))
+        # New: no identities, threads or texts yet, and every later one goes through this Tx.
+        self._hot.add(_Customer(record=customer, identities={}, threads={}, thread_ids=[], texts=[]))
 
     def find_customer(self, customer_id: str) -> CustomerRecord | None:
         entry = self._hot.get(customer_id)
@@ -239,36 +274,120 @@ class HotTx(SqlTx):
         threads = entry.threads
         if threads is None:
             rows = self._x(
-                f"SELECT {THREAD_COLUMNS} FROM threads WHERE customer_id = ? AND status = 'open'",  # noqa: S608
+                f"SELECT {THREAD_COLUMNS}, next_sequence FROM threads"  # noqa: S608
+                " WHERE customer_id = ? AND status = 'open'",
                 (customer_id,),
             ).fetchall()
-            threads = {r[0]: thread_record(self._d, r) for r in rows}
+            threads = {r[0]: _Thread(record=thread_record(self._d, r), next_sequence=r[-1]) for r in rows}
             self._hot.set_threads(entry, threads)
         found = [
-            t
+            t.record
             for t in threads.values()
-            if t.tenant == tenant and t.inbox == inbox and t.last_activity >= active_since
+            if (t.record.tenant, t.record.inbox) == (tenant, inbox) and t.record.last_activity >= active_since
         ]
         return sorted(found, key=lambda t: t.number)
+
+    def customer_thread_ids(self, customer_id: str) -> list[str]:
+        entry = self._hot.get(customer_id)
+        if entry is None:
+            return super().customer_thread_ids(customer_id)
+        if entry.thread_ids is None:
+            rows = self._x(
+                "SELECT number, id FROM threads WHERE customer_id = ? ORDER BY number", (customer_id,)
+            ).fetchall()
+            entry.thread_ids = [(int(number), thread_id) for number, thread_id in rows]
+        return [thread_id for _, thread_id in entry.thread_ids]
 
     def create_thread(self, thread: ThreadRecord) -> None:
         super().create_thread(thread)
         entry = self._hot.get(thread.customer_id)
-        if entry is None or entry.threads is None or not thread.open or thread.merged_into is not None:
+        if entry is None:
+            return
+        if entry.thread_ids is not None:
+            bisect.insort(entry.thread_ids, (thread.number, thread.id))
+        if entry.threads is None or not thread.open or thread.merged_into is not None:
             return
         # As it reads back: the stored time has microseconds in UTC.
         stored = replace(thread, last_activity=self._d.dt(self._d.ts(thread.last_activity)))
-        self._hot.set_threads(entry, {**entry.threads, thread.id: stored})
+        self._hot.set_threads(entry, {**entry.threads, thread.id: _Thread(record=stored, next_sequence=1)})
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
-        sequence = super().advance_thread(thread_id, now)
         entry = self._hot.thread_owner(thread_id)
-        if entry is not None and entry.threads is not None:
-            thread = entry.threads[thread_id]
-            at = self._d.dt(self._d.ts(now))
-            if at > thread.last_activity:
-                entry.threads[thread_id] = replace(thread, last_activity=at)
+        if entry is None or entry.threads is None:
+            return super().advance_thread(thread_id, now)
+        thread = entry.threads[thread_id]
+        sequence, at = thread.next_sequence, self._d.ts(now)
+        # The sequence is known: no RETURNING (SQLite buffers its rows in a temporary b-tree).
+        changed = self._x(
+            "UPDATE threads SET next_sequence = ?, last_activity = {greatest}(last_activity, ?) WHERE id = ?",
+            (sequence + 1, at, thread_id),
+        ).rowcount
+        if changed != 1:
+            raise StoreError(f"unknown thread {thread_id!r}")
+        thread.next_sequence = sequence + 1
+        if at > self._d.ts(thread.record.last_activity):
+            thread.record = replace(thread.record, last_activity=self._d.dt(at))
         return sequence
+
+    # -- recent texts --------------------------------------------------------------------------
+
+    def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
+        texts = self._texts(customer_id)
+        if texts is None:
+            return super().recent_texts(customer_id, since, not_channel=not_channel)
+        since_us = self._d.ts(since)
+        found: list[RecentText] = []
+        # Newest first, as the SQL orders them (at, then message id, descending).
+        for at, message_id, thread_id, channel, text in reversed(texts):
+            if at < since_us or len(found) == RECENT_TEXTS_KEPT:
+                break
+            if channel != not_channel:
+                found.append(
+                    RecentText(
+                        customer_id=customer_id,
+                        message_id=message_id,
+                        thread_id=thread_id,
+                        channel=channel,
+                        text=text,
+                        at=self._d.dt(at),
+                    )
+                )
+        return found
+
+    def add_recent_text(self, text: RecentText) -> None:
+        entry = self._hot.get(text.customer_id)
+        texts = entry.texts if entry is not None else None
+        if entry is None or texts is None:
+            super().add_recent_text(text)
+            return
+        customer, channel, at = text.customer_id, text.channel, self._d.ts(text.at)
+        self._x(RECENT_TEXT_INSERT, (customer, channel, at, text.message_id, text.thread_id, text.text))
+        index = bisect.bisect_left(texts, (at, text.message_id))
+        if index < len(texts) and texts[index][:2] == (at, text.message_id):
+            return  # the same (at, message id) is there already: the insert did nothing
+        texts.insert(index, (at, text.message_id, text.thread_id, channel, text.text))
+        of_channel = [t for t in texts if t[3] == channel]
+        if len(of_channel) > RECENT_TEXTS_KEPT:
+            # Only now can the cap delete anything: the statement runs when it has work.
+            self._x(RECENT_TEXT_CAP, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
+            cutoff = of_channel[-RECENT_TEXTS_KEPT][0]
+            texts = [t for t in texts if t[3] != channel or t[0] >= cutoff]
+        entry.texts = texts if len(texts) <= _TEXTS_KEPT else None
+
+    def _texts(self, customer_id: str) -> list[_Text] | None:
+        """The customer's recent texts, read once; ``None`` when not kept in memory."""
+        entry = self._hot.get(customer_id)
+        if entry is None:
+            return None
+        if entry.texts is None:
+            rows = self._x(
+                "SELECT at, message_id, thread_id, channel, text FROM recent_texts WHERE customer_id = ?",
+                (customer_id,),
+            ).fetchall()
+            if len(rows) > _TEXTS_KEPT:
+                return None
+            entry.texts = sorted(rows)
+        return entry.texts
 
     def set_thread_status(self, thread_id: str, open: bool, at: datetime) -> bool:
         self._hot.forget()

@@ -2,9 +2,11 @@
 
 The event loop never touches the disk. One writer thread owns the write connection and runs
 queued jobs; the jobs that queued up while the previous commit was syncing are committed together
-(one transaction, one fsync), each inside its own SAVEPOINT so one failing job does not take its
-batch siblings down. Results travel back to the awaiting coroutines through
-``loop.call_soon_threadsafe``. Reads run on a separate connection in one reader thread.
+(one transaction, one fsync). One failing job does not take its batch siblings down: a batch of
+placements and outbox marks runs without savepoints and, should a job fail, runs again with each
+job inside its own SAVEPOINT, as any other batch does at once. Results travel back to the
+awaiting coroutines through ``loop.call_soon_threadsafe``. Reads run on a separate connection in
+one reader thread.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ _WRITER_CACHE_KIB = 32 * 1024
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # Customers whose rows the writer keeps in memory (gateway.store.hotrows): a few KB each at most.
 _HOT_CUSTOMERS = 20_000
+# Batches committed with a savepoint per job after a job failed in a batch without them.
+_GUARDED_BATCHES = 16
 _GROUP_WAIT_LIMIT = 10.0  # seconds gather_next_batch waits at most, so a test bug cannot hang the writer
 
 # Words of the shared schema (gateway.store.schema): times are integer microseconds; the
@@ -289,6 +293,23 @@ class StoreStats:
     largest_batch: int = 0
 
 
+class _OneCursor:
+    """The writer connection as a placement job sees it: its statements, each read before the next
+    runs, share one cursor (sqlite3 makes and tracks a new one for every Connection.execute)."""
+
+    __slots__ = ("_conn", "_cursor")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._cursor = conn.cursor()
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> sqlite3.Cursor:
+        return self._cursor.execute(sql, params)
+
+    def cursor(self) -> sqlite3.Cursor:
+        return self._conn.cursor()
+
+
 @dataclass(slots=True)
 class _Job:
     fn: WriteJob[Any]
@@ -326,6 +347,7 @@ class SQLiteStore(SqlStore):
         self._job_delta = 0
         self._group_target = 0
         self._hot = HotRows(_HOT_CUSTOMERS)  # the writer thread's alone
+        self._guarded = 0  # batches still to run with a savepoint per job
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -539,16 +561,52 @@ class SQLiteStore(SqlStore):
                     conn.execute("ROLLBACK")
             self._fail_batch(batch, StoreError(f"store write failed: {exc}"))
 
-
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Commit ``batch`` in one transaction; see :meth:`_commit_unguarded` and :meth:`_commit_guarded`."""
+        if len(batch) == 1 or (self._guarded == 0 and all(job.keeps_hot_rows for job in batch)):
+            if self._commit_unguarded(conn, batch):
+                return
+            # A job failed and took its batch down: run it again, each job in its own savepoint,
+            # and keep savepoints for the batches after it (a full outbox fails job after job).
+            self._guarded = _GUARDED_BATCHES
+        else:
+            self._guarded = max(0, self._guarded - 1)
+        self._commit_guarded(conn, batch)
+
+    def _commit_unguarded(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        """Run the jobs without savepoints; ``False`` when one of several failed (nothing was kept).
+
+        A savepoint costs a statement pair and a copy of every page its job touches, a tenth of a
+        placement. Only a job that can run again after a rollback goes without: the store's own
+        placements and outbox marks, whose effects are the transaction's and the hot rows' (which
+        are forgotten), or a job alone in its batch, whose failure is its batch's.
+        """
+        if not self._begin(conn, batch):
+            return True
         outcomes: list[tuple[bool, Any]] = []
-        self._batch_delta = 0
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            self._fail_batch(batch, StoreError(f"cannot begin a transaction: {exc}"))
+        for job in batch:
+            self._job_delta = 0
+            try:
+                value = job.fn(conn)
+            except Exception as exc:
+                self._hot.forget()
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if len(batch) > 1:
+                    return False
+                logger.debug("store job failed: %r", exc)
+                self._settle(batch, [(False, _as_store_error(exc))])
+                return True
+            self._job_done(job)
+            outcomes.append((True, value))
+        self._end(conn, batch, outcomes)
+        return True
+
+    def _commit_guarded(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Run each job in its own savepoint, so a failing job does not fail its batch siblings."""
+        if not self._begin(conn, batch):
             return
-        self._hot.check(conn)
+        outcomes: list[tuple[bool, Any]] = []
         for index, job in enumerate(batch):
             conn.execute("SAVEPOINT job")
             self._job_delta = 0
@@ -565,10 +623,26 @@ class SQLiteStore(SqlStore):
                 logger.debug("store job %d of %d failed: %r", index + 1, len(batch), exc)
             else:
                 conn.execute("RELEASE job")
-                if not job.keeps_hot_rows:
-                    self._hot.forget()
-                self._batch_delta += self._job_delta
+                self._job_done(job)
                 outcomes.append((True, value))
+        self._end(conn, batch, outcomes)
+
+    def _begin(self, conn: sqlite3.Connection, batch: list[_Job]) -> bool:
+        self._batch_delta = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._fail_batch(batch, StoreError(f"cannot begin a transaction: {exc}"))
+            return False
+        self._hot.check(conn)
+        return True
+
+    def _job_done(self, job: _Job) -> None:
+        if not job.keeps_hot_rows:
+            self._hot.forget()
+        self._batch_delta += self._job_delta
+
+    def _end(self, conn: sqlite3.Connection, batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
         try:
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -579,6 +653,9 @@ class SQLiteStore(SqlStore):
         with self._lock:
             self._backlog += self._batch_delta
         self.stats.commits += 1
+        self._settle(batch, outcomes)
+
+    def _settle(self, batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
         self.stats.jobs += len(batch)
         self.stats.failed_jobs += sum(1 for ok, _ in outcomes if not ok)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -664,7 +741,7 @@ class SQLiteStore(SqlStore):
     async def _write_placement(
         self, fn: Callable[[Connection], T], messages: Sequence[CanonicalMessage]
     ) -> T:
-        return await self._submit(fn, keeps_hot_rows=True)
+        return await self._submit(lambda conn: fn(_OneCursor(conn)), keeps_hot_rows=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
         return await self._submit(fn, keeps_hot_rows=True)

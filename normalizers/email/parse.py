@@ -445,6 +445,25 @@ def _serialize(message: Message, linesep: str) -> bytes:
     return b"" if not data.strip(b"\r\n") else data
 
 
+# The usual Content-Type of a text part: "type/subtype; charset=token", the token maybe quoted
+# (RFC 2045 token characters, the word here: no space, control or tspecial).
+_MIME_WORD = r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+"
+_PLAIN_CHARSET = re.compile(
+    rf"{_MIME_WORD}/{_MIME_WORD};[ \t]*(?ai:charset)=(?:\"({_MIME_WORD})\"|({_MIME_WORD}))"
+)
+
+
+def _charset_param(part: Message) -> object:
+    """``part.get_param("charset")``; read straight from a Content-Type of the usual shape, as the
+    stdlib's parameter parser (~8 us a call, RFC 2231 included) reads it; any other to that parser."""
+    value = part.get("Content-Type")
+    if type(value) is str:
+        match = _PLAIN_CHARSET.fullmatch(value)
+        if match is not None:
+            return match.group(1) or match.group(2)
+    return part.get_param("charset")
+
+
 def _content_charset(charset: object) -> str | None:
     """``part.get_content_charset()`` from ``charset``, what ``part.get_param("charset")`` returned
     (the stdlib's steps: an RFC 2231 value decoded, ASCII only, lowercased)."""
@@ -463,8 +482,8 @@ def _content_charset(charset: object) -> str | None:
 def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
     """Collect text, HTML and attachments with an explicit stack (no recursion, bounded)."""
     body = _Body()
-    # Parsing a part's parameters costs ~8 us: the root's charset is read once, for both uses.
-    root_charset = root.get_param("charset")
+    # The root's charset is read once, for both uses.
+    root_charset = _charset_param(root)
     hint = _content_charset(root_charset) or None
     # (part, depth, content: its text is ours to read, resource: a non-root member of a
     # multipart/related, which RFC 2387 makes a resource of the root, not body text, path: the
@@ -512,7 +531,7 @@ def _walk(root: Message, limits: EmailLimits, linesep: str) -> _Body:
         if not content:
             continue
         name = headers.filename(part, hint=hint)
-        charset = root_charset if part is root else part.get_param("charset")
+        charset = root_charset if part is root else _charset_param(part)
         declared = charset if isinstance(charset, str) else None
         if ctype == "message/delivery-status" and isinstance(payload, list):
             # The parser split the report into header blocks; the part's own body is what was sent.

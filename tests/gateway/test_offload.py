@@ -69,6 +69,19 @@ async def test_a_request_the_child_cannot_read_is_answered_not_fatal(worker: Nor
     assert worker.pid == child
 
 
+async def test_each_normalizer_is_its_own_across_calls(worker: NormalizeWorker) -> None:
+    # Normalizers are pickled once and kept on both sides: two that differ only in their limits
+    # stay apart, and one the child cannot read fails the same way each time.
+    mail = envelope((FIXTURES / "gbk_order_question.eml").read_bytes())
+    small, large = make_email_normalizer(EmailLimits(max_bytes=100)), make_email_normalizer(EmailLimits())
+    for _ in range(2):
+        with pytest.raises(NormalizationError, match="limit 100"):
+            await worker.run(small, mail)
+        assert await worker.run(large, mail) == await worker.run(make_email_normalizer(EmailLimits()), mail)
+        with pytest.raises(NormalizationError, match="could not read it"):
+            await worker.run(Unreadable(), envelope(b"abc"))
+
+
 async def test_what_does_not_pickle_is_left_to_the_caller(worker: NormalizeWorker) -> None:
     assert await worker.run(CannotParse(), envelope(b"abc", callback=lambda: None)) is None
     assert await worker.run(lambda e: [], envelope(b"abc")) is None  # type: ignore[arg-type]

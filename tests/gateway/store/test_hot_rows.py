@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -15,7 +16,7 @@ from storekit import POLICY, build_event, envelope, message, outbox_settings, st
 
 from core.events import CustomerView, Event
 from core.model import CanonicalMessage, Placement
-from dedupe.tx import CustomerRecord
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText
 from gateway.store.engine import Connection, SqlTx
 from gateway.store.hotrows import HotRows, HotTx, _Customer
 from gateway.store.sqlite import SQLiteStore
@@ -180,7 +181,7 @@ def test_the_rows_kept_are_bounded_least_recently_used_first() -> None:
     assert hot.owner(("t", "email", "a@example.com")) is not None
 
 
-# Tx methods that write no customer, identity or thread row, or only read them (HotTx answers the
+# Tx methods that write no customer, identity, thread or recent text row, or only read them (HotTx answers the
 # hot reads it overrides; the rest read the database).
 _NO_HOT_WRITES = {
     "claim_key",
@@ -201,11 +202,8 @@ _NO_HOT_WRITES = {
     "find_thread_by_rfc822",
     "find_thread_by_key",
     "add_thread_key",
-    "customer_thread_ids",
     "next_thread_number",
     "add_message",
-    "recent_texts",
-    "add_recent_text",
 }
 
 
@@ -225,3 +223,53 @@ async def test_a_key_repeated_within_one_envelope_is_placed_once(store: SQLiteSt
     assert repeat.duplicate
     assert (repeat.thread_id, repeat.sequence) == (first.thread_id, first.sequence)
     assert len(await store.outbox_fetch(10)) == 1
+
+
+async def test_recent_texts_kept_in_memory_answer_and_cap_as_the_table_does(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    (placed,) = await accept(store, message("m1"))
+    customer = placed.customer_id
+    rng = random.Random(11)
+    start = datetime.now(UTC) + timedelta(days=1)  # after the placed message's own text
+    texts = [
+        RecentText(
+            customer_id=customer,
+            message_id=f"m{i:04}",
+            thread_id=placed.thread_id,
+            channel=rng.choice(("email",) * 8 + ("chat", "form")),
+            text=f"text {i}",
+            # Some share a moment: the order is then by message id, as in SQL.
+            at=start + timedelta(seconds=i // 3),
+        )
+        for i in range(300)
+    ]
+
+    def found(tx: SqlTx) -> dict[str, list[str]]:
+        return {
+            c: [t.message_id for t in tx.recent_texts(customer, start, not_channel=c)]
+            for c in ("email", "chat", "form", "sms")
+        }
+
+    def add_and_find(tx: SqlTx, now: datetime) -> tuple[dict[str, list[str]], list[Event]]:
+        assert tx.find_customer(customer) is not None
+        for text in texts:
+            tx.add_recent_text(text)
+        return found(tx), []
+
+    in_memory = await store.transact(add_and_find)
+    # The transact forgot the rows: this reads the table.
+    from_table = await store.transact(lambda tx, now: (found(tx), []))
+
+    newest_first = sorted(texts, key=lambda t: (t.at, t.message_id), reverse=True)
+    for channel in ("email", "chat", "form", "sms"):
+        expected = [t.message_id for t in newest_first if t.channel != channel][:RECENT_TEXTS_KEPT]
+        assert in_memory[channel] == from_table[channel] == expected
+    conn = sqlite3.connect(tmp_path / "tg.db")
+    try:
+        kept = dict(conn.execute("SELECT channel, count(*) FROM recent_texts GROUP BY channel").fetchall())
+    finally:
+        conn.close()
+    # The newest RECENT_TEXTS_KEPT, and those of the same moment as the last of them.
+    emails = [t.at for t in newest_first if t.channel == "email"]
+    assert kept["email"] == sum(1 for at in emails if at >= emails[RECENT_TEXTS_KEPT - 1]) < len(emails)

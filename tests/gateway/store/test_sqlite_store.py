@@ -236,3 +236,26 @@ async def test_events_published_by_another_process_free_room_in_the_backlog(tmp_
     finally:
         await relaying.close()
         await accepting.close()
+
+
+async def test_a_batch_run_again_after_its_last_job_failed_keeps_siblings_once(store: SQLiteStore) -> None:
+    """Placements and outbox marks share a batch without savepoints; when a job fails the batch is
+    rolled back and run again, each job in its own savepoint."""
+    (earlier,) = await accept(store, message("m0"))
+    (row,) = await store.outbox_fetch(10)
+    before = store.stats.commits
+    store.gather_next_batch(5)
+    results = await asyncio.gather(
+        *(accept(store, message(f"m{n}")) for n in range(1, 4)),
+        store.outbox_mark_published([row.position]),
+        store.accept(envelope(b"broken"), [message("m9")], policies=[POLICY], build_event=broken_builder),
+        return_exceptions=True,
+    )
+
+    assert store.stats.commits - before == 1
+    assert isinstance(results[4], RuntimeError)
+    placed = [r[0] for r in results[:3] if isinstance(r, list)]
+    assert [p.sequence for p in placed] == [2, 3, 4]
+    assert {p.thread_id for p in placed} == {earlier.thread_id}
+    assert [r.sequence for r in await store.outbox_fetch(10)] == [2, 3, 4]
+    assert (await store.outbox_status()).published_total == 1

@@ -21,6 +21,7 @@ from normalizers.email.parse import (
     _BOUNDARY_OR_DELIMITER,
     EmailLimits,
     _boundaries_and_delimiters,
+    _charset_param,
     _content_charset,
     _parse,
     _parse_header_block,
@@ -226,3 +227,40 @@ def test_content_charset_is_the_stdlibs_for_every_corpus_part() -> None:
     for path in email_corpus_mails():
         for part in BytesParser(policy=compat32).parsebytes(path.read_bytes()).walk():
             assert _content_charset(part.get_param("charset")) == part.get_content_charset(), path.name
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "text/plain;charset=UTF-8",
+        'text/plain; CHARSET="iso-8859-1"',
+        "text/plain; charſet=utf-8",  # the long s: not "charset" to the stdlib, as to us
+        "text/plain; \u212aharset=utf-8",
+        "text/plain; charset=utf-8 ",
+        "text/plain; charset=utf-8;",
+        "text/plain; charset=utf-8; format=flowed",
+        "text/plain; format=flowed; charset=utf-8",
+        "text/plain;\r\n charset=utf-8",
+        'text/plain; charset="utf-8',
+        'text/plain; charset="a;b"',
+        "text/plain; charset=",
+        "text/plain; charset*=utf-8''latin1",
+        "text/plain; charset=caf\udce9",
+        "text/plain charset=utf-8",
+        "text/pl=ain; charset=utf-8",
+    ],
+)
+def test_charset_param_is_the_stdlibs(content_type: str | None) -> None:
+    message = Message()
+    if content_type is not None:
+        message["Content-Type"] = content_type
+    assert _charset_param(message) == message.get_param("charset")
+
+
+def test_charset_param_is_the_stdlibs_for_every_corpus_part() -> None:
+    for path in email_corpus_mails():
+        for part in BytesParser(policy=compat32).parsebytes(path.read_bytes()).walk():
+            assert _charset_param(part) == part.get_param("charset"), path.name
