@@ -2,7 +2,7 @@
 
 This machine class differs 1.5-2x from one box to the next and from one minute to the next, so a
 figure means something only against another taken in the same session. This runs one benchmark
-script that prints ``bench/ingest.py``'s figures (that script by default) from each tree in turn,
+script (``bench/ingest.py`` by default, or ``bench/smtp_ingest.py``) from each tree in turn,
 A B A B ..., with this interpreter (the trees share one virtualenv; each run imports the code of its
 own tree, because the gateway child starts with its tree as the working directory), parses the
 figures every run prints and shows each round and the median ratio B/A.
@@ -12,8 +12,14 @@ The baseline tree is usually a ``git archive`` of the commit before a change, wi
 
     mkdir -p /tmp/base && git archive 2f1c58a | tar -x -C /tmp/base && cp -r bench /tmp/base/
     .venv/bin/python bench/ab.py --a /tmp/base --b . --rounds 3 -- --seconds 8 --skip-bare
+    .venv/bin/python bench/ab.py --a /tmp/base --b . --script bench/smtp_ingest.py -- \
+        --e2e --sizes 5 --mails 2000 --skip-bare
 
-Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [-- args for the script]
+The same tree on two settings works too: ``--a . --b . --b-extra="--store postgresql"`` (with the ``=``) gives
+PostgreSQL against SQLite of one build.
+
+Usage: bench/ab.py --a DIR --b DIR [--rounds N] [--script bench/ingest.py] [--b-extra=ARGS]
+       [-- args for the script]
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ _FIGURES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("events/s", re.compile(r"on the queue\s+\d+ events, ([\d,]+) events/s")),
     ("closed p99 ms", re.compile(r"^\s*ack latency\s+p50 [\d.]+ ms, p99 ([\d.]+) ms\s*$")),
     ("open p99 ms", re.compile(r"^\s*ack latency\s+p50 [\d.]+ ms, p99 ([\d.]+) ms, max")),
+    # bench/smtp_ingest.py: "5 KB  end to end  197 mails/s  server CPU 2320 us/mail (event loop 530, ...)"
+    ("mail us/mail", re.compile(r"end to end .*server CPU\s+(\d+) us/mail")),
+    ("mail event loop us", re.compile(r"end to end .*\(.*event loop (\d+)")),
+    ("mail threads us", re.compile(r"end to end .*\(.*other threads (\d+)")),
+    ("mail normalizer us", re.compile(r"end to end .*\(.*normalizer process (\d+)")),
+    ("mail relay us", re.compile(r"end to end .*\(.*relay process (\d+)")),
+    ("mails/s", re.compile(r"end to end\s+(\d+) mails/s")),
 )
 
 
@@ -66,13 +79,18 @@ def main() -> None:
     parser.add_argument("--b", type=Path, required=True, help="the tree under test")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--script", default="bench/ingest.py")
+    parser.add_argument(
+        "--b-extra",
+        default="",
+        help="arguments for B only, e.g. '--store postgresql' to set one store against the other",
+    )
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="-- then the script's own arguments")
     args = parser.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     rounds: list[tuple[dict[str, float], dict[str, float]]] = []
     for number in range(1, args.rounds + 1):
         a = run_once(args.a.resolve(), args.script, rest)
-        b = run_once(args.b.resolve(), args.script, rest)
+        b = run_once(args.b.resolve(), args.script, rest + args.b_extra.split())
         rounds.append((a, b))
         shown = ", ".join(f"{k} {a.get(k, float('nan')):g} -> {b.get(k, float('nan')):g}" for k in a)
         print(f"round {number}: {shown}", flush=True)

@@ -115,9 +115,10 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
         thread_number=thread.number,
     )
     tx.complete_claim(key, placement)
-    view = CustomerView(
-        id=customer.id, identities=tx.customer_identities(customer.id), display_name=customer.display_name
-    )
+    # A customer created here has exactly the identities just added, all of one time: what
+    # customer_identities would read back (ordered by time, kind, value).
+    owned = tuple(sorted(identities, key=Identity.key)) if created else tx.customer_identities(customer.id)
+    view = CustomerView(id=customer.id, identities=owned, display_name=customer.display_name)
     return Placed(placement=placement, customer=view, thread_subject=thread.subject, events=tuple(events))
 
 

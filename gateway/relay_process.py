@@ -52,6 +52,8 @@ _READY_TIMEOUT = 30.0
 _RESTART_MAX = 30.0
 # Wake-ups are hints (the child also polls): drop them rather than buffer without bound.
 _MAX_PENDING_WRITE = 64 * 1024
+# How long a committed mark's reply may wait for a wake-up to go with (every write wakes the child).
+_MARKED_DELAY = 0.05
 
 
 class RelayProcess:
@@ -69,6 +71,8 @@ class RelayProcess:
         # wakes the child: each one cost the event loop more than the line itself).
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
+        self._marked: list[int] = []
+        self._marked_timer: asyncio.TimerHandle | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -128,6 +132,12 @@ class RelayProcess:
         """Write what this loop iteration has for the child, a wake-up included, in one write."""
         self._flush_scheduled = False
         lines, self._outgoing = self._outgoing, []
+        if self._marked:
+            lines.append(orjson.dumps({"op": "marked", "positions": self._marked}) + b"\n")
+            self._marked = []
+        if self._marked_timer is not None:
+            self._marked_timer.cancel()
+            self._marked_timer = None
         writer = self._writer
         if writer is None or writer.is_closing():
             self._wake_queued = False
@@ -246,10 +256,15 @@ class RelayProcess:
         except Exception as exc:
             # Unmarked rows are published again: a repeat, never a loss.
             logger.warning("could not mark %d published events: %s", len(positions), exc)
-            reply = {"op": "unmarked", "positions": positions}
+            self._send(orjson.dumps({"op": "unmarked", "positions": positions}) + b"\n")
         else:
-            reply = {"op": "marked", "positions": positions}
-        self._send(orjson.dumps(reply) + b"\n")
+            # The child only stops hiding these rows when told (they are published, so hiding them
+            # meanwhile is right): the reply rides along with the next wake-up, or leaves after
+            # _MARKED_DELAY, rather than waking the child once per mark.
+            self._marked.extend(positions)
+            if self._marked_timer is None:
+                loop = asyncio.get_running_loop()
+                self._marked_timer = loop.call_later(_MARKED_DELAY, self._schedule_flush)
 
     def _apply_status(self, message: dict[str, Any]) -> None:
         last_error_at = message.get("last_error_at")

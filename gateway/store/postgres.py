@@ -367,7 +367,9 @@ _OUTBOX_STATUS = (
     " (SELECT value FROM counters WHERE name = 'published_total')"
 )
 
-_GROUP_MAX = 32  # placements per group transaction: a larger group holds its locks longer
+# Placements per group transaction: a larger group holds its locks longer, and past 64 savepoints
+# that wrote, a backend's subtransactions overflow its cache and slow every snapshot on the server.
+_GROUP_MAX = 32
 # Groups running at once: while one waits for the database (a read, its commit's WAL flush), the
 # next one's jobs run. They queue only where their messages meet (an identity, a customer, a new
 # thread's number).
@@ -461,9 +463,9 @@ class _FoldedWrites:
 
     The parts of one statement see the same snapshot and not each other's rows, so a write is held
     with others only when it touches none of their tables, or when it and they are all plain
-    inserts of values into the same table (a customer's identities); otherwise, and before
-    anything that reads (a ``SELECT``, ``RETURNING``, a cursor), the held writes go first. A
-    statement with a ``WITH`` of its own ends the statement they are folded into.
+    inserts of values (no upsert) into the same table (a customer's identities); otherwise, and
+    before anything that reads (a ``SELECT``, ``RETURNING``, a cursor), the held writes go first.
+    A statement with a ``WITH`` of its own ends the statement they are folded into.
     """
 
     def __init__(self, conn: Connection) -> None:
@@ -475,7 +477,8 @@ class _FoldedWrites:
         if not _held_write(sql):
             self.flush()
             return self._conn.execute(sql, params)
-        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql
+        # DO UPDATE may change a row a part before it wrote: "cannot affect row a second time".
+        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql and "DO UPDATE" not in sql
         tables = set(_TOUCHED.findall(sql))
         if any(t in self._tables and not (plain and self._tables[t]) for t in tables):
             self.flush()

@@ -45,19 +45,23 @@ def test_first_message_creates_customer_thread_and_sequence_one(
     assert conn.execute("SELECT rfc822_message_id FROM messages").fetchall() == [("<a@x>",)]
 
 
-def test_a_new_customer_is_not_searched_for_recent_texts_or_threads(
+def test_a_new_customer_is_not_searched_for_recent_texts_threads_or_identities(
     tx: SQLiteTx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def none_yet(*args: object, **kwargs: object) -> None:
         raise AssertionError("a customer created by this placement has none")
 
-    for read in ("recent_texts", "open_threads", "customer_thread_ids"):
+    for read in ("recent_texts", "open_threads", "customer_thread_ids", "customer_identities"):
         monkeypatch.setattr(tx, read, none_yet)
     text = "My parcel has not arrived and the tracking page shows nothing at all."
 
-    placed = place(tx, msg("<a@x>", EMAIL, text=text), POLICY, now=T0)
+    placed = place(tx, msg("<a@x>", PHONE, EMAIL, text=text), POLICY, now=T0)
 
     assert (placed.placement.sequence, placed.placement.is_new_thread) == (1, True)
+    assert placed.customer is not None
+    assert placed.customer.identities == (EMAIL, PHONE)  # as read back: by kind, then value
+    monkeypatch.undo()
+    assert tx.customer_identities(placed.placement.customer_id) == placed.customer.identities
 
 
 def test_repeat_returns_first_placement_as_duplicate(tx: SQLiteTx, conn: sqlite3.Connection) -> None:

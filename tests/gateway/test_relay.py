@@ -327,22 +327,23 @@ async def test_relay_over_the_sqlite_store_through_an_outage(
 async def test_on_wait_is_told_each_time_the_relay_has_published_all_and_waits(bus: MemoryPublisher) -> None:
     outbox = FakeOutbox()
     waits: list[int] = []
-    told = asyncio.Queue[None]()
+    told = asyncio.Event()
 
     def on_wait() -> None:
         waits.append(len(bus.published))
-        told.put_nowait(None)
+        told.set()
 
     relay = OutboxRelay(outbox, bus, SETTINGS, on_wait=on_wait)
     await relay.start()
     try:
         async with asyncio.timeout(5):
-            await told.get()
+            await told.wait()
         assert waits == [0]  # nothing to publish at start
+        told.clear()
         await enqueue(outbox, threads=2, per_thread=20)  # more than one batch
         relay.wake()
         async with asyncio.timeout(5):
-            await told.get()
+            await told.wait()
         assert waits == [0, 40]  # said once, after the last batch, not after each one
     finally:
         await relay.stop()

@@ -72,3 +72,13 @@ def test_what_returns_rows_is_never_held_and_a_with_of_its_own_ends_the_statemen
     )
     assert conn.sent[2][1] == ["k", *range(11)]
     assert folded.cursor() == "a cursor"
+
+
+def test_an_upsert_meeting_one_on_its_table_waits_for_it() -> None:
+    conn = Recorder()
+    folded = _FoldedWrites(conn)
+    upsert = "INSERT INTO blob_files (sha256) VALUES (%s) ON CONFLICT (sha256) DO UPDATE SET used_at = now()"
+    folded.execute(upsert, ["a"])
+    folded.execute(upsert, ["a"])  # one statement could not change the row twice
+    folded.flush()
+    assert conn.sent == [(upsert, ["a"]), (upsert, ["a"])]
