@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -52,10 +53,10 @@ API_KEY = "e2e-test-key-0001"  # the harness config's key
 # --- load generator (runs in its own process) -------------------------------------------------
 
 
-def _request(port: int, n: int) -> bytes:
+def _request(port: int, n: int, customers: int) -> bytes:
     body = orjson.dumps(
         {
-            "customer": {"email": f"bench{n % 5000}@example.com", "name": "Bench Customer"},
+            "customer": {"email": f"bench{n % customers}@example.com", "name": "Bench Customer"},
             "subject": "Where is my parcel?",
             "text": f"Order #{100000 + n} has not arrived yet; tracking SF1234567890{n % 10}.",
             "external_id": f"bench-{uuid.uuid4().hex}",
@@ -81,17 +82,19 @@ async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return status
 
 
-async def _closed_loop(port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+async def _closed_loop(port: int, concurrency: int, seconds: float, customers: int) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     deadline = time.perf_counter() + seconds
-    counter = iter(range(10**9))
+    # Customers in turn from a random one, so that short runs (bench/rss.py's slices) of a large
+    # population do not all write as its first few.
+    counter = iter(range(random.randrange(customers), 10**9))
 
     async def worker() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while time.perf_counter() < deadline:
-                request = _request(port, next(counter))
+                request = _request(port, next(counter), customers)
                 started = time.perf_counter()
                 status = await _roundtrip(reader, writer, request)
                 latencies.append(time.perf_counter() - started)
@@ -104,7 +107,9 @@ async def _closed_loop(port: int, concurrency: int, seconds: float) -> dict[str,
     return {"latencies": latencies, "statuses": statuses, "elapsed": time.perf_counter() - started}
 
 
-async def _open_loop(port: int, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+async def _open_loop(
+    port: int, rate: float, seconds: float, connections: int, customers: int
+) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
@@ -115,7 +120,7 @@ async def _open_loop(port: int, rate: float, seconds: float, connections: int) -
 
     async def one(i: int) -> None:
         scheduled = start + i / rate
-        request = _request(port, 10**8 + i)
+        request = _request(port, 10**8 + i, customers)
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -133,13 +138,15 @@ async def _open_loop(port: int, rate: float, seconds: float, connections: int) -
     return {"latencies": latencies, "statuses": statuses, "elapsed": seconds}
 
 
-def loadgen(mode: str, port: int, concurrency: int, seconds: float, rate: float) -> dict[str, Any]:
-    """Entry point of the load process."""
+def loadgen(
+    mode: str, port: int, concurrency: int, seconds: float, rate: float, customers: int = 5000
+) -> dict[str, Any]:
+    """Entry point of the load process; messages come from ``customers`` customers in turn."""
     started = time.process_time()
     if mode == "closed":
-        result = asyncio.run(_closed_loop(port, concurrency, seconds))
+        result = asyncio.run(_closed_loop(port, concurrency, seconds, customers))
     else:
-        result = asyncio.run(_open_loop(port, rate, seconds, connections=concurrency))
+        result = asyncio.run(_open_loop(port, rate, seconds, concurrency, customers))
     result["cpu"] = time.process_time() - started
     return result
 

@@ -7,7 +7,7 @@ gateway process and of its children (the relay process), and prints one line per
 end it compares the first sample taken after ``--warmup`` messages with the last one: a gateway
 whose memory is flat stays within a few percent however many messages went through.
 
-Usage: .venv/bin/python bench/rss.py [--messages 1000000] [--store sqlite|postgresql]
+Usage: .venv/bin/python bench/rss.py [--messages 1000000] [--customers 5000] [--store sqlite|postgresql]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace) -> None:
     try:
         while sent < args.messages:
             result = await loop.run_in_executor(
-                pool, loadgen, "closed", port, args.concurrency, args.slice, 0.0
+                pool, loadgen, "closed", port, args.concurrency, args.slice, 0.0, args.customers
             )
             sent += result["statuses"].get(202, 0)
             gw, kids = sample(pid)
@@ -113,6 +113,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20_000, help="messages before the first sample")
     parser.add_argument("--slice", type=float, default=20.0, help="seconds of load between samples")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--customers",
+        type=int,
+        default=5000,
+        help="distinct customers; more than the SQLite writer keeps in memory (20,000) exercises its bound",
+    )
     parser.add_argument("--dir", default=None, help="where the gateway's data goes (default: a temp dir)")
     asyncio.run(run(parser.parse_args()))
 
