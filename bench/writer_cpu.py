@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import threading
@@ -26,9 +25,9 @@ import orjson
 # Run as a script, bench/ comes first on sys.path and bench/dedupe.py would shadow the dedupe package.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from core import events  # noqa: E402
-from core.events import CustomerView, Event  # noqa: E402
-from core.model import CanonicalMessage, Identity, Placement, RawEnvelope  # noqa: E402
+from bench.measure import task_cpu  # noqa: E402
+from bench.store_accept import build_event  # noqa: E402
+from core.model import CanonicalMessage, Identity, RawEnvelope  # noqa: E402
 from core.settings import OutboxSettings, StoreSettings  # noqa: E402
 from dedupe.policy import PlacementPolicy  # noqa: E402
 from gateway.store.sqlite import SQLiteStore  # noqa: E402
@@ -37,22 +36,7 @@ POLICY = PlacementPolicy(window=3600.0)
 
 
 def thread_cpu(tid: int) -> float:
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def build_event(
-    message: CanonicalMessage,
-    placement: Placement,
-    customer: CustomerView,
-    subject: str | None,
-    ref: str | None,
-) -> Event:
-    return events.message_received(
-        message, placement=placement, customer=customer, thread_subject=subject, raw_ref=ref,
-        signature_verified=True, retry=0, public_url=None, occurred_at=datetime.now(UTC),
-    )  # fmt: skip
+    return task_cpu(Path(f"/proc/self/task/{tid}/stat"))
 
 
 def request(n: int, customers: int) -> tuple[RawEnvelope, CanonicalMessage]:

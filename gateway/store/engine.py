@@ -70,6 +70,16 @@ Owners = tuple[str, str]  # (from customer, to customer)
 _DISK_CHECK_INTERVAL = 1.0  # seconds a free-space reading is trusted
 
 
+def as_store_error(exc: Exception, database_error: type[Exception]) -> Exception:
+    """What the caller of a failed job gets: the driver's ``database_error`` becomes
+    :class:`StoreError` (its cause kept); anything else (a bug in a callback) stays itself."""
+    if isinstance(exc, database_error):
+        error = StoreError(f"store write failed: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

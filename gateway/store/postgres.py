@@ -86,6 +86,7 @@ from gateway.store.engine import (
     Owners,
     SqlStore,
     SqlTx,
+    as_store_error,
     outbox_rows,
     utcnow,
 )
@@ -512,15 +513,6 @@ class _GroupState(threading.local):
     backlog: _GroupBacklog | None = None
 
 
-def _job_error(exc: Exception) -> Exception:
-    """What the caller of a job that failed in a group gets."""
-    if isinstance(exc, psycopg.Error):
-        error = StoreError(f"store write failed: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc
-
-
 def _not_committed(exc: Exception) -> StoreError:
     """One caller's error for a group that did not commit (each raises an object of its own)."""
     error = StoreError(str(exc) or exc.__class__.__name__)
@@ -781,7 +773,7 @@ class PostgresStore(SqlStore):
                             pipeline.sync()
                         conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
                         conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
-                        outcomes.append(_job_error(exc))
+                        outcomes.append(as_store_error(exc, psycopg.Error))
                         continue
                     conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
                     backlog.added += backlog.pending

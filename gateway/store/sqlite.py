@@ -38,6 +38,7 @@ from gateway.store.engine import (
     Dialect,
     SqlStore,
     SqlTx,
+    as_store_error,
     executemany,
     outbox_rows,
     utcnow,
@@ -595,7 +596,7 @@ class SQLiteStore(SqlStore):
                 if len(batch) > 1:
                     return False
                 logger.debug("store job failed: %r", exc)
-                self._settle(batch, [(False, _as_store_error(exc))])
+                self._settle(batch, [(False, as_store_error(exc, sqlite3.Error))])
                 return True
             self._job_done(job)
             outcomes.append((True, value))
@@ -619,7 +620,7 @@ class SQLiteStore(SqlStore):
                     # this batch was kept, and later jobs must not run outside a transaction.
                     self._fail_batch(batch, StoreError(f"transaction aborted: {exc}"))
                     return
-                outcomes.append((False, _as_store_error(exc)))
+                outcomes.append((False, as_store_error(exc, sqlite3.Error)))
                 logger.debug("store job %d of %d failed: %r", index + 1, len(batch), exc)
             else:
                 conn.execute("RELEASE job")
@@ -807,15 +808,6 @@ def vacuum_file(path: Path) -> tuple[int, int]:
     finally:
         conn.close()
     return before, path.stat().st_size
-
-
-def _as_store_error(exc: Exception) -> Exception:
-    """Database errors become :class:`StoreError`; anything else (a bug in a callback) stays itself."""
-    if isinstance(exc, sqlite3.Error):
-        store_error = StoreError(f"store write failed: {exc}")
-        store_error.__cause__ = exc
-        return store_error
-    return exc
 
 
 def _settle_all(batch: Sequence[_Job], outcomes: Sequence[tuple[bool, Any]]) -> None:
