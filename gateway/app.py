@@ -81,7 +81,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         enrich=Enricher.from_settings(settings).enrich,
         on_commit=relay.wake,
         offload=offload,
-        answering=functools.partial(_answering, senders, kinds),
+        answering=_Answering(senders, kinds),
     )
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -172,17 +172,25 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
     return app
 
 
-def _answering(
-    senders: Mapping[str, SenderSpec],
-    kinds: Mapping[str, frozenset[str]],
-    message: CanonicalMessage,
-    customer: CustomerView,
-) -> dict[str, Any]:
-    channels = [
-        ReplyChannel(name=name, window=spec.window, identity_kinds=kinds.get(name, frozenset()))
-        for name, spec in senders.items()
-    ]
-    return reply_options(message, customer, channels)
+class _Answering:
+    """``message.received``'s reply block (:func:`core.events.reply_options`) from the registered
+    senders. Channels register them during setup, before any message, so the channel list is built
+    once (again only should a registration come later), not for every message."""
+
+    def __init__(self, senders: Mapping[str, SenderSpec], kinds: Mapping[str, frozenset[str]]) -> None:
+        self._senders = senders
+        self._kinds = kinds
+        self._built: tuple[tuple[int, int], list[ReplyChannel]] | None = None
+
+    def __call__(self, message: CanonicalMessage, customer: CustomerView) -> dict[str, Any]:
+        size = (len(self._senders), len(self._kinds))
+        if self._built is None or self._built[0] != size:
+            channels = [
+                ReplyChannel(name=name, window=spec.window, identity_kinds=self._kinds.get(name, frozenset()))
+                for name, spec in self._senders.items()
+            ]
+            self._built = (size, channels)
+        return reply_options(message, customer, self._built[1])
 
 
 async def drain_and_report(store: Store, relay: Relay, timeout: float) -> None:  # noqa: ASYNC109
