@@ -410,7 +410,8 @@ async def _child(settings: Settings, sock: socket.socket) -> None:
             asyncio.get_running_loop().call_soon(flush)
         outgoing.append(orjson.dumps(message, default=str) + b"\n")
 
-    store = build_store(settings)
+    # On SQLite this process only reads: its marks go through the gateway's writer (MarkThroughParent).
+    store = build_store(settings, reads_only=True)
     await store.open()
     publisher = AmqpPublisher(settings.broker, connection_name="ticketgate relay")
     counts = _Counts()

@@ -329,8 +329,18 @@ class SQLiteStore(SqlStore):
     def _probe_dirs(self) -> list[Path]:
         return [*super()._probe_dirs(), self._settings.path.parent]
 
-    def __init__(self, settings: StoreSettings, outbox: OutboxSettings, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        settings: StoreSettings,
+        outbox: OutboxSettings,
+        *,
+        clock: Clock = utcnow,
+        reads_only: bool = False,
+    ) -> None:
         super().__init__(settings, outbox, clock)
+        # The relay process reads the outbox and sends its marks to the gateway's writer: it needs
+        # neither a writer thread nor a checkpointer (a second one would copy the WAL back twice).
+        self._reads_only = reads_only
         self.stats = StoreStats()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -355,6 +365,15 @@ class SQLiteStore(SqlStore):
     async def open(self) -> None:
         if self._open:
             return
+        if not self._reads_only:
+            await self._start_writing()
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="tg-store-read"
+        )
+        self._open = True
+
+    async def _start_writing(self) -> None:
+        """The writer thread (it migrates the schema first) and the checkpointer."""
         await asyncio.to_thread(self._prepare_dirs)
         ready: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._writer = threading.Thread(
@@ -373,10 +392,6 @@ class SQLiteStore(SqlStore):
             target=self._run_checkpointer, name="tg-store-checkpoint", daemon=True
         )
         self._checkpointer.start()
-        self._reader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tg-store-read"
-        )
-        self._open = True
         logger.info("store open at %s (outbox backlog %d)", self._settings.path, backlog)
         if not await asyncio.to_thread(self._incremental):
             logger.warning(
@@ -731,6 +746,8 @@ class SQLiteStore(SqlStore):
         """Queue ``fn`` for the writer and wait for its commit."""
         if not self._open:
             raise StoreError("store is closed")
+        if self._reads_only:
+            raise StoreError("this store was opened for reading only")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Job(fn=fn, future=future, loop=loop, keeps_hot_rows=keeps_hot_rows))

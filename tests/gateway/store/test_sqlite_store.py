@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -154,6 +155,28 @@ async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
 
     with pytest.raises(StoreError):
         await accept(store, message("m1"))
+
+
+async def test_a_store_opened_for_reading_reads_the_outbox_and_writes_nothing(tmp_path: Path) -> None:
+    """The relay process's handle: what the gateway committed, without a writer or checkpointer."""
+    writing = SQLiteStore(store_settings(tmp_path), outbox_settings())
+    await writing.open()
+    threads_before = {t.name for t in threading.enumerate()}
+    reading = SQLiteStore(store_settings(tmp_path), outbox_settings(), reads_only=True)
+    await reading.open()
+    try:
+        started = {t.name for t in threading.enumerate()} - threads_before
+        assert not any(name.startswith(("tg-store-writer", "tg-store-checkpoint")) for name in started)
+        await accept(writing, message("m1"))
+        rows = await reading.outbox_fetch(10)
+        assert len(rows) == 1
+        assert (await reading.outbox_status()).backlog == 1
+        with pytest.raises(StoreError, match="reading only"):
+            await reading.outbox_mark_published([rows[0].position])
+        assert (await writing.outbox_status()).backlog == 1
+    finally:
+        await reading.close()
+        await writing.close()
 
 
 CHILD = textwrap.dedent(
