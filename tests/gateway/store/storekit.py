@@ -105,3 +105,14 @@ def build_event(
         public_url=None,
         occurred_at=message.received_at,
     )
+
+
+def broken_builder(
+    message: CanonicalMessage,
+    placement: Placement,
+    customer: CustomerView,
+    thread_subject: str | None,
+    raw_ref: str | None,
+) -> Event:
+    """An event builder with a bug: the job that calls it fails, its batch siblings must not."""
+    raise RuntimeError("builder bug")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
+from storekit import POLICY, broken_builder, build_event, envelope, message, outbox_settings, store_settings
 
-from core.events import CustomerView, Event
+from core.events import Event
 from core.model import CanonicalMessage, Placement
 from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText
 from gateway.store.engine import Connection, SqlTx
@@ -33,16 +33,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 async def accept(store: SQLiteStore, *messages: CanonicalMessage) -> list[Placement]:
     policies = [POLICY] * len(messages)
     return await store.accept(envelope(), messages, policies=policies, build_event=build_event)
-
-
-def broken_builder(
-    message: CanonicalMessage,
-    placement: Placement,
-    customer: CustomerView,
-    subject: str | None,
-    ref: str | None,
-) -> Event:
-    raise RuntimeError("builder bug")
 
 
 def owner_of(path: Path, email: str) -> str | None:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from storekit import POLICY, build_event, envelope, message, outbox_settings, store_settings
+from storekit import POLICY, broken_builder, build_event, envelope, message, outbox_settings, store_settings
 
 from core.errors import BacklogFull, StoreError
-from core.events import CustomerView, Event
 from core.model import Attachment, CanonicalMessage, Placement, RawEnvelope
 from gateway.store.blobs import sha256_hex
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
@@ -39,16 +38,6 @@ async def accept(
     return await store.accept(
         env or envelope(), messages, policies=[POLICY] * len(messages), build_event=build_event
     )
-
-
-def broken_builder(
-    message: CanonicalMessage,
-    placement: Placement,
-    customer: CustomerView,
-    subject: str | None,
-    ref: str | None,
-) -> Event:
-    raise RuntimeError("builder bug")
 
 
 async def test_concurrent_accepts_share_commits(store: SQLiteStore) -> None:
