@@ -147,6 +147,37 @@ def text_ok(text: str = "ok") -> Callable[[], web.Response]:
     return lambda: web.Response(status=200, text=text)
 
 
+class AppToken:
+    """An app's access token from a provider's token endpoint, kept until shortly before it expires.
+
+    ``fetch`` returns the token and its lifetime in seconds; it is kept for that lifetime less five
+    minutes (at least 30 s), so a call never goes out with a token about to lapse. One fetch at a
+    time: concurrent callers of an expired token wait for the same refresh. ``forget`` drops it
+    when the provider refuses it, so the next caller fetches a new one.
+    """
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float]]], clock: Clock) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._token: tuple[str, float] | None = None
+        self._refreshing = asyncio.Lock()
+
+    async def get(self) -> str:
+        cached = self._token
+        if cached is not None and cached[1] > self._clock.monotonic():
+            return cached[0]
+        async with self._refreshing:
+            cached = self._token
+            if cached is not None and cached[1] > self._clock.monotonic():
+                return cached[0]
+            token, lifetime = await self._fetch()
+            self._token = (token, self._clock.monotonic() + max(lifetime - 300, 30))
+            return token
+
+    def forget(self) -> None:
+        self._token = None
+
+
 class CachedLookup(Generic[K, T]):
     """Values by key from a provider API (a directory's work email), cached for ``ttl`` seconds and,
     after a lookup that raised one of ``failures``, ``None`` for ``failure_ttl`` (a directory that is

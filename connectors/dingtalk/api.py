@@ -8,13 +8,13 @@ with ``errcode``. Both become a :class:`DingTalkError`.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
 
+from connectors.base import AppToken
 from core.channel import Clock, HttpClient
 
 TOKEN_REFUSED = frozenset(
@@ -53,34 +53,30 @@ class DingTalkApi:
     app_secret: str = field(repr=False)
     clock: Clock
     timeout: float = 15.0
-    _token: tuple[str, float] | None = field(default=None, repr=False)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _token: AppToken = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._token = AppToken(self._fetch_token, self.clock)
 
     async def token(self) -> str:
-        cached = self._token
-        if cached is not None and cached[1] > self.clock.monotonic():
-            return cached[0]
-        async with self._lock:
-            cached = self._token
-            if cached is not None and cached[1] > self.clock.monotonic():
-                return cached[0]
-            data = await self.request(
-                self.api,
-                "POST",
-                "/v1.0/oauth2/accessToken",
-                token=None,
-                json={"appKey": self.app_key, "appSecret": self.app_secret},
-            )
-            token = data.get("accessToken")
-            if not isinstance(token, str) or not token:
-                raise DingTalkError("accessToken", "no_token", "no accessToken in the answer")
-            given = data.get("expireIn")
-            expire = given if isinstance(given, int) else 7200
-            self._token = (token, self.clock.monotonic() + max(expire - 300, 30))
-            return token
+        return await self._token.get()
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        data = await self.request(
+            self.api,
+            "POST",
+            "/v1.0/oauth2/accessToken",
+            token=None,
+            json={"appKey": self.app_key, "appSecret": self.app_secret},
+        )
+        token = data.get("accessToken")
+        if not isinstance(token, str) or not token:
+            raise DingTalkError("accessToken", "no_token", "no accessToken in the answer")
+        given = data.get("expireIn")
+        return token, given if isinstance(given, int) else 7200
 
     def forget_token(self) -> None:
-        self._token = None
+        self._token.forget()
 
     async def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """A new-API call with the token; a token DingTalk refuses is replaced once."""

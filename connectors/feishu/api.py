@@ -9,7 +9,6 @@ with Feishu's code, the HTTP status and, on 429, the pause Feishu asks for.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from connectors.base import AppToken
 from core.channel import Clock, HttpClient
 
 logger = logging.getLogger(__name__)
@@ -54,26 +54,22 @@ class FeishuApi:
     app_secret: str = field(repr=False)
     clock: Clock
     timeout: float = 15.0
-    _token: tuple[str, float] | None = field(default=None, repr=False)
-    _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _token: AppToken = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._token = AppToken(self._fetch_token, self.clock)
 
     async def token(self) -> str:
-        cached = self._token
-        if cached is not None and cached[1] > self.clock.monotonic():
-            return cached[0]
-        async with self._refreshing:
-            cached = self._token
-            if cached is not None and cached[1] > self.clock.monotonic():
-                return cached[0]
-            data = await self._call("POST", "/open-apis/auth/v3/tenant_access_token/internal", token=None,
-                                    json={"app_id": self.app_id, "app_secret": self.app_secret})
-            token = data.get("tenant_access_token")
-            if not isinstance(token, str) or not token:
-                raise FeishuError("tenant_access_token", -2, "no token in the answer")
-            given = data.get("expire")
-            expire = given if isinstance(given, int) else 7200
-            self._token = (token, self.clock.monotonic() + max(expire - 300, 30))
-            return token
+        return await self._token.get()
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        data = await self._call("POST", "/open-apis/auth/v3/tenant_access_token/internal", token=None,
+                                json={"app_id": self.app_id, "app_secret": self.app_secret})
+        token = data.get("tenant_access_token")
+        if not isinstance(token, str) or not token:
+            raise FeishuError("tenant_access_token", -2, "no token in the answer")
+        given = data.get("expire")
+        return token, given if isinstance(given, int) else 7200
 
     async def call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         """An API call with the token; a token Feishu calls invalid is replaced once."""
@@ -83,7 +79,7 @@ class FeishuApi:
                 return await self._call(method, path, token=token, **kwargs)
             except FeishuError as exc:
                 if exc.code in TOKEN_INVALID and attempt == 1:
-                    self._token = None
+                    self._token.forget()
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -139,7 +135,7 @@ class FeishuApi:
                         data = {}
                     code = data.get("code") if isinstance(data, dict) else None
                     if isinstance(code, int) and code in TOKEN_INVALID:
-                        self._token = None
+                        self._token.forget()
                     raise FeishuError(path, code if isinstance(code, int) else -3,
                                       str(data.get("msg") if isinstance(data, dict) else ""),
                                       status=resp.status, retry_after=_retry_after(resp.headers))
@@ -181,7 +177,7 @@ class FeishuApi:
                 answer = {}
             code = answer.get("code") if isinstance(answer, dict) else None
             if code in TOKEN_INVALID and attempt == 1:
-                self._token = None
+                self._token.forget()
                 continue
             body = answer.get("data") if isinstance(answer, dict) else None
             key = body.get(key_name) if isinstance(body, dict) else None
