@@ -14,8 +14,10 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, TypeVar
 
+import aiohttp
 from aiohttp import web
 
 from core.channel import ChannelContext, ChannelMetrics, Clock, Connector
@@ -43,8 +45,8 @@ def any_secret_matches(secrets: Iterable[S], expected: Callable[[S], bytes], giv
     return matched
 
 __all__ = [
-    "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "WebhookIntake", "ingest_capturing",
-    "retry_response", "text_ok",
+    "ChannelContext", "ChannelMetrics", "Connector", "Ingest", "Reconnect", "WebhookIntake",
+    "ingest_capturing", "keep_connected", "retry_response", "text_ok",
 ]
 
 
@@ -233,3 +235,50 @@ class CachedLookup(Generic[K, T]):
         """Cancel lookups still in flight (at shutdown)."""
         for task in list(self._in_flight.values()):
             task.cancel()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconnect:
+    """How a connection the gateway opens to a provider (DingTalk's Stream, Feishu's long
+    connection) is reopened by :func:`keep_connected`: after a pause that doubles from
+    ``first_backoff`` up to ``max_backoff``, back to ``first_backoff`` once a connection held longer
+    than ``stable_after`` seconds; each reopening counted as the channel event ``metric``."""
+
+    channel: str  # "dingtalk": the logs' prefix
+    what: str  # "Stream connection", "long connection": the provider's word, for the logs
+    metric: str  # "stream_reconnect"
+    first_backoff: float
+    max_backoff: float
+    opening_errors: tuple[type[Exception], ...]  # the provider API refusing to open: logged with its text
+    stable_after: float = 30.0
+
+
+async def keep_connected(
+    connect: Callable[[], Awaitable[None]],
+    policy: Reconnect,
+    *,
+    inbox: str,
+    clock: Clock,
+    metrics: ChannelMetrics,
+    log: logging.Logger,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> NoReturn:
+    """Run ``connect`` (one connection, until it closes or fails) again and again until cancelled,
+    pausing by ``policy`` in between. A network error is logged by its type only (its text can
+    carry the connection URL and its one-time ticket); any other error propagates, to the
+    supervisor that restarts the task (``ctx.spawn``). ``log`` is the channel's logger, so the
+    lines keep their channel's logger name."""
+    pause = policy.first_backoff
+    while True:
+        started = clock.monotonic()
+        try:
+            await connect()
+        except policy.opening_errors as exc:
+            log.warning("%s %s: opening the %s failed: %s", policy.channel, inbox, policy.what, exc)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("%s %s: %s lost: %s", policy.channel, inbox, policy.what, type(exc).__name__)
+        if clock.monotonic() - started > policy.stable_after:
+            pause = policy.first_backoff
+        metrics.event(policy.metric, inbox=inbox)
+        await sleep(pause)
+        pause = min(pause * 2, policy.max_backoff)

@@ -176,17 +176,19 @@ def header_bytes(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
-def envelope_headers(request: web.BaseRequest) -> dict[str, str]:
-    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined.
+def envelope_headers(request: web.BaseRequest, *, without: str | None = None) -> dict[str, str]:
+    """Request headers for the envelope: names lower-cased, credentials dropped, repeats comma-joined;
+    also ``without`` (any case), the channel's own signature or secret header once it is verified.
 
     Names and values are plain ``str`` (aiohttp's are ``istr``), and bytes that were not UTF-8 are
     kept as ``\\xNN`` escapes (:func:`core.model.plain_text`), so the envelope can always be
     stored and quarantined.
     """
+    dropped = without.lower() if without is not None else None
     headers: dict[str, str] = {}
     for raw_name, raw_value in request.headers.items():
         lower, value = plain_text(raw_name).lower(), plain_text(raw_value)
-        if lower in SECRET_HEADERS:
+        if lower in SECRET_HEADERS or lower == dropped:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
     return headers

@@ -164,7 +164,7 @@ class CallbackEndpoint:
         except InvalidInput as exc:
             self._ctx.metrics.refused("malformed", inbox=bot.inbox)
             return web.Response(status=400, text=exc.reason)
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SIGN_HEADER}
+        headers = envelope_headers(request, without=SIGN_HEADER)
         result = await self._intake.deliver(
             bot, body, transport="http", headers=headers, remote=request.remote
         )

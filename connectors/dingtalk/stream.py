@@ -16,18 +16,19 @@ tests) is a hundred lines on aiohttp's client.
    only once stored (or refused for good): a message whose commit failed, or whose connection
    dropped before the acknowledgement, is redelivered by DingTalk and found stored.
 4. A closed or failed connection is reopened after a pause that doubles from
-   ``stream_first_backoff`` up to ``stream_max_backoff``, and starts over once a connection held.
+   ``stream_first_backoff`` up to ``stream_max_backoff``, and starts over once a connection held
+   (:func:`connectors.base.keep_connected`, shared with Feishu's long connection).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import aiohttp
 import orjson
 
+from connectors.base import Reconnect, keep_connected
 from connectors.dingtalk.api import DingTalkApi, DingTalkError
 from connectors.dingtalk.bot import Bot
 from connectors.dingtalk.intake import Intake
@@ -37,8 +38,6 @@ from core.model import Outcome
 from normalizers.dingtalk import TOPIC
 
 logger = logging.getLogger(__name__)
-
-STABLE_AFTER = 30.0  # a connection that held this long resets the backoff
 
 
 class StreamRunner:
@@ -53,24 +52,15 @@ class StreamRunner:
         self._intake = intake
         self._table = table
         self.connections = 0  # how many times a socket was opened (for the status and tests)
+        self._reconnect = Reconnect(
+            channel="dingtalk", what="Stream connection", metric="stream_reconnect",
+            first_backoff=table.stream_first_backoff, max_backoff=table.stream_max_backoff,
+            opening_errors=(DingTalkError,),
+        )
 
     async def run(self) -> None:
-        pause = self._table.stream_first_backoff
-        while True:
-            started = self._ctx.clock.monotonic()
-            try:
-                await self._connect_once()
-            except asyncio.CancelledError:
-                raise
-            except DingTalkError as exc:
-                logger.warning("dingtalk %s: opening the Stream connection failed: %s", self._bot.inbox, exc)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                logger.warning("dingtalk %s: Stream connection lost: %s", self._bot.inbox, type(exc).__name__)
-            if self._ctx.clock.monotonic() - started > STABLE_AFTER:
-                pause = self._table.stream_first_backoff
-            self._ctx.metrics.event("stream_reconnect", inbox=self._bot.inbox)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, self._table.stream_max_backoff)
+        await keep_connected(self._connect_once, self._reconnect, inbox=self._bot.inbox,
+                             clock=self._ctx.clock, metrics=self._ctx.metrics, log=logger)
 
     async def _connect_once(self) -> None:
         opened = await self._api.request(

@@ -134,7 +134,7 @@ class Webhook:
         except InvalidInput as exc:
             return self._refuse(app, request, "malformed", 400, exc.reason)
         msg_id = request.headers.get(MSG_ID_HEADER, "").strip()[:128] or None
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SIGNATURE_HEADER.lower()}
+        headers = envelope_headers(request, without=SIGNATURE_HEADER)
         envelope = RawEnvelope(
             channel=CHANNEL,
             tenant=app.tenant,

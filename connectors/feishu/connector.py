@@ -245,7 +245,7 @@ class EventEndpoint:
                 return web.Response(status=400, text="url_verification without a challenge")
             logger.info("feishu %s: answered url_verification", app.inbox)
             return web.json_response({"challenge": challenge})
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SIGNATURE_HEADER.lower()}
+        headers = envelope_headers(request, without=SIGNATURE_HEADER)
         result = await self._intake.deliver(app, plain, callback, transport="http", headers=headers,
                                             remote=request.remote)
         return self._intake.work.answer(result, name=app.inbox, ok=lambda: web.json_response({"code": 0}))

@@ -13,7 +13,8 @@ without a public URL. Our own client of the protocol lark-oapi's ``ws.Client`` s
    the store cannot take it now, and nothing when the socket dropped first: Feishu delivers again,
    and the stored message answers the repeat as a duplicate.
 4. A closed or failed connection is reopened after a pause doubling from ``ws_first_backoff`` to
-   ``ws_max_backoff``.
+   ``ws_max_backoff``, starting over once a connection held (:func:`connectors.base.keep_connected`,
+   shared with DingTalk's Stream).
 
 Why not lark-oapi's client: it runs its own loop and reconnect policy with ``websockets`` and
 ``requests`` (blocking), answers each event before our commit could be awaited in its handler
@@ -33,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import orjson
 
+from connectors.base import Reconnect, keep_connected
 from connectors.feishu.api import FeishuApi, FeishuError
 from connectors.feishu.app import App
 from connectors.feishu.frame import CONTROL, DATA, Frame, FrameError, decode, encode
@@ -44,7 +46,6 @@ from normalizers.feishu import Callback, parse
 
 logger = logging.getLogger(__name__)
 
-STABLE_AFTER = 30.0
 MAX_PARTIAL = 1000  # events being reassembled from parts at once
 
 
@@ -77,24 +78,15 @@ class WsRunner:
         self._ping_interval = table.ws_ping_interval
         self._parts: dict[str, list[bytes | None]] = {}
         self.connections = 0
+        self._reconnect = Reconnect(
+            channel="feishu", what="long connection", metric="ws_reconnect",
+            first_backoff=table.ws_first_backoff, max_backoff=table.ws_max_backoff,
+            opening_errors=(FeishuError,),
+        )
 
     async def run(self) -> None:
-        pause = self._table.ws_first_backoff
-        while True:
-            started = self._ctx.clock.monotonic()
-            try:
-                await self._connect_once()
-            except asyncio.CancelledError:
-                raise
-            except FeishuError as exc:
-                logger.warning("feishu %s: opening the long connection failed: %s", self._app.inbox, exc)
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                logger.warning("feishu %s: long connection lost: %s", self._app.inbox, type(exc).__name__)
-            if self._ctx.clock.monotonic() - started > STABLE_AFTER:
-                pause = self._table.ws_first_backoff
-            self._ctx.metrics.event("ws_reconnect", inbox=self._app.inbox)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, self._table.ws_max_backoff)
+        await keep_connected(self._connect_once, self._reconnect, inbox=self._app.inbox,
+                             clock=self._ctx.clock, metrics=self._ctx.metrics, log=logger)
 
     async def _endpoint(self) -> tuple[str, int]:
         data = await self._api._call(

@@ -166,7 +166,7 @@ class Webhook:
             return self._refuse(account, request, "wrong")
         # Verified: reading it now is safe. A body that is not JSON is the normalizer's 400.
         delivery = _peek(body)
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SIGNATURE_HEADER.lower()}
+        headers = envelope_headers(request, without=SIGNATURE_HEADER)
         envelope = RawEnvelope(
             channel=CHANNEL,
             tenant=account.tenant,

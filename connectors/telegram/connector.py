@@ -209,7 +209,7 @@ class Webhook:
             logger.warning("telegram %s: refused a body from %s: %s", bot.inbox, request.remote, exc.reason)
             self._ctx.metrics.refused("size", inbox=bot.inbox)
             return web.Response(status=413, text="too large")
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SECRET_HEADER.lower()}
+        headers = envelope_headers(request, without=SECRET_HEADER)
         envelope = self._intake.envelope(
             bot, body, mode="webhook", headers=headers, remote=request.remote,
             content_type=request.headers.get("Content-Type"),

@@ -218,7 +218,7 @@ class Webhook:
                 self._ctx.metrics.event("unrouted", inbox=account.inbox)
                 return web.Response(status=200, text="not routed")
             account = routed or account
-        headers = {k: v for k, v in envelope_headers(request).items() if k != SIGNATURE_HEADER}
+        headers = envelope_headers(request, without=SIGNATURE_HEADER)
         envelope = RawEnvelope(
             channel=CHANNEL, tenant=account.tenant, inbox=account.inbox, body=body,
             received_at=self._ctx.clock.now(), content_type=request.headers.get("Content-Type"),

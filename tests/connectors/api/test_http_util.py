@@ -6,8 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
-from core.http import ClientAddress, RateLimiter, parse_retry_after, result_status
+from core.http import ClientAddress, RateLimiter, envelope_headers, parse_retry_after, result_status
 from core.model import IngestResult, Outcome
 
 
@@ -82,3 +83,13 @@ def test_a_providers_retry_after_is_seconds_or_an_http_date() -> None:
     assert parse_retry_after("Sat, 05 Dec 2026 07:00:00 GMT", now=now) == 0.0
     for unreadable in (None, "", "soon", "nan", "inf"):
         assert parse_retry_after(unreadable, now=now) is None
+
+
+def test_envelope_headers_drop_credentials_and_the_named_signature_header_in_any_case() -> None:
+    request = make_mocked_request("POST", "/line/support", headers=CIMultiDict([
+        ("Content-Type", "application/json"), ("X-Line-Signature", "c2lnbmVk"), ("Authorization", "Bearer k"),
+        ("X-Forwarded-For", "198.51.100.7"), ("X-Forwarded-For", "203.0.113.9"),
+    ]))
+    kept = {"content-type": "application/json", "x-forwarded-for": "198.51.100.7, 203.0.113.9"}
+    assert envelope_headers(request, without="x-line-SIGNATURE") == kept
+    assert envelope_headers(request) == kept | {"x-line-signature": "c2lnbmVk"}

@@ -136,7 +136,7 @@ async def test_stream_mode_acks_after_the_commit_answers_pings_and_reconnects(
 ) -> None:
     bus = MemoryPublisher()
     settings = settings_for(tmp_path, dingtalk, mode="stream", fetch_media=False, directory_emails=False)
-    await aiohttp_client(create_app(settings, Overrides(publisher=bus)))
+    client = await aiohttp_client(create_app(settings, Overrides(publisher=bus)))
     await dingtalk.wait_for(lambda: dingtalk.connections == 1)
     ping = await dingtalk.system("ping")
     await dingtalk.wait_for(lambda: any(a["headers"]["messageId"] == ping for a in dingtalk.acks))
@@ -150,6 +150,9 @@ async def test_stream_mode_acks_after_the_commit_answers_pings_and_reconnects(
     second = await dingtalk.callback(robot(12, "after the move"))
     await dingtalk.wait_for(lambda: second not in dingtalk.unacked)
     assert [e["message"]["text"] for e in await published(bus, 2)] == ["over the stream", "after the move"]
+    metrics = await (await client.get("/metrics")).text()
+    counted = 'ticketgate_channel_events_total{channel="dingtalk",event="stream_reconnect",inbox="it-desk"}'
+    assert f"{counted} 1.0" in metrics
 
 
 async def test_a_stream_connection_cut_mid_callback_loses_and_duplicates_nothing(

@@ -98,7 +98,7 @@ async def test_a_connection_dropped_mid_event_loses_and_duplicates_nothing(
     aiohttp_client: MakeClient, tmp_path: Path, feishu: FakeFeishu
 ) -> None:
     bus = MemoryPublisher()
-    await aiohttp_client(create_app(ws_settings(tmp_path, feishu), Overrides(publisher=bus)))
+    client = await aiohttp_client(create_app(ws_settings(tmp_path, feishu), Overrides(publisher=bus)))
     await feishu.wait_for(lambda: feishu.connections == 1)
     feishu.drop_after_next_event = True
     cut = await feishu.push_event(event(41, "cut mid-event", token="t"), parts=2)
@@ -109,6 +109,9 @@ async def test_a_connection_dropped_mid_event_loses_and_duplicates_nothing(
     await asyncio.sleep(0.2)
     assert [e["message"]["text"] for e in events] == ["cut mid-event", "sentinel"]
     assert len(bus.published) == 2
+    metrics = await (await client.get("/metrics")).text()
+    counted = 'ticketgate_channel_events_total{channel="feishu",event="ws_reconnect",inbox="it-desk"} 1.0'
+    assert counted in metrics
 
 
 async def test_an_event_the_store_cannot_take_is_answered_500_and_stored_once_when_delivered_again(
