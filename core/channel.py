@@ -358,6 +358,20 @@ class ChannelContext(Protocol):
         no reply of this channel has that id (not ours, or erased): the caller acknowledges anyway."""
         ...
 
+    async def compute(self, fn: Callable[..., _T], /, *args: Any) -> _T:
+        """``fn(*args)``, computed off the event loop's interpreter (in the normalizer process)
+        when it runs, here when not. For heavy, pure work on the ack path: ``fn`` must be a
+        module-level function and its arguments and result plain data. Raises what ``fn`` raises,
+        and ``RuntimeError`` when the process died while computing it (not retried here: the same
+        input could take the gateway down with it)."""
+        ...
+
+
+class Compute(Protocol):
+    """:meth:`ChannelContext.compute`, handed to the parts of a channel that need it."""
+
+    async def __call__(self, fn: Callable[..., _T], /, *args: Any) -> _T: ...
+
 
 class Connector(Protocol):
     """One channel's transport. ``from_settings`` returns ``None`` when the channel is not configured

@@ -157,6 +157,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         senders=senders,
         kinds=kinds,
         deliveries=dispatcher.report,
+        offload=offload,
     )
 
     async def replies_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -47,6 +47,7 @@ from core.settings import Settings
 from dedupe.graph import GraphError, link
 from dedupe.tx import Tx
 from gateway.metrics import Metrics
+from gateway.offload import NormalizeWorker
 from gateway.store.base import Store
 
 logger = logging.getLogger(__name__)
@@ -272,8 +273,10 @@ class GatewayContext:
         clock: SystemClock | None = None,
         senders: dict[str, SenderSpec] | None = None,
         deliveries: Deliveries | None = None,
+        offload: NormalizeWorker | None = None,
     ) -> None:
         self._app = app
+        self._offload = offload
         if SHARED not in app:
             app[SHARED] = {}
         self._shared: dict[str, Any] = app[SHARED]
@@ -328,6 +331,13 @@ class GatewayContext:
         if envelope.channel != self.channel:
             raise ValueError(f"{self.channel}: envelope of channel {envelope.channel!r}")
         return await self._ingest(envelope, normalize or self._normalize)
+
+    async def compute(self, fn: Callable[..., _T], /, *args: Any) -> _T:
+        if self._offload is not None:
+            done, value = await self._offload.call(fn, *args)
+            if done:
+                return cast(_T, value)
+        return fn(*args)
 
     def add_app(self, prefix: str, app: web.Application) -> None:
         self._app.add_subapp(prefix, app)
@@ -437,13 +447,14 @@ def setup_channels(
     senders: dict[str, SenderSpec] | None = None,
     kinds: dict[str, frozenset[str]] | None = None,
     deliveries: Deliveries | None = None,
+    offload: NormalizeWorker | None = None,
 ) -> list[EnabledChannel]:
     """Build and set up every configured channel; returns them with the endpoints their connectors
     describe under ``base_url`` (where the HTTP server is reached).
 
     ``senders`` receives the :class:`SenderSpec` each channel registers (by channel name) and
     ``kinds`` each channel's identity kinds; ``deliveries`` takes the channels' delivery reports
-    (the reply dispatcher's)."""
+    (the reply dispatcher's); ``offload`` computes what a channel hands ``ctx.compute``."""
     registry = registry or Registry.installed()
     enabled: list[EnabledChannel] = []
     for descriptor, connector in registry.configured(settings):
@@ -458,6 +469,7 @@ def setup_channels(
             metrics=metrics,
             senders=senders,
             deliveries=deliveries,
+            offload=offload,
         )
         connector.setup(ctx)
         metrics.declare_channel(descriptor.name)

@@ -6,13 +6,17 @@ run in a child process with a GIL of its own; small messages (API, chat) stay in
 the hand-over would cost more than it saves. A normalizer opts in with a true ``offload``
 attribute (the email normalizer does) and must pickle (plain data, no closures).
 
+A channel can also have one plain function computed there (:meth:`NormalizeWorker.call`, the
+channel context's ``compute``): email reads its trusted Authentication-Results header so, ~500 us
+of pure-Python parsing per mail behind a relay.
+
 Parent and child talk over a socket pair in frames (a 4-byte length, then a pickle):
-a call id (8 bytes) and ``(pickled normalizer, envelope)`` one way, ``(call_id, ok,
-messages_or_exception)`` back (the id travels outside the pickle so that a request the child cannot
-read is still answered). Envelopes and messages travel as flat tuples (gateway/offload_wire.py);
-each side keeps the few normalizers it has seen pickled, so a normalizer is pickled once, not per
-mail. The child is one plain loop: read what has arrived, normalize and enrich each, send the
-answers.
+a call id (8 bytes) and ``(NORMALIZE, pickled normalizer, envelope)`` or ``(CALL, function,
+arguments)`` one way, ``(call_id, ok, result_or_exception)`` back (the id travels outside the
+pickle so that a request the child cannot read is still answered). Envelopes and messages travel
+as flat tuples (gateway/offload_wire.py); each side keeps the few normalizers it has seen pickled,
+so a normalizer is pickled once, not per mail. The child is one plain loop: read what has
+arrived, normalize and enrich (or compute) each, send the answers.
 
 Nothing is acknowledged on the child's word alone: it returns canonical messages, and the pipeline
 commits them as before. The child enriches with an :class:`~gateway.enrich.Enricher` built from
@@ -36,7 +40,7 @@ import signal
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from core.errors import NormalizationError
 from core.model import CanonicalMessage, RawEnvelope
@@ -48,13 +52,23 @@ from normalizers.content import normalized
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _HEADER = struct.Struct("!I")
+# What a request asks of the child.
+_NORMALIZE = 0
+_CALL = 1
 _CALL_ID = struct.Struct("!Q")
 _READY_TIMEOUT = 30.0
 _RESTART_DELAY = 1.0
 # Normalizers kept pickled (parent) and unpickled (child): one per channel configuration, and the
 # odd per-request one (normalizers.api); the table is emptied when it fills.
 _NORMALIZERS_KEPT = 64
+
+
+class ComputeLost(RuntimeError):
+    """The normalizer process died while computing a call (running it again in the gateway could
+    take the gateway down the same way)."""
 
 
 def offloadable(normalize: Normalizer) -> bool:
@@ -126,6 +140,7 @@ class NormalizeWorker:
         self._closing = False
         self._restart: asyncio.Task[None] | None = None
         self._normalizers: dict[Normalizer, bytes] = {}
+        self._computing: set[int] = set()  # the ids of calls (not normalizations) in the child
 
     @property
     def pid(self) -> int | None:
@@ -169,7 +184,8 @@ class NormalizeWorker:
             return None
         call_id = next(self._ids)
         try:
-            payload = _CALL_ID.pack(call_id) + _dumps((self._pickled(normalize), encode_envelope(envelope)))
+            request = (_NORMALIZE, self._pickled(normalize), encode_envelope(envelope))
+            payload = _CALL_ID.pack(call_id) + _dumps(request)
         except (pickle.PicklingError, TypeError, AttributeError):
             return None
         if not frames.send(payload):
@@ -177,6 +193,31 @@ class NormalizeWorker:
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         return [decode_message(message) for message in await future]
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> tuple[bool, T | None]:
+        """``(True, fn(*args))`` computed in the child; ``(False, None)`` when the child is not
+        running or the call does not pickle: then the caller computes it itself.
+
+        ``fn`` must be importable by name (a module-level function) and pure. Raises what ``fn``
+        raises, and :class:`ComputeLost` when the child dies while computing it.
+        """
+        frames = self._frames
+        if frames is None or not self._ready.is_set():
+            return False, None
+        call_id = next(self._ids)
+        try:
+            payload = _CALL_ID.pack(call_id) + _dumps((_CALL, fn, args))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            return False, None
+        if not frames.send(payload):
+            return False, None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._computing.add(call_id)
+        try:
+            return True, await future
+        finally:
+            self._computing.discard(call_id)
 
     def _pickled(self, normalize: Normalizer) -> bytes:
         """``normalize`` pickled, remembered for the next call with an equal normalizer."""
@@ -232,10 +273,12 @@ class NormalizeWorker:
         self._ready.clear()
         self._frames = None
         calls, self._calls = self._calls, {}
-        for future in calls.values():
+        for call_id, future in calls.items():
             if not future.done():
                 future.set_exception(
-                    NormalizationError("the normalizer process died while parsing this message")
+                    ComputeLost("the normalizer process died while computing this call")
+                    if call_id in self._computing
+                    else NormalizationError("the normalizer process died while parsing this message")
                 )
         if calls:
             logger.error("normalizer process died with %d messages in it; they are quarantined", len(calls))
@@ -311,7 +354,21 @@ def _answer(
     """The answer frame to one request; ``normalizers``: those seen so far, by their pickle."""
     (call_id,) = _CALL_ID.unpack_from(frame)
     try:
-        pickled, encoded = pickle.loads(memoryview(frame)[_CALL_ID.size :])  # noqa: S301 - from our parent
+        kind, first, second = pickle.loads(memoryview(frame)[_CALL_ID.size :])  # noqa: S301 - from our parent
+    except Exception as exc:
+        error = NormalizationError(f"the normalizer process could not read it: {exc}")
+        return _frame((call_id, False, error))
+    if kind == _CALL:
+        try:
+            result = first(*second)
+        except Exception as exc:
+            return _frame((call_id, False, _portable_error(exc)))
+        try:
+            return _frame((call_id, True, result))
+        except Exception as exc:
+            return _frame((call_id, False, _portable_error(exc)))
+    try:
+        pickled, encoded = first, second
         normalize = normalizers.get(pickled)
         if normalize is None:
             normalize = pickle.loads(pickled)  # noqa: S301 - from our parent

@@ -76,7 +76,7 @@ class EmailConnector:
 
     def setup(self, ctx: ChannelContext) -> None:
         normalize = self._normalize or normalizer_from(self.settings)
-        factory = EnvelopeFactory.from_settings(self.settings, self.email)
+        factory = EnvelopeFactory.from_settings(self.settings, self.email, compute=ctx.compute)
         timeout = self.settings.server.shutdown_timeout
         if self.email.smtp is not None:
             self.smtp = setup_smtp(ctx, self.email.smtp, self.email, factory, normalize, timeout)

@@ -352,7 +352,7 @@ class FolderPoller:
         if raw is None:
             # Expunged by someone else between the listing and the fetch: nothing to do.
             return True
-        envelope = self._factory.build(
+        envelope = await self._factory.build(
             raw,
             inbox=self._account.inbox,
             authserv_id=self._authserv_id,

@@ -299,7 +299,7 @@ class SmtpHandler:
         login = session.login_data if session.authenticated else None
         auth_user = login.decode("utf-8", "replace") if isinstance(login, bytes) else None
         envelopes = [
-            self._factory.build(
+            await self._factory.build(
                 raw,
                 inbox=inbox,
                 remote=ip,

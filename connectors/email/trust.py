@@ -50,10 +50,15 @@ def header_block(raw: bytes) -> bytes:
     return head[: match.start()] if match else head
 
 
+def has_results(head: bytes) -> bool:
+    """Whether the header block ``head`` may hold an ``Authentication-Results`` field."""
+    return b"authentication-results" in head.lower()
+
+
 def authentication_results(raw: bytes) -> list[str]:
     """Every ``Authentication-Results`` value, topmost first, unfolded."""
     head = header_block(raw)
-    if b"authentication-results" not in head.lower():
+    if not has_results(head):
         return []  # most mail: nothing to parse
     message = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
     values = message.get_all("Authentication-Results") or []

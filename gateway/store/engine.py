@@ -931,6 +931,10 @@ class SqlStore(ReplyLedger, abc.ABC):
         """Run an :meth:`outbox_mark_published` job: it writes the outbox and counters only."""
         return await self._write(fn)
 
+    async def _write_text_purge(self, fn: Callable[[Connection], int]) -> int:
+        """Run a :meth:`purge_recent_texts` job: it deletes recent texts only, and says how many."""
+        return await self._write(fn)
+
     def _tx(self, conn: Connection) -> SqlTx:
         """The placement engine's Tx over ``conn`` (a backend may keep rows it owns in memory)."""
         return SqlTx(conn, self.dialect)
@@ -1291,7 +1295,7 @@ class SqlStore(ReplyLedger, abc.ABC):
             ).rowcount
             return max(deleted, 0)
 
-        return await self._write(job)
+        return await self._write_text_purge(job)
 
     async def sweep_orphans(self, min_age: float) -> int:
         """Remove blob files no committed row names and older than ``min_age`` seconds; how many.

@@ -104,6 +104,11 @@ class HotRows:
             self._thread_owners.clear()
             self.forgotten += 1
 
+    def forget_texts(self) -> None:
+        """Forget the recent texts kept (rows were deleted); the rest stays, texts are read again."""
+        for entry in self._customers.values():
+            entry.texts = None
+
     def get(self, customer_id: str) -> _Customer | None:
         entry = self._customers.pop(customer_id, None)
         if entry is not None:

@@ -764,6 +764,17 @@ class SQLiteStore(SqlStore):
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
         return await self._submit(fn, keeps_hot_rows=True)
 
+    async def _write_text_purge(self, fn: Callable[[Connection], int]) -> int:
+        # The sweep runs every minute: forgetting every hot row for it would make the writer read
+        # each customer back. Only the texts are read again, and only when some were deleted.
+        def purge(conn: Connection) -> int:
+            deleted = fn(conn)
+            if deleted:
+                self._hot.forget_texts()
+            return deleted
+
+        return await self._submit(purge, keeps_hot_rows=True)
+
     def _tx(self, conn: Connection) -> SqlTx:
         return HotTx(conn, SQLITE, self._hot)
 

@@ -78,6 +78,29 @@ async def test_mail_over_smtp_becomes_one_event_and_a_redelivery_none(deploy: Ma
     assert len(received) == 2
 
 
+async def test_a_trusted_relays_verdict_verifies_the_sender(deploy: MakeDeployment) -> None:
+    # Loopback is a trusted relay by default; the header is read in the normalizer process.
+    port = free_port()
+    trust = '\n[channels.email]\ntrusted_authserv_id = "mx.trusted.example"\n'
+    d = await deploy(extra=smtp_config(port) + trust)
+    verdict = (
+        b"Authentication-Results: mx.trusted.example; dkim=pass header.d=example.com;"
+        b" spf=pass smtp.mailfrom=example.com; dmarc=pass header.from=example.com\r\n"
+    )
+    forged = b"Authentication-Results: mx.elsewhere.example; dmarc=pass header.from=example.com\r\n"
+    await asyncio.to_thread(send, port, verdict + gbk_mail("trusted@example.com"))
+    await asyncio.to_thread(send, port, forged + gbk_mail("forged@example.com"))
+    trusted, other = (validate_event(d.body) for d in await d.consumer.wait_for(2))
+
+    assert trusted["message"]["external_id"] == "trusted@example.com"
+    assert trusted["provenance"]["signature_verified"] is True
+    assert {"kind": "email", "value": "li.lei@example.com", "verified": True} in trusted["customer"][
+        "identities"
+    ]
+    assert other["message"]["external_id"] == "forged@example.com"
+    assert other["provenance"]["signature_verified"] is False
+
+
 async def test_relay_attempts_are_refused_and_nothing_is_published(deploy: MakeDeployment) -> None:
     port = free_port()
     d = await deploy(extra=smtp_config(port))

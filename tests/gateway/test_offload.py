@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from connectors.email import trust
 from core.errors import InvalidInput, NormalizationError
 from core.settings import Settings
 from gateway.enrich import Enricher
-from gateway.offload import NormalizeWorker, offloadable
+from gateway.offload import ComputeLost, NormalizeWorker, offloadable
 from normalizers.api import normalizer_for, parse_api_message
 from normalizers.content import normalized
 from normalizers.email import EmailLimits, make_email_normalizer
@@ -128,3 +130,44 @@ async def test_long_api_html_is_sanitized_and_read_in_the_child(worker: Normaliz
     assert message.text is not None
     assert message.text.startswith("请问订单什么时候发货？")
     assert message.language == "zh"
+
+
+TRUSTED = (
+    b"Authentication-Results: mx.trusted.example;\r\n dkim=pass header.d=shop.example header.s=s1;\r\n"
+    b" spf=pass (sender designated) smtp.mailfrom=bounce@shop.example;\r\n"
+    b" dmarc=pass (p=REJECT) header.from=shop.example\r\n"
+    b"From: a@shop.example\r\nSubject: hi\r\n"
+)
+
+
+async def test_a_call_is_computed_in_the_child_as_in_the_loop(worker: NormalizeWorker) -> None:
+    done, verdict = await worker.call(trust.verdict, TRUSTED, "mx.trusted.example")
+
+    assert done
+    assert verdict == trust.verdict(TRUSTED, "mx.trusted.example")
+    assert verdict is not None
+    assert verdict["dmarc"] == "pass"
+    assert await worker.call(trust.verdict, TRUSTED, "someone.else") == (True, None)
+
+
+async def test_a_calls_errors_arrive_as_themselves(worker: NormalizeWorker) -> None:
+    with pytest.raises(ValueError, match="invalid literal"):
+        await worker.call(int, "twelve")
+
+
+async def test_a_call_that_does_not_pickle_is_left_to_the_caller(worker: NormalizeWorker) -> None:
+    assert await worker.call(lambda: 1) == (False, None)
+    assert await worker.call(len, lambda: 1) == (False, None)
+
+
+async def test_a_call_that_kills_the_child_fails_alone_and_another_child_takes_over(
+    worker: NormalizeWorker,
+) -> None:
+    first = worker.pid
+    with pytest.raises(ComputeLost):
+        await worker.call(os._exit, 3)
+    for _ in range(300):  # the next child runs within 30 s
+        if worker.pid != first and (result := await worker.call(len, "abc"))[0]:
+            break
+        await asyncio.sleep(0.1)
+    assert result == (True, 3)

@@ -263,3 +263,29 @@ async def test_recent_texts_kept_in_memory_answer_and_cap_as_the_table_does(
     # The newest RECENT_TEXTS_KEPT, and those of the same moment as the last of them.
     emails = [t.at for t in newest_first if t.channel == "email"]
     assert kept["email"] == sum(1 for at in emails if at >= emails[RECENT_TEXTS_KEPT - 1]) < len(emails)
+
+
+async def test_the_recent_text_sweep_forgets_only_the_texts(store: SQLiteStore) -> None:
+    """The sweep runs every minute: the writer keeps the customers it knows, and a text the sweep
+    deleted is not found in memory afterwards (it would mark a new message a duplicate)."""
+    text = "My parcel 88231 never arrived and the tracking page has not moved since Monday."
+    (first,) = await accept(store, message("m1", channel="form", text=text))
+    forgotten = store._hot.forgotten
+
+    swept = await store.purge_recent_texts(datetime.now(UTC) + timedelta(days=1))
+    (again,) = await accept(store, message("m2", channel="email", text=text))
+
+    assert swept == 1
+    assert again.customer_id == first.customer_id
+    assert again.duplicate_of is None
+    assert store._hot.forgotten == forgotten
+    assert len(store._hot) == 1
+
+
+async def test_without_a_sweep_the_same_text_on_another_channel_is_a_duplicate(store: SQLiteStore) -> None:
+    # The counterpart of the test above: what it checks is not absent by accident.
+    text = "My parcel 88231 never arrived and the tracking page has not moved since Monday."
+    (first,) = await accept(store, message("m1", channel="form", text=text))
+    (again,) = await accept(store, message("m2", channel="email", text=text))
+
+    assert again.duplicate_of == first.message_id
