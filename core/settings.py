@@ -269,6 +269,9 @@ class ExtractorSettings(_Section):
     # Strings of which every match contains one (compared case-insensitively): the pattern is then
     # tried only on text holding one of them, which spares most messages a regex scan. Empty: always.
     requires: tuple[Annotated[str, StringConstraints(min_length=1)], ...] = ()
+    # Digits in a row (of any script, as `\d` counts them) that every match holds: the pattern is
+    # then tried only on text with such a run, found for all extractors in one pass. 0: no bound.
+    digit_run: int = Field(0, ge=0)
 
     @field_validator("pattern")
     @classmethod

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import random
+import re
+import unicodedata
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 import pytest
 
 from core.model import CanonicalMessage, Entity, Identity, Routing
-from core.settings import Settings
-from gateway.enrich import MAX_ENTITIES, Enricher
+from core.settings import ExtractorSettings, Settings
+from gateway.enrich import DEFAULT_EXTRACTORS, MAX_ENTITIES, MAX_SCAN_CHARS, Enricher
 from tests.support.corpora import email_corpus_mails
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -142,7 +146,7 @@ def test_bad_group_fails_at_start() -> None:
         Enricher.from_settings(settings)
 
 
-# --- `requires`: the substring pre-check must never hide a match ------------------------------------
+# --- `requires` and `digit_run`: the pre-checks must never hide a match ------------------------------
 
 # Pieces that the default patterns are made of, spelled in the ways that fold oddly (Turkish dotted
 # and dotless i, the Kelvin sign), in every digit script, next to noise.
@@ -169,10 +173,14 @@ def _random_text(rng: random.Random) -> str:
     return "".join(parts)
 
 
-def test_every_default_match_holds_one_of_what_its_extractor_requires() -> None:
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def test_every_default_match_holds_what_its_extractor_requires() -> None:
+    """Each match holds one of the extractor's ``requires`` and a run of its ``digit_run`` digits."""
     rng = random.Random(20261204)
     extractors = Enricher.from_settings(Settings())._extractors
-    assert all(e.requires for e in extractors)
+    assert all(e.requires and e.digit_run for e in extractors)
     matched = set()
     for _ in range(20_000):
         text = _random_text(rng)
@@ -181,29 +189,139 @@ def test_every_default_match_holds_one_of_what_its_extractor_requires() -> None:
                 matched.add(index)
                 folded = match.group().casefold()
                 assert any(needle in folded for needle in extractor.requires), (extractor.kind, match.group())
-    # The generator reaches every default extractor, so the assertion above covers each of them.
+                longest = max(map(len, _DIGIT_RUN.findall(match.group())), default=0)
+                assert longest >= extractor.digit_run, (extractor.kind, match.group())
+    # The generator reaches every default extractor, so the assertions above cover each of them.
     assert matched == set(range(len(extractors)))
 
 
-def _without_requires(settings: Settings) -> Enricher:
-    from gateway.enrich import DEFAULT_EXTRACTORS
+# The extraction as it reads, with no pre-check and no cache: every default regex over the whole text.
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
-    plain = [spec.model_copy(update={"requires": ()}) for spec in DEFAULT_EXTRACTORS]
-    return Enricher(plain, settings.routing.rules)
+
+def _reference(text: str) -> tuple[Entity, ...]:
+    found: list[Entity] = []
+    claimed: list[tuple[int, int]] = []
+    for spec in DEFAULT_EXTRACTORS:
+        group = spec.group or 0
+        for match in _compiled(spec.pattern).finditer(text):
+            start, end = match.span(group)
+            if start < 0 or any(start < e and s < end for s, e in claimed):
+                continue
+            value: str | None = match.group(group)
+            if spec.kind == "phone":
+                value = _valid_phone(match.group(group))
+            if not value or Entity(kind=spec.kind, value=value) in found:
+                continue
+            claimed.append((start, end))
+            found.append(Entity(kind=spec.kind, value=value))
+            if len(found) >= MAX_ENTITIES:
+                return tuple(found)
+    return tuple(found)
 
 
-def test_the_pre_check_changes_no_result_on_real_mail() -> None:
-    """Every fixture and corpus mail, raw (headers, base64, digits everywhere): same entities."""
-    texts = [path.read_bytes().decode("utf-8", "replace") for path in sorted(FIXTURES.glob("**/*.eml"))]
-    texts += [path.read_bytes().decode("utf-8", "replace") for path in email_corpus_mails()]
+def _valid_phone(candidate: str) -> str | None:
+    try:
+        number = phonenumbers.parse(candidate, "CN")
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+# Shapes the extractors look for, and what sits around them in real text: phones, emails, URLs,
+# CJK, letters that fold or encode oddly, lone surrogates, digits of scripts near the UTF-8 lead
+# bytes the digit-run check treats specially (Arabic-Indic, NKo, Devanagari, Thai, Myanmar, Vai,
+# full-width, mathematical, Adlam), and digit runs just under and over each extractor's length.
+_SHAPES = (
+    "+1 415-555-2671", "(021) 6234-5678", "138 0013 8000", "+44 20 7946 0958", "+٩٧١٥٠١٢٣٤٥٦٧",
+    "１３８００１３８０００", "+86-138-0013-8000", "010-12345678", "jane.doe+13800138000@example.com",
+    "order12345@shop.cn", "https://example.com/t?id=1Z999AA10123456784&order=12345",
+    "http://t.cn/SF123456789012", "www.example.com/#12345", "Order #00001234", "order no. AB-12345",
+    "订单号：", "您好，", "。", "快递单号", "中通", "tracking# ", "EA123456789CN", "JDVA", "YT", "SF",
+    "1Z", "1ZABCDEFGHJKLMNPQR ", " 1 3 8 0 0 1 3 8 0 0 0 ", "é", "İ", "ı", "ß", "\u212a", "📦", "क",
+    "\ud800", "\udfff", "Ж", "ا", "\n", " ", "-", "#",
+)
+_SCRIPTS = (
+    *_DIGIT_SCRIPTS, "๐๑๒๓๔๕๖๗๘๙", "߀߁߂߃߄߅߆߇߈߉", "꘠꘡꘢꘣꘤꘥꘦꘧꘨꘩", "𝟎𝟏𝟐𝟑𝟒𝟓𝟔𝟕𝟖𝟗", "𞥐𞥑𞥒𞥓𞥔𞥕𞥖𞥗𞥘𞥙",
+)
+_RUN_LENGTHS = (3, 4, 8, 9, 10, 11, 12, 13, 20)  # around every default extractor's digit_run
+
+
+def _adversarial_text(rng: random.Random) -> str:
+    parts = []
+    for _ in range(rng.randint(1, 10)):
+        roll = rng.random()
+        if roll < 0.3:
+            digits = rng.choice(_SCRIPTS)
+            parts.append("".join(rng.choice(digits) for _ in range(rng.choice(_RUN_LENGTHS))))
+        elif roll < 0.4:
+            parts.append(rng.choice(_PIECES))
+        else:
+            parts.append(rng.choice(_SHAPES))
+    return "".join(parts)
+
+
+def _fixture_texts() -> list[str]:
+    """Every fixture file of every channel (mails, JSON and XML payloads, expected outputs), as text."""
+    paths = sorted(path for path in FIXTURES.glob("**/*") if path.is_file())
+    return [path.read_bytes().decode("utf-8", "replace") for path in paths]
+
+
+def test_pre_checks_change_no_result() -> None:
+    """The gated extraction finds what every regex over the whole text finds, on real and odd text.
+
+    Raw fixtures and corpus mails (headers, base64, digits everywhere), the bodies the pipeline
+    passes, texts made of extractor pieces and of the shapes above.
+    """
+    corpus = email_corpus_mails()
+    texts = _fixture_texts() + [path.read_bytes().decode("utf-8", "replace") for path in corpus]
     texts += [_random_text(random.Random(seed)) for seed in range(2_000)]
-    gated, plain = Enricher.from_settings(Settings()), _without_requires(Settings())
+    texts += [_adversarial_text(random.Random(seed)) for seed in range(4_000)]
+    enricher = Enricher.from_settings(Settings())
     found = 0
     for text in texts:
-        expected = plain.enrich(message(text)).entities
-        assert gated.enrich(message(text)).entities == expected, text[:200]
+        expected = _reference(text[:MAX_SCAN_CHARS])
+        assert enricher.enrich(message(text)).entities == expected, text[:200]
         found += bool(expected)
-    assert found > 100
+    assert found > 1_000
+
+
+def test_pre_checks_change_no_result_with_a_subject() -> None:
+    """What the pipeline passes: subject and text joined, as the API and mail connectors fill them."""
+    enricher = Enricher.from_settings(Settings())
+    rng = random.Random(7)
+    for seed in range(1_000):
+        subject, text = _adversarial_text(random.Random(seed)), _adversarial_text(rng)
+        expected = _reference(f"{subject}\n{text}")
+        assert enricher.enrich(message(text, subject=subject)).entities == expected, (subject, text)
+
+
+def test_a_run_of_any_decimal_digits_passes_the_digit_check() -> None:
+    """Every character `\\d` matches counts towards a run, whatever its script and neighbours."""
+    decimals = [chr(c) for c in range(0x80, 0x110000) if chr(c).isdecimal()]
+    assert len(decimals) > 600
+    spec = {"kind": "n", "pattern": r"(?<!\d)\d{3}(?!\d)"}
+    gated = Enricher.from_settings(Settings.model_validate({"extractors": [{**spec, "digit_run": 3}]}))
+    for digit in decimals:
+        for text in (digit * 3, f"中{digit * 3}，", f"é{digit}{digit}{digit}\U0001f4e6", f"{digit}1{digit}"):
+            found = [e.value for e in gated.enrich(message(text)).entities]
+            assert found == [text.strip("中，é\U0001f4e6")], (unicodedata.name(digit), text)
+
+
+def test_digit_run_gates_the_pattern() -> None:
+    spec = {"kind": "ticket", "pattern": r"CASE-(?P<n>\d+)", "group": "n"}
+    both = [("ticket", "77"), ("ticket", "1234")]
+    assert entities("CASE-77 CASE-1234", extractors=[{**spec, "digit_run": 2}]) == both
+    # The longest run decides, wherever it is in the text.
+    assert entities("CASE-7 and 1234", extractors=[{**spec, "digit_run": 4}]) == [("ticket", "7")]
+    # A wrong bound is the operator's mistake, and it does hide the match: proof it is consulted.
+    assert entities("CASE-77", extractors=[{**spec, "digit_run": 3}]) == []
+    with pytest.raises(ValueError, match="digit_run"):
+        ExtractorSettings.model_validate({**spec, "digit_run": -1})
 
 
 def test_phone_numbers_in_full_width_and_arabic_indic_digits() -> None:
