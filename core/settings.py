@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     StringConstraints,
     ValidationError,
@@ -362,6 +363,10 @@ class ReplySettings(_Section):
     fetch_timeout: Duration = Field(30.0, gt=0)
     # Verify the servers of attachment URLs against this CA file instead of the system's CAs.
     fetch_ca_file: Path | None = None
+    # Attachment URLs are fetched from public addresses only: a command naming a private,
+    # loopback or link-local address (or a name resolving only to such) fails "rejected". Networks
+    # listed here are allowed all the same (an intranet file server: ["10.20.0.0/16"]).
+    fetch_allow_networks: tuple[IPvAnyNetwork, ...] = ()
     # Mail fallbacks for replies a live channel (web chat) held for a visitor who never came back.
     fallback: tuple[ReplyFallback, ...] = ()
 

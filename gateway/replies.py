@@ -36,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from core.channel import (
     DeliveryStatus,
@@ -50,6 +51,7 @@ from core.model import Identity
 from core.settings import ReplyFallback, ReplySettings
 from dedupe.engine import new_id
 from gateway.metrics import Metrics
+from gateway.outbound import AddressNotPermitted, PublicResolver, check_url, not_permitted
 from gateway.store.base import Store
 from gateway.store.replies import FallbackPlan, ReplyContext, ReplyOutcome, ReplyRecord, ReplyRoute, owned
 
@@ -58,6 +60,9 @@ logger = logging.getLogger(__name__)
 # Time kept from the lease for recording the outcome (at most a quarter of it): a call that runs
 # past the rest is a timeout.
 _LEASE_MARGIN = 5.0
+# Attachment URLs: redirects followed (each hop checked like the first URL).
+_MAX_REDIRECTS = 3
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class TokenBucket:
@@ -541,17 +546,41 @@ class Dispatcher:
         return tuple(found)
 
     async def _fetch(self, url: str, index: int, cap: int) -> bytes:
-        if not url.lower().startswith("https://"):
-            raise SendError("rejected", f"attachments.{index}: only https URLs", permanent=True)
+        """The bytes at ``url``: https only, public addresses only (``fetch_allow_networks`` aside),
+        each redirect checked as the first URL was."""
         if self._http is None or self._http.closed:
             ca_file = self._settings.fetch_ca_file
             tls = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
             self._http = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._settings.fetch_timeout),
-                connector=aiohttp.TCPConnector(ssl=tls),
+                connector=aiohttp.TCPConnector(
+                    ssl=tls, resolver=PublicResolver(self._settings.fetch_allow_networks)
+                ),
             )
+        target = URL(url)
+        for _ in range(_MAX_REDIRECTS + 1):
+            if target.scheme != "https":
+                raise SendError("rejected", f"attachments.{index}: only https URLs", permanent=True)
+            try:
+                check_url(target, self._settings.fetch_allow_networks)
+                data, location = await self._get(target, index, cap)
+            except AddressNotPermitted as exc:
+                raise SendError("rejected", f"attachments.{index}: {exc}", permanent=True) from exc
+            if location is None:
+                return data
+            target = location
+        raise SendError(
+            "rejected", f"attachments.{index}: more than {_MAX_REDIRECTS} redirects", permanent=True
+        )
+
+    async def _get(self, url: URL, index: int, cap: int) -> tuple[bytes, URL | None]:
+        """One GET: the body, or where a redirect points."""
+        assert self._http is not None
         try:
-            async with self._http.get(url, allow_redirects=True, max_redirects=3) as response:
+            async with self._http.get(url, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status in _REDIRECTS and location:
+                    return b"", response.url.join(URL(location))
                 if response.status >= 500 or response.status == 429:
                     raise SendError(
                         "provider_error", f"attachments.{index}: HTTP {response.status}", permanent=False
@@ -567,8 +596,11 @@ class Dispatcher:
                     data += chunk
                     if len(data) > cap:
                         raise SendError("too_large", f"attachments.{index}: past {cap} bytes", permanent=True)
-                return bytes(data)
+                return bytes(data), None
         except (aiohttp.ClientError, TimeoutError) as exc:
+            refused = not_permitted(exc)
+            if refused is not None:
+                raise refused from exc
             raise SendError("timeout", f"attachments.{index}: {type(exc).__name__}", permanent=False) from exc
 
     # -- delivery reports -------------------------------------------------------------------------

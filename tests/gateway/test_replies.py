@@ -336,9 +336,18 @@ async def https_files(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     async def huge(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * 5000)
 
+    def moved(to: str) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            raise web.HTTPFound(to.replace("PORT", str(request.url.port)))
+
+        return handler
+
     app = web.Application()
     app.router.add_get("/invoice.pdf", invoice)
     app.router.add_get("/huge.bin", huge)
+    app.router.add_get("/moved", moved("/invoice.pdf"))
+    app.router.add_get("/to-private", moved("https://10.255.255.1/invoice.pdf"))
+    app.router.add_get("/to-http", moved("http://localhost:PORT/invoice.pdf"))
     runner = web.AppRunner(app)
     await runner.setup()
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -350,6 +359,53 @@ async def https_files(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     await runner.cleanup()
 
 
+async def test_attachment_urls_are_fetched_from_public_addresses_only(
+    store: SQLiteStore, make: Make, https_files: tuple[str, Path]
+) -> None:
+    base, ca = https_files
+    port = base.rpartition(":")[2]
+    placed = await inbound(store, "m1@example.com")
+    sender = Recorder()
+
+    def url(name: str, path: str) -> dict[str, str]:
+        return {"name": name, "url": path if path.startswith("https:") else f"{base}{path}"}
+
+    strict = make({"email": SenderSpec(sender=sender)}, fetch_ca_file=str(ca))
+    await command(store, placed.thread_id, "by-name", attachments=[url("a", "/invoice.pdf")])
+    await command(store, placed.thread_id, "literal", attachments=[url("b", f"https://127.0.0.1:{port}/x")])
+    await command(store, placed.thread_id, "mapped", attachments=[url("c", f"https://[::ffff:10.0.0.1]:{port}/")])
+    while await strict.run_once():
+        pass
+    await strict.close()
+    allowed = make(
+        {"email": SenderSpec(sender=sender)}, fetch_ca_file=str(ca), fetch_allow_networks=["127.0.0.0/8"]
+    )
+    await command(store, placed.thread_id, "moved", attachments=[url("d.pdf", "/moved")])
+    await command(store, placed.thread_id, "to-private", attachments=[url("e", "/to-private")])
+    await command(store, placed.thread_id, "to-http", attachments=[url("f", "/to-http")])
+    while await allowed.run_once():
+        pass
+    await allowed.close()
+
+    outcomes = {
+        e["reply"]["command_id"]: (e["type"], e["reply"].get("reason"), e["reply"].get("detail"))
+        for e in await reply_events(store)
+        if e["type"] != "reply.requested"
+    }
+    assert outcomes["by-name"][:2] == ("reply.failed", "rejected")
+    assert "resolves to no public address" in outcomes["by-name"][2]
+    assert outcomes["literal"][:2] == ("reply.failed", "rejected")
+    assert "127.0.0.1 is not a public address" in outcomes["literal"][2]
+    assert outcomes["mapped"][:2] == ("reply.failed", "rejected")
+    assert outcomes["moved"][:2] == ("reply.sent", None)
+    assert outcomes["to-private"][:2] == ("reply.failed", "rejected")
+    assert "10.255.255.1 is not a public address" in outcomes["to-private"][2]
+    assert outcomes["to-http"][:2] == ("reply.failed", "rejected")
+    assert "only https" in outcomes["to-http"][2]
+    [sent] = sender.sent
+    assert await store.read_blob(sent.attachments[0].sha256) == b"%PDF-1.4 invoice"
+
+
 async def test_attachments_by_blob_and_by_https_url_with_caps(
     store: SQLiteStore, make: Make, https_files: tuple[str, Path]
 ) -> None:
@@ -357,7 +413,12 @@ async def test_attachments_by_blob_and_by_https_url_with_caps(
     placed = await inbound(store, "m1@example.com")
     digest = await store.blob_put(b"kept before", "text/plain")
     sender = Recorder()
-    dispatcher = make({"email": SenderSpec(sender=sender)}, fetch_ca_file=str(ca), max_attachment_bytes=1000)
+    dispatcher = make(
+        {"email": SenderSpec(sender=sender)},
+        fetch_ca_file=str(ca),
+        max_attachment_bytes=1000,
+        fetch_allow_networks=["127.0.0.0/8", "::1/128"],  # the test server is on this machine
+    )
     attachments = [
         {"name": "note.txt", "content_type": "text/plain", "sha256": digest},
         {"name": "invoice.pdf", "content_type": "application/pdf", "url": f"{base}/invoice.pdf"},
