@@ -129,6 +129,17 @@ class ClaimedLink:
     created_at: datetime
 
 
+class ThreadReads(Protocol):
+    """What thread assignment and the event read of a known customer, asked for at once
+    (:meth:`Tx.thread_reads`); each answer is what the :class:`Tx` method of its name returns."""
+
+    def recent_texts(self) -> list[RecentText]: ...
+
+    def open_threads(self) -> list[ThreadRecord]: ...
+
+    def identities(self) -> tuple[Identity, ...]: ...
+
+
 class Tx(Protocol):
     """Reads and writes inside one open transaction."""
 
@@ -170,6 +181,15 @@ class Tx(Protocol):
 
         The store must serialize placement per customer: thread assignment, merges and duplicate
         detection of one customer run under this lock.
+        """
+        ...
+
+    def holds_customers(self, customer_ids: Sequence[str]) -> bool:
+        """Whether this transaction row-locked all of these customers before the placement running
+        in it read anything (PostgreSQL: a group of placements locks its customers first).
+
+        What the placement read of them is then current, and stays so: no lock is needed, and
+        nothing needs reading again. ``False`` when unsure.
         """
         ...
 
@@ -303,6 +323,24 @@ class Tx(Protocol):
 
     def merge_thread(self, thread_id: str, into: str, now: datetime) -> None:
         """Close ``thread_id`` and point it at ``into`` (its ``merged_into``)."""
+        ...
+
+    def thread_reads(
+        self,
+        customer_id: str,
+        *,
+        tenant: str,
+        inbox: str,
+        active_since: datetime,
+        texts_since: datetime | None,
+        not_channel: str,
+    ) -> ThreadReads:
+        """The customer's :meth:`recent_texts` (since ``texts_since``; ``None``: not wanted),
+        :meth:`open_threads` and :meth:`customer_identities`, read together.
+
+        A store may read them all now (PostgreSQL: one round trip for the three) or each when
+        first asked for, so the caller writes none of those rows before it has asked.
+        """
         ...
 
     # -- messages ------------------------------------------------------------------------------

@@ -73,11 +73,15 @@ from core.errors import BacklogFull, StoreError
 from core.model import CanonicalMessage
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.identities import normalize_all
-from dedupe.tx import RECENT_TEXTS_KEPT
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, ThreadReads
 from gateway.store.base import OutboxRow, OutboxStatus
 from gateway.store.engine import (
+    CUSTOMER_IDENTITIES,
+    OPEN_THREADS,
     RECENT_TEXT_CAP,
     RECENT_TEXT_INSERT,
+    RECENT_TEXTS,
+    CachedThreadReads,
     Clock,
     Connection,
     Dialect,
@@ -87,7 +91,10 @@ from gateway.store.engine import (
     SqlStore,
     SqlTx,
     as_store_error,
+    identity_records,
     outbox_rows,
+    recent_text_records,
+    thread_record,
     utcnow,
 )
 from gateway.store.schema import migrations
@@ -341,11 +348,94 @@ POSTGRES = PostgresDialect()
 _RECENT_TEXT = POSTGRES.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}")
 
 
-class PostgresTx(SqlTx):
-    """:class:`dedupe.tx.Tx` over one pooled connection inside an open transaction."""
+class _GroupLocks:
+    """What a group transaction locked before its first job (``PostgresStore._run_group``): the
+    identity keys of its messages, and the customers owning them, with their rows as locked.
 
-    def __init__(self, conn: Conn) -> None:
+    Held to commit, so a job finds them locked already; a job rolled back to its savepoint gives
+    none of them back (they were taken before it). A customer row any job of the group writes is
+    read from the database again (that job may have been rolled back, or not).
+    """
+
+    def __init__(self, identities: set[tuple[str, str, str]], owners: Any) -> None:
+        self.identities = frozenset(identities)
+        self._owners_read = owners  # pipelined: its rows come with the group's first read
+        self._owners: dict[str, CustomerRecord] | None = None
+        self.written: set[str] = set()
+
+    def owners(self) -> dict[str, CustomerRecord]:
+        if self._owners is None:
+            rows = self._owners_read.fetchall() if self._owners_read is not None else []
+            self._owners = {
+                r[0]: CustomerRecord(id=r[0], tenant=r[1], display_name=r[2], merged_into=r[3]) for r in rows
+            }
+        return self._owners
+
+
+class PostgresTx(SqlTx):
+    """:class:`dedupe.tx.Tx` over one pooled connection inside an open transaction; within a group
+    of placements, what the group locked first is not locked again, nor its customers read again."""
+
+    def __init__(self, conn: Connection, locks: _GroupLocks | None = None) -> None:
         super().__init__(conn, POSTGRES)
+        self._locks = locks
+
+    def lock_identities(self, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
+        if self._locks is not None and all((tenant, *key) in self._locks.identities for key in keys):
+            return
+        super().lock_identities(tenant, keys)
+
+    def holds_customers(self, customer_ids: Sequence[str]) -> bool:
+        if self._locks is None:
+            return False
+        owners = self._locks.owners()
+        return all(c in owners for c in customer_ids)
+
+    def find_customer(self, customer_id: str) -> CustomerRecord | None:
+        if self._locks is not None and customer_id not in self._locks.written:
+            held = self._locks.owners().get(customer_id)
+            if held is not None:
+                return held
+        return super().find_customer(customer_id)
+
+    def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
+        self._written(customer.id)
+        super().create_customer(customer, now)
+
+    def set_display_name(self, customer_id: str, display_name: str) -> None:
+        self._written(customer_id)
+        super().set_display_name(customer_id, display_name)
+
+    def set_merged_into(self, customer_id: str, into: str | None) -> None:
+        self._written(customer_id)
+        super().set_merged_into(customer_id, into)
+
+    def thread_reads(
+        self,
+        customer_id: str,
+        *,
+        tenant: str,
+        inbox: str,
+        active_since: datetime,
+        texts_since: datetime | None,
+        not_channel: str,
+    ) -> ThreadReads:
+        # All sent now, pipelined: the first answer asked for brings the others with it.
+        d = self._d
+        texts = None
+        if texts_since is not None:
+            texts = self._x(RECENT_TEXTS, (customer_id, d.ts(texts_since), not_channel, RECENT_TEXTS_KEPT))
+        threads = self._x(OPEN_THREADS, (customer_id, tenant, inbox, d.ts(active_since)))
+        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,))
+        return CachedThreadReads(
+            lambda: recent_text_records(d, customer_id, texts.fetchall()) if texts is not None else [],
+            lambda: [thread_record(d, r) for r in threads.fetchall()],
+            lambda: identity_records(identities.fetchall()),
+        )
+
+    def _written(self, customer_id: str) -> None:
+        if self._locks is not None:
+            self._locks.written.add(customer_id)
 
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -377,10 +467,12 @@ _GROUP_MAX = 32
 _GROUPS = 2
 _JOB_SAVEPOINT = "tg_job"
 # Locks of a group (PostgresStore._run_group): identity keys in array order, which is sorted; then
-# the customers owning the identities, given as (tenant, kind, value) columns, in id order.
+# the customers owning the identities, given as (tenant, kind, value) columns, in id order, read as
+# locked (the jobs' Tx answers get_customer from these rows: _GroupLocks).
 _LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
 _LOCK_OWNERS = (
-    "SELECT id FROM customers WHERE id IN (SELECT i.customer_id FROM identities i"
+    "SELECT id, tenant, display_name, merged_into FROM customers"
+    " WHERE id IN (SELECT i.customer_id FROM identities i"
     " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
     " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value)"
     ' ORDER BY id COLLATE "C" FOR UPDATE'
@@ -511,6 +603,7 @@ class _GroupState(threading.local):
     """What a worker thread knows of the group it runs, if any."""
 
     backlog: _GroupBacklog | None = None
+    locks: _GroupLocks | None = None
 
 
 def _not_committed(exc: Exception) -> StoreError:
@@ -751,9 +844,14 @@ class PostgresStore(SqlStore):
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
         with conn.pipeline() as pipeline, conn.transaction():
+            owners = None
             if identities:
                 conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
-                conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+                owners = conn.execute(
+                    _LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)]
+                )
+            # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
+            self._group.locks = _GroupLocks(set(identities), owners)
             backlog = self._group.backlog = _GroupBacklog(conn)
             try:
                 for queued in group:
@@ -781,7 +879,7 @@ class PostgresStore(SqlStore):
                 if backlog.added:
                     self._add_backlog(conn, backlog.added)
             finally:
-                self._group.backlog = None
+                self._group.backlog = self._group.locks = None
         return outcomes
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
@@ -798,6 +896,12 @@ class PostgresStore(SqlStore):
                 raise StoreError(f"no database connection: {exc}") from exc
 
         return await self._run(run)
+
+    def _tx(self, conn: Connection) -> SqlTx:
+        group = self._group
+        if group.locks is not None and group.backlog is not None and group.backlog.conn is conn:
+            return PostgresTx(conn, group.locks)  # a job of the group this thread runs
+        return PostgresTx(conn)
 
     # -- backlog bound -------------------------------------------------------------------------
 
