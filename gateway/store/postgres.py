@@ -841,45 +841,55 @@ class PostgresStore(SqlStore):
         customer merged meanwhile, is a deadlock victim run again). A job failing (a full outbox,
         an error of its statements) is rolled back alone; a deadlock runs the whole group again.
         """
+        with conn.pipeline() as pipeline:
+            # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would wait
+            # for the BEGIN, and sync before the COMMIT and once more per pipeline level after it.
+            # Here the pipeline's end is the commit's one wait; should a statement have failed
+            # since the last sync, the COMMIT is skipped and that error raised there. A transaction
+            # left open by an error is rolled back by the pool's connection context (_attempt).
+            conn.execute("BEGIN")
+            outcomes = self._run_jobs(conn, pipeline, group)
+            conn.execute("COMMIT")
+        return outcomes
+
+    def _run_jobs(self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued]) -> list[Any]:
+        """The group's locks, then each job under its savepoint (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        with conn.pipeline() as pipeline, conn.transaction():
-            owners = None
-            if identities:
-                conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
-                owners = conn.execute(
-                    _LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)]
-                )
-            # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-            self._group.locks = _GroupLocks(set(identities), owners)
-            backlog = self._group.backlog = _GroupBacklog(conn)
-            try:
-                for queued in group:
-                    conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
-                    backlog.pending = 0
-                    backlog.conn = folded = _FoldedWrites(conn)
-                    try:
-                        value = queued.fn(folded)
-                        folded.flush()
-                        pipeline.sync()  # the job's queued writes: an error raised here is the job's
-                    except _RETRYABLE_TX:
+        owners = None
+        if identities:
+            conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
+            owners = conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+        # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
+        self._group.locks = _GroupLocks(set(identities), owners)
+        backlog = self._group.backlog = _GroupBacklog(conn)
+        try:
+            for queued in group:
+                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
+                backlog.pending = 0
+                backlog.conn = folded = _FoldedWrites(conn)
+                try:
+                    value = queued.fn(folded)
+                    folded.flush()
+                    pipeline.sync()  # the job's queued writes: an error raised here is the job's
+                except _RETRYABLE_TX:
+                    raise
+                except Exception as exc:
+                    if conn.broken or conn.closed:
                         raise
-                    except Exception as exc:
-                        if conn.broken or conn.closed:
-                            raise
-                        with contextlib.suppress(psycopg.Error):  # the job's error, raised already
-                            pipeline.sync()
-                        conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
-                        conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
-                        outcomes.append(as_store_error(exc, psycopg.Error))
-                        continue
+                    with contextlib.suppress(psycopg.Error):  # the job's error, raised already
+                        pipeline.sync()
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
                     conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
-                    backlog.added += backlog.pending
-                    outcomes.append(value)
-                if backlog.added:
-                    self._add_backlog(conn, backlog.added)
-            finally:
-                self._group.backlog = self._group.locks = None
+                    outcomes.append(as_store_error(exc, psycopg.Error))
+                    continue
+                conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
+                backlog.added += backlog.pending
+                outcomes.append(value)
+            if backlog.added:
+                self._add_backlog(conn, backlog.added)
+        finally:
+            self._group.backlog = self._group.locks = None
         return outcomes
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:

@@ -3,10 +3,11 @@ that what the group of placements locked first is used without changing any plac
 
 A placement of a known customer in a group makes five round trips: the idempotency claim, the
 identities, the customer's recent texts + open threads + identities (one pipelined batch), the
-thread's sequence, and the job's sync. Each fold removed adds a statement or a round trip:
-the job's own identity lock (the group holds it), the customer lock and the re-read of the
-identities (the group locked the customer before the job read anything), the customer row (read
-as the group locked it), the three thread reads one after another.
+thread's sequence, and the job's sync; its group adds one, the commit. Each fold removed adds a
+statement or a round trip: the job's own identity lock (the group holds it), the customer lock and
+the re-read of the identities (the group locked the customer before the job read anything), the
+customer row (read as the group locked it), the three thread reads one after another, a wait for
+the BEGIN or syncs around the COMMIT.
 """
 
 from __future__ import annotations
@@ -86,6 +87,16 @@ def jobs(wire: PgWireRecorder) -> list[list[Sent]]:
     return [job for session in wire.sessions for job in between(session.sent, *JOB)]
 
 
+def group_transaction(wire: PgWireRecorder) -> list[Sent]:
+    """The one group transaction recorded: from its BEGIN to the waits after its COMMIT."""
+    (sent,) = [s.sent for s in wire.sessions if any(m.sql == JOB[0] for m in s.sent)]
+    begin = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "BEGIN")
+    end = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "COMMIT")
+    while end + 1 < len(sent) and sent[end + 1].kind in "SH":
+        end += 1
+    return sent[begin : end + 1]
+
+
 def listing(job: list[Sent]) -> str:
     return "\n".join(f"{m.kind} {' '.join(m.sql.split())[:100]}" for m in job)
 
@@ -94,8 +105,15 @@ def statements(job: list[Sent]) -> int:
     return sum(m.kind in "EQ" for m in job)
 
 
-def round_trips(job: list[Sent]) -> int:
-    return sum(m.kind in "SHQ" for m in job)
+def round_trips(sent: list[Sent]) -> int:
+    """Waits: a Sync or Flush sent right after another one (psycopg ends a pipeline with both) is
+    part of the same wait."""
+    waits, waiting = 0, False
+    for m in sent:
+        if m.kind == "Q" or (m.kind in "SH" and not waiting):
+            waits += 1
+        waiting = m.kind in "SH"
+    return waits
 
 
 async def test_a_known_customers_placement_makes_five_round_trips(
@@ -113,6 +131,10 @@ async def test_a_known_customers_placement_makes_five_round_trips(
     assert (statements(job), round_trips(job)) == (9, 5), listing(job)
     sent = [m.sql for m in job]
     assert not any("pg_advisory_xact_lock" in sql or "FOR UPDATE" in sql for sql in sent), listing(job)
+    # The group around it: locks and the backlog read go with the job's first read; BEGIN waits
+    # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips).
+    group = group_transaction(wire)
+    assert (statements(group), round_trips(group)) == (17, 6), listing(group)
 
 
 async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
