@@ -81,12 +81,13 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
     """Place ``message``: claim its key, resolve its customer, assign its thread, record it."""
     key = message.idempotency_key()
     message_id = message.message_id()
+    identities = normalize_all(message.identities)
+    tx.prefetch_identities(message.tenant, identities)
     first = tx.claim_key(key, message_id, now, message.fingerprint())
     if first is not None:
         return Placed(placement=first)
 
     events: list[Event] = []
-    identities = normalize_all(message.identities)
     customer, created = resolve_customer(
         tx,
         message.tenant,

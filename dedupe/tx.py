@@ -195,6 +195,13 @@ class Tx(Protocol):
 
     # -- customers and identities --------------------------------------------------------------
 
+    def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
+        """A hint: the placement will look these up next (:meth:`find_identities`, after
+        :meth:`claim_key` and :meth:`lock_identities`). A store may send that read now, with the
+        claim, where nothing can change the answer meanwhile (PostgreSQL: in a group holding the
+        identities' locks), and answer the lookup from it. Nothing to do otherwise."""
+        ...
+
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         """The stored identities among ``identities`` (matched on tenant, kind, value), in the order given."""
         ...

@@ -496,6 +496,20 @@ def _insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: d
     )
 
 
+def stored_identities(
+    identities: Sequence[Identity], stored: Mapping[Key, tuple[str, bool]]
+) -> list[StoredIdentity]:
+    """:meth:`SqlTx.find_identities`'s answer from :meth:`Dialect.find_identities`'s."""
+    found: list[StoredIdentity] = []
+    for identity in identities:
+        hit = stored.get(identity.key())
+        if hit is not None:
+            found.append(
+                StoredIdentity(kind=identity.kind, value=identity.value, customer_id=hit[0], verified=hit[1])
+            )
+    return found
+
+
 def recent_text_records(d: Dialect, customer_id: str, rows: Iterable[Sequence[Any]]) -> list[RecentText]:
     return [
         RecentText(customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=d.dt(at))
@@ -625,20 +639,15 @@ class SqlTx:
 
     # -- customers and identities --------------------------------------------------------------
 
+    def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
+        pass
+
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         if not identities:
             return []
-        stored = self._d.find_identities(self._conn, tenant, [i.key() for i in identities])
-        found: list[StoredIdentity] = []
-        for identity in identities:
-            hit = stored.get(identity.key())
-            if hit is not None:
-                found.append(
-                    StoredIdentity(
-                        kind=identity.kind, value=identity.value, customer_id=hit[0], verified=hit[1]
-                    )
-                )
-        return found
+        return stored_identities(
+            identities, self._d.find_identities(self._conn, tenant, [i.key() for i in identities])
+        )
 
     def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
         self._x(

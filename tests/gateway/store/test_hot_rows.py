@@ -179,6 +179,7 @@ _NO_HOT_WRITES = {
     "lock_identities",
     "lock_customers",
     "holds_customers",
+    "prefetch_identities",
     "thread_reads",  # through recent_texts, open_threads and customer_identities
     "get_customer",  # through find_customer
     "add_merge",
@@ -204,7 +205,6 @@ def test_every_tx_write_of_a_hot_row_keeps_the_rows_current_or_forgets_them() ->
     overridden = {name for name in public if name in HotTx.__dict__}
     # A new Tx method must be sorted into one of the two sets: does it write a row HotTx keeps?
     assert public - overridden == _NO_HOT_WRITES
-
 
 
 async def test_a_key_repeated_within_one_envelope_is_placed_once(store: SQLiteStore) -> None:

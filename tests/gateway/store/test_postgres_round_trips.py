@@ -1,13 +1,14 @@
 """PostgreSQL store: how many statements and round trips a placement costs, counted on the wire, and
 that what the group of placements locked first is used without changing any placement.
 
-A placement of a known customer in a group makes five round trips: the idempotency claim, the
-identities, the customer's recent texts + open threads + identities (one pipelined batch), the
-thread's sequence, and the job's sync; its group adds one, the commit. Each fold removed adds a
-statement or a round trip: the job's own identity lock (the group holds it), the customer lock and
-the re-read of the identities (the group locked the customer before the job read anything), the
-customer row (read as the group locked it), the three thread reads one after another, a wait for
-the BEGIN or syncs around the COMMIT.
+A placement of a known customer in a group makes four round trips: the idempotency claim with the
+lookup of the message's identities, the customer's recent texts + open threads + identities (one
+pipelined batch), the thread's sequence, and the job's sync; its group adds one, the commit. Each
+fold removed adds a statement or a round trip: the job's own identity lock (the group holds it),
+the identities looked up after the claim instead of with it, the customer lock and the re-read of
+the identities (the group locked the customer before the job read anything), the customer row
+(read as the group locked it), the three thread reads one after another, a wait for the BEGIN or
+syncs around the COMMIT.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def round_trips(sent: list[Sent]) -> int:
     return waits
 
 
-async def test_a_known_customers_placement_makes_five_round_trips(
+async def test_a_known_customers_placement_makes_four_round_trips(
     store: PostgresStore, wire: PgWireRecorder
 ) -> None:
     (first,) = await accept(store, _message("m1", ADA, text="Where is my order? It is late."))
@@ -128,13 +129,13 @@ async def test_a_known_customers_placement_makes_five_round_trips(
     assert (second.customer_id, second.thread_id, second.sequence) == (first.customer_id, first.thread_id, 2)
     # Before: 14 statements, 9 round trips (claim, lock + identities, customer lock + identities
     # again, customer, recent texts, open threads, sequence, identities, sync).
-    assert (statements(job), round_trips(job)) == (9, 5), listing(job)
+    assert (statements(job), round_trips(job)) == (9, 4), listing(job)
     sent = [m.sql for m in job]
     assert not any("pg_advisory_xact_lock" in sql or "FOR UPDATE" in sql for sql in sent), listing(job)
     # The group around it: locks and the backlog read go with the job's first read; BEGIN waits
     # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips).
     group = group_transaction(wire)
-    assert (statements(group), round_trips(group)) == (17, 6), listing(group)
+    assert (statements(group), round_trips(group)) == (17, 5), listing(group)
 
 
 async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
