@@ -73,7 +73,7 @@ from core.errors import BacklogFull, StoreError
 from core.model import CanonicalMessage, Identity
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.identities import normalize_all
-from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, StoredIdentity, ThreadReads
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, StoredIdentity, ThreadReads, ThreadRecord
 from gateway.store.base import OutboxRow, OutboxStatus
 from gateway.store.engine import (
     CUSTOMER_IDENTITIES,
@@ -391,6 +391,8 @@ class PostgresTx(SqlTx):
         self._locks = locks
         # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor.
         self._ahead: tuple[str, list[Key], Cursor] | None = None
+        # Threads this transaction created and has not advanced yet.
+        self._unadvanced: set[str] = set()
 
     def _held(self, tenant: str, keys: Iterable[Key]) -> bool:
         """Whether the group holds the locks of all these identity keys."""
@@ -437,6 +439,23 @@ class PostgresTx(SqlTx):
     def set_merged_into(self, customer_id: str, into: str | None) -> None:
         self._written(customer_id)
         super().set_merged_into(customer_id, into)
+
+    def create_thread(self, thread: ThreadRecord) -> None:
+        super().create_thread(thread)
+        self._unadvanced.add(thread.id)
+
+    def advance_thread(self, thread_id: str, now: datetime) -> int:
+        if thread_id not in self._unadvanced:
+            return super().advance_thread(thread_id, now)
+        # Created here with sequence 1 next, and no other transaction sees it before the commit:
+        # the answer is known, so the update need not be read back (a write folded with others).
+        self._unadvanced.discard(thread_id)
+        self._x(
+            "UPDATE threads SET next_sequence = next_sequence + 1,"
+            " last_activity = {greatest}(last_activity, ?) WHERE id = ?",
+            (self._d.ts(now), thread_id),
+        )
+        return 1
 
     def thread_reads(
         self,

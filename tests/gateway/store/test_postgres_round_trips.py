@@ -3,12 +3,13 @@ that what the group of placements locked first is used without changing any plac
 
 A placement of a known customer in a group makes four round trips: the idempotency claim with the
 lookup of the message's identities, the customer's recent texts + open threads + identities (one
-pipelined batch), the thread's sequence, and the job's sync; its group adds one, the commit. Each
-fold removed adds a statement or a round trip: the job's own identity lock (the group holds it),
-the identities looked up after the claim instead of with it, the customer lock and the re-read of
-the identities (the group locked the customer before the job read anything), the customer row
-(read as the group locked it), the three thread reads one after another, a wait for the BEGIN or
-syncs around the COMMIT.
+pipelined batch), the thread's sequence, and the job's sync; its group adds one, the commit. A
+first message makes three: the claim with the lookup, the new thread's number, the sync. Each fold
+removed adds a statement or a round trip: the job's own identity lock (the group holds it), the
+identities looked up after the claim instead of with it, the customer lock and the re-read of the
+identities (the group locked the customer before the job read anything), the customer row (read as
+the group locked it), the three thread reads one after another, a new thread's first sequence read
+back, a wait for the BEGIN or syncs around the COMMIT.
 """
 
 from __future__ import annotations
@@ -107,14 +108,11 @@ def statements(job: list[Sent]) -> int:
 
 
 def round_trips(sent: list[Sent]) -> int:
-    """Waits: a Sync or Flush sent right after another one (psycopg ends a pipeline with both) is
-    part of the same wait."""
-    waits, waiting = 0, False
-    for m in sent:
-        if m.kind == "Q" or (m.kind in "SH" and not waiting):
-            waits += 1
-        waiting = m.kind in "SH"
-    return waits
+    """Waits: every Sync, Flush or Query, but a Flush right after a Sync (psycopg ends a pipeline
+    by sending both, then waits once)."""
+    return sum(
+        m.kind in "SHQ" and not (m.kind == "H" and n and sent[n - 1].kind == "S") for n, m in enumerate(sent)
+    )
 
 
 async def test_a_known_customers_placement_makes_four_round_trips(
@@ -136,6 +134,24 @@ async def test_a_known_customers_placement_makes_four_round_trips(
     # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips).
     group = group_transaction(wire)
     assert (statements(group), round_trips(group)) == (17, 5), listing(group)
+
+
+async def test_a_first_message_makes_three_round_trips(store: PostgresStore, wire: PgWireRecorder) -> None:
+    (placed,) = await accept(store, _message("f1", ADA, text="Where is my order? It is late."))
+
+    (job,) = jobs(wire)
+    assert (placed.is_new_thread, placed.sequence) == (True, 1)
+    # Claim + identities, the thread's number, the sync: the new thread's first sequence is known
+    # without reading it back. Before: 10 statements, 5 round trips; the group 18 and 8.
+    assert (statements(job), round_trips(job)) == (8, 3), listing(job)
+    group = group_transaction(wire)
+    assert (statements(group), round_trips(group)) == (16, 4), listing(group)
+
+    # Later messages of the thread, in the same envelope (one job, one Tx) and after it.
+    batch = await accept(store, *(_message(f"f{n}", ADA, text=f"Message number {n}.") for n in (2, 3)))
+    (later,) = await accept(store, _message("f4", ADA, text="And one more."))
+    assert [p.sequence for p in [*batch, later]] == [2, 3, 4]
+    assert {p.thread_id for p in [*batch, later]} == {placed.thread_id}
 
 
 async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
