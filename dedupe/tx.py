@@ -15,7 +15,9 @@ The engine takes its locks in this fixed order, so no two placements can deadloc
 With 1 and 2 held until commit, placement is serialized per customer: two messages of one customer
 arriving at the same moment on two instances end in one thread, and a customer cannot be merged
 away while a message is being placed on it. A single-writer store (SQLite) may implement both lock
-methods as no-ops.
+methods as no-ops. A store that takes a placement's locks before the placement starts (PostgreSQL
+locks those of a whole group of placements first) says so through :meth:`Tx.holds_customers`; the
+placement then neither locks those customers nor reads their identities again.
 
 Events the engine produces besides ``message.received`` (``thread.merged``, ``customer.merged``,
 ``customer.unmerged``) are returned to the store (:class:`dedupe.engine.Placed.events`,

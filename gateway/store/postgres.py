@@ -21,12 +21,14 @@ Concurrency across instances:
   visible, so the next holder reads (read committed: a fresh snapshot per statement) what the
   previous one wrote. A group of placements takes the identity locks of all its messages first,
   in one global order (the lock keys, sorted), then row-locks the customers owning them, so its
-  jobs wait for no lock another group holds while holding one that group waits for. A transaction
-  (or group) PostgreSQL picks as a deadlock victim (possible when a merge or a concurrent
+  jobs wait for no lock another group holds while holding one that group waits for; a job then
+  takes no lock the group holds, and reads an owner's row as the group locked it (``PostgresTx``).
+  A transaction (or group) PostgreSQL picks as a deadlock victim (possible when a merge or a concurrent
   identity move makes a job lock a customer its group did not lock first) is rolled back and run
   again.
 - ``advance_thread`` updates the thread row (a row lock held to commit), so sequences are strictly
-  increasing without gaps, and a later message of a thread gets a later outbox position.
+  increasing without gaps, and a later message of a thread gets a later outbox position. (A thread
+  created by the same transaction, unseen by others, starts at 1 without reading it back.)
 - The outbox relay runs on one instance at a time: the holder of a session advisory lock (the
   *relay lease*) on a dedicated connection. ``SKIP LOCKED`` alone would let two relays each take
   a batch and publish them concurrently, so event 5 of a thread could reach the bus after event 6.
