@@ -63,7 +63,6 @@ class Dialect(Protocol):
 
     def lock_customers(self, conn: Any, customer_ids: Sequence[str]) -> None: ...
 
-
 ERASED_KEY_PREFIX = "erased:"
 # What retention can remove; "keys" are idempotency keys (store.idempotency_retention).
 RetainedKind = Literal["keys", "events", "messages", "raw_bodies", "blobs"]

@@ -207,6 +207,7 @@ def test_every_tx_write_of_a_hot_row_keeps_the_rows_current_or_forgets_them() ->
     assert public - overridden == _NO_HOT_WRITES
 
 
+
 async def test_a_key_repeated_within_one_envelope_is_placed_once(store: SQLiteStore) -> None:
     # On SQLite the key's row is written when its placement completes: the repeat must see it.
     first, repeat = await accept(store, message("m1"), message("m1"))

@@ -206,10 +206,8 @@ async def test_orphaned_blob_files_are_swept_and_named_ones_stay(
         await accept(store, message("m1", attachments=(orphan_file,)), env=orphan_env)
     orphans = [blobs.path(sha256_hex(orphan_env.body)), blobs.path(sha256_hex(orphan_file.data))]
     named = [
-        blobs.path(sha256_hex(kept_env.body)),
-        blobs.path(sha256_hex(kept_file.data)),
-        blobs.path(quarantined),
-        blobs.path(media),
+        blobs.path(sha256_hex(kept_env.body)), blobs.path(sha256_hex(kept_file.data)),
+        blobs.path(quarantined), blobs.path(media),
     ]
     assert all(p.exists() for p in orphans + named)
     two_hours_ago = time.time() - 7200
@@ -454,7 +452,10 @@ async def test_concurrent_state_cas_of_one_expected_value_has_one_winner(make_st
             await first.state_put(key, expected)
         values = [f"v{i}".encode() for i in range(16)]
         results = await asyncio.gather(
-            *((first if i % 2 else second).state_cas(key, expected, value) for i, value in enumerate(values))
+            *(
+                (first if i % 2 else second).state_cas(key, expected, value)
+                for i, value in enumerate(values)
+            )
         )
         assert results.count(True) == 1, (key, results)
         assert await first.state_get(key) == values[results.index(True)]
