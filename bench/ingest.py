@@ -15,8 +15,11 @@ With ``--store postgresql`` the gateway runs on a fresh database on the local Po
 DSN the tests use, ``TICKETGATE_TEST_PG_DSN``, default ``postgresql://root@127.0.0.1:5432/postgres``;
 dropped afterwards), and PostgreSQL's own CPU per event is read from /proc of its processes.
 
+Messages come from ``--customers`` customers in turn (default 5,000: in a run of a few seconds most
+messages are a customer's first); a few hundred makes nearly every placement one of a known customer.
+
 Usage: .venv/bin/python bench/ingest.py [--store sqlite|postgresql] [--concurrency 64] [--seconds 10]
-       [--rate 1000]
+       [--rate 1000] [--customers 5000]
 """
 
 from __future__ import annotations
@@ -260,7 +263,7 @@ async def _run(args: argparse.Namespace, dsn: str | None) -> None:
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
         # Warm-up: imports, JIT-free but caches, connections, SQLite pages.
-        await loop.run_in_executor(pool, loadgen, "closed", port, args.concurrency, 1.0, 0.0)
+        await loop.run_in_executor(pool, loadgen, "closed", port, args.concurrency, 1.0, 0.0, args.customers)
         await counter.wait_for(1, within=30)
 
         before = len(counter.ids)
@@ -268,7 +271,7 @@ async def _run(args: argparse.Namespace, dsn: str | None) -> None:
         own_before = time.process_time()
         t0 = time.perf_counter()
         closed = await loop.run_in_executor(
-            pool, loadgen, "closed", port, args.concurrency, args.seconds, 0.0
+            pool, loadgen, "closed", port, args.concurrency, args.seconds, 0.0, args.customers
         )
         acked = closed["statuses"].get(202, 0)
         await counter.wait_for(before + acked, within=120)
@@ -280,7 +283,9 @@ async def _run(args: argparse.Namespace, dsn: str | None) -> None:
         ack_rate = acked / closed["elapsed"]
 
         before = len(counter.ids)
-        opened = await loop.run_in_executor(pool, loadgen, "open", port, 256, args.seconds, args.rate)
+        opened = await loop.run_in_executor(
+            pool, loadgen, "open", port, 256, args.seconds, args.rate, args.customers
+        )
         await counter.wait_for(before + opened["statuses"].get(202, 0), within=120)
         rss = peak_rss_mb(gateway.proc.pid)
     finally:
@@ -338,6 +343,9 @@ def main() -> None:
     parser.add_argument("--bare-n", type=int, default=20_000)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument(
+        "--customers", type=int, default=5000, help="messages come from this many customers in turn"
+    )
     parser.add_argument("--skip-bare", action="store_true", help="leave out the bare aio-pika baseline")
     parser.add_argument("--dir", default=None, help="where the gateway's data goes (default: a temp dir)")
     asyncio.run(run(parser.parse_args()))

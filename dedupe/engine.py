@@ -31,7 +31,16 @@ from core.model import CanonicalMessage, Identity, Placement
 from dedupe import similarity
 from dedupe.identities import normalize_all
 from dedupe.policy import PlacementPolicy
-from dedupe.tx import ClaimedLink, CustomerRecord, MergeRecord, MessageRecord, RecentText, ThreadRecord, Tx
+from dedupe.tx import (
+    ClaimedLink,
+    CustomerRecord,
+    MergeRecord,
+    MessageRecord,
+    RecentText,
+    ThreadReads,
+    ThreadRecord,
+    Tx,
+)
 
 TICKET_PREFIX = "ticket:"
 _MAX_RFC822_LOOKUPS = 10  # In-Reply-To plus the newest References
@@ -59,6 +68,8 @@ class _Choice:
     thread: ThreadRecord
     is_new: bool
     duplicate_of: str | None = None
+    # What was read of the customer on the way (its identities serve the event), if anything.
+    reads: ThreadReads | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -70,12 +81,13 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
     """Place ``message``: claim its key, resolve its customer, assign its thread, record it."""
     key = message.idempotency_key()
     message_id = message.message_id()
+    identities = normalize_all(message.identities)
+    tx.prefetch_identities(message.tenant, identities)
     first = tx.claim_key(key, message_id, now, message.fingerprint())
     if first is not None:
         return Placed(placement=first)
 
     events: list[Event] = []
-    identities = normalize_all(message.identities)
     customer, created = resolve_customer(
         tx,
         message.tenant,
@@ -117,7 +129,10 @@ def place(tx: Tx, message: CanonicalMessage, policy: PlacementPolicy, *, now: da
     tx.complete_claim(key, placement)
     # A customer created here has exactly the identities just added, all of one time: what
     # customer_identities would read back (ordered by time, kind, value).
-    owned = tuple(sorted(identities, key=Identity.key)) if created else tx.customer_identities(customer.id)
+    if created:
+        owned = tuple(sorted(identities, key=Identity.key))
+    else:
+        owned = choice.reads.identities() if choice.reads is not None else tx.customer_identities(customer.id)
     view = CustomerView(id=customer.id, identities=owned, display_name=customer.display_name)
     return Placed(placement=placement, customer=view, thread_subject=thread.subject, events=tuple(events))
 
@@ -149,6 +164,8 @@ def resolve_customer(
     # lock, held here; a merge moves only stored ones).
     for _ in range(0 if tx.serialized or not known else 3):
         owners = list(dict.fromkeys(s.customer_id for s in known))
+        if tx.holds_customers(owners):
+            break  # locked before the read: no merge can have moved an identity since
         tx.lock_customers(sorted(owners))
         # A concurrent merge may have moved an identity between the read and the lock: read again.
         again = tx.find_identities(tenant, identities)
@@ -356,23 +373,35 @@ def assign_thread(
     if new_customer:
         return _Choice(thread=_new_thread(tx, message, customer_id, now), is_new=True)
 
-    duplicate = _find_duplicate(tx, message, customer_id, policy, now=now)
+    text = _comparable_text(message, policy)
+    since = now - timedelta(seconds=policy.window)
+    # Asked for at once: on PostgreSQL one round trip instead of three.
+    reads = tx.thread_reads(
+        customer_id,
+        tenant=message.tenant,
+        inbox=message.inbox,
+        active_since=since,
+        texts_since=now - timedelta(seconds=policy.duplicate_window) if text is not None else None,
+        not_channel=message.channel,
+    )
+    duplicate = _find_duplicate(tx, reads, text, policy) if text is not None else None
     if duplicate is not None:
         return duplicate
-    since = now - timedelta(seconds=policy.window)
-    open_now = tx.open_threads(
-        customer_id=customer_id, tenant=message.tenant, inbox=message.inbox, active_since=since
-    )
+    open_now = reads.open_threads()
     if len(open_now) > 1 and _joined_by_merge(tx, customer_id, open_now):
         # A merge without a message (desk link, WeChat unionid) knew no inbox or window: merge here.
         survivor = _merge_threads(
             tx, open_now, reason="customer.merged", channel=message.channel, now=now, events=events
         )
-        return _Choice(thread=survivor, is_new=False)
+        return _Choice(thread=survivor, is_new=False, reads=reads)
     if open_now:
-        return _Choice(thread=max(open_now, key=lambda t: (t.last_activity, t.number)), is_new=False)
+        return _Choice(
+            thread=max(open_now, key=lambda t: (t.last_activity, t.number)), is_new=False, reads=reads
+        )
     previous = _closed_in_window(tx, message, customer_id, since=since)
-    return _Choice(thread=_new_thread(tx, message, customer_id, now, previous=previous), is_new=True)
+    return _Choice(
+        thread=_new_thread(tx, message, customer_id, now, previous=previous), is_new=True, reads=reads
+    )
 
 
 def _joined_by_merge(tx: Tx, customer_id: str, threads: Sequence[ThreadRecord]) -> bool:
@@ -540,15 +569,10 @@ def _comparable_text(message: CanonicalMessage, policy: PlacementPolicy) -> str 
     return text if len(text) >= policy.duplicate_min_chars else None
 
 
-def _find_duplicate(
-    tx: Tx, message: CanonicalMessage, customer_id: str, policy: PlacementPolicy, *, now: datetime
-) -> _Choice | None:
-    text = _comparable_text(message, policy)
-    if text is None:
-        return None
-    since = now - timedelta(seconds=policy.duplicate_window)
-    # A repeat on one channel is a conversation ("hello?"), or idempotency's job.
-    for recent in tx.recent_texts(customer_id, since, not_channel=message.channel):
+def _find_duplicate(tx: Tx, reads: ThreadReads, text: str, policy: PlacementPolicy) -> _Choice | None:
+    """The open thread of a recent text ``text`` repeats (``reads`` has the texts of the duplicate
+    window from other channels: a repeat on one channel is a conversation, or idempotency's job)."""
+    for recent in reads.recent_texts():
         if not similarity.is_duplicate(
             text, recent.text, policy.duplicate_threshold, policy.duplicate_min_chars
         ):
@@ -558,7 +582,7 @@ def _find_duplicate(
             continue
         thread = follow(tx, thread)
         if thread.open:
-            return _Choice(thread=thread, is_new=False, duplicate_of=recent.message_id)
+            return _Choice(thread=thread, is_new=False, duplicate_of=recent.message_id, reads=reads)
     return None
 
 

@@ -15,7 +15,9 @@ The engine takes its locks in this fixed order, so no two placements can deadloc
 With 1 and 2 held until commit, placement is serialized per customer: two messages of one customer
 arriving at the same moment on two instances end in one thread, and a customer cannot be merged
 away while a message is being placed on it. A single-writer store (SQLite) may implement both lock
-methods as no-ops.
+methods as no-ops. A store that takes a placement's locks before the placement starts (PostgreSQL
+locks those of a whole group of placements first) says so through :meth:`Tx.holds_customers`; the
+placement then neither locks those customers nor reads their identities again.
 
 Events the engine produces besides ``message.received`` (``thread.merged``, ``customer.merged``,
 ``customer.unmerged``) are returned to the store (:class:`dedupe.engine.Placed.events`,
@@ -129,6 +131,17 @@ class ClaimedLink:
     created_at: datetime
 
 
+class ThreadReads(Protocol):
+    """What thread assignment and the event read of a known customer, asked for at once
+    (:meth:`Tx.thread_reads`); each answer is what the :class:`Tx` method of its name returns."""
+
+    def recent_texts(self) -> list[RecentText]: ...
+
+    def open_threads(self) -> list[ThreadRecord]: ...
+
+    def identities(self) -> tuple[Identity, ...]: ...
+
+
 class Tx(Protocol):
     """Reads and writes inside one open transaction."""
 
@@ -173,7 +186,23 @@ class Tx(Protocol):
         """
         ...
 
+    def holds_customers(self, customer_ids: Sequence[str]) -> bool:
+        """Whether this transaction row-locked all of these customers before the placement running
+        in it read anything (PostgreSQL: a group of placements locks its customers first).
+
+        What the placement read of them is then current, and stays so: no lock is needed, and
+        nothing needs reading again. ``False`` when unsure.
+        """
+        ...
+
     # -- customers and identities --------------------------------------------------------------
+
+    def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
+        """A hint: the placement will look these up next (:meth:`find_identities`, after
+        :meth:`claim_key` and :meth:`lock_identities`). A store may send that read now, with the
+        claim, where nothing can change the answer meanwhile (PostgreSQL: in a group holding the
+        identities' locks), and answer the lookup from it. Nothing to do otherwise."""
+        ...
 
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         """The stored identities among ``identities`` (matched on tenant, kind, value), in the order given."""
@@ -303,6 +332,24 @@ class Tx(Protocol):
 
     def merge_thread(self, thread_id: str, into: str, now: datetime) -> None:
         """Close ``thread_id`` and point it at ``into`` (its ``merged_into``)."""
+        ...
+
+    def thread_reads(
+        self,
+        customer_id: str,
+        *,
+        tenant: str,
+        inbox: str,
+        active_since: datetime,
+        texts_since: datetime | None,
+        not_channel: str,
+    ) -> ThreadReads:
+        """The customer's :meth:`recent_texts` (since ``texts_since``; ``None``: not wanted),
+        :meth:`open_threads` and :meth:`customer_identities`, read together.
+
+        A store may read them all now (PostgreSQL: one round trip for the three) or each when
+        first asked for, so the caller writes none of those rows before it has asked.
+        """
         ...
 
     # -- messages ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from dedupe.tx import (
     MessageRecord,
     RecentText,
     StoredIdentity,
+    ThreadReads,
     ThreadRecord,
     TxWork,
 )
@@ -86,6 +87,7 @@ def utcnow() -> datetime:
 
 # What the readiness probe writes: one page, enough that a full file system refuses it.
 _PROBE_BYTES = b"\0" * 4096
+
 
 class Cursor(Protocol):
     """The part of a DB-API cursor (sqlite3, psycopg) the engine uses."""
@@ -276,6 +278,23 @@ RECENT_TEXT_CAP = (
     "DELETE FROM recent_texts WHERE customer_id = ? AND channel = ? AND at < ("
     "SELECT at FROM recent_texts WHERE customer_id = ? AND channel = ? ORDER BY at DESC LIMIT 1 OFFSET ?)"
 )
+# The reads of Tx.thread_reads, one statement each (PostgreSQL sends them together).
+# Parameters: customer, since, not channel, limit.
+RECENT_TEXTS = (
+    "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
+    " WHERE customer_id = ? AND at >= ? AND channel <> ? ORDER BY at DESC, message_id DESC LIMIT ?"
+)
+# Parameters: customer, tenant, inbox, active since.
+OPEN_THREADS = (
+    f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608 - column names only
+    " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
+    " ORDER BY number"
+)
+# Parameter: customer.
+CUSTOMER_IDENTITIES = (
+    "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
+    " ORDER BY created_at, kind{collate}, value{collate}"
+)
 _OUTBOX_INSERT = (
     "INSERT INTO outbox (event_id, type, routing_key, tenant, channel, thread_id, sequence, body,"
     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -333,7 +352,7 @@ def _identity_rows(identities: Iterable[Identity]) -> list[list[Any]]:
     return [[i.kind, i.value, i.verified] for i in identities]
 
 
-def _identities(rows: Iterable[Sequence[Any]]) -> tuple[Identity, ...]:
+def identity_records(rows: Iterable[Sequence[Any]]) -> tuple[Identity, ...]:
     return tuple(Identity(kind=k, value=v, verified=bool(verified)) for k, v, verified in rows)
 
 
@@ -375,7 +394,7 @@ def _link_record(d: Dialect, row: Sequence[Any]) -> ClaimedLink:
         tenant=row[1],
         customer_id=row[2],
         other_customer_id=row[3],
-        identities=_identities(d.load_json(row[4])),
+        identities=identity_records(d.load_json(row[4])),
         message_id=row[5],
         created_at=d.dt(row[6]),
     )
@@ -475,6 +494,42 @@ def _insert_events(d: Dialect, conn: Connection, events: Sequence[Event], now: d
             for e in events
         ],
     )
+
+
+def stored_identities(
+    identities: Sequence[Identity], stored: Mapping[Key, tuple[str, bool]]
+) -> list[StoredIdentity]:
+    """:meth:`SqlTx.find_identities`'s answer from :meth:`Dialect.find_identities`'s."""
+    found: list[StoredIdentity] = []
+    for identity in identities:
+        hit = stored.get(identity.key())
+        if hit is not None:
+            found.append(
+                StoredIdentity(kind=identity.kind, value=identity.value, customer_id=hit[0], verified=hit[1])
+            )
+    return found
+
+
+def recent_text_records(d: Dialect, customer_id: str, rows: Iterable[Sequence[Any]]) -> list[RecentText]:
+    return [
+        RecentText(customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=d.dt(at))
+        for m, t, c, text, at in rows
+    ]
+
+
+class CachedThreadReads:
+    """:class:`dedupe.tx.ThreadReads` from a function per answer, each called once, when its answer
+    is first asked for."""
+
+    def __init__(
+        self,
+        recent_texts: Callable[[], list[RecentText]],
+        open_threads: Callable[[], list[ThreadRecord]],
+        identities: Callable[[], tuple[Identity, ...]],
+    ) -> None:
+        self.recent_texts = functools.cache(recent_texts)
+        self.open_threads = functools.cache(open_threads)
+        self.identities = functools.cache(identities)
 
 
 # -- the Tx ---------------------------------------------------------------------------------------
@@ -579,22 +634,20 @@ class SqlTx:
         if customer_ids:
             self._d.lock_customers(self._conn, customer_ids)
 
+    def holds_customers(self, customer_ids: Sequence[str]) -> bool:
+        return False
+
     # -- customers and identities --------------------------------------------------------------
+
+    def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
+        pass
 
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         if not identities:
             return []
-        stored = self._d.find_identities(self._conn, tenant, [i.key() for i in identities])
-        found: list[StoredIdentity] = []
-        for identity in identities:
-            hit = stored.get(identity.key())
-            if hit is not None:
-                found.append(
-                    StoredIdentity(
-                        kind=identity.kind, value=identity.value, customer_id=hit[0], verified=hit[1]
-                    )
-                )
-        return found
+        return stored_identities(
+            identities, self._d.find_identities(self._conn, tenant, [i.key() for i in identities])
+        )
 
     def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
         self._x(
@@ -634,12 +687,7 @@ class SqlTx:
         )
 
     def customer_identities(self, customer_id: str) -> tuple[Identity, ...]:
-        rows = self._x(
-            "SELECT kind, value, verified FROM identities WHERE customer_id = ?"
-            " ORDER BY created_at, kind{collate}, value{collate}",
-            (customer_id,),
-        ).fetchall()
-        return _identities(rows)
+        return identity_records(self._x(CUSTOMER_IDENTITIES, (customer_id,)).fetchall())
 
     def move_identities(
         self, tenant: str, keys: Sequence[tuple[str, str]], from_customer: str, to_customer: str
@@ -722,12 +770,7 @@ class SqlTx:
     def open_threads(
         self, *, customer_id: str, tenant: str, inbox: str, active_since: datetime
     ) -> list[ThreadRecord]:
-        rows = self._x(
-            f"SELECT {THREAD_COLUMNS} FROM threads"  # noqa: S608
-            " WHERE customer_id = ? AND tenant = ? AND inbox = ? AND status = 'open' AND last_activity >= ?"
-            " ORDER BY number",
-            (customer_id, tenant, inbox, self._d.ts(active_since)),
-        ).fetchall()
+        rows = self._x(OPEN_THREADS, (customer_id, tenant, inbox, self._d.ts(active_since))).fetchall()
         return [thread_record(self._d, r) for r in rows]
 
     def get_thread(self, thread_id: str) -> ThreadRecord | None:
@@ -870,16 +913,32 @@ class SqlTx:
 
     def recent_texts(self, customer_id: str, since: datetime, *, not_channel: str) -> list[RecentText]:
         rows = self._x(
-            "SELECT message_id, thread_id, channel, text, at FROM recent_texts"
-            " WHERE customer_id = ? AND at >= ? AND channel <> ? ORDER BY at DESC, message_id DESC LIMIT ?",
-            (customer_id, self._d.ts(since), not_channel, RECENT_TEXTS_KEPT),
+            RECENT_TEXTS, (customer_id, self._d.ts(since), not_channel, RECENT_TEXTS_KEPT)
         ).fetchall()
-        return [
-            RecentText(
-                customer_id=customer_id, message_id=m, thread_id=t, channel=c, text=text, at=self._d.dt(at)
-            )
-            for m, t, c, text, at in rows
-        ]
+        return recent_text_records(self._d, customer_id, rows)
+
+    def thread_reads(
+        self,
+        customer_id: str,
+        *,
+        tenant: str,
+        inbox: str,
+        active_since: datetime,
+        texts_since: datetime | None,
+        not_channel: str,
+    ) -> ThreadReads:
+        # Each read when first asked for: one at a time costs nothing more here than all at once.
+        return CachedThreadReads(
+            lambda: (
+                []
+                if texts_since is None
+                else self.recent_texts(customer_id, texts_since, not_channel=not_channel)
+            ),
+            lambda: self.open_threads(
+                customer_id=customer_id, tenant=tenant, inbox=inbox, active_since=active_since
+            ),
+            lambda: self.customer_identities(customer_id),
+        )
 
     def add_recent_text(self, text: RecentText) -> None:
         # Only the newest RECENT_TEXTS_KEPT of a channel can ever be returned: without the cap, a

@@ -21,12 +21,14 @@ Concurrency across instances:
   visible, so the next holder reads (read committed: a fresh snapshot per statement) what the
   previous one wrote. A group of placements takes the identity locks of all its messages first,
   in one global order (the lock keys, sorted), then row-locks the customers owning them, so its
-  jobs wait for no lock another group holds while holding one that group waits for. A transaction
-  (or group) PostgreSQL picks as a deadlock victim (possible when a merge or a concurrent
+  jobs wait for no lock another group holds while holding one that group waits for; a job then
+  takes no lock the group holds, and reads an owner's row as the group locked it (``PostgresTx``).
+  A transaction (or group) PostgreSQL picks as a deadlock victim (possible when a merge or a concurrent
   identity move makes a job lock a customer its group did not lock first) is rolled back and run
   again.
 - ``advance_thread`` updates the thread row (a row lock held to commit), so sequences are strictly
-  increasing without gaps, and a later message of a thread gets a later outbox position.
+  increasing without gaps, and a later message of a thread gets a later outbox position. (A thread
+  created by the same transaction, unseen by others, starts at 1 without reading it back.)
 - The outbox relay runs on one instance at a time: the holder of a session advisory lock (the
   *relay lease*) on a dedicated connection. ``SKIP LOCKED`` alone would let two relays each take
   a batch and publish them concurrently, so event 5 of a thread could reach the bus after event 6.
@@ -59,7 +61,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
@@ -70,16 +72,21 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.errors import BacklogFull, StoreError
-from core.model import CanonicalMessage
+from core.model import CanonicalMessage, Identity
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.identities import normalize_all
-from dedupe.tx import RECENT_TEXTS_KEPT
+from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, StoredIdentity, ThreadReads, ThreadRecord
 from gateway.store.base import OutboxRow, OutboxStatus
 from gateway.store.engine import (
+    CUSTOMER_IDENTITIES,
+    OPEN_THREADS,
     RECENT_TEXT_CAP,
     RECENT_TEXT_INSERT,
+    RECENT_TEXTS,
+    CachedThreadReads,
     Clock,
     Connection,
+    Cursor,
     Dialect,
     Key,
     Keys,
@@ -87,7 +94,11 @@ from gateway.store.engine import (
     SqlStore,
     SqlTx,
     as_store_error,
+    identity_records,
     outbox_rows,
+    recent_text_records,
+    stored_identities,
+    thread_record,
     utcnow,
 )
 from gateway.store.schema import migrations
@@ -307,16 +318,24 @@ class PostgresDialect(Dialect):
         )
 
     def find_identities(self, conn: Connection, tenant: str, keys: Keys) -> dict[Key, tuple[str, bool]]:
+        return self.found_identities(self.send_find_identities(conn, tenant, keys))
+
+    def send_find_identities(self, conn: Connection, tenant: str, keys: Keys) -> Cursor:
+        """:meth:`find_identities`'s statement, sent (pipelined: answered with the next read)."""
         # A literal IN list: with a prepared statement it plans as index probes (an unnest() of
         # arrays measured 4x slower here), and one round trip for all of a message's identities.
         pairs = ", ".join(["(?, ?)"] * len(keys))
-        rows = conn.execute(
+        return conn.execute(
             self.sql(
                 "SELECT kind, value, customer_id, verified FROM identities"  # noqa: S608 - placeholders only
                 f" WHERE tenant = ? AND (kind, value) IN ({pairs})"
             ),
             [tenant, *(part for key in keys for part in key)],
-        ).fetchall()
+        )
+
+    @staticmethod
+    def found_identities(sent: Cursor) -> dict[Key, tuple[str, bool]]:
+        rows = sent.fetchall()
         return {(kind, value): (customer_id, bool(verified)) for kind, value, customer_id, verified in rows}
 
     def move_identities(self, conn: Connection, tenant: str, keys: Keys, owners: Owners) -> dict[Key, bool]:
@@ -341,11 +360,131 @@ POSTGRES = PostgresDialect()
 _RECENT_TEXT = POSTGRES.sql(f"WITH capped AS ({RECENT_TEXT_CAP}) {RECENT_TEXT_INSERT}")
 
 
-class PostgresTx(SqlTx):
-    """:class:`dedupe.tx.Tx` over one pooled connection inside an open transaction."""
+class _GroupLocks:
+    """What a group transaction locked before its first job (``PostgresStore._run_group``): the
+    identity keys of its messages, and the customers owning them, with their rows as locked.
 
-    def __init__(self, conn: Conn) -> None:
+    Held to commit, so a job finds them locked already; a job rolled back to its savepoint gives
+    none of them back (they were taken before it). A customer row any job of the group writes is
+    read from the database again (that job may have been rolled back, or not).
+    """
+
+    def __init__(self, identities: set[tuple[str, str, str]], owners: Any) -> None:
+        self.identities = frozenset(identities)
+        self._owners_read = owners  # pipelined: its rows come with the group's first read
+        self._owners: dict[str, CustomerRecord] | None = None
+        self.written: set[str] = set()
+
+    def owners(self) -> dict[str, CustomerRecord]:
+        if self._owners is None:
+            rows = self._owners_read.fetchall() if self._owners_read is not None else []
+            self._owners = {
+                r[0]: CustomerRecord(id=r[0], tenant=r[1], display_name=r[2], merged_into=r[3]) for r in rows
+            }
+        return self._owners
+
+
+class PostgresTx(SqlTx):
+    """:class:`dedupe.tx.Tx` over one pooled connection inside an open transaction; within a group
+    of placements, what the group locked first is not locked again, nor its customers read again."""
+
+    def __init__(self, conn: Connection, locks: _GroupLocks | None = None) -> None:
         super().__init__(conn, POSTGRES)
+        self._locks = locks
+        # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor.
+        self._ahead: tuple[str, list[Key], Cursor] | None = None
+        # Threads this transaction created and has not advanced yet.
+        self._unadvanced: set[str] = set()
+
+    def _held(self, tenant: str, keys: Iterable[Key]) -> bool:
+        """Whether the group holds the locks of all these identity keys."""
+        return self._locks is not None and all((tenant, *key) in self._locks.identities for key in keys)
+
+    def lock_identities(self, tenant: str, keys: Sequence[tuple[str, str]]) -> None:
+        if not self._held(tenant, keys):
+            super().lock_identities(tenant, keys)
+
+    def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
+        # Only under the group's identity locks: none of them can be added meanwhile, and one
+        # moved by a merge is caught by the engine's lock-and-read-again as for any read.
+        keys = [i.key() for i in identities]
+        if keys and self._held(tenant, keys):
+            self._ahead = (tenant, keys, POSTGRES.send_find_identities(self._conn, tenant, keys))
+
+    def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (tenant, [i.key() for i in identities]):
+            return stored_identities(identities, POSTGRES.found_identities(ahead[2]))
+        return super().find_identities(tenant, identities)
+
+    def holds_customers(self, customer_ids: Sequence[str]) -> bool:
+        if self._locks is None:
+            return False
+        owners = self._locks.owners()
+        return all(c in owners for c in customer_ids)
+
+    def find_customer(self, customer_id: str) -> CustomerRecord | None:
+        if self._locks is not None and customer_id not in self._locks.written:
+            held = self._locks.owners().get(customer_id)
+            if held is not None:
+                return held
+        return super().find_customer(customer_id)
+
+    def create_customer(self, customer: CustomerRecord, now: datetime) -> None:
+        self._written(customer.id)
+        super().create_customer(customer, now)
+
+    def set_display_name(self, customer_id: str, display_name: str) -> None:
+        self._written(customer_id)
+        super().set_display_name(customer_id, display_name)
+
+    def set_merged_into(self, customer_id: str, into: str | None) -> None:
+        self._written(customer_id)
+        super().set_merged_into(customer_id, into)
+
+    def create_thread(self, thread: ThreadRecord) -> None:
+        super().create_thread(thread)
+        self._unadvanced.add(thread.id)
+
+    def advance_thread(self, thread_id: str, now: datetime) -> int:
+        if thread_id not in self._unadvanced:
+            return super().advance_thread(thread_id, now)
+        # Created here with sequence 1 next, and no other transaction sees it before the commit:
+        # the answer is known, so the update need not be read back (a write folded with others).
+        self._unadvanced.discard(thread_id)
+        self._x(
+            "UPDATE threads SET next_sequence = next_sequence + 1,"
+            " last_activity = {greatest}(last_activity, ?) WHERE id = ?",
+            (self._d.ts(now), thread_id),
+        )
+        return 1
+
+    def thread_reads(
+        self,
+        customer_id: str,
+        *,
+        tenant: str,
+        inbox: str,
+        active_since: datetime,
+        texts_since: datetime | None,
+        not_channel: str,
+    ) -> ThreadReads:
+        # All sent now, pipelined: the first answer asked for brings the others with it.
+        d = self._d
+        texts = None
+        if texts_since is not None:
+            texts = self._x(RECENT_TEXTS, (customer_id, d.ts(texts_since), not_channel, RECENT_TEXTS_KEPT))
+        threads = self._x(OPEN_THREADS, (customer_id, tenant, inbox, d.ts(active_since)))
+        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,))
+        return CachedThreadReads(
+            lambda: recent_text_records(d, customer_id, texts.fetchall()) if texts is not None else [],
+            lambda: [thread_record(d, r) for r in threads.fetchall()],
+            lambda: identity_records(identities.fetchall()),
+        )
+
+    def _written(self, customer_id: str) -> None:
+        if self._locks is not None:
+            self._locks.written.add(customer_id)
 
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -377,10 +516,12 @@ _GROUP_MAX = 32
 _GROUPS = 2
 _JOB_SAVEPOINT = "tg_job"
 # Locks of a group (PostgresStore._run_group): identity keys in array order, which is sorted; then
-# the customers owning the identities, given as (tenant, kind, value) columns, in id order.
+# the customers owning the identities, given as (tenant, kind, value) columns, in id order, read as
+# locked (the jobs' Tx answers get_customer from these rows: _GroupLocks).
 _LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
 _LOCK_OWNERS = (
-    "SELECT id FROM customers WHERE id IN (SELECT i.customer_id FROM identities i"
+    "SELECT id, tenant, display_name, merged_into FROM customers"
+    " WHERE id IN (SELECT i.customer_id FROM identities i"
     " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
     " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value)"
     ' ORDER BY id COLLATE "C" FOR UPDATE'
@@ -511,6 +652,7 @@ class _GroupState(threading.local):
     """What a worker thread knows of the group it runs, if any."""
 
     backlog: _GroupBacklog | None = None
+    locks: _GroupLocks | None = None
 
 
 def _not_committed(exc: Exception) -> StoreError:
@@ -748,40 +890,55 @@ class PostgresStore(SqlStore):
         customer merged meanwhile, is a deadlock victim run again). A job failing (a full outbox,
         an error of its statements) is rolled back alone; a deadlock runs the whole group again.
         """
+        with conn.pipeline() as pipeline:
+            # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would wait
+            # for the BEGIN, and sync before the COMMIT and once more per pipeline level after it.
+            # Here the pipeline's end is the commit's one wait; should a statement have failed
+            # since the last sync, the COMMIT is skipped and that error raised there. A transaction
+            # left open by an error is rolled back by the pool's connection context (_attempt).
+            conn.execute("BEGIN")
+            outcomes = self._run_jobs(conn, pipeline, group)
+            conn.execute("COMMIT")
+        return outcomes
+
+    def _run_jobs(self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued]) -> list[Any]:
+        """The group's locks, then each job under its savepoint (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        with conn.pipeline() as pipeline, conn.transaction():
-            if identities:
-                conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
-                conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
-            backlog = self._group.backlog = _GroupBacklog(conn)
-            try:
-                for queued in group:
-                    conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
-                    backlog.pending = 0
-                    backlog.conn = folded = _FoldedWrites(conn)
-                    try:
-                        value = queued.fn(folded)
-                        folded.flush()
-                        pipeline.sync()  # the job's queued writes: an error raised here is the job's
-                    except _RETRYABLE_TX:
+        owners = None
+        if identities:
+            conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
+            owners = conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+        # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
+        self._group.locks = _GroupLocks(set(identities), owners)
+        backlog = self._group.backlog = _GroupBacklog(conn)
+        try:
+            for queued in group:
+                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
+                backlog.pending = 0
+                backlog.conn = folded = _FoldedWrites(conn)
+                try:
+                    value = queued.fn(folded)
+                    folded.flush()
+                    pipeline.sync()  # the job's queued writes: an error raised here is the job's
+                except _RETRYABLE_TX:
+                    raise
+                except Exception as exc:
+                    if conn.broken or conn.closed:
                         raise
-                    except Exception as exc:
-                        if conn.broken or conn.closed:
-                            raise
-                        with contextlib.suppress(psycopg.Error):  # the job's error, raised already
-                            pipeline.sync()
-                        conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
-                        conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
-                        outcomes.append(as_store_error(exc, psycopg.Error))
-                        continue
+                    with contextlib.suppress(psycopg.Error):  # the job's error, raised already
+                        pipeline.sync()
+                    conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
                     conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
-                    backlog.added += backlog.pending
-                    outcomes.append(value)
-                if backlog.added:
-                    self._add_backlog(conn, backlog.added)
-            finally:
-                self._group.backlog = None
+                    outcomes.append(as_store_error(exc, psycopg.Error))
+                    continue
+                conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
+                backlog.added += backlog.pending
+                outcomes.append(value)
+            if backlog.added:
+                self._add_backlog(conn, backlog.added)
+        finally:
+            self._group.backlog = self._group.locks = None
         return outcomes
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
@@ -798,6 +955,12 @@ class PostgresStore(SqlStore):
                 raise StoreError(f"no database connection: {exc}") from exc
 
         return await self._run(run)
+
+    def _tx(self, conn: Connection) -> SqlTx:
+        group = self._group
+        if group.locks is not None and group.backlog is not None and group.backlog.conn is conn:
+            return PostgresTx(conn, group.locks)  # a job of the group this thread runs
+        return PostgresTx(conn)
 
     # -- backlog bound -------------------------------------------------------------------------
 

@@ -178,6 +178,9 @@ _NO_HOT_WRITES = {
     "complete_claim",
     "lock_identities",
     "lock_customers",
+    "holds_customers",
+    "prefetch_identities",
+    "thread_reads",  # through recent_texts, open_threads and customer_identities
     "get_customer",  # through find_customer
     "add_merge",
     "get_merge",

@@ -199,9 +199,10 @@ async def test_placements_waiting_together_commit_together_and_a_full_outbox_ref
     assert [type(o) for o in outcomes] == [list, list, list, BacklogFull, BacklogFull]
     assert (await store.outbox_status()).backlog == 3
     with psycopg.connect(dsn) as conn:
-        stored = conn.execute("SELECT count(*) FROM outbox").fetchone(), conn.execute(
-            "SELECT external_id FROM messages ORDER BY sequence, external_id"
-        ).fetchall()
+        stored = (
+            conn.execute("SELECT count(*) FROM outbox").fetchone(),
+            conn.execute("SELECT external_id FROM messages ORDER BY sequence, external_id").fetchall(),
+        )
         claimed = conn.execute("SELECT count(*) FROM idempotency_keys").fetchone()
     assert stored == ((3,), [("m0",), ("m1",), ("m2",)])
     assert claimed == (3,)  # the refused placements' claims were rolled back with them
@@ -238,6 +239,64 @@ async def test_a_placement_whose_write_fails_in_a_group_is_rolled_back_alone(
     with psycopg.connect(dsn) as conn:
         keys = [k for (k,) in conn.execute("SELECT key FROM state ORDER BY key")]
     assert keys == ["first", "third"]
+
+
+async def test_a_group_whose_commit_fails_commits_none_of_its_jobs_and_the_next_group_commits(
+    make_store: MakeStore, dsn: str
+) -> None:
+    # A constraint checked at COMMIT: the group's jobs all succeed, then its commit fails.
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE checked_late (n integer UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+    store = make_store()
+    await store.open()
+
+    def insert(n: int) -> Callable[[Any], int]:
+        def job(conn: Any) -> int:
+            conn.execute("INSERT INTO checked_late (n) VALUES (%s)", (n,))
+            return n
+
+        return job
+
+    outcomes = await asyncio.gather(
+        *(store._write_placement(insert(n), ()) for n in (1, 2, 1)), return_exceptions=True
+    )
+    assert all(isinstance(o, StoreError) and "duplicate key" in str(o) for o in outcomes), outcomes
+
+    assert await store._write_placement(insert(3), ()) == 3
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT n FROM checked_late").fetchall() == [(3,)]
+
+
+async def test_a_group_picked_as_deadlock_victim_runs_again_whole(make_store: MakeStore, dsn: str) -> None:
+    store = make_store()
+    await store.open()
+    attempts: list[int] = []
+
+    def writes(key: str) -> Callable[[Any], str]:
+        def job(conn: Any) -> str:
+            conn.execute("INSERT INTO state (key, value, updated_at) VALUES (%s, 'x', now())", (key,))
+            return key
+
+        return job
+
+    def victim(conn: Any) -> str:
+        attempts.append(1)
+        conn.execute("INSERT INTO state (key, value, updated_at) VALUES ('victim', 'x', now())")
+        if len(attempts) == 1:
+            raise psycopg.errors.DeadlockDetected("deadlock detected (as PostgreSQL would say)")
+        return "victim"
+
+    placed = await asyncio.gather(
+        store._write_placement(writes("before"), ()),
+        store._write_placement(victim, ()),
+        store._write_placement(writes("after"), ()),
+    )
+
+    assert placed == ["before", "victim", "after"]
+    assert len(attempts) == 2
+    with psycopg.connect(dsn) as conn:
+        keys = [k for (k,) in conn.execute("SELECT key FROM state ORDER BY key")]
+    assert keys == ["after", "before", "victim"]  # each once: the first attempt was rolled back
 
 
 async def poll(read: Callable[[], Any], *, within: float, interval: float = 0.05) -> Any:

@@ -1,0 +1,296 @@
+"""PostgreSQL store: how many statements and round trips a placement costs, counted on the wire, and
+that what the group of placements locked first is used without changing any placement.
+
+A placement of a known customer in a group makes four round trips: the idempotency claim with the
+lookup of the message's identities, the customer's recent texts + open threads + identities (one
+pipelined batch), the thread's sequence, and the job's sync; its group adds one, the commit. A
+first message makes three: the claim with the lookup, the new thread's number, the sync. Each fold
+removed adds a statement or a round trip: the job's own identity lock (the group holds it), the
+identities looked up after the claim instead of with it, the customer lock and the re-read of the
+identities (the group locked the customer before the job read anything), the customer row (read as
+the group locked it), the three thread reads one after another, a new thread's first sequence read
+back, a wait for the BEGIN or syncs around the COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from storekit import POLICY, T0, Clock, build_event, envelope, outbox_settings, store_settings
+
+from core.model import CanonicalMessage, Identity, Placement
+from gateway.store.base import Store
+from gateway.store.postgres import PostgresStore
+from gateway.store.sqlite import SQLiteStore
+from tests.support.pgwire import PgWireRecorder, Sent, between
+from tests.support.postgres import admin_dsn, fresh_database, require_postgres
+
+pytestmark = pytest.mark.integration
+
+JOB = ("SAVEPOINT tg_job", "RELEASE SAVEPOINT tg_job")
+
+
+@pytest.fixture
+def dsn() -> Iterator[str]:
+    admin = admin_dsn()
+    require_postgres(admin)
+    with fresh_database(admin) as database:
+        yield database
+
+
+@pytest.fixture
+async def wire(dsn: str) -> AsyncIterator[PgWireRecorder]:
+    proxy = await PgWireRecorder(dsn).start()
+    yield proxy
+    await proxy.close()
+
+
+@pytest.fixture
+async def store(wire: PgWireRecorder, tmp_path: Path) -> AsyncIterator[PostgresStore]:
+    instance = PostgresStore(
+        store_settings(tmp_path, backend="postgresql", dsn=wire.dsn()), outbox_settings()
+    )
+    await instance.open()
+    yield instance
+    await instance.close()
+
+
+def _message(external_id: str, *identities: Identity, text: str, channel: str = "form") -> CanonicalMessage:
+    return CanonicalMessage(
+        channel=channel,
+        tenant="acme",
+        inbox="support",
+        external_id=external_id,
+        received_at=T0,
+        identities=identities,
+        display_name="Ada",
+        subject="Order 1234 is late",
+        text=text,
+    )
+
+
+ADA = Identity(kind="email", value="ada@example.com", verified=True)
+
+
+async def accept(store: Store, *messages: CanonicalMessage) -> list[Placement]:
+    return await store.accept(
+        envelope(), messages, policies=[POLICY] * len(messages), build_event=build_event
+    )
+
+
+def jobs(wire: PgWireRecorder) -> list[list[Sent]]:
+    return [job for session in wire.sessions for job in between(session.sent, *JOB)]
+
+
+def group_transaction(wire: PgWireRecorder) -> list[Sent]:
+    """The one group transaction recorded: from its BEGIN to the waits after its COMMIT."""
+    (sent,) = [s.sent for s in wire.sessions if any(m.sql == JOB[0] for m in s.sent)]
+    begin = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "BEGIN")
+    end = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "COMMIT")
+    while end + 1 < len(sent) and sent[end + 1].kind in "SH":
+        end += 1
+    return sent[begin : end + 1]
+
+
+def listing(job: list[Sent]) -> str:
+    return "\n".join(f"{m.kind} {' '.join(m.sql.split())[:100]}" for m in job)
+
+
+def statements(job: list[Sent]) -> int:
+    return sum(m.kind in "EQ" for m in job)
+
+
+def round_trips(sent: list[Sent]) -> int:
+    """Waits: every Sync, Flush or Query, but a Flush right after a Sync (psycopg ends a pipeline
+    by sending both, then waits once)."""
+    return sum(
+        m.kind in "SHQ" and not (m.kind == "H" and n and sent[n - 1].kind == "S") for n, m in enumerate(sent)
+    )
+
+
+async def test_a_known_customers_placement_makes_four_round_trips(
+    store: PostgresStore, wire: PgWireRecorder
+) -> None:
+    (first,) = await accept(store, _message("m1", ADA, text="Where is my order? It is late."))
+    wire.forget()
+
+    (second,) = await accept(store, _message("m2", ADA, text="And where is my refund, please?"))
+
+    (job,) = jobs(wire)
+    assert (second.customer_id, second.thread_id, second.sequence) == (first.customer_id, first.thread_id, 2)
+    # Before: 14 statements, 9 round trips (claim, lock + identities, customer lock + identities
+    # again, customer, recent texts, open threads, sequence, identities, sync).
+    assert (statements(job), round_trips(job)) == (9, 4), listing(job)
+    sent = [m.sql for m in job]
+    assert not any("pg_advisory_xact_lock" in sql or "FOR UPDATE" in sql for sql in sent), listing(job)
+    # The group around it: locks and the backlog read go with the job's first read; BEGIN waits
+    # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips).
+    group = group_transaction(wire)
+    assert (statements(group), round_trips(group)) == (17, 5), listing(group)
+
+
+async def test_a_first_message_makes_three_round_trips(store: PostgresStore, wire: PgWireRecorder) -> None:
+    (placed,) = await accept(store, _message("f1", ADA, text="Where is my order? It is late."))
+
+    (job,) = jobs(wire)
+    assert (placed.is_new_thread, placed.sequence) == (True, 1)
+    # Claim + identities, the thread's number, the sync: the new thread's first sequence is known
+    # without reading it back. Before: 10 statements, 5 round trips; the group 18 and 8.
+    assert (statements(job), round_trips(job)) == (8, 3), listing(job)
+    group = group_transaction(wire)
+    assert (statements(group), round_trips(group)) == (16, 4), listing(group)
+
+    # Later messages of the thread, in the same envelope (one job, one Tx) and after it.
+    batch = await accept(store, *(_message(f"f{n}", ADA, text=f"Message number {n}.") for n in (2, 3)))
+    (later,) = await accept(store, _message("f4", ADA, text="And one more."))
+    assert [p.sequence for p in [*batch, later]] == [2, 3, 4]
+    assert {p.thread_id for p in [*batch, later]} == {placed.thread_id}
+
+
+async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
+    store: PostgresStore, wire: PgWireRecorder
+) -> None:
+    # One group: the first job creates the customer, so the group's lock of owners (taken before
+    # any job) found none; the second job must lock it itself and read its identities again.
+    first, second = await asyncio.gather(
+        accept(store, _message("n1", ADA, text="First message of a new customer.")),
+        accept(store, _message("n2", ADA, text="Second message, same group.")),
+    )
+
+    assert first[0].customer_id == second[0].customer_id
+    assert (first[0].thread_id, second[0].thread_id) == (first[0].thread_id, first[0].thread_id)
+    assert [first[0].sequence, second[0].sequence] == [1, 2]
+    _, known = jobs(wire)
+    assert any("FOR UPDATE" in m.sql for m in known), listing(known)
+    identity_reads = [m for m in known if m.sql.startswith("SELECT kind, value, customer_id, verified")]
+    assert len(identity_reads) == 2, listing(known)
+
+
+async def test_a_customer_row_a_job_of_the_group_wrote_is_read_again_by_the_next(
+    store: PostgresStore,
+) -> None:
+    # The customer has no name when the group locks it; the first job names it, the second must
+    # see that name (not the row as the group locked it), as it would one transaction later.
+    nameless = dataclasses.replace(_message("k1", ADA, text="No name given here."), display_name=None)
+    await accept(store, nameless)
+    named = [
+        dataclasses.replace(_message(f"k{n}", ADA, text=f"Message number {n}."), display_name=name)
+        for n, name in ((2, "Ada"), (3, "Grace"), (4, None))
+    ]
+
+    await asyncio.gather(*(accept(store, m) for m in named))
+
+    bodies = [orjson.loads(row.body) for row in await store.outbox_fetch(10)]
+    assert [b["customer"]["display_name"] for b in bodies] == [None, "Ada", "Ada", "Ada"]
+
+
+# -- the same placements on both stores ------------------------------------------------------------
+
+_TEXTS = [
+    "Where is my order 1234? It was due on Monday.",
+    "My parcel arrived damaged and the box was open.",
+    "Can I change the delivery address for my order?",
+    "hello?",
+    "Please cancel my subscription at the end of the month.",
+]
+_CHANNELS = ["form", "email", "chat"]
+
+
+def _scenario(seed: int) -> list[list[CanonicalMessage]]:
+    """Batches of messages from a few people with overlapping identities (some verified, so
+    customers merge; some claimed, so links are recorded), repeated texts across channels
+    (duplicate touchpoints), retries of the same message, and display names given late."""
+    rng = random.Random(seed)
+    people = [
+        [
+            Identity(kind="email", value=f"p{n}@example.com", verified=rng.random() < 0.7),
+            Identity(kind="phone", value=f"+4179000000{n}", verified=rng.random() < 0.5),
+            Identity(kind="telegram", value=f"{1000 + n}", verified=True),
+        ]
+        for n in range(5)
+    ]
+    batches: list[list[CanonicalMessage]] = []
+    sent: list[CanonicalMessage] = []
+    for b in range(12):
+        batch: list[CanonicalMessage] = []
+        for n in range(rng.randint(1, 8)):
+            if sent and rng.random() < 0.1:
+                batch.append(rng.choice(sent))  # a provider retry
+                continue
+            person = rng.choice(people)
+            # Mostly one identity, sometimes two (of one person or, rarely, of two: a merge or a link).
+            chosen = rng.sample(person, rng.choice([1, 1, 1, 2]))
+            if rng.random() < 0.08:
+                chosen.append(rng.choice(rng.choice(people)))
+            ids = tuple({i.key(): i for i in chosen}.values())
+            message = CanonicalMessage(
+                channel=rng.choice(_CHANNELS),
+                tenant="acme",
+                inbox=rng.choice(["support", "support", "sales"]),
+                external_id=f"b{b}m{n}",
+                received_at=T0,
+                identities=ids,
+                display_name=rng.choice([None, "Ada", "Grace"]),
+                subject="About my order",
+                text=rng.choice(_TEXTS),
+            )
+            batch.append(message)
+            sent.append(message)
+        batches.append(batch)
+    return batches
+
+
+async def _run(store: Store, clock: Clock, batches: list[list[CanonicalMessage]]) -> list[Any]:
+    """Each batch as concurrent accepts (one group of placements on PostgreSQL); what came out,
+    with generated ids replaced by their order of first appearance."""
+    outcome: list[Any] = []
+    for batch in batches:
+        results = await asyncio.gather(*(accept(store, m) for m in batch))
+        outcome += [p for (p,) in results]
+        clock.advance(400)
+    names: dict[str, str] = {}
+
+    def name(value: Any) -> Any:
+        if isinstance(value, str) and value[:4] in ("cus_", "thr_", "mrg_", "lnk_", "evt_"):
+            return names.setdefault(value, f"{value[:3]}{len(names)}")
+        if isinstance(value, dict):
+            return {k: name(v) for k, v in value.items() if k not in ("event_id", "occurred_at")}
+        if isinstance(value, list):
+            return [name(v) for v in value]
+        return value
+
+    placed = [name(dataclasses.asdict(p)) for p in outcome]
+    events = [name(orjson.loads(row.body)) for row in await store.outbox_fetch(1000)]
+    return [placed, events]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_grouped_placements_on_postgresql_come_out_as_on_sqlite(
+    seed: int, dsn: str, tmp_path: Path
+) -> None:
+    batches = _scenario(seed)
+    outcomes = []
+    for backend in ("sqlite", "postgresql"):
+        clock = Clock()
+        settings = store_settings(tmp_path / backend, backend=backend, dsn=dsn)
+        store: Store = (
+            SQLiteStore(settings, outbox_settings(), clock=clock)
+            if backend == "sqlite"
+            else PostgresStore(settings, outbox_settings(), clock=clock)
+        )
+        await store.open()
+        try:
+            outcomes.append(await _run(store, clock, batches))
+        finally:
+            await store.close()
+    sqlite, postgresql = outcomes
+    assert len(sqlite[0]) == sum(len(b) for b in batches)
+    assert postgresql[0] == sqlite[0]
+    assert postgresql[1] == sqlite[1]
