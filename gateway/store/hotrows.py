@@ -48,6 +48,10 @@ _IdentityKey = tuple[str, str, str]
 _OPEN_THREADS_KEPT = 16
 # Likewise for more recent texts than this (each channel keeps RECENT_TEXTS_KEPT).
 _TEXTS_KEPT = 4 * RECENT_TEXTS_KEPT
+# Characters of recent texts kept across all customers: a text is up to 2,000 characters, so the
+# counts above alone would allow gigabytes. Past it, the least recently used customers' texts are
+# forgotten (read again from the table when needed); ~8-32 MB, by the texts' widest character.
+TEXT_CHARS_KEPT = 8_000_000
 # A recent text as stored: (at, message id, thread id, channel, normalised text).
 _Text = tuple[int, str, str, str, str]
 
@@ -71,13 +75,16 @@ class _Customer:
     thread_ids: list[tuple[int, str]] | None = None
     # Every recent text of the customer once read (at most _TEXTS_KEPT), oldest first.
     texts: list[_Text] | None = None
+    text_chars: int = 0  # the characters of ``texts``
 
 
 class HotRows:
     """What the writer knows of the customers it placed messages on lately. Writer thread only."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, text_chars: int = TEXT_CHARS_KEPT) -> None:
         self._limit = limit
+        self._text_limit = text_chars
+        self.text_chars = 0  # of every customer's texts kept
         self._customers: dict[str, _Customer] = {}
         # Identity -> customer, for every identity of a customer whose identities were read.
         self._owners: dict[_IdentityKey, str] = {}
@@ -102,12 +109,29 @@ class HotRows:
             self._customers.clear()
             self._owners.clear()
             self._thread_owners.clear()
+            self.text_chars = 0
             self.forgotten += 1
 
     def forget_texts(self) -> None:
         """Forget the recent texts kept (rows were deleted); the rest stays, texts are read again."""
         for entry in self._customers.values():
-            entry.texts = None
+            entry.texts, entry.text_chars = None, 0
+        self.text_chars = 0
+
+    def set_texts(self, entry: _Customer, texts: list[_Text] | None, chars: int) -> None:
+        """Keep ``texts`` (``chars`` characters) for ``entry``; past the budget, forget the texts of
+        the customers used least recently."""
+        if texts is None:
+            chars = 0
+        self.text_chars += chars - entry.text_chars
+        entry.texts, entry.text_chars = texts, chars
+        if self.text_chars > self._text_limit:
+            for other in self._customers.values():
+                if other.texts is not None:
+                    self.text_chars -= other.text_chars
+                    other.texts, other.text_chars = None, 0
+                    if self.text_chars <= self._text_limit:
+                        break
 
     def get(self, customer_id: str) -> _Customer | None:
         entry = self._customers.pop(customer_id, None)
@@ -156,6 +180,7 @@ class HotRows:
         entry = self._customers.pop(customer_id, None)
         if entry is None:
             return
+        self.text_chars -= entry.text_chars
         for key in entry.identities or ():
             del self._owners[key]
         for thread_id in entry.threads or ():
@@ -371,13 +396,15 @@ class HotTx(SqlTx):
         if index < len(texts) and texts[index][:2] == (at, text.message_id):
             return  # the same (at, message id) is there already: the insert did nothing
         texts.insert(index, (at, text.message_id, text.thread_id, channel, text.text))
+        chars = entry.text_chars + len(text.text)
         of_channel = [t for t in texts if t[3] == channel]
         if len(of_channel) > RECENT_TEXTS_KEPT:
             # Only now can the cap delete anything: the statement runs when it has work.
             self._x(RECENT_TEXT_CAP, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
             cutoff = of_channel[-RECENT_TEXTS_KEPT][0]
+            chars -= sum(len(t[4]) for t in of_channel if t[0] < cutoff)
             texts = [t for t in texts if t[3] != channel or t[0] >= cutoff]
-        entry.texts = texts if len(texts) <= _TEXTS_KEPT else None
+        self._hot.set_texts(entry, texts if len(texts) <= _TEXTS_KEPT else None, chars)
 
     def _texts(self, customer_id: str) -> list[_Text] | None:
         """The customer's recent texts, read once; ``None`` when not kept in memory."""
@@ -391,7 +418,7 @@ class HotTx(SqlTx):
             ).fetchall()
             if len(rows) > _TEXTS_KEPT:
                 return None
-            entry.texts = sorted(rows)
+            self._hot.set_texts(entry, sorted(rows), sum(len(row[4]) for row in rows))
         return entry.texts
 
     def set_thread_status(self, thread_id: str, open: bool, at: datetime) -> bool:

@@ -292,3 +292,60 @@ async def test_without_a_sweep_the_same_text_on_another_channel_is_a_duplicate(s
     (again,) = await accept(store, message("m2", channel="email", text=text))
 
     assert again.duplicate_of == first.message_id
+
+
+def _chars_kept(hot: HotRows) -> int:
+    return sum(len(t[4]) for entry in hot._customers.values() for t in entry.texts or ())
+
+
+async def test_the_texts_kept_are_bounded_in_characters_least_recently_used_first(store: SQLiteStore) -> None:
+    """A text is up to 2,000 characters: past the budget, the texts of the customers used least
+    recently go (read from the table again when needed); their duplicates are still found."""
+    store._hot = HotRows(100, text_chars=200)
+    text = "The parcel for order {} never arrived and the tracking page has not moved since Monday."
+    placed = [
+        (await accept(store, message(f"m{n}", email=f"c{n}@example.com", text=text.format(n))))[0]
+        for n in range(4)
+    ]
+    kept = {c: e.texts is not None for c, e in store._hot._customers.items()}
+
+    assert store._hot.text_chars == _chars_kept(store._hot) <= 200
+    assert [kept[p.customer_id] for p in placed] == [False, False, True, True]
+    # The first customer's text is no longer in memory, and still makes a repeat a duplicate.
+    repeat = message("m9", email="c0@example.com", channel="email", text=text.format(0))
+    (again,) = await accept(store, repeat)
+    assert again.duplicate_of == placed[0].message_id
+    assert store._hot.text_chars == _chars_kept(store._hot) <= 200
+
+
+async def test_the_characters_counted_match_the_texts_kept_through_caps_and_drops(store: SQLiteStore) -> None:
+    store._hot = HotRows(2, text_chars=1_000_000)
+    (placed,) = await accept(store, message("m1"))
+    start = datetime.now(UTC) + timedelta(days=1)
+    counted: list[tuple[int, int]] = []
+
+    def add(tx: SqlTx, now: datetime) -> tuple[None, list[Event]]:
+        assert tx.find_customer(placed.customer_id) is not None
+        for i in range(RECENT_TEXTS_KEPT + 30):  # the cap deletes the oldest of the channel
+            tx.add_recent_text(
+                RecentText(
+                    customer_id=placed.customer_id, message_id=f"t{i:04}", thread_id=placed.thread_id,
+                    channel="email", text="x" * (i % 7 + 1), at=start + timedelta(seconds=i),
+                )
+            )
+            counted.append((store._hot.text_chars, _chars_kept(store._hot)))
+        return None, []
+
+    await store.transact(add)
+    # Three customers with texts through a bound of 2: the first is dropped with its texts.
+    text = "My parcel {} never arrived and the tracking page has not moved since Monday."
+    first, *_ = [
+        (await accept(store, message(f"n{n}", email=f"d{n}@example.com", text=text.format(n))))[0]
+        for n in range(3)
+    ]
+
+    assert all(a == b for a, b in counted)
+    assert counted[-1][0] > 0
+    assert first.customer_id not in store._hot._customers
+    normalised = text.format(0).lower().replace(".", "")
+    assert store._hot.text_chars == _chars_kept(store._hot) == 2 * len(normalised)
