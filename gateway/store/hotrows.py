@@ -48,10 +48,17 @@ _IdentityKey = tuple[str, str, str]
 _OPEN_THREADS_KEPT = 16
 # Likewise for more recent texts than this (each channel keeps RECENT_TEXTS_KEPT).
 _TEXTS_KEPT = 4 * RECENT_TEXTS_KEPT
-# Characters of recent texts kept across all customers: a text is up to 2,000 characters, so the
-# counts above alone would allow gigabytes. Past it, the least recently used customers' texts are
-# forgotten (read again from the table when needed); ~8-32 MB, by the texts' widest character.
-TEXT_CHARS_KEPT = 8_000_000
+# What the recent texts kept across all customers may weigh, as characters plus TEXT_OVERHEAD per
+# text (its tuple and ids, ~100 bytes): the counts above alone would allow gigabytes (a text is up
+# to 2,000 characters). Past it, the least recently used customers' texts are forgotten and read
+# again from the table when needed: ~24-60 MB at most, by the texts' widest character.
+TEXT_CHARS_KEPT = 24_000_000
+TEXT_OVERHEAD = 100
+
+
+def text_weight(text: str) -> int:
+    """What one kept recent text counts against :data:`TEXT_CHARS_KEPT`."""
+    return len(text) + TEXT_OVERHEAD
 # A recent text as stored: (at, message id, thread id, channel, normalised text).
 _Text = tuple[int, str, str, str, str]
 
@@ -75,7 +82,7 @@ class _Customer:
     thread_ids: list[tuple[int, str]] | None = None
     # Every recent text of the customer once read (at most _TEXTS_KEPT), oldest first.
     texts: list[_Text] | None = None
-    text_chars: int = 0  # the characters of ``texts``
+    text_chars: int = 0  # what ``texts`` weigh (text_weight of each)
 
 
 class HotRows:
@@ -84,7 +91,7 @@ class HotRows:
     def __init__(self, limit: int, text_chars: int = TEXT_CHARS_KEPT) -> None:
         self._limit = limit
         self._text_limit = text_chars
-        self.text_chars = 0  # of every customer's texts kept
+        self.text_chars = 0  # the weight of every customer's texts kept
         self._customers: dict[str, _Customer] = {}
         # Identity -> customer, for every identity of a customer whose identities were read.
         self._owners: dict[_IdentityKey, str] = {}
@@ -119,7 +126,7 @@ class HotRows:
         self.text_chars = 0
 
     def set_texts(self, entry: _Customer, texts: list[_Text] | None, chars: int) -> None:
-        """Keep ``texts`` (``chars`` characters) for ``entry``; past the budget, forget the texts of
+        """Keep ``texts`` (weighing ``chars``) for ``entry``; past the budget, forget the texts of
         the customers used least recently."""
         if texts is None:
             chars = 0
@@ -396,13 +403,13 @@ class HotTx(SqlTx):
         if index < len(texts) and texts[index][:2] == (at, text.message_id):
             return  # the same (at, message id) is there already: the insert did nothing
         texts.insert(index, (at, text.message_id, text.thread_id, channel, text.text))
-        chars = entry.text_chars + len(text.text)
+        chars = entry.text_chars + text_weight(text.text)
         of_channel = [t for t in texts if t[3] == channel]
         if len(of_channel) > RECENT_TEXTS_KEPT:
             # Only now can the cap delete anything: the statement runs when it has work.
             self._x(RECENT_TEXT_CAP, (customer, channel, customer, channel, RECENT_TEXTS_KEPT - 1))
             cutoff = of_channel[-RECENT_TEXTS_KEPT][0]
-            chars -= sum(len(t[4]) for t in of_channel if t[0] < cutoff)
+            chars -= sum(text_weight(t[4]) for t in of_channel if t[0] < cutoff)
             texts = [t for t in texts if t[3] != channel or t[0] >= cutoff]
         self._hot.set_texts(entry, texts if len(texts) <= _TEXTS_KEPT else None, chars)
 
@@ -418,7 +425,7 @@ class HotTx(SqlTx):
             ).fetchall()
             if len(rows) > _TEXTS_KEPT:
                 return None
-            self._hot.set_texts(entry, sorted(rows), sum(len(row[4]) for row in rows))
+            self._hot.set_texts(entry, sorted(rows), sum(text_weight(row[4]) for row in rows))
         return entry.texts
 
     def set_thread_status(self, thread_id: str, open: bool, at: datetime) -> bool:
