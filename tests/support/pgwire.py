@@ -9,12 +9,13 @@ or ``Query``. Connect through it with ``sslmode=disable`` (encrypted bytes canno
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.support.tcpproxy import TcpProxy
 
 # What the client waits on (see the module docstring).
 WAITS = frozenset("SHQ")
@@ -77,21 +78,19 @@ class Session:
 
 
 class PgWireRecorder:
-    """Forwards ``127.0.0.1:<port>`` to a PostgreSQL server and keeps a :class:`Session` per connection."""
+    """Forwards ``127.0.0.1:<port>`` to a PostgreSQL server (a :class:`TcpProxy`) and keeps a
+    :class:`Session` per connection."""
 
     def __init__(self, upstream_dsn: str) -> None:
         parts = conninfo_to_dict(upstream_dsn)
         self._upstream_dsn = upstream_dsn
-        self._upstream = (str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432))
-        self.port = 0
         self.sessions: list[Session] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._handlers: set[asyncio.Task[object]] = set()
+        self._proxy = TcpProxy(
+            str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432), tap=self._new_session
+        )
 
     async def start(self) -> PgWireRecorder:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._proxy.start()
         return self
 
     def forget(self) -> None:
@@ -102,51 +101,20 @@ class PgWireRecorder:
     def dsn(self) -> str:
         """The upstream DSN, through this proxy, unencrypted."""
         return make_conninfo(
-            self._upstream_dsn, host="127.0.0.1", port=str(self.port), sslmode="disable", gssencmode="disable"
+            self._upstream_dsn,
+            host="127.0.0.1",
+            port=str(self._proxy.port),
+            sslmode="disable",
+            gssencmode="disable",
         )
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        await self._proxy.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
-        up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+    def _new_session(self) -> Callable[[bytes], None]:
         session = Session()
         self.sessions.append(session)
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, session)),
-            asyncio.create_task(self._pump(up_reader, writer, None)),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            self._tasks.difference_update(pumps)
-            for w in (writer, up_writer):
-                w.transport.abort()
-
-    @staticmethod
-    async def _pump(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session | None
-    ) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                if session is not None:
-                    session.feed(data)
-                writer.write(data)
-                await writer.drain()
+        return session.feed
 
 
 def between(sent: list[Sent], start: str, end: str) -> list[list[Sent]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 
 class TcpProxy:
@@ -12,10 +13,18 @@ class TcpProxy:
     ``cut()`` aborts every open connection and refuses new ones (accepted, then closed at once, as a
     dead broker's port would look to a reconnecting client); ``restore()`` forwards again.
     ``stall()`` keeps connections open but stops forwarding, as a hung or blocked broker does.
+    ``tap``, called once per connection, returns what is shown every chunk the client sends.
     """
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        *,
+        tap: Callable[[], Callable[[bytes], None]] | None = None,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self._tap = tap
         self.port = 0
         self.connections_total = 0
         self._server: asyncio.Server | None = None
@@ -73,8 +82,8 @@ class TcpProxy:
         self.connections_total += 1
         self._writers.update((writer, up_writer))
         pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self._pump(reader, up_writer, self._tap() if self._tap else None)),
+            asyncio.create_task(self._pump(up_reader, writer, None)),
         ]
         self._tasks.update(pumps)
         try:
@@ -88,11 +97,15 @@ class TcpProxy:
                 self._writers.discard(w)
                 w.transport.abort()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tap: Callable[[bytes], None] | None
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
                 await self._flowing.wait()
                 if writer.transport.is_closing():
                     return
+                if tap is not None:
+                    tap(data)
                 writer.write(data)
                 await writer.drain()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +30,10 @@ from gateway.store.base import Store
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
 from tests.support.pgwire import PgWireRecorder, Sent, between
-from tests.support.postgres import admin_dsn, fresh_database, require_postgres
 
 pytestmark = pytest.mark.integration
 
 JOB = ("SAVEPOINT tg_job", "RELEASE SAVEPOINT tg_job")
-
-
-@pytest.fixture
-def dsn() -> Iterator[str]:
-    admin = admin_dsn()
-    require_postgres(admin)
-    with fresh_database(admin) as database:
-        yield database
 
 
 @pytest.fixture

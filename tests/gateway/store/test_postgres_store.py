@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,19 +25,10 @@ from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.publisher import MemoryPublisher
 from gateway.relay import OutboxRelay
 from gateway.store.postgres import MIGRATIONS, PostgresStore
-from tests.support.postgres import admin_dsn, fresh_database, require_postgres
 
 pytestmark = pytest.mark.integration
 
 MakeStore = Callable[..., PostgresStore]
-
-
-@pytest.fixture
-def dsn() -> Iterator[str]:
-    admin = admin_dsn()
-    require_postgres(admin)
-    with fresh_database(admin) as database:
-        yield database
 
 
 @pytest.fixture
