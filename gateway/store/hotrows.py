@@ -92,6 +92,9 @@ class HotRows:
         self._limit = limit
         self._text_limit = text_chars
         self.text_chars = 0  # the weight of every customer's texts kept
+        # The customers whose texts are kept, least recently set first: the budget's eviction order,
+        # so that trimming never walks the customers whose texts are gone already.
+        self._with_texts: dict[str, _Customer] = {}
         self._customers: dict[str, _Customer] = {}
         # Identity -> customer, for every identity of a customer whose identities were read.
         self._owners: dict[_IdentityKey, str] = {}
@@ -116,13 +119,15 @@ class HotRows:
             self._customers.clear()
             self._owners.clear()
             self._thread_owners.clear()
+            self._with_texts.clear()
             self.text_chars = 0
             self.forgotten += 1
 
     def forget_texts(self) -> None:
         """Forget the recent texts kept (rows were deleted); the rest stays, texts are read again."""
-        for entry in self._customers.values():
+        for entry in self._with_texts.values():
             entry.texts, entry.text_chars = None, 0
+        self._with_texts.clear()
         self.text_chars = 0
 
     def set_texts(self, entry: _Customer, texts: list[_Text] | None, chars: int) -> None:
@@ -132,13 +137,14 @@ class HotRows:
             chars = 0
         self.text_chars += chars - entry.text_chars
         entry.texts, entry.text_chars = texts, chars
-        if self.text_chars > self._text_limit:
-            for other in self._customers.values():
-                if other.texts is not None:
-                    self.text_chars -= other.text_chars
-                    other.texts, other.text_chars = None, 0
-                    if self.text_chars <= self._text_limit:
-                        break
+        customer_id = entry.record.id
+        self._with_texts.pop(customer_id, None)
+        if texts is not None:
+            self._with_texts[customer_id] = entry
+        while self.text_chars > self._text_limit:
+            oldest = self._with_texts.pop(next(iter(self._with_texts)))
+            self.text_chars -= oldest.text_chars
+            oldest.texts, oldest.text_chars = None, 0
 
     def get(self, customer_id: str) -> _Customer | None:
         entry = self._customers.pop(customer_id, None)
@@ -188,6 +194,7 @@ class HotRows:
         if entry is None:
             return
         self.text_chars -= entry.text_chars
+        self._with_texts.pop(customer_id, None)
         for key in entry.identities or ():
             del self._owners[key]
         for thread_id in entry.threads or ():
