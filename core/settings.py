@@ -66,6 +66,16 @@ def _secret(value: Any) -> Any:
     return value
 
 
+def revealed(secret: SecretStr | None) -> str:
+    """A secret's value; ``""`` when it is not set."""
+    return secret.get_secret_value() if secret is not None else ""
+
+
+def revealed_all(*secrets: SecretStr | None) -> tuple[str, ...]:
+    """The values of the secrets that are set, in order (a current secret and its predecessor)."""
+    return tuple(value for value in map(revealed, secrets) if value)
+
+
 Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
 Secret = Annotated[SecretStr, BeforeValidator(_secret)]
 
@@ -415,6 +425,14 @@ class Settings(_Section):
             return model.model_validate({k: v for k, v in raw.items() if k != "enabled"})
         except ValidationError as exc:
             raise _config_error(exc, self.source, prefix=("channels", name)) from None
+
+    def required(self, secret: SecretStr | None, *, key: str, why: str) -> str:
+        """Fail closed: the value of a secret a channel cannot work without; ``why`` says what
+        cannot be done without it, and ``key`` names the setting for the error."""
+        value = revealed(secret)
+        if not value:
+            raise ConfigError(f"is required ({why} without it)", file=self.source, key=key)
+        return value
 
     def inbox(self, inbox_id: str, *, key: str) -> InboxSettings:
         """The inbox a channel refers to; ``key`` names the referring setting for the error."""

@@ -35,7 +35,7 @@ from connectors.media import MediaPolicy, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint
 from core.errors import ConfigError, InvalidInput, TooLarge
 from core.http import envelope_headers, read_body
-from core.settings import Settings
+from core.settings import Settings, revealed, revealed_all
 from normalizers.dingtalk import CHANNEL, parse
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class DingTalkConnector:
 
 def _bot(settings: Settings, inbox: str, config: DingTalkInboxSettings) -> Bot:
     where = f"channels.{CHANNEL}.inboxes.{inbox}"
-    secret = _secret(config.app_secret)
+    secret = revealed(config.app_secret)
     if not secret or not config.app_key:
         raise ConfigError(
             "app_key and app_secret are required (callbacks cannot be verified, nor the Stream "
@@ -124,12 +124,8 @@ def _bot(settings: Settings, inbox: str, config: DingTalkInboxSettings) -> Bot:
         fetch_media=config.fetch_media,
         directory_emails=config.directory_emails,
         app_secret=secret,
-        secrets=tuple(s for s in (secret, _secret(config.previous_app_secret)) if s),
+        secrets=(secret, *revealed_all(config.previous_app_secret)),
     )
-
-
-def _secret(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class CallbackEndpoint:

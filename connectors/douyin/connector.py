@@ -30,7 +30,7 @@ from core.channel import ChannelContext, ChannelEndpoint, Refusal, SenderSpec
 from core.errors import ConfigError, InvalidInput
 from core.http import envelope_headers, read_body
 from core.model import RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed
 from normalizers.douyin import CHANNEL, VERIFY_EVENT, content_of, normalize, parse_body
 
 logger = logging.getLogger(__name__)
@@ -55,15 +55,13 @@ class DouyinConnector:
         apps: dict[str, App] = {}
         for name, config in table.apps.items():
             where = f"channels.{CHANNEL}.apps.{name}"
-            secret = _secret(config.client_secret)
-            if not secret:
-                raise ConfigError("is required (webhooks cannot be verified without it)",
-                                  file=settings.source, key=f"{where}.client_secret")
-            token = _secret(config.access_token)
+            secret = settings.required(config.client_secret, key=f"{where}.client_secret",
+                                       why="webhooks cannot be verified")
+            token = revealed(config.access_token)
             if token and not config.account_open_id:
                 raise ConfigError("is required with access_token (the sending account's open_id)",
                                   file=settings.source, key=f"{where}.account_open_id")
-            previous = _secret(config.previous_client_secret)
+            previous = revealed(config.previous_client_secret)
             apps[name] = App(
                 name=name,
                 inbox=config.inbox,
@@ -97,10 +95,6 @@ class DouyinConnector:
         sub.router.add_post("/{name}", webhook.handle)
         sub.on_cleanup.append(webhook.drain)
         ctx.add_app(PREFIX, sub)
-
-
-def _secret(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class Webhook:

@@ -45,7 +45,7 @@ from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
 from core.http import envelope_headers, read_body
 from core.model import CanonicalMessage, Identity, IdentityKind, IngestResult, Outcome, RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed, revealed_all
 from normalizers.feishu import CHANNEL, MESSAGE_EVENT, Callback, normalize, parse
 
 logger = logging.getLogger(__name__)
@@ -112,15 +112,15 @@ class FeishuConnector:
 
 def _app(settings: Settings, inbox: str, config: FeishuInboxSettings) -> App:
     where = f"channels.{CHANNEL}.inboxes.{inbox}"
-    token = _secret(config.verification_token)
-    key = _secret(config.encrypt_key)
+    token = revealed(config.verification_token)
+    key = revealed(config.encrypt_key)
     if config.mode == "http" and not token:
         raise ConfigError("is required (callbacks cannot be verified without it)", file=settings.source,
                           key=f"{where}.verification_token")
     if config.mode == "http" and not key:
         raise ConfigError("is required: set an Encrypt Key in the console, so that Feishu signs and encrypts "
                           "every callback", file=settings.source, key=f"{where}.encrypt_key")
-    secret = _secret(config.app_secret)
+    secret = revealed(config.app_secret)
     if config.mode == "ws" and not (secret and config.app_id):
         raise ConfigError("app_id and app_secret are required for the long connection", file=settings.source,
                           key=f"{where}.app_secret")
@@ -140,13 +140,9 @@ def _app(settings: Settings, inbox: str, config: FeishuInboxSettings) -> App:
         directory_emails=config.directory_emails,
         reply_in_thread=config.reply_in_thread,
         app_secret=secret,
-        tokens=tuple(t for t in (token, _secret(config.previous_verification_token)) if t),
-        keys=tuple(k for k in (key, _secret(config.previous_encrypt_key)) if k),
+        tokens=revealed_all(config.verification_token, config.previous_verification_token),
+        keys=revealed_all(config.encrypt_key, config.previous_encrypt_key),
     )
-
-
-def _secret(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class Refused(Exception):

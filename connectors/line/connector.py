@@ -34,7 +34,7 @@ from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, read_body
 from core.model import IngestResult, Outcome, RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed
 from normalizers.line import CHANNEL, Delivery, is_redelivery, is_verify_request, normalize
 
 logger = logging.getLogger(__name__)
@@ -80,15 +80,13 @@ class LineConnector:
         accounts: dict[str, Account] = {}
         for inbox, config in table.inboxes.items():
             where = f"channels.{CHANNEL}.inboxes.{inbox}"
-            secret = _secret(config.channel_secret)
-            if not secret:
-                raise ConfigError("is required (webhooks cannot be verified without it)",
-                                  file=settings.source, key=f"{where}.channel_secret")
-            token = _secret(config.channel_access_token)
+            secret = settings.required(config.channel_secret, key=f"{where}.channel_secret",
+                                       why="webhooks cannot be verified")
+            token = revealed(config.channel_access_token)
             if not token and config.fetch_media:
                 raise ConfigError("is required to fetch media (or set fetch_media = false)",
                                   file=settings.source, key=f"{where}.channel_access_token")
-            previous = _secret(config.previous_channel_secret)
+            previous = revealed(config.previous_channel_secret)
             accounts[inbox] = Account(
                 inbox=inbox,
                 tenant=settings.inbox(inbox, key=where).tenant,
@@ -131,10 +129,6 @@ class LineConnector:
         sub.router.add_post("/{inbox}", webhook.handle)
         sub.on_cleanup.append(webhook.drain)
         ctx.add_app(PREFIX, sub)
-
-
-def _secret(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class Webhook:

@@ -34,7 +34,7 @@ from connectors.meta.settings import MetaSettings
 from core.channel import ChannelContext, ChannelMetrics
 from core.errors import ConfigError, TooLarge
 from core.http import header_bytes, read_body
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 
 logger = logging.getLogger(__name__)
 
@@ -94,24 +94,13 @@ def load_apps(settings: Settings) -> dict[str, MetaApp]:
     apps: dict[str, MetaApp] = {}
     for name, app in table.apps.items():
         where = f"channels.{TABLE}.apps.{name}"
-        secret = _secret(app.app_secret)
-        token = _secret(app.verify_token)
-        if not secret:
-            raise ConfigError(
-                "is required (webhooks cannot be verified without it)",
-                file=settings.source,
-                key=f"{where}.app_secret",
-            )
-        if not token:
-            raise ConfigError(
-                "is required (Meta's subscription handshake cannot be answered without it)",
-                file=settings.source,
-                key=f"{where}.verify_token",
-            )
-        previous = _secret(app.previous_app_secret)
+        secret = settings.required(app.app_secret, key=f"{where}.app_secret",
+                                   why="webhooks cannot be verified")
+        token = settings.required(app.verify_token, key=f"{where}.verify_token",
+                                  why="Meta's subscription handshake cannot be answered")
         apps[name] = MetaApp(
             name=name,
-            secrets=tuple(s.encode() for s in (secret, previous) if s),
+            secrets=tuple(s.encode() for s in (secret, *revealed_all(app.previous_app_secret))),
             verify_digest=hashlib.sha256(token.encode()).digest(),
         )
     return apps
@@ -127,10 +116,6 @@ def own_app_ids(settings: Settings) -> frozenset[str]:
     """The ids of our Meta apps (``app_id``): their echoes are our own replies."""
     table = settings.channel(TABLE, MetaSettings)
     return frozenset(a.app_id for a in table.apps.values() if a.app_id) if table is not None else frozenset()
-
-
-def _secret(value: object) -> str:
-    return str(getattr(value, "get_secret_value", lambda: "")() or "")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,7 +44,7 @@ from connectors.slack.workspace import Workspace
 from core.channel import ChannelContext, ChannelEndpoint, Clock
 from core.errors import ConfigError, InvalidInput, TooLarge
 from core.http import envelope_headers, read_body
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 from normalizers.slack import CHANNEL, parse
 
 logger = logging.getLogger(__name__)
@@ -123,18 +123,17 @@ class SlackConnector:
 
 def _workspace(settings: Settings, inbox: str, config: SlackInboxSettings) -> Workspace:
     where = f"channels.{CHANNEL}.inboxes.{inbox}"
-    bot_token = _required(settings, config.bot_token, f"{where}.bot_token",
-                          "users, files and replies cannot be fetched or sent")
+    bot_token = settings.required(config.bot_token, key=f"{where}.bot_token",
+                                  why="users, files and replies cannot be fetched or sent")
     secrets: tuple[str, ...] = ()
     app_token = None
     if config.mode == "events":
-        secret = _required(settings, config.signing_secret, f"{where}.signing_secret",
-                           "Slack's requests cannot be verified")
-        previous = config.previous_signing_secret
-        secrets = (secret, *([previous.get_secret_value()] if previous is not None else []))
+        secret = settings.required(config.signing_secret, key=f"{where}.signing_secret",
+                                   why="Slack's requests cannot be verified")
+        secrets = (secret, *revealed_all(config.previous_signing_secret))
     else:
-        app_token = _required(settings, config.app_token, f"{where}.app_token",
-                              "Socket Mode cannot connect")
+        app_token = settings.required(config.app_token, key=f"{where}.app_token",
+                                      why="Socket Mode cannot connect")
         if not app_token.startswith("xapp-"):
             raise ConfigError("must be an app-level token (xapp-...), not a bot or user token",
                               file=settings.source, key=f"{where}.app_token")
@@ -148,16 +147,8 @@ def _workspace(settings: Settings, inbox: str, config: SlackInboxSettings) -> Wo
         dm_replies_in_thread=config.dm_replies_in_thread,
         bot_token=bot_token,
         app_token=app_token,
-        signing_secrets=tuple(s for s in secrets if s),
+        signing_secrets=secrets,
     )
-
-
-def _required(settings: Settings, secret: object, key: str, why: str) -> str:
-    """Fail closed: an installation without its secrets refuses to start."""
-    value = getattr(secret, "get_secret_value", lambda: "")()
-    if not value:
-        raise ConfigError(f"is required ({why} without it)", file=settings.source, key=key)
-    return str(value)
 
 
 class EventsEndpoint:

@@ -31,10 +31,10 @@ from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext, ChannelEndpoint
-from core.errors import ConfigError, TooLarge
+from core.errors import TooLarge
 from core.http import envelope_headers, header_bytes, read_body
 from core.model import IngestResult, Outcome, RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
 
 logger = logging.getLogger(__name__)
@@ -81,23 +81,20 @@ class TelegramConnector:
         bots: dict[str, Bot] = {}
         for inbox, config in table.inboxes.items():
             where = f"channels.{CHANNEL}.inboxes.{inbox}"
-            token = _required(
-                settings, config.bot_token, f"{where}.bot_token", "the Bot API cannot be called"
-            )
+            token = settings.required(config.bot_token, key=f"{where}.bot_token",
+                                      why="the Bot API cannot be called")
             secrets: tuple[str, ...] = ()
             if config.mode == "webhook":
-                secret = _required(
-                    settings, config.secret_token, f"{where}.secret_token", "the webhook cannot be verified"
-                )
-                previous = config.previous_secret_token
-                secrets = (secret, *([previous.get_secret_value()] if previous is not None else []))
+                secret = settings.required(config.secret_token, key=f"{where}.secret_token",
+                                           why="the webhook cannot be verified")
+                secrets = (secret, *revealed_all(config.previous_secret_token))
             bots[inbox] = Bot(
                 inbox=inbox,
                 tenant=settings.inbox(inbox, key=where).tenant,
                 mode=config.mode,
                 fetch_media=config.fetch_media,
                 token=token,
-                secrets=tuple(hashlib.sha256(s.encode()).digest() for s in secrets if s),
+                secrets=tuple(hashlib.sha256(s.encode()).digest() for s in secrets),
             )
         return cls(table, bots)
 
@@ -136,14 +133,6 @@ class TelegramConnector:
             if bot.mode == "polling":
                 poller = Poller(ctx, bot, apis[inbox], intake, table)
                 ctx.spawn(f"poll-{inbox}", poller.run)
-
-
-def _required(settings: Settings, secret: object, key: str, why: str) -> str:
-    """Fail closed: a bot without its secrets refuses to start."""
-    value = getattr(secret, "get_secret_value", lambda: "")()
-    if not value:
-        raise ConfigError(f"is required ({why} without it)", file=settings.source, key=key)
-    return str(value)
 
 
 class Intake:

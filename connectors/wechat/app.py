@@ -52,14 +52,17 @@ from connectors.wechat.sender import (
 from connectors.wechat.settings import WeChatSettings, WeComSettings, _ChannelTable
 from connectors.wechat.unionid import UnionIdResolver
 from core.channel import ChannelEndpoint, ChannelState, Lifecycle, Refusal, SenderSpec
-from core.errors import ConfigError, InvalidInput, RetryableError, VerificationError
+from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import envelope_headers, read_body
 from core.model import IngestResult, RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 from normalizers.base import Normalizer
 from normalizers.wechat import normalize, parse_callback_xml
 
 logger = logging.getLogger(__name__)
+
+# Why a callback account or app cannot start without its token and AES key.
+CALLBACK = "the callback cannot be verified"
 
 
 class PlaintextRefused(VerificationError):
@@ -267,10 +270,10 @@ class WeChatConnector(_CallbackConnector):
         endpoints: dict[str, Endpoint] = {}
         for name, account in table.accounts.items():
             base = f"channels.wechat.accounts.{name}"
-            token = _required(settings, account.token, f"{base}.token")
-            aes_keys = _secrets(account.encoding_aes_key, account.previous_encoding_aes_key)
+            token = settings.required(account.token, key=f"{base}.token", why=CALLBACK)
+            aes_keys = revealed_all(account.encoding_aes_key, account.previous_encoding_aes_key)
             if account.mode != "plaintext":
-                _required(settings, account.encoding_aes_key, f"{base}.encoding_aes_key")
+                settings.required(account.encoding_aes_key, key=f"{base}.encoding_aes_key", why=CALLBACK)
             endpoints[name] = Endpoint(
                 name=name,
                 tenant=settings.inbox(account.inbox, key=f"{base}.inbox").tenant,
@@ -284,7 +287,7 @@ class WeChatConnector(_CallbackConnector):
                 security=CallbackSecurity(
                     flavor=cls.flavor,
                     receive_id=account.app_id,
-                    tokens=(token, *_secrets(account.previous_token)),
+                    tokens=(token, *revealed_all(account.previous_token)),
                     aes_keys=aes_keys,
                     replay_window=account.replay_window,
                     clock=clock,
@@ -311,8 +314,8 @@ class WeComConnector(_CallbackConnector):
         endpoints: dict[str, Endpoint] = {}
         for name, app in table.apps.items():
             base = f"channels.wecom.apps.{name}"
-            token = _required(settings, app.token, f"{base}.token")
-            _required(settings, app.encoding_aes_key, f"{base}.encoding_aes_key")
+            token = settings.required(app.token, key=f"{base}.token", why=CALLBACK)
+            settings.required(app.encoding_aes_key, key=f"{base}.encoding_aes_key", why=CALLBACK)
             endpoints[name] = Endpoint(
                 name=name,
                 tenant=settings.inbox(app.inbox, key=f"{base}.inbox").tenant,
@@ -322,8 +325,8 @@ class WeComConnector(_CallbackConnector):
                 security=CallbackSecurity(
                     flavor=cls.flavor,
                     receive_id=app.corp_id,
-                    tokens=(token, *_secrets(app.previous_token)),
-                    aes_keys=_secrets(app.encoding_aes_key, app.previous_encoding_aes_key),
+                    tokens=(token, *revealed_all(app.previous_token)),
+                    aes_keys=revealed_all(app.encoding_aes_key, app.previous_encoding_aes_key),
                     replay_window=app.replay_window,
                     clock=clock,
                 ),
@@ -353,21 +356,8 @@ def _table_options(table: _ChannelTable) -> dict[str, Any]:
 
 
 def _credentials(flavor: Flavor, api_base: str, app_id: str, secret: Any) -> Credentials | None:
-    values = _secrets(secret)
+    values = revealed_all(secret)
     return Credentials(flavor=flavor, api_base=api_base, app_id=app_id, secret=values[0]) if values else None
-
-
-def _required(settings: Settings, secret: Any, key: str) -> str:
-    """Fail closed: a configured account without its secret refuses to start."""
-    if secret is None or not secret.get_secret_value():
-        raise ConfigError(
-            "is required (the callback cannot be verified without it)", file=settings.source, key=key
-        )
-    return str(secret.get_secret_value())
-
-
-def _secrets(*secrets: Any) -> tuple[str, ...]:
-    return tuple(str(s.get_secret_value()) for s in secrets if s is not None and s.get_secret_value())
 
 
 # --- request handling -------------------------------------------------------------------------

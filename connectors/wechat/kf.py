@@ -29,14 +29,13 @@ from aiohttp import web
 from connectors.base import ChannelContext, ChannelMetrics, Ingest
 from connectors.wechat.api import ApiError, Credentials, WeChatApi
 from connectors.wechat.app import (
+    CALLBACK,
     RUNTIME,
     Endpoint,
     _endpoint,
     _open_encrypted,
     _refusal,
-    _required,
     _Runtime,
-    _secrets,
     _table_options,
     _wecom_handshake,
     callback_urls,
@@ -50,7 +49,7 @@ from core.channel import ChannelEndpoint, ChannelState, DeliveryStatus, ReplyFai
 from core.errors import InvalidInput, RetryableError, VerificationError
 from core.http import read_body
 from core.model import RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 from normalizers.wechat import parse_callback_xml
 from normalizers.wechat_kf import normalize_kf
 
@@ -293,9 +292,9 @@ class WeChatKfConnector:
         endpoints: dict[str, Endpoint] = {}
         for name, app in table.apps.items():
             base = f"channels.{CHANNEL}.apps.{name}"
-            token = _required(settings, app.token, f"{base}.token")
-            _required(settings, app.encoding_aes_key, f"{base}.encoding_aes_key")
-            secret = _required(settings, app.secret, f"{base}.secret")  # nothing can be pulled without it
+            token = settings.required(app.token, key=f"{base}.token", why=CALLBACK)
+            settings.required(app.encoding_aes_key, key=f"{base}.encoding_aes_key", why=CALLBACK)
+            secret = settings.required(app.secret, key=f"{base}.secret", why="messages cannot be pulled")
             tenant = settings.inbox(app.inbox, key=f"{base}.inbox").tenant
             credentials = Credentials(
                 flavor="wecom", api_base=app.api_base, app_id=app.corp_id, secret=secret
@@ -316,8 +315,8 @@ class WeChatKfConnector:
                 security=CallbackSecurity(
                     flavor="wecom",
                     receive_id=app.corp_id,
-                    tokens=(token, *_secrets(app.previous_token)),
-                    aes_keys=_secrets(app.encoding_aes_key, app.previous_encoding_aes_key),
+                    tokens=(token, *revealed_all(app.previous_token)),
+                    aes_keys=revealed_all(app.encoding_aes_key, app.previous_encoding_aes_key),
                     replay_window=app.replay_window,
                     clock=clock,
                 ),

@@ -24,6 +24,7 @@ from typing import Self
 from aiohttp import web
 
 from connectors.wechat.app import (
+    CALLBACK,
     Endpoint,
     Handler,
     PlaintextRefused,
@@ -34,8 +35,6 @@ from connectors.wechat.app import (
     _envelope,
     _oa_handshake,
     _refusal,
-    _required,
-    _secrets,
     _table_options,
 )
 from connectors.wechat.security import CallbackSecurity, Clock, extract_encrypt, extract_json_encrypt
@@ -43,7 +42,7 @@ from connectors.wechat.sender import WINDOW_48H, MiniProgramSender
 from connectors.wechat.settings import MiniProgramSettings
 from core.errors import InvalidInput, VerificationError
 from core.http import read_body
-from core.settings import Settings
+from core.settings import Settings, revealed_all
 from normalizers.wechat_miniprogram import CHANNEL, looks_like_json, normalize, parse_document
 
 
@@ -65,9 +64,9 @@ class MiniProgramConnector(_CallbackConnector):
         endpoints: dict[str, Endpoint] = {}
         for name, app in table.apps.items():
             base = f"channels.{CHANNEL}.apps.{name}"
-            token = _required(settings, app.token, f"{base}.token")
+            token = settings.required(app.token, key=f"{base}.token", why=CALLBACK)
             if app.mode != "plaintext":
-                _required(settings, app.encoding_aes_key, f"{base}.encoding_aes_key")
+                settings.required(app.encoding_aes_key, key=f"{base}.encoding_aes_key", why=CALLBACK)
             endpoints[name] = Endpoint(
                 name=name,
                 tenant=settings.inbox(app.inbox, key=f"{base}.inbox").tenant,
@@ -78,8 +77,8 @@ class MiniProgramConnector(_CallbackConnector):
                 security=CallbackSecurity(
                     flavor="official_account",
                     receive_id=app.app_id,
-                    tokens=(token, *_secrets(app.previous_token)),
-                    aes_keys=_secrets(app.encoding_aes_key, app.previous_encoding_aes_key),
+                    tokens=(token, *revealed_all(app.previous_token)),
+                    aes_keys=revealed_all(app.encoding_aes_key, app.previous_encoding_aes_key),
                     replay_window=app.replay_window,
                     clock=clock,
                 ),

@@ -24,10 +24,10 @@ from connectors.weibo.account import Account
 from connectors.weibo.sender import WeiboSender
 from connectors.weibo.settings import WeiboSettings
 from core.channel import ChannelContext, ChannelEndpoint, Refusal, SenderSpec
-from core.errors import ConfigError, InvalidInput
+from core.errors import InvalidInput
 from core.http import envelope_headers, read_body
 from core.model import RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed, revealed_all
 from normalizers.weibo import CHANNEL, normalize, parse_body
 
 logger = logging.getLogger(__name__)
@@ -50,17 +50,14 @@ class WeiboConnector:
         accounts: dict[str, Account] = {}
         for name, config in table.accounts.items():
             where = f"channels.{CHANNEL}.accounts.{name}"
-            secret = _secret(config.app_secret)
-            if not secret:
-                raise ConfigError("is required (pushes cannot be verified without it)",
-                                  file=settings.source, key=f"{where}.app_secret")
-            previous = _secret(config.previous_app_secret)
+            secret = settings.required(config.app_secret, key=f"{where}.app_secret",
+                                       why="pushes cannot be verified")
             accounts[name] = Account(
                 name=name,
                 inbox=config.inbox,
                 tenant=settings.inbox(config.inbox, key=f"{where}.inbox").tenant,
-                secrets=tuple(s for s in (secret, previous) if s),
-                access_token=_secret(config.access_token) or None,
+                secrets=(secret, *revealed_all(config.previous_app_secret)),
+                access_token=revealed(config.access_token) or None,
                 replay_window=config.replay_window,
             )
         return cls(table, accounts)
@@ -85,10 +82,6 @@ class WeiboConnector:
         sub.router.add_post("/{name}", push.handle)
         sub.on_cleanup.append(push.drain)
         ctx.add_app(PREFIX, sub)
-
-
-def _secret(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class Push:

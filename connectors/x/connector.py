@@ -39,7 +39,7 @@ from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
 from core.errors import ConfigError, TooLarge
 from core.http import envelope_headers, header_bytes, json_response, read_body
 from core.model import IngestResult, Outcome, RawEnvelope
-from core.settings import Settings
+from core.settings import Settings, revealed, revealed_all
 from normalizers.x import CHANNEL, DM_EVENTS, activities, normalize
 
 logger = logging.getLogger(__name__)
@@ -102,15 +102,13 @@ class XConnector:
         routed: dict[str, str] = {}  # inbox -> the account that answers it
         for name, config in table.apps.items():
             where = f"channels.{CHANNEL}.apps.{name}"
-            secret = _value(config.consumer_secret)
-            if not secret:
-                raise ConfigError("is required (the CRC challenge and the signatures need it)",
-                                  file=settings.source, key=f"{where}.consumer_secret")
-            consumer_key = _value(config.consumer_key)
+            secret = settings.required(config.consumer_secret, key=f"{where}.consumer_secret",
+                                       why="the CRC challenge cannot be answered, nor signatures checked,")
+            consumer_key = revealed(config.consumer_key)
             accounts: dict[str, Account] = {}
             for user_id, account in config.accounts.items():
                 at = f'{where}.accounts."{user_id}"'
-                token, token_secret = _value(account.access_token), _value(account.access_token_secret)
+                token, token_secret = revealed(account.access_token), revealed(account.access_token_secret)
                 auth = None
                 if consumer_key and token and token_secret:
                     auth = OAuth1(consumer_key=consumer_key, consumer_secret=secret, token=token,
@@ -132,8 +130,8 @@ class XConnector:
                     user_id=user_id, inbox=account.inbox, fetch_media=account.fetch_media, auth=auth,
                     tenant=settings.inbox(account.inbox, key=f"{at}.inbox").tenant,
                 )
-            previous = _value(config.previous_consumer_secret)
-            apps[name] = App(name=name, secrets=tuple(s.encode() for s in (secret, previous) if s),
+            secrets = (secret, *revealed_all(config.previous_consumer_secret))
+            apps[name] = App(name=name, secrets=tuple(s.encode() for s in secrets),
                              accounts=accounts)
         return cls(table, apps)
 
@@ -164,10 +162,6 @@ class XConnector:
         sub.router.add_post("/{app}", webhook.handle)
         sub.on_cleanup.append(webhook.drain)
         ctx.add_app(PREFIX, sub)
-
-
-def _value(secret: object) -> str:
-    return str(getattr(secret, "get_secret_value", lambda: "")())
 
 
 class Webhook:

@@ -273,8 +273,9 @@ async def test_missing_secret_refuses_to_start(fake: FakeWeChatApi, tmp_path: Pa
     raw["channels"]["wechat_kf"]["apps"]["service"]["encoding_aes_key"] = AES_KEY
     from core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="secret"):
+    with pytest.raises(ConfigError, match=r"is required \(messages cannot be pulled without it\)") as raised:
         WeChatKfConnector.from_settings(Settings.model_validate(raw))
+    assert raised.value.key == "channels.wechat_kf.apps.service.secret"
 
 
 async def test_msg_send_fail_reports_our_reply_failed(rig: Rig, fake: FakeWeChatApi) -> None:
