@@ -20,8 +20,9 @@ from typing import Any, Generic, NoReturn, TypeVar
 import aiohttp
 from aiohttp import web
 
-from core.channel import ChannelContext, ChannelMetrics, Clock, Connector
-from core.http import retry_after_value
+from core.channel import ChannelContext, ChannelMetrics, Clock, Connector, Refusal
+from core.errors import TooLarge
+from core.http import read_body, retry_after_value
 from core.model import CanonicalMessage, IngestResult, Outcome, RawEnvelope
 from normalizers.base import Normalizer
 
@@ -63,6 +64,19 @@ async def ingest_capturing(
         return messages
 
     return await ingest(envelope, capturing), produced
+
+
+async def read_webhook(
+    request: web.Request, limit: int, *, log_as: str, refused: Callable[[Refusal], None]
+) -> bytes | web.Response:
+    """A webhook call's body; past ``limit`` bytes, the 413 to answer instead, logged as ``log_as``
+    (the channel and its inbox or app) and counted by ``refused``."""
+    try:
+        return await read_body(request, limit)
+    except TooLarge as exc:
+        logger.warning("%s: refused a body from %s: %s", log_as, request.remote, exc.reason)
+        refused("size")
+        return web.Response(status=413, text="too large")
 
 
 class WebhookIntake:

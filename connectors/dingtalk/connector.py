@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Self
 
 from aiohttp import web
 
+from connectors.base import read_webhook
 from connectors.dingtalk.api import DingTalkApi
 from connectors.dingtalk.bot import Bot
 from connectors.dingtalk.intake import Intake, directory
@@ -33,8 +35,8 @@ from connectors.dingtalk.settings import DingTalkInboxSettings, DingTalkSettings
 from connectors.dingtalk.stream import StreamRunner
 from connectors.media import MediaPolicy, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint
-from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body
+from core.errors import ConfigError, InvalidInput
+from core.http import envelope_headers
 from core.settings import Settings, revealed, revealed_all
 from normalizers.dingtalk import CHANNEL, parse
 
@@ -149,12 +151,10 @@ class CallbackEndpoint:
             logger.warning("dingtalk %s: %s from %s; refused", bot.inbox, problem, request.remote)
             self._ctx.metrics.refused("signature", inbox=bot.inbox)
             return web.Response(status=401, text="invalid signature")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("dingtalk %s: refused a body from %s: %s", bot.inbox, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=bot.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"dingtalk {bot.inbox}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=bot.inbox))
+        if isinstance(body, web.Response):
+            return body
         try:
             parse(body)
         except InvalidInput as exc:

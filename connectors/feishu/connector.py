@@ -27,12 +27,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
-from connectors.base import CachedLookup, WebhookIntake, ingest_capturing
+from connectors.base import CachedLookup, WebhookIntake, ingest_capturing, read_webhook
 from connectors.feishu.api import FeishuApi, FeishuError
 from connectors.feishu.app import App
 from connectors.feishu.crypto import DecryptError, decrypt, signature_matches
@@ -42,8 +43,8 @@ from connectors.feishu.settings import HOSTS, FeishuInboxSettings, FeishuSetting
 from connectors.feishu.ws import WsRunner
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint, Clock
-from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body
+from core.errors import ConfigError, InvalidInput
+from core.http import envelope_headers
 from core.model import CanonicalMessage, Identity, IdentityKind, IngestResult, Outcome, RawEnvelope
 from core.settings import Settings, revealed, revealed_all
 from normalizers.feishu import CHANNEL, MESSAGE_EVENT, Callback, normalize, parse
@@ -214,12 +215,10 @@ class EventEndpoint:
         app = self._apps.get(request.match_info["inbox"])
         if app is None:
             return web.Response(status=404, text="no Feishu app for this inbox")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("feishu %s: refused a body from %s: %s", app.inbox, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=app.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"feishu {app.inbox}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=app.inbox))
+        if isinstance(body, web.Response):
+            return body
         try:
             plain, callback, _ = open_callback(
                 app, body, signed=request.headers.get(SIGNATURE_HEADER),

@@ -19,20 +19,21 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Self, cast
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, read_webhook, text_ok
 from connectors.line.api import LineApi
 from connectors.line.media import downloader
 from connectors.line.sender import LineSender
 from connectors.line.settings import LineSettings
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
-from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, header_bytes, read_body
+from core.errors import ConfigError
+from core.http import envelope_headers, header_bytes
 from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings, revealed
 from normalizers.line import CHANNEL, Delivery, is_redelivery, is_verify_request, normalize
@@ -150,12 +151,10 @@ class Webhook:
         offered = request.headers.get(SIGNATURE_HEADER)
         if not offered:
             return self._refuse(account, request, "missing")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("line %s: refused a body from %s: %s", account.inbox, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=account.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"line {account.inbox}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=account.inbox))
+        if isinstance(body, web.Response):
+            return body
         if not account.verifies(body, offered):
             return self._refuse(account, request, "wrong")
         # Verified: reading it now is safe. A body that is not JSON is the normalizer's 400.

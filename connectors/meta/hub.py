@@ -24,16 +24,17 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from connectors.base import any_secret_matches
+from connectors.base import any_secret_matches, read_webhook
 from connectors.meta.settings import MetaSettings
 from core.channel import ChannelContext, ChannelMetrics
-from core.errors import ConfigError, TooLarge
-from core.http import header_bytes, read_body
+from core.errors import ConfigError
+from core.http import header_bytes
 from core.settings import Settings, revealed_all
 
 logger = logging.getLogger(__name__)
@@ -195,12 +196,10 @@ class MetaHub:
         header = request.headers.get(SIGNATURE_HEADER)
         if header is None:
             return self._forged(app, request, "missing")
-        try:
-            body = await read_body(request, self.limit)
-        except TooLarge as exc:
-            logger.warning("meta %s: refused a body from %s: %s", app.name, request.remote, exc.reason)
-            self._refused(app.name, "size")
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self.limit, log_as=f"meta {app.name}",
+                                   refused=partial(self._refused, app.name))
+        if isinstance(body, web.Response):
+            return body
         if not app.signed(header, body):
             return self._forged(app, request, "wrong")
         try:

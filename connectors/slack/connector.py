@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Self
 
 from aiohttp import web
 from slack_sdk.signature import Clock as SlackClock
 from slack_sdk.signature import SignatureVerifier
 
+from connectors.base import read_webhook
 from connectors.media import MediaPolicy, start_fetcher
 from connectors.slack.api import WebApi
 from connectors.slack.intake import Intake, Profiles
@@ -42,8 +44,8 @@ from connectors.slack.settings import SlackInboxSettings, SlackSettings, policy_
 from connectors.slack.socket import SocketRunner
 from connectors.slack.workspace import Workspace
 from core.channel import ChannelContext, ChannelEndpoint, Clock
-from core.errors import ConfigError, InvalidInput, TooLarge
-from core.http import envelope_headers, read_body
+from core.errors import ConfigError, InvalidInput
+from core.http import envelope_headers
 from core.settings import Settings, revealed_all
 from normalizers.slack import CHANNEL, parse
 
@@ -170,12 +172,10 @@ class EventsEndpoint:
         ws = self._workspaces.get(request.match_info["inbox"])
         if ws is None:
             return web.Response(status=404, text="no Events API installation for this inbox")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("slack %s: refused a body from %s: %s", ws.inbox, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=ws.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"slack {ws.inbox}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=ws.inbox))
+        if isinstance(body, web.Response):
+            return body
         problem = self._verify(ws, body, request.headers.get(TIMESTAMP_HEADER),
                                request.headers.get(SIGNATURE_HEADER))
         if problem is not None:

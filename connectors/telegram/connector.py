@@ -20,19 +20,19 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Self
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, read_webhook, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, start_fetcher
 from connectors.telegram.api import BotApi, BotApiError
 from connectors.telegram.media import downloader, fetches_for
 from connectors.telegram.settings import TelegramSettings
 from core.channel import ChannelContext, ChannelEndpoint
-from core.errors import TooLarge
-from core.http import envelope_headers, header_bytes, read_body
+from core.http import envelope_headers, header_bytes
 from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings, revealed_all
 from normalizers.telegram import CHANNEL, MAX_DOWNLOAD_BYTES, normalize
@@ -192,12 +192,10 @@ class Webhook:
                            "wrong" if offered is not None else "missing", request.remote)
             self._ctx.metrics.refused("signature", inbox=bot.inbox)
             return web.Response(status=401, text="secret token required")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("telegram %s: refused a body from %s: %s", bot.inbox, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=bot.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"telegram {bot.inbox}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=bot.inbox))
+        if isinstance(body, web.Response):
+            return body
         headers = envelope_headers(request, without=SECRET_HEADER)
         envelope = self._intake.envelope(
             bot, body, mode="webhook", headers=headers, remote=request.remote,

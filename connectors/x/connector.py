@@ -23,12 +23,13 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Self
 
 import orjson
 from aiohttp import web
 
-from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, text_ok
+from connectors.base import WebhookIntake, any_secret_matches, ingest_capturing, read_webhook, text_ok
 from connectors.media import MediaFetcher, MediaPolicy, fetches_for, start_fetcher
 from connectors.x.api import XApi
 from connectors.x.media import downloader
@@ -36,8 +37,8 @@ from connectors.x.oauth import OAuth1
 from connectors.x.sender import XSender
 from connectors.x.settings import XSettings
 from core.channel import ChannelContext, ChannelEndpoint, SenderSpec
-from core.errors import ConfigError, TooLarge
-from core.http import envelope_headers, header_bytes, json_response, read_body
+from core.errors import ConfigError
+from core.http import envelope_headers, header_bytes, json_response
 from core.model import IngestResult, Outcome, RawEnvelope
 from core.settings import Settings, revealed, revealed_all
 from normalizers.x import CHANNEL, DM_EVENTS, activities, normalize
@@ -192,12 +193,10 @@ class Webhook:
         offered = request.headers.get(SIGNATURE_HEADER)
         if not offered:
             return self._refuse(app, request, "missing")
-        try:
-            body = await read_body(request, self._limit)
-        except TooLarge as exc:
-            logger.warning("x %s: refused a body from %s: %s", app.name, request.remote, exc.reason)
-            self._ctx.metrics.refused("size", inbox=app.default.inbox)
-            return web.Response(status=413, text="too large")
+        body = await read_webhook(request, self._limit, log_as=f"x {app.name}",
+                                   refused=partial(self._ctx.metrics.refused, inbox=app.default.inbox))
+        if isinstance(body, web.Response):
+            return body
         if not app.verifies(body, offered):
             return self._refuse(app, request, "wrong")
         # Verified: reading it now is safe. A body that is not JSON is the normalizer's 400.

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from unittest import mock
 
-from connectors.base import WebhookIntake, text_ok
+import pytest
+from aiohttp import StreamReader, web
+from aiohttp.test_utils import make_mocked_request
+
+from connectors.base import WebhookIntake, read_webhook, text_ok
 from core.model import IngestResult, Outcome
 
 
@@ -48,3 +54,26 @@ async def test_a_failure_after_the_commit_is_a_retry_not_a_500() -> None:
     result = await intake.submit(failing(), name="i")
     assert result.outcome is Outcome.RETRY
     assert not result.stored
+
+
+async def test_read_webhook_answers_413_past_the_limit(caplog: pytest.LogCaptureFixture) -> None:
+    refusals: list[str] = []
+    small = make_mocked_request("POST", "/x", headers={"Content-Length": "3"}, payload=_payload(b"abc"))
+    assert await read_webhook(small, 3, log_as="x app", refused=refusals.append) == b"abc"
+    assert refusals == []
+
+    # Chunked (no Content-Length): counted while read, refused once past the limit.
+    big = make_mocked_request("POST", "/x", payload=_payload(b"abcd"))
+    with caplog.at_level(logging.WARNING, logger="connectors.base"):
+        answer = await read_webhook(big, 3, log_as="x app", refused=refusals.append)
+    assert isinstance(answer, web.Response)
+    assert (answer.status, answer.text) == (413, "too large")
+    assert refusals == ["size"]
+    assert "x app: refused a body from" in caplog.text
+
+
+def _payload(data: bytes) -> StreamReader:
+    stream = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
+    stream.feed_data(data)
+    stream.feed_eof()
+    return stream
