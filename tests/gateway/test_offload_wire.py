@@ -138,3 +138,14 @@ def test_an_envelope_travels() -> None:
         key_reuse="refuse",
     )
     _same(_through(envelope, encode_envelope, decode_envelope), envelope)
+
+
+@pytest.mark.parametrize("cut", [1, -1])
+def test_a_message_of_the_wrong_length_is_refused(cut: int) -> None:
+    """A tuple with a field missing or one too many is an error, never a message with a field
+    silently left unset or shifted (the child and the gateway run the same code, but not always
+    the same version of it during an upgrade)."""
+    encoded = encode_message(_message())
+    wrong = encoded[:cut] if cut < 0 else (*encoded, None)
+    with pytest.raises(ValueError, match="zip"):
+        decode_message(wrong)
