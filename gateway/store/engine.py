@@ -519,7 +519,13 @@ def recent_text_records(d: Dialect, customer_id: str, rows: Iterable[Sequence[An
 
 class CachedThreadReads:
     """:class:`dedupe.tx.ThreadReads` from a function per answer, each called once, when its answer
-    is first asked for."""
+    is first asked for.
+
+    Plain attributes, not ``functools.cache``: wrapping three closures for every placement cost
+    more than the reads they saved on the SQLite writer (whose reads are mostly from memory).
+    """
+
+    __slots__ = ("_identities", "_identities_fn", "_open_threads", "_open_threads_fn", "_texts", "_texts_fn")
 
     def __init__(
         self,
@@ -527,9 +533,25 @@ class CachedThreadReads:
         open_threads: Callable[[], list[ThreadRecord]],
         identities: Callable[[], tuple[Identity, ...]],
     ) -> None:
-        self.recent_texts = functools.cache(recent_texts)
-        self.open_threads = functools.cache(open_threads)
-        self.identities = functools.cache(identities)
+        self._texts_fn, self._open_threads_fn, self._identities_fn = recent_texts, open_threads, identities
+        self._texts: list[RecentText] | None = None
+        self._open_threads: list[ThreadRecord] | None = None
+        self._identities: tuple[Identity, ...] | None = None
+
+    def recent_texts(self) -> list[RecentText]:
+        if self._texts is None:
+            self._texts = self._texts_fn()
+        return self._texts
+
+    def open_threads(self) -> list[ThreadRecord]:
+        if self._open_threads is None:
+            self._open_threads = self._open_threads_fn()
+        return self._open_threads
+
+    def identities(self) -> tuple[Identity, ...]:
+        if self._identities is None:
+            self._identities = self._identities_fn()
+        return self._identities
 
 
 # -- the Tx ---------------------------------------------------------------------------------------
