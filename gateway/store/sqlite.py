@@ -188,6 +188,25 @@ MIGRATIONS: tuple[str, ...] = migrations(
     ALTER TABLE replies ADD COLUMN fallback_of TEXT;
     CREATE INDEX replies_fallback ON replies (fallback_of) WHERE fallback_of IS NOT NULL;
     """,
+        # 14: recent texts keyed by (customer, channel, at, message id), so the key also finds a
+        # channel's cap and recent_texts_by_channel goes: one b-tree fewer written per placement.
+        # The table holds only the duplicate window's texts, so the copy is short.
+        """
+    CREATE TABLE recent_texts_by_key (
+        customer_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (customer_id, channel, at, message_id)
+    ) WITHOUT ROWID;
+    INSERT INTO recent_texts_by_key (customer_id, channel, at, message_id, thread_id, text)
+        SELECT customer_id, channel, at, message_id, thread_id, text FROM recent_texts;
+    DROP TABLE recent_texts;
+    ALTER TABLE recent_texts_by_key RENAME TO recent_texts;
+    CREATE INDEX recent_texts_by_age ON recent_texts (at);
+    """,
     ),
 )
 
@@ -230,7 +249,7 @@ class SQLiteDialect(Dialect):
         "each": "= ?",
         "merges": "merges",
         "merges_of": "id IN (SELECT merge_id FROM merge_members WHERE customer_id = ?)",
-        "recent_text_key": "customer_id, at, message_id",  # the primary key (WITHOUT ROWID)
+        "recent_text_key": "customer_id, channel, at, message_id",  # the primary key (WITHOUT ROWID)
         "contains": "instr(body, ?) > 0",
     }
     # Rows are appended in time order, so the old ones are at the head of the table in rowid

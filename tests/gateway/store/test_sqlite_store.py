@@ -137,6 +137,30 @@ async def test_schema_is_versioned_and_a_newer_schema_is_refused(tmp_path: Path)
         await SQLiteStore(settings, outbox_settings()).open()
 
 
+async def test_recent_texts_written_before_migration_14_still_find_a_duplicate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Migration 14 rebuilds recent_texts under another key: the texts already there must survive.
+    text = "My parcel 88231 never arrived and the tracking page has not moved since Monday."
+    settings = store_settings(tmp_path)
+    monkeypatch.setattr("gateway.store.sqlite.MIGRATIONS", MIGRATIONS[:13])
+    old = SQLiteStore(settings, outbox_settings())
+    await old.open()
+    (first,) = await accept(old, message("m1", channel="form", text=text))
+    await old.close()
+    monkeypatch.setattr("gateway.store.sqlite.MIGRATIONS", MIGRATIONS)
+
+    new = SQLiteStore(settings, outbox_settings())
+    await new.open()
+    try:
+        (again,) = await accept(new, message("m2", channel="email", text=text))
+    finally:
+        await new.close()
+
+    assert again.duplicate_of == first.message_id
+    assert again.thread_id == first.thread_id
+
+
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
     store = SQLiteStore(store_settings(tmp_path), outbox_settings())
     await store.open()
