@@ -59,6 +59,8 @@ TEXT_OVERHEAD = 100
 def text_weight(text: str) -> int:
     """What one kept recent text counts against :data:`TEXT_CHARS_KEPT`."""
     return len(text) + TEXT_OVERHEAD
+
+
 # A recent text as stored: (at, message id, thread id, channel, normalised text).
 _Text = tuple[int, str, str, str, str]
 
@@ -67,6 +69,7 @@ _Text = tuple[int, str, str, str, str]
 class _Thread:
     record: ThreadRecord
     next_sequence: int
+    last_activity: int  # record.last_activity as stored, so advancing compares integers
 
 
 @dataclass(slots=True)
@@ -322,7 +325,10 @@ class HotTx(SqlTx):
                 " WHERE customer_id = ? AND status = 'open'",
                 (customer_id,),
             ).fetchall()
-            threads = {r[0]: _Thread(record=thread_record(self._d, r), next_sequence=r[-1]) for r in rows}
+            threads = {
+                r[0]: _Thread(record=thread_record(self._d, r), next_sequence=r[-1], last_activity=r[6])
+                for r in rows
+            }
             self._hot.set_threads(entry, threads)
         found = [
             t.record
@@ -352,8 +358,10 @@ class HotTx(SqlTx):
         if entry.threads is None or not thread.open or thread.merged_into is not None:
             return
         # As it reads back: the stored time has microseconds in UTC.
-        stored = replace(thread, last_activity=self._d.dt(self._d.ts(thread.last_activity)))
-        self._hot.set_threads(entry, {**entry.threads, thread.id: _Thread(record=stored, next_sequence=1)})
+        at = self._d.ts(thread.last_activity)
+        stored = replace(thread, last_activity=self._d.dt(at))
+        kept = _Thread(record=stored, next_sequence=1, last_activity=at)
+        self._hot.set_threads(entry, {**entry.threads, thread.id: kept})
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
         entry = self._hot.thread_owner(thread_id)
@@ -369,8 +377,9 @@ class HotTx(SqlTx):
         if changed != 1:
             raise StoreError(f"unknown thread {thread_id!r}")
         thread.next_sequence = sequence + 1
-        if at > self._d.ts(thread.record.last_activity):
-            thread.record = replace(thread.record, last_activity=self._d.dt(at))
+        if at > thread.last_activity:
+            thread.last_activity = at
+            thread.record = _with_activity(thread.record, self._d.dt(at))
         return sequence
 
     # -- recent texts --------------------------------------------------------------------------
@@ -446,3 +455,19 @@ class HotTx(SqlTx):
     def move_threads(self, thread_ids: Sequence[str], to_customer: str) -> None:
         self._hot.forget()
         super().move_threads(thread_ids, to_customer)
+
+
+def _with_activity(thread: ThreadRecord, last_activity: datetime) -> ThreadRecord:
+    """``replace(thread, last_activity=...)`` without its field lookups (once per placement)."""
+    return ThreadRecord(
+        id=thread.id,
+        tenant=thread.tenant,
+        inbox=thread.inbox,
+        customer_id=thread.customer_id,
+        subject=thread.subject,
+        number=thread.number,
+        last_activity=last_activity,
+        open=thread.open,
+        merged_into=thread.merged_into,
+        previous_id=thread.previous_id,
+    )

@@ -138,6 +138,27 @@ async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore)
     assert second.previous_thread_id == first.thread_id
 
 
+async def test_a_thread_advanced_in_memory_keeps_what_it_continues(store: SQLiteStore) -> None:
+    # The writer's copy of a thread gets a new last_activity per message; nothing else may change.
+    (first,) = await accept(store, message("m1"))
+
+    def close(tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+        return tx.set_thread_status(first.thread_id, open=False, at=now), []
+
+    assert await store.transact(close)
+    second, third, fourth = [(await accept(store, message(f"m{n}")))[0] for n in (2, 3, 4)]
+
+    assert second.is_new_thread
+    assert second.previous_thread_id == first.thread_id
+    for later in (third, fourth):
+        assert later.thread_id == second.thread_id
+        assert (later.previous_thread_id, later.thread_number) == (first.thread_id, second.thread_number)
+    threads = [orjson.loads(e.body)["thread"] for e in await store.outbox_fetch(10)][1:]
+    assert [t["previous_id"] for t in threads] == [first.thread_id] * 3
+    assert [t["subject"] for t in threads] == ["Order 1234 is late"] * 3
+    assert [t["sequence"] for t in threads] == [1, 2, 3]
+
+
 async def test_the_event_names_every_identity_of_the_customer_oldest_first(store: SQLiteStore) -> None:
     await accept(store, message("m1", phone="+41 44 668 18 00"))
     await store.close()
