@@ -207,6 +207,12 @@ MIGRATIONS: tuple[str, ...] = migrations(
     ALTER TABLE recent_texts_by_key RENAME TO recent_texts;
     CREATE INDEX recent_texts_by_age ON recent_texts (at);
     """,
+        # 15: a customer's open threads found without last_activity in the index (they are few), so
+        # advancing a thread (which moves last_activity) no longer rewrites an index entry.
+        """
+    DROP INDEX threads_open_by_customer;
+    CREATE INDEX threads_open ON threads (customer_id, tenant, inbox, number) WHERE status = 'open';
+    """,
     ),
 )
 
