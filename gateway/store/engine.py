@@ -1009,7 +1009,8 @@ class SqlStore(ReplyLedger, abc.ABC):
         return await self._write(fn, events=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
-        """Run an :meth:`outbox_mark_published` job: it writes the outbox and counters only."""
+        """Run an :meth:`outbox_mark_published` job (or :meth:`ping`'s): it writes the outbox and
+        counters only."""
         return await self._write(fn)
 
     async def _write_text_purge(self, fn: Callable[[Connection], int]) -> int:
@@ -1409,7 +1410,10 @@ class SqlStore(ReplyLedger, abc.ABC):
         def job(conn: Connection) -> None:
             conn.execute(self.dialect.ping_sql)
 
-        await self._write(job)
+        # It writes a counter only: as an outbox mark does, it leaves what a backend keeps in memory
+        # (the SQLite writer's hot rows) true, and a readiness probe every few seconds must not
+        # make the writer read every customer back.
+        await self._write_marks(job)
 
     def _probe_dirs(self) -> list[Path]:
         """Directories the store writes files in (SQLite adds its database's)."""

@@ -124,6 +124,18 @@ async def test_a_store_job_writing_rows_with_sql_of_its_own_is_seen_by_the_next_
     assert owner_of(tmp_path / "tg.db", "ada@example.com") == second.customer_id
 
 
+async def test_a_readiness_probe_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # /ready writes a counter every few seconds; the writer must not read every customer back.
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    await store.ping()
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
 async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore) -> None:
     (first,) = await accept(store, message("m1"))
 
