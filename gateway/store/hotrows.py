@@ -1,4 +1,5 @@
-"""The SQLite writer's hot rows: customers, their identities, threads and recent texts, in memory.
+"""The SQLite writer's hot rows: customers, their identities, threads and recent texts, and each
+tenant's next thread number, in memory.
 
 A placement of a known customer read its identity, its customer, its open threads, its recent
 texts and its identity list for the event, and capped its recent texts: six of its statements.
@@ -103,6 +104,8 @@ class HotRows:
         self._owners: dict[_IdentityKey, str] = {}
         # Thread -> customer, for every thread of a customer whose open threads were read.
         self._thread_owners: dict[str, str] = {}
+        # Tenant -> the thread number it hands out next (tenant_counters), once handed out here.
+        self.thread_numbers: dict[str, int] = {}
         self._data_version: int | None = None
         self.forgotten = 0  # times everything was forgotten (tests and benchmarks read it)
 
@@ -118,6 +121,7 @@ class HotRows:
             self._data_version = version
 
     def forget(self) -> None:
+        self.thread_numbers.clear()
         if self._customers:
             self._customers.clear()
             self._owners.clear()
@@ -347,6 +351,21 @@ class HotTx(SqlTx):
             ).fetchall()
             entry.thread_ids = [(int(number), thread_id) for number, thread_id in rows]
         return [thread_id for _, thread_id in entry.thread_ids]
+
+    def next_thread_number(self, tenant: str) -> int:
+        number = self._hot.thread_numbers.get(tenant)
+        if number is None:
+            number = super().next_thread_number(tenant)
+        else:
+            # The number is known: a plain UPDATE, not the upsert's RETURNING (SQLite buffers
+            # RETURNING rows in a temporary b-tree: ~4 us of a new thread's placement).
+            changed = self._x(
+                "UPDATE tenant_counters SET next_thread_number = ? WHERE tenant = ?", (number + 1, tenant)
+            ).rowcount
+            if changed != 1:
+                raise StoreError(f"thread numbers of tenant {tenant!r} are gone")
+        self._hot.thread_numbers[tenant] = number + 1
+        return number
 
     def create_thread(self, thread: ThreadRecord) -> None:
         super().create_thread(thread)

@@ -76,6 +76,32 @@ async def test_a_job_rolled_back_in_the_middle_of_a_batch_leaves_nothing_in_memo
     assert [first.sequence, second.sequence] == [2, 3]
 
 
+async def test_thread_numbers_stay_consecutive_through_rollbacks_and_other_writers(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # The writer keeps each tenant's next thread number in memory; a rolled-back placement and a
+    # thread numbered by another process must not make it skip or repeat a number.
+    (first,) = await accept(store, message("m1", email="a@example.com"))
+    with pytest.raises(RuntimeError):
+        await store.accept(
+            envelope(b"broken"), [message("m2", email="b@example.com")], policies=[POLICY],
+            build_event=broken_builder,
+        )  # fmt: skip
+    (second,) = await accept(store, message("m3", email="c@example.com"))
+    conn = sqlite3.connect(tmp_path / "tg.db")
+    with conn:  # another process numbers a thread of its own
+        conn.execute(
+            "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+            " created_at) VALUES ('thr_other', 'acme', 'support', ?, NULL, 'closed', 3, 0, 0)",
+            (first.customer_id,),
+        )
+        conn.execute("UPDATE tenant_counters SET next_thread_number = 4 WHERE tenant = 'acme'")
+    conn.close()
+    (third,) = await accept(store, message("m4", email="d@example.com"))
+
+    assert [first.thread_number, second.thread_number, third.thread_number] == [1, 2, 4]
+
+
 async def test_an_erasure_by_another_process_is_seen_by_the_next_placement(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
@@ -204,8 +230,8 @@ def test_the_rows_kept_are_bounded_least_recently_used_first() -> None:
     assert hot.owner(("t", "email", "a@example.com")) is not None
 
 
-# Tx methods that write no customer, identity, thread or recent text row, or only read them (HotTx answers the
-# hot reads it overrides; the rest read the database).
+# Tx methods that write no customer, identity, thread, recent text or tenant counter row, or only read them
+# (HotTx answers the hot reads it overrides; the rest read the database).
 _NO_HOT_WRITES = {
     "claim_key",
     "complete_claim",
@@ -228,7 +254,6 @@ _NO_HOT_WRITES = {
     "find_thread_by_rfc822",
     "find_thread_by_key",
     "add_thread_key",
-    "next_thread_number",
     "add_message",
 }
 
