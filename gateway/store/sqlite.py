@@ -445,13 +445,17 @@ class SQLiteStore(SqlStore):
         self._settings.path.parent.mkdir(parents=True, exist_ok=True)
         self._blobs.ensure()
 
-    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+    def _connect(self, *, readonly: bool, writer: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(self._settings.path, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA busy_timeout = 5000")
-        if not readonly:
+        if writer:
             # Takes effect only in a new (empty) file; an older file needs one full VACUUM
             # (``ticketgate store vacuum``, see vacuum_file) before freed pages can be given back.
+            # The writer's alone: the pragma commits page 1 even when it changes nothing, and a
+            # commit by another connection (the checkpointer starting, a vacuum after retention)
+            # makes the writer forget its hot rows (PRAGMA data_version).
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             # After a checkpoint the WAL shrinks back to this, instead of keeping its largest size.
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
@@ -553,7 +557,7 @@ class SQLiteStore(SqlStore):
 
     def _run_writer(self, ready: concurrent.futures.Future[int]) -> None:
         try:
-            conn = self._connect(readonly=False)
+            conn = self._connect(readonly=False, writer=True)
             self._migrate(conn)
             row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
             backlog = int(row[0])

@@ -162,6 +162,20 @@ async def test_a_readiness_probe_leaves_the_rows_kept_in_memory(store: SQLiteSto
     assert second.sequence == 2
 
 
+async def test_a_connection_that_commits_nothing_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # Only another connection's commit makes the writer forget (PRAGMA data_version). reclaim_space
+    # connects, finds no free page and commits nothing, as the checkpointer does when it starts.
+    await store.reclaim_space(2**31 - 1)  # the pages the migrations freed
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    assert await store.reclaim_space(100) == 0
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
 async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore) -> None:
     (first,) = await accept(store, message("m1"))
 
