@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import inspect
 import random
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from storekit import POLICY, broken_builder, build_event, envelope, message, outbox_settings, store_settings
+from storekit import (
+    POLICY,
+    Clock,
+    broken_builder,
+    build_event,
+    envelope,
+    message,
+    outbox_settings,
+    store_settings,
+)
+from test_postgres_round_trips import _scenario
 
 from core.events import Event
 from core.model import CanonicalMessage, Placement
@@ -421,3 +434,53 @@ async def test_the_characters_counted_match_the_texts_kept_through_caps_and_drop
     assert first.customer_id not in store._hot._customers
     normalised = text.format(0).lower().replace(".", "")
     assert store._hot.text_chars == _chars_kept(store._hot) == 2 * text_weight(normalised)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_placements_answered_from_memory_equal_those_read_from_the_database(
+    seed: int, tmp_path: Path
+) -> None:
+    # The seeded scenarios of the PostgreSQL comparison (merges, links, retries, touchpoints, late
+    # names), with a desk closing a thread midway: once as they run, once with the writer made to
+    # forget what it keeps before every batch (a job of its own SQL does that), so every first
+    # read of a batch goes to the database.
+    outcomes = []
+    for forget in (False, True):
+        clock = Clock()
+        store = SQLiteStore(store_settings(tmp_path / str(forget)), outbox_settings(), clock=clock)
+        await store.open()
+        try:
+            placed: list[Placement] = []
+            for number, batch in enumerate(_scenario(seed)):
+                if forget:
+                    await store.transact(lambda tx, now: (None, []))
+                if number == 6:
+                    close = functools.partial(_close, placed[0].thread_id)
+                    assert await store.transact(close)
+                placed += [p for (p,) in await asyncio.gather(*(accept(store, m) for m in batch))]
+                await store.ping()
+                clock.advance(400)
+            bodies = [orjson.loads(row.body) for row in await store.outbox_fetch(1000)]
+        finally:
+            await store.close()
+        for body in bodies:
+            del body["event_id"], body["occurred_at"]
+        outcomes.append(_by_first_appearance([[dataclasses.asdict(p) for p in placed], bodies]))
+
+    assert outcomes[0] == outcomes[1]
+
+
+def _by_first_appearance(value: Any, names: dict[str, str] | None = None) -> Any:
+    """``value`` with generated ids (time-ordered, so different in every run) named by their order."""
+    names = {} if names is None else names
+    if isinstance(value, str) and value[:4] in ("cus_", "thr_", "mrg_", "lnk_"):
+        return names.setdefault(value, f"{value[:3]}{len(names)}")
+    if isinstance(value, dict):
+        return {k: _by_first_appearance(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_first_appearance(v, names) for v in value]
+    return value
+
+
+def _close(thread_id: str, tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+    return tx.set_thread_status(thread_id, open=False, at=now), []
