@@ -11,8 +11,10 @@ else writes, and that is watched:
   moves when they commit; then everything is forgotten (:meth:`HotRows.check`);
 - the writer's own jobs: placements and outbox marks change these rows only through
   :class:`HotTx`, which keeps them current; any other job may write them with SQL of its own
-  (erasure, retention, the recent-text sweep, desk and control operations), so everything is
-  forgotten after it;
+  (erasure, retention, desk and control operations), so it runs on a connection that notes
+  whether one of its statements writes a table kept here (SQLite's authorizer tells, once per
+  statement text), and everything is forgotten after one that did (the recent-text sweep forgets
+  the texts only);
 - a job rolled back to its savepoint, or a batch rolled back: forgotten too, rather than undone
   piece by piece.
 

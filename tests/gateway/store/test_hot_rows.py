@@ -8,7 +8,7 @@ import functools
 import inspect
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,43 @@ async def test_a_connection_that_commits_nothing_leaves_the_rows_kept_in_memory(
 
     assert store._hot.forgotten == forgotten
     assert second.sequence == 2
+
+
+async def test_a_job_writing_no_kept_table_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # The reply dispatcher claims due replies every second; its job writes the replies table only.
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    assert await store.reply_claim(datetime.now(UTC), 10, 30.0, "test/lease") == []
+    await store.state_put("imap/watermark", b"42")
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda conn: conn.execute("UPDATE customers SET display_name = 'Eve'"),
+        lambda conn: conn.cursor().executemany(
+            "UPDATE threads SET status = ? WHERE status = 'open'", [("closed",), ("closed",)]
+        ),
+        lambda conn: conn.total_changes,  # not a statement: taken as a write
+    ],
+    ids=["execute", "executemany", "other"],
+)
+async def test_a_job_writing_a_kept_table_by_any_way_is_seen_by_the_next_placement(
+    store: SQLiteStore, write: Callable[[Connection], Any]
+) -> None:
+    await accept(store, message("m1"))
+    await store.state_put("imap/watermark", b"42")  # its statement is known not to write one
+    forgotten = store._hot.forgotten
+
+    await store._write(write)
+    await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten + 1
 
 
 async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore) -> None:
@@ -442,8 +479,7 @@ async def test_placements_answered_from_memory_equal_those_read_from_the_databas
 ) -> None:
     # The seeded scenarios of the PostgreSQL comparison (merges, links, retries, touchpoints, late
     # names), with a desk closing a thread midway: once as they run, once with the writer made to
-    # forget what it keeps before every batch (a job of its own SQL does that), so every first
-    # read of a batch goes to the database.
+    # forget what it keeps before every batch, so every first read of a batch goes to the database.
     outcomes = []
     for forget in (False, True):
         clock = Clock()
@@ -452,8 +488,10 @@ async def test_placements_answered_from_memory_equal_those_read_from_the_databas
         try:
             placed: list[Placement] = []
             for number, batch in enumerate(_scenario(seed)):
-                if forget:
-                    await store.transact(lambda tx, now: (None, []))
+                if forget:  # a desk's status change forgets everything first (HotTx)
+                    forgotten = store._hot.forgotten
+                    assert not await store.transact(functools.partial(_reopen, "thr_unknown"))
+                    assert store._hot.forgotten == forgotten + (number > 0)
                 if number == 6:
                     close = functools.partial(_close, placed[0].thread_id)
                     assert await store.transact(close)
@@ -484,3 +522,7 @@ def _by_first_appearance(value: Any, names: dict[str, str] | None = None) -> Any
 
 def _close(thread_id: str, tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
     return tx.set_thread_status(thread_id, open=False, at=now), []
+
+
+def _reopen(thread_id: str, tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+    return tx.set_thread_status(thread_id, open=True, at=now), []
