@@ -181,11 +181,11 @@ def resolve_customer(
             tx.add_identity(tenant, customer.id, identity, now)
         return customer, True
 
-    given = {i.key(): i for i in identities}
     stored = {(s.kind, s.value): s for s in known}
     if len(owners) == 1:
         chosen = owners[0]
     else:
+        given = {i.key(): i for i in identities}
         connecting = [given[(s.kind, s.value)] for s in known]
         proven = all(i.verified and stored[i.key()].verified for i in connecting)
         if proven:
@@ -374,14 +374,14 @@ def assign_thread(
         return _Choice(thread=_new_thread(tx, message, customer_id, now), is_new=True)
 
     text = _comparable_text(message, policy)
-    since = now - timedelta(seconds=policy.window)
+    since = now - _seconds(policy.window)
     # Asked for at once: on PostgreSQL one round trip instead of three.
     reads = tx.thread_reads(
         customer_id,
         tenant=message.tenant,
         inbox=message.inbox,
         active_since=since,
-        texts_since=now - timedelta(seconds=policy.duplicate_window) if text is not None else None,
+        texts_since=now - _seconds(policy.duplicate_window) if text is not None else None,
         not_channel=message.channel,
     )
     duplicate = _find_duplicate(tx, reads, text, policy) if text is not None else None
@@ -519,6 +519,13 @@ def ticket_number(message: CanonicalMessage, pattern: str | None) -> int | None:
 @functools.lru_cache(maxsize=8)
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
+
+
+@functools.lru_cache(maxsize=64)
+def _seconds(seconds: float) -> timedelta:
+    """``timedelta(seconds=seconds)``: a policy's windows are a few values, and making a timedelta
+    from a float costs more than the rest of the window arithmetic of a placement."""
+    return timedelta(seconds=seconds)
 
 
 def _merge_threads(

@@ -519,7 +519,13 @@ def recent_text_records(d: Dialect, customer_id: str, rows: Iterable[Sequence[An
 
 class CachedThreadReads:
     """:class:`dedupe.tx.ThreadReads` from a function per answer, each called once, when its answer
-    is first asked for."""
+    is first asked for.
+
+    Plain attributes, not ``functools.cache``: wrapping three closures for every placement cost
+    more than the reads they saved on the SQLite writer (whose reads are mostly from memory).
+    """
+
+    __slots__ = ("_identities", "_identities_fn", "_open_threads", "_open_threads_fn", "_texts", "_texts_fn")
 
     def __init__(
         self,
@@ -527,9 +533,25 @@ class CachedThreadReads:
         open_threads: Callable[[], list[ThreadRecord]],
         identities: Callable[[], tuple[Identity, ...]],
     ) -> None:
-        self.recent_texts = functools.cache(recent_texts)
-        self.open_threads = functools.cache(open_threads)
-        self.identities = functools.cache(identities)
+        self._texts_fn, self._open_threads_fn, self._identities_fn = recent_texts, open_threads, identities
+        self._texts: list[RecentText] | None = None
+        self._open_threads: list[ThreadRecord] | None = None
+        self._identities: tuple[Identity, ...] | None = None
+
+    def recent_texts(self) -> list[RecentText]:
+        if self._texts is None:
+            self._texts = self._texts_fn()
+        return self._texts
+
+    def open_threads(self) -> list[ThreadRecord]:
+        if self._open_threads is None:
+            self._open_threads = self._open_threads_fn()
+        return self._open_threads
+
+    def identities(self) -> tuple[Identity, ...]:
+        if self._identities is None:
+            self._identities = self._identities_fn()
+        return self._identities
 
 
 # -- the Tx ---------------------------------------------------------------------------------------
@@ -987,7 +1009,8 @@ class SqlStore(ReplyLedger, abc.ABC):
         return await self._write(fn, events=True)
 
     async def _write_marks(self, fn: Callable[[Connection], T]) -> T:
-        """Run an :meth:`outbox_mark_published` job: it writes the outbox and counters only."""
+        """Run an :meth:`outbox_mark_published` job (or :meth:`ping`'s): it writes the outbox and
+        counters only."""
         return await self._write(fn)
 
     async def _write_text_purge(self, fn: Callable[[Connection], int]) -> int:
@@ -1387,7 +1410,10 @@ class SqlStore(ReplyLedger, abc.ABC):
         def job(conn: Connection) -> None:
             conn.execute(self.dialect.ping_sql)
 
-        await self._write(job)
+        # It writes a counter only: as an outbox mark does, it leaves what a backend keeps in memory
+        # (the SQLite writer's hot rows) true, and a readiness probe every few seconds must not
+        # make the writer read every customer back.
+        await self._write_marks(job)
 
     def _probe_dirs(self) -> list[Path]:
         """Directories the store writes files in (SQLite adds its database's)."""

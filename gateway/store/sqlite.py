@@ -19,11 +19,11 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import orjson
 
@@ -188,6 +188,31 @@ MIGRATIONS: tuple[str, ...] = migrations(
     ALTER TABLE replies ADD COLUMN fallback_of TEXT;
     CREATE INDEX replies_fallback ON replies (fallback_of) WHERE fallback_of IS NOT NULL;
     """,
+        # 14: recent texts keyed by (customer, channel, at, message id), so the key also finds a
+        # channel's cap and recent_texts_by_channel goes: one b-tree fewer written per placement.
+        # The table holds only the duplicate window's texts, so the copy is short.
+        """
+    CREATE TABLE recent_texts_by_key (
+        customer_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        message_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (customer_id, channel, at, message_id)
+    ) WITHOUT ROWID;
+    INSERT INTO recent_texts_by_key (customer_id, channel, at, message_id, thread_id, text)
+        SELECT customer_id, channel, at, message_id, thread_id, text FROM recent_texts;
+    DROP TABLE recent_texts;
+    ALTER TABLE recent_texts_by_key RENAME TO recent_texts;
+    CREATE INDEX recent_texts_by_age ON recent_texts (at);
+    """,
+        # 15: a customer's open threads found without last_activity in the index (they are few), so
+        # advancing a thread (which moves last_activity) no longer rewrites an index entry.
+        """
+    DROP INDEX threads_open_by_customer;
+    CREATE INDEX threads_open ON threads (customer_id, tenant, inbox, number) WHERE status = 'open';
+    """,
     ),
 )
 
@@ -230,7 +255,7 @@ class SQLiteDialect(Dialect):
         "each": "= ?",
         "merges": "merges",
         "merges_of": "id IN (SELECT merge_id FROM merge_members WHERE customer_id = ?)",
-        "recent_text_key": "customer_id, at, message_id",  # the primary key (WITHOUT ROWID)
+        "recent_text_key": "customer_id, channel, at, message_id",  # the primary key (WITHOUT ROWID)
         "contains": "instr(body, ?) > 0",
     }
     # Rows are appended in time order, so the old ones are at the head of the table in rowid
@@ -311,14 +336,114 @@ class _OneCursor:
         return self._conn.cursor()
 
 
+# The tables whose rows the writer keeps in memory (gateway.store.hotrows).
+_HOT_TABLES = frozenset({"customers", "identities", "threads", "recent_texts", "tenant_counters"})
+_ROW_WRITES = frozenset({sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE})
+# Any schema change is taken as a write of every table.
+_SCHEMA_WRITES = frozenset(
+    getattr(sqlite3, name)
+    for name in dir(sqlite3)
+    if name.startswith(("SQLITE_CREATE_", "SQLITE_DROP_", "SQLITE_ALTER_"))
+)
+_CLASSIFIED_MAX = 4096  # statement texts remembered (an IN list's length makes a new text)
+
+
+class _HotWrites:
+    """Which statements write a table the hot rows mirror, as SQLite's authorizer tells while it
+    compiles ``EXPLAIN`` of each text (once per text; the writer thread's alone)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, conn: sqlite3.Connection, sql: str, params: Any) -> bool:
+        known = self._known.get(sql)
+        if known is None:
+            known = self._known[sql] = self._classify(conn, sql, params)
+            if len(self._known) > _CLASSIFIED_MAX:
+                self._known.clear()
+        return known
+
+    @staticmethod
+    def _classify(conn: sqlite3.Connection, sql: str, params: Any) -> bool:
+        found = False
+
+        def authorize(action: int, table: str | None, *_: str | None) -> int:
+            nonlocal found
+            if action in _SCHEMA_WRITES or (action in _ROW_WRITES and table in _HOT_TABLES):
+                found = True
+            return sqlite3.SQLITE_OK
+
+        conn.set_authorizer(authorize)
+        try:
+            conn.execute(f"EXPLAIN {sql}", params).fetchall()
+        except sqlite3.Error:
+            return True  # not told: taken as a write (the statement itself says what is wrong)
+        finally:
+            conn.set_authorizer(None)
+        return found
+
+
+class _Watched:
+    """The writer connection as a job of SQL of its own sees it: it notes whether a statement wrote
+    a table the hot rows mirror, so the writer forgets them only then. Anything but a statement
+    (an attribute not named here) is taken as such a write."""
+
+    def __init__(self, conn: sqlite3.Connection, writes_hot: _HotWrites) -> None:
+        self._conn = conn
+        self._writes_hot = writes_hot
+        self.wrote_hot = False
+
+    def note(self, sql: str, params: Any) -> None:
+        if not self.wrote_hot and self._writes_hot(self._conn, sql, params):
+            self.wrote_hot = True
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> _WatchedCursor:
+        return _WatchedCursor(self, self._conn.cursor()).execute(sql, params)
+
+    def cursor(self) -> _WatchedCursor:
+        return _WatchedCursor(self, self._conn.cursor())
+
+    def __getattr__(self, name: str) -> Any:
+        self.wrote_hot = True
+        return getattr(self._conn, name)
+
+
+class _WatchedCursor:
+    """A cursor of :class:`_Watched`: statements are noted; results are read as from sqlite3's."""
+
+    def __init__(self, watch: _Watched, cursor: sqlite3.Cursor) -> None:
+        self._watch = watch
+        self._cursor = cursor
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> _WatchedCursor:
+        self._watch.note(sql, params)
+        self._cursor.execute(sql, params)
+        return self
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> _WatchedCursor:
+        rows = list(rows)
+        if rows:
+            self._watch.note(sql, rows[0])
+        self._cursor.executemany(sql, rows)
+        return self
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor)
+
+    def __getattr__(self, name: str) -> Any:  # fetchone, fetchall, rowcount, close, ...
+        return getattr(self._cursor, name)
+
+
 @dataclass(slots=True)
 class _Job:
     fn: WriteJob[Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     # The job writes customers, identities and threads only through HotTx (or not at all), so
-    # the writer's hot rows stay true after it.
+    # the writer's hot rows stay true after it. Any other job runs on a _Watched connection.
     keeps_hot_rows: bool = False
+    # Set by its last run: the job wrote a table the hot rows mirror (it did not keep them).
+    wrote_hot: bool = False
 
 
 class SQLiteStore(SqlStore):
@@ -358,6 +483,7 @@ class SQLiteStore(SqlStore):
         self._job_delta = 0
         self._group_target = 0
         self._hot = HotRows(_HOT_CUSTOMERS)  # the writer thread's alone
+        self._writes_hot = _HotWrites()  # likewise
         self._guarded = 0  # batches still to run with a savepoint per job
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -420,13 +546,17 @@ class SQLiteStore(SqlStore):
         self._settings.path.parent.mkdir(parents=True, exist_ok=True)
         self._blobs.ensure()
 
-    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+    def _connect(self, *, readonly: bool, writer: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(self._settings.path, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA busy_timeout = 5000")
-        if not readonly:
+        if writer:
             # Takes effect only in a new (empty) file; an older file needs one full VACUUM
             # (``ticketgate store vacuum``, see vacuum_file) before freed pages can be given back.
+            # The writer's alone: the pragma commits page 1 even when it changes nothing, and a
+            # commit by another connection (the checkpointer starting, a vacuum after retention)
+            # makes the writer forget its hot rows (PRAGMA data_version).
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
             # After a checkpoint the WAL shrinks back to this, instead of keeping its largest size.
             conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT}")
@@ -528,7 +658,7 @@ class SQLiteStore(SqlStore):
 
     def _run_writer(self, ready: concurrent.futures.Future[int]) -> None:
         try:
-            conn = self._connect(readonly=False)
+            conn = self._connect(readonly=False, writer=True)
             self._migrate(conn)
             row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
             backlog = int(row[0])
@@ -603,7 +733,7 @@ class SQLiteStore(SqlStore):
         for job in batch:
             self._job_delta = 0
             try:
-                value = job.fn(conn)
+                value = self._run(conn, job)
             except Exception as exc:
                 self._hot.forget()
                 if conn.in_transaction:
@@ -627,7 +757,7 @@ class SQLiteStore(SqlStore):
             conn.execute("SAVEPOINT job")
             self._job_delta = 0
             try:
-                value = job.fn(conn)
+                value = self._run(conn, job)
             except Exception as exc:
                 self._hot.forget()  # what the job changed in memory is not undone piece by piece
                 if not self._rollback_to_savepoint(conn):
@@ -653,8 +783,18 @@ class SQLiteStore(SqlStore):
         self._hot.check(conn)
         return True
 
+    def _run(self, conn: sqlite3.Connection, job: _Job) -> Any:
+        if job.keeps_hot_rows:
+            return job.fn(conn)
+        watched = _Watched(conn, self._writes_hot)
+        try:
+            # Typed as the connection: it answers what the jobs use of one (engine.Connection).
+            return job.fn(cast(sqlite3.Connection, watched))
+        finally:
+            job.wrote_hot = watched.wrote_hot
+
     def _job_done(self, job: _Job) -> None:
-        if not job.keeps_hot_rows:
+        if job.wrote_hot:
             self._hot.forget()
         self._batch_delta += self._job_delta
 

@@ -285,7 +285,7 @@ def test_recent_texts_keep_only_the_newest_of_each_channel(tx: SQLiteTx, conn: s
     emails = [f"m{n:04}" for n, channel in enumerate(channels) if channel == "email"]
     kept_emails = conn.execute("SELECT message_id FROM recent_texts WHERE channel = 'email' ORDER BY at")
     assert [row[0] for row in kept_emails] == emails[-RECENT_TEXTS_KEPT:]
-    # The cap is found through the index, not by reading the channel's rows.
+    # The cap is found through the key (customer, channel, at), not by reading the channel's rows.
     plan = " ".join(
         row[-1]
         for row in conn.execute(
@@ -294,4 +294,4 @@ def test_recent_texts_keep_only_the_newest_of_each_channel(tx: SQLiteTx, conn: s
             ("cus_busy", "email"),
         )
     )
-    assert "recent_texts_by_channel" in plan
+    assert "USING PRIMARY KEY (customer_id=? AND channel=?)" in plan

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import inspect
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from storekit import POLICY, broken_builder, build_event, envelope, message, outbox_settings, store_settings
+from storekit import (
+    POLICY,
+    Clock,
+    broken_builder,
+    build_event,
+    envelope,
+    message,
+    outbox_settings,
+    store_settings,
+)
+from test_postgres_round_trips import _scenario
 
 from core.events import Event
 from core.model import CanonicalMessage, Placement
@@ -76,6 +89,32 @@ async def test_a_job_rolled_back_in_the_middle_of_a_batch_leaves_nothing_in_memo
     assert [first.sequence, second.sequence] == [2, 3]
 
 
+async def test_thread_numbers_stay_consecutive_through_rollbacks_and_other_writers(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # The writer keeps each tenant's next thread number in memory; a rolled-back placement and a
+    # thread numbered by another process must not make it skip or repeat a number.
+    (first,) = await accept(store, message("m1", email="a@example.com"))
+    with pytest.raises(RuntimeError):
+        await store.accept(
+            envelope(b"broken"), [message("m2", email="b@example.com")], policies=[POLICY],
+            build_event=broken_builder,
+        )  # fmt: skip
+    (second,) = await accept(store, message("m3", email="c@example.com"))
+    conn = sqlite3.connect(tmp_path / "tg.db")
+    with conn:  # another process numbers a thread of its own
+        conn.execute(
+            "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+            " created_at) VALUES ('thr_other', 'acme', 'support', ?, NULL, 'closed', 3, 0, 0)",
+            (first.customer_id,),
+        )
+        conn.execute("UPDATE tenant_counters SET next_thread_number = 4 WHERE tenant = 'acme'")
+    conn.close()
+    (third,) = await accept(store, message("m4", email="d@example.com"))
+
+    assert [first.thread_number, second.thread_number, third.thread_number] == [1, 2, 4]
+
+
 async def test_an_erasure_by_another_process_is_seen_by_the_next_placement(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
@@ -124,6 +163,69 @@ async def test_a_store_job_writing_rows_with_sql_of_its_own_is_seen_by_the_next_
     assert owner_of(tmp_path / "tg.db", "ada@example.com") == second.customer_id
 
 
+async def test_a_readiness_probe_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # /ready writes a counter every few seconds; the writer must not read every customer back.
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    await store.ping()
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
+async def test_a_connection_that_commits_nothing_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # Only another connection's commit makes the writer forget (PRAGMA data_version). reclaim_space
+    # connects, finds no free page and commits nothing, as the checkpointer does when it starts.
+    await store.reclaim_space(2**31 - 1)  # the pages the migrations freed
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    assert await store.reclaim_space(100) == 0
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
+async def test_a_job_writing_no_kept_table_leaves_the_rows_kept_in_memory(store: SQLiteStore) -> None:
+    # The reply dispatcher claims due replies every second; its job writes the replies table only.
+    await accept(store, message("m1"))
+    forgotten = store._hot.forgotten
+
+    assert await store.reply_claim(datetime.now(UTC), 10, 30.0, "test/lease") == []
+    await store.state_put("imap/watermark", b"42")
+    (second,) = await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten
+    assert second.sequence == 2
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda conn: conn.execute("UPDATE customers SET display_name = 'Eve'"),
+        lambda conn: conn.cursor().executemany(
+            "UPDATE threads SET status = ? WHERE status = 'open'", [("closed",), ("closed",)]
+        ),
+        lambda conn: conn.total_changes,  # not a statement: taken as a write
+    ],
+    ids=["execute", "executemany", "other"],
+)
+async def test_a_job_writing_a_kept_table_by_any_way_is_seen_by_the_next_placement(
+    store: SQLiteStore, write: Callable[[Connection], Any]
+) -> None:
+    await accept(store, message("m1"))
+    await store.state_put("imap/watermark", b"42")  # its statement is known not to write one
+    forgotten = store._hot.forgotten
+
+    await store._write(write)
+    await accept(store, message("m2"))
+
+    assert store._hot.forgotten == forgotten + 1
+
+
 async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore) -> None:
     (first,) = await accept(store, message("m1"))
 
@@ -136,6 +238,27 @@ async def test_a_thread_closed_by_a_desk_is_not_joined_again(store: SQLiteStore)
     assert second.is_new_thread
     assert second.thread_id != first.thread_id
     assert second.previous_thread_id == first.thread_id
+
+
+async def test_a_thread_advanced_in_memory_keeps_what_it_continues(store: SQLiteStore) -> None:
+    # The writer's copy of a thread gets a new last_activity per message; nothing else may change.
+    (first,) = await accept(store, message("m1"))
+
+    def close(tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+        return tx.set_thread_status(first.thread_id, open=False, at=now), []
+
+    assert await store.transact(close)
+    second, third, fourth = [(await accept(store, message(f"m{n}")))[0] for n in (2, 3, 4)]
+
+    assert second.is_new_thread
+    assert second.previous_thread_id == first.thread_id
+    for later in (third, fourth):
+        assert later.thread_id == second.thread_id
+        assert (later.previous_thread_id, later.thread_number) == (first.thread_id, second.thread_number)
+    threads = [orjson.loads(e.body)["thread"] for e in await store.outbox_fetch(10)][1:]
+    assert [t["previous_id"] for t in threads] == [first.thread_id] * 3
+    assert [t["subject"] for t in threads] == ["Order 1234 is late"] * 3
+    assert [t["sequence"] for t in threads] == [1, 2, 3]
 
 
 async def test_the_event_names_every_identity_of_the_customer_oldest_first(store: SQLiteStore) -> None:
@@ -171,8 +294,8 @@ def test_the_rows_kept_are_bounded_least_recently_used_first() -> None:
     assert hot.owner(("t", "email", "a@example.com")) is not None
 
 
-# Tx methods that write no customer, identity, thread or recent text row, or only read them (HotTx answers the
-# hot reads it overrides; the rest read the database).
+# Tx methods that write no customer, identity, thread, recent text or tenant counter row, or only read them
+# (HotTx answers the hot reads it overrides; the rest read the database).
 _NO_HOT_WRITES = {
     "claim_key",
     "complete_claim",
@@ -195,7 +318,6 @@ _NO_HOT_WRITES = {
     "find_thread_by_rfc822",
     "find_thread_by_key",
     "add_thread_key",
-    "next_thread_number",
     "add_message",
 }
 
@@ -349,3 +471,58 @@ async def test_the_characters_counted_match_the_texts_kept_through_caps_and_drop
     assert first.customer_id not in store._hot._customers
     normalised = text.format(0).lower().replace(".", "")
     assert store._hot.text_chars == _chars_kept(store._hot) == 2 * text_weight(normalised)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_placements_answered_from_memory_equal_those_read_from_the_database(
+    seed: int, tmp_path: Path
+) -> None:
+    # The seeded scenarios of the PostgreSQL comparison (merges, links, retries, touchpoints, late
+    # names), with a desk closing a thread midway: once as they run, once with the writer made to
+    # forget what it keeps before every batch, so every first read of a batch goes to the database.
+    outcomes = []
+    for forget in (False, True):
+        clock = Clock()
+        store = SQLiteStore(store_settings(tmp_path / str(forget)), outbox_settings(), clock=clock)
+        await store.open()
+        try:
+            placed: list[Placement] = []
+            for number, batch in enumerate(_scenario(seed)):
+                if forget:  # a desk's status change forgets everything first (HotTx)
+                    forgotten = store._hot.forgotten
+                    assert not await store.transact(functools.partial(_reopen, "thr_unknown"))
+                    assert store._hot.forgotten == forgotten + (number > 0)
+                if number == 6:
+                    close = functools.partial(_close, placed[0].thread_id)
+                    assert await store.transact(close)
+                placed += [p for (p,) in await asyncio.gather(*(accept(store, m) for m in batch))]
+                await store.ping()
+                clock.advance(400)
+            bodies = [orjson.loads(row.body) for row in await store.outbox_fetch(1000)]
+        finally:
+            await store.close()
+        for body in bodies:
+            del body["event_id"], body["occurred_at"]
+        outcomes.append(_by_first_appearance([[dataclasses.asdict(p) for p in placed], bodies]))
+
+    assert outcomes[0] == outcomes[1]
+
+
+def _by_first_appearance(value: Any, names: dict[str, str] | None = None) -> Any:
+    """``value`` with generated ids (time-ordered, so different in every run) named by their order."""
+    names = {} if names is None else names
+    if isinstance(value, str) and value[:4] in ("cus_", "thr_", "mrg_", "lnk_"):
+        return names.setdefault(value, f"{value[:3]}{len(names)}")
+    if isinstance(value, dict):
+        return {k: _by_first_appearance(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_first_appearance(v, names) for v in value]
+    return value
+
+
+def _close(thread_id: str, tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+    return tx.set_thread_status(thread_id, open=False, at=now), []
+
+
+def _reopen(thread_id: str, tx: SqlTx, now: datetime) -> tuple[bool, list[Event]]:
+    return tx.set_thread_status(thread_id, open=True, at=now), []

@@ -19,6 +19,7 @@ from storekit import POLICY, broken_builder, build_event, envelope, message, out
 from core.errors import BacklogFull, StoreError
 from core.model import Attachment, CanonicalMessage, Placement, RawEnvelope
 from gateway.store.blobs import sha256_hex
+from gateway.store.engine import OPEN_THREADS
 from gateway.store.sqlite import MIGRATIONS, SQLiteStore
 
 HERE = Path(__file__).parent
@@ -135,6 +136,45 @@ async def test_schema_is_versioned_and_a_newer_schema_is_refused(tmp_path: Path)
 
     with pytest.raises(StoreError, match="newer"):
         await SQLiteStore(settings, outbox_settings()).open()
+
+
+async def test_texts_and_threads_from_before_migrations_14_and_15_are_found_after_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Migration 14 rebuilds recent_texts under another key, 15 re-indexes open threads: what was
+    # stored before them must still be found.
+    text = "My parcel 88231 never arrived and the tracking page has not moved since Monday."
+    settings = store_settings(tmp_path)
+    monkeypatch.setattr("gateway.store.sqlite.MIGRATIONS", MIGRATIONS[:13])
+    old = SQLiteStore(settings, outbox_settings())
+    await old.open()
+    (first,) = await accept(old, message("m1", channel="form", text=text))
+    await old.close()
+    monkeypatch.setattr("gateway.store.sqlite.MIGRATIONS", MIGRATIONS)
+
+    new = SQLiteStore(settings, outbox_settings())
+    await new.open()
+    try:
+        (again,) = await accept(new, message("m2", channel="email", text=text))
+        (later,) = await accept(new, message("m3", channel="email", text="And no one answers my mails."))
+    finally:
+        await new.close()
+
+    assert again.duplicate_of == first.message_id
+    assert again.thread_id == first.thread_id
+    assert (later.thread_id, later.sequence, later.is_new_thread) == (first.thread_id, 3, False)
+
+
+def test_open_threads_are_read_through_the_open_threads_index(tmp_path: Path) -> None:
+    # Without an index that starts with the customer, SQLite reads a tenant's every thread in
+    # number order (the UNIQUE (tenant, number) index) to find one customer's open threads.
+    conn = sqlite3.connect(tmp_path / "plan.db")
+    for migration in MIGRATIONS:
+        conn.executescript(migration)
+    plan = " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {OPEN_THREADS}", (1, 2, 3, 4)))
+    conn.close()
+
+    assert "USING INDEX threads_open (customer_id=? AND tenant=? AND inbox=?)" in plan
 
 
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
