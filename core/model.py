@@ -253,7 +253,17 @@ class CanonicalMessage:
 
     def message_id(self) -> str:
         """Deterministic message id: the same provider message always gets the same id."""
-        return str(uuid.uuid5(MESSAGE_NAMESPACE, self.idempotency_key()))
+        return uuid5_text(MESSAGE_NAMESPACE, self.idempotency_key())
+
+
+def uuid5_text(namespace: uuid.UUID, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))`` without building the UUID object (a third of the time,
+    once per placement)."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Outcome(enum.StrEnum):
