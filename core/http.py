@@ -240,7 +240,7 @@ async def ingest_within(
     found as a duplicate when the client retries. The bound is shared by every request of the same
     ``within`` (:mod:`core.timeouts`): one timer, not one per request."""
     try:
-        async with shared_timeout(within):
+        with shared_timeout(within):
             return await ingest(envelope, normalize)
     except TimeoutError:
         return IngestResult(
