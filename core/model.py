@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import operator
 import types
 import uuid
 from collections.abc import Callable, Mapping
@@ -312,14 +311,24 @@ class _SlotCopier:
     def __init__(self, cls: type) -> None:
         names = tuple(spec.name for spec in dataclasses.fields(cls))
         self.cls = cls
-        # Every field's value in one call (attrgetter of one name gives the value, not a tuple).
-        self.get_all: Callable[[object], tuple[Any, ...]] = (
-            operator.attrgetter(*names) if len(names) > 1 else lambda value: (getattr(value, names[0]),)
-        )
         # A slot's member descriptor sets it without the frozen class's __setattr__.
         self.setters: dict[str, Callable[[object, object], None]] = {
             name: cls.__dict__[name].__set__ for name in names
         }
+        self.copy = self._compile(cls, names)
+
+    def _compile(self, cls: type, names: tuple[str, ...]) -> Callable[[Any], Any]:
+        """One line per field, as dataclasses writes ``__init__``: a loop over the fields (zip,
+        a setter looked up per field) took twice as long, ~3.4 us for a CanonicalMessage."""
+        scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+        lines = ["def copy(value):", "    new = _new(_cls)"]
+        for i, name in enumerate(names):
+            scope[f"_set{i}"] = self.setters[name]
+            lines.append(f"    _set{i}(new, value.{name})")
+        lines.append("    return new")
+        exec("\n".join(lines), scope)  # noqa: S102 - field names are identifiers of the class
+        copy: Callable[[Any], Any] = scope["copy"]
+        return copy
 
     @staticmethod
     def fits(cls: type) -> bool:
@@ -333,9 +342,7 @@ class _SlotCopier:
         )
 
     def __call__(self, value: D, changes: dict[str, Any]) -> D:
-        new: D = object.__new__(self.cls)
-        for setter, current in zip(self.setters.values(), self.get_all(value), strict=True):
-            setter(new, current)
+        new: D = self.copy(value)
         for name, changed in changes.items():
             change = self.setters.get(name)
             if change is None:
