@@ -26,12 +26,13 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 import phonenumbers
 
 from core.model import CanonicalMessage, Entity, Routing, replace
 from core.settings import ExtractorSettings, RoutingRule, Settings
+from normalizers.content import finishing
 
 MAX_ENTITIES = 32
 # Only this much of subject + text is scanned: order and tracking numbers sit near the top.
@@ -231,13 +232,25 @@ class Enricher:
         return cls(extractors, settings.routing.rules, phone_region=phone_region)
 
     def enrich(self, message: CanonicalMessage) -> CanonicalMessage:
-        text = "\n".join(part for part in (message.subject, message.text) if part)[:MAX_SCAN_CHARS]
-        folded = text.casefold() if self._fold else ""
-        entities = self._entities(message.entities, text, folded)
+        changes = self._changes(message, message.text)
+        return replace(message, **changes) if changes else message
+
+    def finish_and_enrich(self, message: CanonicalMessage) -> CanonicalMessage:
+        """``enrich(normalizers.content.finish(message))``, copying the message once instead of
+        twice (a copy is ~2 us of the event loop per message)."""
+        changes = finishing(message)
+        changes.update(self._changes(message, changes.get("text", message.text)))
+        return replace(message, **changes) if changes else message
+
+    def _changes(self, message: CanonicalMessage, text: str | None) -> dict[str, Any]:
+        """The enrichment of ``message`` whose text is ``text``, as keywords for ``replace``."""
+        scanned = "\n".join(part for part in (message.subject, text) if part)[:MAX_SCAN_CHARS]
+        folded = scanned.casefold() if self._fold else ""
+        entities = self._entities(message.entities, scanned, folded)
         routing = self._routing(message, folded)
         if entities == message.entities and routing == message.routing:
-            return message
-        return replace(message, entities=entities, routing=routing)
+            return {}
+        return {"entities": entities, "routing": routing}
 
     def _entities(self, existing: tuple[Entity, ...], text: str, folded: str) -> tuple[Entity, ...]:
         found = list(existing)
