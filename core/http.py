@@ -157,13 +157,16 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    content = request.content
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(_READ_CHUNK):
+    while chunk := await content.read(_READ_CHUNK):
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+        if content.at_eof():
+            break  # all of it is here: no read just to be told so (a small body comes in one)
     return b"".join(chunks)
 
 
