@@ -19,6 +19,57 @@ from typing import Any, Literal, TypeVar
 # Namespace for deterministic message ids: uuid5(NAMESPACE, idempotency key).
 MESSAGE_NAMESPACE = uuid.UUID("6f1f4a5e-3c1b-4b7e-9a57-2f1d0c7d9b10")
 
+C = TypeVar("C", bound=type)
+
+
+class _Factory:
+    """The default of a field that has a ``default_factory`` (shown as dataclasses shows it)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
+
+
+def _quick_init(cls: C) -> C:
+    """Give a frozen, slotted, keyword-only dataclass an ``__init__`` that sets each slot through its
+    member descriptor, the same parameters, defaults, factories and ``__post_init__`` otherwise.
+
+    A frozen dataclass's own ``__init__`` calls ``object.__setattr__`` for every field, ~120 ns
+    each: 3.6 us for a :class:`CanonicalMessage`, built (with its envelope, identities and
+    result) for every message on the event loop. This one takes about half.
+    """
+    specs = dataclasses.fields(cls)
+    if not all(spec.init and spec.kw_only for spec in specs):
+        raise TypeError(f"{cls.__name__}: every field must be a keyword-only __init__ parameter")
+    scope: dict[str, Any] = {"_FACTORY": _FACTORY}
+    params, body = [], []
+    for i, spec in enumerate(specs):
+        name = spec.name
+        scope[f"_set{i}"] = cls.__dict__[name].__set__
+        if spec.default is not dataclasses.MISSING:
+            scope[f"_default{i}"] = spec.default
+            params.append(f"{name}=_default{i}")
+            body.append(f"    _set{i}(self, {name})")
+        elif spec.default_factory is not dataclasses.MISSING:
+            scope[f"_factory{i}"] = spec.default_factory
+            params.append(f"{name}=_FACTORY")
+            body.append(f"    _set{i}(self, _factory{i}() if {name} is _FACTORY else {name})")
+        else:
+            params.append(name)
+            body.append(f"    _set{i}(self, {name})")
+    if hasattr(cls, "__post_init__"):
+        body.append("    self.__post_init__()")
+    source = f"def __init__(self, *, {', '.join(params)}) -> None:\n" + "\n".join(body or ["    pass"])
+    exec(source, scope)  # noqa: S102 - field names are identifiers of the class
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
+
 
 class IdentityKind(enum.StrEnum):
     """Kinds of customer identity; the value format of each is documented in docs/events.md."""
@@ -47,6 +98,7 @@ class IdentityKind(enum.StrEnum):
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:
     """One way of reaching a customer. ``verified`` means the channel proved it (signature, DKIM, ...)."""
@@ -65,6 +117,7 @@ class Identity:
         return (self.kind, self.value)
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Attachment:
     """An attachment. ``data`` travels only to the blob store, never on the bus."""
@@ -84,6 +137,7 @@ class Attachment:
         return hashlib.sha256(self.data).hexdigest()
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MediaRef:
     """Media the provider keeps (WeChat media_id, a WhatsApp media id, a URL); fetched after commit."""
@@ -94,6 +148,7 @@ class MediaRef:
     content_type: str | None = None
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entity:
     """Something an extractor found in the text: an order number, a tracking number, a phone number."""
@@ -102,6 +157,7 @@ class Entity:
     value: str
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Routing:
     """Hints for the desk, from configurable rules."""
@@ -138,6 +194,7 @@ def plain_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {plain_text(name): plain_text(value) for name, value in headers.items()}
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RawEnvelope:
     """What a connector hands to the pipeline: the bytes as received, plus what the transport knows.
@@ -170,6 +227,7 @@ class RawEnvelope:
             object.__setattr__(self, "content_type", plain_text(self.content_type))
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CanonicalMessage:
     """One customer message in the channel-independent shape.
@@ -263,6 +321,7 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Placement:
     """Where the store put one message (or where its first delivery went, for a duplicate)."""
@@ -285,6 +344,7 @@ class Placement:
     thread_number: int | None = field(default=None, compare=False)
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IngestResult:
     """What the pipeline tells a connector; the connector maps it to the channel's own answer."""
