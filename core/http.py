@@ -190,7 +190,9 @@ def envelope_headers(request: web.BaseRequest, *, without: str | None = None) ->
     dropped = without.lower() if without is not None else None
     headers: dict[str, str] = {}
     for raw_name, raw_value in request.headers.items():
-        lower, value = plain_text(raw_name).lower(), plain_text(raw_value)
+        # ASCII, the usual header, tested inline: plain_text is a call per name and per value.
+        lower = raw_name.lower() if raw_name.isascii() else plain_text(raw_name).lower()
+        value = raw_value if type(raw_value) is str and raw_value.isascii() else plain_text(raw_value)
         if lower in SECRET_HEADERS or lower == dropped:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value

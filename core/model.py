@@ -191,7 +191,13 @@ def _escape_surrogate(char: str) -> str:
 def plain_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Header names and values as plain ``str`` (:func:`plain_text`); an ``istr`` key is not a
     ``str`` to orjson, which then refuses to serialize the mapping."""
-    return {plain_text(name): plain_text(value) for name, value in headers.items()}
+    # A plain ASCII str, the usual name and value, is kept without a call of plain_text.
+    return {
+        (name if type(name) is str and name.isascii() else plain_text(name)): (
+            value if type(value) is str and value.isascii() else plain_text(value)
+        )
+        for name, value in headers.items()
+    }
 
 
 @_quick_init
