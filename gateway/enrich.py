@@ -258,20 +258,23 @@ class Enricher:
         claimed: list[tuple[int, int]] = []  # spans already taken, so an order number is not also a phone
         longest = self._longest_run(text)
         for extractor in self._extractors:
-            if extractor.digit_run > longest or not extractor.applies(folded):
+            # _Extractor.applies, inline: this runs for every extractor of every message.
+            gate = extractor.gate
+            if extractor.digit_run > longest or (gate is not None and gate.search(folded) is None):
                 continue
+            group, kind = extractor.group, extractor.kind
             for match in extractor.regex.finditer(text):
-                start, end = match.span(extractor.group)
-                if start < 0 or any(start < e and s < end for s, e in claimed):
+                start, end = match.span(group)
+                if start < 0 or (claimed and any(start < e and s < end for s, e in claimed)):
                     continue
-                value: str | None = match.group(extractor.group)
-                if extractor.kind == "phone":
+                value: str | None = match.group(group)
+                if kind == "phone":
                     value = self._phone(value)
-                if not value or (extractor.kind, value) in seen:
+                if not value or (kind, value) in seen:
                     continue
-                seen.add((extractor.kind, value))
+                seen.add((kind, value))
                 claimed.append((start, end))
-                found.append(Entity(kind=extractor.kind, value=value))
+                found.append(Entity(kind=kind, value=value))
                 if len(found) >= MAX_ENTITIES:
                     return tuple(found)
         return tuple(found)
