@@ -171,10 +171,6 @@ class _Extractor:
         group = spec.group if spec.group is not None else 0
         return cls(spec.kind, regex, group, requires, gate, spec.digit_run)
 
-    def applies(self, folded: str) -> bool:
-        """Whether the regex can match the text whose case-folded form is ``folded``."""
-        return self.gate is None or self.gate.search(folded) is not None
-
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
@@ -258,7 +254,8 @@ class Enricher:
         claimed: list[tuple[int, int]] = []  # spans already taken, so an order number is not also a phone
         longest = self._longest_run(text)
         for extractor in self._extractors:
-            # _Extractor.applies, inline: this runs for every extractor of every message.
+            # Whether the regex can match: the text holds the digit run and one of the needles every
+            # match contains (tested here, not in a method: this runs for every extractor).
             gate = extractor.gate
             if extractor.digit_run > longest or (gate is not None and gate.search(folded) is None):
                 continue
