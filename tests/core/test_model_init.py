@@ -44,11 +44,14 @@ def twins() -> tuple[type, type]:
     return define(), _quick_init(define())
 
 
-@pytest.mark.parametrize("arguments", [
-    {"name": " a "},
-    {"name": "b", "size": 0, "tags": ("x",)},
-    {"name": "c", "extra": {"k": 1}, "seen": ["s"]},
-])
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"name": " a "},
+        {"name": "b", "size": 0, "tags": ("x",)},
+        {"name": "c", "extra": {"k": 1}, "seen": ["s"]},
+    ],
+)
 def test_an_instance_is_what_dataclasses_would_build(arguments: dict[str, Any]) -> None:
     plain, quick = twins()
     assert dataclasses.asdict(quick(**arguments)) == dataclasses.asdict(plain(**arguments))
@@ -56,6 +59,7 @@ def test_an_instance_is_what_dataclasses_would_build(arguments: dict[str, Any]) 
 
 def test_the_signature_is_the_same() -> None:
     plain, quick = twins()
+
     def shape(cls: type) -> list[tuple[str, object, str]]:
         return [(p.name, p.kind, repr(p.default)) for p in inspect.signature(cls).parameters.values()]
 
