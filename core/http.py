@@ -157,13 +157,16 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise TooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    content = request.content
     chunks: list[bytes] = []
     size = 0
-    while chunk := await request.content.read(_READ_CHUNK):
+    while chunk := await content.read(_READ_CHUNK):
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+        if content.at_eof():
+            break  # all of it is here: no read just to be told so (a small body comes in one)
     return b"".join(chunks)
 
 
@@ -187,7 +190,9 @@ def envelope_headers(request: web.BaseRequest, *, without: str | None = None) ->
     dropped = without.lower() if without is not None else None
     headers: dict[str, str] = {}
     for raw_name, raw_value in request.headers.items():
-        lower, value = plain_text(raw_name).lower(), plain_text(raw_value)
+        # ASCII, the usual header, tested inline: plain_text is a call per name and per value.
+        lower = raw_name.lower() if raw_name.isascii() else plain_text(raw_name).lower()
+        value = raw_value if type(raw_value) is str and raw_value.isascii() else plain_text(raw_value)
         if lower in SECRET_HEADERS or lower == dropped:
             continue
         headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
@@ -240,7 +245,7 @@ async def ingest_within(
     found as a duplicate when the client retries. The bound is shared by every request of the same
     ``within`` (:mod:`core.timeouts`): one timer, not one per request."""
     try:
-        async with shared_timeout(within):
+        with shared_timeout(within):
             return await ingest(envelope, normalize)
     except TimeoutError:
         return IngestResult(

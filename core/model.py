@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import operator
 import types
 import uuid
 from collections.abc import Callable, Mapping
@@ -19,6 +18,57 @@ from typing import Any, Literal, TypeVar
 
 # Namespace for deterministic message ids: uuid5(NAMESPACE, idempotency key).
 MESSAGE_NAMESPACE = uuid.UUID("6f1f4a5e-3c1b-4b7e-9a57-2f1d0c7d9b10")
+
+C = TypeVar("C", bound=type)
+
+
+class _Factory:
+    """The default of a field that has a ``default_factory`` (shown as dataclasses shows it)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY = _Factory()
+
+
+def _quick_init(cls: C) -> C:
+    """Give a frozen, slotted, keyword-only dataclass an ``__init__`` that sets each slot through its
+    member descriptor, the same parameters, defaults, factories and ``__post_init__`` otherwise.
+
+    A frozen dataclass's own ``__init__`` calls ``object.__setattr__`` for every field, ~120 ns
+    each: 3.6 us for a :class:`CanonicalMessage`, built (with its envelope, identities and
+    result) for every message on the event loop. This one takes about half.
+    """
+    specs = dataclasses.fields(cls)
+    if not all(spec.init and spec.kw_only for spec in specs):
+        raise TypeError(f"{cls.__name__}: every field must be a keyword-only __init__ parameter")
+    scope: dict[str, Any] = {"_FACTORY": _FACTORY}
+    params, body = [], []
+    for i, spec in enumerate(specs):
+        name = spec.name
+        scope[f"_set{i}"] = cls.__dict__[name].__set__
+        if spec.default is not dataclasses.MISSING:
+            scope[f"_default{i}"] = spec.default
+            params.append(f"{name}=_default{i}")
+            body.append(f"    _set{i}(self, {name})")
+        elif spec.default_factory is not dataclasses.MISSING:
+            scope[f"_factory{i}"] = spec.default_factory
+            params.append(f"{name}=_FACTORY")
+            body.append(f"    _set{i}(self, _factory{i}() if {name} is _FACTORY else {name})")
+        else:
+            params.append(name)
+            body.append(f"    _set{i}(self, {name})")
+    if hasattr(cls, "__post_init__"):
+        body.append("    self.__post_init__()")
+    source = f"def __init__(self, *, {', '.join(params)}) -> None:\n" + "\n".join(body or ["    pass"])
+    exec(source, scope)  # noqa: S102 - field names are identifiers of the class
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__module__ = cls.__module__
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
 
 
 class IdentityKind(enum.StrEnum):
@@ -48,6 +98,7 @@ class IdentityKind(enum.StrEnum):
     EXTERNAL = "external"  # an API caller's own customer id, value: "{inbox}:{id}"
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Identity:
     """One way of reaching a customer. ``verified`` means the channel proved it (signature, DKIM, ...)."""
@@ -66,6 +117,7 @@ class Identity:
         return (self.kind, self.value)
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Attachment:
     """An attachment. ``data`` travels only to the blob store, never on the bus."""
@@ -85,6 +137,7 @@ class Attachment:
         return hashlib.sha256(self.data).hexdigest()
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MediaRef:
     """Media the provider keeps (WeChat media_id, a WhatsApp media id, a URL); fetched after commit."""
@@ -95,6 +148,7 @@ class MediaRef:
     content_type: str | None = None
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entity:
     """Something an extractor found in the text: an order number, a tracking number, a phone number."""
@@ -103,6 +157,7 @@ class Entity:
     value: str
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Routing:
     """Hints for the desk, from configurable rules."""
@@ -136,9 +191,16 @@ def _escape_surrogate(char: str) -> str:
 def plain_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Header names and values as plain ``str`` (:func:`plain_text`); an ``istr`` key is not a
     ``str`` to orjson, which then refuses to serialize the mapping."""
-    return {plain_text(name): plain_text(value) for name, value in headers.items()}
+    # A plain ASCII str, the usual name and value, is kept without a call of plain_text.
+    return {
+        (name if type(name) is str and name.isascii() else plain_text(name)): (
+            value if type(value) is str and value.isascii() else plain_text(value)
+        )
+        for name, value in headers.items()
+    }
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RawEnvelope:
     """What a connector hands to the pipeline: the bytes as received, plus what the transport knows.
@@ -171,6 +233,7 @@ class RawEnvelope:
             object.__setattr__(self, "content_type", plain_text(self.content_type))
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CanonicalMessage:
     """One customer message in the channel-independent shape.
@@ -274,6 +337,7 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Placement:
     """Where the store put one message (or where its first delivery went, for a duplicate)."""
@@ -296,6 +360,7 @@ class Placement:
     thread_number: int | None = field(default=None, compare=False)
 
 
+@_quick_init
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IngestResult:
     """What the pipeline tells a connector; the connector maps it to the channel's own answer."""
@@ -322,14 +387,24 @@ class _SlotCopier:
     def __init__(self, cls: type) -> None:
         names = tuple(spec.name for spec in dataclasses.fields(cls))
         self.cls = cls
-        # Every field's value in one call (attrgetter of one name gives the value, not a tuple).
-        self.get_all: Callable[[object], tuple[Any, ...]] = (
-            operator.attrgetter(*names) if len(names) > 1 else lambda value: (getattr(value, names[0]),)
-        )
         # A slot's member descriptor sets it without the frozen class's __setattr__.
         self.setters: dict[str, Callable[[object, object], None]] = {
             name: cls.__dict__[name].__set__ for name in names
         }
+        self.copy = self._compile(cls, names)
+
+    def _compile(self, cls: type, names: tuple[str, ...]) -> Callable[[Any], Any]:
+        """One line per field, as dataclasses writes ``__init__``: a loop over the fields (zip,
+        a setter looked up per field) took twice as long, ~3.4 us for a CanonicalMessage."""
+        scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+        lines = ["def copy(value):", "    new = _new(_cls)"]
+        for i, name in enumerate(names):
+            scope[f"_set{i}"] = self.setters[name]
+            lines.append(f"    _set{i}(new, value.{name})")
+        lines.append("    return new")
+        exec("\n".join(lines), scope)  # noqa: S102 - field names are identifiers of the class
+        copy: Callable[[Any], Any] = scope["copy"]
+        return copy
 
     @staticmethod
     def fits(cls: type) -> bool:
@@ -343,9 +418,7 @@ class _SlotCopier:
         )
 
     def __call__(self, value: D, changes: dict[str, Any]) -> D:
-        new: D = object.__new__(self.cls)
-        for setter, current in zip(self.setters.values(), self.get_all(value), strict=True):
-            setter(new, current)
+        new: D = self.copy(value)
         for name, changed in changes.items():
             change = self.setters.get(name)
             if change is None:

@@ -78,7 +78,7 @@ def create_app(settings: Settings, overrides: Overrides | None = None) -> web.Ap
         settings,
         store,
         metrics,
-        enrich=Enricher.from_settings(settings).enrich,
+        enricher=Enricher.from_settings(settings),
         on_commit=relay.wake,
         offload=offload,
         answering=_Answering(senders, kinds),

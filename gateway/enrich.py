@@ -26,12 +26,13 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 import phonenumbers
 
 from core.model import CanonicalMessage, Entity, Routing, replace
 from core.settings import ExtractorSettings, RoutingRule, Settings
+from normalizers.content import finishing
 
 MAX_ENTITIES = 32
 # Only this much of subject + text is scanned: order and tracking numbers sit near the top.
@@ -170,10 +171,6 @@ class _Extractor:
         group = spec.group if spec.group is not None else 0
         return cls(spec.kind, regex, group, requires, gate, spec.digit_run)
 
-    def applies(self, folded: str) -> bool:
-        """Whether the regex can match the text whose case-folded form is ``folded``."""
-        return self.gate is None or self.gate.search(folded) is not None
-
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
@@ -231,13 +228,25 @@ class Enricher:
         return cls(extractors, settings.routing.rules, phone_region=phone_region)
 
     def enrich(self, message: CanonicalMessage) -> CanonicalMessage:
-        text = "\n".join(part for part in (message.subject, message.text) if part)[:MAX_SCAN_CHARS]
-        folded = text.casefold() if self._fold else ""
-        entities = self._entities(message.entities, text, folded)
+        changes = self._changes(message, message.text)
+        return replace(message, **changes) if changes else message
+
+    def finish_and_enrich(self, message: CanonicalMessage) -> CanonicalMessage:
+        """``enrich(normalizers.content.finish(message))``, copying the message once instead of
+        twice (a copy is ~2 us of the event loop per message)."""
+        changes = finishing(message)
+        changes.update(self._changes(message, changes.get("text", message.text)))
+        return replace(message, **changes) if changes else message
+
+    def _changes(self, message: CanonicalMessage, text: str | None) -> dict[str, Any]:
+        """The enrichment of ``message`` whose text is ``text``, as keywords for ``replace``."""
+        scanned = "\n".join(part for part in (message.subject, text) if part)[:MAX_SCAN_CHARS]
+        folded = scanned.casefold() if self._fold else ""
+        entities = self._entities(message.entities, scanned, folded)
         routing = self._routing(message, folded)
         if entities == message.entities and routing == message.routing:
-            return message
-        return replace(message, entities=entities, routing=routing)
+            return {}
+        return {"entities": entities, "routing": routing}
 
     def _entities(self, existing: tuple[Entity, ...], text: str, folded: str) -> tuple[Entity, ...]:
         found = list(existing)
@@ -245,20 +254,24 @@ class Enricher:
         claimed: list[tuple[int, int]] = []  # spans already taken, so an order number is not also a phone
         longest = self._longest_run(text)
         for extractor in self._extractors:
-            if extractor.digit_run > longest or not extractor.applies(folded):
+            # Whether the regex can match: the text holds the digit run and one of the needles every
+            # match contains (tested here, not in a method: this runs for every extractor).
+            gate = extractor.gate
+            if extractor.digit_run > longest or (gate is not None and gate.search(folded) is None):
                 continue
+            group, kind = extractor.group, extractor.kind
             for match in extractor.regex.finditer(text):
-                start, end = match.span(extractor.group)
-                if start < 0 or any(start < e and s < end for s, e in claimed):
+                start, end = match.span(group)
+                if start < 0 or (claimed and any(start < e and s < end for s, e in claimed)):
                     continue
-                value: str | None = match.group(extractor.group)
-                if extractor.kind == "phone":
+                value: str | None = match.group(group)
+                if kind == "phone":
                     value = self._phone(value)
-                if not value or (extractor.kind, value) in seen:
+                if not value or (kind, value) in seen:
                     continue
-                seen.add((extractor.kind, value))
+                seen.add((kind, value))
                 claimed.append((start, end))
-                found.append(Entity(kind=extractor.kind, value=value))
+                found.append(Entity(kind=kind, value=value))
                 if len(found) >= MAX_ENTITIES:
                     return tuple(found)
         return tuple(found)

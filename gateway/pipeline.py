@@ -18,6 +18,7 @@ from core.events import CustomerView, Event
 from core.model import CanonicalMessage, IngestResult, Outcome, Placement, RawEnvelope
 from core.settings import Settings
 from dedupe.policy import PlacementPolicy
+from gateway.enrich import Enricher
 from gateway.metrics import Metrics
 from gateway.offload import NormalizeWorker, offloadable
 from gateway.store.base import Store
@@ -41,6 +42,7 @@ class Pipeline:
         metrics: Metrics,
         *,
         enrich: Enrich | None = None,
+        enricher: Enricher | None = None,
         on_commit: Callable[[], None] | None = None,
         offload: NormalizeWorker | None = None,
         answering: Answering | None = None,
@@ -48,7 +50,9 @@ class Pipeline:
         self._settings = settings
         self._store = store
         self._metrics = metrics
-        self._enrich = enrich
+        # ``enricher``: its enrich, and on the live path finishing and enrichment in one copy.
+        self._enrich = enricher.enrich if enricher is not None else enrich
+        self._finish_and_enrich = enricher.finish_and_enrich if enricher is not None else None
         self._on_commit = on_commit
         # Parses (and enriches, from the same settings) what a normalizer marks heavy.
         self._offload = offload
@@ -127,6 +131,8 @@ class Pipeline:
         return result if recorded.stored else recorded
 
     def _normalize(self, envelope: RawEnvelope, normalize: Normalizer) -> list[CanonicalMessage]:
+        if self._finish_and_enrich is not None:
+            return [self._finish_and_enrich(message) for message in normalize(envelope)]
         messages = normalized(normalize, envelope)
         if self._enrich is not None:
             messages = [self._enrich(message) for message in messages]

@@ -117,7 +117,7 @@ class BoundedServer(web.Server):
                 if protocol.transport is not None:
                     self._idle[protocol] = None
         try:
-            async with self._request_bound():
+            with self._request_bound():
                 return await self._inner(request)
         except TimeoutError:
             logger.info(

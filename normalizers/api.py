@@ -172,7 +172,9 @@ def to_message(envelope: RawEnvelope, payload: ApiMessage) -> CanonicalMessage:
         attachments=tuple(
             Attachment(name=a.name, content_type=a.content_type, data=a.decoded())
             for a in payload.attachments
-        ),
+        )
+        if payload.attachments
+        else (),
         extra=_call_extra(payload.call) if payload.call else {},
         dedupe_key=envelope.headers.get(IDEMPOTENCY_HEADER) or None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from core.model import CanonicalMessage, RawEnvelope, replace
 from normalizers import html as html_body
@@ -21,14 +22,21 @@ from normalizers import language
 
 def finish(message: CanonicalMessage) -> CanonicalMessage:
     """``message`` with its HTML sanitized, ``text`` from the HTML when it has none, and a language."""
+    changes = finishing(message)
+    return replace(message, **changes) if changes else message
+
+
+def finishing(message: CanonicalMessage) -> dict[str, Any]:
+    """What :func:`finish` changes in ``message``, as keywords for ``replace`` (empty: nothing), so
+    that a step changing more fields after it (the enricher) copies the message once."""
     html = html_body.sanitize(message.html) if message.html else None
     text = message.text
     if not text and html:
         text = html_body.to_text(html) or None
     guessed = message.language or language.detect(message.reply_text or text or message.subject or "")
     if (html, text, guessed) == (message.html, message.text, message.language):
-        return message
-    return replace(message, html=html, text=text, language=guessed)
+        return {}
+    return {"html": html, "text": text, "language": guessed}
 
 
 def normalized(

@@ -285,6 +285,8 @@ class _Handlers:
         return result_response(result)
 
     def _check_attachments(self, payload: ApiMessage) -> None:
+        if not payload.attachments:
+            return  # most requests: nothing to add up
         channel = self._c.channel
         if len(payload.attachments) > channel.max_attachments:
             raise InvalidInput(f"attachments: at most {channel.max_attachments} allowed", status=413)

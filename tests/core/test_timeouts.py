@@ -96,3 +96,62 @@ async def test_one_shared_timeout_per_loop_and_duration() -> None:
 def test_a_duration_must_be_positive() -> None:
     with pytest.raises(ValueError, match="seconds > 0"):
         SharedTimeout(0)
+
+
+async def test_a_plain_with_block_times_out_as_async_with_does() -> None:
+    timeout = SharedTimeout(0.05)
+    with pytest.raises(TimeoutError), timeout():
+        await asyncio.sleep(10)
+    with timeout():
+        await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_plain_with_block_passes_on_a_cancellation_from_elsewhere() -> None:
+    timeout = SharedTimeout(10.0)
+    entered = asyncio.Event()
+
+    async def block() -> None:
+        with timeout():
+            entered.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(block())
+    async with asyncio.timeout(5):  # not forever if the block failed to start
+        await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_block_after_an_idle_spell_gets_its_whole_duration() -> None:
+    # The timer armed for the first block outlives it; the next block must neither be cut short
+    # by it nor left without a timer.
+    timeout = SharedTimeout(0.2, resolution=0.01)
+    loop = asyncio.get_running_loop()
+    async with timeout():
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.1)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        async with timeout():
+            await asyncio.sleep(10)
+    assert 0.2 <= loop.time() - started < 0.27
+
+
+def test_a_shared_timeout_moves_to_a_new_loop_once_idle() -> None:
+    # The first loop ends with the timer still armed (its block ended in time).
+    timeout = SharedTimeout(0.05, resolution=0.01)
+
+    async def once(seconds: float) -> str:
+        try:
+            async with timeout():
+                await asyncio.sleep(seconds)
+        except TimeoutError:
+            return "timeout"
+        return "done"
+
+    assert asyncio.run(once(0)) == "done"
+    assert asyncio.run(once(10)) == "timeout"
+    assert asyncio.run(once(0)) == "done"

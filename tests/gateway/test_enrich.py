@@ -16,6 +16,7 @@ import pytest
 from core.model import CanonicalMessage, Entity, Identity, Routing
 from core.settings import ExtractorSettings, Settings
 from gateway.enrich import DEFAULT_EXTRACTORS, MAX_ENTITIES, MAX_SCAN_CHARS, Enricher
+from normalizers.content import finish
 from tests.support.corpora import email_corpus_mails
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -336,3 +337,17 @@ def test_configured_requires_gates_the_pattern_case_insensitively() -> None:
     assert entities("CASE-77", extractors=[{**spec, "requires": ["nope"]}]) == []
     with pytest.raises(ValueError, match="requires"):
         Settings.model_validate({"extractors": [{**spec, "requires": [""]}]})
+
+
+@pytest.mark.parametrize("fields", [
+    # HTML only: the text the finishing step reads out of the HTML is what gets scanned.
+    {"text": None, "html": "<p>Where is order 98765? <b>urgent</b></p>"},
+    {"text": "Order #100123 late; tracking SF12345678901", "subject": "Where is my parcel?"},
+    {"text": "hello", "html": "<b>hi</b>", "language": "de"},
+    {"text": "nothing to find here at all"},
+    {"text": "订单号：123456789012345678", "entities": (Entity(kind="order_number", value="1"),)},
+])
+def test_finishing_and_enriching_in_one_step_is_finishing_then_enriching(fields: dict[str, Any]) -> None:
+    enricher = Enricher.from_settings(Settings.model_validate({"routing": {"rules": RULES}}))
+    original = message(**fields)
+    assert enricher.finish_and_enrich(original) == enricher.enrich(finish(original))
