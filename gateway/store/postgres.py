@@ -3,10 +3,11 @@
 The placement engine (:mod:`dedupe.engine`) is synchronous and runs against :class:`dedupe.tx.Tx`,
 so this store runs the very same engine as the SQLite store: every write is one transaction on a
 pooled psycopg 3 connection, executed on a bounded pool of worker threads. Placements (``accept``)
-are grouped: the jobs waiting when a group starts run in one transaction, each under a savepoint of
-its own, with their statements pipelined (libpq pipeline mode: a round trip per read, not per
-statement), so a burst of messages costs one commit, one WAL flush and one NOTIFY, and one hand-off
-to a worker thread (``_group_placements``). A job that fails is rolled back to its savepoint alone.
+are grouped: the jobs waiting when a group starts run in one transaction, with their statements
+pipelined (libpq pipeline mode: a round trip per read, not per statement), so a burst of messages
+costs one commit, one WAL flush and one NOTIFY, and one hand-off to a worker thread
+(``_group_placements``). Should a job fail, the group is rolled back and runs again with each job
+under a savepoint of its own, so the failing job alone is rolled back (``_run_group``).
 
 Concurrency across instances:
 
@@ -655,6 +656,10 @@ class _GroupState(threading.local):
     locks: _GroupLocks | None = None
 
 
+class _JobFailed(Exception):
+    """A job of a group run together failed: the group was rolled back, to run again isolated."""
+
+
 def _not_committed(exc: Exception) -> StoreError:
     """One caller's error for a group that did not commit (each raises an object of its own)."""
     error = StoreError(str(exc) or exc.__class__.__name__)
@@ -687,6 +692,8 @@ class PostgresStore(SqlStore):
         self._queued_event = asyncio.Event()
         self._grouper: asyncio.Task[None] | None = None
         self._group = _GroupState()
+        # Whether the next group runs its jobs isolated (each under a savepoint): after a failing job.
+        self._isolate_jobs = False
         self._open = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -877,32 +884,62 @@ class PostgresStore(SqlStore):
                 queued.future.set_result(outcome)
 
     def _transact_group(self, group: Sequence[_Queued]) -> list[Any]:
-        return self._attempt(lambda conn: self._run_group(conn, group))
+        """The group in one transaction, its jobs together; if any job fails, once more with each job
+        under a savepoint, so only the failing ones are refused (:meth:`_run_group`)."""
+        if not self._isolate_jobs:
+            try:
+                return self._attempt(lambda conn: self._run_group(conn, group, isolated=False))
+            except _JobFailed:
+                # A failing job (a full outbox, a failing statement) tends to be followed by more
+                # (the outbox stays full): isolate until a group's jobs all succeed again.
+                self._isolate_jobs = True
+        outcomes = self._attempt(lambda conn: self._run_group(conn, group, isolated=True))
+        self._isolate_jobs = any(isinstance(outcome, BaseException) for outcome in outcomes)
+        return outcomes
 
-    def _run_group(self, conn: Conn, group: Sequence[_Queued]) -> list[Any]:
-        """Each job of ``group`` under a savepoint of one transaction, pipelined; their outcomes
-        (a job's value, or the exception of a job rolled back to its savepoint).
+    def _run_group(self, conn: Conn, group: Sequence[_Queued], *, isolated: bool) -> list[Any]:
+        """Each job of ``group`` in one transaction, pipelined; their outcomes (a job's value, or,
+        when ``isolated``, the exception of a job rolled back to its savepoint).
 
         Locks first, for all jobs at once: the identities of every message in one global order
         (their lock keys, sorted), then the customers owning them (in id order). A job then takes
         no identity or customer lock another group may hold while waiting for one this group holds,
         so groups on several instances wait for each other instead of deadlocking (the rest, a
-        customer merged meanwhile, is a deadlock victim run again). A job failing (a full outbox,
-        an error of its statements) is rolled back alone; a deadlock runs the whole group again.
+        customer merged meanwhile, is a deadlock victim run again). A deadlock runs the whole group
+        again.
+
+        Jobs run together (not ``isolated``): no savepoint and no sync of their own, so a job costs
+        its own statements and reads only; any failure (a job's, or an error its queued writes
+        raise at a later read or at the COMMIT) rolls the whole group back and raises
+        :class:`_JobFailed`, and the group runs again isolated: each job under a savepoint, its
+        queued writes synced before the savepoint is released, so a failing job (a full outbox, an
+        error of its statements) is rolled back and answered alone.
         """
-        with conn.pipeline() as pipeline:
-            # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would wait
-            # for the BEGIN, and sync before the COMMIT and once more per pipeline level after it.
-            # Here the pipeline's end is the commit's one wait; should a statement have failed
-            # since the last sync, the COMMIT is skipped and that error raised there. A transaction
-            # left open by an error is rolled back by the pool's connection context (_attempt).
-            conn.execute("BEGIN")
-            outcomes = self._run_jobs(conn, pipeline, group)
-            conn.execute("COMMIT")
+        try:
+            with conn.pipeline() as pipeline:
+                # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would
+                # wait for the BEGIN, and sync before the COMMIT and once more per pipeline level
+                # after it. Here the pipeline's end is the commit's one wait; should a statement
+                # have failed since the last sync, the COMMIT is skipped and that error raised
+                # there. A transaction left open by an error is rolled back by the pool's
+                # connection context (_attempt), or here before a group runs again isolated.
+                conn.execute("BEGIN")
+                outcomes = self._run_jobs(conn, pipeline, group, isolated=isolated)
+                conn.execute("COMMIT")
+        except _RETRYABLE_TX:
+            raise
+        except Exception as exc:
+            if isolated or conn.broken or conn.closed:
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            raise _JobFailed from exc
         return outcomes
 
-    def _run_jobs(self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued]) -> list[Any]:
-        """The group's locks, then each job under its savepoint (see :meth:`_run_group`)."""
+    def _run_jobs(
+        self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued], *, isolated: bool
+    ) -> list[Any]:
+        """The group's locks, then each job (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
         owners = None
@@ -914,9 +951,14 @@ class PostgresStore(SqlStore):
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
             for queued in group:
-                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                 backlog.pending = 0
                 backlog.conn = folded = _FoldedWrites(conn)
+                if not isolated:
+                    outcomes.append(queued.fn(folded))
+                    folded.flush()
+                    backlog.added += backlog.pending
+                    continue
+                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                 try:
                     value = queued.fn(folded)
                     folded.flush()

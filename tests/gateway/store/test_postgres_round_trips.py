@@ -1,15 +1,16 @@
 """PostgreSQL store: how many statements and round trips a placement costs, counted on the wire, and
 that what the group of placements locked first is used without changing any placement.
 
-A placement of a known customer in a group makes four round trips: the idempotency claim with the
+A placement of a known customer in a group makes three round trips: the idempotency claim with the
 lookup of the message's identities, the customer's recent texts + open threads + identities (one
-pipelined batch), the thread's sequence, and the job's sync; its group adds one, the commit. A
-first message makes three: the claim with the lookup, the new thread's number, the sync. Each fold
-removed adds a statement or a round trip: the job's own identity lock (the group holds it), the
-identities looked up after the claim instead of with it, the customer lock and the re-read of the
-identities (the group locked the customer before the job read anything), the customer row (read as
-the group locked it), the three thread reads one after another, a new thread's first sequence read
-back, a wait for the BEGIN or syncs around the COMMIT.
+pipelined batch), and the thread's sequence; its writes go with the next job's reads, and the
+group adds one wait, its commit. A first message makes two: the claim with the lookup, and the new
+thread's number. Each fold removed adds a statement or a round trip: a savepoint of its own and a
+sync at its end (jobs run together unless one fails), the job's own identity lock (the group holds
+it), the identities looked up after the claim instead of with it, the customer lock and the re-read
+of the identities (the group locked the customer before the job read anything), the customer row
+(read as the group locked it), the three thread reads one after another, a new thread's first
+sequence read back, a wait for the BEGIN or syncs around the COMMIT.
 """
 
 from __future__ import annotations
@@ -25,15 +26,19 @@ import orjson
 import pytest
 from storekit import POLICY, T0, Clock, build_event, envelope, outbox_settings, store_settings
 
+from core.errors import StoreError
 from core.model import CanonicalMessage, Identity, Placement
 from gateway.store.base import Store
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
-from tests.support.pgwire import PgWireRecorder, Sent, between
+from tests.support.pgwire import PgWireRecorder, Sent
 
 pytestmark = pytest.mark.integration
 
-JOB = ("SAVEPOINT tg_job", "RELEASE SAVEPOINT tg_job")
+# A placement's first statement: it archives the envelope's raw bytes.
+JOB_START = "INSERT INTO raw_archive"
+# What a group adds after its last job.
+GROUP_END = ("UPDATE outbox_backlog", "COMMIT")
 
 
 @pytest.fixture
@@ -77,12 +82,22 @@ async def accept(store: Store, *messages: CanonicalMessage) -> list[Placement]:
 
 
 def jobs(wire: PgWireRecorder) -> list[list[Sent]]:
-    return [job for session in wire.sessions for job in between(session.sent, *JOB)]
+    """The jobs of the one group transaction recorded: each from its first statement to the next
+    job's, or to what the group sends after its jobs."""
+    found: list[list[Sent]] = []
+    for message in group_transaction(wire):
+        if message.kind in "EQ" and message.sql.startswith(GROUP_END):
+            break
+        if message.kind == "E" and JOB_START in message.sql:
+            found.append([])
+        if found:
+            found[-1].append(message)
+    return found
 
 
 def group_transaction(wire: PgWireRecorder) -> list[Sent]:
     """The one group transaction recorded: from its BEGIN to the waits after its COMMIT."""
-    (sent,) = [s.sent for s in wire.sessions if any(m.sql == JOB[0] for m in s.sent)]
+    (sent,) = [s.sent for s in wire.sessions if any(m.kind == "E" and m.sql == "BEGIN" for m in s.sent)]
     begin = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "BEGIN")
     end = next(n for n, m in enumerate(sent) if m.kind == "E" and m.sql == "COMMIT")
     while end + 1 < len(sent) and sent[end + 1].kind in "SH":
@@ -106,7 +121,7 @@ def round_trips(sent: list[Sent]) -> int:
     )
 
 
-async def test_a_known_customers_placement_makes_four_round_trips(
+async def test_a_known_customers_placement_makes_three_round_trips(
     store: PostgresStore, wire: PgWireRecorder
 ) -> None:
     (first,) = await accept(store, _message("m1", ADA, text="Where is my order? It is late."))
@@ -117,26 +132,29 @@ async def test_a_known_customers_placement_makes_four_round_trips(
     (job,) = jobs(wire)
     assert (second.customer_id, second.thread_id, second.sequence) == (first.customer_id, first.thread_id, 2)
     # Before: 14 statements, 9 round trips (claim, lock + identities, customer lock + identities
-    # again, customer, recent texts, open threads, sequence, identities, sync).
-    assert (statements(job), round_trips(job)) == (9, 4), listing(job)
+    # again, customer, recent texts, open threads, sequence, identities, sync), then 9 and 4 with
+    # the sync and its savepoint's two statements around them.
+    assert (statements(job), round_trips(job)) == (9, 3), listing(job)
     sent = [m.sql for m in job]
     assert not any("pg_advisory_xact_lock" in sql or "FOR UPDATE" in sql for sql in sent), listing(job)
     # The group around it: locks and the backlog read go with the job's first read; BEGIN waits
-    # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips).
+    # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips;
+    # then 17 and 5).
     group = group_transaction(wire)
-    assert (statements(group), round_trips(group)) == (17, 5), listing(group)
+    assert (statements(group), round_trips(group)) == (15, 4), listing(group)
 
 
-async def test_a_first_message_makes_three_round_trips(store: PostgresStore, wire: PgWireRecorder) -> None:
+async def test_a_first_message_makes_two_round_trips(store: PostgresStore, wire: PgWireRecorder) -> None:
     (placed,) = await accept(store, _message("f1", ADA, text="Where is my order? It is late."))
 
     (job,) = jobs(wire)
     assert (placed.is_new_thread, placed.sequence) == (True, 1)
-    # Claim + identities, the thread's number, the sync: the new thread's first sequence is known
-    # without reading it back. Before: 10 statements, 5 round trips; the group 18 and 8.
-    assert (statements(job), round_trips(job)) == (8, 3), listing(job)
+    # Claim + identities, the thread's number: the new thread's first sequence is known
+    # without reading it back. Before: 10 statements, 5 round trips, the group 18 and 8; then 8
+    # and 3 with the job's sync, the group 16 and 4.
+    assert (statements(job), round_trips(job)) == (8, 2), listing(job)
     group = group_transaction(wire)
-    assert (statements(group), round_trips(group)) == (16, 4), listing(group)
+    assert (statements(group), round_trips(group)) == (14, 3), listing(group)
 
     # Later messages of the thread, in the same envelope (one job, one Tx) and after it.
     batch = await accept(store, *(_message(f"f{n}", ADA, text=f"Message number {n}.") for n in (2, 3)))
@@ -285,3 +303,33 @@ async def test_grouped_placements_on_postgresql_come_out_as_on_sqlite(
     assert len(sqlite[0]) == sum(len(b) for b in batches)
     assert postgresql[0] == sqlite[0]
     assert postgresql[1] == sqlite[1]
+
+
+async def test_after_a_failing_job_groups_run_their_jobs_isolated_until_one_has_none_failing(
+    store: PostgresStore, wire: PgWireRecorder
+) -> None:
+    def fails(conn: Any) -> None:
+        conn.execute("SELECT 1 / 0").fetchone()
+
+    def savepoints() -> int:
+        return sum(m.sql == "SAVEPOINT tg_job" for session in wire.sessions for m in session.sent)
+
+    # Run together first; the failure rolls the group back and runs it again, its job isolated.
+    ok, failed = await asyncio.gather(
+        accept(store, _message("i1", ADA, text="A first message.")),
+        store._write_placement(fails, ()),
+        return_exceptions=True,
+    )
+    assert isinstance(ok, list)
+    assert isinstance(failed, StoreError)
+    assert "division by zero" in str(failed)
+    assert savepoints() == 2
+    wire.forget()
+    # The next group runs isolated (a failure tends to come again: a full outbox); none failing,
+    await accept(store, _message("i2", ADA, text="A second message."))
+    assert savepoints() == 1
+    wire.forget()
+    # so the one after runs together again.
+    (placed,) = await accept(store, _message("i3", ADA, text="A third message."))
+    assert savepoints() == 0
+    assert placed.sequence == 3
