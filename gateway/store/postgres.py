@@ -376,6 +376,10 @@ class _GroupLocks:
         self._owners_read = owners  # pipelined: its rows come with the group's first read
         self._owners: dict[str, CustomerRecord] | None = None
         self.written: set[str] = set()
+        # A tenant's next thread number, once a job of the group has read it: the counter row stays
+        # locked by the group to its commit, so the numbers after it are known without reading.
+        # Forgotten when a job is rolled back to its savepoint (with its lock, maybe).
+        self.thread_numbers: dict[str, int] = {}
 
     def owners(self) -> dict[str, CustomerRecord]:
         if self._owners is None:
@@ -395,8 +399,8 @@ class PostgresTx(SqlTx):
         self._locks = locks
         # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor.
         self._ahead: tuple[str, list[Key], Cursor] | None = None
-        # Threads this transaction created and has not advanced yet.
-        self._unadvanced: set[str] = set()
+        # Threads this transaction created and has not advanced yet: the values of their insert.
+        self._unadvanced: dict[str, list[Any]] = {}
 
     def _held(self, tenant: str, keys: Iterable[Key]) -> bool:
         """Whether the group holds the locks of all these identity keys."""
@@ -444,16 +448,53 @@ class PostgresTx(SqlTx):
         self._written(customer_id)
         super().set_merged_into(customer_id, into)
 
+    def next_thread_number(self, tenant: str) -> int:
+        if self._locks is None:
+            return super().next_thread_number(tenant)
+        numbers = self._locks.thread_numbers
+        number = numbers.get(tenant)
+        if number is None:
+            number = super().next_thread_number(tenant)  # locks the counter row to the group's commit
+        else:
+            self._x(
+                "UPDATE tenant_counters SET next_thread_number = next_thread_number + 1 WHERE tenant = ?",
+                (tenant,),
+            )
+        numbers[tenant] = number + 1
+        return number
+
     def create_thread(self, thread: ThreadRecord) -> None:
-        super().create_thread(thread)
-        self._unadvanced.add(thread.id)
+        d = self._d
+        row = [
+            thread.id,
+            thread.tenant,
+            thread.inbox,
+            thread.customer_id,
+            thread.subject,
+            "open" if thread.open else "closed",
+            thread.number,
+            d.ts(thread.last_activity),
+            1,  # next_sequence
+            thread.merged_into,
+            thread.previous_id,
+            d.ts(thread.last_activity),
+        ]
+        self._x(_CREATE_THREAD, row)
+        self._unadvanced[thread.id] = row
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
-        if thread_id not in self._unadvanced:
+        row = self._unadvanced.pop(thread_id, None)
+        if row is None:
             return super().advance_thread(thread_id, now)
         # Created here with sequence 1 next, and no other transaction sees it before the commit:
-        # the answer is known, so the update need not be read back (a write folded with others).
-        self._unadvanced.discard(thread_id)
+        # the answer is known, so the update need not be read back. While the insert is still
+        # held (_FoldedWrites), it inserts the row as advanced instead (the update would have to
+        # wait for it, as a statement of its own); else the update is a write folded with others.
+        conn = self._conn
+        if isinstance(conn, _FoldedWrites) and conn.holds(row):
+            row[_CREATE_THREAD_NEXT] = 2
+            row[_CREATE_THREAD_ACTIVITY] = max(row[_CREATE_THREAD_ACTIVITY], self._d.ts(now))
+            return 1
         self._x(
             "UPDATE threads SET next_sequence = next_sequence + 1,"
             " last_activity = {greatest}(last_activity, ?) WHERE id = ?",
@@ -490,6 +531,13 @@ class PostgresTx(SqlTx):
 
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+# SqlTx.create_thread's insert, with the next sequence and the last activity as values (the
+# thread's insert and first advance in one: PostgresTx.advance_thread).
+_CREATE_THREAD = (
+    "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+    " next_sequence, merged_into, previous_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_CREATE_THREAD_ACTIVITY, _CREATE_THREAD_NEXT = 7, 8
 
 # The relay's statements, one round trip each. Marking: the rows still unpublished among the
 # positions, the backlog and the published total moved by as many (parameters: now, positions, slot).
@@ -660,6 +708,10 @@ class _FoldedWrites:
     def cursor(self) -> Any:
         self.flush()
         return self._conn.cursor()
+
+    def holds(self, params: Sequence[Any]) -> bool:
+        """Whether a write with these very parameters (the same object) is held, not sent yet."""
+        return any(held is params for _, held in self._held)
 
     def flush(self) -> None:
         """Send the held writes (pipelined: their errors come with the next read or sync)."""
@@ -987,7 +1039,7 @@ class PostgresStore(SqlStore):
             conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
             owners = conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
         # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-        self._group.locks = _GroupLocks(set(identities), owners)
+        locks = self._group.locks = _GroupLocks(set(identities), owners)
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
             for queued in group:
@@ -1010,6 +1062,7 @@ class PostgresStore(SqlStore):
                         raise
                     with contextlib.suppress(psycopg.Error):  # the job's error, raised already
                         pipeline.sync()
+                    locks.thread_numbers.clear()
                     conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
                     conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
                     outcomes.append(as_store_error(exc, psycopg.Error))

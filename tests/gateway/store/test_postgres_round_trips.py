@@ -151,18 +151,59 @@ async def test_a_first_message_makes_two_round_trips(store: PostgresStore, wire:
     (job,) = jobs(wire)
     assert (placed.is_new_thread, placed.sequence) == (True, 1)
     # Claim + identities, the thread's number: the new thread's first sequence is known
-    # without reading it back. Before: 10 statements, 5 round trips, the group 18 and 8; then 8
-    # and 3 with the job's sync, the group 16 and 4; the new customer's rows now go with the
-    # thread number's upsert.
-    assert (statements(job), round_trips(job)) == (5, 2), listing(job)
+    # without reading it back, and the thread is inserted as advanced. Before: 10 statements, 5
+    # round trips, the group 18 and 8; then 8 and 3 with the job's sync, the group 16 and 4; the
+    # new customer's rows now go with the thread number's upsert.
+    assert (statements(job), round_trips(job)) == (4, 2), listing(job)
     group = group_transaction(wire)
-    assert (statements(group), round_trips(group)) == (11, 3), listing(group)
+    assert (statements(group), round_trips(group)) == (10, 3), listing(group)
 
     # Later messages of the thread, in the same envelope (one job, one Tx) and after it.
     batch = await accept(store, *(_message(f"f{n}", ADA, text=f"Message number {n}.") for n in (2, 3)))
     (later,) = await accept(store, _message("f4", ADA, text="And one more."))
     assert [p.sequence for p in [*batch, later]] == [2, 3, 4]
     assert {p.thread_id for p in [*batch, later]} == {placed.thread_id}
+
+
+async def test_a_groups_first_new_thread_reads_the_tenants_thread_number_and_the_others_count_on(
+    store: PostgresStore, wire: PgWireRecorder
+) -> None:
+    people = [Identity(kind="email", value=f"p{n}@example.com", verified=True) for n in range(4)]
+
+    placed = await asyncio.gather(
+        *(accept(store, _message(f"n{n}", who, text=f"Hello from {n}.")) for n, who in enumerate(people))
+    )
+
+    assert all(p.is_new_thread for (p,) in placed)
+    # The first job reads the number (the counter row stays locked to the commit); the others
+    # add to it unread: one round trip each, the claim's.
+    assert [round_trips(job) for job in jobs(wire)] == [2, 1, 1, 1]
+    await accept(store, _message("n9", ADA, text="And a fifth customer."))  # the next group reads it
+    numbers = [orjson.loads(row.body)["thread"]["number"] for row in await store.outbox_fetch(10)]
+    assert numbers == [1, 2, 3, 4, 5]
+
+
+async def test_after_a_job_rolled_back_the_thread_number_is_read_again(store: PostgresStore) -> None:
+    def takes_a_number_and_fails(conn: Any) -> None:
+        store._tx(conn).next_thread_number("acme")
+        raise RuntimeError("failed after taking a thread number")
+
+    # One group; run again isolated for the failing job: the first job reads the number, the
+    # second takes the next one and is rolled back (its count with it), the third reads again.
+    people = [Identity(kind="email", value=f"q{n}@example.com", verified=True) for n in range(3)]
+    first, failed, third = await asyncio.gather(
+        accept(store, _message("q0", people[0], text="First.")),
+        store._write_placement(takes_a_number_and_fails, ()),
+        accept(store, _message("q2", people[2], text="Third.")),
+        return_exceptions=True,
+    )
+    assert isinstance(failed, RuntimeError)
+    assert isinstance(first, list)
+    assert isinstance(third, list)
+    await accept(store, _message("q3", people[1], text="Later."))
+
+    numbers = [orjson.loads(row.body)["thread"]["number"] for row in await store.outbox_fetch(10)]
+    assert numbers == [1, 2, 3]
 
 
 async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
