@@ -401,6 +401,8 @@ class PostgresTx(SqlTx):
         self._ahead: tuple[str, list[Key], Cursor] | None = None
         # Threads this transaction created and has not advanced yet: the values of their insert.
         self._unadvanced: dict[str, list[Any]] = {}
+        # The next sequence of threads read with their rows locked and not advanced since.
+        self._sequences: dict[str, int] = {}
 
     def _held(self, tenant: str, keys: Iterable[Key]) -> bool:
         """Whether the group holds the locks of all these identity keys."""
@@ -483,6 +485,11 @@ class PostgresTx(SqlTx):
         self._unadvanced[thread.id] = row
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
+        sequence = self._sequences.pop(thread_id, None)
+        if sequence is not None:
+            # Read with its row locked (thread_reads) and not advanced since: the answer is known.
+            self._x(_ADVANCE_THREAD, (self._d.ts(now), thread_id))
+            return sequence
         row = self._unadvanced.pop(thread_id, None)
         if row is None:
             return super().advance_thread(thread_id, now)
@@ -495,11 +502,7 @@ class PostgresTx(SqlTx):
             row[_CREATE_THREAD_NEXT] = 2
             row[_CREATE_THREAD_ACTIVITY] = max(row[_CREATE_THREAD_ACTIVITY], self._d.ts(now))
             return 1
-        self._x(
-            "UPDATE threads SET next_sequence = next_sequence + 1,"
-            " last_activity = {greatest}(last_activity, ?) WHERE id = ?",
-            (self._d.ts(now), thread_id),
-        )
+        self._x(_ADVANCE_THREAD, (self._d.ts(now), thread_id))
         return 1
 
     def thread_reads(
@@ -517,11 +520,17 @@ class PostgresTx(SqlTx):
         texts = None
         if texts_since is not None:
             texts = self._x(RECENT_TEXTS, (customer_id, d.ts(texts_since), not_channel, RECENT_TEXTS_KEPT))
-        threads = self._x(OPEN_THREADS, (customer_id, tenant, inbox, d.ts(active_since)))
+        threads = self._x(_OPEN_THREADS_LOCKED, (customer_id, tenant, inbox, d.ts(active_since)))
         identities = self._x(CUSTOMER_IDENTITIES, (customer_id,))
+
+        def open_threads() -> list[ThreadRecord]:
+            rows = threads.fetchall()
+            self._sequences.update((r[0], int(r[-1])) for r in rows)
+            return [thread_record(d, r) for r in rows]
+
         return CachedThreadReads(
             lambda: recent_text_records(d, customer_id, texts.fetchall()) if texts is not None else [],
-            lambda: [thread_record(d, r) for r in threads.fetchall()],
+            open_threads,
             lambda: identity_records(identities.fetchall()),
         )
 
@@ -538,6 +547,16 @@ _CREATE_THREAD = (
     " next_sequence, merged_into, previous_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CREATE_THREAD_ACTIVITY, _CREATE_THREAD_NEXT = 7, 8
+# SqlTx.advance_thread's update, where the sequence it takes is known (not read back).
+_ADVANCE_THREAD = (
+    "UPDATE threads SET next_sequence = next_sequence + 1, last_activity = {greatest}(last_activity, ?)"
+    " WHERE id = ?"
+)
+# Tx.thread_reads's open threads with their next sequence, their rows locked to the commit: the
+# thread a message joins is advanced without reading its sequence back.
+_OPEN_THREADS_LOCKED = (
+    OPEN_THREADS.replace(" FROM threads", ", next_sequence FROM threads", 1) + " FOR UPDATE"
+)
 
 # The relay's statements, one round trip each. Marking: the rows still unpublished among the
 # positions, the backlog and the published total moved by as many (parameters: now, positions, slot).
