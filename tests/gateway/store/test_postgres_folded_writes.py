@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.store.postgres import _RECENT_TEXT, _FoldedWrites
+from gateway.store.postgres import _RECENT_TEXT, _FoldedWrites, _numbered
 
 
 class Recorder:
@@ -94,3 +94,10 @@ def test_an_upsert_meeting_one_on_its_table_waits_for_it() -> None:
     folded.execute(upsert, ["a"])  # one statement could not change the row twice
     folded.flush()
     assert conn.sent == [(upsert, ["a"]), (upsert, ["a"])]
+
+
+def test_a_statement_of_several_parts_goes_with_postgresqls_own_placeholders() -> None:
+    # Sent through psycopg's raw cursor, which does not parse it (psycopg would, every time).
+    assert _numbered("WITH _w0 AS (INSERT INTO t (a, b) VALUES (%s, %s)) SELECT '100%%', %s") == (
+        "WITH _w0 AS (INSERT INTO t (a, b) VALUES ($1, $2)) SELECT '100%', $3"
+    )
