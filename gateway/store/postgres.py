@@ -74,7 +74,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.errors import BacklogFull, StoreError
-from core.model import CanonicalMessage, Identity
+from core.model import CanonicalMessage, Identity, Placement
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.identities import normalize_all
 from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, StoredIdentity, ThreadReads, ThreadRecord
@@ -103,6 +103,7 @@ from gateway.store.engine import (
     thread_record,
     utcnow,
 )
+from gateway.store.erase import erased_key
 from gateway.store.schema import migrations
 
 logger = logging.getLogger(__name__)
@@ -371,15 +372,55 @@ class _GroupLocks:
     read from the database again (that job may have been rolled back, or not).
     """
 
-    def __init__(self, identities: set[tuple[str, str, str]], owners: Any) -> None:
+    def __init__(
+        self,
+        identities: set[tuple[str, str, str]],
+        owners: Any,
+        *,
+        found: Any = None,
+        keys: Any = None,
+    ) -> None:
         self.identities = frozenset(identities)
         self._owners_read = owners  # pipelined: its rows come with the group's first read
         self._owners: dict[str, CustomerRecord] | None = None
         self.written: set[str] = set()
+        # Read with the locks when the jobs run together (None: isolated): the owners of the
+        # group's identities, and which of its idempotency keys (and their tombstones) exist.
+        self._found_read, self._keys_read = found, keys
+        self._found: dict[tuple[str, str, str], tuple[str, bool]] | None = None
+        self._keys: set[str] | None = None
+        # What a job of the group changed since: identity keys added or marked verified (whose
+        # owner a later job reads again), whether identities were moved (all are read again), and
+        # the keys claimed (a key twice in a group: the second claim is read, not counted on).
+        self.identities_written: set[tuple[str, str, str]] = set()
+        self.identities_moved = False
+        self.claimed: set[str] = set()
         # A tenant's next thread number, once a job of the group has read it: the counter row stays
         # locked by the group to its commit, so the numbers after it are known without reading.
         # Forgotten when a job is rolled back to its savepoint (with its lock, maybe).
         self.thread_numbers: dict[str, int] = {}
+
+    def found(self, tenant: str, keys: Sequence[Key]) -> dict[Key, tuple[str, bool]] | None:
+        """The owners of these identity keys as read with the group's locks, unless a job of the
+        group may have changed them since (then None: read them again)."""
+        if self._found_read is None or self.identities_moved:
+            return None
+        wanted = [(tenant, *key) for key in keys]
+        if any(key in self.identities_written for key in wanted):
+            return None
+        if self._found is None:
+            self._found = {(r[0], r[1], r[2]): (r[3], bool(r[4])) for r in self._found_read.fetchall()}
+        found = self._found
+        return {key[1:]: found[key] for key in wanted if key in found}
+
+    def unclaimed(self, key: str) -> bool:
+        """Whether neither ``key`` nor its tombstone existed when the group began, nor has a job of
+        the group claimed it since."""
+        if self._keys_read is None or key in self.claimed:
+            return False
+        if self._keys is None:
+            self._keys = {r[0] for r in self._keys_read.fetchall()}
+        return key not in self._keys and erased_key(key) not in self._keys
 
     def owners(self) -> dict[str, CustomerRecord]:
         if self._owners is None:
@@ -397,8 +438,9 @@ class PostgresTx(SqlTx):
     def __init__(self, conn: Connection, locks: _GroupLocks | None = None) -> None:
         super().__init__(conn, POSTGRES)
         self._locks = locks
-        # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor.
-        self._ahead: tuple[str, list[Key], Cursor] | None = None
+        # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor (or
+        # what the group read, already).
+        self._ahead: tuple[str, list[Key], Cursor | dict[Key, tuple[str, bool]]] | None = None
         # Threads this transaction created and has not advanced yet: the values of their insert.
         self._unadvanced: dict[str, list[Any]] = {}
         # The next sequence of threads read with their rows locked and not advanced since.
@@ -414,16 +456,58 @@ class PostgresTx(SqlTx):
 
     def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
         # Only under the group's identity locks: none of them can be added meanwhile, and one
-        # moved by a merge is caught by the engine's lock-and-read-again as for any read.
+        # moved by a merge is caught by the engine's lock-and-read-again as for any read. Read
+        # with the group's locks when no job of the group changed them since, else sent now.
         keys = [i.key() for i in identities]
-        if keys and self._held(tenant, keys):
-            self._ahead = (tenant, keys, POSTGRES.send_find_identities(self._conn, tenant, keys))
+        if keys and self._locks is not None and self._held(tenant, keys):
+            found = self._locks.found(tenant, keys)
+            self._ahead = (
+                tenant,
+                keys,
+                found if found is not None else POSTGRES.send_find_identities(self._conn, tenant, keys),
+            )
 
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (tenant, [i.key() for i in identities]):
-            return stored_identities(identities, POSTGRES.found_identities(ahead[2]))
+            found = ahead[2]
+            return stored_identities(
+                identities, found if isinstance(found, dict) else POSTGRES.found_identities(found)
+            )
         return super().find_identities(tenant, identities)
+
+    def claim_key(
+        self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
+    ) -> Placement | None:
+        locks = self._locks
+        if locks is None or not locks.unclaimed(key):
+            if locks is not None:
+                locks.claimed.add(key)
+            return super().claim_key(key, message_id, now, fingerprint)
+        # Absent when the group began: claimed as on a store with one writer, by the whole row
+        # complete_claim inserts with the placement (a plain insert, held with the others). Should
+        # another instance claim it meanwhile, that insert fails, the group runs again isolated,
+        # and this claim is read then.
+        locks.claimed.add(key)
+        self._claims[key] = (message_id, self._d.ts(now), fingerprint)
+        return None
+
+    def add_identity(self, tenant: str, customer_id: str, identity: Identity, now: datetime) -> None:
+        if self._locks is not None:
+            self._locks.identities_written.add((tenant, *identity.key()))
+        super().add_identity(tenant, customer_id, identity, now)
+
+    def mark_verified(self, tenant: str, identity: Identity) -> None:
+        if self._locks is not None:
+            self._locks.identities_written.add((tenant, *identity.key()))
+        super().mark_verified(tenant, identity)
+
+    def move_identities(
+        self, tenant: str, keys: Sequence[tuple[str, str]], from_customer: str, to_customer: str
+    ) -> list[Identity]:
+        if self._locks is not None:
+            self._locks.identities_moved = True
+        return super().move_identities(tenant, keys, from_customer, to_customer)
 
     def holds_customers(self, customer_ids: Sequence[str]) -> bool:
         if self._locks is None:
@@ -588,6 +672,14 @@ _JOB_SAVEPOINT = "tg_job"
 # the customers owning the identities, given as (tenant, kind, value) columns, in id order, read as
 # locked (the jobs' Tx answers get_customer from these rows: _GroupLocks).
 _LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
+# The owners of a group's identities, given as (tenant, kind, value) columns, read with its locks.
+_FIND_IDENTITIES = (
+    "SELECT i.tenant, i.kind, i.value, i.customer_id, i.verified FROM identities i"
+    " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
+    " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value"
+)
+# Which of a group's idempotency keys and their tombstones exist.
+_FIND_KEYS = "SELECT key FROM idempotency_keys WHERE key = ANY(%s)"
 _LOCK_OWNERS = (
     "SELECT id, tenant, display_name, merged_into FROM customers"
     " WHERE id IN (SELECT i.customer_id FROM identities i"
@@ -600,10 +692,11 @@ _LOCK_OWNERS = (
 @dataclass(frozen=True, slots=True)
 class _Queued:
     """A placement job waiting for its group: the job, the (tenant, kind, value) of its messages'
-    identities, and the caller's future."""
+    identities, their idempotency keys, and the caller's future."""
 
     fn: Callable[[Connection], Any]
     identities: set[tuple[str, str, str]]
+    keys: tuple[str, ...]  # the messages' idempotency keys
     future: asyncio.Future[Any]
 
 
@@ -968,7 +1061,8 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         identities = {(m.tenant, *i.key()) for m in messages for i in normalize_all(m.identities)}
-        self._queued.append(_Queued(fn, identities, future))
+        keys = tuple(m.idempotency_key() for m in messages)
+        self._queued.append(_Queued(fn, identities, keys, future))
         self._queued_event.set()
         value: T = await future
         return value
@@ -1079,12 +1173,21 @@ class PostgresStore(SqlStore):
         """The group's locks, then each job (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        owners = None
+        owners = found = None
         if identities:
             conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
-            owners = conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+            columns = [list(column) for column in zip(*identities, strict=True)]
+            owners = conn.execute(_LOCK_OWNERS, columns)
+            if not isolated:
+                found = conn.execute(_FIND_IDENTITIES, columns)
+        # Jobs run together read their identities and claims here, in the group's first round
+        # trip, not one each (isolated, a job rolled back would make them stale).
+        keys = sorted({key for q in group for key in q.keys})
+        claimed = None
+        if keys and not isolated:
+            claimed = conn.execute(_FIND_KEYS, ([*keys, *(erased_key(key) for key in keys)],))
         # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-        locks = self._group.locks = _GroupLocks(set(identities), owners)
+        locks = self._group.locks = _GroupLocks(set(identities), owners, found=found, keys=claimed)
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
             for queued in group:

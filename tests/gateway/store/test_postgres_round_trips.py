@@ -1,16 +1,18 @@
 """PostgreSQL store: how many statements and round trips a placement costs, counted on the wire, and
 that what the group of placements locked first is used without changing any placement.
 
-A placement of a known customer in a group makes three round trips: the idempotency claim with the
-lookup of the message's identities, the customer's recent texts + open threads + identities (one
-pipelined batch), and the thread's sequence; its writes go with the next job's reads, and the
-group adds one wait, its commit. A first message makes two: the claim with the lookup, and the new
-thread's number. Each fold removed adds a statement or a round trip: a savepoint of its own and a
-sync at its end (jobs run together unless one fails), the job's own identity lock (the group holds
-it), the identities looked up after the claim instead of with it, the customer lock and the re-read
+A group begins with one round trip: its locks, the owners of its messages' identities and which of
+its idempotency keys exist. Then a placement of a known customer waits once, for the customer's
+recent texts + open threads (their rows locked, with their sequences) + identities; a first
+message waits for nothing but its tenant's thread number, and only the group's first new thread
+reads that. The writes go with the next read, and the group adds one wait, its commit.
+
+Each fold removed adds a statement or a round trip: a savepoint of its own and a sync at its end
+(jobs run together unless one fails), the claim and the lookup of identities (read with the
+group's locks), the job's own identity lock (the group holds it), the customer lock and the re-read
 of the identities (the group locked the customer before the job read anything), the customer row
-(read as the group locked it), the three thread reads one after another, a new thread's first
-sequence read back, a wait for the BEGIN or syncs around the COMMIT.
+(read as the group locked it), the three thread reads one after another, a thread's sequence or a
+tenant's thread number read back, a wait for the BEGIN or syncs around the COMMIT.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 from storekit import POLICY, T0, Clock, build_event, envelope, outbox_settings, store_settings
 
@@ -125,7 +128,7 @@ def round_trips(sent: list[Sent]) -> int:
     )
 
 
-async def test_a_known_customers_placement_makes_two_round_trips(
+async def test_a_known_customers_placement_makes_one_round_trip(
     store: PostgresStore, wire: PgWireRecorder
 ) -> None:
     (first,) = await accept(store, _message("m1", ADA, text="Where is my order? It is late."))
@@ -139,18 +142,19 @@ async def test_a_known_customers_placement_makes_two_round_trips(
     # again, customer, recent texts, open threads, sequence, identities, sync), then 9 and 4 with
     # the sync and its savepoint's two statements around them; the raw bytes now go with the
     # claim's lookup, the recent text with the rest of the tail, and the thread's sequence is
-    # read (its row locked) with the open threads, not read back from its update.
-    assert (statements(job), round_trips(job)) == (6, 2), listing(job)
+    # read (its row locked) with the open threads, not read back from its update; the claim and
+    # the lookup go with the group's locks.
+    assert (statements(job), round_trips(job)) == (4, 1), listing(job)
     assert not any("pg_advisory_xact_lock" in m.sql or customer_lock(m) for m in job), listing(job)
     assert sum("FOR UPDATE" in m.sql for m in job) == 1, listing(job)  # the open threads
-    # The group around it: locks and the backlog read go with the job's first read; BEGIN waits
-    # for nothing, and the COMMIT is the one more wait (before: 22 statements, 12 round trips;
-    # then 17 and 5).
+    # The group around it: locks, the identities' owners, the keys and the backlog read in one
+    # round trip; BEGIN waits for nothing, and the COMMIT is the one more wait (before: 22
+    # statements, 12 round trips; then 17 and 5).
     group = group_transaction(wire)
     assert (statements(group), round_trips(group)) == (12, 3), listing(group)
 
 
-async def test_a_first_message_makes_two_round_trips(store: PostgresStore, wire: PgWireRecorder) -> None:
+async def test_a_first_message_makes_one_round_trip(store: PostgresStore, wire: PgWireRecorder) -> None:
     (placed,) = await accept(store, _message("f1", ADA, text="Where is my order? It is late."))
 
     (job,) = jobs(wire)
@@ -158,8 +162,9 @@ async def test_a_first_message_makes_two_round_trips(store: PostgresStore, wire:
     # Claim + identities, the thread's number: the new thread's first sequence is known
     # without reading it back, and the thread is inserted as advanced. Before: 10 statements, 5
     # round trips, the group 18 and 8; then 8 and 3 with the job's sync, the group 16 and 4; the
-    # new customer's rows now go with the thread number's upsert.
-    assert (statements(job), round_trips(job)) == (4, 2), listing(job)
+    # new customer's rows now go with the thread number's upsert, and the claim and the lookup
+    # with the group's locks.
+    assert (statements(job), round_trips(job)) == (2, 1), listing(job)
     group = group_transaction(wire)
     assert (statements(group), round_trips(group)) == (10, 3), listing(group)
 
@@ -181,8 +186,8 @@ async def test_a_groups_first_new_thread_reads_the_tenants_thread_number_and_the
 
     assert all(p.is_new_thread for (p,) in placed)
     # The first job reads the number (the counter row stays locked to the commit); the others
-    # add to it unread: one round trip each, the claim's.
-    assert [round_trips(job) for job in jobs(wire)] == [2, 1, 1, 1]
+    # add to it unread, and wait for nothing.
+    assert [round_trips(job) for job in jobs(wire)] == [1, 0, 0, 0]
     await accept(store, _message("n9", ADA, text="And a fifth customer."))  # the next group reads it
     numbers = [orjson.loads(row.body)["thread"]["number"] for row in await store.outbox_fetch(10)]
     assert numbers == [1, 2, 3, 4, 5]
@@ -209,6 +214,54 @@ async def test_after_a_job_rolled_back_the_thread_number_is_read_again(store: Po
 
     numbers = [orjson.loads(row.body)["thread"]["number"] for row in await store.outbox_fetch(10)]
     assert numbers == [1, 2, 3]
+
+
+def begins(wire: PgWireRecorder) -> int:
+    """Group transactions begun (a group that runs again begins again)."""
+    return sum(m.kind == "E" and m.sql == "BEGIN" for session in wire.sessions for m in session.sent)
+
+
+async def test_what_an_earlier_job_of_the_group_changed_is_read_again_not_taken_as_the_group_read_it(
+    store: PostgresStore, wire: PgWireRecorder
+) -> None:
+    message = _message("d1", ADA, text="A first message of a new customer.")
+    # One group: the first job claims the key and adds the identity the others look up; the group
+    # read neither. Read as the group read them, the second claim and the third job's new
+    # customer would fail on the unique keys, and the group run again isolated.
+    first, again, other = await asyncio.gather(
+        accept(store, message),
+        accept(store, message),
+        accept(store, _message("d2", ADA, text="Another message, same customer.")),
+    )
+
+    assert begins(wire) == 1
+    assert again[0].duplicate
+    assert again[0].thread_id == first[0].thread_id
+    assert (other[0].customer_id, other[0].sequence) == (first[0].customer_id, 2)
+
+
+async def test_a_key_another_instance_claims_after_the_group_began_runs_the_group_again_isolated(
+    store: PostgresStore, wire: PgWireRecorder, dsn: str
+) -> None:
+    message = _message("o1", ADA, text="Also delivered to another instance.")
+
+    def another_instance_claims(conn: Any) -> None:
+        with psycopg.connect(dsn, autocommit=True) as elsewhere:
+            elsewhere.execute(
+                "INSERT INTO idempotency_keys (key, message_id, created_at, thread_id, customer_id,"
+                " sequence, is_new_thread) VALUES (%s, %s, now(), 'thr_x', 'cus_x', 1, true)"
+                " ON CONFLICT DO NOTHING",
+                (message.idempotency_key(), message.message_id()),
+            )
+
+    _, (placed,) = await asyncio.gather(
+        store._write_placement(another_instance_claims, ()), accept(store, message)
+    )
+
+    assert begins(wire) == 2
+    assert placed.duplicate
+    assert (placed.thread_id, placed.customer_id) == ("thr_x", "cus_x")
+    assert not await store.outbox_fetch(10)
 
 
 async def test_a_customer_the_group_did_not_lock_is_locked_and_read_again_by_the_job(
