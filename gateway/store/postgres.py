@@ -879,6 +879,20 @@ def _folded(
     return f"WITH {', '.join(names)} {sql}", [p for _, params in (*parts, last) for p in params]
 
 
+class _BinaryResults:
+    """A connection whose statements answer in binary: an event's body comes as its bytes, not as
+    hex the server encodes and the client decodes (the relay reads every body)."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self._conn.cursor(binary=True).execute(sql, params)
+
+    def cursor(self) -> Cursor:
+        return self._conn.cursor(binary=True)
+
+
 class _GroupState(threading.local):
     """What a worker thread knows of the group it runs, if any."""
 
@@ -1334,7 +1348,7 @@ class PostgresStore(SqlStore):
             if conn is None:
                 return []
             try:
-                return outbox_rows(POSTGRES, conn, after, limit)
+                return outbox_rows(POSTGRES, _BinaryResults(conn), after, limit)
             except psycopg.Error as exc:
                 self._drop_lease()
                 raise StoreError(f"outbox read failed (relay lease dropped): {exc}") from exc
