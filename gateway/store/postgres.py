@@ -930,6 +930,9 @@ class PostgresStore(SqlStore):
         self._lease_next_try = 0.0
         # Set after commits that add events; one task turns each burst of them into one NOTIFY.
         self._committed: asyncio.Event | None = None
+        # Whether the commits since the last notification include events other than placements
+        # (which only the pipeline's on_commit wakes this gateway's relay for).
+        self._announce_to_all = False
         self._notifier: asyncio.Task[None] | None = None
         # Placements wait here for the next group transaction (_group_placements).
         self._queued: deque[_Queued] = deque()
@@ -1064,6 +1067,7 @@ class PostgresStore(SqlStore):
         """A transaction; when it may add outbox events, every listening relay hears of its commit."""
         value = await self._run(lambda: self._transact(fn))
         if events and self._committed is not None:
+            self._announce_to_all = True
             self._committed.set()
         return value
 
@@ -1389,8 +1393,14 @@ class PostgresStore(SqlStore):
         while True:
             await committed.wait()
             committed.clear()
+            # Signed when only placements were committed: the gateway wakes its own relay after
+            # those itself (the pipeline's on_commit), so that relay skips them (outbox_listen).
+            payload = "" if self._announce_to_all else _instance(os.getpid())
+            self._announce_to_all = False
             try:
-                await self._write(_notify_outbox)
+                await self._run(
+                    functools.partial(self._attempt, functools.partial(_notify_outbox, payload=payload))
+                )
             except StoreError as exc:
                 logger.debug("outbox notification not sent (relays poll): %s", exc)
 
@@ -1422,7 +1432,12 @@ class PostgresStore(SqlStore):
                         logger.info("listening for outbox commits again")
                     delay = _LISTEN_RETRY
                     wake()
-                    async for _ in conn.notifies():
+                    # The relay of a gateway runs in a child process of it; the gateway wakes it
+                    # after each of its placements, sooner than a notification would.
+                    woken_by_parent = _instance(os.getppid())
+                    async for notify in conn.notifies():
+                        if notify.payload == woken_by_parent:
+                            continue
                         if self._lease_held or time.monotonic() >= self._lease_next_try:
                             wake()
             except Exception as exc:  # never fatal: the relay polls until the connection is back
@@ -1436,8 +1451,17 @@ class PostgresStore(SqlStore):
             delay = min(delay * 2, _LISTEN_RETRY_MAX)
 
 
-def _notify_outbox(conn: Connection) -> None:
-    conn.execute("SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+def _notify_outbox(conn: Connection, payload: str) -> None:
+    """One statement in a transaction of its own (the connection is in autocommit), which skips
+    the WAL flush at its commit."""
+    conn.execute(
+        "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)", (OUTBOX_CHANNEL, payload)
+    )
+
+
+def _instance(pid: int) -> str:
+    """What a gateway process signs its notifications with (see outbox_listen)."""
+    return f"{socket.gethostname()} pid={pid}"
 
 
 def _configure(conn: Conn) -> None:
