@@ -379,6 +379,7 @@ class _GroupLocks:
         *,
         found: Any = None,
         keys: Any = None,
+        owned: Any = None,
     ) -> None:
         self.identities = frozenset(identities)
         self._owners_read = owners  # pipelined: its rows come with the group's first read
@@ -386,15 +387,20 @@ class _GroupLocks:
         self.written: set[str] = set()
         # Read with the locks when the jobs run together (None: isolated): the owners of the
         # group's identities, and which of its idempotency keys (and their tombstones) exist.
-        self._found_read, self._keys_read = found, keys
+        self._found_read, self._keys_read, self._owned_read = found, keys, owned
         self._found: dict[tuple[str, str, str], tuple[str, bool]] | None = None
         self._keys: set[str] | None = None
+        self._owned: dict[str, tuple[Identity, ...]] | None = None
         # What a job of the group changed since: identity keys added or marked verified (whose
         # owner a later job reads again), whether identities were moved (all are read again), and
         # the keys claimed (a key twice in a group: the second claim is read, not counted on).
         self.identities_written: set[tuple[str, str, str]] = set()
         self.identities_moved = False
         self.claimed: set[str] = set()
+        # Customers a job of the group added identities to, and whether any identity was marked
+        # verified (its owner's list is read again).
+        self.owners_written: set[str] = set()
+        self.verified_marked = False
         # A tenant's next thread number, once a job of the group has read it: the counter row stays
         # locked by the group to its commit, so the numbers after it are known without reading.
         # Forgotten when a job is rolled back to its savepoint (with its lock, maybe).
@@ -412,6 +418,20 @@ class _GroupLocks:
             self._found = {(r[0], r[1], r[2]): (r[3], bool(r[4])) for r in self._found_read.fetchall()}
         found = self._found
         return {key[1:]: found[key] for key in wanted if key in found}
+
+    def owned(self, customer_id: str) -> tuple[Identity, ...] | None:
+        """The identities of a customer owning one of the group's identities, as read with the
+        group's locks, unless a job of the group may have changed them since (then None)."""
+        if self._owned_read is None or self.identities_moved or self.verified_marked:
+            return None
+        if customer_id in self.owners_written:
+            return None
+        if self._owned is None:
+            rows: dict[str, list[Any]] = {}
+            for row in self._owned_read.fetchall():
+                rows.setdefault(row[0], []).append(row[1:])
+            self._owned = {customer: identity_records(owned) for customer, owned in rows.items()}
+        return self._owned.get(customer_id)
 
     def unclaimed(self, key: str) -> bool:
         """Whether neither ``key`` nor its tombstone existed when the group began, nor has a job of
@@ -495,11 +515,13 @@ class PostgresTx(SqlTx):
     def add_identity(self, tenant: str, customer_id: str, identity: Identity, now: datetime) -> None:
         if self._locks is not None:
             self._locks.identities_written.add((tenant, *identity.key()))
+            self._locks.owners_written.add(customer_id)
         super().add_identity(tenant, customer_id, identity, now)
 
     def mark_verified(self, tenant: str, identity: Identity) -> None:
         if self._locks is not None:
             self._locks.identities_written.add((tenant, *identity.key()))
+            self._locks.verified_marked = True
         super().mark_verified(tenant, identity)
 
     def move_identities(
@@ -605,7 +627,8 @@ class PostgresTx(SqlTx):
         if texts_since is not None:
             texts = self._x(RECENT_TEXTS, (customer_id, d.ts(texts_since), not_channel, RECENT_TEXTS_KEPT))
         threads = self._x(_OPEN_THREADS_LOCKED, (customer_id, tenant, inbox, d.ts(active_since)))
-        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,))
+        owned = self._locks.owned(customer_id) if self._locks is not None else None
+        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,)) if owned is None else None
 
         def open_threads() -> list[ThreadRecord]:
             rows = threads.fetchall()
@@ -615,7 +638,7 @@ class PostgresTx(SqlTx):
         return CachedThreadReads(
             lambda: recent_text_records(d, customer_id, texts.fetchall()) if texts is not None else [],
             open_threads,
-            lambda: identity_records(identities.fetchall()),
+            lambda: identity_records(identities.fetchall()) if identities is not None else owned or (),
         )
 
     def _written(self, customer_id: str) -> None:
@@ -677,6 +700,15 @@ _FIND_IDENTITIES = (
     "SELECT i.tenant, i.kind, i.value, i.customer_id, i.verified FROM identities i"
     " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
     " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value"
+)
+# All identities of the customers owning a group's identities (as _FIND_IDENTITIES), each
+# customer's in the order of CUSTOMER_IDENTITIES.
+_FIND_OWNED = (
+    "SELECT i.customer_id, i.kind, i.value, i.verified FROM identities i WHERE i.customer_id IN ("
+    "SELECT o.customer_id FROM identities o"
+    " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
+    " ON o.tenant = u.tenant AND o.kind = u.kind AND o.value = u.value)"
+    ' ORDER BY i.customer_id, i.created_at, i.kind COLLATE "C", i.value COLLATE "C"'
 )
 # Which of a group's idempotency keys and their tombstones exist.
 _FIND_KEYS = "SELECT key FROM idempotency_keys WHERE key = ANY(%s)"
@@ -1191,13 +1223,14 @@ class PostgresStore(SqlStore):
         """The group's locks, then each job (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        owners = found = None
+        owners = found = owned = None
         if identities:
             conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
             columns = [list(column) for column in zip(*identities, strict=True)]
             owners = conn.execute(_LOCK_OWNERS, columns)
             if not isolated:
                 found = conn.execute(_FIND_IDENTITIES, columns)
+                owned = conn.execute(_FIND_OWNED, columns)
         # Jobs run together read their identities and claims here, in the group's first round
         # trip, not one each (isolated, a job rolled back would make them stale).
         keys = sorted({key for q in group for key in q.keys})
@@ -1205,7 +1238,9 @@ class PostgresStore(SqlStore):
         if keys and not isolated:
             claimed = conn.execute(_FIND_KEYS, ([*keys, *(erased_key(key) for key in keys)],))
         # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-        locks = self._group.locks = _GroupLocks(set(identities), owners, found=found, keys=claimed)
+        locks = self._group.locks = _GroupLocks(
+            set(identities), owners, found=found, keys=claimed, owned=owned
+        )
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
             for queued in group:

@@ -1,11 +1,12 @@
 """PostgreSQL store: how many statements and round trips a placement costs, counted on the wire, and
 that what the group of placements locked first is used without changing any placement.
 
-A group begins with one round trip: its locks, the owners of its messages' identities and which of
-its idempotency keys exist. Then a placement of a known customer waits once, for the customer's
-recent texts + open threads (their rows locked, with their sequences) + identities; a first
-message waits for nothing but its tenant's thread number, and only the group's first new thread
-reads that. The writes go with the next read, and the group adds one wait, its commit.
+A group begins with one round trip: its locks, the owners of its messages' identities and all of
+their identities, and which of its idempotency keys exist. Then a placement of a known customer
+waits once, for the customer's recent texts + open threads (their rows locked, with their
+sequences); a first message waits for nothing but its tenant's thread number, and only the
+group's first new thread reads that. The writes go with the next read, and the group adds one
+wait, its commit.
 
 Each fold removed adds a statement or a round trip: a savepoint of its own and a sync at its end
 (jobs run together unless one fails), the claim and the lookup of identities (read with the
@@ -142,9 +143,9 @@ async def test_a_known_customers_placement_makes_one_round_trip(
     # again, customer, recent texts, open threads, sequence, identities, sync), then 9 and 4 with
     # the sync and its savepoint's two statements around them; the raw bytes now go with the
     # claim's lookup, the recent text with the rest of the tail, and the thread's sequence is
-    # read (its row locked) with the open threads, not read back from its update; the claim and
-    # the lookup go with the group's locks.
-    assert (statements(job), round_trips(job)) == (4, 1), listing(job)
+    # read (its row locked) with the open threads, not read back from its update; the claim, the
+    # lookup and the customer's identities (for the event) go with the group's locks.
+    assert (statements(job), round_trips(job)) == (3, 1), listing(job)
     assert not any("pg_advisory_xact_lock" in m.sql or customer_lock(m) for m in job), listing(job)
     assert sum("FOR UPDATE" in m.sql for m in job) == 1, listing(job)  # the open threads
     # The group around it: locks, the identities' owners, the keys and the backlog read in one
@@ -166,7 +167,7 @@ async def test_a_first_message_makes_one_round_trip(store: PostgresStore, wire: 
     # with the group's locks.
     assert (statements(job), round_trips(job)) == (2, 1), listing(job)
     group = group_transaction(wire)
-    assert (statements(group), round_trips(group)) == (10, 3), listing(group)
+    assert (statements(group), round_trips(group)) == (11, 3), listing(group)
 
     # Later messages of the thread, in the same envelope (one job, one Tx) and after it.
     batch = await accept(store, *(_message(f"f{n}", ADA, text=f"Message number {n}.") for n in (2, 3)))
@@ -238,6 +239,26 @@ async def test_what_an_earlier_job_of_the_group_changed_is_read_again_not_taken_
     assert again[0].duplicate
     assert again[0].thread_id == first[0].thread_id
     assert (other[0].customer_id, other[0].sequence) == (first[0].customer_id, 2)
+
+
+async def test_an_identity_an_earlier_job_of_the_group_added_is_in_the_next_jobs_event(
+    store: PostgresStore,
+) -> None:
+    await accept(store, _message("a1", ADA, text="A first message."))
+    phone = Identity(kind="phone", value="+41790000001", verified=True)
+
+    # One group: the group reads Ada's identities with its locks; the first job adds her phone.
+    await asyncio.gather(
+        accept(store, _message("a2", ADA, phone, text="With my phone number this time.")),
+        accept(store, _message("a3", ADA, text="And one more.")),
+    )
+
+    bodies = [orjson.loads(row.body) for row in await store.outbox_fetch(10)]
+    assert [[i["kind"] for i in b["customer"]["identities"]] for b in bodies] == [
+        ["email"],
+        ["email", "phone"],
+        ["email", "phone"],
+    ]
 
 
 async def test_a_key_another_instance_claims_after_the_group_began_runs_the_group_again_isolated(
