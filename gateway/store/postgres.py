@@ -377,20 +377,20 @@ class _GroupLocks:
         identities: set[tuple[str, str, str]],
         owners: Any,
         *,
-        found: Any = None,
-        keys: Any = None,
         owned: Any = None,
+        keys: Any = None,
     ) -> None:
         self.identities = frozenset(identities)
         self._owners_read = owners  # pipelined: its rows come with the group's first read
         self._owners: dict[str, CustomerRecord] | None = None
         self.written: set[str] = set()
-        # Read with the locks when the jobs run together (None: isolated): the owners of the
-        # group's identities, and which of its idempotency keys (and their tombstones) exist.
-        self._found_read, self._keys_read, self._owned_read = found, keys, owned
-        self._found: dict[tuple[str, str, str], tuple[str, bool]] | None = None
-        self._keys: set[str] | None = None
+        # Read with the locks when the jobs run together (None: isolated): all identities of the
+        # customers owning the group's identities, and which of its idempotency keys (and their
+        # tombstones) exist.
+        self._owned_read, self._keys_read = owned, keys
+        self._found: dict[tuple[str, str, str], tuple[str, bool]] = {}
         self._owned: dict[str, tuple[Identity, ...]] | None = None
+        self._keys: set[str] | None = None
         # What a job of the group changed since: identity keys added or marked verified (whose
         # owner a later job reads again), whether identities were moved (all are read again), and
         # the keys claimed (a key twice in a group: the second claim is read, not counted on).
@@ -409,15 +409,23 @@ class _GroupLocks:
     def found(self, tenant: str, keys: Sequence[Key]) -> dict[Key, tuple[str, bool]] | None:
         """The owners of these identity keys as read with the group's locks, unless a job of the
         group may have changed them since (then None: read them again)."""
-        if self._found_read is None or self.identities_moved:
+        if self._owned_read is None or self.identities_moved:
             return None
         wanted = [(tenant, *key) for key in keys]
         if any(key in self.identities_written for key in wanted):
             return None
-        if self._found is None:
-            self._found = {(r[0], r[1], r[2]): (r[3], bool(r[4])) for r in self._found_read.fetchall()}
+        self._read_owned()
         found = self._found
         return {key[1:]: found[key] for key in wanted if key in found}
+
+    def _read_owned(self) -> dict[str, tuple[Identity, ...]]:
+        if self._owned is None:
+            rows: dict[str, list[tuple[str, str, bool]]] = {}
+            for customer, tenant, kind, value, verified in self._owned_read.fetchall():
+                self._found[tenant, kind, value] = (customer, bool(verified))
+                rows.setdefault(customer, []).append((kind, value, verified))
+            self._owned = {customer: identity_records(owned) for customer, owned in rows.items()}
+        return self._owned
 
     def owned(self, customer_id: str) -> tuple[Identity, ...] | None:
         """The identities of a customer owning one of the group's identities, as read with the
@@ -426,12 +434,7 @@ class _GroupLocks:
             return None
         if customer_id in self.owners_written:
             return None
-        if self._owned is None:
-            rows: dict[str, list[Any]] = {}
-            for row in self._owned_read.fetchall():
-                rows.setdefault(row[0], []).append(row[1:])
-            self._owned = {customer: identity_records(owned) for customer, owned in rows.items()}
-        return self._owned.get(customer_id)
+        return self._read_owned().get(customer_id)
 
     def unclaimed(self, key: str) -> bool:
         """Whether neither ``key`` nor its tombstone existed when the group began, nor has a job of
@@ -695,16 +698,11 @@ _JOB_SAVEPOINT = "tg_job"
 # the customers owning the identities, given as (tenant, kind, value) columns, in id order, read as
 # locked (the jobs' Tx answers get_customer from these rows: _GroupLocks).
 _LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
-# The owners of a group's identities, given as (tenant, kind, value) columns, read with its locks.
-_FIND_IDENTITIES = (
-    "SELECT i.tenant, i.kind, i.value, i.customer_id, i.verified FROM identities i"
-    " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
-    " ON i.tenant = u.tenant AND i.kind = u.kind AND i.value = u.value"
-)
-# All identities of the customers owning a group's identities (as _FIND_IDENTITIES), each
-# customer's in the order of CUSTOMER_IDENTITIES.
+# All identities of the customers owning a group's identities (given as (tenant, kind, value)
+# columns), read with its locks: its identities' owners, and each customer's identities in the
+# order of CUSTOMER_IDENTITIES.
 _FIND_OWNED = (
-    "SELECT i.customer_id, i.kind, i.value, i.verified FROM identities i WHERE i.customer_id IN ("
+    "SELECT i.customer_id, i.tenant, i.kind, i.value, i.verified FROM identities i WHERE i.customer_id IN ("
     "SELECT o.customer_id FROM identities o"
     " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
     " ON o.tenant = u.tenant AND o.kind = u.kind AND o.value = u.value)"
@@ -1223,13 +1221,12 @@ class PostgresStore(SqlStore):
         """The group's locks, then each job (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        owners = found = owned = None
+        owners = owned = None
         if identities:
             conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
             columns = [list(column) for column in zip(*identities, strict=True)]
             owners = conn.execute(_LOCK_OWNERS, columns)
             if not isolated:
-                found = conn.execute(_FIND_IDENTITIES, columns)
                 owned = conn.execute(_FIND_OWNED, columns)
         # Jobs run together read their identities and claims here, in the group's first round
         # trip, not one each (isolated, a job rolled back would make them stale).
@@ -1238,19 +1235,20 @@ class PostgresStore(SqlStore):
         if keys and not isolated:
             claimed = conn.execute(_FIND_KEYS, ([*keys, *(erased_key(key) for key in keys)],))
         # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-        locks = self._group.locks = _GroupLocks(
-            set(identities), owners, found=found, keys=claimed, owned=owned
-        )
+        locks = self._group.locks = _GroupLocks(set(identities), owners, owned=owned, keys=claimed)
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
+            held: _FoldedWrites | None = None  # together: the last job's writes, still held
             for queued in group:
                 backlog.pending = 0
-                backlog.conn = folded = _FoldedWrites(conn)
                 if not isolated:
-                    outcomes.append(queued.fn(folded))
-                    folded.flush()
+                    if held is not None:
+                        held.flush()
+                    backlog.conn = held = _FoldedWrites(conn)
+                    outcomes.append(queued.fn(held))
                     backlog.added += backlog.pending
                     continue
+                backlog.conn = folded = _FoldedWrites(conn)
                 conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                 try:
                     value = queued.fn(folded)
@@ -1271,8 +1269,11 @@ class PostgresStore(SqlStore):
                 conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
                 backlog.added += backlog.pending
                 outcomes.append(value)
+            # The group's count goes with the last job's writes (together: still held).
             if backlog.added:
-                self._add_backlog(conn, backlog.added)
+                self._add_backlog(held or conn, backlog.added)
+            if held is not None:
+                held.flush()
         finally:
             self._group.backlog = self._group.locks = None
         return outcomes
