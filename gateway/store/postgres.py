@@ -765,6 +765,7 @@ _RECENT_TEXT_PARTS = (POSTGRES.sql(f"capped AS ({RECENT_TEXT_CAP})"), POSTGRES.s
 
 
 _Statement = tuple[str, Sequence[Any]]  # SQL and its parameters
+_NUMBERED_ROWS = frozenset({"outbox"})  # tables whose rows are numbered as they are inserted
 
 
 @functools.cache
@@ -838,8 +839,15 @@ class _FoldedWrites:
             self.flush()
             return self._conn.execute(sql, params)
         # DO UPDATE may change a row a part before it wrote: "cannot affect row a second time".
-        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql and "DO UPDATE" not in sql
+        # The parts of a statement run in no set order, so rows numbered as inserted (the outbox's
+        # positions) go one statement each: two events must keep their order.
         tables = _tables(sql)
+        plain = (
+            sql.startswith("INSERT INTO ")
+            and "SELECT" not in sql
+            and "DO UPDATE" not in sql
+            and _NUMBERED_ROWS.isdisjoint(tables)
+        )
         if any(t in self._tables and not (plain and self._tables[t]) for t in tables):
             self.flush()
         self._held.append((sql, params))

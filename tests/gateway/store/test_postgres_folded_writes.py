@@ -101,3 +101,21 @@ def test_a_statement_of_several_parts_goes_with_postgresqls_own_placeholders() -
     assert _numbered("WITH _w0 AS (INSERT INTO t (a, b) VALUES (%s, %s)) SELECT '100%%', %s") == (
         "WITH _w0 AS (INSERT INTO t (a, b) VALUES ($1, $2)) SELECT '100%', $3"
     )
+
+
+def test_two_events_never_go_in_one_statement() -> None:
+    # The parts of a statement run in no set order: the second event could take the earlier
+    # outbox position.
+    conn = Recorder()
+    folded = _FoldedWrites(conn)
+    folded.execute("INSERT INTO outbox (event_id) VALUES (%s)", ["e1"])
+    folded.execute("INSERT INTO outbox (event_id) VALUES (%s)", ["e2"])
+    folded.execute("INSERT INTO messages (id) VALUES (%s)", ["m1"])
+    folded.flush()
+    assert conn.sent == [
+        ("INSERT INTO outbox (event_id) VALUES (%s)", ["e1"]),
+        (
+            "WITH _w0 AS (INSERT INTO outbox (event_id) VALUES (%s)) INSERT INTO messages (id) VALUES (%s)",
+            ["e2", "m1"],
+        ),
+    ]
