@@ -3,10 +3,11 @@
 The placement engine (:mod:`dedupe.engine`) is synchronous and runs against :class:`dedupe.tx.Tx`,
 so this store runs the very same engine as the SQLite store: every write is one transaction on a
 pooled psycopg 3 connection, executed on a bounded pool of worker threads. Placements (``accept``)
-are grouped: the jobs waiting when a group starts run in one transaction, each under a savepoint of
-its own, with their statements pipelined (libpq pipeline mode: a round trip per read, not per
-statement), so a burst of messages costs one commit, one WAL flush and one NOTIFY, and one hand-off
-to a worker thread (``_group_placements``). A job that fails is rolled back to its savepoint alone.
+are grouped: the jobs waiting when a group starts run in one transaction, with their statements
+pipelined (libpq pipeline mode: a round trip per read, not per statement), so a burst of messages
+costs one commit, one WAL flush and one NOTIFY, and one hand-off to a worker thread
+(``_group_placements``). Should a job fail, the group is rolled back and runs again with each job
+under a savepoint of its own, so the failing job alone is rolled back (``_run_group``).
 
 Concurrency across instances:
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -72,7 +74,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from core.errors import BacklogFull, StoreError
-from core.model import CanonicalMessage, Identity
+from core.model import CanonicalMessage, Identity, Placement
 from core.settings import OutboxSettings, StoreSettings
 from dedupe.identities import normalize_all
 from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, StoredIdentity, ThreadReads, ThreadRecord
@@ -101,6 +103,7 @@ from gateway.store.engine import (
     thread_record,
     utcnow,
 )
+from gateway.store.erase import erased_key
 from gateway.store.schema import migrations
 
 logger = logging.getLogger(__name__)
@@ -369,11 +372,78 @@ class _GroupLocks:
     read from the database again (that job may have been rolled back, or not).
     """
 
-    def __init__(self, identities: set[tuple[str, str, str]], owners: Any) -> None:
+    def __init__(
+        self,
+        identities: set[tuple[str, str, str]],
+        owners: Any,
+        *,
+        owned: Any = None,
+        keys: Any = None,
+    ) -> None:
         self.identities = frozenset(identities)
         self._owners_read = owners  # pipelined: its rows come with the group's first read
         self._owners: dict[str, CustomerRecord] | None = None
         self.written: set[str] = set()
+        # Read with the locks when the jobs run together (None: isolated): all identities of the
+        # customers owning the group's identities, and which of its idempotency keys (and their
+        # tombstones) exist.
+        self._owned_read, self._keys_read = owned, keys
+        self._found: dict[tuple[str, str, str], tuple[str, bool]] = {}
+        self._owned: dict[str, tuple[Identity, ...]] | None = None
+        self._keys: set[str] | None = None
+        # What a job of the group changed since: identity keys added or marked verified (whose
+        # owner a later job reads again), whether identities were moved (all are read again), and
+        # the keys claimed (a key twice in a group: the second claim is read, not counted on).
+        self.identities_written: set[tuple[str, str, str]] = set()
+        self.identities_moved = False
+        self.claimed: set[str] = set()
+        # Customers a job of the group added identities to, and whether any identity was marked
+        # verified (its owner's list is read again).
+        self.owners_written: set[str] = set()
+        self.verified_marked = False
+        # A tenant's next thread number, once a job of the group has read it: the counter row stays
+        # locked by the group to its commit, so the numbers after it are known without reading.
+        # Forgotten when a job is rolled back to its savepoint (with its lock, maybe).
+        self.thread_numbers: dict[str, int] = {}
+
+    def found(self, tenant: str, keys: Sequence[Key]) -> dict[Key, tuple[str, bool]] | None:
+        """The owners of these identity keys as read with the group's locks, unless a job of the
+        group may have changed them since (then None: read them again)."""
+        if self._owned_read is None or self.identities_moved:
+            return None
+        wanted = [(tenant, *key) for key in keys]
+        if any(key in self.identities_written for key in wanted):
+            return None
+        self._read_owned()
+        found = self._found
+        return {key[1:]: found[key] for key in wanted if key in found}
+
+    def _read_owned(self) -> dict[str, tuple[Identity, ...]]:
+        if self._owned is None:
+            rows: dict[str, list[tuple[str, str, bool]]] = {}
+            for customer, tenant, kind, value, verified in self._owned_read.fetchall():
+                self._found[tenant, kind, value] = (customer, bool(verified))
+                rows.setdefault(customer, []).append((kind, value, verified))
+            self._owned = {customer: identity_records(owned) for customer, owned in rows.items()}
+        return self._owned
+
+    def owned(self, customer_id: str) -> tuple[Identity, ...] | None:
+        """The identities of a customer owning one of the group's identities, as read with the
+        group's locks, unless a job of the group may have changed them since (then None)."""
+        if self._owned_read is None or self.identities_moved or self.verified_marked:
+            return None
+        if customer_id in self.owners_written:
+            return None
+        return self._read_owned().get(customer_id)
+
+    def unclaimed(self, key: str) -> bool:
+        """Whether neither ``key`` nor its tombstone existed when the group began, nor has a job of
+        the group claimed it since."""
+        if self._keys_read is None or key in self.claimed:
+            return False
+        if self._keys is None:
+            self._keys = {r[0] for r in self._keys_read.fetchall()}
+        return key not in self._keys and erased_key(key) not in self._keys
 
     def owners(self) -> dict[str, CustomerRecord]:
         if self._owners is None:
@@ -391,10 +461,13 @@ class PostgresTx(SqlTx):
     def __init__(self, conn: Connection, locks: _GroupLocks | None = None) -> None:
         super().__init__(conn, POSTGRES)
         self._locks = locks
-        # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor.
-        self._ahead: tuple[str, list[Key], Cursor] | None = None
-        # Threads this transaction created and has not advanced yet.
-        self._unadvanced: set[str] = set()
+        # A lookup of identities sent ahead (prefetch_identities): tenant, keys, its cursor (or
+        # what the group read, already).
+        self._ahead: tuple[str, list[Key], Cursor | dict[Key, tuple[str, bool]]] | None = None
+        # Threads this transaction created and has not advanced yet: the values of their insert.
+        self._unadvanced: dict[str, list[Any]] = {}
+        # The next sequence of threads read with their rows locked and not advanced since.
+        self._sequences: dict[str, int] = {}
 
     def _held(self, tenant: str, keys: Iterable[Key]) -> bool:
         """Whether the group holds the locks of all these identity keys."""
@@ -406,16 +479,60 @@ class PostgresTx(SqlTx):
 
     def prefetch_identities(self, tenant: str, identities: Sequence[Identity]) -> None:
         # Only under the group's identity locks: none of them can be added meanwhile, and one
-        # moved by a merge is caught by the engine's lock-and-read-again as for any read.
+        # moved by a merge is caught by the engine's lock-and-read-again as for any read. Read
+        # with the group's locks when no job of the group changed them since, else sent now.
         keys = [i.key() for i in identities]
-        if keys and self._held(tenant, keys):
-            self._ahead = (tenant, keys, POSTGRES.send_find_identities(self._conn, tenant, keys))
+        if keys and self._locks is not None and self._held(tenant, keys):
+            found = self._locks.found(tenant, keys)
+            self._ahead = (
+                tenant,
+                keys,
+                found if found is not None else POSTGRES.send_find_identities(self._conn, tenant, keys),
+            )
 
     def find_identities(self, tenant: str, identities: Sequence[Identity]) -> list[StoredIdentity]:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:2] == (tenant, [i.key() for i in identities]):
-            return stored_identities(identities, POSTGRES.found_identities(ahead[2]))
+            found = ahead[2]
+            return stored_identities(
+                identities, found if isinstance(found, dict) else POSTGRES.found_identities(found)
+            )
         return super().find_identities(tenant, identities)
+
+    def claim_key(
+        self, key: str, message_id: str, now: datetime, fingerprint: str | None = None
+    ) -> Placement | None:
+        locks = self._locks
+        if locks is None or not locks.unclaimed(key):
+            if locks is not None:
+                locks.claimed.add(key)
+            return super().claim_key(key, message_id, now, fingerprint)
+        # Absent when the group began: claimed as on a store with one writer, by the whole row
+        # complete_claim inserts with the placement (a plain insert, held with the others). Should
+        # another instance claim it meanwhile, that insert fails, the group runs again isolated,
+        # and this claim is read then.
+        locks.claimed.add(key)
+        self._claims[key] = (message_id, self._d.ts(now), fingerprint)
+        return None
+
+    def add_identity(self, tenant: str, customer_id: str, identity: Identity, now: datetime) -> None:
+        if self._locks is not None:
+            self._locks.identities_written.add((tenant, *identity.key()))
+            self._locks.owners_written.add(customer_id)
+        super().add_identity(tenant, customer_id, identity, now)
+
+    def mark_verified(self, tenant: str, identity: Identity) -> None:
+        if self._locks is not None:
+            self._locks.identities_written.add((tenant, *identity.key()))
+            self._locks.verified_marked = True
+        super().mark_verified(tenant, identity)
+
+    def move_identities(
+        self, tenant: str, keys: Sequence[tuple[str, str]], from_customer: str, to_customer: str
+    ) -> list[Identity]:
+        if self._locks is not None:
+            self._locks.identities_moved = True
+        return super().move_identities(tenant, keys, from_customer, to_customer)
 
     def holds_customers(self, customer_ids: Sequence[str]) -> bool:
         if self._locks is None:
@@ -442,21 +559,59 @@ class PostgresTx(SqlTx):
         self._written(customer_id)
         super().set_merged_into(customer_id, into)
 
+    def next_thread_number(self, tenant: str) -> int:
+        if self._locks is None:
+            return super().next_thread_number(tenant)
+        numbers = self._locks.thread_numbers
+        number = numbers.get(tenant)
+        if number is None:
+            number = super().next_thread_number(tenant)  # locks the counter row to the group's commit
+        else:
+            self._x(
+                "UPDATE tenant_counters SET next_thread_number = next_thread_number + 1 WHERE tenant = ?",
+                (tenant,),
+            )
+        numbers[tenant] = number + 1
+        return number
+
     def create_thread(self, thread: ThreadRecord) -> None:
-        super().create_thread(thread)
-        self._unadvanced.add(thread.id)
+        d = self._d
+        row = [
+            thread.id,
+            thread.tenant,
+            thread.inbox,
+            thread.customer_id,
+            thread.subject,
+            "open" if thread.open else "closed",
+            thread.number,
+            d.ts(thread.last_activity),
+            1,  # next_sequence
+            thread.merged_into,
+            thread.previous_id,
+            d.ts(thread.last_activity),
+        ]
+        self._x(_CREATE_THREAD, row)
+        self._unadvanced[thread.id] = row
 
     def advance_thread(self, thread_id: str, now: datetime) -> int:
-        if thread_id not in self._unadvanced:
+        sequence = self._sequences.pop(thread_id, None)
+        if sequence is not None:
+            # Read with its row locked (thread_reads) and not advanced since: the answer is known.
+            self._x(_ADVANCE_THREAD, (self._d.ts(now), thread_id))
+            return sequence
+        row = self._unadvanced.pop(thread_id, None)
+        if row is None:
             return super().advance_thread(thread_id, now)
         # Created here with sequence 1 next, and no other transaction sees it before the commit:
-        # the answer is known, so the update need not be read back (a write folded with others).
-        self._unadvanced.discard(thread_id)
-        self._x(
-            "UPDATE threads SET next_sequence = next_sequence + 1,"
-            " last_activity = {greatest}(last_activity, ?) WHERE id = ?",
-            (self._d.ts(now), thread_id),
-        )
+        # the answer is known, so the update need not be read back. While the insert is still
+        # held (_FoldedWrites), it inserts the row as advanced instead (the update would have to
+        # wait for it, as a statement of its own); else the update is a write folded with others.
+        conn = self._conn
+        if isinstance(conn, _FoldedWrites) and conn.holds(row):
+            row[_CREATE_THREAD_NEXT] = 2
+            row[_CREATE_THREAD_ACTIVITY] = max(row[_CREATE_THREAD_ACTIVITY], self._d.ts(now))
+            return 1
+        self._x(_ADVANCE_THREAD, (self._d.ts(now), thread_id))
         return 1
 
     def thread_reads(
@@ -474,12 +629,19 @@ class PostgresTx(SqlTx):
         texts = None
         if texts_since is not None:
             texts = self._x(RECENT_TEXTS, (customer_id, d.ts(texts_since), not_channel, RECENT_TEXTS_KEPT))
-        threads = self._x(OPEN_THREADS, (customer_id, tenant, inbox, d.ts(active_since)))
-        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,))
+        threads = self._x(_OPEN_THREADS_LOCKED, (customer_id, tenant, inbox, d.ts(active_since)))
+        owned = self._locks.owned(customer_id) if self._locks is not None else None
+        identities = self._x(CUSTOMER_IDENTITIES, (customer_id,)) if owned is None else None
+
+        def open_threads() -> list[ThreadRecord]:
+            rows = threads.fetchall()
+            self._sequences.update((r[0], int(r[-1])) for r in rows)
+            return [thread_record(d, r) for r in rows]
+
         return CachedThreadReads(
             lambda: recent_text_records(d, customer_id, texts.fetchall()) if texts is not None else [],
-            lambda: [thread_record(d, r) for r in threads.fetchall()],
-            lambda: identity_records(identities.fetchall()),
+            open_threads,
+            lambda: identity_records(identities.fetchall()) if identities is not None else owned or (),
         )
 
     def _written(self, customer_id: str) -> None:
@@ -488,6 +650,23 @@ class PostgresTx(SqlTx):
 
 
 _RETRYABLE_TX = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+# SqlTx.create_thread's insert, with the next sequence and the last activity as values (the
+# thread's insert and first advance in one: PostgresTx.advance_thread).
+_CREATE_THREAD = (
+    "INSERT INTO threads (id, tenant, inbox, customer_id, subject, status, number, last_activity,"
+    " next_sequence, merged_into, previous_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_CREATE_THREAD_ACTIVITY, _CREATE_THREAD_NEXT = 7, 8
+# SqlTx.advance_thread's update, where the sequence it takes is known (not read back).
+_ADVANCE_THREAD = (
+    "UPDATE threads SET next_sequence = next_sequence + 1, last_activity = {greatest}(last_activity, ?)"
+    " WHERE id = ?"
+)
+# Tx.thread_reads's open threads with their next sequence, their rows locked to the commit: the
+# thread a message joins is advanced without reading its sequence back.
+_OPEN_THREADS_LOCKED = (
+    OPEN_THREADS.replace(" FROM threads", ", next_sequence FROM threads", 1) + " FOR UPDATE"
+)
 
 # The relay's statements, one round trip each. Marking: the rows still unpublished among the
 # positions, the backlog and the published total moved by as many (parameters: now, positions, slot).
@@ -519,6 +698,18 @@ _JOB_SAVEPOINT = "tg_job"
 # the customers owning the identities, given as (tenant, kind, value) columns, in id order, read as
 # locked (the jobs' Tx answers get_customer from these rows: _GroupLocks).
 _LOCK_IDENTITIES = "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k"
+# All identities of the customers owning a group's identities (given as (tenant, kind, value)
+# columns), read with its locks: its identities' owners, and each customer's identities in the
+# order of CUSTOMER_IDENTITIES.
+_FIND_OWNED = (
+    "SELECT i.customer_id, i.tenant, i.kind, i.value, i.verified FROM identities i WHERE i.customer_id IN ("
+    "SELECT o.customer_id FROM identities o"
+    " JOIN unnest(%s::text[], %s::text[], %s::text[]) AS u (tenant, kind, value)"
+    " ON o.tenant = u.tenant AND o.kind = u.kind AND o.value = u.value)"
+    ' ORDER BY i.customer_id, i.created_at, i.kind COLLATE "C", i.value COLLATE "C"'
+)
+# Which of a group's idempotency keys and their tombstones exist.
+_FIND_KEYS = "SELECT key FROM idempotency_keys WHERE key = ANY(%s)"
 _LOCK_OWNERS = (
     "SELECT id, tenant, display_name, merged_into FROM customers"
     " WHERE id IN (SELECT i.customer_id FROM identities i"
@@ -531,10 +722,11 @@ _LOCK_OWNERS = (
 @dataclass(frozen=True, slots=True)
 class _Queued:
     """A placement job waiting for its group: the job, the (tenant, kind, value) of its messages'
-    identities, and the caller's future."""
+    identities, their idempotency keys, and the caller's future."""
 
     fn: Callable[[Connection], Any]
     identities: set[tuple[str, str, str]]
+    keys: tuple[str, ...]  # the messages' idempotency keys
     future: asyncio.Future[Any]
 
 
@@ -566,13 +758,35 @@ class _GroupBacklog:
 
 
 _TOUCHED = re.compile(r"\b(?:INTO|UPDATE|FROM|JOIN)\s+(\w+)", re.IGNORECASE)
+# _RECENT_TEXT as the part of a statement it becomes when folded with others: its own WITH part
+# (named once per statement: a second recent text touches the same table, so it starts another),
+# then its INSERT.
+_RECENT_TEXT_PARTS = (POSTGRES.sql(f"capped AS ({RECENT_TEXT_CAP})"), POSTGRES.sql(RECENT_TEXT_INSERT))
 
 
+_Statement = tuple[str, Sequence[Any]]  # SQL and its parameters
+_NUMBERED_ROWS = frozenset({"outbox"})  # tables whose rows are numbered as they are inserted
+
+
+@functools.cache
+def _tables(sql: str) -> frozenset[str]:
+    """The tables ``sql`` reads or writes (one entry per statement text a store sends)."""
+    return frozenset(_TOUCHED.findall(sql))
+
+
+@functools.cache
 def _held_write(sql: str) -> bool:
     """Whether ``sql`` only writes (no rows come back), so :class:`_FoldedWrites` may hold it."""
     if sql.startswith("WITH "):
         return sql == _RECENT_TEXT  # the one write with a WITH of its own a placement makes
     return sql.startswith(("INSERT INTO ", "UPDATE ", "DELETE FROM ")) and "RETURNING" not in sql
+
+
+@functools.cache
+def _takes_held(sql: str) -> bool:
+    """Whether held writes may go with ``sql``, a statement whose rows are read, as ``WITH`` parts:
+    it has no ``WITH`` of its own and takes no row lock (a lock wait would hold the writes)."""
+    return sql.startswith(("SELECT ", "INSERT INTO ", "UPDATE ")) and " FOR " not in sql
 
 
 class _HeldCursor:
@@ -598,54 +812,123 @@ _HELD = _HeldCursor()
 
 class _FoldedWrites:
     """The connection a job of a group sees: the writes whose results nobody reads are held and
-    sent as one statement (each a data-modifying ``WITH`` part of it) before the next read and at
-    the end of the job. A placement's tail (message, recent text, claim, content, reply route,
-    outbox row) costs one or two statements this way instead of seven: each statement is a
-    message to the server and a send() of its own in libpq's pipeline mode.
+    sent as one statement (each a data-modifying ``WITH`` part of it), or as ``WITH`` parts of the
+    next statement whose rows are read, and at the end of the job. A placement's tail (message,
+    recent text, claim, content, reply route, outbox row) costs one statement this way instead of
+    seven, and its raw bytes go with its first read: each statement is a message to the server, a
+    send() of its own in libpq's pipeline mode and ~20 us of psycopg.
 
     The parts of one statement see the same snapshot and not each other's rows, so a write is held
-    with others only when it touches none of their tables, or when it and they are all plain
-    inserts of values (no upsert) into the same table (a customer's identities); otherwise, and
-    before anything that reads (a ``SELECT``, ``RETURNING``, a cursor), the held writes go first.
-    A statement with a ``WITH`` of its own ends the statement they are folded into.
+    with others, or goes with a read, only when it touches none of their tables, or when it and
+    they are all plain inserts of values (no upsert) into the same table (a customer's
+    identities); otherwise, and before a read that locks rows or has a ``WITH`` of its own, the
+    held writes go first, as a statement of their own.
     """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
-        self._held: list[tuple[str, Sequence[Any]]] = []
+        self._held: list[_Statement] = []
         self._tables: dict[str, bool] = {}  # table -> whether only plain inserts of values touch it
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         if not _held_write(sql):
+            if self._held and _takes_held(sql) and self._tables.keys().isdisjoint(_tables(sql)):
+                held, self._held = self._held, []
+                self._tables.clear()
+                return self._send(*_folded(held, (sql, params)), parts=True)
             self.flush()
             return self._conn.execute(sql, params)
         # DO UPDATE may change a row a part before it wrote: "cannot affect row a second time".
-        plain = sql.startswith("INSERT INTO ") and "SELECT" not in sql and "DO UPDATE" not in sql
-        tables = set(_TOUCHED.findall(sql))
+        # The parts of a statement run in no set order, so rows numbered as inserted (the outbox's
+        # positions) go one statement each: two events must keep their order.
+        tables = _tables(sql)
+        plain = (
+            sql.startswith("INSERT INTO ")
+            and "SELECT" not in sql
+            and "DO UPDATE" not in sql
+            and _NUMBERED_ROWS.isdisjoint(tables)
+        )
         if any(t in self._tables and not (plain and self._tables[t]) for t in tables):
             self.flush()
         self._held.append((sql, params))
         for table in tables:
             self._tables[table] = plain and self._tables.get(table, True)
-        if sql.startswith("WITH"):
-            self.flush()
         return _HELD
 
     def cursor(self) -> Any:
         self.flush()
         return self._conn.cursor()
 
+    def holds(self, params: Sequence[Any]) -> bool:
+        """Whether a write with these very parameters (the same object) is held, not sent yet."""
+        return any(held is params for _, held in self._held)
+
     def flush(self) -> None:
         """Send the held writes (pipelined: their errors come with the next read or sync)."""
         held, self._held = self._held, []
         self._tables.clear()
-        if len(held) == 1:
-            self._conn.execute(*held[0])
-        elif held:
-            *parts, (last, _) = held
-            head = ", ".join(f"_w{n} AS ({sql})" for n, (sql, _) in enumerate(parts))
-            tail = f", {last[len('WITH ') :]}" if last.startswith("WITH ") else f" {last}"
-            self._conn.execute(f"WITH {head}{tail}", [p for _, params in held for p in params])
+        if held:
+            self._send(*_folded(held[:-1], held[-1]), parts=len(held) > 1)
+
+    def _send(self, sql: str, params: Sequence[Any], *, parts: bool) -> Any:
+        """Execute a statement; one of several parts with psycopg's raw cursor, whose query psycopg
+        does not parse: it parses a statement of more than 50 parameters (a placement's tail has
+        ~60) for every execution, a fifth of a placement's psycopg time, not once per text."""
+        if parts and isinstance(self._conn, psycopg.Connection):
+            return psycopg.RawCursor(self._conn).execute(_numbered(sql), params)
+        return self._conn.execute(sql, params)
+
+
+_PLACEHOLDER = re.compile(r"%[s%]")
+
+
+@functools.lru_cache(maxsize=512)
+def _numbered(sql: str) -> str:
+    """``sql`` with PostgreSQL's own placeholders (``$1``, ``$2``, ...) for psycopg's ``%s``."""
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group() == "%%":
+            return "%"
+        count += 1
+        return f"${count}"
+
+    return _PLACEHOLDER.sub(number, sql)
+
+
+def _folded(
+    parts: Sequence[tuple[str, Sequence[Any]]], last: tuple[str, Sequence[Any]]
+) -> tuple[str, list[Any]]:
+    """One statement: each of ``parts`` a ``WITH`` part, ``last`` the statement they go with."""
+    if not parts:
+        return last[0], list(last[1])
+    names: list[str] = []
+    for n, (sql, _) in enumerate(parts):
+        if sql == _RECENT_TEXT:
+            names += (_RECENT_TEXT_PARTS[0], f"_w{n} AS ({_RECENT_TEXT_PARTS[1]})")
+        else:
+            names.append(f"_w{n} AS ({sql})")
+    sql = last[0]
+    if sql == _RECENT_TEXT:
+        names.append(_RECENT_TEXT_PARTS[0])
+        sql = _RECENT_TEXT_PARTS[1]
+    # The parameters follow the text: a part's own in its order, the parts in theirs.
+    return f"WITH {', '.join(names)} {sql}", [p for _, params in (*parts, last) for p in params]
+
+
+class _BinaryResults:
+    """A connection whose statements answer in binary: an event's body comes as its bytes, not as
+    hex the server encodes and the client decodes (the relay reads every body)."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        return self._conn.cursor(binary=True).execute(sql, params)
+
+    def cursor(self) -> Cursor:
+        return self._conn.cursor(binary=True)
 
 
 class _GroupState(threading.local):
@@ -653,6 +936,10 @@ class _GroupState(threading.local):
 
     backlog: _GroupBacklog | None = None
     locks: _GroupLocks | None = None
+
+
+class _JobFailed(Exception):
+    """A job of a group run together failed: the group was rolled back, to run again isolated."""
 
 
 def _not_committed(exc: Exception) -> StoreError:
@@ -681,12 +968,17 @@ class PostgresStore(SqlStore):
         self._lease_next_try = 0.0
         # Set after commits that add events; one task turns each burst of them into one NOTIFY.
         self._committed: asyncio.Event | None = None
+        # Whether the commits since the last notification include events other than placements
+        # (which only the pipeline's on_commit wakes this gateway's relay for).
+        self._announce_to_all = False
         self._notifier: asyncio.Task[None] | None = None
         # Placements wait here for the next group transaction (_group_placements).
         self._queued: deque[_Queued] = deque()
         self._queued_event = asyncio.Event()
         self._grouper: asyncio.Task[None] | None = None
         self._group = _GroupState()
+        # Whether the next group runs its jobs isolated (each under a savepoint): after a failing job.
+        self._isolate_jobs = False
         self._open = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -813,6 +1105,7 @@ class PostgresStore(SqlStore):
         """A transaction; when it may add outbox events, every listening relay hears of its commit."""
         value = await self._run(lambda: self._transact(fn))
         if events and self._committed is not None:
+            self._announce_to_all = True
             self._committed.set()
         return value
 
@@ -824,7 +1117,8 @@ class PostgresStore(SqlStore):
             raise StoreError("store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         identities = {(m.tenant, *i.key()) for m in messages for i in normalize_all(m.identities)}
-        self._queued.append(_Queued(fn, identities, future))
+        keys = tuple(m.idempotency_key() for m in messages)
+        self._queued.append(_Queued(fn, identities, keys, future))
         self._queued_event.set()
         value: T = await future
         return value
@@ -877,46 +1171,93 @@ class PostgresStore(SqlStore):
                 queued.future.set_result(outcome)
 
     def _transact_group(self, group: Sequence[_Queued]) -> list[Any]:
-        return self._attempt(lambda conn: self._run_group(conn, group))
+        """The group in one transaction, its jobs together; if any job fails, once more with each job
+        under a savepoint, so only the failing ones are refused (:meth:`_run_group`)."""
+        if not self._isolate_jobs:
+            try:
+                return self._attempt(lambda conn: self._run_group(conn, group, isolated=False))
+            except _JobFailed:
+                # A failing job (a full outbox, a failing statement) tends to be followed by more
+                # (the outbox stays full): isolate until a group's jobs all succeed again.
+                self._isolate_jobs = True
+        outcomes = self._attempt(lambda conn: self._run_group(conn, group, isolated=True))
+        self._isolate_jobs = any(isinstance(outcome, BaseException) for outcome in outcomes)
+        return outcomes
 
-    def _run_group(self, conn: Conn, group: Sequence[_Queued]) -> list[Any]:
-        """Each job of ``group`` under a savepoint of one transaction, pipelined; their outcomes
-        (a job's value, or the exception of a job rolled back to its savepoint).
+    def _run_group(self, conn: Conn, group: Sequence[_Queued], *, isolated: bool) -> list[Any]:
+        """Each job of ``group`` in one transaction, pipelined; their outcomes (a job's value, or,
+        when ``isolated``, the exception of a job rolled back to its savepoint).
 
         Locks first, for all jobs at once: the identities of every message in one global order
         (their lock keys, sorted), then the customers owning them (in id order). A job then takes
         no identity or customer lock another group may hold while waiting for one this group holds,
         so groups on several instances wait for each other instead of deadlocking (the rest, a
-        customer merged meanwhile, is a deadlock victim run again). A job failing (a full outbox,
-        an error of its statements) is rolled back alone; a deadlock runs the whole group again.
+        customer merged meanwhile, is a deadlock victim run again). A deadlock runs the whole group
+        again.
+
+        Jobs run together (not ``isolated``): no savepoint and no sync of their own, so a job costs
+        its own statements and reads only; any failure (a job's, or an error its queued writes
+        raise at a later read or at the COMMIT) rolls the whole group back and raises
+        :class:`_JobFailed`, and the group runs again isolated: each job under a savepoint, its
+        queued writes synced before the savepoint is released, so a failing job (a full outbox, an
+        error of its statements) is rolled back and answered alone.
         """
-        with conn.pipeline() as pipeline:
-            # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would wait
-            # for the BEGIN, and sync before the COMMIT and once more per pipeline level after it.
-            # Here the pipeline's end is the commit's one wait; should a statement have failed
-            # since the last sync, the COMMIT is skipped and that error raised there. A transaction
-            # left open by an error is rolled back by the pool's connection context (_attempt).
-            conn.execute("BEGIN")
-            outcomes = self._run_jobs(conn, pipeline, group)
-            conn.execute("COMMIT")
+        try:
+            with conn.pipeline() as pipeline:
+                # BEGIN and COMMIT go in the pipeline like any statement: conn.transaction() would
+                # wait for the BEGIN, and sync before the COMMIT and once more per pipeline level
+                # after it. Here the pipeline's end is the commit's one wait; should a statement
+                # have failed since the last sync, the COMMIT is skipped and that error raised
+                # there. A transaction left open by an error is rolled back by the pool's
+                # connection context (_attempt), or here before a group runs again isolated.
+                conn.execute("BEGIN")
+                outcomes = self._run_jobs(conn, pipeline, group, isolated=isolated)
+                conn.execute("COMMIT")
+        except _RETRYABLE_TX:
+            raise
+        except Exception as exc:
+            if isolated or conn.broken or conn.closed:
+                raise
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            raise _JobFailed from exc
         return outcomes
 
-    def _run_jobs(self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued]) -> list[Any]:
-        """The group's locks, then each job under its savepoint (see :meth:`_run_group`)."""
+    def _run_jobs(
+        self, conn: Conn, pipeline: psycopg.Pipeline, group: Sequence[_Queued], *, isolated: bool
+    ) -> list[Any]:
+        """The group's locks, then each job (see :meth:`_run_group`)."""
         identities = sorted(set().union(*(q.identities for q in group)))
         outcomes: list[Any] = []
-        owners = None
+        owners = owned = None
         if identities:
             conn.execute(_LOCK_IDENTITIES, (sorted({identity_lock(*i) for i in identities}),))
-            owners = conn.execute(_LOCK_OWNERS, [list(column) for column in zip(*identities, strict=True)])
+            columns = [list(column) for column in zip(*identities, strict=True)]
+            owners = conn.execute(_LOCK_OWNERS, columns)
+            if not isolated:
+                owned = conn.execute(_FIND_OWNED, columns)
+        # Jobs run together read their identities and claims here, in the group's first round
+        # trip, not one each (isolated, a job rolled back would make them stale).
+        keys = sorted({key for q in group for key in q.keys})
+        claimed = None
+        if keys and not isolated:
+            claimed = conn.execute(_FIND_KEYS, ([*keys, *(erased_key(key) for key in keys)],))
         # A job's Tx skips what these hold (PostgresTx); set anew for every attempt of the group.
-        self._group.locks = _GroupLocks(set(identities), owners)
+        locks = self._group.locks = _GroupLocks(set(identities), owners, owned=owned, keys=claimed)
         backlog = self._group.backlog = _GroupBacklog(conn)
         try:
+            held: _FoldedWrites | None = None  # together: the last job's writes, still held
             for queued in group:
-                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                 backlog.pending = 0
+                if not isolated:
+                    if held is not None:
+                        held.flush()
+                    backlog.conn = held = _FoldedWrites(conn)
+                    outcomes.append(queued.fn(held))
+                    backlog.added += backlog.pending
+                    continue
                 backlog.conn = folded = _FoldedWrites(conn)
+                conn.execute(f"SAVEPOINT {_JOB_SAVEPOINT}")
                 try:
                     value = queued.fn(folded)
                     folded.flush()
@@ -928,6 +1269,7 @@ class PostgresStore(SqlStore):
                         raise
                     with contextlib.suppress(psycopg.Error):  # the job's error, raised already
                         pipeline.sync()
+                    locks.thread_numbers.clear()
                     conn.execute(f"ROLLBACK TO SAVEPOINT {_JOB_SAVEPOINT}")
                     conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
                     outcomes.append(as_store_error(exc, psycopg.Error))
@@ -935,8 +1277,11 @@ class PostgresStore(SqlStore):
                 conn.execute(f"RELEASE SAVEPOINT {_JOB_SAVEPOINT}")
                 backlog.added += backlog.pending
                 outcomes.append(value)
+            # The group's count goes with the last job's writes (together: still held).
             if backlog.added:
-                self._add_backlog(conn, backlog.added)
+                self._add_backlog(held or conn, backlog.added)
+            if held is not None:
+                held.flush()
         finally:
             self._group.backlog = self._group.locks = None
         return outcomes
@@ -1051,7 +1396,7 @@ class PostgresStore(SqlStore):
             if conn is None:
                 return []
             try:
-                return outbox_rows(POSTGRES, conn, after, limit)
+                return outbox_rows(POSTGRES, _BinaryResults(conn), after, limit)
             except psycopg.Error as exc:
                 self._drop_lease()
                 raise StoreError(f"outbox read failed (relay lease dropped): {exc}") from exc
@@ -1092,8 +1437,14 @@ class PostgresStore(SqlStore):
         while True:
             await committed.wait()
             committed.clear()
+            # Signed when only placements were committed: the gateway wakes its own relay after
+            # those itself (the pipeline's on_commit), so that relay skips them (outbox_listen).
+            payload = "" if self._announce_to_all else _instance(os.getpid())
+            self._announce_to_all = False
             try:
-                await self._write(_notify_outbox)
+                await self._run(
+                    functools.partial(self._attempt, functools.partial(_notify_outbox, payload=payload))
+                )
             except StoreError as exc:
                 logger.debug("outbox notification not sent (relays poll): %s", exc)
 
@@ -1125,7 +1476,12 @@ class PostgresStore(SqlStore):
                         logger.info("listening for outbox commits again")
                     delay = _LISTEN_RETRY
                     wake()
-                    async for _ in conn.notifies():
+                    # The relay of a gateway runs in a child process of it; the gateway wakes it
+                    # after each of its placements, sooner than a notification would.
+                    woken_by_parent = _instance(os.getppid())
+                    async for notify in conn.notifies():
+                        if notify.payload == woken_by_parent:
+                            continue
                         if self._lease_held or time.monotonic() >= self._lease_next_try:
                             wake()
             except Exception as exc:  # never fatal: the relay polls until the connection is back
@@ -1139,8 +1495,17 @@ class PostgresStore(SqlStore):
             delay = min(delay * 2, _LISTEN_RETRY_MAX)
 
 
-def _notify_outbox(conn: Connection) -> None:
-    conn.execute("SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, '')", (OUTBOX_CHANNEL,))
+def _notify_outbox(conn: Connection, payload: str) -> None:
+    """One statement in a transaction of its own (the connection is in autocommit), which skips
+    the WAL flush at its commit."""
+    conn.execute(
+        "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)", (OUTBOX_CHANNEL, payload)
+    )
+
+
+def _instance(pid: int) -> str:
+    """What a gateway process signs its notifications with (see outbox_listen)."""
+    return f"{socket.gethostname()} pid={pid}"
 
 
 def _configure(conn: Conn) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.store.postgres import _RECENT_TEXT, _FoldedWrites
+from gateway.store.postgres import _RECENT_TEXT, _FoldedWrites, _numbered
 
 
 class Recorder:
@@ -19,7 +19,7 @@ class Recorder:
         return "a cursor"
 
 
-def test_writes_wait_for_the_next_read_and_go_as_one_statement() -> None:
+def test_writes_wait_for_the_next_read_and_go_with_it() -> None:
     conn = Recorder()
     folded = _FoldedWrites(conn)
     folded.execute("INSERT INTO customers (id) VALUES (%s)", ["c1"])
@@ -31,11 +31,26 @@ def test_writes_wait_for_the_next_read_and_go_as_one_statement() -> None:
     assert conn.sent == [
         (
             "WITH _w0 AS (INSERT INTO customers (id) VALUES (%s)),"
-            " _w1 AS (INSERT INTO identities (customer_id, value) VALUES (%s, %s))"
-            " INSERT INTO identities (customer_id, value) VALUES (%s, %s)",
-            ["c1", "c1", "a", "c1", "b"],
+            " _w1 AS (INSERT INTO identities (customer_id, value) VALUES (%s, %s)),"
+            " _w2 AS (INSERT INTO identities (customer_id, value) VALUES (%s, %s))"
+            " SELECT 1 FROM threads WHERE customer_id = %s",
+            ["c1", "c1", "a", "c1", "b", "c1"],
         ),
-        ("SELECT 1 FROM threads WHERE customer_id = %s", ["c1"]),
+    ]
+
+
+def test_a_read_of_a_held_writes_table_or_one_that_locks_goes_after_them() -> None:
+    conn = Recorder()
+    folded = _FoldedWrites(conn)
+    folded.execute("INSERT INTO customers (id) VALUES (%s)", ["c1"])
+    folded.execute("SELECT id FROM customers WHERE id = %s", ["c1"])  # must see c1
+    folded.execute("INSERT INTO threads (id) VALUES (%s)", ["t1"])
+    folded.execute("SELECT id FROM customers WHERE id = %s FOR UPDATE", ["c1"])  # may wait for a lock
+    assert conn.sent == [
+        ("INSERT INTO customers (id) VALUES (%s)", ["c1"]),
+        ("SELECT id FROM customers WHERE id = %s", ["c1"]),
+        ("INSERT INTO threads (id) VALUES (%s)", ["t1"]),
+        ("SELECT id FROM customers WHERE id = %s FOR UPDATE", ["c1"]),
     ]
 
 
@@ -55,23 +70,20 @@ def test_a_write_meeting_a_held_one_on_its_table_waits_for_it() -> None:
     assert conn.sent[1][1] == ["t1", "m1"]
 
 
-def test_what_returns_rows_is_never_held_and_a_with_of_its_own_ends_the_statement() -> None:
+def test_what_returns_rows_is_never_held_and_a_recent_texts_with_goes_with_the_others() -> None:
     conn = Recorder()
     folded = _FoldedWrites(conn)
     folded.execute("INSERT INTO messages (id) VALUES (%s)", ["m1"])
     folded.execute("UPDATE threads SET n = n + 1 WHERE id = %s RETURNING n", ["t1"])
-    folded.execute("INSERT INTO idempotency_keys (key) VALUES (%s)", ["k"])
     folded.execute(_RECENT_TEXT, list(range(11)))
-    assert [sql[:20] for sql, _ in conn.sent] == [
-        "INSERT INTO messages",
-        "UPDATE threads SET n",
-        "WITH _w0 AS (INSERT ",
-    ]
-    assert conn.sent[2][0].startswith(
-        "WITH _w0 AS (INSERT INTO idempotency_keys (key) VALUES (%s)), capped AS ("
-    )
-    assert conn.sent[2][1] == ["k", *range(11)]
+    folded.execute("INSERT INTO idempotency_keys (key) VALUES (%s)", ["k"])
+    assert [sql[:40] for sql, _ in conn.sent] == ["WITH _w0 AS (INSERT INTO messages (id) V"]
+    assert conn.sent[0][0].endswith(") UPDATE threads SET n = n + 1 WHERE id = %s RETURNING n")
     assert folded.cursor() == "a cursor"
+    assert conn.sent[1][0].startswith("WITH capped AS (DELETE FROM recent_texts WHERE ")
+    assert ", _w0 AS (INSERT INTO recent_texts " in conn.sent[1][0]
+    assert conn.sent[1][0].endswith(") INSERT INTO idempotency_keys (key) VALUES (%s)")
+    assert conn.sent[1][1] == [*range(11), "k"]
 
 
 def test_an_upsert_meeting_one_on_its_table_waits_for_it() -> None:
@@ -82,3 +94,28 @@ def test_an_upsert_meeting_one_on_its_table_waits_for_it() -> None:
     folded.execute(upsert, ["a"])  # one statement could not change the row twice
     folded.flush()
     assert conn.sent == [(upsert, ["a"]), (upsert, ["a"])]
+
+
+def test_a_statement_of_several_parts_goes_with_postgresqls_own_placeholders() -> None:
+    # Sent through psycopg's raw cursor, which does not parse it (psycopg would, every time).
+    assert _numbered("WITH _w0 AS (INSERT INTO t (a, b) VALUES (%s, %s)) SELECT '100%%', %s") == (
+        "WITH _w0 AS (INSERT INTO t (a, b) VALUES ($1, $2)) SELECT '100%', $3"
+    )
+
+
+def test_two_events_never_go_in_one_statement() -> None:
+    # The parts of a statement run in no set order: the second event could take the earlier
+    # outbox position.
+    conn = Recorder()
+    folded = _FoldedWrites(conn)
+    folded.execute("INSERT INTO outbox (event_id) VALUES (%s)", ["e1"])
+    folded.execute("INSERT INTO outbox (event_id) VALUES (%s)", ["e2"])
+    folded.execute("INSERT INTO messages (id) VALUES (%s)", ["m1"])
+    folded.flush()
+    assert conn.sent == [
+        ("INSERT INTO outbox (event_id) VALUES (%s)", ["e1"]),
+        (
+            "WITH _w0 AS (INSERT INTO outbox (event_id) VALUES (%s)) INSERT INTO messages (id) VALUES (%s)",
+            ["e2", "m1"],
+        ),
+    ]

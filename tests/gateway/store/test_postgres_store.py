@@ -6,7 +6,9 @@ Each handle stands for one gateway instance; the contract suite covers the singl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ from core.model import CanonicalMessage, Identity, Placement
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.publisher import MemoryPublisher
 from gateway.relay import OutboxRelay
-from gateway.store.postgres import MIGRATIONS, PostgresStore
+from gateway.store.postgres import MIGRATIONS, OUTBOX_CHANNEL, PostgresStore, _instance
 
 pytestmark = pytest.mark.integration
 
@@ -312,6 +314,50 @@ async def test_a_commit_on_another_instance_wakes_the_relay_long_before_its_poll
         await published(bus, n, within=2.0)  # the relay's next poll is 30 s away
 
     assert [m.headers["sequence"] for m in bus.published] == [1, 2, 3]
+
+
+async def test_a_relay_skips_what_its_own_gateway_signed_which_wakes_it_itself(
+    make_store: MakeStore, dsn: str
+) -> None:
+    store = make_store()
+    await store.open()
+    woken: asyncio.Queue[None] = asyncio.Queue()
+    listening = asyncio.create_task(store.outbox_listen(lambda: woken.put_nowait(None)))
+    try:
+        await asyncio.wait_for(woken.get(), 5.0)  # listening: woken once for what came before
+
+        def notify(payload: str) -> None:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, payload))
+
+        # The relay runs in a child process of its gateway, which signs its placements' notices.
+        await asyncio.to_thread(notify, _instance(os.getppid()))
+        await asyncio.to_thread(notify, _instance(os.getpid()))  # another store: this process's
+        await asyncio.to_thread(notify, "")  # events other than placements, from anywhere
+
+        await asyncio.wait_for(woken.get(), 5.0)
+        await asyncio.wait_for(woken.get(), 5.0)
+        assert woken.empty()  # notifications come in order: the first one woke nothing
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+
+
+async def test_placements_alone_are_signed_and_other_events_are_not(make_store: MakeStore, dsn: str) -> None:
+    store = make_store()
+    await store.open()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+
+        def heard() -> list[str]:
+            return [n.payload for n in conn.notifies(timeout=5.0, stop_after=1)]
+
+        await accept(store, message("s1"))
+        (signed,) = await asyncio.to_thread(heard)
+        await store.quarantine(envelope(), "not parseable")
+        (unsigned,) = await asyncio.to_thread(heard)
+    assert (signed, unsigned) == (_instance(os.getpid()), "")
 
 
 async def test_a_lost_listen_connection_is_opened_again(
