@@ -1504,8 +1504,41 @@ def _notify_outbox(conn: Connection, payload: str) -> None:
 
 
 def _instance(pid: int) -> str:
-    """What a gateway process signs its notifications with (see outbox_listen)."""
-    return f"{socket.gethostname()} pid={pid}"
+    """What a gateway process signs its notifications with (see outbox_listen).
+
+    A host name and a pid alone are not unique: replicas given one host name in containers of
+    their own are often all pid 1. The machine's boot id and the process's start time (Linux
+    /proc, empty elsewhere) tell them apart; a relay that still mistook another gateway for its
+    own would only wait for its next poll.
+    """
+    return f"{socket.gethostname()} pid={pid} {_BOOT_ID} {_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    """When the process started, in clock ticks since boot; empty where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return _stat_start(file.read())
+    except OSError:
+        return ""
+
+
+def _stat_start(stat: bytes) -> str:
+    """Field 22 of a /proc/<pid>/stat line. The command name (field 2) may hold spaces and
+    parentheses, so the fields are counted after its last ')'."""
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+            return file.read().strip()
+    except OSError:
+        return ""
+
+
+_BOOT_ID = _boot_id()
 
 
 def _configure(conn: Conn) -> None:

@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +28,7 @@ from core.model import CanonicalMessage, Identity, Placement
 from dedupe.tx import RECENT_TEXTS_KEPT, RecentText, Tx
 from gateway.publisher import MemoryPublisher
 from gateway.relay import OutboxRelay
-from gateway.store.postgres import MIGRATIONS, OUTBOX_CHANNEL, PostgresStore, _instance
+from gateway.store.postgres import MIGRATIONS, OUTBOX_CHANNEL, PostgresStore, _instance, _stat_start
 
 pytestmark = pytest.mark.integration
 
@@ -401,3 +403,23 @@ def terminate_backend(dsn: str, pid: int) -> None:
 async def published(bus: MemoryPublisher, count: int, *, within: float) -> None:
     async with asyncio.timeout(within), bus.changed:
         await bus.changed.wait_for(lambda: len(bus.published) >= count)
+
+
+def test_a_gateways_signature_tells_apart_processes_of_one_name_and_pid() -> None:
+    # Replicas given one host name, each pid 1 in its container: the start time tells them apart.
+    line = b"1 (ticketgate (run) x) S 0 1 1 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 470321 1000 20"
+    assert _stat_start(line) == "470321"
+    assert _stat_start(b"1 (cut short) S 0 1") == ""
+    ours = _instance(os.getpid())
+    code = "import os; from gateway.store.postgres import _instance; print(_instance(os.getpid()))"
+    later = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[3],
+    ).stdout.strip()
+    if not ours.split()[-1]:
+        pytest.skip("no /proc start times here")
+    assert int(later.split()[-1]) > int(ours.split()[-1])
+    assert ours.split()[2] == later.split()[2]  # one machine, one boot id
