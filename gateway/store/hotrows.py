@@ -52,10 +52,12 @@ _OPEN_THREADS_KEPT = 16
 # Likewise for more recent texts than this (each channel keeps RECENT_TEXTS_KEPT).
 _TEXTS_KEPT = 4 * RECENT_TEXTS_KEPT
 # What the recent texts kept across all customers may weigh, as characters plus TEXT_OVERHEAD per
-# text (its tuple and ids, ~100 bytes): the counts above alone would allow gigabytes (a text is up
-# to 2,000 characters). Past it, the least recently used customers' texts are forgotten and read
-# again from the table when needed: ~24-60 MB at most, by the texts' widest character.
-TEXT_CHARS_KEPT = 24_000_000
+# text (its tuple and ids): the counts above alone would allow gigabytes (a text is up to 2,000
+# characters). Past it, the least recently used customers' texts are forgotten and read again from
+# the table when needed. A unit of weight costs ~3 bytes of resident memory once lists, ids and the
+# allocator's turnover are counted (bench/rss.py, 780-character texts: 24,000,000 took 72 MB,
+# 4,000,000 takes 12 MB), so this keeps ~4,500 such texts, or ~20,000 chat-sized ones.
+TEXT_CHARS_KEPT = 4_000_000
 TEXT_OVERHEAD = 100
 
 
