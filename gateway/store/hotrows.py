@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from core.errors import StoreError
-from core.model import Identity
+from core.model import Identity, replace
 from dedupe.tx import RECENT_TEXTS_KEPT, CustomerRecord, RecentText, StoredIdentity, ThreadRecord
 from gateway.store.engine import (
     RECENT_TEXT_CAP,
@@ -402,7 +402,7 @@ class HotTx(SqlTx):
         thread.next_sequence = sequence + 1
         if at > thread.last_activity:
             thread.last_activity = at
-            thread.record = _with_activity(thread.record, self._d.dt(at))
+            thread.record = replace(thread.record, last_activity=self._d.dt(at))
         return sequence
 
     # -- recent texts --------------------------------------------------------------------------
@@ -479,18 +479,3 @@ class HotTx(SqlTx):
         self._hot.forget()
         super().move_threads(thread_ids, to_customer)
 
-
-def _with_activity(thread: ThreadRecord, last_activity: datetime) -> ThreadRecord:
-    """``replace(thread, last_activity=...)`` without its field lookups (once per placement)."""
-    return ThreadRecord(
-        id=thread.id,
-        tenant=thread.tenant,
-        inbox=thread.inbox,
-        customer_id=thread.customer_id,
-        subject=thread.subject,
-        number=thread.number,
-        last_activity=last_activity,
-        open=thread.open,
-        merged_into=thread.merged_into,
-        previous_id=thread.previous_id,
-    )
