@@ -1503,6 +1503,7 @@ def _notify_outbox(conn: Connection, payload: str) -> None:
     )
 
 
+@functools.cache  # a process's start time never changes: /proc is read once, not per notification
 def _instance(pid: int) -> str:
     """What a gateway process signs its notifications with (see outbox_listen).
 
